@@ -1,0 +1,222 @@
+"""The ``moesim`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moesim import __version__
+from moesim.errors import InputError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="moesim",
+    help=(
+        "Simulate Mixture-of-Experts models on GPU/TPU clusters by replaying real routing "
+        "traces through a discrete-event model of devices and links."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+hardware_app = typer.Typer(help="List and inspect hardware profiles.", no_args_is_help=True)
+app.add_typer(hardware_app, name="hardware")
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _run_scenario(path: Path, out: Path, as_json: bool, quiet: bool = False) -> None:
+    from moesim.report import write_outputs
+    from moesim.report.summary import console_summary
+    from moesim.scenario import load_scenario
+    from moesim.sim.simulate import simulate
+
+    t0 = time.perf_counter()
+    scenario, base = load_scenario(path)
+    result = simulate(scenario, base, source=path)
+    files = write_outputs(result, out)
+    if as_json:
+        runs = [r.summary for r in result.runs]
+        _print_json(runs[0] | {"runs": runs, "outputs": {k: str(v) for k, v in files.items()}})
+        return
+    if not quiet:
+        console.print(console_summary(result), markup=False)
+        console.print(
+            f"\nwrote {', '.join(str(p) for p in files.values())} "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/demo"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run the bundled default scenario (real FLAME-MoE-290M routing on 2 x 8 H100)."""
+    from moesim.paths import scenarios_dir
+
+    _run_scenario(scenarios_dir() / "demo.yaml", out, as_json)
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Simulate one scenario; writes report.html, summary.md, metrics.parquet and timeline.json.
+
+    With --json, prints step_time_us, balance_ratio (per MoE layer), drop_rate and
+    straggler_device (per MoE layer) of the first mode, and every mode under "runs".
+    """
+    _run_scenario(scenario, out, as_json)
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the model presets with total and active parameters computed from their shapes."""
+    from moesim.model.shapes import get_preset, list_presets
+
+    rows: list[dict[str, Any]] = []
+    for name in list_presets():
+        m = get_preset(name)
+        rows.append(
+            {
+                "name": m.name,
+                "total_params": m.total_params(),
+                "active_params": m.active_params(),
+                "layers": m.num_layers,
+                "moe_layers": m.num_moe_layers,
+                "d_model": m.d_model,
+                "num_experts": m.num_experts,
+                "top_k": m.top_k,
+                "shared_experts": m.num_shared_experts,
+                "expert_d_ff": m.expert_d_ff,
+                "attention": m.attention.kind,
+                "vocab_size": m.vocab_size,
+                "source": m.source,
+            }
+        )
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(
+        "model",
+        "total",
+        "active",
+        "layers (MoE)",
+        "d_model",
+        "experts",
+        "top-k",
+        "shared",
+        "expert d_ff",
+        title="model presets",
+    )
+    for r in rows:
+        table.add_row(
+            r["name"],
+            f"{r['total_params'] / 1e9:.1f} B",
+            f"{r['active_params'] / 1e9:.2f} B",
+            f"{r['layers']} ({r['moe_layers']})",
+            str(r["d_model"]),
+            str(r["num_experts"]),
+            str(r["top_k"]),
+            str(r["shared_experts"]),
+            str(r["expert_d_ff"]),
+        )
+    console.print(table)
+
+
+@hardware_app.command("list")
+def hardware_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the hardware profiles with their headline figures."""
+    from moesim.hardware import get_profile, list_profiles
+
+    profiles = [get_profile(n) for n in list_profiles()]
+    if as_json:
+        _print_json([p.model_dump(exclude={"sources"}) for p in profiles])
+        return
+    table = Table(
+        "name",
+        "BF16 TFLOP/s",
+        "FP8 TFLOP/s",
+        "HBM",
+        "HBM GB/s",
+        "scale-up GB/s",
+        "domain",
+        "scale-out GB/s",
+        title="hardware profiles (dense, per device, per direction)",
+    )
+    for p in profiles:
+        table.add_row(
+            p.name,
+            f"{p.compute.bf16_dense_tflops:,.0f}",
+            f"{p.compute.fp8_dense_tflops:,.0f}" if p.compute.fp8_dense_tflops else "-",
+            f"{p.memory.hbm_bytes / 1e9:,.0f} GB",
+            f"{p.memory.hbm_bandwidth_gbps:,.0f}",
+            f"{p.scale_up.bandwidth_gbps:,.0f}",
+            f"{p.scale_up.domain_size} ({p.scale_up.topology})",
+            f"{p.scale_out.bandwidth_gbps:,.1f}",
+        )
+    console.print(table)
+
+
+@hardware_app.command("show")
+def hardware_show(
+    name: Annotated[str, typer.Argument(help="Profile name, e.g. H100-SXM.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show one hardware profile, every figure with its source."""
+    from moesim.hardware import get_profile
+
+    p = get_profile(name)
+    data = p.model_dump()
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("figure", "value", "source", title=p.name, show_lines=False)
+    for path in p.figure_paths():
+        section, _, key = path.partition(".")
+        value = data[section][key] if key else data[section]
+        table.add_row(
+            path, f"{value:,}" if isinstance(value, int | float) else str(value), p.sources[path]
+        )
+    console.print(table)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        console.print(f"moesim {__version__}")
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Entry point: bad input becomes one line on stderr and exit status 2."""
+    try:
+        app()
+    except InputError as err:
+        sys.stderr.write(f"moesim: error: {err}\n")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Roofline compute times from a hardware profile.
+
+A kernel's time is ``max(flops / (peak * eff_gemm), bytes / (hbm_bw * eff_hbm))`` plus a
+launch overhead. Small per-expert GEMMs become memory-bound on their weights, which is
+the small-batch inefficiency that makes many lightly loaded experts slow.
+
+Units: TFLOP/s = 1e6 FLOP/µs; GB/s = 1e3 bytes/µs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.hardware import HardwareProfile
+from moesim.model.shapes import ModelShape
+
+__all__ = [
+    "BYTES_PER_ELEMENT",
+    "LayerCosts",
+    "expert_ffn_time_us",
+    "gemm_time_us",
+    "layer_costs",
+    "memory_time_us",
+]
+
+BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
+
+
+def _compute_us(flops: np.ndarray | float, hw: HardwareProfile, dtype: str) -> np.ndarray | float:
+    return flops / (hw.peak_tflops(dtype) * hw.efficiency.gemm * 1e6)
+
+
+def memory_time_us(nbytes: np.ndarray | float, hw: HardwareProfile) -> np.ndarray | float:
+    """Time to stream ``nbytes`` through HBM once."""
+    return nbytes / (hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3)
+
+
+def gemm_time_us(
+    m: np.ndarray | float, n: float, k: float, hw: HardwareProfile, dtype: str
+) -> np.ndarray | float:
+    """(m, k) @ (k, n): roofline time without launch overhead. ``m`` may be an array."""
+    b = BYTES_PER_ELEMENT[dtype]
+    flops = 2.0 * m * n * k
+    nbytes = b * (m * k + k * n + m * n)
+    return np.maximum(_compute_us(flops, hw, dtype), memory_time_us(nbytes, hw))
+
+
+def expert_ffn_time_us(
+    tokens: np.ndarray, d_model: int, d_ff: int, matrices: int, hw: HardwareProfile, dtype: str
+) -> np.ndarray:
+    """Time of one expert FFN per entry of ``tokens`` (0 tokens → 0 µs, the GEMM is skipped).
+
+    A gated FFN (3 matrices) runs two (T, d_model)x(d_model, d_ff) GEMMs and one
+    (T, d_ff)x(d_ff, d_model); an ungated one (2 matrices) one of each.
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    up = gemm_time_us(tokens, d_ff, d_model, hw, dtype)
+    down = gemm_time_us(tokens, d_model, d_ff, hw, dtype)
+    t = (matrices - 1) * up + down
+    return np.where(tokens > 0, t, 0.0)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Per-device compute times of one layer's phases, forward pass, in µs.
+
+    ``attention_us`` covers the norms, attention projections and scores (and, in a dense
+    layer, the dense FFN); ``router_us`` the router GEMM and top-k; ``shared_us`` the
+    shared experts.
+    """
+
+    attention_us: float
+    router_us: float
+    shared_us: float
+    dense_ffn_us: float
+
+
+def layer_costs(
+    shape: ModelShape,
+    hw: HardwareProfile,
+    *,
+    tokens: int,
+    sequence_length: int,
+    mode: str,
+    dtype: str,
+) -> LayerCosts:
+    """Roofline times of the non-expert parts of one layer on one device holding ``tokens``.
+
+    Attention scores are causal over ``sequence_length`` in training/prefill; in decode,
+    each token reads the KV cache of ``sequence_length`` previous tokens.
+    """
+    d = shape.d_model
+    launch = hw.kernel_launch_us
+    b = BYTES_PER_ELEMENT[dtype]
+    a = shape.attention
+    heads = a.num_heads
+    qk_dim = (
+        (a.qk_nope_head_dim or 0) + (a.qk_rope_head_dim or 0) if a.kind == "mla" else shape.head_dim
+    )
+    v_dim = a.v_head_dim if a.kind == "mla" and a.v_head_dim else shape.head_dim
+    proj = float(gemm_time_us(tokens, shape.attention_params() / d, d, hw, dtype))
+    if mode == "decode":
+        kv_heads = a.num_kv_heads or heads
+        kv_bytes_per_token = (
+            b * ((a.kv_lora_rank or 0) + (a.qk_rope_head_dim or 0))
+            if a.kind == "mla"
+            else b * 2 * kv_heads * shape.head_dim
+        )
+        scores = float(memory_time_us(tokens * sequence_length * kv_bytes_per_token, hw))
+        flops = 2.0 * tokens * sequence_length * heads * (qk_dim + v_dim)
+        scores = max(scores, float(_compute_us(flops, hw, dtype)))
+    else:
+        flops = 2.0 * tokens * (sequence_length / 2) * heads * (qk_dim + v_dim)
+        scores = float(_compute_us(flops, hw, dtype))
+    norms = float(memory_time_us(2 * 2 * tokens * d * b, hw))
+    attention = proj + scores + norms + 4 * launch
+    router = float(gemm_time_us(tokens, shape.num_experts, d, hw, "bf16")) + 2 * launch
+    shared = 0.0
+    if shape.num_shared_experts:
+        d_ff = (shape.shared_expert_d_ff or shape.expert_d_ff) * shape.num_shared_experts
+        shared = float(
+            expert_ffn_time_us(np.array([tokens]), d, d_ff, shape.ffn_matrices, hw, dtype)[0]
+        )
+        shared += shape.ffn_matrices * launch
+    dense_ffn = 0.0
+    if shape.dense_d_ff:
+        dense_ffn = float(
+            expert_ffn_time_us(
+                np.array([tokens]), d, shape.dense_d_ff, shape.ffn_matrices, hw, dtype
+            )[0]
+        )
+        dense_ffn += shape.ffn_matrices * launch
+    return LayerCosts(
+        attention_us=attention, router_us=router, shared_us=shared, dense_ffn_us=dense_ffn
+    )

@@ -1,0 +1,143 @@
+"""Hardware profiles: one YAML file per device or system under ``hardware_profiles/``.
+
+Every figure in a profile carries its source in ``sources`` (keyed by the figure's
+dotted path, e.g. ``compute.bf16_dense_tflops``); validation rejects a profile
+with an unsourced figure, a non-positive figure or an unknown field.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moesim.errors import InputError
+from moesim.paths import hardware_dir
+from moesim.yamlio import load_yaml_model
+
+__all__ = [
+    "Compute",
+    "Efficiency",
+    "HardwareProfile",
+    "Memory",
+    "ScaleOut",
+    "ScaleUp",
+    "get_profile",
+    "list_profiles",
+    "load_profile",
+]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class Compute(BaseModel):
+    model_config = _STRICT
+    bf16_dense_tflops: float = Field(gt=0, description="Dense BF16 tensor throughput, TFLOP/s")
+    fp8_dense_tflops: float | None = Field(
+        default=None, gt=0, description="Dense FP8 tensor throughput, TFLOP/s (None: no FP8 units)"
+    )
+    int8_dense_tops: float | None = Field(default=None, gt=0, description="Dense INT8, TOP/s")
+
+
+class Memory(BaseModel):
+    model_config = _STRICT
+    hbm_bytes: int = Field(gt=0, description="HBM capacity per device, bytes")
+    hbm_bandwidth_gbps: float = Field(gt=0, description="HBM bandwidth per device, GB/s")
+
+
+class ScaleUp(BaseModel):
+    """The fast fabric inside a scale-up domain (NVLink/NVSwitch, Infinity Fabric, TPU ICI)."""
+
+    model_config = _STRICT
+    kind: str = Field(description="e.g. nvlink4-nvswitch, infinity-fabric, tpu-ici")
+    topology: Literal["nvswitch", "full-mesh", "torus-2d", "torus-3d"]
+    bandwidth_gbps: float = Field(gt=0, description="Per device, per direction, GB/s")
+    domain_size: int = Field(gt=0, description="Devices in one scale-up domain")
+    links_per_device: int = Field(gt=0)
+    latency_us: float = Field(gt=0, description="One-way latency of a small message")
+
+
+class ScaleOut(BaseModel):
+    """The network between scale-up domains (InfiniBand/RoCE NICs, TPU DCN)."""
+
+    model_config = _STRICT
+    kind: str
+    bandwidth_gbps: float = Field(gt=0, description="Per device, per direction, GB/s")
+    latency_us: float = Field(gt=0)
+
+
+class Efficiency(BaseModel):
+    """Achievable fraction of each peak, used by the roofline cost model."""
+
+    model_config = _STRICT
+    gemm: float = Field(gt=0, le=1)
+    hbm: float = Field(gt=0, le=1)
+    scale_up: float = Field(gt=0, le=1)
+    scale_out: float = Field(gt=0, le=1)
+
+
+class HardwareProfile(BaseModel):
+    model_config = _STRICT
+    name: str
+    vendor: str
+    kind: Literal["gpu", "tpu"]
+    devices_per_node: int = Field(gt=0, description="Accelerators per host/node")
+    compute: Compute
+    memory: Memory
+    scale_up: ScaleUp
+    scale_out: ScaleOut
+    efficiency: Efficiency
+    kernel_launch_us: float = Field(gt=0, description="Fixed cost of one kernel launch")
+    sources: dict[str, str]
+
+    @model_validator(mode="after")
+    def _every_figure_sourced(self) -> HardwareProfile:
+        missing = [p for p in self.figure_paths() if p not in self.sources]
+        if missing:
+            raise ValueError(f"figure '{missing[0]}' has no entry in 'sources'")
+        unknown = [k for k in self.sources if k not in self.figure_paths()]
+        if unknown:
+            raise ValueError(f"'sources' names '{unknown[0]}', which is not a figure")
+        return self
+
+    def figure_paths(self) -> list[str]:
+        """Dotted paths of every numeric figure that is set."""
+        out = []
+        for section in ("compute", "memory", "scale_up", "scale_out", "efficiency"):
+            block = getattr(self, section)
+            for key, val in block.model_dump().items():
+                if isinstance(val, int | float) and not isinstance(val, bool):
+                    out.append(f"{section}.{key}")
+        out += ["devices_per_node", "kernel_launch_us"]
+        return out
+
+    def peak_tflops(self, dtype: str) -> float:
+        """Dense tensor throughput for a compute dtype; fp8 falls back to bf16 without FP8 units."""
+        if dtype in ("fp8", "int4", "int8") and self.compute.fp8_dense_tflops is not None:
+            return self.compute.fp8_dense_tflops
+        return self.compute.bf16_dense_tflops
+
+
+def list_profiles() -> list[str]:
+    """Names of the bundled hardware profiles, sorted."""
+    return sorted(p.stem for p in hardware_dir().glob("*.yaml"))
+
+
+def load_profile(path: Path) -> HardwareProfile:
+    """Load and validate one profile file."""
+    return load_yaml_model(path, HardwareProfile)
+
+
+@cache
+def get_profile(name: str) -> HardwareProfile:
+    """The bundled profile called ``name`` (file stem, case-insensitive)."""
+    names = {n.lower(): n for n in list_profiles()}
+    if name.lower() not in names:
+        raise InputError(
+            f"unknown hardware profile; valid names: {', '.join(list_profiles())}",
+            field="hardware",
+            value=name,
+        )
+    return load_profile(hardware_dir() / f"{names[name.lower()]}.yaml")

@@ -1,0 +1,1 @@
+"""Model shapes (presets) and, later, the reference torch MoE."""

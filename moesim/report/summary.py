@@ -1,0 +1,114 @@
+"""Plain-text and Markdown summaries of a simulation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moesim.sim.simulate import SimResult
+
+__all__ = ["PARTS", "console_summary", "fmt_us", "header_line", "markdown_summary"]
+
+PARTS = (
+    ("expert compute", "expert_us"),
+    ("dispatch", "dispatch_us"),
+    ("combine", "combine_us"),
+    ("gradient all-reduce", "allreduce_us"),
+    ("other", "other_us"),
+    ("waiting", "wait_us"),
+)
+
+
+def fmt_us(us: float) -> str:
+    """A duration with a readable unit."""
+    if us >= 1e6:
+        return f"{us / 1e6:.3f} s"
+    if us >= 1e3:
+        return f"{us / 1e3:.3f} ms"
+    return f"{us:.1f} µs"
+
+
+def _breakdown(s: dict[str, Any]) -> str:
+    total = s["step_time_us"] or 1.0
+    return ", ".join(
+        f"{name} {fmt_us(s['breakdown_us'][k])} ({100 * s['breakdown_us'][k] / total:.1f}%)"
+        for name, k in PARTS
+    )
+
+
+def header_line(result: SimResult) -> str:
+    sc = result.scenario
+    cf = sc.capacity.factor
+    return (
+        f"{result.shape.name} on {sc.cluster.nodes} node(s) x {sc.cluster.devices_per_node} "
+        f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement, "
+        f"{sc.tokens_per_device} tokens/device, capacity factor "
+        f"{'unlimited' if cf is None else cf} ({sc.capacity.overflow})"
+    )
+
+
+def console_summary(result: SimResult) -> str:
+    """The short summary printed after a run."""
+    lines = [header_line(result)]
+    for run in result.runs:
+        s = run.summary
+        lines.append("")
+        lines.append(
+            f"[{s['mode']}] step time {fmt_us(s['step_time_us'])}  "
+            f"({s['tokens_per_s']:,.0f} tokens/s)"
+        )
+        lines.append(
+            f"  breakdown on device {s['critical_device']} (finishes last): {_breakdown(s)}"
+        )
+        lines.append(
+            f"  drop rate {100 * s['drop_rate']:.3f}% ({s['dropped']:,} of "
+            f"{s['assignments']:,} assignments; capacity {s['expert_capacity']} per expert)"
+        )
+        lines.append("  layer  balance  straggler  penalty")
+        for layer, br, dev, pen in zip(
+            s["layers"],
+            s["balance_ratio"],
+            s["straggler_device"],
+            s["straggler_penalty"],
+            strict=True,
+        ):
+            lines.append(f"  {layer:>5}  {br:7.3f}  {'device ' + str(dev):>9}  {100 * pen:6.1f}%")
+    return "\n".join(lines)
+
+
+def markdown_summary(result: SimResult) -> str:
+    """summary.md: the headline figures of every mode, and the per-layer table."""
+    out = [f"# moesim: {result.scenario.name}", "", header_line(result) + ".", ""]
+    out += [
+        "| mode | step time | tokens/s | " + " | ".join(n for n, _ in PARTS) + " | drop rate |",
+        "|---|---:|---:|" + "---:|" * len(PARTS) + "---:|",
+    ]
+    for run in result.runs:
+        s, b = run.summary, run.summary["breakdown_us"]
+        cells = " | ".join(fmt_us(b[k]) for _, k in PARTS)
+        out.append(
+            f"| {s['mode']} | {fmt_us(s['step_time_us'])} | {s['tokens_per_s']:,.0f} | "
+            f"{cells} | {100 * s['drop_rate']:.3f}% |"
+        )
+    out += ["", "Breakdown: time of the device that finishes last (it sums to the step time).", ""]
+    first = result.runs[0].summary
+    out += [
+        "## MoE layers (forward pass)",
+        "",
+        "| layer | balance ratio | straggler device | straggler penalty |",
+        "|---:|---:|---:|---:|",
+    ]
+    for layer, br, dev, pen in zip(
+        first["layers"],
+        first["balance_ratio"],
+        first["straggler_device"],
+        first["straggler_penalty"],
+        strict=True,
+    ):
+        out.append(f"| {layer} | {br:.3f} | {dev} | {100 * pen:.1f}% |")
+    out += [
+        "",
+        "Balance ratio: max/mean assignments per device. Straggler: the device whose "
+        "routed experts finish last; penalty: (max − mean)/mean of per-device expert time.",
+        "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,118 @@
+"""Scenario files: one YAML describing a model on a cluster, its routing and what to simulate.
+
+Example (``scenarios/demo.yaml``)::
+
+    name: demo
+    hardware: H100-SXM
+    cluster: {nodes: 2, devices_per_node: 8}
+    model: FLAME-MoE-290M
+    routing: {trace: traces/flame-moe-290m}
+    placement: contiguous
+    capacity: {factor: 1.25, overflow: drop}
+    mode: [training, prefill]
+    tokens_per_device: 128
+    seed: 0
+
+Relative paths are resolved against the scenario file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from moesim.model.shapes import ModelShape
+
+__all__ = [
+    "Capacity",
+    "Cluster",
+    "Mode",
+    "Routing",
+    "Scenario",
+    "SyntheticRouting",
+    "load_scenario",
+]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+Mode = Literal["training", "prefill", "decode"]
+Precision = Literal["bf16", "fp8"]
+
+
+class Cluster(BaseModel):
+    model_config = _STRICT
+    nodes: int = Field(gt=0)
+    devices_per_node: int = Field(gt=0)
+
+    @property
+    def num_devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+class SyntheticRouting(BaseModel):
+    model_config = _STRICT
+    distribution: Literal["uniform", "zipf"] = "uniform"
+    zipf_s: float = Field(default=1.2, gt=0)
+    seed: int = 0
+
+
+class Routing(BaseModel):
+    """Where routing comes from: a trace folder, or synthetic routing with a seed."""
+
+    model_config = _STRICT
+    trace: Path | None = None
+    synthetic: SyntheticRouting | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Routing:
+        if (self.trace is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of 'trace' or 'synthetic'")
+        return self
+
+
+class Capacity(BaseModel):
+    """Expert capacity (GShard/Switch): ``ceil(factor * tokens * top_k / num_experts)``."""
+
+    model_config = _STRICT
+    factor: float | None = Field(default=None, gt=0, description="None: unlimited capacity")
+    overflow: Literal["drop", "reroute"] = "drop"
+
+
+class Scenario(BaseModel):
+    model_config = _STRICT
+    name: str = "scenario"
+    hardware: str
+    cluster: Cluster
+    model: str | ModelShape
+    routing: Routing
+    placement: Literal["contiguous"] = "contiguous"
+    capacity: Capacity = Capacity()
+    mode: Mode | list[Mode] = "training"
+    tokens_per_device: int = Field(gt=0, description="Tokens each device feeds into a layer")
+    sequence_length: int = Field(default=4096, gt=0, description="Tokens per sequence")
+    precision: Precision = "bf16"
+    dispatch_dtype: Precision = "bf16"
+    combine_dtype: Literal["bf16"] = "bf16"
+    steps: int = Field(default=1, gt=0)
+    seed: int = 0
+
+    @field_validator("mode")
+    @classmethod
+    def _modes_nonempty(cls, v: Mode | list[Mode]) -> Mode | list[Mode]:
+        if isinstance(v, list) and not v:
+            raise ValueError("list of modes is empty")
+        return v
+
+    @property
+    def modes(self) -> list[Mode]:
+        return list(self.mode) if isinstance(self.mode, list) else [self.mode]
+
+
+def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
+    """Load and validate a scenario file; returns it and the folder relative paths start from."""
+    from moesim.yamlio import load_yaml_model
+
+    path = Path(path)
+    return load_yaml_model(path, Scenario), path.resolve().parent

@@ -1,0 +1,1 @@
+"""The simulation: routing arithmetic, network and compute times, and the SimPy engine."""

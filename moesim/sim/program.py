@@ -1,0 +1,263 @@
+"""Turn a model, a cluster and routed layers into the engine's per-device program.
+
+Forward MoE layer, per device::
+
+    attention → router + permute → dispatch (all-to-all) → shared experts
+    → routed experts → combine (all-to-all) → unpermute
+
+Training adds the backward pass in reverse layer order (combine-backward all-to-all,
+expert backward at 2× the forward time, dispatch-backward all-to-all, router and
+attention backward at 2×), then the all-reduce of dense (non-expert) gradients.
+Prefill and decode run the forward pass only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim.costs.roofline import (
+    BYTES_PER_ELEMENT,
+    LayerCosts,
+    expert_ffn_time_us,
+    gemm_time_us,
+    memory_time_us,
+)
+from moesim.hardware import HardwareProfile
+from moesim.model.shapes import ModelShape
+from moesim.sim.engine import Compute, Exchange, Op
+from moesim.sim.network import a2a_times_us
+from moesim.sim.routing import LayerRouting
+
+__all__ = [
+    "BACKWARD_FACTOR",
+    "ClusterSpec",
+    "allreduce_time_us",
+    "build_program",
+    "bytes_per_assignment",
+]
+
+BACKWARD_FACTOR = 2.0  # backward costs ~2x forward (gradients w.r.t. inputs and weights)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    num_devices: int
+    devices_per_node: int
+    domain_size: int  # devices sharing one scale-up fabric
+
+
+def allreduce_time_us(nbytes: float, hw: HardwareProfile, cluster: ClusterSpec) -> float:
+    """Ring all-reduce: ``2 (D-1)/D * bytes`` over the slowest tier, plus 2 (D-1) latencies."""
+    d = cluster.num_devices
+    if d == 1 or nbytes == 0:
+        return 0.0
+    if cluster.domain_size >= d:
+        bw, lat = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up, hw.scale_up.latency_us
+    else:
+        bw, lat = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out, hw.scale_out.latency_us
+    return 2 * (d - 1) / d * nbytes / (bw * 1e3) + 2 * (d - 1) * lat
+
+
+def bytes_per_assignment(d_model: int, dtype: str) -> float:
+    """Bytes one token copy takes on the wire: its hidden vector, plus for fp8 one fp32
+    scale per 128 channels (DeepSeek-V3's fine-grained quantisation)."""
+    b = d_model * BYTES_PER_ELEMENT[dtype]
+    return b + (d_model / 128) * 4 if dtype == "fp8" else b
+
+
+def _full(d: int, value: float) -> np.ndarray:
+    return np.full(d, float(value))
+
+
+def _moe_ops(
+    layer: int,
+    routed: LayerRouting,
+    shape: ModelShape,
+    hw: HardwareProfile,
+    cluster: ClusterSpec,
+    costs: LayerCosts,
+    tokens_per_device: int,
+    dtype: str,
+    dispatch_dtype: str,
+    training: bool,
+) -> tuple[list[Op], list[Op]]:
+    """Forward and backward ops of one MoE layer."""
+    d, dm = cluster.num_devices, shape.d_model
+    b = BYTES_PER_ELEMENT[dtype]
+    launch = hw.kernel_launch_us
+    sent_assign = routed.dispatch.sum(axis=1)  # (D,) assignments leaving each token owner
+    permute = np.asarray(memory_time_us(2.0 * sent_assign * dm * b, hw)) + launch
+    unpermute = permute.copy()
+    slot_t = expert_ffn_time_us(
+        routed.expert_tokens, dm, shape.expert_d_ff, shape.ffn_matrices, hw, dtype
+    )  # (D, S)
+    busy = routed.expert_tokens.sum(axis=1) > 0
+    experts = slot_t.sum(axis=1) + np.where(busy, shape.ffn_matrices * launch, 0.0)
+    disp_bytes = routed.dispatch * bytes_per_assignment(dm, dispatch_dtype)
+    comb_bytes = routed.dispatch.T * bytes_per_assignment(dm, "bf16")
+    grad_bytes_fwd_shape = routed.dispatch * bytes_per_assignment(dm, "bf16")
+    disp = a2a_times_us(disp_bytes, hw, cluster.domain_size)
+    comb = a2a_times_us(comb_bytes, hw, cluster.domain_size)
+    needs_disp = routed.dispatch > 0  # [s, d]: d receives tokens from s
+    needs_comb = needs_disp.T
+    fwd: list[Op] = [
+        Compute(f"L{layer} attention", "other", _full(d, costs.attention_us), layer),
+        Compute(f"L{layer} router+permute", "other", costs.router_us + permute, layer),
+        Exchange(
+            f"L{layer} dispatch",
+            "dispatch",
+            disp.time_us,
+            needs_disp,
+            disp.sent_bytes,
+            disp.recv_bytes,
+            layer,
+        ),
+    ]
+    if costs.shared_us:
+        fwd.append(Compute(f"L{layer} shared experts", "other", _full(d, costs.shared_us), layer))
+    fwd += [
+        Compute(f"L{layer} experts", "expert", experts, layer),
+        Exchange(
+            f"L{layer} combine",
+            "combine",
+            comb.time_us,
+            needs_comb,
+            comb.sent_bytes,
+            comb.recv_bytes,
+            layer,
+        ),
+        Compute(f"L{layer} unpermute", "other", unpermute, layer),
+    ]
+    bwd: list[Op] = []
+    if training:
+        gdisp = a2a_times_us(grad_bytes_fwd_shape, hw, cluster.domain_size)
+        k = BACKWARD_FACTOR
+        bwd = [
+            Compute(f"L{layer} unpermute bwd", "other", unpermute, layer, "backward"),
+            Exchange(
+                f"L{layer} combine bwd",
+                "combine",
+                gdisp.time_us,
+                needs_disp,
+                gdisp.sent_bytes,
+                gdisp.recv_bytes,
+                layer,
+                "backward",
+            ),
+            Compute(f"L{layer} experts bwd", "expert", k * experts, layer, "backward"),
+        ]
+        if costs.shared_us:
+            bwd.append(
+                Compute(
+                    f"L{layer} shared experts bwd",
+                    "other",
+                    _full(d, k * costs.shared_us),
+                    layer,
+                    "backward",
+                )
+            )
+        bwd += [
+            Exchange(
+                f"L{layer} dispatch bwd",
+                "dispatch",
+                comb.time_us,
+                needs_comb,
+                comb.sent_bytes,
+                comb.recv_bytes,
+                layer,
+                "backward",
+            ),
+            Compute(
+                f"L{layer} router+permute bwd",
+                "other",
+                k * costs.router_us + permute,
+                layer,
+                "backward",
+            ),
+            Compute(
+                f"L{layer} attention bwd",
+                "other",
+                _full(d, k * costs.attention_us),
+                layer,
+                "backward",
+            ),
+        ]
+    return fwd, bwd
+
+
+def build_program(
+    shape: ModelShape,
+    hw: HardwareProfile,
+    cluster: ClusterSpec,
+    routed_layers: dict[int, LayerRouting],
+    costs: LayerCosts,
+    *,
+    mode: str,
+    tokens_per_device: int,
+    sequence_length: int,
+    dtype: str,
+    dispatch_dtype: str,
+) -> list[Op]:
+    """The ops of one step, in the order every device runs them.
+
+    Args:
+        routed_layers: routing of each MoE layer, keyed by model layer index.
+        costs: per-device times of the non-expert parts of a layer (from ``layer_costs``).
+    """
+    d = cluster.num_devices
+    training = mode == "training"
+    k = BACKWARD_FACTOR
+    forward: list[Op] = []
+    backward: list[Op] = []
+    for layer in range(shape.num_layers):
+        if layer in routed_layers:
+            f, bw = _moe_ops(
+                layer,
+                routed_layers[layer],
+                shape,
+                hw,
+                cluster,
+                costs,
+                tokens_per_device,
+                dtype,
+                dispatch_dtype,
+                training,
+            )
+        else:
+            t = costs.attention_us + costs.dense_ffn_us
+            f = [Compute(f"L{layer} dense", "other", _full(d, t), layer)]
+            bw = [Compute(f"L{layer} dense bwd", "other", _full(d, k * t), layer, "backward")]
+        forward += f
+        if training:
+            backward = bw + backward
+    # output head: every token in training/decode, one token per sequence in prefill
+    head_tokens = (
+        tokens_per_device if mode != "prefill" else max(1, tokens_per_device // sequence_length)
+    )
+    head = (
+        float(gemm_time_us(head_tokens, shape.vocab_size, shape.d_model, hw, dtype))
+        + hw.kernel_launch_us
+    )
+    forward.append(Compute("lm head", "other", _full(d, head)))
+    program = forward
+    if training:
+        program += [
+            Compute("lm head bwd", "other", _full(d, k * head), pass_="backward"),
+            *backward,
+        ]
+        dense_grad_bytes = (
+            shape.total_params() - shape.num_moe_layers * shape.num_experts * shape.expert_params()
+        ) * BYTES_PER_ELEMENT["bf16"]
+        ar = allreduce_time_us(dense_grad_bytes, hw, cluster)
+        program.append(
+            Exchange(
+                "dense-gradient all-reduce",
+                "allreduce",
+                _full(d, ar),
+                np.ones((d, d), dtype=bool),
+                pass_="backward",
+            )
+        )
+    return program

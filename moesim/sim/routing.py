@@ -1,0 +1,188 @@
+"""Routing arithmetic for one (step, layer): capacity, replica choice, loads and traffic.
+
+Everything here is vectorised over assignments (token, selected expert); there is no
+per-token Python loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "LayerRouting",
+    "apply_capacity",
+    "choose_replicas",
+    "expert_capacity",
+    "route_layer",
+    "traffic_matrix",
+]
+
+
+def expert_capacity(
+    capacity_factor: float | None, tokens: int, top_k: int, num_experts: int
+) -> int:
+    """``ceil(capacity_factor * tokens * top_k / num_experts)``; unlimited when factor is None."""
+    if capacity_factor is None:
+        return tokens * top_k
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+def _rank_in_group(keys: np.ndarray) -> np.ndarray:
+    """Position of each element among equal keys, in array order."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.searchsorted(sorted_keys, sorted_keys, side="left")
+    pos = np.empty_like(order)
+    pos[order] = np.arange(keys.size) - first
+    return pos
+
+
+def apply_capacity(
+    ids: np.ndarray, num_experts: int, capacity: int, overflow: str = "drop"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Enforce expert capacity on one layer step.
+
+    Priority follows GShard: all first choices (rank 0) in token order, then all second
+    choices, and so on. With ``overflow="reroute"`` an assignment over capacity moves to
+    the least-loaded expert that still has room and that the token has not chosen
+    (ties to the lower id); what finds no room is dropped.
+
+    Args:
+        ids: (T, K) expert ids.
+    Returns:
+        final: (T, K) expert ids after rerouting, -1 where the assignment was dropped.
+        rerouted: (T, K) bool, True where the assignment moved to another expert.
+    """
+    t, k = ids.shape
+    flat = ids.T.reshape(-1)  # (K*T,), rank-major priority order
+    keep = _rank_in_group(flat) < capacity
+    final = np.where(keep, flat, -1).reshape(k, t).T.copy()
+    rerouted = np.zeros_like(final, dtype=bool)
+    if overflow == "drop" or keep.all():
+        return final, rerouted
+    load = np.bincount(flat[keep], minlength=num_experts)
+    pend_t, pend_k = np.nonzero((final < 0).T)  # priority order: rank, then token
+    pend_t, pend_k = pend_k, pend_t
+    while pend_t.size and (load < capacity).any():
+        chosen = np.zeros((pend_t.size, num_experts), dtype=bool)  # (P, E)
+        np.put_along_axis(chosen, np.where(final[pend_t] < 0, ids[pend_t], final[pend_t]), True, 1)
+        np.put_along_axis(chosen, ids[pend_t], True, axis=1)
+        room = capacity - load
+        score = np.where(chosen | (room <= 0)[None, :], np.iinfo(np.int64).max, load[None, :])
+        target = np.argmin(score, axis=1)
+        ok = score[np.arange(pend_t.size), target] != np.iinfo(np.int64).max
+        # accept, per target expert, as many as it has room for, in priority order
+        accept = ok & (_rank_in_group(np.where(ok, target, -1)) < room[target])
+        final[pend_t[accept], pend_k[accept]] = target[accept]
+        rerouted[pend_t[accept], pend_k[accept]] = True
+        load += np.bincount(target[accept], minlength=num_experts)
+        if not accept.any():
+            break
+        pend_t, pend_k = pend_t[~accept], pend_k[~accept]
+    return final, rerouted
+
+
+def choose_replicas(
+    experts: np.ndarray,
+    origin: np.ndarray,
+    token: np.ndarray,
+    table: np.ndarray,
+    count: np.ndarray,
+    devices_per_node: int,
+) -> np.ndarray:
+    """Device that serves each assignment: the token's own device if it hosts the expert,
+    else a replica on the token's node, else replica ``token mod replicas``.
+
+    Args:
+        experts: (A,) expert id of each assignment; origin: (A,) token's device;
+        token: (A,) token index; table: (E, R) replicas padded with -1; count: (E,).
+    Returns:
+        (A,) serving device.
+    """
+    cand = table[experts]  # (A, R)
+    valid = cand >= 0
+    same_dev = valid & (cand == origin[:, None])
+    same_node = valid & (cand // devices_per_node == (origin // devices_per_node)[:, None])
+    fallback = cand[np.arange(experts.size), token % count[experts]]
+    first_dev = cand[np.arange(experts.size), np.argmax(same_dev, axis=1)]
+    first_node = cand[np.arange(experts.size), np.argmax(same_node, axis=1)]
+    return np.where(
+        same_dev.any(axis=1), first_dev, np.where(same_node.any(axis=1), first_node, fallback)
+    ).astype(np.int32)
+
+
+def traffic_matrix(src: np.ndarray, dst: np.ndarray, num_devices: int) -> np.ndarray:
+    """(D, D) int64 count of assignments sent from device ``src`` to device ``dst``."""
+    flat = src.astype(np.int64) * num_devices + dst
+    return np.bincount(flat, minlength=num_devices * num_devices).reshape(num_devices, num_devices)
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Result of routing one layer step onto devices.
+
+    Attributes:
+        device_load: (D,) assignments each device processes (after capacity and replicas).
+        expert_tokens: (D, S) tokens per hosted expert slot of each device.
+        dispatch: (D, D) assignments sent src → dst (diagonal: stays on the device).
+        dropped: (D,) dropped assignments, by the device of the token.
+        rerouted: total assignments rerouted to another expert.
+        assignments: total assignments before capacity.
+    """
+
+    device_load: np.ndarray
+    expert_tokens: np.ndarray
+    dispatch: np.ndarray
+    dropped: np.ndarray
+    rerouted: int
+    assignments: int
+
+
+def route_layer(
+    ids: np.ndarray,
+    origin: np.ndarray,
+    slots: np.ndarray,
+    table: np.ndarray,
+    count: np.ndarray,
+    *,
+    num_experts: int,
+    devices_per_node: int,
+    capacity: int,
+    overflow: str = "drop",
+) -> LayerRouting:
+    """Route one layer step: capacity, replica choice, per-device and per-slot loads, traffic.
+
+    Args:
+        ids: (T, K) expert ids; origin: (T,) device of each token; slots: (D, S) hosted
+        experts; table/count: replicas of each expert (see ``Placement.replicas``).
+    """
+    t, k = ids.shape
+    d = slots.shape[0]
+    final, rerouted = apply_capacity(ids, num_experts, capacity, overflow)
+    tok = np.repeat(np.arange(t), k)
+    exp = final.reshape(-1)
+    src = origin[tok]
+    kept = exp >= 0
+    dst = choose_replicas(exp[kept], src[kept], tok[kept], table, count, devices_per_node)
+    device_load = np.bincount(dst, minlength=d)
+    dropped = np.bincount(src[~kept], minlength=d)
+    # tokens per (device, expert) then read out per slot; a device hosting an expert
+    # twice splits its tokens evenly over the two slots
+    per_dev_exp = np.bincount(
+        dst.astype(np.int64) * num_experts + exp[kept], minlength=d * num_experts
+    )
+    per_dev_exp = per_dev_exp.reshape(d, num_experts)
+    dup = np.zeros((d, num_experts), dtype=np.int64)
+    np.add.at(dup, (np.repeat(np.arange(d), slots.shape[1]), slots.reshape(-1)), 1)
+    expert_tokens = per_dev_exp[np.arange(d)[:, None], slots] / dup[np.arange(d)[:, None], slots]
+    return LayerRouting(
+        device_load=device_load,
+        expert_tokens=expert_tokens,
+        dispatch=traffic_matrix(src[kept], dst, d),
+        dropped=dropped,
+        rerouted=int(rerouted.sum()),
+        assignments=t * k,
+    )

@@ -1,0 +1,390 @@
+"""Run a scenario: load its parts, route every MoE layer, build the program, run the engine.
+
+:func:`simulate` returns a :class:`SimResult` of plain data (DataFrames and dicts) that
+the metrics, report and timeline writers consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moesim.costs.roofline import layer_costs
+from moesim.errors import InputError
+from moesim.hardware import HardwareProfile, get_profile
+from moesim.model.shapes import ModelShape, get_preset
+from moesim.placement.base import Placement, contiguous
+from moesim.scenario import Scenario
+from moesim.sim.engine import Exchange, Op, Records, run_program
+from moesim.sim.program import ClusterSpec, build_program, bytes_per_assignment
+from moesim.sim.routing import LayerRouting, expert_capacity, route_layer
+from moesim.traces.store import RoutingTrace, read_trace
+from moesim.traces.synthetic import synthesize
+
+__all__ = ["ModeResult", "SimResult", "prepare", "simulate", "simulate_mode"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A scenario's inputs, loaded and checked against each other."""
+
+    scenario: Scenario
+    shape: ModelShape
+    hw: HardwareProfile
+    trace: RoutingTrace
+    placement: Placement
+    cluster: ClusterSpec
+    moe_layers: list[int]  # model layer index of each trace layer, in order
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """One simulated mode (training / prefill / decode).
+
+    Attributes:
+        metrics: one row per (step, pass, layer, device) of MoE and dense layers.
+        layers: one row per (step, MoE layer) of the forward pass: balance ratio,
+            straggler device and penalty, drops.
+        summary: step time, breakdown and headline figures (JSON-ready).
+        program / records: the engine's input and output, for the timeline.
+    """
+
+    mode: str
+    metrics: pd.DataFrame
+    layers: pd.DataFrame
+    summary: dict[str, Any]
+    program: list[Op] = field(repr=False)
+    records: list[Records] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    scenario: Scenario
+    shape: ModelShape
+    hw: HardwareProfile
+    runs: list[ModeResult]
+    inputs: dict[str, Any]
+
+
+def _scale_up_domain(hw: HardwareProfile, devices_per_node: int) -> int:
+    """Devices sharing one scale-up fabric: a multi-node domain (NVL72, TPU slice) spans
+    nodes; otherwise the fabric ends at the node."""
+    if hw.scale_up.domain_size > hw.devices_per_node:
+        return hw.scale_up.domain_size
+    return min(devices_per_node, hw.scale_up.domain_size)
+
+
+def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> Prepared:
+    """Load the hardware, model, routing and placement a scenario names, and cross-check them."""
+    hw = get_profile(scenario.hardware)
+    shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
+    moe_layers = shape.moe_layer_indices()
+    if scenario.routing.trace is not None:
+        tpath = scenario.routing.trace
+        tpath = tpath if tpath.is_absolute() else base_dir / tpath
+        try:
+            trace = read_trace(tpath)
+        except InputError as err:
+            if err.file is None or err.message in ("trace not found", "file not found"):
+                raise InputError(
+                    err.message,
+                    file=source,
+                    field="routing.trace",
+                    value=str(scenario.routing.trace),
+                ) from None
+            raise
+        if trace.num_experts != shape.num_experts:
+            raise InputError(
+                f"trace has {trace.num_experts} experts, model {shape.name} has "
+                f"{shape.num_experts}",
+                file=tpath,
+                field="num_experts",
+                value=trace.num_experts,
+            )
+        if trace.top_k != shape.top_k:
+            raise InputError(
+                f"trace routes top-{trace.top_k}, model {shape.name} top-{shape.top_k}",
+                file=tpath,
+                field="top_k",
+                value=trace.top_k,
+            )
+        if len(trace.layers) != len(moe_layers):
+            raise InputError(
+                f"trace has {len(trace.layers)} MoE layers, model {shape.name} has "
+                f"{len(moe_layers)}",
+                file=tpath,
+                field="layers",
+                value=len(trace.layers),
+            )
+    else:
+        syn = scenario.routing.synthetic
+        assert syn is not None
+        trace = synthesize(
+            num_experts=shape.num_experts,
+            top_k=shape.top_k,
+            num_layers=len(moe_layers),
+            num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
+            distribution=syn.distribution,
+            zipf_s=syn.zipf_s,
+            seed=syn.seed,
+        )
+    cl = scenario.cluster
+    try:
+        placement = contiguous(shape.num_experts, cl.num_devices, len(moe_layers))
+    except InputError as err:
+        raise InputError(
+            err.message, file=source, field="placement", value=scenario.placement
+        ) from None
+    cluster = ClusterSpec(
+        num_devices=cl.num_devices,
+        devices_per_node=cl.devices_per_node,
+        domain_size=_scale_up_domain(hw, cl.devices_per_node),
+    )
+    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers)
+
+
+def step_tokens(trace: RoutingTrace, step: int, count: int) -> np.ndarray:
+    """Indices of the ``count`` trace tokens replayed at ``step`` (the trace repeats cyclically)."""
+    return (step * count + np.arange(count)) % trace.num_tokens
+
+
+def route_step(prep: Prepared, step: int) -> dict[int, LayerRouting]:
+    """Route every MoE layer of one step; keyed by model layer index."""
+    sc, d = prep.scenario, prep.cluster.num_devices
+    count = d * sc.tokens_per_device
+    idx = step_tokens(prep.trace, step, count)
+    origin = (np.arange(count) // sc.tokens_per_device).astype(np.int32)
+    cap = expert_capacity(sc.capacity.factor, count, prep.shape.top_k, prep.shape.num_experts)
+    out = {}
+    for li, layer in enumerate(prep.moe_layers):
+        table, nrep = prep.placement.replicas(li)
+        out[layer] = route_layer(
+            prep.trace.expert_ids[li, idx],
+            origin,
+            prep.placement.slots[li],
+            table,
+            nrep,
+            num_experts=prep.shape.num_experts,
+            devices_per_node=prep.cluster.devices_per_node,
+            capacity=cap,
+            overflow=sc.capacity.overflow,
+        )
+    return out
+
+
+def _metrics_frame(
+    program: list[Op],
+    rec: Records,
+    routed: dict[int, LayerRouting],
+    step: int,
+    devices_per_node: int,
+) -> pd.DataFrame:
+    """One row per (pass, layer, device): time per category, wait, bytes, loads."""
+    n_dev = rec.start_us.shape[1]
+    rows: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    cats = ("expert_us", "dispatch_us", "combine_us", "other_us", "allreduce_us")
+    for i, op in enumerate(program):
+        key = (op.pass_, op.layer)
+        r = rows.setdefault(
+            key,
+            {c: np.zeros(n_dev) for c in (*cats, "wait_us", "bytes_sent", "bytes_recv")}
+            | {"start_us": rec.start_us[i] - rec.wait_us[i], "end_us": rec.end_us[i]},
+        )
+        r[f"{op.category}_us"] += rec.duration_us[i]
+        r["wait_us"] += rec.wait_us[i]
+        r["end_us"] = rec.end_us[i]
+        if isinstance(op, Exchange) and op.sent_bytes.size:
+            r["bytes_sent"] += op.sent_bytes
+            r["bytes_recv"] += op.recv_bytes
+    frames = []
+    for (pass_, layer), cols in rows.items():
+        lr = routed.get(layer)
+        frame = pd.DataFrame(
+            {
+                "step": step,
+                "pass": pass_,
+                "layer": layer,
+                "device": np.arange(n_dev),
+                "node": np.arange(n_dev) // devices_per_node,
+                "device_load": lr.device_load if lr is not None else 0,
+                "dropped": lr.dropped if lr is not None else 0,
+                **cols,
+            }
+        )
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _layer_frame(
+    routed: dict[int, LayerRouting],
+    metrics: pd.DataFrame,
+    step: int,
+    cap: int,
+    devices_per_node: int,
+    wire_bytes: float,
+) -> pd.DataFrame:
+    """Per MoE layer (forward): balance ratio, straggler device and penalty, drops, traffic.
+
+    ``wire_bytes``: bytes of one assignment's dispatch plus its combine.
+    """
+    out = []
+    fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
+    for layer, lr in routed.items():
+        exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
+        load = lr.device_load
+        node = np.arange(load.size) // devices_per_node
+        cross = lr.dispatch[node[:, None] != node[None, :]].sum()
+        mean_t = exp_us.mean()
+        out.append(
+            {
+                "step": step,
+                "layer": layer,
+                "balance_ratio": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
+                "straggler_device": int(np.argmax(exp_us)),
+                "straggler_penalty": float((exp_us.max() - mean_t) / mean_t) if mean_t > 0 else 0.0,
+                "max_device_load": int(load.max()),
+                "mean_device_load": float(load.mean()),
+                "dropped": int(lr.dropped.sum()),
+                "rerouted": lr.rerouted,
+                "assignments": lr.assignments,
+                "drop_rate": float(lr.dropped.sum() / lr.assignments),
+                "expert_capacity": cap,
+                "cross_node_assignments": int(cross),
+                "cross_node_bytes": float(cross * wire_bytes),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
+    """Simulate ``scenario.steps`` steps of one mode."""
+    sc, shape, hw = prep.scenario, prep.shape, prep.hw
+    costs = layer_costs(
+        shape,
+        hw,
+        tokens=sc.tokens_per_device,
+        sequence_length=sc.sequence_length,
+        mode=mode,
+        dtype=sc.precision,
+    )
+    d = prep.cluster.num_devices
+    cap = expert_capacity(
+        sc.capacity.factor, d * sc.tokens_per_device, shape.top_k, shape.num_experts
+    )
+    metrics, layers, records, step_times = [], [], [], []
+    program: list[Op] = []
+    for step in range(sc.steps):
+        routed = route_step(prep, step)
+        program = build_program(
+            shape,
+            hw,
+            prep.cluster,
+            routed,
+            costs,
+            mode=mode,
+            tokens_per_device=sc.tokens_per_device,
+            sequence_length=sc.sequence_length,
+            dtype=sc.precision,
+            dispatch_dtype=sc.dispatch_dtype,
+        )
+        rec = run_program(program, d)
+        m = _metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
+        metrics.append(m)
+        wire = bytes_per_assignment(shape.d_model, sc.dispatch_dtype) + bytes_per_assignment(
+            shape.d_model, sc.combine_dtype
+        )
+        layers.append(_layer_frame(routed, m, step, cap, prep.cluster.devices_per_node, wire))
+        records.append(rec)
+        step_times.append(float(rec.end_us.max()))
+    mdf = pd.concat(metrics, ignore_index=True)
+    mdf.insert(0, "mode", mode)
+    ldf = pd.concat(layers, ignore_index=True)
+    ldf.insert(0, "mode", mode)
+    return ModeResult(
+        mode=mode,
+        metrics=mdf,
+        layers=ldf,
+        summary=_summary(prep, mode, mdf, ldf, records, program, step_times),
+        program=program,
+        records=records,
+    )
+
+
+def _summary(
+    prep: Prepared,
+    mode: str,
+    mdf: pd.DataFrame,
+    ldf: pd.DataFrame,
+    records: list[Records],
+    program: list[Op],
+    step_times: list[float],
+) -> dict[str, Any]:
+    """Headline figures of the last step (all steps' times are listed too)."""
+    sc = prep.scenario
+    last = records[-1]
+    end = last.end_us[-1]  # every device's finish time
+    critical = int(np.argmax(end))
+    step_time = float(end[critical])
+    breakdown = {
+        "expert_us": 0.0,
+        "dispatch_us": 0.0,
+        "combine_us": 0.0,
+        "allreduce_us": 0.0,
+        "other_us": 0.0,
+        "wait_us": float(last.wait_us[:, critical].sum()),
+    }
+    for i, op in enumerate(program):
+        breakdown[f"{op.category}_us"] += float(last.duration_us[i, critical])
+    lastl = ldf[ldf["step"] == sc.steps - 1].sort_values("layer")
+    assignments = int(ldf["assignments"].sum())
+    tokens = prep.cluster.num_devices * sc.tokens_per_device
+    return {
+        "scenario": sc.name,
+        "mode": mode,
+        "hardware": prep.hw.name,
+        "model": prep.shape.name,
+        "devices": prep.cluster.num_devices,
+        "nodes": sc.cluster.nodes,
+        "devices_per_node": sc.cluster.devices_per_node,
+        "tokens_per_device": sc.tokens_per_device,
+        "capacity_factor": sc.capacity.factor,
+        "overflow": sc.capacity.overflow,
+        "expert_capacity": int(ldf["expert_capacity"].iloc[0]),
+        "step_time_us": step_time,
+        "step_times_us": step_times,
+        "critical_device": critical,
+        "breakdown_us": breakdown,
+        "tokens_per_s": tokens / (step_time * 1e-6) if step_time > 0 else 0.0,
+        "layers": [int(x) for x in lastl["layer"]],
+        "balance_ratio": [round(float(x), 6) for x in lastl["balance_ratio"]],
+        "straggler_device": [int(x) for x in lastl["straggler_device"]],
+        "straggler_penalty": [round(float(x), 6) for x in lastl["straggler_penalty"]],
+        "drop_rate": float(ldf["dropped"].sum() / assignments) if assignments else 0.0,
+        "dropped": int(ldf["dropped"].sum()),
+        "rerouted": int(ldf["rerouted"].sum()),
+        "assignments": assignments,
+        "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
+        "events": int(sum(r.events for r in records)),
+    }
+
+
+def simulate(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> SimResult:
+    """Simulate every mode the scenario asks for."""
+    prep = prepare(scenario, base_dir, source)
+    runs = [simulate_mode(prep, mode) for mode in scenario.modes]
+    return SimResult(
+        scenario=scenario,
+        shape=prep.shape,
+        hw=prep.hw,
+        runs=runs,
+        inputs={
+            "trace_tokens": prep.trace.num_tokens,
+            "trace_layers": list(prep.trace.layers),
+            "moe_layers": prep.moe_layers,
+            "source": str(source),
+        },
+    )

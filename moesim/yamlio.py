@@ -1,0 +1,56 @@
+"""Reading YAML files into pydantic models with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from moesim.errors import InputError
+
+__all__ = ["load_yaml", "load_yaml_model", "validation_to_input_error"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file; a missing or malformed file becomes an :class:`InputError`."""
+    if not path.is_file():
+        raise InputError("file not found", file=path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise InputError(f"not valid YAML{where}: {problem}", file=path) from None
+
+
+def validation_to_input_error(exc: ValidationError, file: str | Path) -> InputError:
+    """The first pydantic error, as one line naming the field and the value."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown field"
+    elif kind == "missing":
+        msg = "required field is missing"
+    else:
+        msg = err["msg"]
+    value = None if kind == "missing" else err.get("input")
+    if isinstance(value, dict):
+        value = None
+    return InputError(msg, file=file, field=loc, value=value)
+
+
+def load_yaml_model(path: Path, model: type[M], **context: Any) -> M:
+    """Load ``path`` and validate it as ``model`` (extra fields are rejected by the model)."""
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError("expected a mapping at the top level", file=path)
+    try:
+        return model.model_validate(data, context=context or None)
+    except ValidationError as exc:
+        raise validation_to_input_error(exc, path) from None
