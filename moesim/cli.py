@@ -37,6 +37,16 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _display_path(path: Path) -> Path:
+    """``path`` relative to the project folder when it lies inside it (stable across clones)."""
+    from moesim.paths import repo_root
+
+    try:
+        return path.resolve().relative_to(repo_root())
+    except ValueError:
+        return path
+
+
 def _run_scenario(path: Path, out: Path, as_json: bool, quiet: bool = False) -> None:
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
@@ -45,7 +55,7 @@ def _run_scenario(path: Path, out: Path, as_json: bool, quiet: bool = False) -> 
 
     t0 = time.perf_counter()
     scenario, base = load_scenario(path)
-    result = simulate(scenario, base, source=path)
+    result = simulate(scenario, base, source=_display_path(path))
     files = write_outputs(result, out)
     if as_json:
         runs = [r.summary for r in result.runs]

@@ -80,8 +80,13 @@ def _scale_up_domain(hw: HardwareProfile, devices_per_node: int) -> int:
 
 def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> Prepared:
     """Load the hardware, model, routing and placement a scenario names, and cross-check them."""
-    hw = get_profile(scenario.hardware)
-    shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
+    try:
+        hw = get_profile(scenario.hardware)
+        shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
+    except InputError as err:
+        if err.file is not None:
+            raise
+        raise InputError(err.message, file=source, field=err.field, value=err.value) from None
     moe_layers = shape.moe_layer_indices()
     if scenario.routing.trace is not None:
         tpath = scenario.routing.trace

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from moesim.errors import InputError
 
-__all__ = ["RoutingTrace", "read_trace", "trace_schema", "write_trace"]
+__all__ = ["RoutingTrace", "check_layer", "read_trace", "trace_schema", "write_trace"]
 
 
 def trace_schema(top_k: int) -> pa.Schema:
@@ -85,27 +85,31 @@ class RoutingTrace:
 
     def validate(self, source: str | Path = "<trace>") -> None:
         """Raise :class:`InputError` on ids out of range or bad gate weights."""
-        ids = self.expert_ids
-        if ids.size:
-            bad = (ids < 0) | (ids >= self.num_experts)
-            if bad.any():
-                li, ti, _ = (int(x[0]) for x in np.nonzero(bad))
-                raise InputError(
-                    f"expert id out of range 0..{self.num_experts - 1} "
-                    f"(layer {self.layers[li]}, token {ti})",
-                    file=source,
-                    field="expert_ids",
-                    value=int(ids[bad][0]),
-                )
-        w = self.gate_weights
-        if w.size and (not np.isfinite(w).all() or (w < 0).any()):
-            badw = ~np.isfinite(w) | (w < 0)
-            raise InputError(
-                "gate weights must be finite and non-negative",
-                file=source,
-                field="gate_weights",
-                value=float(w[badw][0]),
-            )
+        for li, layer in enumerate(self.layers):
+            check_layer(self.expert_ids[li], self.gate_weights[li], self.num_experts, layer, source)
+
+
+def check_layer(
+    ids: np.ndarray, weights: np.ndarray, num_experts: int, layer: int, source: str | Path
+) -> None:
+    """Check one layer's (N, K) ids and gate weights; raise :class:`InputError` if bad."""
+    bad = (ids < 0) | (ids >= num_experts)
+    if bad.any():
+        ti = int(np.nonzero(bad)[0][0])
+        raise InputError(
+            f"expert id out of range 0..{num_experts - 1} (layer {layer}, token {ti})",
+            file=source,
+            field="expert_ids",
+            value=int(ids[bad][0]),
+        )
+    badw = ~np.isfinite(weights) | (weights < 0)
+    if badw.any():
+        raise InputError(
+            f"gate weights must be finite and non-negative (layer {layer})",
+            file=source,
+            field="gate_weights",
+            value=float(weights[badw][0]),
+        )
 
 
 def _atomic_dir(dest: Path) -> Path:
@@ -180,6 +184,7 @@ def read_trace(path: str | Path) -> RoutingTrace:
     if not parts:
         raise InputError("no 'layer=N/*.parquet' files in trace folder", file=path)
     per_layer: dict[int, list[pa.Table]] = {}
+    files: dict[int, Path] = {}
     meta: dict[str, Any] = {}
     for part in parts:
         try:
@@ -193,6 +198,7 @@ def read_trace(path: str | Path) -> RoutingTrace:
         for layer in np.unique(table.column("layer").to_numpy()):
             sub = table.filter(pa.compute.equal(table.column("layer"), layer))
             per_layer.setdefault(int(layer), []).append(sub)
+            files.setdefault(int(layer), part)
     if "num_experts" not in meta:
         raise InputError("trace metadata lacks 'moesim.num_experts'", file=path)
     layers = tuple(sorted(per_layer))
@@ -215,6 +221,7 @@ def read_trace(path: str | Path) -> RoutingTrace:
         ids_l.append(col.flatten().to_numpy().reshape(-1, top_k).astype(np.int32))
         wcol = table.column("gate_weights").combine_chunks()
         w_l.append(wcol.flatten().to_numpy().reshape(-1, top_k).astype(np.float32))
+        check_layer(ids_l[-1], w_l[-1], int(meta["num_experts"]), layer, files[layer])
         if tokens0 is None:
             tokens0 = tok
             steps = table.column("step").to_numpy().astype(np.int32)
@@ -234,5 +241,4 @@ def read_trace(path: str | Path) -> RoutingTrace:
         num_experts=int(meta["num_experts"]),
         meta=meta,
     )
-    trace.validate(path)
     return trace

@@ -1,0 +1,32 @@
+"""Shared fixtures: small scenarios written to a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moesim.paths import scenarios_dir
+
+REPO = Path(__file__).resolve().parent.parent
+FLAME_TRACE = scenarios_dir() / "traces" / "flame-moe-290m"
+
+
+@pytest.fixture
+def write_scenario(tmp_path: Path):
+    """Write a scenario dict as YAML and return its path."""
+
+    def _write(data: dict, name: str = "scenario.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def demo_dict() -> dict:
+    data = yaml.safe_load((scenarios_dir() / "demo.yaml").read_text())
+    data["routing"] = {"trace": str(FLAME_TRACE)}
+    return data

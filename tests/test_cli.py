@@ -1,0 +1,185 @@
+"""The command line as a user meets it: output, JSON, determinism and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import FLAME_TRACE, REPO
+
+OUTPUTS = ("report.html", "summary.md", "metrics.parquet", "timeline.json")
+
+
+def moesim(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moesim", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_help_lists_commands():
+    proc = moesim("--help")
+    assert proc.returncode == 0
+    for cmd in ("demo", "simulate", "models", "hardware"):
+        assert cmd in proc.stdout
+    for sub in (("simulate", "--help"), ("hardware", "show", "--help"), ("models", "--help")):
+        assert moesim(*sub).returncode == 0
+
+
+def test_demo_writes_four_files_and_summary(tmp_path):
+    proc = moesim("demo", "--out", str(tmp_path / "demo"))
+    assert proc.returncode == 0, proc.stderr
+    for name in OUTPUTS:
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    out = proc.stdout
+    for needle in ("[training] step time", "[prefill] step time", "expert compute", "dispatch",
+                   "combine", "drop rate", "balance", "straggler"):
+        assert needle in out
+    timeline = json.loads((tmp_path / "demo" / "timeline.json").read_text())
+    events = timeline["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == set(range(16))
+    assert {e["tid"] for e in spans} == {0, 1}  # compute and communication tracks
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    metrics = pq.read_table(tmp_path / "demo" / "metrics.parquet").to_pandas()
+    assert {"mode", "step", "layer", "device", "device_load", "expert_us", "dispatch_us",
+            "combine_us", "wait_us"} <= set(metrics.columns)
+    assert not metrics.duplicated(["mode", "step", "pass", "layer", "device"]).any()
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert html.count("<svg") >= 3
+    for external in ('src="http', "src='http", 'href="http', "<link", "<script src"):
+        assert external not in html  # self-contained: nothing fetched from the network
+
+
+def test_simulate_json_and_byte_identical_outputs(tmp_path, demo_dict, write_scenario):
+    scenario = write_scenario(demo_dict | {"mode": "prefill", "tokens_per_device": 128})
+    runs = []
+    for name in ("a", "b"):
+        proc = moesim("simulate", str(scenario), "--out", str(tmp_path / name), "--json")
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout))
+    data = runs[0]
+    assert data["step_time_us"] > 0
+    assert len(data["balance_ratio"]) == 8 and all(b >= 1.0 for b in data["balance_ratio"])
+    assert len(data["straggler_device"]) == 8
+    assert 0 <= data["drop_rate"] < 1
+    for name in OUTPUTS:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_models_json_lists_presets():
+    proc = moesim("models", "--json")
+    assert proc.returncode == 0
+    names = {m["name"] for m in json.loads(proc.stdout)}
+    assert {"DeepSeek-V3", "Mixtral-8x7B", "FLAME-MoE-290M", "Switch-C-2048"} <= names
+
+
+def test_hardware_list_and_show():
+    proc = moesim("hardware", "list", "--json")
+    assert proc.returncode == 0
+    assert "H100-SXM" in {p["name"] for p in json.loads(proc.stdout)}
+    proc = moesim("hardware", "show", "h100-sxm", "--json")
+    assert json.loads(proc.stdout)["sources"]["memory.hbm_bandwidth_gbps"]
+    assert "source" in moesim("hardware", "show", "H100-SXM").stdout
+
+
+# ----- bad input: one line naming file, field and value; exit 2; nothing damaged -----------
+
+
+def test_unknown_scenario_field(tmp_path, demo_dict, write_scenario):
+    path = write_scenario(demo_dict | {"capacty": {"factor": 1.0}})
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          str(path), "capacty", "unknown field")
+
+
+def test_yaml_syntax_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ncluster: {nodes: 2,\n")
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          str(path), "not valid YAML")
+
+
+def test_bad_value_type(tmp_path, demo_dict, write_scenario):
+    path = write_scenario(demo_dict | {"tokens_per_device": -5})
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          "tokens_per_device", "-5")
+
+
+def test_missing_scenario_file(tmp_path):
+    assert_one_line_error(moesim("simulate", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)),
+                          "nope.yaml", "not found")
+
+
+def test_missing_trace(tmp_path, demo_dict, write_scenario):
+    path = write_scenario(demo_dict | {"routing": {"trace": "no/such/trace"}})
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          str(path), "routing.trace", "no/such/trace")
+
+
+def test_unknown_hardware(tmp_path, demo_dict, write_scenario):
+    path = write_scenario(demo_dict | {"hardware": "H1000"})
+    err = assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                                "hardware", "H1000", "H100-SXM")
+    assert str(path) in err
+
+
+def test_unknown_model(tmp_path, demo_dict, write_scenario):
+    path = write_scenario(demo_dict | {"model": "GPT-5-MoE"})
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          str(path), "model", "GPT-5-MoE", "DeepSeek-V3")
+
+
+def test_unknown_hardware_in_show():
+    assert_one_line_error(moesim("hardware", "show", "nope"), "nope", "valid names")
+
+
+def test_trace_model_mismatch(tmp_path, demo_dict, write_scenario):
+    path = write_scenario(demo_dict | {"model": "Mixtral-8x7B"})
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          "num_experts", "64")
+
+
+def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, demo_dict, write_scenario):
+    out = tmp_path / "out"
+    good = write_scenario(demo_dict | {"mode": "prefill", "tokens_per_device": 128}, "good.yaml")
+    assert moesim("simulate", str(good), "--out", str(out)).returncode == 0
+    before = {n: (out / n).read_bytes() for n in OUTPUTS}
+
+    bad_trace = tmp_path / "bad-trace"
+    shutil.copytree(FLAME_TRACE, bad_trace)
+    part = bad_trace / "layer=5" / "part-0.parquet"
+    table = pq.read_table(part)
+    ids = table.column("expert_ids").to_pylist()
+    ids[17][2] = 99
+    col = pa.array(ids, type=table.schema.field("expert_ids").type)
+    pq.write_table(table.set_column(3, "expert_ids", col), part)
+    bad = write_scenario(demo_dict | {"routing": {"trace": str(bad_trace)}}, "bad.yaml")
+    assert_one_line_error(moesim("simulate", str(bad), "--out", str(out)),
+                          "layer=5", "expert_ids", "99")
+    assert {n: (out / n).read_bytes() for n in OUTPUTS} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
+
+
+@pytest.mark.parametrize("payload", ["not parquet at all", ""])
+def test_corrupt_trace_file(tmp_path, demo_dict, write_scenario, payload):
+    bad_trace = tmp_path / "corrupt"
+    shutil.copytree(FLAME_TRACE, bad_trace)
+    (bad_trace / "layer=3" / "part-0.parquet").write_text(payload)
+    path = write_scenario(demo_dict | {"routing": {"trace": str(bad_trace)}})
+    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+                          "layer=3", "Parquet")

@@ -1,0 +1,67 @@
+"""Golden timelines for tiny programs, in SimPy's style: exact start and end times."""
+
+import numpy as np
+
+from moesim.sim.engine import Compute, Exchange, run_program
+
+
+def _log(program, rec):
+    return [
+        (op.name, dev, float(rec.start_us[i, dev]), float(rec.end_us[i, dev]))
+        for i, op in enumerate(program)
+        for dev in range(rec.start_us.shape[1])
+    ]
+
+
+def test_one_device_fixed_layer_time_gives_layers_times_time():
+    layers, t = 7, 12.5
+    program = [Compute(f"L{i}", "other", np.array([t]), layer=i) for i in range(layers)]
+    rec = run_program(program, 1)
+    assert rec.end_us.max() == layers * t
+    assert _log(program, rec)[:2] == [("L0", 0, 0.0, 12.5), ("L1", 0, 12.5, 25.0)]
+
+
+def test_exchange_waits_for_slowest_sender():
+    everyone = np.ones((3, 3), dtype=bool)
+    program = [
+        Compute("work", "expert", np.array([1.0, 2.0, 4.0])),
+        Exchange("a2a", "dispatch", np.array([0.5, 0.5, 0.5]), everyone),
+        Compute("after", "other", np.array([1.0, 1.0, 1.0])),
+    ]
+    rec = run_program(program, 3)
+    assert _log(program, rec) == [
+        ("work", 0, 0.0, 1.0), ("work", 1, 0.0, 2.0), ("work", 2, 0.0, 4.0),
+        ("a2a", 0, 4.0, 4.5), ("a2a", 1, 4.0, 4.5), ("a2a", 2, 4.0, 4.5),
+        ("after", 0, 4.5, 5.5), ("after", 1, 4.5, 5.5), ("after", 2, 4.5, 5.5),
+    ]
+    assert rec.wait_us[1].tolist() == [3.0, 2.0, 0.0]
+
+
+def test_exchange_only_waits_for_its_own_senders():
+    # device 1 receives only from device 0; device 0 from nobody else
+    senders = np.array([[False, True], [False, False]])
+    program = [
+        Compute("work", "expert", np.array([3.0, 1.0])),
+        Exchange("a2a", "dispatch", np.array([1.0, 1.0]), senders),
+    ]
+    rec = run_program(program, 2)
+    assert rec.start_us[1].tolist() == [3.0, 3.0]  # device 1 waited 2 us for device 0
+    assert rec.wait_us[1].tolist() == [0.0, 2.0]
+
+
+def test_slow_device_delays_every_device_at_next_exchange():
+    d = 4
+    everyone = np.ones((d, d), dtype=bool)
+    per_layer = np.array([10.0, 10.0, 10.0, 20.0])  # device 3 twice as slow
+    program = []
+    for layer in range(2):
+        program += [
+            Compute(f"L{layer} experts", "expert", per_layer, layer),
+            Exchange(f"L{layer} combine", "combine", np.full(d, 1.0), everyone, layer=layer),
+        ]
+    rec = run_program(program, d)
+    # each layer ends at the slow device's pace: (20 + 1) per layer
+    assert rec.end_us[-1].tolist() == [42.0] * d
+    # the fast devices wait 10 us per layer
+    assert rec.wait_us[1].tolist() == [10.0, 10.0, 10.0, 0.0]
+    assert rec.wait_us[3].tolist() == [10.0, 10.0, 10.0, 0.0]

@@ -1,0 +1,144 @@
+"""End-to-end checks of the simulator against answers computed independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from moesim.hardware import get_profile
+from moesim.model.shapes import ModelShape
+from moesim.scenario import Scenario
+from moesim.sim.simulate import simulate
+from moesim.traces.store import RoutingTrace, write_trace
+from tests.conftest import FLAME_TRACE
+
+TINY_MODEL = {
+    "name": "tiny", "num_layers": 2, "d_model": 256, "expert_d_ff": 512, "num_experts": 4,
+    "top_k": 1, "attention": {"num_heads": 4}, "vocab_size": 1000, "source": "test",
+}
+
+
+def _independent_device_loads(tokens_per_device: int, devices: int, cap_factor: float) -> np.ndarray:
+    """(L, D) device loads from the raw Parquet files with plain Python loops."""
+    loads = []
+    for part in sorted(FLAME_TRACE.glob("layer=*/*.parquet"), key=lambda p: int(p.parent.name[6:])):
+        rows = pq.read_table(part).sort_by("token").column("expert_ids").to_pylist()
+        n = devices * tokens_per_device
+        ids = [rows[i % len(rows)] for i in range(n)]  # the trace replayed cyclically
+        k, e = len(ids[0]), 64
+        cap = -(-int(cap_factor * n * k * 1000) // (e * 1000))  # ceil, exact for 1.25
+        used = [0] * e
+        dev_load = [0] * devices
+        for rank in range(k):  # GShard priority: all first choices, then second, ...
+            for tok in range(n):
+                ex = ids[tok][rank]
+                if used[ex] < cap:
+                    used[ex] += 1
+                    dev_load[ex // (e // devices)] += 1  # contiguous: 4 experts per device
+        loads.append(dev_load)
+    return np.array(loads)
+
+
+def test_demo_device_counts_match_independent_count(demo_dict, tmp_path):
+    sc = Scenario.model_validate(demo_dict)
+    result = simulate(sc, tmp_path)
+    m = result.runs[0].metrics
+    fwd = m[(m["pass"] == "forward") & (m["layer"] >= 1)].sort_values(["layer", "device"])
+    got = fwd["device_load"].to_numpy().reshape(8, 16)
+    expected = _independent_device_loads(sc.tokens_per_device, 16, sc.capacity.factor)
+    np.testing.assert_array_equal(got, expected)
+    # the per-layer balance ratio follows from those counts
+    br = expected.max(axis=1) / expected.mean(axis=1)
+    assert result.runs[0].summary["balance_ratio"] == pytest.approx(br.tolist(), abs=1e-6)
+
+
+def _trace(ids: np.ndarray, num_experts: int) -> RoutingTrace:
+    return RoutingTrace(expert_ids=ids.astype(np.int32), gate_weights=np.ones(ids.shape, np.float32),
+                        steps=np.zeros(ids.shape[1], np.int32), layers=tuple(range(ids.shape[0])),
+                        num_experts=num_experts)
+
+
+def _scenario(trace_dir, tokens_per_device: int, **kw) -> Scenario:
+    data = {"name": "t", "hardware": "H100-SXM", "cluster": {"nodes": 1, "devices_per_node": 4},
+            "model": TINY_MODEL, "routing": {"trace": str(trace_dir)}, "mode": "prefill",
+            "tokens_per_device": tokens_per_device} | kw
+    return Scenario.model_validate(data)
+
+
+def test_device_given_twice_the_tokens_is_the_straggler(tmp_path):
+    # 4 devices x 4 experts (one each), 8 tokens per device; layer 1 sends expert 2
+    # twice the tokens of each other expert
+    t = 32
+    even = np.tile(np.arange(4), t // 4)
+    skew = np.array([0] * 6 + [1] * 6 + [2] * 12 + [3] * 8)
+    write_trace(_trace(np.stack([even, skew])[:, :, None], 4), tmp_path / "tr")
+    res = simulate(_scenario(tmp_path / "tr", 8), tmp_path)
+    s = res.runs[0].summary
+    assert s["layers"] == [0, 1]
+    assert s["straggler_device"][1] == 2
+    assert s["balance_ratio"] == pytest.approx([1.0, 1.5])
+    fwd = res.runs[0].metrics.query("layer == 1 and `pass` == 'forward'")
+    exp_us = fwd.sort_values("device")["expert_us"].to_numpy()
+    assert exp_us.argmax() == 2 and exp_us[2] > exp_us[[0, 1, 3]].max()
+
+
+def test_uniform_routing_gives_closed_form_dispatch(tmp_path):
+    # each device's 4 tokens go one to each expert (one expert per device), so every
+    # device sends exactly one token to every other device
+    ids = np.tile(np.arange(4), 4)[None, :, None]
+    write_trace(_trace(np.concatenate([ids, ids]), 4), tmp_path / "tr")
+    res = simulate(_scenario(tmp_path / "tr", 4), tmp_path)
+    hw = get_profile("H100-SXM")
+    shape = ModelShape.model_validate(TINY_MODEL)
+    per_peer = shape.d_model * 2  # bf16
+    bw_up = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up * 1e3
+    expected = hw.scale_up.latency_us + 3 * per_peer / bw_up
+    m = res.runs[0].metrics.query("layer == 0 and `pass` == 'forward'")
+    assert m["dispatch_us"].to_numpy() == pytest.approx(np.full(4, expected), rel=1e-12)
+    assert m["combine_us"].to_numpy() == pytest.approx(np.full(4, expected), rel=1e-12)
+    assert (m["wait_us"] == 0).all()
+
+
+def test_training_has_backward_and_allreduce(demo_dict, tmp_path):
+    sc = Scenario.model_validate(demo_dict | {"mode": ["training", "prefill"]})
+    res = simulate(sc, tmp_path)
+    train, prefill = res.runs
+    assert set(train.metrics["pass"]) == {"forward", "backward"}
+    assert set(prefill.metrics["pass"]) == {"forward"}
+    assert train.summary["breakdown_us"]["allreduce_us"] > 0
+    assert train.summary["step_time_us"] > 2 * prefill.summary["step_time_us"]
+    b = train.summary["breakdown_us"]
+    assert sum(b.values()) == pytest.approx(train.summary["step_time_us"], rel=1e-9)
+
+
+def test_capacity_drops_match_definition(demo_dict, tmp_path):
+    sc = Scenario.model_validate(demo_dict | {"mode": "prefill", "tokens_per_device": 128})
+    res = simulate(sc, tmp_path)
+    s = res.runs[0].summary
+    assert s["expert_capacity"] == 240  # ceil(1.25 * 2048 * 6 / 64)
+    def variant(capacity):
+        data = demo_dict | {"mode": "prefill", "tokens_per_device": 128, "capacity": capacity}
+        return simulate(Scenario.model_validate(data), tmp_path).runs[0].summary
+
+    assert variant({"factor": None})["drop_rate"] == 0.0
+    assert 0 < s["drop_rate"] < 0.05
+    rr = variant({"factor": 1.25, "overflow": "reroute"})
+    assert rr["drop_rate"] < s["drop_rate"] and rr["rerouted"] > 0
+
+
+def test_decode_mode_runs(demo_dict, tmp_path):
+    sc = Scenario.model_validate(demo_dict | {"mode": "decode", "tokens_per_device": 64})
+    s = simulate(sc, tmp_path).runs[0].summary
+    assert s["mode"] == "decode" and s["step_time_us"] > 0
+
+
+def test_synthetic_routing_is_seeded(tmp_path):
+    base = {"name": "syn", "hardware": "H100-SXM", "cluster": {"nodes": 1, "devices_per_node": 4},
+            "model": TINY_MODEL, "mode": "prefill", "tokens_per_device": 64}
+    def run(seed):
+        sc = Scenario.model_validate(base | {"routing": {"synthetic": {"distribution": "zipf",
+                                                                     "zipf_s": 1.0, "seed": seed}}})
+        return simulate(sc, tmp_path).runs[0].summary["balance_ratio"]
+    assert run(1) == run(1)
+    assert run(1) != run(2)

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from moesim.errors import InputError
+from moesim.traces.importers import import_flame_jsonl
+from moesim.traces.store import RoutingTrace, read_trace, write_trace
+from moesim.traces.synthetic import synthesize
+from tests.conftest import FLAME_TRACE, REPO
+
+SHARED_FLAME = REPO.parent / "shared" / "data" / "flame_moe_290m_iter5473_prefill_L2-9_2048tok_top6.jsonl"
+
+
+def test_bundled_flame_trace_shape_and_skew():
+    t = read_trace(FLAME_TRACE)
+    assert t.expert_ids.shape == (8, 2048, 6)
+    assert t.layers == tuple(range(2, 10))
+    assert t.num_experts == 64
+    counts = np.stack([np.bincount(t.expert_ids[i].ravel(), minlength=64) for i in range(8)])
+    # hottest expert / mean, per the data's README: 1.86, 1.66, 1.38, 1.43, 1.39, 1.46, 1.43, 1.59
+    ratios = counts.max(axis=1) / counts.mean(axis=1)
+    np.testing.assert_allclose(ratios, [1.86, 1.66, 1.38, 1.43, 1.39, 1.46, 1.43, 1.59], atol=0.006)
+    # experts are distinct per token and weights sorted descending
+    assert all(len(set(row)) == 6 for row in t.expert_ids[0].tolist())
+    assert (np.diff(t.gate_weights, axis=2) <= 0).all()
+
+
+@pytest.mark.skipif(not SHARED_FLAME.exists(), reason="shared data not present")
+def test_bundled_trace_equals_fresh_import():
+    fresh = import_flame_jsonl(SHARED_FLAME)
+    bundled = read_trace(FLAME_TRACE)
+    np.testing.assert_array_equal(fresh.expert_ids, bundled.expert_ids)
+    np.testing.assert_array_equal(fresh.gate_weights, bundled.gate_weights)
+
+
+def test_round_trip(tmp_path):
+    t = synthesize(num_experts=16, top_k=2, num_layers=3, num_tokens=100, distribution="zipf",
+                   seed=3)
+    write_trace(t, tmp_path / "t")
+    r = read_trace(tmp_path / "t")
+    np.testing.assert_array_equal(r.expert_ids, t.expert_ids)
+    np.testing.assert_array_equal(r.gate_weights, t.gate_weights)
+    assert r.meta["num_experts"] == 16 and r.meta["top_k"] == 2
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["layer=0", "layer=1", "layer=2"]
+
+
+def test_write_refuses_bad_ids_and_leaves_nothing(tmp_path):
+    t = synthesize(num_experts=4, top_k=1, num_layers=1, num_tokens=10, seed=0)
+    bad = RoutingTrace(expert_ids=t.expert_ids + 10, gate_weights=t.gate_weights, steps=t.steps,
+                       layers=t.layers, num_experts=4)
+    with pytest.raises(InputError, match="out of range"):
+        write_trace(bad, tmp_path / "t")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_gate_weight_rejected(tmp_path):
+    t = synthesize(num_experts=4, top_k=1, num_layers=1, num_tokens=10, seed=0)
+    w = t.gate_weights.copy()
+    w[0, 3, 0] = np.nan
+    with pytest.raises(InputError, match="gate_weights"):
+        RoutingTrace(expert_ids=t.expert_ids, gate_weights=w, steps=t.steps, layers=t.layers,
+                     num_experts=4).validate()
+
+
+def test_synthetic_distinct_and_seeded():
+    a = synthesize(num_experts=8, top_k=3, num_layers=2, num_tokens=500, distribution="zipf", seed=1)
+    b = synthesize(num_experts=8, top_k=3, num_layers=2, num_tokens=500, distribution="zipf", seed=1)
+    np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
+    assert all(len(set(r)) == 3 for r in a.expert_ids[0].tolist())
+    c = np.bincount(a.expert_ids[0].ravel(), minlength=8)
+    assert c.max() / c.mean() > 1.3  # zipf is skewed
