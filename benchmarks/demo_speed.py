@@ -31,8 +31,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "moesim", "demo", "--out", tmp],
-                                  capture_output=True, text=True, cwd=REPO)
+            proc = subprocess.run(
+                [sys.executable, "-m", "moesim", "demo", "--out", tmp],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
             walls.append(time.perf_counter() - t0)
             if proc.returncode != 0:
                 sys.exit(f"demo failed: {proc.stderr}")
@@ -58,13 +62,19 @@ def main() -> None:
         write_outputs(result, Path(tmp) / "again")
         stages["write_outputs_s"] = time.perf_counter() - t
 
-    figures = {"demo_wall_s_median": statistics.median(walls), "demo_wall_s": walls,
-               "target_s": 60.0, **{k: round(v, 4) for k, v in stages.items()}}
+    figures = {
+        "demo_wall_s_median": statistics.median(walls),
+        "demo_wall_s": walls,
+        "target_s": 60.0,
+        **{k: round(v, 4) for k, v in stages.items()},
+    }
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
-        print(f"moesim demo, fresh process: median {figures['demo_wall_s_median']:.2f} s over "
-              f"{len(walls)} runs (target < 60 s)")
+        print(
+            f"moesim demo, fresh process: median {figures['demo_wall_s_median']:.2f} s over "
+            f"{len(walls)} runs (target < 60 s)"
+        )
         for k, v in stages.items():
             print(f"  {k:24s} {v:8.3f} s")
 

@@ -18,8 +18,13 @@ OUTPUTS = ("report.html", "summary.md", "metrics.parquet", "timeline.json")
 
 
 def moesim(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moesim", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "moesim", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -47,8 +52,16 @@ def test_demo_writes_four_files_and_summary(tmp_path):
     for name in OUTPUTS:
         assert (tmp_path / "demo" / name).stat().st_size > 0
     out = proc.stdout
-    for needle in ("[training] step time", "[prefill] step time", "expert compute", "dispatch",
-                   "combine", "drop rate", "balance", "straggler"):
+    for needle in (
+        "[training] step time",
+        "[prefill] step time",
+        "expert compute",
+        "dispatch",
+        "combine",
+        "drop rate",
+        "balance",
+        "straggler",
+    ):
         assert needle in out
     timeline = json.loads((tmp_path / "demo" / "timeline.json").read_text())
     events = timeline["traceEvents"]
@@ -57,8 +70,17 @@ def test_demo_writes_four_files_and_summary(tmp_path):
     assert {e["tid"] for e in spans} == {0, 1}  # compute and communication tracks
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     metrics = pq.read_table(tmp_path / "demo" / "metrics.parquet").to_pandas()
-    assert {"mode", "step", "layer", "device", "device_load", "expert_us", "dispatch_us",
-            "combine_us", "wait_us"} <= set(metrics.columns)
+    assert {
+        "mode",
+        "step",
+        "layer",
+        "device",
+        "device_load",
+        "expert_us",
+        "dispatch_us",
+        "combine_us",
+        "wait_us",
+    } <= set(metrics.columns)
     assert not metrics.duplicated(["mode", "step", "pass", "layer", "device"]).any()
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("<svg") >= 3
@@ -103,45 +125,64 @@ def test_hardware_list_and_show():
 
 def test_unknown_scenario_field(tmp_path, demo_dict, write_scenario):
     path = write_scenario(demo_dict | {"capacty": {"factor": 1.0}})
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          str(path), "capacty", "unknown field")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+        str(path),
+        "capacty",
+        "unknown field",
+    )
 
 
 def test_yaml_syntax_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\ncluster: {nodes: 2,\n")
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          str(path), "not valid YAML")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")), str(path), "not valid YAML"
+    )
 
 
 def test_bad_value_type(tmp_path, demo_dict, write_scenario):
     path = write_scenario(demo_dict | {"tokens_per_device": -5})
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          "tokens_per_device", "-5")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")), "tokens_per_device", "-5"
+    )
 
 
 def test_missing_scenario_file(tmp_path):
-    assert_one_line_error(moesim("simulate", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)),
-                          "nope.yaml", "not found")
+    assert_one_line_error(
+        moesim("simulate", str(tmp_path / "nope.yaml"), "--out", str(tmp_path)),
+        "nope.yaml",
+        "not found",
+    )
 
 
 def test_missing_trace(tmp_path, demo_dict, write_scenario):
     path = write_scenario(demo_dict | {"routing": {"trace": "no/such/trace"}})
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          str(path), "routing.trace", "no/such/trace")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+        str(path),
+        "routing.trace",
+        "no/such/trace",
+    )
 
 
 def test_unknown_hardware(tmp_path, demo_dict, write_scenario):
     path = write_scenario(demo_dict | {"hardware": "H1000"})
-    err = assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                                "hardware", "H1000", "H100-SXM")
+    err = assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")), "hardware", "H1000", "H100-SXM"
+    )
     assert str(path) in err
 
 
 def test_unknown_model(tmp_path, demo_dict, write_scenario):
     path = write_scenario(demo_dict | {"model": "GPT-5-MoE"})
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          str(path), "model", "GPT-5-MoE", "DeepSeek-V3")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")),
+        str(path),
+        "model",
+        "GPT-5-MoE",
+        "DeepSeek-V3",
+    )
 
 
 def test_unknown_hardware_in_show():
@@ -150,8 +191,9 @@ def test_unknown_hardware_in_show():
 
 def test_trace_model_mismatch(tmp_path, demo_dict, write_scenario):
     path = write_scenario(demo_dict | {"model": "Mixtral-8x7B"})
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          "num_experts", "64")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")), "num_experts", "64"
+    )
 
 
 def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, demo_dict, write_scenario):
@@ -169,8 +211,9 @@ def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, demo_dict, write
     col = pa.array(ids, type=table.schema.field("expert_ids").type)
     pq.write_table(table.set_column(3, "expert_ids", col), part)
     bad = write_scenario(demo_dict | {"routing": {"trace": str(bad_trace)}}, "bad.yaml")
-    assert_one_line_error(moesim("simulate", str(bad), "--out", str(out)),
-                          "layer=5", "expert_ids", "99")
+    assert_one_line_error(
+        moesim("simulate", str(bad), "--out", str(out)), "layer=5", "expert_ids", "99"
+    )
     assert {n: (out / n).read_bytes() for n in OUTPUTS} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
 
@@ -181,5 +224,6 @@ def test_corrupt_trace_file(tmp_path, demo_dict, write_scenario, payload):
     shutil.copytree(FLAME_TRACE, bad_trace)
     (bad_trace / "layer=3" / "part-0.parquet").write_text(payload)
     path = write_scenario(demo_dict | {"routing": {"trace": str(bad_trace)}})
-    assert_one_line_error(moesim("simulate", str(path), "--out", str(tmp_path / "o")),
-                          "layer=3", "Parquet")
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")), "layer=3", "Parquet"
+    )

@@ -30,9 +30,15 @@ def test_exchange_waits_for_slowest_sender():
     ]
     rec = run_program(program, 3)
     assert _log(program, rec) == [
-        ("work", 0, 0.0, 1.0), ("work", 1, 0.0, 2.0), ("work", 2, 0.0, 4.0),
-        ("a2a", 0, 4.0, 4.5), ("a2a", 1, 4.0, 4.5), ("a2a", 2, 4.0, 4.5),
-        ("after", 0, 4.5, 5.5), ("after", 1, 4.5, 5.5), ("after", 2, 4.5, 5.5),
+        ("work", 0, 0.0, 1.0),
+        ("work", 1, 0.0, 2.0),
+        ("work", 2, 0.0, 4.0),
+        ("a2a", 0, 4.0, 4.5),
+        ("a2a", 1, 4.0, 4.5),
+        ("a2a", 2, 4.0, 4.5),
+        ("after", 0, 4.5, 5.5),
+        ("after", 1, 4.5, 5.5),
+        ("after", 2, 4.5, 5.5),
     ]
     assert rec.wait_us[1].tolist() == [3.0, 2.0, 0.0]
 

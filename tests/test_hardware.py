@@ -6,8 +6,17 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile, list_profiles
 from moesim.paths import hardware_dir
 
-REQUIRED = ["H100-SXM", "H800", "H200", "A100-80GB", "B200", "GB200-NVL72", "MI300X", "TPU-v5p",
-            "TPU-v6e"]
+REQUIRED = [
+    "H100-SXM",
+    "H800",
+    "H200",
+    "A100-80GB",
+    "B200",
+    "GB200-NVL72",
+    "MI300X",
+    "TPU-v5p",
+    "TPU-v6e",
+]
 
 
 def test_required_profiles_exist_and_validate():
@@ -32,7 +41,7 @@ def _raw(name: str) -> dict:
 def test_unsourced_figure_rejected():
     data = _raw("H100-SXM")
     del data["sources"]["memory.hbm_bandwidth_gbps"]
-    with pytest.raises(ValidationError, match="memory.hbm_bandwidth_gbps"):
+    with pytest.raises(ValidationError, match=r"memory\.hbm_bandwidth_gbps"):
         HardwareProfile.model_validate(data)
 
 
@@ -51,5 +60,5 @@ def test_unknown_field_rejected():
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(InputError, match="valid names: .*H100-SXM"):
+    with pytest.raises(InputError, match=r"valid names: .*H100-SXM"):
         get_profile("H1000")

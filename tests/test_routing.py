@@ -96,8 +96,9 @@ def test_route_layer_loads_and_traffic():
     table, count = p.replicas(0)
     ids = np.array([[0, 2], [1, 3], [2, 3], [0, 1]])
     origin = np.array([0, 0, 1, 1])
-    r = route_layer(ids, origin, p.slots[0], table, count, num_experts=4, devices_per_node=2,
-                    capacity=100)
+    r = route_layer(
+        ids, origin, p.slots[0], table, count, num_experts=4, devices_per_node=2, capacity=100
+    )
     assert r.device_load.tolist() == [4, 4]
     assert r.expert_tokens.tolist() == [[2, 2], [2, 2]]
     # device 0's tokens: 0->d0, 2->d1, 1->d0, 3->d1 ; device 1's: 2,3 -> d1 ; 0,1 -> d0

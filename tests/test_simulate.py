@@ -14,12 +14,21 @@ from moesim.traces.store import RoutingTrace, write_trace
 from tests.conftest import FLAME_TRACE
 
 TINY_MODEL = {
-    "name": "tiny", "num_layers": 2, "d_model": 256, "expert_d_ff": 512, "num_experts": 4,
-    "top_k": 1, "attention": {"num_heads": 4}, "vocab_size": 1000, "source": "test",
+    "name": "tiny",
+    "num_layers": 2,
+    "d_model": 256,
+    "expert_d_ff": 512,
+    "num_experts": 4,
+    "top_k": 1,
+    "attention": {"num_heads": 4},
+    "vocab_size": 1000,
+    "source": "test",
 }
 
 
-def _independent_device_loads(tokens_per_device: int, devices: int, cap_factor: float) -> np.ndarray:
+def _independent_device_loads(
+    tokens_per_device: int, devices: int, cap_factor: float
+) -> np.ndarray:
     """(L, D) device loads from the raw Parquet files with plain Python loops."""
     loads = []
     for part in sorted(FLAME_TRACE.glob("layer=*/*.parquet"), key=lambda p: int(p.parent.name[6:])):
@@ -54,15 +63,25 @@ def test_demo_device_counts_match_independent_count(demo_dict, tmp_path):
 
 
 def _trace(ids: np.ndarray, num_experts: int) -> RoutingTrace:
-    return RoutingTrace(expert_ids=ids.astype(np.int32), gate_weights=np.ones(ids.shape, np.float32),
-                        steps=np.zeros(ids.shape[1], np.int32), layers=tuple(range(ids.shape[0])),
-                        num_experts=num_experts)
+    return RoutingTrace(
+        expert_ids=ids.astype(np.int32),
+        gate_weights=np.ones(ids.shape, np.float32),
+        steps=np.zeros(ids.shape[1], np.int32),
+        layers=tuple(range(ids.shape[0])),
+        num_experts=num_experts,
+    )
 
 
 def _scenario(trace_dir, tokens_per_device: int, **kw) -> Scenario:
-    data = {"name": "t", "hardware": "H100-SXM", "cluster": {"nodes": 1, "devices_per_node": 4},
-            "model": TINY_MODEL, "routing": {"trace": str(trace_dir)}, "mode": "prefill",
-            "tokens_per_device": tokens_per_device} | kw
+    data = {
+        "name": "t",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 4},
+        "model": TINY_MODEL,
+        "routing": {"trace": str(trace_dir)},
+        "mode": "prefill",
+        "tokens_per_device": tokens_per_device,
+    } | kw
     return Scenario.model_validate(data)
 
 
@@ -117,6 +136,7 @@ def test_capacity_drops_match_definition(demo_dict, tmp_path):
     res = simulate(sc, tmp_path)
     s = res.runs[0].summary
     assert s["expert_capacity"] == 240  # ceil(1.25 * 2048 * 6 / 64)
+
     def variant(capacity):
         data = demo_dict | {"mode": "prefill", "tokens_per_device": 128, "capacity": capacity}
         return simulate(Scenario.model_validate(data), tmp_path).runs[0].summary
@@ -134,11 +154,20 @@ def test_decode_mode_runs(demo_dict, tmp_path):
 
 
 def test_synthetic_routing_is_seeded(tmp_path):
-    base = {"name": "syn", "hardware": "H100-SXM", "cluster": {"nodes": 1, "devices_per_node": 4},
-            "model": TINY_MODEL, "mode": "prefill", "tokens_per_device": 64}
+    base = {
+        "name": "syn",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 4},
+        "model": TINY_MODEL,
+        "mode": "prefill",
+        "tokens_per_device": 64,
+    }
+
     def run(seed):
-        sc = Scenario.model_validate(base | {"routing": {"synthetic": {"distribution": "zipf",
-                                                                     "zipf_s": 1.0, "seed": seed}}})
+        sc = Scenario.model_validate(
+            base | {"routing": {"synthetic": {"distribution": "zipf", "zipf_s": 1.0, "seed": seed}}}
+        )
         return simulate(sc, tmp_path).runs[0].summary["balance_ratio"]
+
     assert run(1) == run(1)
     assert run(1) != run(2)

@@ -7,7 +7,9 @@ from moesim.traces.store import RoutingTrace, read_trace, write_trace
 from moesim.traces.synthetic import synthesize
 from tests.conftest import FLAME_TRACE, REPO
 
-SHARED_FLAME = REPO.parent / "shared" / "data" / "flame_moe_290m_iter5473_prefill_L2-9_2048tok_top6.jsonl"
+SHARED_FLAME = (
+    REPO.parent / "shared" / "data" / "flame_moe_290m_iter5473_prefill_L2-9_2048tok_top6.jsonl"
+)
 
 
 def test_bundled_flame_trace_shape_and_skew():
@@ -33,8 +35,9 @@ def test_bundled_trace_equals_fresh_import():
 
 
 def test_round_trip(tmp_path):
-    t = synthesize(num_experts=16, top_k=2, num_layers=3, num_tokens=100, distribution="zipf",
-                   seed=3)
+    t = synthesize(
+        num_experts=16, top_k=2, num_layers=3, num_tokens=100, distribution="zipf", seed=3
+    )
     write_trace(t, tmp_path / "t")
     r = read_trace(tmp_path / "t")
     np.testing.assert_array_equal(r.expert_ids, t.expert_ids)
@@ -45,8 +48,13 @@ def test_round_trip(tmp_path):
 
 def test_write_refuses_bad_ids_and_leaves_nothing(tmp_path):
     t = synthesize(num_experts=4, top_k=1, num_layers=1, num_tokens=10, seed=0)
-    bad = RoutingTrace(expert_ids=t.expert_ids + 10, gate_weights=t.gate_weights, steps=t.steps,
-                       layers=t.layers, num_experts=4)
+    bad = RoutingTrace(
+        expert_ids=t.expert_ids + 10,
+        gate_weights=t.gate_weights,
+        steps=t.steps,
+        layers=t.layers,
+        num_experts=4,
+    )
     with pytest.raises(InputError, match="out of range"):
         write_trace(bad, tmp_path / "t")
     assert list(tmp_path.iterdir()) == []
@@ -57,13 +65,18 @@ def test_nan_gate_weight_rejected(tmp_path):
     w = t.gate_weights.copy()
     w[0, 3, 0] = np.nan
     with pytest.raises(InputError, match="gate_weights"):
-        RoutingTrace(expert_ids=t.expert_ids, gate_weights=w, steps=t.steps, layers=t.layers,
-                     num_experts=4).validate()
+        RoutingTrace(
+            expert_ids=t.expert_ids, gate_weights=w, steps=t.steps, layers=t.layers, num_experts=4
+        ).validate()
 
 
 def test_synthetic_distinct_and_seeded():
-    a = synthesize(num_experts=8, top_k=3, num_layers=2, num_tokens=500, distribution="zipf", seed=1)
-    b = synthesize(num_experts=8, top_k=3, num_layers=2, num_tokens=500, distribution="zipf", seed=1)
+    a = synthesize(
+        num_experts=8, top_k=3, num_layers=2, num_tokens=500, distribution="zipf", seed=1
+    )
+    b = synthesize(
+        num_experts=8, top_k=3, num_layers=2, num_tokens=500, distribution="zipf", seed=1
+    )
     np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
     assert all(len(set(r)) == 3 for r in a.expert_ids[0].tolist())
     c = np.bincount(a.expert_ids[0].ravel(), minlength=8)

@@ -29,9 +29,10 @@ def fmt_us(us: float) -> str:
 
 def _breakdown(s: dict[str, Any]) -> str:
     total = s["step_time_us"] or 1.0
+    parts = [(n, k) for n, k in PARTS if k != "allreduce_us" or s["mode"] == "training"]
     return ", ".join(
         f"{name} {fmt_us(s['breakdown_us'][k])} ({100 * s['breakdown_us'][k] / total:.1f}%)"
-        for name, k in PARTS
+        for name, k in parts
     )
 
 
@@ -47,7 +48,9 @@ def header_line(result: SimResult) -> str:
 
 
 def console_summary(result: SimResult) -> str:
-    """The short summary printed after a run."""
+    """The short summary printed after a run: per mode the step time and its breakdown,
+    then per MoE layer the balance ratio and straggler (routing is the same in every mode;
+    the penalty is that of the first mode)."""
     lines = [header_line(result)]
     for run in result.runs:
         s = run.summary
@@ -63,15 +66,12 @@ def console_summary(result: SimResult) -> str:
             f"  drop rate {100 * s['drop_rate']:.3f}% ({s['dropped']:,} of "
             f"{s['assignments']:,} assignments; capacity {s['expert_capacity']} per expert)"
         )
-        lines.append("  layer  balance  straggler  penalty")
-        for layer, br, dev, pen in zip(
-            s["layers"],
-            s["balance_ratio"],
-            s["straggler_device"],
-            s["straggler_penalty"],
-            strict=True,
-        ):
-            lines.append(f"  {layer:>5}  {br:7.3f}  {'device ' + str(dev):>9}  {100 * pen:6.1f}%")
+    s = result.runs[0].summary
+    lines += ["", "MoE layer  balance ratio  straggler  penalty"]
+    for layer, br, dev, pen in zip(
+        s["layers"], s["balance_ratio"], s["straggler_device"], s["straggler_penalty"], strict=True
+    ):
+        lines.append(f"{layer:>9}  {br:13.3f}  {'device ' + str(dev):>9}  {100 * pen:6.1f}%")
     return "\n".join(lines)
 
 
