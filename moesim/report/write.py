@@ -103,7 +103,7 @@ def render_html(result: SimResult) -> str:
         hw={
             "name": hw.name,
             "bf16": f"{hw.compute.bf16_dense_tflops:,.0f}",
-            "hbm": f"{hw.memory.hbm_bytes / 2**30:.0f} GiB",
+            "hbm": f"{hw.memory.hbm_bytes / 1e9:.0f} GB",
             "hbm_bw": f"{hw.memory.hbm_bandwidth_gbps:,.0f}",
             "up": f"{hw.scale_up.bandwidth_gbps:,.0f}",
             "out": f"{hw.scale_out.bandwidth_gbps:,.0f}",
