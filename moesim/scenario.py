@@ -55,7 +55,7 @@ class SyntheticRouting(BaseModel):
     model_config = _STRICT
     distribution: Literal["uniform", "zipf"] = "uniform"
     zipf_s: float = Field(default=1.2, gt=0)
-    seed: int = 0
+    seed: int | None = Field(default=None, description="None: the scenario's seed")
 
 
 class Routing(BaseModel):
@@ -96,7 +96,7 @@ class Scenario(BaseModel):
     dispatch_dtype: Precision = "bf16"
     combine_dtype: Literal["bf16"] = "bf16"
     steps: int = Field(default=1, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, description="Seed of every random choice the scenario makes")
 
     @field_validator("mode")
     @classmethod

@@ -163,11 +163,11 @@ def test_synthetic_routing_is_seeded(tmp_path):
         "tokens_per_device": 64,
     }
 
-    def run(seed):
-        sc = Scenario.model_validate(
-            base | {"routing": {"synthetic": {"distribution": "zipf", "zipf_s": 1.0, "seed": seed}}}
-        )
+    def run(seed, scenario_seed=0):
+        syn = {"distribution": "zipf", "zipf_s": 1.0} | ({} if seed is None else {"seed": seed})
+        sc = Scenario.model_validate(base | {"routing": {"synthetic": syn}, "seed": scenario_seed})
         return simulate(sc, tmp_path).runs[0].summary["balance_ratio"]
 
     assert run(1) == run(1)
     assert run(1) != run(2)
+    assert run(None, scenario_seed=1) == run(1)  # the scenario's seed is the default

@@ -135,7 +135,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
             distribution=syn.distribution,
             zipf_s=syn.zipf_s,
-            seed=syn.seed,
+            seed=scenario.seed if syn.seed is None else syn.seed,
         )
     cl = scenario.cluster
     try:
