@@ -29,6 +29,12 @@ app = typer.Typer(
 )
 hardware_app = typer.Typer(help="List and inspect hardware profiles.", no_args_is_help=True)
 app.add_typer(hardware_app, name="hardware")
+trace_app = typer.Typer(help="Import, synthesise and inspect routing traces.", no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+kernels_app = typer.Typer(
+    help="Kernel timings: benchmark kernels, import profiler traces.", no_args_is_help=True
+)
+app.add_typer(kernels_app, name="kernels")
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -208,6 +214,18 @@ def hardware_show(
             path, f"{value:,}" if isinstance(value, int | float) else str(value), p.sources[path]
         )
     console.print(table)
+
+
+# ----- reference model and capture (moesim.model) ------------------------------------------
+# (commands: train-reference, capture)
+
+
+# ----- kernels (moesim.kernels) -------------------------------------------------------------
+# (commands: kernels bench, kernels import-profile)
+
+
+# ----- traces (moesim.traces) ---------------------------------------------------------------
+# (commands: trace import, trace stats, trace synth)
 
 
 @app.callback(invoke_without_command=True)
