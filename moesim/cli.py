@@ -225,7 +225,145 @@ def hardware_show(
 
 
 # ----- traces (moesim.traces) ---------------------------------------------------------------
-# (commands: trace import, trace stats, trace synth)
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError("expected comma-separated integers", field=option, value=text) from None
+
+
+@trace_app.command("import")
+def trace_import(
+    src: Annotated[Path, typer.Argument(help="File or folder to import.")],
+    out: Annotated[Path, typer.Option(help="Trace folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="flame-jsonl | vllm-npy | counts-json.")],
+    experts: Annotated[
+        int | None, typer.Option(help="Routed experts (vllm-npy; counts-json overrides).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Experts per token (counts-json).")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Model layer of each array layer, e.g. 3,4,5 (vllm-npy).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Model key in a counts JSON.")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain key in a counts JSON.")] = None,
+    kind: Annotated[str, typer.Option(help="Count kind in a counts JSON.")] = "expert_counts",
+    seed: Annotated[int, typer.Option(help="Seed for counts-json expansion.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Import routing from another format into the trace store.
+
+    counts-json expands per-layer expert counts into a trace with exactly those counts
+    (tokens drawn independently per layer, gate weights 1/top_k).
+    """
+    from moesim.traces.importers import import_trace
+    from moesim.traces.store import open_trace
+
+    path = import_trace(
+        fmt,
+        src,
+        out,
+        num_experts=experts,
+        top_k=top_k,
+        layers=_int_list(layers, "layers"),
+        model=model,
+        domain=domain,
+        kind=kind,
+        seed=seed,
+    )
+    info = open_trace(path)
+    summary = {
+        "trace": str(path),
+        "layers": list(info.layers),
+        "tokens": info.num_tokens,
+        "num_experts": info.num_experts,
+        "top_k": info.top_k,
+    }
+    if as_json:
+        _print_json(summary)
+    else:
+        console.print(
+            f"wrote {path}: {len(info.layers)} layers x {info.num_tokens:,} tokens, "
+            f"{info.num_experts} experts, top-{info.top_k}"
+        )
+
+
+@trace_app.command("stats")
+def trace_stats_cmd(
+    trace: Annotated[Path, typer.Argument(help="Trace folder.")],
+    top: Annotated[int, typer.Option(help="How many pairs / affinities to list.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Per layer: expert counts, balance ratio, entropy, co-activated pairs, cross-layer
+    affinities (one streaming pass)."""
+    from moesim.traces.stats import trace_stats
+
+    stats = trace_stats(trace, top=top)
+    if as_json:
+        _print_json(stats)
+        return
+    console.print(
+        f"{stats['trace']}: {stats['tokens']:,} tokens x {len(stats['layers'])} layers, "
+        f"{stats['num_experts']} experts, top-{stats['top_k']}"
+    )
+    table = Table(
+        "layer",
+        "balance",
+        "hot expert",
+        "entropy (bits)",
+        "top pair (lift)",
+        "next-layer affinity (P)",
+    )
+    for la in stats["layers"]:
+        pair = la["top_coactivated_pairs"][:1]
+        aff = la.get("top_next_layer_affinities", [])[:1]
+        table.add_row(
+            str(la["layer"]),
+            f"{la['balance_ratio']:.3f}",
+            str(la["hot_expert"]),
+            f"{la['entropy_bits']:.2f} / {la['entropy_max_bits']:.2f}",
+            f"{pair[0]['experts']} ({pair[0]['lift']:.1f}x)" if pair else "-",
+            f"{aff[0]['experts']} ({aff[0]['p_given_first']:.2f})" if aff else "-",
+        )
+    console.print(table)
+
+
+@trace_app.command("synth")
+def trace_synth(
+    experts: Annotated[int, typer.Option(help="Routed experts per layer.", min=1)],
+    top_k: Annotated[int, typer.Option(help="Experts per token.", min=1)],
+    layers: Annotated[int, typer.Option(help="MoE layers.", min=1)],
+    tokens: Annotated[int, typer.Option(help="Tokens per layer.", min=1)],
+    out: Annotated[Path, typer.Option(help="Trace folder to write.")],
+    dist: Annotated[
+        str,
+        typer.Option(
+            help="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | burst:s=S,p=P,factor=F"
+        ),
+    ] = "uniform",
+    steps: Annotated[int, typer.Option(help="Steps the tokens are split into.", min=1)] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write seeded synthetic routing (uniform, Zipf, Dirichlet, drifting hot spots, bursts)."""
+    from moesim.traces.synthetic import synth_to_store
+
+    path = synth_to_store(
+        out,
+        num_experts=experts,
+        top_k=top_k,
+        num_layers=layers,
+        num_tokens=tokens,
+        distribution=dist,
+        steps=steps,
+        seed=seed,
+    )
+    console.print(
+        f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "
+        f"top-{top_k}, {dist}, seed {seed}"
+    )
 
 
 @app.callback(invoke_without_command=True)
@@ -238,12 +376,30 @@ def _root(
 
 
 def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit status 2."""
+    """Entry point: bad input (ours or a command-line usage error) becomes one line on
+    stderr and exit status 2."""
+    # typer ships its own copy of click; find its exception base classes through a public one
+    usage_error: type[Exception] = next(
+        c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+    )
     try:
-        app()
+        rc = app(standalone_mode=False)
     except InputError as err:
         sys.stderr.write(f"moesim: error: {err}\n")
         raise SystemExit(2) from None
+    except usage_error as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # help already printed
+            raise SystemExit(0) from None
+        ctx = getattr(err, "ctx", None)
+        cmd = ctx.command_path if ctx else "moesim"
+        msg = " ".join(getattr(err, "format_message", err.__str__)().split())
+        sys.stderr.write(f"{cmd}: error: {msg} (see '{cmd} --help')\n")
+        raise SystemExit(2) from None
+    except typer.Abort:
+        sys.stderr.write("moesim: aborted\n")
+        raise SystemExit(130) from None
+    if isinstance(rc, int) and rc:
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":

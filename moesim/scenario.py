@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moesim.errors import InputError
 from moesim.model.shapes import ModelShape
 
 __all__ = [
@@ -53,9 +54,21 @@ class Cluster(BaseModel):
 
 class SyntheticRouting(BaseModel):
     model_config = _STRICT
-    distribution: Literal["uniform", "zipf"] = "uniform"
-    zipf_s: float = Field(default=1.2, gt=0)
+    distribution: str = Field(
+        default="uniform", description="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | ..."
+    )
     seed: int | None = Field(default=None, description="None: the scenario's seed")
+
+    @field_validator("distribution")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from moesim.traces.synthetic import parse_distribution
+
+        try:
+            parse_distribution(v)
+        except InputError as err:
+            raise ValueError(err.message) from None
+        return v
 
 
 class Routing(BaseModel):

@@ -164,7 +164,7 @@ def test_synthetic_routing_is_seeded(tmp_path):
     }
 
     def run(seed, scenario_seed=0):
-        syn = {"distribution": "zipf", "zipf_s": 1.0} | ({} if seed is None else {"seed": seed})
+        syn = {"distribution": "zipf:1.0"} | ({} if seed is None else {"seed": seed})
         sc = Scenario.model_validate(base | {"routing": {"synthetic": syn}, "seed": scenario_seed})
         return simulate(sc, tmp_path).runs[0].summary["balance_ratio"]
 

@@ -134,7 +134,6 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             num_layers=len(moe_layers),
             num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
             distribution=syn.distribution,
-            zipf_s=syn.zipf_s,
             seed=scenario.seed if syn.seed is None else syn.seed,
         )
     cl = scenario.cluster

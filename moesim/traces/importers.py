@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.traces.store import RoutingTrace
+from moesim.traces.store import RoutingTrace, TraceWriter, write_trace
 
-__all__ = ["import_flame_jsonl"]
+__all__ = [
+    "FORMATS",
+    "counts_to_assignments",
+    "import_counts_json",
+    "import_flame_jsonl",
+    "import_trace",
+    "import_vllm_npy",
+    "load_counts_json",
+]
+
+FORMATS = ("flame-jsonl", "vllm-npy", "counts-json")
 
 
 def import_flame_jsonl(path: str | Path, num_experts: int = 64) -> RoutingTrace:
@@ -85,3 +97,255 @@ def import_flame_jsonl(path: str | Path, num_experts: int = 64) -> RoutingTrace:
     )
     trace.validate(path)
     return trace
+
+
+def import_vllm_npy(
+    src: str | Path,
+    out: str | Path,
+    *,
+    num_experts: int,
+    layers: Sequence[int] | None = None,
+) -> Path:
+    """Import vLLM routed-expert arrays: one ``.npy`` per request, shape (seq_len, layers, top_k).
+
+    ``src`` is one file or a folder of them (taken in name order). Each request's tokens
+    are appended in order and tagged with its index in the ``sequence`` column. vLLM
+    records no gate weights, so they are stored as 1/top_k (metadata says so).
+    """
+    src = Path(src)
+    files = sorted(src.glob("*.npy")) if src.is_dir() else [src]
+    if not files or not files[0].exists():
+        raise InputError("no .npy files found", file=src)
+    arrays: list[tuple[Path, np.ndarray]] = []
+    for f in files:
+        try:
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"not a readable .npy file ({exc})", file=f) from None
+        if a.ndim != 3 or not np.issubdtype(a.dtype, np.integer):
+            raise InputError(
+                "expected an integer array of shape [seq_len, layers, top_k]",
+                file=f,
+                field="shape",
+                value=f"{a.shape} {a.dtype}",
+            )
+        if arrays and a.shape[1:] != arrays[0][1].shape[1:]:
+            raise InputError(
+                f"layers/top_k differ from {arrays[0][0].name}",
+                file=f,
+                field="shape",
+                value=a.shape,
+            )
+        arrays.append((f, a))
+    n_layers, top_k = arrays[0][1].shape[1:]
+    layer_ids = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    if len(layer_ids) != n_layers:
+        raise InputError(
+            f"--layers names {len(layer_ids)} layers, the arrays hold {n_layers}",
+            field="layers",
+            value=",".join(map(str, layer_ids)),
+        )
+    meta = {
+        "model": "",
+        "source": f"vllm-npy import of {src.name}",
+        "capture": {"requests": len(arrays), "gate_weights": "not recorded (stored as 1/top_k)"},
+    }
+    first = 0
+    with TraceWriter(
+        out,
+        num_experts=num_experts,
+        top_k=top_k,
+        layers=layer_ids,
+        meta=meta,
+        optional_columns=("sequence",),
+    ) as w:
+        for req, (f, a) in enumerate(arrays):
+            n = a.shape[0]
+            tok = np.arange(first, first + n, dtype=np.int64)
+            for li, layer in enumerate(layer_ids):
+                ids = np.asarray(a[:, li, :])
+                if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+                    bad = ids[(ids < 0) | (ids >= num_experts)][0]
+                    raise InputError(
+                        f"expert id out of range 0..{num_experts - 1} (layer index {li})",
+                        file=f,
+                        field="expert_ids",
+                        value=int(bad),
+                    )
+                w.write(layer, ids, None, token=tok, sequence=np.full(n, req, dtype=np.int64))
+            first += n
+    return Path(out)
+
+
+def _layers_from_meta(data: dict[str, object], n: int) -> list[int]:
+    """Model layer numbers of the count lists: from ``_meta.layers_in_expert_counts`` when it
+    says "model layer a, b, c", else 0..n-1."""
+    meta = data.get("_meta")
+    text = meta.get("layers_in_expert_counts") if isinstance(meta, dict) else None
+    if isinstance(text, str) and "model layer" in text:
+        nums = [int(x) for x in re.findall(r"\d+", text.split("model layer", 1)[1])]
+        if len(nums) >= n:
+            return nums[:n]
+    return list(range(n))
+
+
+def load_counts_json(
+    path: str | Path,
+    *,
+    model: str,
+    domain: str,
+    kind: str = "expert_counts",
+    num_experts: int | None = None,
+) -> tuple[list[int], np.ndarray]:
+    """Per-layer expert counts from a counts JSON ``{model: {kind: {domain: [{id: n}, ...]}}}``.
+
+    Returns the model layer of each list entry and the (L, E) int64 counts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", file=path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not JSON ({exc.__class__.__name__})", file=path) from None
+    node: object = data
+    for field_name, key in (("model", model), ("kind", kind), ("domain", domain)):
+        if not isinstance(node, dict) or key not in node:
+            valid = (
+                ", ".join(k for k in node if not k.startswith("_"))
+                if isinstance(node, dict)
+                else ""
+            )
+            raise InputError(f"not in file; valid: {valid}", file=path, field=field_name, value=key)
+        node = node[key]
+    if not isinstance(node, list) or not node or not all(isinstance(x, dict) for x in node):
+        raise InputError("expected a list of {expert_id: count} tables", file=path, field=domain)
+    try:
+        tables = [{int(k): int(v) for k, v in t.items()} for t in node]
+    except (TypeError, ValueError):
+        raise InputError(
+            "expert ids and counts must be integers", file=path, field=domain
+        ) from None
+    e = num_experts or 1 + max(max(t) for t in tables if t)
+    counts = np.zeros((len(tables), e), dtype=np.int64)
+    for li, t in enumerate(tables):
+        for ex, c in t.items():
+            if not 0 <= ex < e:
+                raise InputError(
+                    f"expert id out of range 0..{e - 1}", file=path, field="expert_id", value=ex
+                )
+            if c < 0:
+                raise InputError("negative count", file=path, field=f"expert {ex}", value=c)
+            counts[li, ex] = c
+    return _layers_from_meta(data, len(tables)), counts
+
+
+def counts_to_assignments(counts: np.ndarray, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """(T, top_k) expert ids whose per-expert counts equal ``counts`` (E,) exactly, with
+    distinct experts per token.
+
+    The multiset of ids, sorted by expert, fills a (top_k, T) array row by row; column t is
+    token t's experts. An expert's copies are consecutive, and there are at most T of them
+    (one per token), so no column holds the same expert twice. Tokens are then shuffled.
+    """
+    total = int(counts.sum())
+    if total % top_k:
+        raise InputError(
+            f"counts sum to {total}, not a multiple of top_k {top_k}", field="top_k", value=top_k
+        )
+    t = total // top_k
+    if counts.max() > t:
+        raise InputError(
+            f"an expert is counted {int(counts.max())} times, more than the {t} tokens",
+            field="counts",
+            value=int(counts.max()),
+        )
+    ids = np.repeat(np.arange(counts.size, dtype=np.int32), counts).reshape(top_k, t).T
+    return ids[rng.permutation(t)]
+
+
+def import_counts_json(
+    src: str | Path,
+    out: str | Path,
+    *,
+    model: str,
+    domain: str,
+    top_k: int,
+    kind: str = "expert_counts",
+    num_experts: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Expand per-layer expert counts into a trace with exactly those counts.
+
+    Each layer's tokens are drawn independently (seeded), so the trace carries the
+    measured loads but no cross-layer correlation; gate weights are stored as 1/top_k.
+    """
+    layers, counts = load_counts_json(
+        src, model=model, domain=domain, kind=kind, num_experts=num_experts
+    )
+    rng = np.random.default_rng(seed)
+    per_layer = [counts_to_assignments(c, top_k, rng) for c in counts]
+    if len({p.shape[0] for p in per_layer}) != 1:
+        raise InputError("layers imply different token counts", file=src, field=domain)
+    n = per_layer[0].shape[0]
+    trace = RoutingTrace(
+        expert_ids=np.stack(per_layer),
+        gate_weights=np.full((len(layers), n, top_k), 1.0 / top_k, dtype=np.float32),
+        steps=np.zeros(n, dtype=np.int32),
+        layers=tuple(layers),
+        num_experts=counts.shape[1],
+        meta={
+            "model": model,
+            "source": f"counts-json import of {Path(src).name}",
+            "capture": {
+                "model": model,
+                "domain": domain,
+                "kind": kind,
+                "seed": seed,
+                "gate_weights": "not recorded (stored as 1/top_k)",
+                "cross_layer": "independent per layer",
+            },
+        },
+    )
+    return write_trace(trace, out)
+
+
+def import_trace(
+    fmt: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    layers: Sequence[int] | None = None,
+    model: str | None = None,
+    domain: str | None = None,
+    kind: str = "expert_counts",
+    seed: int = 0,
+) -> Path:
+    """Import ``src`` in format ``fmt`` (one of :data:`FORMATS`) into the trace ``out``."""
+    if fmt == "flame-jsonl":
+        trace = import_flame_jsonl(src, num_experts=num_experts or 64)
+        return write_trace(trace, out)
+    if fmt == "vllm-npy":
+        if num_experts is None:
+            raise InputError("vllm-npy needs --experts (the arrays do not say)", field="experts")
+        return import_vllm_npy(src, out, num_experts=num_experts, layers=layers)
+    if fmt == "counts-json":
+        if not (model and domain and top_k):
+            raise InputError(
+                "counts-json needs --model, --domain and --top-k", field="format", value=fmt
+            )
+        return import_counts_json(
+            src,
+            out,
+            model=model,
+            domain=domain,
+            top_k=top_k,
+            kind=kind,
+            num_experts=num_experts,
+            seed=seed,
+        )
+    raise InputError(
+        f"unknown import format; valid: {', '.join(FORMATS)}", field="format", value=fmt
+    )

@@ -18,12 +18,19 @@ column                type                            meaning
                                                       token in every layer
 ``expert_ids``        fixed_size_list<int32>[top_k]   selected experts, by descending gate weight
 ``gate_weights``      fixed_size_list<float32>[top_k] router weights in the same order
+``sequence``          int64 (optional)                request / sequence the token belongs to
+``source_device``     int32 (optional)                device the token lived on when captured
 ====================  ==============================  =========================================
 
 Parquet key-value metadata (``moesim.*`` keys, JSON values) records ``model``,
 ``num_experts``, ``top_k``, ``layers``, ``source`` and ``capture`` settings.
 Files are zstd-compressed and written to a temporary folder that is renamed into
 place, so an interrupted write never leaves a half trace behind.
+
+Every layer holds the same tokens in the same row order, so readers can walk all
+layers in lockstep. :class:`TraceWriter` and :func:`iter_batches` stream, so a trace
+far larger than memory is written and read in bounded memory; :func:`read_trace` loads
+a whole (small) trace for the simulator.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -42,19 +51,41 @@ import pyarrow.parquet as pq
 
 from moesim.errors import InputError
 
-__all__ = ["RoutingTrace", "check_layer", "read_trace", "trace_schema", "write_trace"]
+__all__ = [
+    "OPTIONAL_COLUMNS",
+    "Batch",
+    "RoutingTrace",
+    "TraceInfo",
+    "TraceWriter",
+    "check_layer",
+    "iter_batches",
+    "open_trace",
+    "read_trace",
+    "trace_schema",
+    "write_trace",
+]
+
+OPTIONAL_COLUMNS = {"sequence": pa.int64(), "source_device": pa.int32()}
+REQUIRED_COLUMNS = ("step", "layer", "token", "expert_ids", "gate_weights")
 
 
-def trace_schema(top_k: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("step", pa.int32()),
-            ("layer", pa.int16()),
-            ("token", pa.int64()),
-            ("expert_ids", pa.list_(pa.int32(), top_k)),
-            ("gate_weights", pa.list_(pa.float32(), top_k)),
-        ]
-    )
+def trace_schema(
+    top_k: int, optional: Sequence[str] = (), meta: dict[str, Any] | None = None
+) -> pa.Schema:
+    """Arrow schema of a trace file with ``top_k`` experts per token."""
+    fields = [
+        ("step", pa.int32()),
+        ("layer", pa.int16()),
+        ("token", pa.int64()),
+        ("expert_ids", pa.list_(pa.int32(), top_k)),
+        ("gate_weights", pa.list_(pa.float32(), top_k)),
+    ] + [(name, OPTIONAL_COLUMNS[name]) for name in optional]
+    schema = pa.schema(fields)
+    if meta:
+        schema = schema.with_metadata(
+            {f"moesim.{k}": json.dumps(v, sort_keys=True) for k, v in meta.items()}
+        )
+    return schema
 
 
 @dataclass(frozen=True)
@@ -93,17 +124,17 @@ def check_layer(
     ids: np.ndarray, weights: np.ndarray, num_experts: int, layer: int, source: str | Path
 ) -> None:
     """Check one layer's (N, K) ids and gate weights; raise :class:`InputError` if bad."""
-    bad = (ids < 0) | (ids >= num_experts)
-    if bad.any():
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        bad = (ids < 0) | (ids >= num_experts)
         ti = int(np.nonzero(bad)[0][0])
         raise InputError(
-            f"expert id out of range 0..{num_experts - 1} (layer {layer}, token {ti})",
+            f"expert id out of range 0..{num_experts - 1} (layer {layer}, row {ti})",
             file=source,
             field="expert_ids",
             value=int(ids[bad][0]),
         )
-    badw = ~np.isfinite(weights) | (weights < 0)
-    if badw.any():
+    if weights.size and not (np.isfinite(weights).all() and weights.min() >= 0):
+        badw = ~np.isfinite(weights) | (weights < 0)
         raise InputError(
             f"gate weights must be finite and non-negative (layer {layer})",
             file=source,
@@ -117,52 +148,153 @@ def _atomic_dir(dest: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
 
 
-def write_trace(trace: RoutingTrace, dest: str | Path) -> Path:
-    """Write ``trace`` to the folder ``dest`` (replaced atomically if it exists)."""
-    dest = Path(dest)
-    trace.validate()
-    tmp = _atomic_dir(dest)
-    try:
-        meta = {
-            "model": trace.meta.get("model", ""),
-            "num_experts": trace.num_experts,
-            "top_k": trace.top_k,
-            "layers": list(trace.layers),
-            "source": trace.meta.get("source", ""),
-            "capture": trace.meta.get("capture", {}),
-        }
-        schema = trace_schema(trace.top_k).with_metadata(
-            {f"moesim.{k}": json.dumps(v, sort_keys=True) for k, v in meta.items()}
+def _fixed_list(values: np.ndarray, width: int, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+class TraceWriter:
+    """Stream routing into a new trace folder, layer by layer, chunk by chunk.
+
+    Use as a context manager; the folder appears at ``dest`` only when the block ends
+    without error (a previous trace there is replaced). Every layer must receive the
+    same tokens in the same order::
+
+        with TraceWriter(out, num_experts=64, top_k=6, layers=[2, 3]) as w:
+            for chunk in chunks:
+                for layer in (2, 3):
+                    w.write(layer, ids[layer], weights[layer], token=tok, step=step)
+    """
+
+    def __init__(
+        self,
+        dest: str | Path,
+        *,
+        num_experts: int,
+        top_k: int,
+        layers: Sequence[int],
+        meta: dict[str, Any] | None = None,
+        optional_columns: Sequence[str] = (),
+    ) -> None:
+        self.dest = Path(dest)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.layers = tuple(int(x) for x in layers)
+        self.optional = tuple(optional_columns)
+        unknown = [c for c in self.optional if c not in OPTIONAL_COLUMNS]
+        if unknown:
+            raise InputError("unknown optional column", field="optional_columns", value=unknown[0])
+        meta = dict(meta or {})
+        full_meta = {
+            "model": meta.pop("model", ""),
+            "num_experts": num_experts,
+            "top_k": top_k,
+            "layers": list(self.layers),
+            "source": meta.pop("source", ""),
+            "capture": meta.pop("capture", {}),
+        } | meta
+        self.schema = trace_schema(top_k, self.optional, full_meta)
+        self._tmp: Path | None = None
+        self._writers: dict[int, pq.ParquetWriter] = {}
+        self.rows = dict.fromkeys(self.layers, 0)
+
+    def __enter__(self) -> TraceWriter:
+        self._tmp = _atomic_dir(self.dest)
+        return self
+
+    def write(
+        self,
+        layer: int,
+        expert_ids: np.ndarray,
+        gate_weights: np.ndarray | None = None,
+        *,
+        token: np.ndarray,
+        step: np.ndarray | int = 0,
+        **optional: np.ndarray,
+    ) -> None:
+        """Append rows to ``layer``: expert_ids (n, K), gate_weights (n, K) or None (1/K)."""
+        if self._tmp is None:
+            raise RuntimeError("TraceWriter used outside its 'with' block")
+        if layer not in self.rows:
+            raise InputError("layer not declared to the writer", field="layer", value=layer)
+        ids = np.asarray(expert_ids)
+        n = ids.shape[0]
+        if ids.ndim != 2 or ids.shape[1] != self.top_k:
+            raise InputError(
+                f"expert_ids must be (rows, {self.top_k})", field="expert_ids", value=ids.shape
+            )
+        weights = (
+            np.full(ids.shape, 1.0 / self.top_k, dtype=np.float32)
+            if gate_weights is None
+            else np.asarray(gate_weights, dtype=np.float32)
         )
-        n, k = trace.num_tokens, trace.top_k
-        tokens = np.arange(n, dtype=np.int64)
-        for li, layer in enumerate(trace.layers):
-            ids = pa.FixedSizeListArray.from_arrays(
-                pa.array(trace.expert_ids[li].reshape(-1).astype(np.int32)), k
-            )
-            ws = pa.FixedSizeListArray.from_arrays(
-                pa.array(trace.gate_weights[li].reshape(-1).astype(np.float32)), k
-            )
-            table = pa.Table.from_arrays(
-                [
-                    pa.array(trace.steps.astype(np.int32)),
-                    pa.array(np.full(n, layer, dtype=np.int16)),
-                    pa.array(tokens),
-                    ids,
-                    ws,
-                ],
-                schema=schema,
-            )
-            part = tmp / f"layer={layer}"
+        check_layer(ids, weights, self.num_experts, layer, self.dest)
+        cols = [
+            pa.array(np.broadcast_to(np.asarray(step, dtype=np.int32), (n,))),
+            pa.array(np.full(n, layer, dtype=np.int16)),
+            pa.array(np.asarray(token, dtype=np.int64)),
+            _fixed_list(ids.astype(np.int32, copy=False), self.top_k, pa.int32()),
+            _fixed_list(weights, self.top_k, pa.float32()),
+        ]
+        for name in self.optional:
+            if name not in optional:
+                raise InputError("optional column declared but not given", field=name)
+            cols.append(pa.array(np.asarray(optional[name]), type=OPTIONAL_COLUMNS[name]))
+        table = pa.Table.from_arrays(cols, schema=self.schema)
+        if layer not in self._writers:
+            part = self._tmp / f"layer={layer}"
             part.mkdir()
-            pq.write_table(table, part / "part-0.parquet", compression="zstd")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+            self._writers[layer] = pq.ParquetWriter(
+                part / "part-0.parquet", self.schema, compression="zstd"
+            )
+        self._writers[layer].write_table(table)
+        self.rows[layer] += n
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for w in self._writers.values():
+            w.close()
+        assert self._tmp is not None
+        tmp, self._tmp = self._tmp, None
+        if exc_type is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            counts = set(self.rows.values())
+            if len(counts) != 1 or 0 in counts:
+                raise InputError(
+                    "every layer must receive the same, non-zero number of rows",
+                    file=self.dest,
+                    field="rows",
+                    value=dict(self.rows),
+                )
+            if self.dest.exists():
+                shutil.rmtree(self.dest)
+            os.replace(tmp, self.dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def write_trace(trace: RoutingTrace, dest: str | Path) -> Path:
+    """Write an in-memory trace to the folder ``dest`` (replaced atomically if it exists)."""
+    trace.validate()
+    tokens = np.arange(trace.num_tokens, dtype=np.int64)
+    with TraceWriter(
+        dest,
+        num_experts=trace.num_experts,
+        top_k=trace.top_k,
+        layers=trace.layers,
+        meta=trace.meta,
+    ) as w:
+        for li, layer in enumerate(trace.layers):
+            w.write(
+                layer, trace.expert_ids[li], trace.gate_weights[li], token=tokens, step=trace.steps
+            )
+    return Path(dest)
 
 
 def _read_meta(schema: pa.Schema) -> dict[str, Any]:
@@ -175,70 +307,171 @@ def _read_meta(schema: pa.Schema) -> dict[str, Any]:
     return out
 
 
-def read_trace(path: str | Path) -> RoutingTrace:
-    """Read a whole trace folder into memory, validating it."""
+@dataclass(frozen=True)
+class TraceInfo:
+    """An opened trace: its metadata and, per layer, its Parquet files and row count."""
+
+    path: Path
+    meta: dict[str, Any]
+    files: dict[int, list[Path]]
+    rows: dict[int, int]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.files))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows[self.layers[0]]
+
+
+def open_trace(path: str | Path) -> TraceInfo:
+    """Open a trace folder (or one Parquet file): check schemas and metadata, count rows."""
     path = Path(path)
     if not path.exists():
         raise InputError("trace not found", file=path)
     parts = sorted(path.glob("layer=*/*.parquet")) if path.is_dir() else [path]
     if not parts:
         raise InputError("no 'layer=N/*.parquet' files in trace folder", file=path)
-    per_layer: dict[int, list[pa.Table]] = {}
-    files: dict[int, Path] = {}
+    files: dict[int, list[Path]] = {}
+    rows: dict[int, int] = {}
     meta: dict[str, Any] = {}
     for part in parts:
         try:
-            table = pq.read_table(part)
+            pf = pq.ParquetFile(part)
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"not a readable Parquet file ({exc})", file=part) from None
-        missing = {"step", "layer", "token", "expert_ids", "gate_weights"} - set(table.column_names)
+        schema = pf.schema_arrow
+        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
         if missing:
-            raise InputError("missing column", file=part, field=sorted(missing)[0])
-        meta = meta or _read_meta(table.schema)
-        for layer in np.unique(table.column("layer").to_numpy()):
-            sub = table.filter(pa.compute.equal(table.column("layer"), layer))
-            per_layer.setdefault(int(layer), []).append(sub)
-            files.setdefault(int(layer), part)
-    if "num_experts" not in meta:
-        raise InputError("trace metadata lacks 'moesim.num_experts'", file=path)
-    layers = tuple(sorted(per_layer))
-    ids_l, w_l = [], []
-    steps: np.ndarray | None = None
-    tokens0: np.ndarray | None = None
-    top_k = int(meta["top_k"])
-    for layer in layers:
-        table = pa.concat_tables(per_layer[layer]).sort_by("token")
-        tok = table.column("token").to_numpy()
-        col = table.column("expert_ids").combine_chunks()
-        width = col.type.list_size if hasattr(col.type, "list_size") else None
-        if width != top_k:
+            raise InputError("missing column", file=part, field=missing[0])
+        meta = meta or _read_meta(schema)
+        if "num_experts" not in meta or "top_k" not in meta:
+            raise InputError("metadata lacks moesim.num_experts / moesim.top_k", file=part)
+        width = getattr(schema.field("expert_ids").type, "list_size", None)
+        if width != int(meta["top_k"]):
             raise InputError(
-                f"expert_ids lists have {width} entries, metadata says top_k {top_k}",
-                file=path,
+                f"expert_ids lists have {width} entries, metadata says top_k {meta['top_k']}",
+                file=part,
                 field="expert_ids",
                 value=width,
             )
-        ids_l.append(col.flatten().to_numpy().reshape(-1, top_k).astype(np.int32))
-        wcol = table.column("gate_weights").combine_chunks()
-        w_l.append(wcol.flatten().to_numpy().reshape(-1, top_k).astype(np.float32))
-        check_layer(ids_l[-1], w_l[-1], int(meta["num_experts"]), layer, files[layer])
-        if tokens0 is None:
-            tokens0 = tok
-            steps = table.column("step").to_numpy().astype(np.int32)
-        elif not np.array_equal(tok, tokens0):
-            raise InputError(
-                "layers hold different tokens; every layer must route the same tokens",
-                file=path,
-                field="token",
-                value=layer,
-            )
-    assert steps is not None
-    trace = RoutingTrace(
-        expert_ids=np.stack(ids_l),
-        gate_weights=np.stack(w_l),
-        steps=steps,
-        layers=layers,
-        num_experts=int(meta["num_experts"]),
-        meta=meta,
+        if part.parent.name.startswith("layer="):
+            layer = int(part.parent.name.removeprefix("layer="))
+        else:  # a single file: take the layer column
+            layers = np.unique(pq.read_table(part, columns=["layer"]).column("layer").to_numpy())
+            if len(layers) != 1:
+                raise InputError("a single-file trace must hold one layer", file=part)
+            layer = int(layers[0])
+        files.setdefault(layer, []).append(part)
+        rows[layer] = rows.get(layer, 0) + pf.metadata.num_rows
+    if len(set(rows.values())) != 1:
+        raise InputError(
+            "layers hold different numbers of tokens", file=path, field="rows", value=rows
+        )
+    return TraceInfo(path=path, meta=meta, files=files, rows=rows)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Consecutive rows of one layer: ids (n, K) int32, weights (n, K) float32, (n,) others."""
+
+    layer: int
+    expert_ids: np.ndarray
+    gate_weights: np.ndarray
+    token: np.ndarray
+    step: np.ndarray
+
+
+def _list_values(col: pa.ChunkedArray | pa.Array, width: int, dtype: type) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
+
+
+def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) -> Iterator[Batch]:
+    k = info.top_k
+    cols = ["token", "expert_ids"] + (["step", "gate_weights"] if weights else [])
+    for part in info.files[layer]:
+        try:
+            pf = pq.ParquetFile(part)
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
+                ids = _list_values(rb.column("expert_ids"), k, np.int32)
+                w = (
+                    _list_values(rb.column("gate_weights"), k, np.float32)
+                    if weights
+                    else np.empty((0, k), np.float32)
+                )
+                check_layer(ids, w, info.num_experts, layer, part)
+                yield Batch(
+                    layer=layer,
+                    expert_ids=ids,
+                    gate_weights=w,
+                    token=rb.column("token").to_numpy(),
+                    step=rb.column("step").to_numpy() if weights else np.empty(0, np.int32),
+                )
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"not a readable Parquet file ({exc})", file=part) from None
+
+
+def iter_batches(
+    info: TraceInfo,
+    layers: Sequence[int] | None = None,
+    batch_rows: int = 1 << 18,
+    *,
+    weights: bool = True,
+) -> Iterator[dict[int, Batch]]:
+    """Walk the given layers (default all) in lockstep: each item maps layer → the same
+    tokens' rows in that layer. Memory stays bounded by ``batch_rows`` × layers.
+
+    With ``weights=False`` only ids and tokens are decoded (gate weights and steps are
+    left empty), which is what statistics need.
+    """
+    layers = list(info.layers if layers is None else layers)
+    for layer in layers:
+        if layer not in info.files:
+            raise InputError("layer not in trace", file=info.path, field="layer", value=layer)
+    streams = [_layer_batches(info, layer, batch_rows, weights) for layer in layers]
+    for group in zip(*streams, strict=True):
+        first = group[0]
+        for b in group[1:]:
+            if b.token.shape != first.token.shape or not np.array_equal(b.token, first.token):
+                raise InputError(
+                    "layers hold different tokens; every layer must route the same tokens",
+                    file=info.path,
+                    field="token",
+                    value=b.layer,
+                )
+        yield {b.layer: b for b in group}
+
+
+def read_trace(path: str | Path) -> RoutingTrace:
+    """Read a whole trace into memory (for the simulator), validating it."""
+    info = open_trace(path)
+    ids: dict[int, list[np.ndarray]] = {layer: [] for layer in info.layers}
+    ws: dict[int, list[np.ndarray]] = {layer: [] for layer in info.layers}
+    steps: list[np.ndarray] = []
+    tokens: list[np.ndarray] = []
+    for group in iter_batches(info):
+        for layer, b in group.items():
+            ids[layer].append(b.expert_ids)
+            ws[layer].append(b.gate_weights)
+        first = next(iter(group.values()))
+        steps.append(first.step)
+        tokens.append(first.token)
+    order = np.argsort(np.concatenate(tokens), kind="stable")
+    return RoutingTrace(
+        expert_ids=np.stack([np.concatenate(ids[la])[order] for la in info.layers]),
+        gate_weights=np.stack([np.concatenate(ws[la])[order] for la in info.layers]),
+        steps=np.concatenate(steps)[order].astype(np.int32),
+        layers=info.layers,
+        num_experts=info.num_experts,
+        meta=info.meta,
     )
-    return trace

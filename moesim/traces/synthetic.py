@@ -1,14 +1,168 @@
-"""Seeded synthetic routing for what-if studies."""
+"""Seeded synthetic routing for what-if studies.
+
+A distribution is named by a short spec string:
+
+================================  ===========================================================
+spec                              popularity of each expert (per layer, per step)
+================================  ===========================================================
+``uniform``                       equal
+``zipf:S``                        ∝ rank^-S; the ranking is shuffled independently per layer
+``dirichlet:A``                   drawn once per layer from Dirichlet(A, …, A); small A = skewed
+``drift:s=S,speed=V``             zipf(S) whose hot experts move: the ranking rotates by V
+                                  experts per step (V may be fractional)
+``burst:s=S,p=P,factor=F``        zipf(S); in each step, with probability P, one random expert
+                                  becomes F times as popular for that step
+================================  ===========================================================
+
+Each token draws its top-k *distinct* experts by the Gumbel-top-k trick (sampling without
+replacement in proportion to popularity), so a trace is a few array operations per chunk.
+Gate weights are the softmax of the perturbed scores over the k picks.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from moesim.traces.store import RoutingTrace
+from moesim.errors import InputError
+from moesim.traces.store import RoutingTrace, TraceWriter
 
-__all__ = ["synthesize"]
+__all__ = ["Distribution", "parse_distribution", "synth_to_store", "synthesize"]
+
+CHUNK_TOKENS = 1 << 15  # fixed, so results do not depend on memory settings
+
+_PARAMS = {
+    "uniform": {},
+    "zipf": {"s": 1.2},
+    "dirichlet": {"alpha": 0.3},
+    "drift": {"s": 1.2, "speed": 1.0},
+    "burst": {"s": 1.0, "p": 0.1, "factor": 10.0},
+}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A parsed distribution spec (see the module docstring)."""
+
+    kind: str
+    params: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.kind
+        return self.kind + ":" + ",".join(f"{k}={v:g}" for k, v in self.params.items())
+
+
+def parse_distribution(spec: str) -> Distribution:
+    """Parse ``kind[:value | :key=value,...]``; the first bare value is the main parameter."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind not in _PARAMS:
+        raise InputError(
+            f"unknown distribution; valid: {', '.join(_PARAMS)}", field="dist", value=spec
+        )
+    params = dict(_PARAMS[kind])
+    names = list(params)
+    for i, item in enumerate(x for x in rest.split(",") if x.strip()):
+        key, eq, val = item.partition("=")
+        if not eq:
+            if i > 0 or not names:
+                raise InputError("expected key=value", field="dist", value=spec)
+            key, val = names[0], key
+        key = key.strip()
+        if key not in params:
+            raise InputError(
+                f"unknown parameter for {kind}; valid: {', '.join(names) or 'none'}",
+                field="dist",
+                value=spec,
+            )
+        try:
+            params[key] = float(val)
+        except ValueError:
+            raise InputError("parameter is not a number", field="dist", value=spec) from None
+        if params[key] < 0 or (key in ("alpha", "factor") and params[key] == 0):
+            raise InputError("parameter must be positive", field="dist", value=spec)
+    if kind == "burst" and params["p"] > 1:
+        raise InputError("burst probability must be at most 1", field="dist", value=spec)
+    return Distribution(kind, params)
+
+
+class _Popularity:
+    """Log-popularity of every expert for a (layer, step)."""
+
+    def __init__(self, dist: Distribution, num_experts: int, num_layers: int, seed: int) -> None:
+        self.dist, self.e = dist, num_experts
+        rng = np.random.default_rng([seed, 0xD157])
+        ranks = np.arange(1, num_experts + 1, dtype=np.float64)
+        s = dist.params.get("s", 0.0)
+        self.base = []
+        for _ in range(num_layers):
+            if dist.kind == "uniform":
+                logp = np.zeros(num_experts)
+            elif dist.kind == "dirichlet":
+                logp = np.log(rng.dirichlet(np.full(num_experts, dist.params["alpha"])) + 1e-300)
+            else:
+                logp = -s * np.log(ranks)[rng.permutation(num_experts)]
+            self.base.append(logp)
+        self.seed = seed
+
+    def __call__(self, layer: int, step: int) -> np.ndarray:
+        logp = self.base[layer]
+        d = self.dist
+        if d.kind == "drift":
+            shift = d.params["speed"] * step
+            lo = int(np.floor(shift))
+            frac = shift - lo
+            a, b = np.roll(logp, lo), np.roll(logp, lo + 1)
+            return np.logaddexp(np.log1p(-frac) + a, np.log(frac) + b) if frac else a
+        if d.kind == "burst":
+            rng = np.random.default_rng([self.seed, 0xB0057, layer, step])
+            if rng.random() < d.params["p"]:
+                logp = logp.copy()
+                logp[rng.integers(self.e)] += np.log(d.params["factor"])
+        return logp
+
+
+def _sample(
+    logp: np.ndarray, n: int, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) distinct experts in proportion to exp(logp), by descending score, and weights."""
+    scores = logp[None, :] + rng.gumbel(size=(n, logp.size))  # (n, E)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (n, k), unordered
+    picked = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    picked = np.take_along_axis(picked, order, axis=1)
+    w = np.exp(picked - picked[:, :1])
+    return top.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _chunks(
+    dist: Distribution,
+    num_experts: int,
+    top_k: int,
+    num_layers: int,
+    num_tokens: int,
+    steps: int,
+    seed: int,
+) -> Iterator[tuple[int, int, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]]:
+    """Yield (step, first token, token indices, per-layer (ids, weights)) chunk by chunk."""
+    if top_k > num_experts:
+        raise InputError("top-k exceeds the number of experts", field="top_k", value=top_k)
+    if steps < 1 or num_tokens < steps:
+        raise InputError("need at least one token per step", field="steps", value=steps)
+    pop = _Popularity(dist, num_experts, num_layers, seed)
+    bounds = np.linspace(0, num_tokens, steps + 1).astype(np.int64)
+    for step in range(steps):
+        for start in range(int(bounds[step]), int(bounds[step + 1]), CHUNK_TOKENS):
+            stop = min(start + CHUNK_TOKENS, int(bounds[step + 1]))
+            rng = np.random.default_rng([seed, step, start])
+            per_layer = [
+                _sample(pop(la, step), stop - start, top_k, rng) for la in range(num_layers)
+            ]
+            yield step, start, np.arange(start, stop, dtype=np.int64), per_layer
 
 
 def synthesize(
@@ -17,43 +171,63 @@ def synthesize(
     top_k: int,
     num_layers: int,
     num_tokens: int,
-    distribution: Literal["uniform", "zipf"] = "uniform",
-    zipf_s: float = 1.2,
+    distribution: str | Distribution = "uniform",
+    steps: int = 1,
     seed: int = 0,
 ) -> RoutingTrace:
-    """Draw each token's top-k distinct experts from a per-layer popularity law.
-
-    ``uniform`` gives every expert the same popularity; ``zipf`` gives expert of rank r
-    popularity ∝ r^-s, with the ranking shuffled independently per layer so hot experts
-    differ by layer. Sampling without replacement uses the Gumbel-top-k trick, so the
-    whole trace is a handful of array operations.
-
-    Returns a trace with expert_ids (L, N, K) and softmax gate weights over the k picks.
-    """
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(1, num_experts + 1, dtype=np.float64)
+    """A synthetic trace in memory: expert_ids and gate_weights of shape (L, N, K)."""
+    dist = parse_distribution(distribution) if isinstance(distribution, str) else distribution
     ids = np.empty((num_layers, num_tokens, top_k), dtype=np.int32)
     ws = np.empty((num_layers, num_tokens, top_k), dtype=np.float32)
-    for layer in range(num_layers):
-        if distribution == "uniform":
-            logp = np.zeros(num_experts)
-        else:
-            logp = -zipf_s * np.log(ranks)[rng.permutation(num_experts)]
-        scores = logp[None, :] + rng.gumbel(size=(num_tokens, num_experts))  # (N, E)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]  # (N, K)
-        picked = np.take_along_axis(scores, top, axis=1)
-        w = np.exp(picked - picked.max(axis=1, keepdims=True))
-        ids[layer] = top
-        ws[layer] = w / w.sum(axis=1, keepdims=True)
+    step_of = np.empty(num_tokens, dtype=np.int32)
+    for step, _start, tok, per_layer in _chunks(
+        dist, num_experts, top_k, num_layers, num_tokens, steps, seed
+    ):
+        step_of[tok] = step
+        for la, (i, w) in enumerate(per_layer):
+            ids[la, tok], ws[la, tok] = i, w
     return RoutingTrace(
         expert_ids=ids,
         gate_weights=ws,
-        steps=np.zeros(num_tokens, dtype=np.int32),
+        steps=step_of,
         layers=tuple(range(num_layers)),
         num_experts=num_experts,
-        meta={
-            "model": "synthetic",
-            "source": f"synthetic {distribution}",
-            "capture": {"distribution": distribution, "zipf_s": zipf_s, "seed": seed},
-        },
+        meta=_meta(dist, seed, steps),
     )
+
+
+def _meta(dist: Distribution, seed: int, steps: int) -> dict[str, object]:
+    return {
+        "model": "synthetic",
+        "source": f"moesim trace synth --dist {dist}",
+        "capture": {"distribution": str(dist), "seed": seed, "steps": steps},
+    }
+
+
+def synth_to_store(
+    out: str | Path,
+    *,
+    num_experts: int,
+    top_k: int,
+    num_layers: int,
+    num_tokens: int,
+    distribution: str | Distribution = "uniform",
+    steps: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Stream a synthetic trace into the store in bounded memory; same content as
+    :func:`synthesize` for the same arguments."""
+    dist = parse_distribution(distribution) if isinstance(distribution, str) else distribution
+    with TraceWriter(
+        out,
+        num_experts=num_experts,
+        top_k=top_k,
+        layers=range(num_layers),
+        meta=_meta(dist, seed, steps),
+    ) as w:
+        for step, _start, tok, per_layer in _chunks(
+            dist, num_experts, top_k, num_layers, num_tokens, steps, seed
+        ):
+            for la, (i, wts) in enumerate(per_layer):
+                w.write(la, i, wts, token=tok, step=step)
+    return Path(out)

@@ -1,0 +1,139 @@
+"""Statistics of a routing trace, computed in one streaming pass.
+
+Per layer: expert counts, balance ratio (max / mean expert load), entropy of the load
+distribution, the most co-activated expert pairs within tokens; per pair of consecutive
+trace layers: the strongest expert affinities (expert i at layer a and expert j at the
+next layer chosen by the same token).
+
+Everything is a ``np.bincount`` over integer keys built from the (n, K) id arrays, so
+the pass runs at memory speed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from moesim.traces.store import iter_batches, open_trace
+
+T = TypeVar("T")
+
+__all__ = ["trace_stats"]
+
+
+def _prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce ``items`` in a background thread (Parquet decoding releases the GIL), so
+    decoding the next batch overlaps counting the current one."""
+    q: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+
+    def work() -> None:
+        try:
+            for item in items:
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(("error", exc))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        kind, payload = q.get()
+        if kind == "end":
+            return
+        if kind == "error":
+            assert isinstance(payload, BaseException)
+            raise payload
+        yield payload  # type: ignore[misc]
+
+
+def _top_pairs(
+    matrix: np.ndarray,
+    row_totals: np.ndarray,
+    col_totals: np.ndarray,
+    total: float,
+    n: int,
+    *,
+    symmetric: bool,
+) -> list[dict[str, Any]]:
+    """The ``n`` largest cells: counts, P(j | i) and lift = observed / expected."""
+    m = np.triu(matrix, 1) if symmetric else matrix
+    flat = np.argsort(m, axis=None, kind="stable")[::-1][:n]
+    out = []
+    for f in flat:
+        i, j = divmod(int(f), m.shape[1])
+        c = int(m[i, j])
+        if c == 0:
+            break
+        expected = row_totals[i] * col_totals[j] / total if total else 0.0
+        out.append(
+            {
+                "experts": [i, j],
+                "count": c,
+                "p_given_first": round(c / row_totals[i], 6) if row_totals[i] else 0.0,
+                "lift": round(c / expected, 4) if expected else 0.0,
+            }
+        )
+    return out
+
+
+def trace_stats(path: str | Path, *, top: int = 10, batch_rows: int = 1 << 17) -> dict[str, Any]:
+    """Stream ``path`` once and return its statistics as a JSON-ready dict."""
+    info = open_trace(path)
+    e, k, layers = info.num_experts, info.top_k, list(info.layers)
+    counts = {la: np.zeros(e, dtype=np.int64) for la in layers}
+    pairs = {la: np.zeros(e * e, dtype=np.int64) for la in layers}
+    cross = {la: np.zeros(e * e, dtype=np.int64) for la in layers[:-1]}
+    iu, ju = np.triu_indices(k, 1)
+    for group in _prefetch(iter_batches(info, layers, batch_rows, weights=False)):
+        prev: np.ndarray | None = None
+        for li, la in enumerate(layers):
+            ids = np.sort(group[la].expert_ids, axis=1).astype(np.intp)  # (n, K), ascending
+            counts[la] += np.bincount(ids.reshape(-1), minlength=e)
+            key = ids[:, iu] * e + ids[:, ju]  # (n, K(K-1)/2), lower id first
+            pairs[la] += np.bincount(key.reshape(-1), minlength=e * e)
+            if prev is not None:
+                key = prev[:, :, None] * e + ids[:, None, :]  # (n, K, K)
+                cross[layers[li - 1]] += np.bincount(key.reshape(-1), minlength=e * e)
+            prev = ids
+    out_layers = []
+    for li, la in enumerate(layers):
+        c = counts[la]
+        total = int(c.sum())
+        p = c / total if total else c.astype(float)
+        nz = p[p > 0]
+        entropy = float(-(nz * np.log2(nz)).sum())
+        pm = pairs[la].reshape(e, e)
+        entry: dict[str, Any] = {
+            "layer": la,
+            "assignments": total,
+            "expert_counts": c.tolist(),
+            "balance_ratio": round(float(c.max() / c.mean()), 6) if total else 1.0,
+            "hot_expert": int(c.argmax()),
+            "cold_expert": int(c.argmin()),
+            "entropy_bits": round(entropy, 6),
+            "entropy_max_bits": round(float(np.log2(e)), 6),
+            "top_coactivated_pairs": _top_pairs(
+                pm + pm.T, c, c, total * (k - 1) / k if k > 1 else 0, top, symmetric=True
+            ),
+        }
+        if la in cross:
+            cm = cross[la].reshape(e, e)
+            entry["next_layer"] = layers[li + 1]
+            entry["top_next_layer_affinities"] = _top_pairs(
+                cm, cm.sum(axis=1), cm.sum(axis=0), float(cm.sum()), top, symmetric=False
+            )
+        out_layers.append(entry)
+    return {
+        "trace": str(info.path),
+        "model": info.meta.get("model", ""),
+        "source": info.meta.get("source", ""),
+        "num_experts": e,
+        "top_k": k,
+        "tokens": info.num_tokens,
+        "assignments": info.num_tokens * k * len(layers),
+        "layers": out_layers,
+    }
