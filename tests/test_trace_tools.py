@@ -1,0 +1,329 @@
+"""Streaming store, importers, stats and synth: behaviour and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from moesim.errors import InputError
+from moesim.traces.importers import counts_to_assignments, import_trace, load_counts_json
+from moesim.traces.stats import trace_stats
+from moesim.traces.store import TraceWriter, iter_batches, open_trace, read_trace
+from moesim.traces.synthetic import parse_distribution, synth_to_store, synthesize
+from tests.conftest import REPO
+
+COUNTS_JSON = REPO.parent / "shared" / "data" / "olmoe_mixtral_expert_counts_L0_7_15.json"
+
+
+def moesim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moesim", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+# ----- streaming store ---------------------------------------------------------------------
+
+
+def test_writer_streams_chunks_and_reader_walks_layers_in_lockstep(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = {la: rng.integers(0, 8, size=(1000, 1)) for la in (3, 5)}
+    with TraceWriter(tmp_path / "t", num_experts=8, top_k=1, layers=[3, 5]) as w:
+        for start in range(0, 1000, 300):  # uneven chunks
+            tok = np.arange(start, min(start + 300, 1000))
+            for la in (3, 5):
+                w.write(la, ids[la][tok], token=tok, step=start // 500)
+    info = open_trace(tmp_path / "t")
+    assert info.layers == (3, 5) and info.num_tokens == 1000
+    got = {3: [], 5: []}
+    for group in iter_batches(info, batch_rows=128):
+        assert group[3].token.tolist() == group[5].token.tolist()
+        for la in (3, 5):
+            got[la].append(group[la].expert_ids)
+    for la in (3, 5):
+        np.testing.assert_array_equal(np.concatenate(got[la]), ids[la])
+    t = read_trace(tmp_path / "t")
+    assert t.steps.tolist() == [0] * 600 + [1] * 400  # chunks start at 0, 300 | 600, 900
+    np.testing.assert_allclose(t.gate_weights, 1.0)  # top-1, weights not given -> 1/k
+
+
+def test_writer_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "t"
+    with pytest.raises(RuntimeError), TraceWriter(out, num_experts=4, top_k=1, layers=[0]) as w:
+        w.write(0, np.zeros((5, 1), int), token=np.arange(5))
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_unequal_layers_and_keeps_old_trace(tmp_path):
+    out = tmp_path / "t"
+    synth_to_store(out, num_experts=4, top_k=1, num_layers=1, num_tokens=10)
+    before = read_trace(out).expert_ids.copy()
+    with (
+        pytest.raises(InputError, match="same, non-zero number of rows"),
+        TraceWriter(out, num_experts=4, top_k=1, layers=[0, 1]) as w,
+    ):
+        w.write(0, np.zeros((5, 1), int), token=np.arange(5))
+    np.testing.assert_array_equal(read_trace(out).expert_ids, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def test_writer_rejects_bad_rows(tmp_path):
+    with TraceWriter(tmp_path / "t", num_experts=4, top_k=2, layers=[0]) as w:
+        with pytest.raises(InputError, match="expert id out of range"):
+            w.write(0, np.array([[0, 4]]), token=np.arange(1))
+        with pytest.raises(InputError, match=r"expert_ids must be \(rows, 2\)"):
+            w.write(0, np.array([[0, 1, 2]]), token=np.arange(1))
+        with pytest.raises(InputError, match="gate weights"):
+            w.write(0, np.array([[0, 1]]), np.array([[0.5, np.nan]]), token=np.arange(1))
+        w.write(0, np.array([[0, 1]]), token=np.arange(1))
+
+
+# ----- synthetic ---------------------------------------------------------------------------
+
+
+def test_parse_distribution():
+    assert str(parse_distribution("zipf:0.8")) == "zipf:s=0.8"
+    assert parse_distribution("drift:s=1,speed=0.5").params == {"s": 1.0, "speed": 0.5}
+    for bad in ("pareto", "zipf:x", "zipf:s=1,q=2", "burst:p=2", "dirichlet:0"):
+        with pytest.raises(InputError, match="dist"):
+            parse_distribution(bad)
+
+
+def test_drift_moves_the_hot_expert_and_burst_spikes():
+    t = synthesize(
+        num_experts=32,
+        top_k=2,
+        num_layers=1,
+        num_tokens=20000,
+        steps=4,
+        distribution="drift:s=1.5,speed=3",
+        seed=0,
+    )
+    hot = [
+        int(np.bincount(t.expert_ids[0][t.steps == s].ravel(), minlength=32).argmax())
+        for s in range(4)
+    ]
+    assert [(h - hot[0]) % 32 for h in hot] == [0, 3, 6, 9]
+    b = synthesize(
+        num_experts=32,
+        top_k=2,
+        num_layers=1,
+        num_tokens=20000,
+        steps=8,
+        distribution="burst:s=0,p=0.5,factor=30",
+        seed=0,
+    )
+    counts = [np.bincount(b.expert_ids[0][b.steps == s].ravel(), minlength=32) for s in range(8)]
+    ratios = [c.max() / c.mean() for c in counts]
+    assert min(ratios) < 1.3 < 3 < max(ratios)  # uniform steps and burst steps
+
+
+def test_synth_store_equals_memory(tmp_path):
+    kw = dict(
+        num_experts=16,
+        top_k=4,
+        num_layers=2,
+        num_tokens=5000,
+        distribution="dirichlet:0.3",
+        steps=3,
+        seed=7,
+    )
+    synth_to_store(tmp_path / "s", **kw)
+    a, b = read_trace(tmp_path / "s"), synthesize(**kw)
+    np.testing.assert_array_equal(a.expert_ids, b.expert_ids)
+    np.testing.assert_array_equal(a.steps, b.steps)
+
+
+# ----- importers ---------------------------------------------------------------------------
+
+
+def test_vllm_npy_import(tmp_path):
+    src = tmp_path / "req"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    reqs = [rng.permuted(np.tile(np.arange(16), (n, 3, 1)), axis=2)[:, :, :4] for n in (7, 5)]
+    for i, r in enumerate(reqs):
+        np.save(src / f"{i:03d}.npy", r.astype(np.int32))
+    out = import_trace("vllm-npy", src, tmp_path / "t", num_experts=16, layers=[1, 3, 5])
+    t = read_trace(out)
+    assert t.layers == (1, 3, 5) and t.num_tokens == 12
+    np.testing.assert_array_equal(t.expert_ids[1], np.concatenate([r[:, 1] for r in reqs]))
+    seq = pq.read_table(out / "layer=1" / "part-0.parquet").column("sequence").to_pylist()
+    assert seq == [0] * 7 + [1] * 5
+
+
+def test_vllm_npy_bad_input(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((3, 2), np.int32))
+    with pytest.raises(InputError, match="shape"):
+        import_trace("vllm-npy", tmp_path / "a.npy", tmp_path / "t", num_experts=4)
+    np.save(tmp_path / "b.npy", np.full((3, 1, 2), 9, np.int32))
+    with pytest.raises(InputError, match="out of range"):
+        import_trace("vllm-npy", tmp_path / "b.npy", tmp_path / "t", num_experts=4)
+    assert not (tmp_path / "t").exists()
+
+
+def test_counts_to_assignments_is_exact():
+    counts = np.array([10, 0, 3, 7, 10, 2])  # 32 = 16 tokens x top-2, max 10 <= 16
+    ids = counts_to_assignments(counts, 2, np.random.default_rng(0))
+    assert ids.shape == (16, 2)
+    assert (ids[:, 0] != ids[:, 1]).all()
+    np.testing.assert_array_equal(np.bincount(ids.ravel(), minlength=6), counts)
+    with pytest.raises(InputError, match="multiple of top_k"):
+        counts_to_assignments(np.array([3, 2]), 2, np.random.default_rng(0))
+    with pytest.raises(InputError, match="more than the"):
+        counts_to_assignments(np.array([4, 0]), 2, np.random.default_rng(0))
+
+
+def test_counts_json_import_small(tmp_path):
+    data = {"m": {"expert_counts": {"d": [{"0": 4, "1": 2, "2": 2}, {"0": 1, "2": 7}]}}}
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    layers, counts = load_counts_json(tmp_path / "c.json", model="m", domain="d", num_experts=4)
+    assert layers == [0, 1] and counts.tolist() == [[4, 2, 2, 0], [1, 0, 7, 0]]
+    t = read_trace(
+        import_trace(
+            "counts-json",
+            tmp_path / "c.json",
+            tmp_path / "t",
+            model="m",
+            domain="d",
+            top_k=1,
+            num_experts=4,
+        )
+    )
+    assert [
+        np.bincount(t.expert_ids[i].ravel(), minlength=4).tolist() for i in range(2)
+    ] == counts.tolist()
+    with pytest.raises(InputError, match="valid: m"):
+        load_counts_json(tmp_path / "c.json", model="x", domain="d")
+
+
+@pytest.mark.skipif(not COUNTS_JSON.exists(), reason="shared data not present")
+def test_counts_json_real_olmoe(tmp_path):
+    t = read_trace(
+        import_trace(
+            "counts-json", COUNTS_JSON, tmp_path / "t", model="olmoe", domain="arxiv", top_k=8
+        )
+    )
+    assert t.layers == (0, 7, 15) and t.num_tokens == 208_896
+    c = np.stack([np.bincount(t.expert_ids[i].ravel(), minlength=64) for i in range(3)])
+    # hottest / mean per the data README: 7.81 / 6.28 / 7.49
+    np.testing.assert_allclose(c.max(axis=1) / c.mean(axis=1), [7.81, 6.28, 7.49], atol=0.006)
+
+
+# ----- stats -------------------------------------------------------------------------------
+
+
+def test_stats_hand_checked(tmp_path):
+    # 3 tokens, top-2, two layers
+    l0 = np.array([[0, 1], [1, 0], [2, 3]])
+    l1 = np.array([[1, 2], [1, 3], [0, 1]])
+    with TraceWriter(tmp_path / "t", num_experts=4, top_k=2, layers=[0, 1]) as w:
+        w.write(0, l0, token=np.arange(3))
+        w.write(1, l1, token=np.arange(3))
+    s = trace_stats(tmp_path / "t", top=3)
+    a, b = s["layers"]
+    assert a["expert_counts"] == [2, 2, 1, 1] and b["expert_counts"] == [1, 3, 1, 1]
+    assert a["balance_ratio"] == pytest.approx(2 / 1.5)
+    p = np.array([2, 2, 1, 1]) / 6
+    assert a["entropy_bits"] == pytest.approx(float(-(p * np.log2(p)).sum()), abs=1e-6)
+    assert a["top_coactivated_pairs"][0]["experts"] == [0, 1]
+    assert a["top_coactivated_pairs"][0]["count"] == 2
+    # token pairs across layers: (0|1,1|2) -> 0-1,0-2,1-1,1-2 ; (1|0,1|3) -> 1-1,1-3,0-1,0-3 ;
+    # (2|3,0|1) -> 2-0,2-1,3-0,3-1 ; strongest: 0->1 and 1->1 twice each
+    aff = a["top_next_layer_affinities"]
+    assert {tuple(x["experts"]) for x in aff[:2]} == {(0, 1), (1, 1)}
+    assert aff[0]["count"] == 2 and aff[0]["p_given_first"] == pytest.approx(0.5)
+    assert "top_next_layer_affinities" not in b
+
+
+# ----- CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_synth_stats_import(tmp_path):
+    proc = moesim(
+        "trace",
+        "synth",
+        "--experts",
+        "16",
+        "--top-k",
+        "2",
+        "--layers",
+        "3",
+        "--tokens",
+        "400",
+        "--dist",
+        "zipf:1.0",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(moesim("trace", "stats", str(tmp_path / "s"), "--json").stdout)
+    assert stats["num_experts"] == 16 and stats["top_k"] == 2 and len(stats["layers"]) == 3
+    assert all(len(la["expert_counts"]) == 16 for la in stats["layers"])
+    assert all(la["balance_ratio"] > 1 for la in stats["layers"])
+
+
+def test_cli_unknown_format_and_missing_file(tmp_path):
+    one_line_error(
+        moesim("trace", "import", "--format", "csv", "x", "--out", str(tmp_path / "t")),
+        "format",
+        "csv",
+        "flame-jsonl",
+    )
+    one_line_error(
+        moesim(
+            "trace",
+            "import",
+            "--format",
+            "flame-jsonl",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "t"),
+        ),
+        "nope",
+        "not found",
+    )
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_truncated_parquet(tmp_path):
+    synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=2, num_tokens=2000)
+    part = tmp_path / "t" / "layer=1" / "part-0.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    one_line_error(moesim("trace", "stats", str(tmp_path / "t")), "layer=1", "Parquet")
+
+
+def test_cli_wrong_list_length(tmp_path):
+    synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=1, num_tokens=10)
+    import pyarrow as pa
+
+    part = tmp_path / "t" / "layer=0" / "part-0.parquet"
+    table = pq.read_table(part)
+    meta = table.schema.metadata | {b"moesim.top_k": b"3"}
+    pq.write_table(table.replace_schema_metadata(meta), part)
+    one_line_error(moesim("trace", "stats", str(tmp_path / "t")), "expert_ids", "top_k 3")
+    del pa
+
+
+def test_cli_missing_required_option():
+    one_line_error(moesim("trace", "synth", "--experts", "4"), "Missing option")
