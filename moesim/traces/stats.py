@@ -87,18 +87,20 @@ def trace_stats(path: str | Path, *, top: int = 10, batch_rows: int = 1 << 17) -
     counts = {la: np.zeros(e, dtype=np.int64) for la in layers}
     pairs = {la: np.zeros(e * e, dtype=np.int64) for la in layers}
     cross = {la: np.zeros(e * e, dtype=np.int64) for la in layers[:-1]}
-    iu, ju = np.triu_indices(k, 1)
     for group in _prefetch(iter_batches(info, layers, batch_rows, weights=False)):
-        prev: np.ndarray | None = None
+        prev: np.ndarray | None = None  # previous layer's ids times E
         for li, la in enumerate(layers):
             ids = np.sort(group[la].expert_ids, axis=1).astype(np.intp)  # (n, K), ascending
             counts[la] += np.bincount(ids.reshape(-1), minlength=e)
-            key = ids[:, iu] * e + ids[:, ju]  # (n, K(K-1)/2), lower id first
-            pairs[la] += np.bincount(key.reshape(-1), minlength=e * e)
+            scaled = ids * e
+            for i in range(k - 1):  # pairs (i, j > i): lower id first since rows are sorted
+                key = scaled[:, i : i + 1] + ids[:, i + 1 :]  # (n, K-1-i)
+                pairs[la] += np.bincount(key.reshape(-1), minlength=e * e)
             if prev is not None:
-                key = prev[:, :, None] * e + ids[:, None, :]  # (n, K, K)
-                cross[layers[li - 1]] += np.bincount(key.reshape(-1), minlength=e * e)
-            prev = ids
+                for i in range(k):  # expert in slot i of the previous layer x every expert here
+                    key = prev[:, i : i + 1] + ids  # (n, K)
+                    cross[layers[li - 1]] += np.bincount(key.reshape(-1), minlength=e * e)
+            prev = scaled
     out_layers = []
     for li, la in enumerate(layers):
         c = counts[la]

@@ -424,7 +424,7 @@ def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) 
 def iter_batches(
     info: TraceInfo,
     layers: Sequence[int] | None = None,
-    batch_rows: int = 1 << 18,
+    batch_rows: int = 1 << 16,
     *,
     weights: bool = True,
 ) -> Iterator[dict[int, Batch]]:

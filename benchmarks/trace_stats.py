@@ -1,0 +1,70 @@
+"""``moesim trace stats`` throughput, against a bare numpy bincount of the same ids.
+
+    python benchmarks/trace_stats.py [--assignments N] [--json]
+
+Builds a trace (256 experts, top-8, 8 layers; zipf-skewed routing), then times the full
+statistics pass (expert counts, entropy, co-activated pairs, cross-layer affinities,
+reading Parquet included) and, in the same run, one ``np.bincount`` over all the ids
+already in memory. Target: at least 20 M assignments/s (issue 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moesim.traces.stats import trace_stats
+from moesim.traces.store import iter_batches, open_trace
+from moesim.traces.synthetic import synth_to_store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--assignments", type=float, default=2e7)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    e, k, layers = 256, 8, 8
+    tokens = int(args.assignments) // (k * layers)
+    tmp = Path(tempfile.mkdtemp(prefix="moesim-bench-"))
+    try:
+        path = synth_to_store(tmp / "t", num_experts=e, top_k=k, num_layers=layers,
+                              num_tokens=tokens, distribution="zipf:0.8", seed=0)
+        n = tokens * k * layers
+        stats_s = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            trace_stats(path)
+            stats_s.append(time.perf_counter() - t0)
+        ids = np.concatenate([b.expert_ids.reshape(-1) for g in iter_batches(open_trace(path),
+                              weights=False) for b in g.values()])
+        bare = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            np.bincount(ids, minlength=e)
+            bare.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fig = {
+        "assignments": n,
+        "stats_s": round(min(stats_s), 3),
+        "stats_rate_m_per_s": round(n / min(stats_s) / 1e6, 1),
+        "bare_bincount_rate_m_per_s": round(n / min(bare) / 1e6, 1),
+        "target_m_per_s": 20.0,
+    }
+    if args.json:
+        print(json.dumps(fig, indent=2))
+    else:
+        print(f"trace stats over {n:,} assignments: {fig['stats_s']} s = "
+              f"{fig['stats_rate_m_per_s']} M assignments/s (target >= 20); bare np.bincount "
+              f"of the same ids: {fig['bare_bincount_rate_m_per_s']} M/s")
+
+
+if __name__ == "__main__":
+    main()
