@@ -34,16 +34,28 @@ def main() -> None:
     tokens = int(args.assignments) // (k * layers)
     tmp = Path(tempfile.mkdtemp(prefix="moesim-bench-"))
     try:
-        path = synth_to_store(tmp / "t", num_experts=e, top_k=k, num_layers=layers,
-                              num_tokens=tokens, distribution="zipf:0.8", seed=0)
+        path = synth_to_store(
+            tmp / "t",
+            num_experts=e,
+            top_k=k,
+            num_layers=layers,
+            num_tokens=tokens,
+            distribution="zipf:0.8",
+            seed=0,
+        )
         n = tokens * k * layers
         stats_s = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             trace_stats(path)
             stats_s.append(time.perf_counter() - t0)
-        ids = np.concatenate([b.expert_ids.reshape(-1) for g in iter_batches(open_trace(path),
-                              weights=False) for b in g.values()])
+        ids = np.concatenate(
+            [
+                b.expert_ids.reshape(-1)
+                for g in iter_batches(open_trace(path), weights=False)
+                for b in g.values()
+            ]
+        )
         bare = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -61,9 +73,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(fig, indent=2))
     else:
-        print(f"trace stats over {n:,} assignments: {fig['stats_s']} s = "
-              f"{fig['stats_rate_m_per_s']} M assignments/s (target >= 20); bare np.bincount "
-              f"of the same ids: {fig['bare_bincount_rate_m_per_s']} M/s")
+        print(
+            f"trace stats over {n:,} assignments: {fig['stats_s']} s = "
+            f"{fig['stats_rate_m_per_s']} M assignments/s (target >= 20); bare np.bincount "
+            f"of the same ids: {fig['bare_bincount_rate_m_per_s']} M/s"
+        )
 
 
 if __name__ == "__main__":

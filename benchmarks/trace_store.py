@@ -34,8 +34,13 @@ def _write(out: Path, tokens: int) -> dict:
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     stride = np.arange(K) * (E // K)
-    with TraceWriter(out, num_experts=E, top_k=K, layers=range(L),
-                     meta={"model": "benchmark", "source": "benchmarks/trace_store.py"}) as w:
+    with TraceWriter(
+        out,
+        num_experts=E,
+        top_k=K,
+        layers=range(L),
+        meta={"model": "benchmark", "source": "benchmarks/trace_store.py"},
+    ) as w:
         for start in range(0, tokens, CHUNK):
             n = min(CHUNK, tokens - start)
             tok = np.arange(start, start + n)
@@ -66,8 +71,12 @@ def _child(kind: str, out: str, tokens: int) -> None:
 
 
 def _run(kind: str, out: Path, tokens: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(out), str(tokens)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(out), str(tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -91,23 +100,36 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     n = tokens * K * L
     fig = {
-        "assignments": n, "tokens_per_layer": tokens, "layers": L, "num_experts": E, "top_k": K,
-        "write_s": round(w["write_s"], 2), "write_peak_rss_mb": round(w["peak_rss_mb"], 1),
-        "read_s": round(r["read_s"], 2), "read_peak_rss_mb": round(r["peak_rss_mb"], 1),
+        "assignments": n,
+        "tokens_per_layer": tokens,
+        "layers": L,
+        "num_experts": E,
+        "top_k": K,
+        "write_s": round(w["write_s"], 2),
+        "write_peak_rss_mb": round(w["peak_rss_mb"], 1),
+        "read_s": round(r["read_s"], 2),
+        "read_peak_rss_mb": round(r["peak_rss_mb"], 1),
         "write_rate_m_per_s": round(n / w["write_s"] / 1e6, 1),
         "read_rate_m_per_s": round(n / r["read_s"] / 1e6, 1),
-        "bytes_on_disk": size, "target_peak_rss_mb": 1536,
+        "bytes_on_disk": size,
+        "target_peak_rss_mb": 1536,
     }
     assert r["read_assignments"] == n
     if args.json:
         print(json.dumps(fig, indent=2))
     else:
-        print(f"{n:,} assignments ({L} layers x {tokens:,} tokens x top-{K}), "
-              f"{size / 1e6:,.0f} MB on disk")
-        print(f"  write: {fig['write_s']} s ({fig['write_rate_m_per_s']} M/s), "
-              f"peak RSS {fig['write_peak_rss_mb']} MB")
-        print(f"  read:  {fig['read_s']} s ({fig['read_rate_m_per_s']} M/s), "
-              f"peak RSS {fig['read_peak_rss_mb']} MB   (target < 1536 MB)")
+        print(
+            f"{n:,} assignments ({L} layers x {tokens:,} tokens x top-{K}), "
+            f"{size / 1e6:,.0f} MB on disk"
+        )
+        print(
+            f"  write: {fig['write_s']} s ({fig['write_rate_m_per_s']} M/s), "
+            f"peak RSS {fig['write_peak_rss_mb']} MB"
+        )
+        print(
+            f"  read:  {fig['read_s']} s ({fig['read_rate_m_per_s']} M/s), "
+            f"peak RSS {fig['read_peak_rss_mb']} MB   (target < 1536 MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -218,10 +218,21 @@ def hardware_show(
 
 # ----- reference model and capture (moesim.model) ------------------------------------------
 # (commands: train-reference, capture)
+from moesim.model.commands import train_reference_cmd  # noqa: E402
+
+app.command("train-reference")(train_reference_cmd)
+
+from moesim.model.capture_cmd import capture_cmd  # noqa: E402
+
+app.command("capture")(capture_cmd)
 
 
 # ----- kernels (moesim.kernels) -------------------------------------------------------------
 # (commands: kernels bench, kernels import-profile)
+from moesim.kernels.commands import import_profile_cmd, kernels_bench_cmd  # noqa: E402
+
+kernels_app.command("bench")(kernels_bench_cmd)
+kernels_app.command("import-profile")(import_profile_cmd)
 
 
 # ----- traces (moesim.traces) ---------------------------------------------------------------

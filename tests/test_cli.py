@@ -40,7 +40,16 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
 def test_help_lists_commands():
     proc = moesim("--help")
     assert proc.returncode == 0
-    for cmd in ("demo", "simulate", "models", "hardware"):
+    for cmd in (
+        "demo",
+        "simulate",
+        "models",
+        "hardware",
+        "trace",
+        "kernels",
+        "capture",
+        "train-reference",
+    ):
         assert cmd in proc.stdout
     for sub in (("simulate", "--help"), ("hardware", "show", "--help"), ("models", "--help")):
         assert moesim(*sub).returncode == 0

@@ -1,0 +1,180 @@
+"""``moesim kernels bench`` and ``moesim kernels import-profile``.
+
+Registered in :mod:`moesim.cli`; torch is imported inside the commands only, so that
+``moesim --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["BenchDevice", "import_profile_cmd", "kernels_bench_cmd"]
+
+
+class BenchDevice(str, Enum):
+    """Where ``kernels bench`` runs."""
+
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _fmt_us(us: float) -> str:
+    if us >= 1e3:
+        return f"{us / 1e3:,.3f} ms"
+    return f"{us:,.1f} µs"
+
+
+def kernels_bench_cmd(
+    device: Annotated[
+        BenchDevice, typer.Option(help="Device to benchmark: cpu or cuda.")
+    ] = BenchDevice.cpu,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A short subset (one model, 3 token counts).")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option(help="Folder of measured tables; writes <out>/<device-slug>/.")
+    ] = Path("kernels/measured"),
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="Model preset to take shapes from (repeatable)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch.set_num_threads for the run (default: torch's).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a summary as JSON.")] = False,
+) -> None:
+    """Benchmark the kernels of an MoE layer and write timing tables.
+
+    Measures router, permute, expert FFN (loop, bmm, grouped_mm), unpermute,
+    attention and memory copies over tokens 1..16384 for the shapes of model
+    presets; merges median, p10 and p90 into <out>/<device-slug>/<op>.csv and
+    writes meta.json. Schema: kernels/README.md.
+    """
+    from moesim.kernels.bench import (
+        Device,
+        check_existing,
+        default_config,
+        run_bench,
+        write_results,
+    )
+    from moesim.model.shapes import get_preset
+
+    for name in model or []:
+        get_preset(name)  # unknown names fail before any work
+    dev: Device = "cuda" if device is BenchDevice.cuda else "cpu"
+    cfg = default_config(dev, quick=quick, models=model or None, threads=threads)
+    err = Console(stderr=True, highlight=False)
+    folder = check_existing(out, dev)
+    result = run_bench(cfg, progress=None if as_json else lambda msg: err.print(msg, markup=False))
+    files = write_results(result, out)
+    summary = {
+        "device": result.meta["device"],
+        "device_dir": str(folder),
+        "torch_version": result.meta["torch_version"],
+        "threads": result.meta["threads"],
+        "quick": quick,
+        "rows": len(result.rows),
+        "skipped": len(result.skipped),
+        "wall_s": round(result.wall_s, 3),
+        "files": [str(f) for f in files],
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    table = Table(
+        "model",
+        "op",
+        "dtype",
+        "points",
+        "tokens",
+        "median (fewest → most tokens)",
+        title=str(folder),
+    )
+    rows = result.rows
+    for (model_name, op, dtype), part in rows.groupby(["model", "op", "dtype"], sort=False):
+        part = part.sort_values("tokens")
+        table.add_row(
+            str(model_name),
+            str(op),
+            str(dtype),
+            str(len(part)),
+            f"{int(part['tokens'].iloc[0])}..{int(part['tokens'].iloc[-1])}",
+            f"{_fmt_us(float(part['median_us'].iloc[0]))} → "
+            f"{_fmt_us(float(part['median_us'].iloc[-1]))}",
+        )
+    console.print(table)
+    console.print(
+        f"{len(rows)} points on {result.meta['device']} ({result.meta['threads']} threads, "
+        f"torch {result.meta['torch_version']}), {len(result.skipped)} skipped "
+        f"(see meta.json), in {result.wall_s:.1f} s"
+    )
+
+
+def import_profile_cmd(
+    trace: Annotated[Path, typer.Argument(help="torch.profiler Chrome trace, .json or .json.gz.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the per-kernel table to this CSV file.")
+    ] = None,
+) -> None:
+    """Summarise the GPU kernels of a torch.profiler trace per class.
+
+    Classes: dispatch, combine (token all-to-all: DeepEP dispatch/combine,
+    NCCL all-to-all), all_to_all (NCCL, direction unknown), ep_control
+    (DeepEP notify/layout), grouped_gemm, attention, other. --json prints
+    {"classes": [{"class", "count", "median_us", "total_us"}], "kernels",
+    "trace", ...}; --out writes one CSV row per kernel.
+    """
+    from moesim.kernels.profile_import import import_profile, write_kernel_csv
+
+    summary = import_profile(trace)
+    written = write_kernel_csv(summary, out) if out is not None else None
+    if as_json:
+        data = summary.to_json()
+        if written is not None:
+            data["out"] = str(written)
+        _print_json(data)
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    total = float(summary.kernels["dur_us"].sum())
+    table = Table(
+        "class",
+        "kernels",
+        "median",
+        "min",
+        "max",
+        "total",
+        "share",
+        title=f"{trace} ({', '.join(summary.devices) or 'device unknown'})",
+    )
+    by_class = summary.kernels.groupby("class")["dur_us"]
+    for row in summary.classes.to_dict("records"):
+        durs = by_class.get_group(row["class"])
+        table.add_row(
+            str(row["class"]),
+            f"{int(row['count']):,}",
+            _fmt_us(float(row["median_us"])),
+            _fmt_us(float(durs.min())),
+            _fmt_us(float(durs.max())),
+            _fmt_us(float(row["total_us"])),
+            f"{100 * float(row['total_us']) / total:.1f}%" if total > 0 else "-",
+        )
+    console.print(table)
+    console.print(
+        f"{summary.num_kernels:,} kernels, {summary.linked:,} linked to their launch, "
+        f"{summary.with_input_dims:,} with input shapes"
+        + (f"; wrote {written}" if written is not None else "")
+    )
