@@ -90,6 +90,9 @@ class HardwareProfile(BaseModel):
     scale_out: ScaleOut
     efficiency: Efficiency
     kernel_launch_us: float = Field(gt=0, description="Fixed cost of one kernel launch")
+    kernel_tables: str | None = Field(
+        default=None, description="Folder under kernels/measured/ with this device's timings"
+    )
     sources: dict[str, str]
 
     @model_validator(mode="after")

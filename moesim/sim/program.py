@@ -17,14 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.costs.model import cost_model_for
 from moesim.costs.roofline import (
     BYTES_PER_ELEMENT,
     LayerCosts,
-    expert_ffn_time_us,
     gemm_time_us,
     memory_time_us,
 )
 from moesim.hardware import HardwareProfile
+from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
 from moesim.sim.engine import Compute, Exchange, Op
 from moesim.sim.network import a2a_times_us
@@ -90,11 +91,8 @@ def _moe_ops(
     sent_assign = routed.dispatch.sum(axis=1)  # (D,) assignments leaving each token owner
     permute = np.asarray(memory_time_us(2.0 * sent_assign * dm * b, hw)) + launch
     unpermute = permute.copy()
-    slot_t = expert_ffn_time_us(
-        routed.expert_tokens, dm, shape.expert_d_ff, shape.ffn_matrices, hw, dtype
-    )  # (D, S)
-    busy = routed.expert_tokens.sum(axis=1) > 0
-    experts = slot_t.sum(axis=1) + np.where(busy, shape.ffn_matrices * launch, 0.0)
+    bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
+    experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
     disp_bytes = routed.dispatch * bytes_per_assignment(dm, dispatch_dtype)
     comb_bytes = routed.dispatch.T * bytes_per_assignment(dm, "bf16")
     grad_bytes_fwd_shape = routed.dispatch * bytes_per_assignment(dm, "bf16")

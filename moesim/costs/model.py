@@ -1,0 +1,268 @@
+"""The cost model: op times from measured kernel tables, else a calibrated roofline.
+
+``CostModel.time_us(op, shape, tokens, dtype)``:
+
+1. If the device's measured table has this exact shape (op, dtype and widths), the time
+   is interpolated in tokens with a monotone cubic (PCHIP) in log-log space, so the
+   small-batch inefficiency the table measured is kept; outside the measured range the
+   calibrated roofline takes over, scaled to meet the table at its edge.
+2. Otherwise the time is a roofline with per-op factors::
+
+       t = launch_us + smoothmax(flops * (tokens + half_tokens) / (tokens * peak),
+                                 bytes / bandwidth)
+
+   ``peak`` (FLOP/µs) and ``bandwidth`` (bytes/µs) are the achievable rates, and
+   ``half_tokens`` the batch at which a GEMM reaches half its peak — the small-batch
+   inefficiency. Without a table, they come from the hardware profile (peak × gemm
+   efficiency, HBM × hbm efficiency, its launch overhead, ``half_tokens`` 0); with a
+   table, :func:`calibrate` fits them per op by least squares on log time.
+
+``flops`` and ``bytes`` of an op come from :func:`moesim.kernels.bench.op_work`, the same
+work model the benchmark records, so tables and model agree on what an op does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.interpolate import PchipInterpolator
+from scipy.optimize import least_squares
+
+from moesim.hardware import HardwareProfile
+from moesim.kernels.bench import BenchShape, op_work
+
+__all__ = [
+    "CostModel",
+    "OpFactors",
+    "calibrate",
+    "cost_model_for",
+    "load_cost_model",
+    "predict_us",
+    "profile_factors",
+]
+
+_SMOOTH_P = 4.0  # smooth maximum of compute and memory time
+_SHAPE_COLS = ("d_model", "d_ff", "num_experts", "top_k", "num_heads", "head_dim")
+
+
+@dataclass(frozen=True)
+class OpFactors:
+    """Roofline factors of one op: launch_us, peak (FLOP/µs), bandwidth (bytes/µs), half_tokens."""
+
+    launch_us: float
+    peak_flop_per_us: float
+    bytes_per_us: float
+    half_tokens: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "launch_us": self.launch_us,
+            "peak_flop_per_us": self.peak_flop_per_us,
+            "bytes_per_us": self.bytes_per_us,
+            "half_tokens": self.half_tokens,
+        }
+
+
+def predict_us(
+    f: OpFactors, flops: np.ndarray, nbytes: np.ndarray, tokens: np.ndarray
+) -> np.ndarray:
+    """Roofline time of calls with the given work and tokens (arrays broadcast)."""
+    tokens = np.maximum(np.asarray(tokens, dtype=np.float64), 1e-9)
+    compute = np.asarray(flops, float) * (tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
+    memory = np.asarray(nbytes, float) / f.bytes_per_us
+    p = _SMOOTH_P
+    return f.launch_us + (compute**p + memory**p) ** (1 / p)
+
+
+def profile_factors(hw: HardwareProfile, dtype: str) -> OpFactors:
+    """Factors from a hardware profile's peaks and efficiency factors (no table)."""
+    return OpFactors(
+        launch_us=hw.kernel_launch_us,
+        peak_flop_per_us=hw.peak_tflops(dtype) * hw.efficiency.gemm * 1e6,
+        bytes_per_us=hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3,
+    )
+
+
+def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
+    """Fit one op's factors to measured rows (columns flops, bytes, tokens, median_us).
+
+    Least squares on log(predicted / measured), so every size counts alike.
+    """
+    fl = rows["flops"].to_numpy(float)
+    by = rows["bytes"].to_numpy(float)
+    tok = rows["tokens"].to_numpy(float)
+    t = rows["median_us"].to_numpy(float)
+    if start is None:  # rough starting point from the data itself
+        big = t > np.median(t)
+        peak = float(np.max(fl[big] / t[big])) if (fl > 0).any() else 1.0
+        bw = float(np.max(by / t))
+        start = OpFactors(float(max(t.min() * 0.5, 0.1)), max(peak, 1.0), max(bw, 1.0), 8.0)
+    uses_flops = bool((fl > 0).any())
+
+    def unpack(x: np.ndarray) -> OpFactors:
+        return OpFactors(
+            math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), math.exp(x[3]) if uses_flops else 0.0
+        )
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        return np.log(predict_us(unpack(x), fl, by, tok)) - np.log(t)
+
+    x0 = np.log(
+        [start.launch_us, start.peak_flop_per_us, start.bytes_per_us, max(start.half_tokens, 1.0)]
+    )
+    fit = least_squares(
+        resid, x0, bounds=(np.log([1e-3, 1e-3, 1e-3, 1e-3]), np.log([1e6, 1e12, 1e12, 1e6]))
+    )
+    return unpack(fit.x)
+
+
+def _key(op: str, s: BenchShape, dtype: str) -> tuple[object, ...]:
+    return (
+        op,
+        dtype,
+        s.d_model,
+        s.d_ff,
+        s.local_experts if op.startswith("expert_ffn") else s.num_experts,
+        s.top_k,
+    )
+
+
+@dataclass
+class CostModel:
+    """Op times for one device: a hardware profile, plus its measured table if it has one."""
+
+    hw: HardwareProfile | None = None
+    table: pd.DataFrame | None = None
+    factors: dict[tuple[str, str], OpFactors] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame, hw: HardwareProfile | None = None) -> CostModel:
+        """Calibrate every (op, dtype) of ``table``."""
+        factors = {}
+        for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
+            start = profile_factors(hw, str(dtype)) if hw is not None else None
+            factors[(str(op), str(dtype))] = calibrate(rows, start)
+        return cls(hw=hw, table=table, factors=factors)
+
+    def op_factors(self, op: str, dtype: str) -> OpFactors:
+        if (op, dtype) in self.factors:
+            return self.factors[(op, dtype)]
+        if self.hw is None:
+            raise KeyError(f"no measurements of {op} in {dtype} and no hardware profile")
+        return profile_factors(self.hw, dtype)
+
+    def roofline_us(self, op: str, shape: BenchShape, tokens: np.ndarray, dtype: str) -> np.ndarray:
+        tokens = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
+        work = np.array([op_work(op, shape, max(int(t), 1), dtype)[:2] for t in tokens])
+        scale = np.where(tokens >= 1, 1.0, tokens)  # fractional tokens: scale the 1-token work
+        return predict_us(
+            self.op_factors(op, dtype),
+            work[:, 0] * scale,
+            work[:, 1] * scale,
+            np.maximum(tokens, 1),
+        )
+
+    def _measured(self, op: str, shape: BenchShape, dtype: str) -> pd.DataFrame | None:
+        if self.table is None:
+            return None
+        t = self.table
+        n = shape.local_experts if op.startswith("expert_ffn") else shape.num_experts
+        m = t[
+            (t["op"] == op)
+            & (t["dtype"] == dtype)
+            & (t["d_model"] == shape.d_model)
+            & (t["d_ff"] == shape.d_ff)
+            & (t["num_experts"] == n)
+            & (t["top_k"] == shape.top_k)
+        ]
+        return m.sort_values("tokens") if len(m) >= 2 else None
+
+    def grouped_ffn_us(
+        self,
+        tokens_per_slot: np.ndarray,
+        shape: BenchShape,
+        dtype: str,
+        op: str = "expert_ffn_grouped",
+    ) -> np.ndarray:
+        """Grouped-GEMM expert FFN time of each device from its slots' token counts.
+
+        ``tokens_per_slot``: (D, S). One call runs all of a device's experts: its time is
+        one launch plus, per expert with tokens, the per-expert share of a call measured
+        (or modelled) with ``shape.local_experts`` experts of that many tokens each.
+        Returns (D,) µs; a device with no tokens takes 0.
+        """
+        t = np.asarray(tokens_per_slot, dtype=np.float64)
+        n = max(shape.local_experts, 1)
+        launch = self.op_factors(op, dtype).launch_us
+        flat = t.reshape(-1)
+        per = np.zeros_like(flat)
+        live = flat > 0
+        if live.any():
+            uniq, inv = np.unique(flat[live], return_inverse=True)
+            share = np.maximum(self.time_us(op, shape, uniq, dtype) - launch, 0.0) / n
+            per[live] = share[inv]
+        busy = (t > 0).any(axis=1)
+        return np.where(busy, launch + per.reshape(t.shape).sum(axis=1), 0.0)
+
+    def time_us(
+        self, op: str, shape: BenchShape, tokens: np.ndarray | float, dtype: str
+    ) -> np.ndarray:
+        """Time of one call of ``op`` for each entry of ``tokens`` (0 tokens → 0 µs)."""
+        tok = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
+        out = np.zeros_like(tok)
+        live = tok > 0
+        if not live.any():
+            return out
+        meas = self._measured(op, shape, dtype)
+        roof = self.roofline_us(op, shape, tok[live], dtype)
+        if meas is None:
+            out[live] = roof
+            return out
+        x = np.log(meas["tokens"].to_numpy(float))
+        y = np.log(meas["median_us"].to_numpy(float))
+        y = np.maximum.accumulate(y)  # times never fall as tokens grow
+        interp = PchipInterpolator(x, y, extrapolate=False)
+        lt = np.log(tok[live])
+        inside = (lt >= x[0]) & (lt <= x[-1])
+        res = np.empty(lt.size)
+        res[inside] = np.exp(interp(lt[inside]))
+        for edge, mask in ((0, lt < x[0]), (-1, lt > x[-1])):
+            if mask.any():  # roofline shape, pinned to the table's edge
+                edge_tok = float(np.exp(x[edge]))
+                pin = math.exp(y[edge]) / float(
+                    self.roofline_us(op, shape, np.array([edge_tok]), dtype)[0]
+                )
+                res[mask] = roof[mask] * pin
+        out[live] = res
+        return out
+
+
+def load_cost_model(device_dir: Path, hw: HardwareProfile | None = None) -> CostModel:
+    """Calibrated cost model of a ``kernels/measured/<device>`` folder."""
+    from moesim.kernels.tables import load_table
+
+    return CostModel.from_table(load_table(device_dir), hw)
+
+
+def cost_model_for(hw: HardwareProfile) -> CostModel:
+    """The cost model of a hardware profile: calibrated on its measured tables when the
+    profile names a ``kernels/measured/<kernel_tables>`` folder, else its roofline."""
+    if hw.kernel_tables is None:
+        return CostModel(hw=hw)
+    from moesim.paths import repo_root
+
+    return _cached_table_model(
+        str(repo_root() / "kernels" / "measured" / hw.kernel_tables), hw.name
+    )
+
+
+@cache
+def _cached_table_model(device_dir: str, profile: str) -> CostModel:
+    from moesim.hardware import get_profile
+
+    return load_cost_model(Path(device_dir), get_profile(profile))

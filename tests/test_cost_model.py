@@ -1,0 +1,92 @@
+"""The cost model: calibration recovers known factors; interpolation keeps measured points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moesim.costs.model import CostModel, OpFactors, calibrate, predict_us, profile_factors
+from moesim.hardware import get_profile
+from moesim.kernels.bench import BenchShape, op_work
+from moesim.model.shapes import get_preset
+
+TRUE = OpFactors(launch_us=20.0, peak_flop_per_us=5e4, bytes_per_us=8e3, half_tokens=12.0)
+TOKENS = [2**i for i in range(0, 14)]
+
+
+def _shape(name: str) -> BenchShape:
+    return BenchShape.from_model(get_preset(name), local_experts=2)
+
+
+def _table(models: list[str], factors: OpFactors = TRUE, noise: float = 0.0) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for m in models:
+        s = _shape(m)
+        for t in TOKENS:
+            fl, by, _ = op_work("expert_ffn_bmm", s, t, "fp32")
+            us = float(predict_us(factors, np.array([fl]), np.array([by]), np.array([t]))[0])
+            us *= float(np.exp(rng.normal(0, noise))) if noise else 1.0
+            rows.append(
+                {
+                    "op": "expert_ffn_bmm",
+                    "dtype": "fp32",
+                    "tokens": t,
+                    "d_model": s.d_model,
+                    "d_ff": s.d_ff,
+                    "num_experts": s.local_experts,
+                    "top_k": s.top_k,
+                    "flops": fl,
+                    "bytes": by,
+                    "median_us": us,
+                    "model": m,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_calibration_recovers_known_factors():
+    fit = calibrate(_table(["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"]))
+    for got, want in zip(fit.to_dict().values(), TRUE.to_dict().values(), strict=True):
+        assert got == pytest.approx(want, rel=1e-3)
+
+
+def test_held_out_shape_predicted_from_the_others():
+    train = _table(["FLAME-MoE-290M", "OLMoE-1B-7B"], noise=0.03)
+    held = _table(["Mixtral-8x7B"])
+    cm = CostModel.from_table(train)
+    s = _shape("Mixtral-8x7B")
+    pred = cm.time_us("expert_ffn_bmm", s, held["tokens"].to_numpy(), "fp32")
+    err = np.abs(pred / held["median_us"].to_numpy() - 1)
+    assert np.median(err) < 0.05 and err.max() < 0.15
+
+
+def test_measured_shape_is_interpolated_monotonically():
+    table = _table(["FLAME-MoE-290M"])
+    table.loc[table["tokens"] == 64, "median_us"] *= 1.3  # a bump the roofline would not have
+    cm = CostModel.from_table(table)
+    s = _shape("FLAME-MoE-290M")
+    at = cm.time_us("expert_ffn_bmm", s, np.array(TOKENS, dtype=float), "fp32")
+    np.testing.assert_allclose(at, np.maximum.accumulate(table["median_us"].to_numpy()), rtol=1e-9)
+    between = cm.time_us("expert_ffn_bmm", s, np.linspace(1, 8192, 500), "fp32")
+    assert (np.diff(between) >= -1e-9).all()
+    # beyond the table: the roofline's growth, pinned to the last measured point
+    far = cm.time_us("expert_ffn_bmm", s, np.array([8192.0, 32768.0]), "fp32")
+    assert far[1] > far[0] * 2
+    assert cm.time_us("expert_ffn_bmm", s, np.array([0.0]), "fp32")[0] == 0.0
+
+
+def test_without_table_uses_profile_roofline():
+    hw = get_profile("H100-SXM")
+    cm = CostModel(hw=hw)
+    s = _shape("DeepSeek-V3")
+    t = cm.time_us("expert_ffn_bmm", s, np.array([1.0, 4096.0]), "bf16")
+    f = profile_factors(hw, "bf16")
+    fl, by, _ = op_work("expert_ffn_bmm", s, 4096, "bf16")
+    assert t[1] == pytest.approx(
+        f.launch_us + ((fl / f.peak_flop_per_us) ** 4 + (by / f.bytes_per_us) ** 4) ** 0.25
+    )
+    # one token is bound by reading the expert weights
+    _, by1, _ = op_work("expert_ffn_bmm", s, 1, "bf16")
+    assert t[0] == pytest.approx(f.launch_us + by1 / f.bytes_per_us, rel=1e-3)
