@@ -14,7 +14,8 @@ Kinds (chosen from the profile's ``scale_up.topology``):
   two-level fat-tree: rail ``r`` (the device's index in its node) has one leaf switch per
   group of ``nodes_per_leaf`` nodes; leaves join spines with ``nodes_per_leaf`` uplinks
   each, of bandwidth ``NIC / oversubscription``. Traffic between domains goes
-  NIC → leaf → (spine → leaf, chosen by a deterministic hash of src and dst) → NIC.
+  NIC → leaf → (spine → leaf, the spine chosen by destination node modulo the uplinks, the
+  usual deterministic "D-mod-k" fat-tree routing) → NIC.
 * ``full-mesh`` — MI300X-style nodes: a direct link between every pair of devices of a
   node (the device's scale-up bandwidth split over its peers); same fat-tree outside.
 * ``torus-2d`` / ``torus-3d`` — TPU slices: a torus with wrap-around, one link per
@@ -152,7 +153,7 @@ class Topology:
         i = np.flatnonzero(via_spine)
         if i.size:
             n_up = t["leaf_up"].shape[1]
-            h = (src[i] * 7919 + dst[i] * 104729) % n_up  # deterministic ECMP hash
+            h = (dst[i] // g) % n_up  # D-mod-k: the spine is picked by destination node
             leaf_s = rail_s[i] * t["groups"][0] + grp_s[i]
             leaf_d = rail_d[i] * t["groups"][0] + grp_d[i]
             links[start[i]] = t["nic_up"][src[i]]
@@ -196,14 +197,20 @@ def build_topology(
     devices_per_node: int,
     *,
     oversubscription: float = 1.0,
-    nodes_per_leaf: int = 32,
+    nodes_per_leaf: int | None = None,
     dims: tuple[int, ...] | None = None,
+    achievable: bool = True,
 ) -> Topology:
     """Build the topology of ``num_devices`` devices of ``hw``.
 
+    Edge ``bandwidth_gbps`` attributes are the profile's peak figures; ``capacity_gbps``
+    (what the network tiers use) is peak × the profile's efficiency factor of that fabric
+    when ``achievable`` (the default), else the peak.
+
     Args:
         oversubscription: leaf downlink / uplink bandwidth ratio of the fat-tree (1 = non-blocking).
-        nodes_per_leaf: nodes one leaf switch serves per rail (its downlink count).
+        nodes_per_leaf: nodes one leaf switch serves per rail (its downlink count); default
+            32, or one rack when a scale-up domain spans nodes (NVL72: 18 trays).
         dims: torus dimensions for TPU profiles (default: near-cubic factorisation).
     """
     if oversubscription < 1:
@@ -250,7 +257,7 @@ def build_topology(
             devices_per_node=devices_per_node,
             domain_size=num_devices,
             graph=lt.graph,
-            capacity_gbps=np.array(lt.bw),
+            capacity_gbps=np.array(lt.bw) * (hw.efficiency.scale_up if achievable else 1.0),
             latency_us=np.array(lt.lat),
             tables={"torus": tab},
             dims=dims,
@@ -284,7 +291,10 @@ def build_topology(
             sw = ("nvswitch", d // domain)
             upl[d], down[d] = lt.pair(("dev", d), sw, up.bandwidth_gbps, up.latency_us / 2)
         tables["up"], tables["down"] = upl, down
-    # rail-optimised fat-tree between domains
+    # rail-optimised fat-tree between domains (every link from here on is scale-out)
+    if nodes_per_leaf is None:
+        nodes_per_leaf = domain // g if domain > g else 32
+    n_scale_up_links = len(lt.bw)
     out = hw.scale_out
     nodes = math.ceil(num_devices / g)
     groups = math.ceil(nodes / nodes_per_leaf)
@@ -314,13 +324,17 @@ def build_topology(
         "nodes_per_leaf": np.array([nodes_per_leaf]),
     }
     kind = "full-mesh" if up.topology == "full-mesh" else "nvswitch"
+    capacity = np.array(lt.bw)
+    if achievable:
+        capacity[:n_scale_up_links] *= hw.efficiency.scale_up
+        capacity[n_scale_up_links:] *= hw.efficiency.scale_out
     return Topology(
         kind=kind,
         num_devices=num_devices,
         devices_per_node=g,
         domain_size=domain,
         graph=lt.graph,
-        capacity_gbps=np.array(lt.bw),
+        capacity_gbps=capacity,
         latency_us=np.array(lt.lat),
         tables=tables,
     )

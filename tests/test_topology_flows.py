@@ -1,0 +1,136 @@
+"""Topologies, the flow tier and its agreement with the analytic tier (issue 5)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from moesim.hardware import get_profile
+from moesim.sim.exchange import exchange_times
+from moesim.sim.flows import maxmin_rates, simulate_flows
+from moesim.topology import build_topology
+from moesim.topology.build import Routes, torus_dims
+
+
+def _edges(topo):
+    return {i: (a, b) for a, b, i in topo.graph.edges(data="index")}
+
+
+@pytest.mark.parametrize(
+    ("hw", "devices", "per_node"),
+    [
+        ("H100-SXM", 16, 8),
+        ("H100-SXM", 512, 8),
+        ("GB200-NVL72", 144, 4),
+        ("MI300X", 16, 8),
+        ("TPU-v5p", 64, 4),
+        ("TPU-v6e", 16, 8),
+    ],
+)
+def test_every_route_is_a_path_in_the_graph(hw, devices, per_node):
+    topo = build_topology(get_profile(hw), devices, per_node)
+    src, dst = np.nonzero(~np.eye(devices, dtype=bool))
+    routes = topo.routes(src, dst)
+    edges = _edges(topo)
+    for f in range(0, routes.num_flows, max(1, routes.num_flows // 300)):
+        hops = [edges[link] for link in routes.path(f)]
+        assert hops[0][0] == ("dev", src[f]) and hops[-1][1] == ("dev", dst[f])
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(hops))
+    for _, _, data in topo.graph.edges(data=True):
+        assert data["bandwidth_gbps"] > 0 and data["latency_us"] >= 0
+
+
+def test_torus_dimension_order_routing():
+    topo = build_topology(get_profile("TPU-v6e"), 16, 8, dims=(4, 4))
+    edges = _edges(topo)
+    # device = x + 4 y ; 0 -> 10 is (0,0) -> (2,2): two hops +x, then two hops +y (ties go +)
+    path = [edges[i] for i in topo.routes(np.array([0]), np.array([10])).path(0)]
+    assert [a[1] for a, _ in path] + [path[-1][1][1]] == [0, 1, 2, 6, 10]
+    # 0 -> 3 wraps around: one hop -x
+    assert [
+        e[1][1] for e in (edges[i] for i in topo.routes(np.array([0]), np.array([3])).path(0))
+    ] == [3]
+    assert torus_dims(64, 3) == (4, 4, 4)
+
+
+def test_maxmin_hand_case():
+    # links: 0 (1 GB/s), 1 (2 GB/s); flows: A on 0, B on 0+1, C on 1
+    from scipy import sparse
+
+    inc = sparse.csr_matrix(np.array([[1, 1, 0], [0, 1, 1]], dtype=float))
+    rates = maxmin_rates(inc, np.ones(3), np.array([1.0, 2.0]), np.ones(3, bool))
+    assert rates.tolist() == pytest.approx([0.5, 0.5, 1.5])
+    res = simulate_flows(
+        Routes(np.array([0, 1, 3, 4]), np.array([0, 0, 1, 1])),
+        np.full(3, 1000.0),
+        np.array([1.0, 2.0]),
+        np.zeros(2),
+    )
+    # C drains 1000 B at 1500 B/us; then A and B share link 0 at 500 B/us each
+    assert res.finish_us.tolist() == pytest.approx([2.0, 2.0, 2 / 3])
+
+
+@pytest.mark.parametrize(
+    ("hw", "devices", "per_node"),
+    [
+        ("H100-SXM", 8, 8),
+        ("H100-SXM", 16, 8),
+        ("H100-SXM", 64, 8),
+        ("H100-SXM", 512, 8),
+        ("H800", 32, 8),
+        ("GB200-NVL72", 144, 4),
+        ("MI300X", 16, 8),
+        ("B200", 16, 8),
+    ],
+)
+def test_tiers_agree_on_non_blocking_fabrics(hw, devices, per_node):
+    profile = get_profile(hw)
+    topo = build_topology(profile, devices, per_node)
+    m = np.full((devices, devices), 3.5e5)
+    a = exchange_times(m, topo, profile, "analytic")
+    f = exchange_times(m, topo, profile, "flow")
+    np.testing.assert_allclose(f.time_us, a.time_us, rtol=1e-6)
+
+
+def test_uniform_closed_form_two_nodes():
+    hw = get_profile("H100-SXM")
+    topo = build_topology(hw, 16, 8)
+    b = 1e6
+    f = exchange_times(np.full((16, 16), b), topo, hw, "flow")
+    up = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up * 1e3
+    out = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
+    expected = max(7 * b / up + hw.scale_up.latency_us, 8 * b / out + hw.scale_out.latency_us)
+    assert f.time_us == pytest.approx(np.full(16, expected))
+
+
+def test_oversubscribed_spine_shows_contention():
+    hw = get_profile("H100-SXM")
+    # one node per leaf: all traffic between the two nodes crosses the spine, whose
+    # uplinks carry NIC/4
+    topo = build_topology(hw, 16, 8, nodes_per_leaf=1, oversubscription=4)
+    b = 2e6
+    m = np.zeros((16, 16))
+    m[np.arange(8), np.arange(8) + 8] = b  # each GPU of node 0 to its rail peer in node 1
+    nic = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
+    a = exchange_times(m, topo, hw, "analytic")
+    f = exchange_times(m, topo, hw, "flow")
+    assert a.time_us[0] == pytest.approx(b / nic + hw.scale_out.latency_us)
+    assert f.time_us[0] == pytest.approx(b / (nic / 4) + hw.scale_out.latency_us)
+
+
+def test_torus_link_sharing_shows_contention():
+    hw = get_profile("TPU-v6e")
+    topo = build_topology(hw, 16, 8, dims=(4, 4))
+    link = hw.scale_up.bandwidth_gbps / 4 * hw.efficiency.scale_up * 1e3  # 4 links per chip
+    b = 1e6
+    m = np.zeros((16, 16))
+    m[0, 2] = b  # 0 -> 1 -> 2
+    m[1, 2] = b  # 1 -> 2, sharing link 1->2 with the first flow
+    f = exchange_times(m, topo, hw, "flow")
+    lat = hw.scale_up.latency_us
+    assert f.time_us[1] == pytest.approx(b / (link / 2) + lat)
+    assert f.time_us[0] == pytest.approx(b / (link / 2) + 2 * lat)
+    a = exchange_times(m, topo, hw, "analytic")
+    assert a.time_us[1] < f.time_us[1]  # the port model cannot see the shared link
