@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -375,6 +375,73 @@ def trace_synth(
         f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "
         f"top-{top_k}, {dist}, seed {seed}"
     )
+
+
+# ----- all-to-all microbenchmark (moesim.sim.a2a) ------------------------------------------
+
+
+@app.command()
+def a2a(
+    hardware: Annotated[str, typer.Option(help="Hardware profile, e.g. H800.")],
+    ep: Annotated[int, typer.Option(help="Expert-parallel ranks.")],
+    tokens_per_rank: Annotated[int, typer.Option(help="Tokens each rank dispatches.")],
+    hidden: Annotated[int, typer.Option(help="Hidden size (elements per token).")],
+    topk: Annotated[int, typer.Option(help="Experts per token.")],
+    num_experts: Annotated[int, typer.Option(help="Routed experts.")],
+    dispatch_dtype: Annotated[str, typer.Option(help="fp8 | bf16.")] = "fp8",
+    combine_dtype: Annotated[str, typer.Option(help="bf16 | fp8.")] = "bf16",
+    dedup: Annotated[str, typer.Option(help="none | device | node.")] = "none",
+    network: Annotated[str, typer.Option(help="analytic | flow.")] = "analytic",
+    seed: Annotated[int, typer.Option(help="Seed of the random routing.")] = 0,
+    trace: Annotated[Path | None, typer.Option(help="Route from this trace instead.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Time one all-to-all dispatch and combine, to hold against measured numbers.
+
+    Tokens are routed uniformly at random (or from --trace), experts placed contiguously,
+    devices per node taken from the profile.
+    """
+    from moesim.sim.a2a import run_a2a
+    from moesim.sim.exchange import Tier
+    from moesim.sim.traffic import Dedup
+
+    for name, value, valid in (
+        ("dispatch-dtype", dispatch_dtype, ("fp8", "bf16")),
+        ("combine-dtype", combine_dtype, ("fp8", "bf16")),
+        ("dedup", dedup, ("none", "device", "node")),
+        ("network", network, ("analytic", "flow")),
+    ):
+        if value not in valid:
+            raise InputError(f"valid: {', '.join(valid)}", field=name, value=value)
+    res = run_a2a(
+        hardware=hardware,
+        ep=ep,
+        tokens_per_rank=tokens_per_rank,
+        hidden=hidden,
+        topk=topk,
+        num_experts=num_experts,
+        dispatch_dtype=dispatch_dtype,
+        combine_dtype=combine_dtype,
+        dedup=cast(Dedup, dedup),
+        network=cast(Tier, network),
+        seed=seed,
+        trace=trace,
+    )
+    if as_json:
+        _print_json(res)
+        return
+    console.print(
+        f"{res['hardware']} EP{ep} ({res['devices_per_node']}/node), {tokens_per_rank} "
+        f"tokens/rank, hidden {hidden}, top-{topk} of {num_experts}, dedup {dedup}, "
+        f"{network} network"
+    )
+    for phase in ("dispatch", "combine"):
+        console.print(
+            f"  {phase:8s} {res[f'{phase}_us']:10.1f} us  "
+            f"{res[f'{phase}_bytes'] / 1e6:9.2f} MB moved  "
+            f"scale-up {res[f'{phase}_scale_up_gbps']:6.1f} GB/s  "
+            f"scale-out {res[f'{phase}_scale_out_gbps']:6.1f} GB/s (busiest rank)"
+        )
 
 
 @app.callback(invoke_without_command=True)

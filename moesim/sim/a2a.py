@@ -1,0 +1,121 @@
+"""The all-to-all microbenchmark behind ``moesim a2a``: one dispatch and one combine.
+
+T tokens per rank pick top-k experts (uniformly at random, or from a trace); E experts
+are placed contiguously over N ranks; dispatch and combine copies follow the chosen
+de-duplication policy; both exchanges are timed in the chosen network tier.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import InputError
+from moesim.hardware import get_profile
+from moesim.placement.base import contiguous
+from moesim.sim.exchange import Tier, exchange_times
+from moesim.sim.program import bytes_per_assignment
+from moesim.sim.routing import choose_replicas
+from moesim.sim.traffic import Dedup, copy_matrix
+from moesim.topology import build_topology
+from moesim.traces.store import read_trace
+from moesim.traces.synthetic import synthesize
+
+__all__ = ["run_a2a"]
+
+
+def run_a2a(
+    *,
+    hardware: str,
+    ep: int,
+    tokens_per_rank: int,
+    hidden: int,
+    topk: int,
+    num_experts: int,
+    dispatch_dtype: str = "fp8",
+    combine_dtype: str = "bf16",
+    dedup: Dedup = "none",
+    network: Tier = "analytic",
+    seed: int = 0,
+    trace: Path | None = None,
+) -> dict[str, Any]:
+    """Time one dispatch and one combine; returns a JSON-ready dict of times and bytes."""
+    hw = get_profile(hardware)
+    for name, value in (
+        ("ep", ep),
+        ("tokens-per-rank", tokens_per_rank),
+        ("hidden", hidden),
+        ("topk", topk),
+        ("num-experts", num_experts),
+    ):
+        if value < 1:
+            raise InputError("must be at least 1", field=name, value=value)
+    if topk > num_experts:
+        raise InputError("top-k exceeds the number of experts", field="topk", value=topk)
+    per_node = min(ep, hw.devices_per_node)
+    if ep % per_node:
+        raise InputError(
+            f"EP must be a multiple of {per_node} devices per node", field="ep", value=ep
+        )
+    n_tok = ep * tokens_per_rank
+    if trace is None:
+        ids = synthesize(
+            num_experts=num_experts, top_k=topk, num_layers=1, num_tokens=n_tok, seed=seed
+        ).expert_ids[0]
+    else:
+        routed = read_trace(trace)
+        if routed.num_experts != num_experts or routed.top_k != topk:
+            raise InputError(
+                f"trace routes top-{routed.top_k} of {routed.num_experts} experts",
+                file=trace,
+                field="num_experts",
+                value=routed.num_experts,
+            )
+        ids = routed.expert_ids[0][np.arange(n_tok) % routed.num_tokens]
+    placement = contiguous(num_experts, ep, 1)
+    table, count = placement.replicas(0)
+    token = np.repeat(np.arange(n_tok), topk)
+    origin = token // tokens_per_rank
+    dest = choose_replicas(ids.reshape(-1), origin, token, table, count, per_node)
+    copies = copy_matrix(token, origin, dest, ep, per_node, dedup)
+    topo = build_topology(hw, ep, per_node)
+    out: dict[str, Any] = {
+        "hardware": hw.name,
+        "ep": ep,
+        "devices_per_node": per_node,
+        "tokens_per_rank": tokens_per_rank,
+        "hidden": hidden,
+        "topk": topk,
+        "num_experts": num_experts,
+        "dispatch_dtype": dispatch_dtype,
+        "combine_dtype": combine_dtype,
+        "dedup": dedup,
+        "network": network,
+        "seed": seed,
+    }
+    node = np.arange(ep) // per_node
+    cross = node[:, None] != node[None, :]
+    offdiag = ~np.eye(ep, dtype=bool)
+    for phase, matrix, dtype in (
+        ("dispatch", copies, dispatch_dtype),
+        ("combine", copies.T, combine_dtype),
+    ):
+        nbytes = matrix * bytes_per_assignment(hidden, dtype)
+        res = exchange_times(nbytes, topo, hw, network)
+        t = float(res.time_us.max())
+        scale_out = float(nbytes[cross].sum())
+        scale_up = float(nbytes[offdiag & ~cross].sum())
+        busiest = int(np.argmax(res.time_us))
+        out[f"{phase}_us"] = t
+        out[f"{phase}_bytes"] = float(nbytes[offdiag].sum())
+        out[f"{phase}_scale_up_bytes"] = scale_up
+        out[f"{phase}_scale_out_bytes"] = scale_out
+        out[f"{phase}_copies"] = int(matrix[offdiag].sum())
+        # achieved bandwidth per fabric tier, of the busiest device (GB/s = bytes/us / 1e3)
+        up_d = (nbytes * (offdiag & ~cross)).sum(axis=1)[busiest]
+        out_d = (nbytes * cross).sum(axis=1)[busiest]
+        out[f"{phase}_scale_up_gbps"] = float(up_d / t / 1e3) if t else 0.0
+        out[f"{phase}_scale_out_gbps"] = float(out_d / t / 1e3) if t else 0.0
+    return out

@@ -1,0 +1,135 @@
+"""Dispatch/combine traffic under de-duplication, and the a2a microbenchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moesim.sim.a2a import run_a2a
+from moesim.sim.traffic import copy_matrix
+from tests.conftest import REPO
+
+
+def test_copy_matrix_policies_by_hand():
+    # 4 devices, 2 per node. Token 0 on device 0 uses experts on devices 2, 3 (node 1) and
+    # 1; token 1 on device 3 uses experts on device 3 (itself) and device 0.
+    token = np.array([0, 0, 0, 1, 1])
+    origin = np.array([0, 0, 0, 3, 3])
+    dest = np.array([2, 3, 1, 3, 0])
+    none = copy_matrix(token, origin, dest, 4, 2, "none")
+    assert none.tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]]
+    node = copy_matrix(token, origin, dest, 4, 2, "node")
+    # token 0: direct to device 1; one RDMA copy to device 2 (its rail-0 GPU in node 1),
+    # forwarded 2 -> 3. Token 1: stays on 3; RDMA to device 1 (rail 1 of node 0) -> 0.
+    assert node.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 1]]
+
+
+def test_device_dedup_merges_experts_on_one_device():
+    token = np.array([0, 0, 0])
+    origin = np.array([0, 0, 0])
+    dest = np.array([1, 1, 2])  # two experts on device 1
+    assert copy_matrix(token, origin, dest, 4, 4, "none")[0].tolist() == [0, 2, 1, 0]
+    assert copy_matrix(token, origin, dest, 4, 4, "device")[0].tolist() == [0, 1, 1, 0]
+
+
+def test_node_dedup_sends_each_token_once_per_node():
+    rng = np.random.default_rng(0)
+    t, k, d, g = 500, 8, 32, 8
+    token = np.repeat(np.arange(t), k)
+    origin = token % d
+    dest = np.concatenate([rng.choice(d, size=k, replace=False) for _ in range(t)])
+    m = copy_matrix(token, origin, dest, d, g, "node")
+    node = np.arange(d) // g
+    cross = node[:, None] != node[None, :]
+    expected = sum(
+        len({int(x) // g for x in dest[token == i]} - {int(origin[i * k]) // g}) for i in range(t)
+    )
+    assert m[cross].sum() == expected
+    # every device that needs a token gets exactly one copy (direct, as the relay, or
+    # forwarded); a relay that does not need the token adds one copy and forwards
+    total = 0
+    for i in range(t):
+        src = int(origin[i * k])
+        targets = {int(x) for x in dest[token == i]} - {src}
+        total += len(targets)
+        for n in {x // g for x in targets} - {src // g}:
+            relay = n * g + src % g
+            total += relay not in targets
+    assert m[~np.eye(d, dtype=bool)].sum() == total
+
+
+def test_a2a_closed_form_single_node():
+    # EP8 in one H800 node: NVLink only
+    r = run_a2a(
+        hardware="H800",
+        ep=8,
+        tokens_per_rank=128,
+        hidden=7168,
+        topk=8,
+        num_experts=256,
+        dispatch_dtype="bf16",
+        combine_dtype="bf16",
+        seed=0,
+    )
+    assert r["dispatch_scale_out_bytes"] == 0
+    assert r["dispatch_bytes"] == r["dispatch_copies"] * 7168 * 2
+    assert r["combine_bytes"] == r["dispatch_bytes"]
+
+
+def test_a2a_more_ranks_cost_more_and_fp8_halves_bytes():
+    kw = dict(hardware="H800", tokens_per_rank=128, hidden=7168, topk=8, num_experts=256)
+    small = run_a2a(ep=16, **kw)
+    large = run_a2a(ep=64, **kw)
+    assert large["dispatch_us"] > small["dispatch_us"]
+    bf16 = run_a2a(ep=16, dispatch_dtype="bf16", **kw)
+    assert small["dispatch_bytes"] == pytest.approx(bf16["dispatch_bytes"] * (1 + 4 / 128) / 2)
+    node = run_a2a(ep=64, dedup="node", **kw)
+    assert node["dispatch_scale_out_bytes"] < large["dispatch_scale_out_bytes"]
+
+
+def test_a2a_tiers_agree_on_uniform_nonblocking():
+    kw = dict(hardware="H100-SXM", ep=16, tokens_per_rank=256, hidden=4096, topk=8, num_experts=64)
+    a = run_a2a(network="analytic", **kw)
+    f = run_a2a(network="flow", **kw)
+    # random routing is not exactly uniform, so per-device times differ; the tiers agree
+    # within a few percent and the flow tier is never faster than the port bound
+    assert f["dispatch_us"] >= a["dispatch_us"] * (1 - 1e-9)
+    assert f["dispatch_us"] == pytest.approx(a["dispatch_us"], rel=0.1)
+
+
+def test_a2a_cli_json_and_errors(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "moesim", "a2a", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    base = [
+        "--hardware",
+        "H800",
+        "--ep",
+        "16",
+        "--tokens-per-rank",
+        "128",
+        "--hidden",
+        "7168",
+        "--topk",
+        "8",
+        "--num-experts",
+        "256",
+    ]
+    p = run(*base, "--json")
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert {"dispatch_us", "combine_us", "dispatch_bytes", "combine_bytes"} <= set(data)
+    bad = run(*base, "--dedup", "rank")
+    assert bad.returncode == 2 and "dedup" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    bad = run(*base[:3], "12", *base[4:])  # EP 12 on 8-GPU nodes
+    assert bad.returncode == 2 and "ep" in bad.stderr
