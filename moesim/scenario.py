@@ -30,6 +30,7 @@ __all__ = [
     "Capacity",
     "Cluster",
     "Mode",
+    "Network",
     "Routing",
     "Scenario",
     "SyntheticRouting",
@@ -93,6 +94,18 @@ class Capacity(BaseModel):
     overflow: Literal["drop", "reroute"] = "drop"
 
 
+class Network(BaseModel):
+    """How all-to-alls are timed: port-limited (``analytic``) or flows sharing links (``flow``)."""
+
+    model_config = _STRICT
+    tier: Literal["analytic", "flow"] = "analytic"
+    dedup: Literal["none", "device", "node"] = Field(
+        default="none", description="one copy per (token, expert) | (token, device) | (token, node)"
+    )
+    oversubscription: float = Field(default=1.0, ge=1.0, description="fat-tree leaf down/up ratio")
+    nodes_per_leaf: int | None = Field(default=None, gt=0)
+
+
 class Scenario(BaseModel):
     model_config = _STRICT
     name: str = "scenario"
@@ -102,6 +115,7 @@ class Scenario(BaseModel):
     routing: Routing
     placement: Literal["contiguous"] = "contiguous"
     capacity: Capacity = Capacity()
+    network: Network = Network()
     mode: Mode | list[Mode] = "training"
     tokens_per_device: int = Field(gt=0, description="Tokens each device feeds into a layer")
     sequence_length: int = Field(default=4096, gt=0, description="Tokens per sequence")

@@ -171,3 +171,36 @@ def test_synthetic_routing_is_seeded(tmp_path):
     assert run(1) == run(1)
     assert run(1) != run(2)
     assert run(None, scenario_seed=1) == run(1)  # the scenario's seed is the default
+
+
+def test_network_options_flow_tier_and_dedup(demo_dict, tmp_path):
+    base = demo_dict | {"mode": "prefill", "tokens_per_device": 128}
+
+    def run(network):
+        sc = Scenario.model_validate(base | {"network": network})
+        return simulate(sc, tmp_path).runs[0]
+
+    analytic = run({"tier": "analytic"})
+    flow = run({"tier": "flow"})
+    node = run({"tier": "flow", "dedup": "node"})
+    # the flow tier never beats the port bound on this non-blocking fabric
+    a = analytic.metrics.query("`pass` == 'forward'")["dispatch_us"].to_numpy()
+    f = flow.metrics.query("`pass` == 'forward'")["dispatch_us"].to_numpy()
+    assert (f >= a * (1 - 1e-9)).all()
+    # one copy per (token, node) moves fewer bytes than one per (token, expert)
+    assert node.metrics["bytes_sent"].sum() < flow.metrics["bytes_sent"].sum()
+    assert node.summary["step_time_us"] < flow.summary["step_time_us"]
+    # routing (and so balance) does not depend on the network model
+    assert node.summary["balance_ratio"] == analytic.summary["balance_ratio"]
+
+
+def test_oversubscribed_fabric_slows_the_step(demo_dict, tmp_path):
+    base = demo_dict | {"mode": "prefill", "tokens_per_device": 128}
+
+    def step(network):
+        sc = Scenario.model_validate(base | {"network": network})
+        return simulate(sc, tmp_path).runs[0].summary["step_time_us"]
+
+    full = step({"tier": "flow", "nodes_per_leaf": 1})
+    thin = step({"tier": "flow", "nodes_per_leaf": 1, "oversubscription": 4})
+    assert thin > full * 1.5

@@ -28,8 +28,9 @@ from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
 from moesim.sim.engine import Compute, Exchange, Op
-from moesim.sim.network import a2a_times_us
+from moesim.sim.exchange import Tier, exchange_times
 from moesim.sim.routing import LayerRouting
+from moesim.topology.build import Topology
 
 __all__ = [
     "BACKWARD_FACTOR",
@@ -44,9 +45,17 @@ BACKWARD_FACTOR = 2.0  # backward costs ~2x forward (gradients w.r.t. inputs and
 
 @dataclass(frozen=True)
 class ClusterSpec:
+    """The simulated cluster: its devices, topology and how exchanges are timed."""
+
     num_devices: int
     devices_per_node: int
-    domain_size: int  # devices sharing one scale-up fabric
+    topology: Topology
+    network: Tier = "analytic"
+
+    @property
+    def domain_size(self) -> int:
+        """Devices sharing one scale-up fabric."""
+        return self.topology.domain_size
 
 
 def allreduce_time_us(nbytes: float, hw: HardwareProfile, cluster: ClusterSpec) -> float:
@@ -93,12 +102,13 @@ def _moe_ops(
     unpermute = permute.copy()
     bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
     experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
-    disp_bytes = routed.dispatch * bytes_per_assignment(dm, dispatch_dtype)
-    comb_bytes = routed.dispatch.T * bytes_per_assignment(dm, "bf16")
-    grad_bytes_fwd_shape = routed.dispatch * bytes_per_assignment(dm, "bf16")
-    disp = a2a_times_us(disp_bytes, hw, cluster.domain_size)
-    comb = a2a_times_us(comb_bytes, hw, cluster.domain_size)
-    needs_disp = routed.dispatch > 0  # [s, d]: d receives tokens from s
+    disp_bytes = routed.copies * bytes_per_assignment(dm, dispatch_dtype)
+    comb_bytes = routed.copies.T * bytes_per_assignment(dm, "bf16")
+    grad_bytes_fwd_shape = routed.copies * bytes_per_assignment(dm, "bf16")
+    topo, tier = cluster.topology, cluster.network
+    disp = exchange_times(disp_bytes, topo, hw, tier)
+    comb = exchange_times(comb_bytes, topo, hw, tier)
+    needs_disp = routed.copies > 0  # [s, d]: d receives token copies from s
     needs_comb = needs_disp.T
     fwd: list[Op] = [
         Compute(f"L{layer} attention", "other", _full(d, costs.attention_us), layer),
@@ -130,7 +140,7 @@ def _moe_ops(
     ]
     bwd: list[Op] = []
     if training:
-        gdisp = a2a_times_us(grad_bytes_fwd_shape, hw, cluster.domain_size)
+        gdisp = exchange_times(grad_bytes_fwd_shape, topo, hw, tier)
         k = BACKWARD_FACTOR
         bwd = [
             Compute(f"L{layer} unpermute bwd", "other", unpermute, layer, "backward"),

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.sim.traffic import Dedup, copy_matrix
+
 __all__ = [
     "LayerRouting",
     "apply_capacity",
@@ -128,6 +130,8 @@ class LayerRouting:
         device_load: (D,) assignments each device processes (after capacity and replicas).
         expert_tokens: (D, S) tokens per hosted expert slot of each device.
         dispatch: (D, D) assignments sent src → dst (diagonal: stays on the device).
+        copies: (D, D) token copies on the wire src → dst under the de-duplication policy
+            (see :mod:`moesim.sim.traffic`); equals ``dispatch`` for ``dedup="none"``.
         dropped: (D,) dropped assignments, by the device of the token.
         rerouted: total assignments rerouted to another expert.
         assignments: total assignments before capacity.
@@ -136,6 +140,7 @@ class LayerRouting:
     device_load: np.ndarray
     expert_tokens: np.ndarray
     dispatch: np.ndarray
+    copies: np.ndarray
     dropped: np.ndarray
     rerouted: int
     assignments: int
@@ -152,6 +157,7 @@ def route_layer(
     devices_per_node: int,
     capacity: int,
     overflow: str = "drop",
+    dedup: Dedup = "none",
 ) -> LayerRouting:
     """Route one layer step: capacity, replica choice, per-device and per-slot loads, traffic.
 
@@ -178,10 +184,14 @@ def route_layer(
     dup = np.zeros((d, num_experts), dtype=np.int64)
     np.add.at(dup, (np.repeat(np.arange(d), slots.shape[1]), slots.reshape(-1)), 1)
     expert_tokens = per_dev_exp[np.arange(d)[:, None], slots] / dup[np.arange(d)[:, None], slots]
+    dispatch = traffic_matrix(src[kept], dst, d)
     return LayerRouting(
         device_load=device_load,
         expert_tokens=expert_tokens,
-        dispatch=traffic_matrix(src[kept], dst, d),
+        dispatch=dispatch,
+        copies=dispatch
+        if dedup == "none"
+        else copy_matrix(tok[kept], src[kept], dst, d, devices_per_node, dedup),
         dropped=dropped,
         rerouted=int(rerouted.sum()),
         assignments=t * k,

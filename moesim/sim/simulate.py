@@ -22,6 +22,7 @@ from moesim.scenario import Scenario
 from moesim.sim.engine import Exchange, Op, Records, run_program
 from moesim.sim.program import ClusterSpec, build_program, bytes_per_assignment
 from moesim.sim.routing import LayerRouting, expert_capacity, route_layer
+from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
 from moesim.traces.synthetic import synthesize
 
@@ -68,14 +69,6 @@ class SimResult:
     hw: HardwareProfile
     runs: list[ModeResult]
     inputs: dict[str, Any]
-
-
-def _scale_up_domain(hw: HardwareProfile, devices_per_node: int) -> int:
-    """Devices sharing one scale-up fabric: a multi-node domain (NVL72, TPU slice) spans
-    nodes; otherwise the fabric ends at the node."""
-    if hw.scale_up.domain_size > hw.devices_per_node:
-        return hw.scale_up.domain_size
-    return min(devices_per_node, hw.scale_up.domain_size)
 
 
 def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> Prepared:
@@ -143,10 +136,24 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         raise InputError(
             err.message, file=source, field="placement", value=scenario.placement
         ) from None
+    net = scenario.network
+    try:
+        topology = build_topology(
+            hw,
+            cl.num_devices,
+            cl.devices_per_node,
+            oversubscription=net.oversubscription,
+            nodes_per_leaf=net.nodes_per_leaf,
+        )
+    except InputError as err:
+        raise InputError(
+            err.message, file=source, field=f"network.{err.field}", value=err.value
+        ) from None
     cluster = ClusterSpec(
         num_devices=cl.num_devices,
         devices_per_node=cl.devices_per_node,
-        domain_size=_scale_up_domain(hw, cl.devices_per_node),
+        topology=topology,
+        network=net.tier,
     )
     return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers)
 
@@ -176,6 +183,7 @@ def route_step(prep: Prepared, step: int) -> dict[int, LayerRouting]:
             devices_per_node=prep.cluster.devices_per_node,
             capacity=cap,
             overflow=sc.capacity.overflow,
+            dedup=sc.network.dedup,
         )
     return out
 
