@@ -188,7 +188,7 @@ def test_network_options_flow_tier_and_dedup(demo_dict, tmp_path):
     f = flow.metrics.query("`pass` == 'forward'")["dispatch_us"].to_numpy()
     assert (f >= a * (1 - 1e-9)).all()
     # one copy per (token, node) moves fewer bytes than one per (token, expert)
-    assert node.metrics["bytes_sent"].sum() < flow.metrics["bytes_sent"].sum()
+    assert node.summary["cross_node_bytes"] < 0.8 * flow.summary["cross_node_bytes"]
     assert node.summary["step_time_us"] < flow.summary["step_time_us"]
     # routing (and so balance) does not depend on the network model
     assert node.summary["balance_ratio"] == analytic.summary["balance_ratio"]

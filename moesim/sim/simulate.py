@@ -249,7 +249,7 @@ def _layer_frame(
         exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
         load = lr.device_load
         node = np.arange(load.size) // devices_per_node
-        cross = lr.dispatch[node[:, None] != node[None, :]].sum()
+        cross = lr.copies[node[:, None] != node[None, :]].sum()  # copies on the wire
         mean_t = exp_us.mean()
         out.append(
             {
@@ -265,7 +265,7 @@ def _layer_frame(
                 "assignments": lr.assignments,
                 "drop_rate": float(lr.dropped.sum() / lr.assignments),
                 "expert_capacity": cap,
-                "cross_node_assignments": int(cross),
+                "cross_node_copies": int(cross),
                 "cross_node_bytes": float(cross * wire_bytes),
             }
         )
