@@ -173,6 +173,9 @@ def test_balance_config_switches_terms_on_and_off():
             balance_config(SMALL, bad)
     with pytest.raises(InputError, match="field 'router'"):
         balance_config(SMALL, "loss_free")
+    with pytest.raises(InputError, match="field 'n_devices'"):
+        balance_config(SMALL, "device")
+    assert balance_config(replace(SMALL, n_devices=2), "device").device_loss_coef > 0
     with pytest.raises(InputError, match="field 'steps'"):
         train_reference(SMALL, **(RUN | {"steps": 0}))
 

@@ -29,6 +29,9 @@ def train_reference_cmd(
             "device-level loss), loss_free (DeepSeek-V3 bias; router sigmoid_bias)."
         ),
     ] = "none",
+    devices: Annotated[
+        int, typer.Option(help="Devices the experts are split over, for --balance device.")
+    ] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-3,
     seed: Annotated[int, typer.Option(help="Seed of weights, batches and router noise.")] = 0,
     threads: Annotated[
@@ -47,11 +50,12 @@ def train_reference_cmd(
         typer.Option("--json", help="Print final loss, balance ratio and wall time as JSON."),
     ] = False,
 ) -> None:
-    """Train the reference MoE (d_model 128, 4 layers) on CPU on Python's stdlib source bytes.
+    """Train the reference MoE on CPU on the bytes of Python's stdlib sources.
 
-    Prints the final LM loss (nats/byte), expert-load balance ratio (max / mean of the
-    assignments per expert, averaged over MoE layers) and mean squared router logit, each
-    the mean over the last 10 % of steps, and writes a checkpoint to --out.
+    Model: d_model 128, 4 MoE layers, each of --experts SwiGLU experts (d_ff 128).
+    Prints LM loss (nats/byte), balance ratio (max / mean assignments per expert)
+    and mean squared router logit, each averaged over the last 10 % of steps.
+    Writes a checkpoint (config + state_dict) to --out.
     """
     import torch
     from rich.console import Console
@@ -62,7 +66,7 @@ def train_reference_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    config = MoEConfig(n_experts=experts, top_k=top_k, router=router)
+    config = MoEConfig(n_experts=experts, top_k=top_k, router=router, n_devices=devices)
     console = Console(stderr=True, highlight=False)
     with Progress(
         TextColumn("[bold]train-reference[/bold]"),

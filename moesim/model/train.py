@@ -101,7 +101,8 @@ def balance_config(config: MoEConfig, balance: str) -> MoEConfig:
     ``balance`` is ``none`` or ``+``-joined terms of :data:`BALANCE_TERMS` (``aux``,
     ``zloss``, ``device``, ``loss_free``), e.g. ``loss_free+zloss``. An enabled term keeps
     the config's coefficient when it is non-zero, else takes the published default;
-    disabled terms are set to zero. ``loss_free`` needs the ``sigmoid_bias`` router.
+    disabled terms are set to zero. ``loss_free`` needs the ``sigmoid_bias`` router,
+    ``device`` at least 2 ``n_devices``.
     """
     terms = [] if balance == "none" else balance.split("+")
     unknown = [t for t in terms if t not in BALANCE_TERMS]
@@ -114,6 +115,12 @@ def balance_config(config: MoEConfig, balance: str) -> MoEConfig:
     if "loss_free" in terms and config.router != "sigmoid_bias":
         raise InputError(
             "balance loss_free needs router sigmoid_bias", field="router", value=config.router
+        )
+    if "device" in terms and config.n_devices < 2:
+        raise InputError(
+            "balance device needs experts split over 2 or more devices",
+            field="n_devices",
+            value=config.n_devices,
         )
     changes: dict[str, Any] = {}
     for term, (name, default) in BALANCE_TERMS.items():
