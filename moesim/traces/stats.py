@@ -11,9 +11,11 @@ the pass runs at memory speed.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +50,27 @@ def _prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             assert isinstance(payload, BaseException)
             raise payload
         yield payload  # type: ignore[misc]
+
+
+def _layer_keys(
+    ids: np.ndarray, prev: np.ndarray | None, e: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Counts of one layer's batch: per expert (E,), per expert pair within a token (E*E,),
+    and per (previous-layer expert, this-layer expert) pair of the same token (E*E,)."""
+    k = ids.shape[1]
+    ids = np.sort(ids, axis=1).astype(np.intp)  # (n, K), ascending
+    counts = np.bincount(ids.reshape(-1), minlength=e)
+    scaled = ids * e
+    pairs = np.zeros(e * e, dtype=np.intp)
+    for i in range(k - 1):  # pairs (i, j > i): lower id first since rows are sorted
+        pairs += np.bincount((scaled[:, i : i + 1] + ids[:, i + 1 :]).reshape(-1), minlength=e * e)
+    if prev is None:
+        return counts, pairs, None
+    prev_scaled = prev.astype(np.intp) * e
+    cross = np.zeros(e * e, dtype=np.intp)
+    for i in range(k):  # expert in slot i of the previous layer x every expert here
+        cross += np.bincount((prev_scaled[:, i : i + 1] + ids).reshape(-1), minlength=e * e)
+    return counts, pairs, cross
 
 
 def _top_pairs(
@@ -87,20 +110,24 @@ def trace_stats(path: str | Path, *, top: int = 10, batch_rows: int = 1 << 17) -
     counts = {la: np.zeros(e, dtype=np.int64) for la in layers}
     pairs = {la: np.zeros(e * e, dtype=np.int64) for la in layers}
     cross = {la: np.zeros(e * e, dtype=np.int64) for la in layers[:-1]}
-    for group in _prefetch(iter_batches(info, layers, batch_rows, weights=False)):
-        prev: np.ndarray | None = None  # previous layer's ids times E
-        for li, la in enumerate(layers):
-            ids = np.sort(group[la].expert_ids, axis=1).astype(np.intp)  # (n, K), ascending
-            counts[la] += np.bincount(ids.reshape(-1), minlength=e)
-            scaled = ids * e
-            for i in range(k - 1):  # pairs (i, j > i): lower id first since rows are sorted
-                key = scaled[:, i : i + 1] + ids[:, i + 1 :]  # (n, K-1-i)
-                pairs[la] += np.bincount(key.reshape(-1), minlength=e * e)
-            if prev is not None:
-                for i in range(k):  # expert in slot i of the previous layer x every expert here
-                    key = prev[:, i : i + 1] + ids  # (n, K)
-                    cross[layers[li - 1]] += np.bincount(key.reshape(-1), minlength=e * e)
-            prev = scaled
+    workers = max(1, min(os.cpu_count() or 1, 4, len(layers)))
+    with ThreadPoolExecutor(workers) as pool:  # numpy's array arithmetic releases the GIL
+        for group in _prefetch(iter_batches(info, layers, batch_rows, weights=False)):
+            jobs = [
+                pool.submit(
+                    _layer_keys,
+                    group[la].expert_ids,
+                    group[layers[li - 1]].expert_ids if li else None,
+                    e,
+                )
+                for li, la in enumerate(layers)
+            ]
+            for li, la in enumerate(layers):
+                c, p, x = jobs[li].result()
+                counts[la] += c
+                pairs[la] += p
+                if x is not None:
+                    cross[layers[li - 1]] += x
     out_layers = []
     for li, la in enumerate(layers):
         c = counts[la]
