@@ -135,7 +135,10 @@ def load_profile(path: Path) -> HardwareProfile:
 
 @cache
 def get_profile(name: str) -> HardwareProfile:
-    """The bundled profile called ``name`` (file stem, case-insensitive)."""
+    """The bundled profile called ``name`` (file stem, case-insensitive), or the profile
+    file at ``name`` when it is a path ending in ``.yaml``/``.yml``."""
+    if name.endswith((".yaml", ".yml")):
+        return load_profile(Path(name))
     names = {n.lower(): n for n in list_profiles()}
     if name.lower() not in names:
         raise InputError(

@@ -11,6 +11,7 @@ from moesim.paths import scenarios_dir
 
 REPO = Path(__file__).resolve().parent.parent
 FLAME_TRACE = scenarios_dir() / "traces" / "flame-moe-290m"
+REFERENCE_TRACE = scenarios_dir() / "traces" / "moesim-reference"
 
 
 @pytest.fixture
@@ -26,7 +27,8 @@ def write_scenario(tmp_path: Path):
 
 
 @pytest.fixture
-def demo_dict() -> dict:
-    data = yaml.safe_load((scenarios_dir() / "demo.yaml").read_text())
+def flame_dict() -> dict:
+    """The bundled FLAME-MoE-290M scenario, with an absolute trace path."""
+    data = yaml.safe_load((scenarios_dir() / "flame-moe-290m.yaml").read_text())
     data["routing"] = {"trace": str(FLAME_TRACE)}
     return data

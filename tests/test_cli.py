@@ -97,8 +97,8 @@ def test_demo_writes_four_files_and_summary(tmp_path):
         assert external not in html  # self-contained: nothing fetched from the network
 
 
-def test_simulate_json_and_byte_identical_outputs(tmp_path, demo_dict, write_scenario):
-    scenario = write_scenario(demo_dict | {"mode": "prefill", "tokens_per_device": 128})
+def test_simulate_json_and_byte_identical_outputs(tmp_path, flame_dict, write_scenario):
+    scenario = write_scenario(flame_dict | {"mode": "prefill", "tokens_per_device": 128})
     runs = []
     for name in ("a", "b"):
         proc = moesim("simulate", str(scenario), "--out", str(tmp_path / name), "--json")
@@ -132,8 +132,8 @@ def test_hardware_list_and_show():
 # ----- bad input: one line naming file, field and value; exit 2; nothing damaged -----------
 
 
-def test_unknown_scenario_field(tmp_path, demo_dict, write_scenario):
-    path = write_scenario(demo_dict | {"capacty": {"factor": 1.0}})
+def test_unknown_scenario_field(tmp_path, flame_dict, write_scenario):
+    path = write_scenario(flame_dict | {"capacty": {"factor": 1.0}})
     assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")),
         str(path),
@@ -150,8 +150,8 @@ def test_yaml_syntax_error(tmp_path):
     )
 
 
-def test_bad_value_type(tmp_path, demo_dict, write_scenario):
-    path = write_scenario(demo_dict | {"tokens_per_device": -5})
+def test_bad_value_type(tmp_path, flame_dict, write_scenario):
+    path = write_scenario(flame_dict | {"tokens_per_device": -5})
     assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")), "tokens_per_device", "-5"
     )
@@ -165,8 +165,8 @@ def test_missing_scenario_file(tmp_path):
     )
 
 
-def test_missing_trace(tmp_path, demo_dict, write_scenario):
-    path = write_scenario(demo_dict | {"routing": {"trace": "no/such/trace"}})
+def test_missing_trace(tmp_path, flame_dict, write_scenario):
+    path = write_scenario(flame_dict | {"routing": {"trace": "no/such/trace"}})
     assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")),
         str(path),
@@ -175,16 +175,16 @@ def test_missing_trace(tmp_path, demo_dict, write_scenario):
     )
 
 
-def test_unknown_hardware(tmp_path, demo_dict, write_scenario):
-    path = write_scenario(demo_dict | {"hardware": "H1000"})
+def test_unknown_hardware(tmp_path, flame_dict, write_scenario):
+    path = write_scenario(flame_dict | {"hardware": "H1000"})
     err = assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")), "hardware", "H1000", "H100-SXM"
     )
     assert str(path) in err
 
 
-def test_unknown_model(tmp_path, demo_dict, write_scenario):
-    path = write_scenario(demo_dict | {"model": "GPT-5-MoE"})
+def test_unknown_model(tmp_path, flame_dict, write_scenario):
+    path = write_scenario(flame_dict | {"model": "GPT-5-MoE"})
     assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")),
         str(path),
@@ -198,16 +198,16 @@ def test_unknown_hardware_in_show():
     assert_one_line_error(moesim("hardware", "show", "nope"), "nope", "valid names")
 
 
-def test_trace_model_mismatch(tmp_path, demo_dict, write_scenario):
-    path = write_scenario(demo_dict | {"model": "Mixtral-8x7B"})
+def test_trace_model_mismatch(tmp_path, flame_dict, write_scenario):
+    path = write_scenario(flame_dict | {"model": "Mixtral-8x7B"})
     assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")), "num_experts", "64"
     )
 
 
-def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, demo_dict, write_scenario):
+def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, flame_dict, write_scenario):
     out = tmp_path / "out"
-    good = write_scenario(demo_dict | {"mode": "prefill", "tokens_per_device": 128}, "good.yaml")
+    good = write_scenario(flame_dict | {"mode": "prefill", "tokens_per_device": 128}, "good.yaml")
     assert moesim("simulate", str(good), "--out", str(out)).returncode == 0
     before = {n: (out / n).read_bytes() for n in OUTPUTS}
 
@@ -219,7 +219,7 @@ def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, demo_dict, write
     ids[17][2] = 99
     col = pa.array(ids, type=table.schema.field("expert_ids").type)
     pq.write_table(table.set_column(3, "expert_ids", col), part)
-    bad = write_scenario(demo_dict | {"routing": {"trace": str(bad_trace)}}, "bad.yaml")
+    bad = write_scenario(flame_dict | {"routing": {"trace": str(bad_trace)}}, "bad.yaml")
     assert_one_line_error(
         moesim("simulate", str(bad), "--out", str(out)), "layer=5", "expert_ids", "99"
     )
@@ -228,11 +228,35 @@ def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, demo_dict, write
 
 
 @pytest.mark.parametrize("payload", ["not parquet at all", ""])
-def test_corrupt_trace_file(tmp_path, demo_dict, write_scenario, payload):
+def test_corrupt_trace_file(tmp_path, flame_dict, write_scenario, payload):
     bad_trace = tmp_path / "corrupt"
     shutil.copytree(FLAME_TRACE, bad_trace)
     (bad_trace / "layer=3" / "part-0.parquet").write_text(payload)
-    path = write_scenario(demo_dict | {"routing": {"trace": str(bad_trace)}})
+    path = write_scenario(flame_dict | {"routing": {"trace": str(bad_trace)}})
     assert_one_line_error(
         moesim("simulate", str(path), "--out", str(tmp_path / "o")), "layer=3", "Parquet"
     )
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        (
+            lambda d: d["memory"].__setitem__("hbm_bandwidth_gbps", -3350),
+            ("memory.hbm_bandwidth_gbps", "-3350", "greater than 0"),
+        ),
+        (lambda d: d["compute"].pop("bf16_dense_tflops"), ("compute.bf16_dense_tflops", "missing")),
+        (lambda d: d["sources"].pop("memory.hbm_bytes"), ("memory.hbm_bytes", "sources")),
+    ],
+)
+def test_bad_hardware_profile_file(tmp_path, flame_dict, write_scenario, edit, needles):
+    import yaml
+
+    data = yaml.safe_load((REPO / "hardware_profiles" / "H100-SXM.yaml").read_text())
+    edit(data)
+    (tmp_path / "my-gpu.yaml").write_text(yaml.safe_dump(data))
+    path = write_scenario(flame_dict | {"hardware": "my-gpu.yaml"})
+    assert_one_line_error(
+        moesim("simulate", str(path), "--out", str(tmp_path / "o")), "my-gpu.yaml", *needles
+    )
+    assert not (tmp_path / "o").exists()

@@ -11,7 +11,15 @@ from moesim.hardware import get_profile
 from moesim.kernels.bench import BenchShape, op_work
 from moesim.model.shapes import get_preset
 
-TRUE = OpFactors(launch_us=20.0, peak_flop_per_us=5e4, bytes_per_us=8e3, half_tokens=12.0)
+TRUE = OpFactors(
+    launch_us=20.0,
+    peak_flop_per_us=5e4,
+    bytes_per_us=8e3,
+    half_tokens=12.0,
+    cache_bytes_per_us=3e4,
+    cache_bytes=2e7,
+    cache_sharpness=2.0,
+)
 TOKENS = [2**i for i in range(0, 14)]
 
 
@@ -47,9 +55,27 @@ def _table(models: list[str], factors: OpFactors = TRUE, noise: float = 0.0) -> 
 
 
 def test_calibration_recovers_known_factors():
-    fit = calibrate(_table(["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"]))
-    for got, want in zip(fit.to_dict().values(), TRUE.to_dict().values(), strict=True):
-        assert got == pytest.approx(want, rel=1e-3)
+    table = _table(["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"])
+    fit = calibrate(table)
+    pred = predict_us(fit, table["flops"], table["bytes"], table["tokens"])
+    np.testing.assert_allclose(pred, table["median_us"], rtol=1e-3)
+    assert fit.launch_us == pytest.approx(TRUE.launch_us, rel=0.05)
+    assert fit.peak_flop_per_us == pytest.approx(TRUE.peak_flop_per_us, rel=0.05)
+    assert fit.bytes_per_us == pytest.approx(TRUE.bytes_per_us, rel=0.05)
+
+
+def test_cache_step_in_bandwidth():
+    f = OpFactors(
+        launch_us=0.0,
+        peak_flop_per_us=1.0,
+        bytes_per_us=10.0,
+        cache_bytes_per_us=100.0,
+        cache_bytes=1e6,
+        cache_sharpness=8.0,
+    )
+    small, large = predict_us(f, np.zeros(2), np.array([1e4, 1e9]), np.ones(2))
+    assert small == pytest.approx(1e4 / 100.0, rel=1e-3)  # in cache
+    assert large == pytest.approx(1e9 / 10.0, rel=1e-3)  # from memory
 
 
 def test_held_out_shape_predicted_from_the_others():

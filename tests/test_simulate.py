@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from moesim.hardware import get_profile
 from moesim.model.shapes import ModelShape
+from moesim.paths import scenarios_dir
 from moesim.scenario import Scenario
 from moesim.sim.simulate import simulate
 from moesim.traces.store import RoutingTrace, write_trace
-from tests.conftest import FLAME_TRACE
+from tests.conftest import FLAME_TRACE, REFERENCE_TRACE
 
 TINY_MODEL = {
     "name": "tiny",
@@ -27,15 +29,16 @@ TINY_MODEL = {
 
 
 def _independent_device_loads(
-    tokens_per_device: int, devices: int, cap_factor: float
+    trace_dir, tokens_per_device: int, devices: int, cap_factor: float, num_experts: int
 ) -> np.ndarray:
     """(L, D) device loads from the raw Parquet files with plain Python loops."""
     loads = []
-    for part in sorted(FLAME_TRACE.glob("layer=*/*.parquet"), key=lambda p: int(p.parent.name[6:])):
+    parts = sorted(trace_dir.glob("layer=*/*.parquet"), key=lambda p: int(p.parent.name[6:]))
+    for part in parts:
         rows = pq.read_table(part).sort_by("token").column("expert_ids").to_pylist()
         n = devices * tokens_per_device
         ids = [rows[i % len(rows)] for i in range(n)]  # the trace replayed cyclically
-        k, e = len(ids[0]), 64
+        k, e = len(ids[0]), num_experts
         cap = -(-int(cap_factor * n * k * 1000) // (e * 1000))  # ceil, exact for 1.25
         used = [0] * e
         dev_load = [0] * devices
@@ -44,22 +47,34 @@ def _independent_device_loads(
                 ex = ids[tok][rank]
                 if used[ex] < cap:
                     used[ex] += 1
-                    dev_load[ex // (e // devices)] += 1  # contiguous: 4 experts per device
+                    dev_load[ex // (e // devices)] += 1  # contiguous blocks of experts
         loads.append(dev_load)
     return np.array(loads)
 
 
-def test_demo_device_counts_match_independent_count(demo_dict, tmp_path):
-    sc = Scenario.model_validate(demo_dict)
+def _check_counts(data: dict, trace_dir, tmp_path) -> None:
+    sc = Scenario.model_validate(data)
     result = simulate(sc, tmp_path)
     m = result.runs[0].metrics
-    fwd = m[(m["pass"] == "forward") & (m["layer"] >= 1)].sort_values(["layer", "device"])
-    got = fwd["device_load"].to_numpy().reshape(8, 16)
-    expected = _independent_device_loads(sc.tokens_per_device, 16, sc.capacity.factor)
+    moe = sorted(set(result.runs[0].layers["layer"]))
+    fwd = m[(m["pass"] == "forward") & m["layer"].isin(moe)].sort_values(["layer", "device"])
+    got = fwd["device_load"].to_numpy().reshape(len(moe), 16)
+    expected = _independent_device_loads(trace_dir, sc.tokens_per_device, 16,
+                                         sc.capacity.factor, result.shape.num_experts)
     np.testing.assert_array_equal(got, expected)
     # the per-layer balance ratio follows from those counts
     br = expected.max(axis=1) / expected.mean(axis=1)
     assert result.runs[0].summary["balance_ratio"] == pytest.approx(br.tolist(), abs=1e-6)
+
+
+def test_flame_device_counts_match_independent_count(flame_dict, tmp_path):
+    _check_counts(flame_dict, FLAME_TRACE, tmp_path)
+
+
+def test_demo_device_counts_match_independent_count(tmp_path):
+    data = yaml.safe_load((scenarios_dir() / "demo.yaml").read_text())
+    data["routing"] = {"trace": str(REFERENCE_TRACE)}
+    _check_counts(data, REFERENCE_TRACE, tmp_path)
 
 
 def _trace(ids: np.ndarray, num_experts: int) -> RoutingTrace:
@@ -119,8 +134,8 @@ def test_uniform_routing_gives_closed_form_dispatch(tmp_path):
     assert (m["wait_us"] == 0).all()
 
 
-def test_training_has_backward_and_allreduce(demo_dict, tmp_path):
-    sc = Scenario.model_validate(demo_dict | {"mode": ["training", "prefill"]})
+def test_training_has_backward_and_allreduce(flame_dict, tmp_path):
+    sc = Scenario.model_validate(flame_dict | {"mode": ["training", "prefill"]})
     res = simulate(sc, tmp_path)
     train, prefill = res.runs
     assert set(train.metrics["pass"]) == {"forward", "backward"}
@@ -131,14 +146,14 @@ def test_training_has_backward_and_allreduce(demo_dict, tmp_path):
     assert sum(b.values()) == pytest.approx(train.summary["step_time_us"], rel=1e-9)
 
 
-def test_capacity_drops_match_definition(demo_dict, tmp_path):
-    sc = Scenario.model_validate(demo_dict | {"mode": "prefill", "tokens_per_device": 128})
+def test_capacity_drops_match_definition(flame_dict, tmp_path):
+    sc = Scenario.model_validate(flame_dict | {"mode": "prefill", "tokens_per_device": 128})
     res = simulate(sc, tmp_path)
     s = res.runs[0].summary
     assert s["expert_capacity"] == 240  # ceil(1.25 * 2048 * 6 / 64)
 
     def variant(capacity):
-        data = demo_dict | {"mode": "prefill", "tokens_per_device": 128, "capacity": capacity}
+        data = flame_dict | {"mode": "prefill", "tokens_per_device": 128, "capacity": capacity}
         return simulate(Scenario.model_validate(data), tmp_path).runs[0].summary
 
     assert variant({"factor": None})["drop_rate"] == 0.0
@@ -147,8 +162,8 @@ def test_capacity_drops_match_definition(demo_dict, tmp_path):
     assert rr["drop_rate"] < s["drop_rate"] and rr["rerouted"] > 0
 
 
-def test_decode_mode_runs(demo_dict, tmp_path):
-    sc = Scenario.model_validate(demo_dict | {"mode": "decode", "tokens_per_device": 64})
+def test_decode_mode_runs(flame_dict, tmp_path):
+    sc = Scenario.model_validate(flame_dict | {"mode": "decode", "tokens_per_device": 64})
     s = simulate(sc, tmp_path).runs[0].summary
     assert s["mode"] == "decode" and s["step_time_us"] > 0
 
@@ -173,8 +188,8 @@ def test_synthetic_routing_is_seeded(tmp_path):
     assert run(None, scenario_seed=1) == run(1)  # the scenario's seed is the default
 
 
-def test_network_options_flow_tier_and_dedup(demo_dict, tmp_path):
-    base = demo_dict | {"mode": "prefill", "tokens_per_device": 128}
+def test_network_options_flow_tier_and_dedup(flame_dict, tmp_path):
+    base = flame_dict | {"mode": "prefill", "tokens_per_device": 128}
 
     def run(network):
         sc = Scenario.model_validate(base | {"network": network})
@@ -194,8 +209,8 @@ def test_network_options_flow_tier_and_dedup(demo_dict, tmp_path):
     assert node.summary["balance_ratio"] == analytic.summary["balance_ratio"]
 
 
-def test_oversubscribed_fabric_slows_the_step(demo_dict, tmp_path):
-    base = demo_dict | {"mode": "prefill", "tokens_per_device": 128}
+def test_oversubscribed_fabric_slows_the_step(flame_dict, tmp_path):
+    base = flame_dict | {"mode": "prefill", "tokens_per_device": 128}
 
     def step(network):
         sc = Scenario.model_validate(base | {"network": network})

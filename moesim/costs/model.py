@@ -9,12 +9,15 @@
 2. Otherwise the time is a roofline with per-op factors::
 
        t = launch_us + smoothmax(flops * (tokens + half_tokens) / (tokens * peak),
-                                 bytes / bandwidth)
+                                 bytes / bandwidth(bytes))
+       bandwidth(b) = dram + (cache - dram) / (1 + (b / cache_bytes) ** sharpness)
 
-   ``peak`` (FLOP/µs) and ``bandwidth`` (bytes/µs) are the achievable rates, and
-   ``half_tokens`` the batch at which a GEMM reaches half its peak — the small-batch
-   inefficiency. Without a table, they come from the hardware profile (peak × gemm
-   efficiency, HBM × hbm efficiency, its launch overhead, ``half_tokens`` 0); with a
+   ``peak`` (FLOP/µs) and the bandwidths (bytes/µs) are achievable rates; ``half_tokens``
+   is the batch at which a GEMM reaches half its peak (the small-batch inefficiency);
+   the bandwidth steps from cache speed down to memory speed around a working set of
+   ``cache_bytes`` — the same caches serve every shape, so this carries across shapes.
+   Without a table the factors come from the hardware profile (peak × gemm efficiency,
+   HBM × hbm efficiency, its launch overhead, no small-batch or cache term); with a
    table, :func:`calibrate` fits them per op by least squares on log time.
 
 ``flops`` and ``bytes`` of an op come from :func:`moesim.kernels.bench.op_work`, the same
@@ -52,20 +55,18 @@ _SHAPE_COLS = ("d_model", "d_ff", "num_experts", "top_k", "num_heads", "head_dim
 
 @dataclass(frozen=True)
 class OpFactors:
-    """Roofline factors of one op: launch_us, peak (FLOP/µs), bandwidth (bytes/µs), half_tokens."""
+    """Roofline factors of one op (see the module docstring); rates per µs."""
 
     launch_us: float
     peak_flop_per_us: float
-    bytes_per_us: float
+    bytes_per_us: float  # memory (DRAM/HBM) bandwidth
     half_tokens: float = 0.0
+    cache_bytes_per_us: float | None = None  # None: no cache step
+    cache_bytes: float = 1.0
+    cache_sharpness: float = 1.0
 
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "launch_us": self.launch_us,
-            "peak_flop_per_us": self.peak_flop_per_us,
-            "bytes_per_us": self.bytes_per_us,
-            "half_tokens": self.half_tokens,
-        }
+    def to_dict(self) -> dict[str, float | None]:
+        return dict(self.__dict__)
 
 
 def predict_us(
@@ -73,8 +74,13 @@ def predict_us(
 ) -> np.ndarray:
     """Roofline time of calls with the given work and tokens (arrays broadcast)."""
     tokens = np.maximum(np.asarray(tokens, dtype=np.float64), 1e-9)
+    nbytes = np.asarray(nbytes, float)
     compute = np.asarray(flops, float) * (tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
-    memory = np.asarray(nbytes, float) / f.bytes_per_us
+    bw: np.ndarray | float = f.bytes_per_us
+    if f.cache_bytes_per_us is not None:
+        step = 1 + (np.maximum(nbytes, 1.0) / f.cache_bytes) ** f.cache_sharpness
+        bw = f.bytes_per_us + (f.cache_bytes_per_us - f.bytes_per_us) / step
+    memory = nbytes / bw
     p = _SMOOTH_P
     return f.launch_us + (compute**p + memory**p) ** (1 / p)
 
@@ -97,28 +103,34 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     by = rows["bytes"].to_numpy(float)
     tok = rows["tokens"].to_numpy(float)
     t = rows["median_us"].to_numpy(float)
-    if start is None:  # rough starting point from the data itself
-        big = t > np.median(t)
-        peak = float(np.max(fl[big] / t[big])) if (fl > 0).any() else 1.0
-        bw = float(np.max(by / t))
-        start = OpFactors(float(max(t.min() * 0.5, 0.1)), max(peak, 1.0), max(bw, 1.0), 8.0)
-    uses_flops = bool((fl > 0).any())
+    big = t > np.median(t)
+    peak = float(np.max(fl[big] / t[big])) if (fl[big] > 0).any() else 1.0
+    bw = float(np.median(by / t))
+    x0 = np.log(
+        [max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, max(4 * bw, 1.0), 4e6, 2.0]
+    )
+    if start is not None:
+        x0[:3] = np.log([start.launch_us, start.peak_flop_per_us, start.bytes_per_us])
+    lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e3, 0.3])
+    hi = np.log([1e6, 1e12, 1e12, 1e6, 1e12, 1e11, 8.0])
+    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
     def unpack(x: np.ndarray) -> OpFactors:
+        v = np.exp(x)
         return OpFactors(
-            math.exp(x[0]), math.exp(x[1]), math.exp(x[2]), math.exp(x[3]) if uses_flops else 0.0
+            float(v[0]),
+            float(v[1]),
+            float(v[2]),
+            float(v[3]),
+            float(v[4]),
+            float(v[5]),
+            float(v[6]),
         )
 
     def resid(x: np.ndarray) -> np.ndarray:
         return np.log(predict_us(unpack(x), fl, by, tok)) - np.log(t)
 
-    x0 = np.log(
-        [start.launch_us, start.peak_flop_per_us, start.bytes_per_us, max(start.half_tokens, 1.0)]
-    )
-    fit = least_squares(
-        resid, x0, bounds=(np.log([1e-3, 1e-3, 1e-3, 1e-3]), np.log([1e6, 1e12, 1e12, 1e6]))
-    )
-    return unpack(fit.x)
+    return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
 
 
 def _key(op: str, s: BenchShape, dtype: str) -> tuple[object, ...]:

@@ -74,7 +74,10 @@ class SimResult:
 def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> Prepared:
     """Load the hardware, model, routing and placement a scenario names, and cross-check them."""
     try:
-        hw = get_profile(scenario.hardware)
+        hw_name = scenario.hardware
+        if hw_name.endswith((".yaml", ".yml")) and not Path(hw_name).is_absolute():
+            hw_name = str(base_dir / hw_name)  # a profile file next to the scenario
+        hw = get_profile(hw_name)
         shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
     except InputError as err:
         if err.file is not None:
