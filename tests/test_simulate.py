@@ -59,8 +59,9 @@ def _check_counts(data: dict, trace_dir, tmp_path) -> None:
     moe = sorted(set(result.runs[0].layers["layer"]))
     fwd = m[(m["pass"] == "forward") & m["layer"].isin(moe)].sort_values(["layer", "device"])
     got = fwd["device_load"].to_numpy().reshape(len(moe), 16)
-    expected = _independent_device_loads(trace_dir, sc.tokens_per_device, 16,
-                                         sc.capacity.factor, result.shape.num_experts)
+    expected = _independent_device_loads(
+        trace_dir, sc.tokens_per_device, 16, sc.capacity.factor, result.shape.num_experts
+    )
     np.testing.assert_array_equal(got, expected)
     # the per-layer balance ratio follows from those counts
     br = expected.max(axis=1) / expected.mean(axis=1)

@@ -144,8 +144,13 @@ def check_layer(
 
 
 def _atomic_dir(dest: Path) -> Path:
+    """A temporary folder beside ``dest``, with normal permissions (mkdtemp makes 0700)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def _fixed_list(values: np.ndarray, width: int, dtype: pa.DataType) -> pa.FixedSizeListArray:

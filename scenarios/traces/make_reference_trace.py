@@ -33,8 +33,9 @@ CAPTURE_TOKENS = 32_768
 def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    result = train_reference(CONFIG, steps=STEPS, batch_size=BATCH, seq_len=SEQ, seed=SEED,
-                             balance="aux")
+    result = train_reference(
+        CONFIG, steps=STEPS, batch_size=BATCH, seq_len=SEQ, seed=SEED, balance="aux"
+    )
     train_s = time.perf_counter() - t0
     corpus = load_corpus(DEFAULT_CORPUS_BYTES + CAPTURE_TOKENS)
     held_out = corpus[DEFAULT_CORPUS_BYTES:].to(torch.long)
@@ -44,11 +45,18 @@ def main() -> None:
     tail = 10 * STEPS // 100
     meta = {
         "model": "moesim-reference",
-        "trained": {"steps": STEPS, "batch_size": BATCH, "seq_len": SEQ, "seed": SEED,
-                    "balance": "aux", "corpus": "Python stdlib .py bytes",
-                    "final_lm_loss": float(sum(result.lm_loss[-tail:]) / tail),
-                    "final_balance_ratio": float(sum(result.balance_ratio[-tail:]) / tail),
-                    "train_s": round(train_s, 1), "torch": torch.__version__},
+        "trained": {
+            "steps": STEPS,
+            "batch_size": BATCH,
+            "seq_len": SEQ,
+            "seed": SEED,
+            "balance": "aux",
+            "corpus": "Python stdlib .py bytes",
+            "final_lm_loss": float(sum(result.lm_loss[-tail:]) / tail),
+            "final_balance_ratio": float(sum(result.balance_ratio[-tail:]) / tail),
+            "train_s": round(train_s, 1),
+            "torch": torch.__version__,
+        },
         "captured_on": f"{CAPTURE_TOKENS} held-out bytes after the training corpus",
     }
     capture_reference(result.model, ids, HERE / "moesim-reference", meta=meta)
