@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,25 @@ def flame_dict() -> dict:
     data = yaml.safe_load((scenarios_dir() / "flame-moe-290m.yaml").read_text())
     data["routing"] = {"trace": str(FLAME_TRACE)}
     return data
+
+
+def run_moesim(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the ``moesim`` command line in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "moesim", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Bad input: exit status 2, no traceback, one line on stderr holding every needle."""
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +18,8 @@ from moesim.kernels.profile_import import (
     kernel_base_name,
     write_kernel_csv,
 )
+from tests.conftest import run_moesim as _moesim
 
-REPO = Path(__file__).resolve().parents[1]
 DEEPSEEK_TRACE = (
     Path(__file__).resolve().parents[2]
     / "shared"
@@ -408,16 +406,6 @@ def test_kernel_with_bad_duration(tmp_path: Path) -> None:
 
 
 # ----- command line ------------------------------------------------------------------------------
-def _moesim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moesim", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-
-
 def test_cli_json_and_csv(trace_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "k.csv"
     proc = _moesim("kernels", "import-profile", str(trace_file), "--json", "--out", str(out))

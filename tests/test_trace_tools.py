@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,27 +14,10 @@ from moesim.traces.stats import trace_stats
 from moesim.traces.store import TraceWriter, iter_batches, open_trace, read_trace
 from moesim.traces.synthetic import parse_distribution, synth_to_store, synthesize
 from tests.conftest import REPO
+from tests.conftest import assert_one_line_error as one_line_error
+from tests.conftest import run_moesim as moesim
 
 COUNTS_JSON = REPO.parent / "shared" / "data" / "olmoe_mixtral_expert_counts_L0_7_15.json"
-
-
-def moesim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moesim", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # ----- streaming store ---------------------------------------------------------------------

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +19,7 @@ from moesim.model.train import (
     load_reference,
     train_reference,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import run_moesim as _moesim
 
 # A tiny model and a short run: ~1 s per run on one core. Without balancing its router
 # collapses (nearly every token picks the same two of 8 experts, ratio near 4); the
@@ -178,16 +174,6 @@ def test_balance_config_switches_terms_on_and_off():
     assert balance_config(replace(SMALL, n_devices=2), "device").device_loss_coef > 0
     with pytest.raises(InputError, match="field 'steps'"):
         train_reference(SMALL, **(RUN | {"steps": 0}))
-
-
-def _moesim(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moesim", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
 
 
 def test_cli_trains_writes_a_checkpoint_and_prints_json(tmp_path):
