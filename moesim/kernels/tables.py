@@ -104,21 +104,7 @@ TIME_COLUMNS: tuple[str, ...] = ("median_us", "p10_us", "p90_us", "min_us")
 
 _FLOAT_COLUMNS: tuple[str, ...] = (*TIME_COLUMNS, "flops", "bytes")
 
-KEY_COLUMNS: tuple[str, ...] = (
-    "op",
-    "model",
-    "dtype",
-    "tokens",
-    "d_model",
-    "d_ff",
-    "num_experts",
-    "top_k",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "v_head_dim",
-    "threads",
-)
+KEY_COLUMNS: tuple[str, ...] = (*TABLE_COLUMNS[: TABLE_COLUMNS.index("flops")], "threads")
 """A row's identity: a new measurement with the same key replaces the old one."""
 
 
