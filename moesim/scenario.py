@@ -33,6 +33,7 @@ __all__ = [
     "Network",
     "Routing",
     "Scenario",
+    "Stragglers",
     "SyntheticRouting",
     "load_scenario",
 ]
@@ -106,6 +107,27 @@ class Network(BaseModel):
     nodes_per_leaf: int | None = Field(default=None, gt=0)
 
 
+class Stragglers(BaseModel):
+    """Injected slowness: slow devices, seeded jitter on compute, degraded NICs."""
+
+    model_config = _STRICT
+    slow_devices: dict[int, float] = Field(
+        default_factory=dict, description="device -> compute time factor, e.g. {5: 1.3}"
+    )
+    jitter: float = Field(default=0.0, ge=0, description="log-normal spread of compute times")
+    degraded_nics: dict[int, float] = Field(
+        default_factory=dict, description="device -> NIC bandwidth factor, e.g. {3: 0.5}"
+    )
+
+    @field_validator("slow_devices", "degraded_nics")
+    @classmethod
+    def _positive(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {d: f for d, f in v.items() if f <= 0 or d < 0}
+        if bad:
+            raise ValueError(f"devices must be >= 0 and factors > 0, got {bad}")
+        return v
+
+
 class Scenario(BaseModel):
     model_config = _STRICT
     name: str = "scenario"
@@ -116,6 +138,7 @@ class Scenario(BaseModel):
     placement: Literal["contiguous"] = "contiguous"
     capacity: Capacity = Capacity()
     network: Network = Network()
+    stragglers: Stragglers = Stragglers()
     mode: Mode | list[Mode] = "training"
     tokens_per_device: int = Field(gt=0, description="Tokens each device feeds into a layer")
     sequence_length: int = Field(default=4096, gt=0, description="Tokens per sequence")

@@ -56,7 +56,7 @@ def exchange_times(
     cross = float(m[node[:, None] != node[None, :]].sum())
     sent, recv = m.sum(axis=1), m.sum(axis=0)
     if tier == "analytic":
-        ports = a2a_times_us(m, hw, topo.domain_size)
+        ports = a2a_times_us(m, hw, topo.domain_size, topo.nic_scale)
         latency = np.zeros(d)
         if src.size:
             lat = _path_latency(topo, src, dst)

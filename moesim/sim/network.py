@@ -35,10 +35,16 @@ class A2ATimes:
     cross_domain_bytes: float
 
 
-def a2a_times_us(nbytes: np.ndarray, hw: HardwareProfile, domain_size: int) -> A2ATimes:
+def a2a_times_us(
+    nbytes: np.ndarray,
+    hw: HardwareProfile,
+    domain_size: int,
+    out_scale: np.ndarray | None = None,
+) -> A2ATimes:
     """Port-limited time of each device for the (D, D) byte matrix ``nbytes`` (src → dst).
 
-    The diagonal (data that stays on a device) costs nothing.
+    The diagonal (data that stays on a device) costs nothing. ``out_scale`` (D,) scales
+    each device's scale-out port bandwidth (a degraded NIC).
     """
     d = nbytes.shape[0]
     m = nbytes.astype(np.float64).copy()
@@ -47,8 +53,10 @@ def a2a_times_us(nbytes: np.ndarray, hw: HardwareProfile, domain_size: int) -> A
     same = dom[:, None] == dom[None, :]
     up, out = np.where(same, m, 0.0), np.where(same, 0.0, m)
     bw_up = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up * 1e3  # bytes/µs
-    bw_out = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
+    bw_out: float | np.ndarray = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
     t_up = np.maximum(up.sum(axis=1), up.sum(axis=0)) / bw_up
+    if out_scale is not None:
+        bw_out = bw_out * out_scale
     t_out = np.maximum(out.sum(axis=1), out.sum(axis=0)) / bw_out
     uses_up = (up.sum(axis=1) + up.sum(axis=0)) > 0
     uses_out = (out.sum(axis=1) + out.sum(axis=0)) > 0

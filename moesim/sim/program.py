@@ -13,7 +13,7 @@ Prefill and decode run the forward pass only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "BACKWARD_FACTOR",
     "ClusterSpec",
     "allreduce_time_us",
+    "apply_stragglers",
     "build_program",
     "bytes_per_assignment",
 ]
@@ -75,6 +76,24 @@ def bytes_per_assignment(d_model: int, dtype: str) -> float:
     scale per 128 channels (DeepSeek-V3's fine-grained quantisation)."""
     b = d_model * BYTES_PER_ELEMENT[dtype]
     return b + (d_model / 128) * 4 if dtype == "fp8" else b
+
+
+def apply_stragglers(
+    program: list[Op], slowdown: np.ndarray, jitter: float, rng: np.random.Generator
+) -> list[Op]:
+    """The program with every compute op of device ``d`` taking ``slowdown[d]`` times as
+    long, times seeded log-normal noise of relative spread ``jitter`` (mean 1) per op and
+    device. Transfers are untouched."""
+    out: list[Op] = []
+    d = slowdown.size
+    for op in program:
+        if isinstance(op, Compute):
+            factor = slowdown
+            if jitter > 0:
+                factor = factor * rng.lognormal(-(jitter**2) / 2, jitter, size=d)
+            op = replace(op, duration_us=op.duration_us * factor)
+        out.append(op)
+    return out
 
 
 def _full(d: int, value: float) -> np.ndarray:

@@ -20,7 +20,12 @@ from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
 from moesim.sim.engine import Exchange, Op, Records, run_program
-from moesim.sim.program import ClusterSpec, build_program, bytes_per_assignment
+from moesim.sim.program import (
+    ClusterSpec,
+    apply_stragglers,
+    build_program,
+    bytes_per_assignment,
+)
 from moesim.sim.routing import LayerRouting, expert_capacity, route_layer
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
@@ -152,6 +157,19 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         raise InputError(
             err.message, file=source, field=f"network.{err.field}", value=err.value
         ) from None
+    bad = [
+        x
+        for x in (*scenario.stragglers.slow_devices, *scenario.stragglers.degraded_nics)
+        if x >= cl.num_devices
+    ]
+    if bad:
+        raise InputError(
+            f"device out of range 0..{cl.num_devices - 1}",
+            file=source,
+            field="stragglers",
+            value=bad[0],
+        )
+    topology = topology.degrade_nics(scenario.stragglers.degraded_nics)
     cluster = ClusterSpec(
         num_devices=cl.num_devices,
         devices_per_node=cl.devices_per_node,
@@ -306,6 +324,14 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             dtype=sc.precision,
             dispatch_dtype=sc.dispatch_dtype,
         )
+        st = sc.stragglers
+        if st.slow_devices or st.jitter:
+            slow = np.ones(d)
+            for dev, factor in st.slow_devices.items():
+                slow[dev] = factor
+            program = apply_stragglers(
+                program, slow, st.jitter, np.random.default_rng([sc.seed, step, 0x51])
+            )
         rec = run_program(program, d)
         m = _metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
         metrics.append(m)

@@ -27,7 +27,7 @@ Kinds (chosen from the profile's ``scale_up.topology``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -102,6 +102,30 @@ class Topology:
     latency_us: np.ndarray = field(repr=False)  # (num_links,)
     tables: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
     dims: tuple[int, ...] = ()
+    nic_scale: np.ndarray | None = field(repr=False, default=None)  # (D,) degraded NICs
+
+    def degrade_nics(self, scale: dict[int, float]) -> Topology:
+        """A copy whose listed devices' NIC links (both directions) run at ``scale`` of their
+        capacity, e.g. ``{3: 0.5}`` for a NIC at half speed."""
+        if not scale:
+            return self
+        if "nic_up" not in self.tables:
+            raise InputError(
+                "this topology has no NICs to degrade", field="degraded_nics", value=sorted(scale)
+            )
+        cap = self.capacity_gbps.copy()
+        nic = np.ones(self.num_devices) if self.nic_scale is None else self.nic_scale.copy()
+        for dev, factor in scale.items():
+            if not 0 <= dev < self.num_devices or factor <= 0:
+                raise InputError(
+                    "needs a device in range and a positive factor",
+                    field="degraded_nics",
+                    value={dev: factor},
+                )
+            cap[self.tables["nic_up"][dev]] *= factor
+            cap[self.tables["nic_down"][dev]] *= factor
+            nic[dev] *= factor
+        return replace(self, capacity_gbps=cap, nic_scale=nic)
 
     @property
     def num_links(self) -> int:
