@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from tests.conftest import FLAME_TRACE, REPO, assert_one_line_error
 from tests.conftest import run_moesim as moesim
 
-OUTPUTS = ("report.html", "summary.md", "metrics.parquet", "timeline.json")
+OUTPUTS = ("report.html", "summary.md", "metrics.parquet", "phases.parquet", "timeline.json")
 
 
 def test_help_lists_commands():
@@ -54,7 +55,25 @@ def test_demo_writes_four_files_and_summary(tmp_path):
     events = timeline["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]
     assert {e["pid"] for e in spans} == set(range(16))
-    assert {e["tid"] for e in spans} == {0, 1}  # compute and communication tracks
+    assert {e["tid"] for e in spans} == {0, 1, 2}  # compute, send and receive tracks
+    sends = [e for e in spans if e["tid"] == 1]
+    assert sends and all("sent_bytes" in e["args"] for e in sends)
+    phases = pq.read_table(tmp_path / "demo" / "phases.parquet").to_pandas()
+    assert not phases.duplicated(["mode", "step", "pass", "layer", "device", "phase"]).any()
+    assert {
+        "start_us",
+        "wait_us",
+        "duration_us",
+        "bytes_sent",
+        "bytes_recv",
+        "device_load",
+        "dropped",
+    } <= set(phases.columns)
+    # per device, busy and waiting time of all phases add up to the end of the last one
+    train = phases[phases["mode"] == "training"]
+    per_dev = train.groupby("device")[["wait_us", "duration_us"]].sum().sum(axis=1)
+    ends = (train["start_us"] + train["duration_us"]).groupby(train["device"]).max()
+    np.testing.assert_allclose(per_dev.to_numpy(), ends.to_numpy(), rtol=1e-9)
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     metrics = pq.read_table(tmp_path / "demo" / "metrics.parquet").to_pandas()
     assert {

@@ -1,8 +1,9 @@
 """Chrome trace event format timeline (open in Perfetto or chrome://tracing).
 
-One process per device; thread 0 is compute, thread 1 communication (transfers, and
-the waits before them). ``ts`` and ``dur`` are in microseconds. Several modes are laid
-out one after another on the same device tracks.
+One process per device; thread 0 is compute, thread 1 sending and thread 2 receiving
+(each transfer appears on both, with the bytes that device sends or receives; the wait
+before a transfer is on the receive track). ``ts`` and ``dur`` are in microseconds.
+Several modes are laid out one after another on the same device tracks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from moesim.sim.simulate import SimResult
 
 __all__ = ["timeline_events", "timeline_json"]
 
-COMPUTE_TID, COMM_TID = 0, 1
+COMPUTE_TID, SEND_TID, RECV_TID = 0, 1, 2
 GAP_US = 100.0
 
 
@@ -43,7 +44,7 @@ def timeline_events(result: SimResult) -> list[dict[str, Any]]:
                 "args": {"sort_index": dev},
             }
         )
-        for tid, tname in ((COMPUTE_TID, "compute"), (COMM_TID, "communication")):
+        for tid, tname in ((COMPUTE_TID, "compute"), (SEND_TID, "send"), (RECV_TID, "receive")):
             events.append(
                 {"name": "thread_name", "ph": "M", "pid": dev, "tid": tid, "args": {"name": tname}}
             )
@@ -63,7 +64,6 @@ def timeline_events(result: SimResult) -> list[dict[str, Any]]:
                 )
             for i, op in enumerate(run.program):
                 comm = isinstance(op, Exchange)
-                tid = COMM_TID if comm else COMPUTE_TID
                 for dev in range(d):
                     start = offset + float(rec.start_us[i, dev])
                     wait = float(rec.wait_us[i, dev])
@@ -71,38 +71,64 @@ def timeline_events(result: SimResult) -> list[dict[str, Any]]:
                     args = {"mode": run.mode, "step": step, "pass": op.pass_, "layer": op.layer}
                     if wait > 0:
                         events.append(
-                            {
-                                "name": f"wait: {op.name}",
-                                "cat": "wait",
-                                "ph": "X",
-                                "ts": round(start - wait, 3),
-                                "dur": round(wait, 3),
-                                "pid": dev,
-                                "tid": tid,
-                                "args": args,
-                            }
+                            _span(
+                                f"wait: {op.name}",
+                                "wait",
+                                start - wait,
+                                wait,
+                                dev,
+                                RECV_TID if comm else COMPUTE_TID,
+                                args,
+                            )
                         )
-                    if dur > 0:
-                        if isinstance(op, Exchange):
-                            args = args | {
-                                "sent_bytes": float(op.sent_bytes[dev])
-                                if op.sent_bytes.size
-                                else 0.0
-                            }
+                    if dur <= 0:
+                        continue
+                    if isinstance(op, Exchange):
+                        sent = float(op.sent_bytes[dev]) if op.sent_bytes.size else 0.0
+                        recv = float(op.recv_bytes[dev]) if op.recv_bytes.size else 0.0
                         events.append(
-                            {
-                                "name": op.name,
-                                "cat": op.category,
-                                "ph": "X",
-                                "ts": round(start, 3),
-                                "dur": round(dur, 3),
-                                "pid": dev,
-                                "tid": tid,
-                                "args": args,
-                            }
+                            _span(
+                                op.name,
+                                op.category,
+                                start,
+                                dur,
+                                dev,
+                                SEND_TID,
+                                args | {"sent_bytes": sent},
+                            )
+                        )
+                        events.append(
+                            _span(
+                                op.name,
+                                op.category,
+                                start,
+                                dur,
+                                dev,
+                                RECV_TID,
+                                args | {"recv_bytes": recv},
+                            )
+                        )
+                    else:
+                        events.append(
+                            _span(op.name, op.category, start, dur, dev, COMPUTE_TID, args)
                         )
             offset += float(rec.end_us.max()) + GAP_US
     return events
+
+
+def _span(
+    name: str, cat: str, ts: float, dur: float, pid: int, tid: int, args: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "cat": cat,
+        "ph": "X",
+        "ts": round(ts, 3),
+        "dur": round(dur, 3),
+        "pid": pid,
+        "tid": tid,
+        "args": args,
+    }
 
 
 def timeline_json(result: SimResult) -> str:

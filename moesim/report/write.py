@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,9 +16,48 @@ from moesim.fileio import atomic_write_bytes
 from moesim.report.figures import balance_svg, breakdown_svg, load_heatmap_svg
 from moesim.report.summary import fmt_us, header_line, markdown_summary
 from moesim.report.timeline import timeline_json
+from moesim.sim.engine import Exchange
 from moesim.sim.simulate import SimResult
 
-__all__ = ["metrics_frame", "render_html", "write_outputs"]
+__all__ = ["metrics_frame", "phases_frame", "render_html", "write_outputs"]
+
+
+def phases_frame(result: SimResult) -> pd.DataFrame:
+    """One row per (mode, step, pass, layer, device, phase): every op of the engine with its
+    start, wait and busy time, for transfers the bytes sent and received, and the layer's
+    tokens (assignments processed) and dropped assignments on that device."""
+    frames = []
+    for run in result.runs:
+        for step, rec in enumerate(run.records):
+            d = rec.start_us.shape[1]
+            op_rows = []
+            for i, op in enumerate(run.program):
+                sent: np.ndarray | float = 0.0
+                recv: np.ndarray | float = 0.0
+                if isinstance(op, Exchange) and op.sent_bytes.size:
+                    sent, recv = op.sent_bytes, op.recv_bytes
+                op_rows.append(
+                    pd.DataFrame(
+                        {
+                            "mode": run.mode,
+                            "step": step,
+                            "pass": op.pass_,
+                            "layer": op.layer,
+                            "device": np.arange(d),
+                            "phase": op.name.split(" ", 1)[-1] if op.layer >= 0 else op.name,
+                            "category": op.category,
+                            "start_us": rec.start_us[i],
+                            "wait_us": rec.wait_us[i],
+                            "duration_us": rec.duration_us[i],
+                            "bytes_sent": sent,
+                            "bytes_recv": recv,
+                        }
+                    )
+                )
+            frames.append(pd.concat(op_rows, ignore_index=True))
+    keys = ["mode", "step", "pass", "layer", "device"]
+    loads = metrics_frame(result)[[*keys, "device_load", "dropped"]]
+    return pd.concat(frames, ignore_index=True).merge(loads, on=keys, how="left")
 
 
 def metrics_frame(result: SimResult) -> pd.DataFrame:
@@ -127,6 +167,7 @@ def write_outputs(result: SimResult, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     payload = {
         "metrics.parquet": _parquet_bytes(metrics_frame(result)),
+        "phases.parquet": _parquet_bytes(phases_frame(result)),
         "timeline.json": timeline_json(result).encode(),
         "summary.md": markdown_summary(result).encode(),
         "report.html": render_html(result).encode(),
