@@ -4,8 +4,9 @@
 
 1. If the device's measured table has this exact shape (op, dtype and widths), the time
    is interpolated in tokens with a monotone cubic (PCHIP) in log-log space, so the
-   small-batch inefficiency the table measured is kept; outside the measured range the
-   calibrated roofline takes over, scaled to meet the table at its edge.
+   small-batch inefficiency the table measured is kept; outside the measured range (or
+   with a single measured point) the calibrated roofline takes over, scaled to meet the
+   table at its edge.
 2. Otherwise the time is a roofline with per-op factors::
 
        t = launch_us + smoothmax(flops * (tokens + half_tokens) / (tokens * peak),
@@ -192,7 +193,7 @@ class CostModel:
             & (t["num_experts"] == n)
             & (t["top_k"] == shape.top_k)
         ]
-        return m.sort_values("tokens") if len(m) >= 2 else None
+        return m.sort_values("tokens") if len(m) >= 1 else None
 
     def grouped_ffn_us(
         self,
@@ -238,11 +239,13 @@ class CostModel:
         x = np.log(meas["tokens"].to_numpy(float))
         y = np.log(meas["median_us"].to_numpy(float))
         y = np.maximum.accumulate(y)  # times never fall as tokens grow
-        interp = PchipInterpolator(x, y, extrapolate=False)
         lt = np.log(tok[live])
         inside = (lt >= x[0]) & (lt <= x[-1])
         res = np.empty(lt.size)
-        res[inside] = np.exp(interp(lt[inside]))
+        if x.size >= 2:
+            res[inside] = np.exp(PchipInterpolator(x, y, extrapolate=False)(lt[inside]))
+        else:
+            res[inside] = math.exp(y[0])
         for edge, mask in ((0, lt < x[0]), (-1, lt > x[-1])):
             if mask.any():  # roofline shape, pinned to the table's edge
                 edge_tok = float(np.exp(x[edge]))
