@@ -9,6 +9,12 @@ durations:
   from (``senders[:, d]``) is ready too, then transfers for ``duration_us[d]``. The
   time spent waiting is the device's *wait time* at that dependency.
 
+By default a device runs its ops one after another. When any op names its dependencies
+(``after``: indices of earlier ops of the same device), each device instead runs two
+streams, compute and communication, each taking its ops in program order, and an op
+starts once its dependencies are done — so one microbatch's transfer can overlap another
+microbatch's compute (DeepSeek-style two-microbatch overlap).
+
 The engine only sequences events; every duration is computed beforehand by pure
 functions (see :mod:`moesim.sim.program`).
 """
@@ -34,6 +40,8 @@ class Compute:
     duration_us: np.ndarray
     layer: int = -1
     pass_: str = "forward"
+    after: tuple[int, ...] | None = None  # None: the previous op of the program
+    stream: str = "compute"
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +62,8 @@ class Exchange:
     recv_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     layer: int = -1
     pass_: str = "forward"
+    after: tuple[int, ...] | None = None  # None: the previous op of the program
+    stream: str = "comm"
 
 
 Op = Compute | Exchange
@@ -107,19 +117,51 @@ def run_program(program: Sequence[Op], num_devices: int) -> Records:
         ]
     counter = {"events": 0}
 
+    def exchange_wait(i: int, dev: int) -> Generator[Any, Any, None]:
+        """Announce that ``dev`` is ready for exchange ``i``; wait for its senders."""
+        if i in dense:
+            arrived[i] += 1
+            if arrived[i] == d:
+                barrier[i].succeed()
+            yield barrier[i]
+        else:
+            ready[i][dev].succeed()
+            yield env.all_of([ready[i][s] for s in needs[i][dev]])
+
+    if any(op.after is not None for op in program):
+        done = [[env.event() for _ in range(d)] for _ in range(n)]
+
+        def stream(dev: int, ops: list[int]) -> Generator[Any, Any, None]:
+            for i in ops:
+                op = program[i]
+                deps = op.after if op.after is not None else ((i - 1,) if i else ())
+                arrive = env.now
+                if deps:
+                    yield env.all_of([done[j][dev] for j in deps])
+                if isinstance(op, Exchange):
+                    yield from exchange_wait(i, dev)
+                    counter["events"] += 2
+                wait[i, dev] = env.now - arrive
+                start[i, dev] = env.now
+                dur[i, dev] = float(op.duration_us[dev])
+                if dur[i, dev] > 0:
+                    yield env.timeout(dur[i, dev])
+                    counter["events"] += 1
+                done[i][dev].succeed()
+
+        streams = sorted({op.stream for op in program})
+        for dev in range(d):
+            for name in streams:
+                env.process(stream(dev, [i for i, op in enumerate(program) if op.stream == name]))
+        env.run()
+        return Records(start_us=start, wait_us=wait, duration_us=dur, events=counter["events"])
+
     def device(dev: int) -> Generator[Any, Any, None]:
         for i, op in enumerate(program):
             t = float(op.duration_us[dev])
             if isinstance(op, Exchange):
                 arrive = env.now
-                if i in dense:
-                    arrived[i] += 1
-                    if arrived[i] == d:
-                        barrier[i].succeed()
-                    yield barrier[i]
-                else:
-                    ready[i][dev].succeed()
-                    yield env.all_of([ready[i][s] for s in needs[i][dev]])
+                yield from exchange_wait(i, dev)
                 wait[i, dev] = env.now - arrive
                 counter["events"] += 2
             start[i, dev] = env.now
