@@ -139,6 +139,10 @@ class Scenario(BaseModel):
     capacity: Capacity = Capacity()
     network: Network = Network()
     stragglers: Stragglers = Stragglers()
+    overlap: bool = Field(
+        default=False,
+        description="two microbatches per step, one's transfers overlapping the other's compute",
+    )
     mode: Mode | list[Mode] = "training"
     tokens_per_device: int = Field(gt=0, description="Tokens each device feeds into a layer")
     sequence_length: int = Field(default=4096, gt=0, description="Tokens per sequence")
@@ -154,6 +158,14 @@ class Scenario(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("list of modes is empty")
         return v
+
+    @model_validator(mode="after")
+    def _even_for_overlap(self) -> Scenario:
+        if self.overlap and self.tokens_per_device % 2:
+            raise ValueError(
+                "overlap splits tokens_per_device into two microbatches: use an even number"
+            )
+        return self
 
     @property
     def modes(self) -> list[Mode]:

@@ -143,7 +143,8 @@ def test_training_has_backward_and_allreduce(flame_dict, tmp_path):
     assert set(prefill.metrics["pass"]) == {"forward"}
     assert train.summary["breakdown_us"]["allreduce_us"] > 0
     assert train.summary["step_time_us"] > 2 * prefill.summary["step_time_us"]
-    b = train.summary["breakdown_us"]
+    b = dict(train.summary["breakdown_us"])
+    assert b.pop("overlapped_us") == pytest.approx(0.0, abs=1e-6)  # one stream per device
     assert sum(b.values()) == pytest.approx(train.summary["step_time_us"], rel=1e-9)
 
 
@@ -220,3 +221,28 @@ def test_oversubscribed_fabric_slows_the_step(flame_dict, tmp_path):
     full = step({"tier": "flow", "nodes_per_leaf": 1})
     thin = step({"tier": "flow", "nodes_per_leaf": 1, "oversubscription": 4})
     assert thin > full * 1.5
+
+
+def test_two_microbatch_overlap(flame_dict, tmp_path):
+    base = flame_dict | {"mode": "prefill", "capacity": {"factor": None}}
+
+    def run(overlap):
+        sc = Scenario.model_validate(base | {"overlap": overlap})
+        return simulate(sc, tmp_path).runs[0]
+
+    seq, ov = run(False), run(True)
+    # the same tokens are routed, in two halves
+    fwd = "`pass` == 'forward' and layer >= 1"
+    np.testing.assert_array_equal(
+        seq.metrics.query(fwd)["device_load"].to_numpy(),
+        ov.metrics.query(fwd)["device_load"].to_numpy(),
+    )
+    assert ov.summary["step_time_us"] < seq.summary["step_time_us"]
+    b = ov.summary["breakdown_us"]
+    assert b["overlapped_us"] > 0
+    busy = sum(v for k, v in b.items() if k not in ("wait_us", "overlapped_us"))
+    assert busy + b["wait_us"] - b["overlapped_us"] == pytest.approx(ov.summary["step_time_us"])
+    names = {op.name.split(" ", 1)[0] for op in ov.program}
+    assert names == {"mb0", "mb1"}
+    with pytest.raises(ValueError, match="even"):
+        Scenario.model_validate(base | {"overlap": True, "tokens_per_device": 129})

@@ -30,6 +30,8 @@ def fmt_us(us: float) -> str:
 def _breakdown(s: dict[str, Any]) -> str:
     total = s["step_time_us"] or 1.0
     parts = [(n, k) for n, k in PARTS if k != "allreduce_us" or s["mode"] == "training"]
+    if s["breakdown_us"].get("overlapped_us", 0.0) > 0:
+        parts.append(("overlapped (counted twice above)", "overlapped_us"))
     return ", ".join(
         f"{name} {fmt_us(s['breakdown_us'][k])} ({100 * s['breakdown_us'][k] / total:.1f}%)"
         for name, k in parts

@@ -39,6 +39,7 @@ __all__ = [
     "apply_stragglers",
     "build_program",
     "bytes_per_assignment",
+    "interleave_microbatches",
 ]
 
 BACKWARD_FACTOR = 2.0  # backward costs ~2x forward (gradients w.r.t. inputs and weights)
@@ -94,6 +95,38 @@ def apply_stragglers(
             op = replace(op, duration_us=op.duration_us * factor)
         out.append(op)
     return out
+
+
+def interleave_microbatches(programs: list[list[Op]]) -> list[Op]:
+    """Merge per-microbatch programs for two-stream overlap (see :mod:`moesim.sim.engine`).
+
+    Ops are taken position by position (mb0's first op, mb1's first op, mb0's second, ...);
+    each depends on the previous op of its own microbatch, so one microbatch's transfer
+    overlaps another's compute. A final all-reduce (training) runs once, after every
+    microbatch is done.
+    """
+    tails: list[Op] = []
+    chains = []
+    for prog in programs:
+        body = list(prog)
+        if body and body[-1].category == "allreduce":
+            tails = [body.pop()]
+        chains.append(body)
+    merged: list[Op] = []
+    last: list[int | None] = [None] * len(chains)
+    for pos in range(max(len(c) for c in chains)):
+        for m, chain in enumerate(chains):
+            if pos >= len(chain):
+                continue
+            prev = last[m]
+            op = replace(
+                chain[pos], name=f"mb{m} {chain[pos].name}", after=() if prev is None else (prev,)
+            )
+            last[m] = len(merged)
+            merged.append(op)
+    for op in tails:
+        merged.append(replace(op, after=tuple(i for i in last if i is not None)))
+    return merged
 
 
 def _full(d: int, value: float) -> np.ndarray:

@@ -18,6 +18,7 @@ __all__ = [
     "apply_capacity",
     "choose_replicas",
     "expert_capacity",
+    "merge_routing",
     "route_layer",
     "traffic_matrix",
 ]
@@ -195,4 +196,20 @@ def route_layer(
         dropped=dropped,
         rerouted=int(rerouted.sum()),
         assignments=t * k,
+    )
+
+
+def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
+    """One layer's routing of several microbatches, summed (loads, traffic, drops)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    return LayerRouting(
+        device_load=sum((p.device_load for p in parts[1:]), first.device_load),
+        expert_tokens=sum((p.expert_tokens for p in parts[1:]), first.expert_tokens),
+        dispatch=sum((p.dispatch for p in parts[1:]), first.dispatch),
+        copies=sum((p.copies for p in parts[1:]), first.copies),
+        dropped=sum((p.dropped for p in parts[1:]), first.dropped),
+        rerouted=sum(p.rerouted for p in parts),
+        assignments=sum(p.assignments for p in parts),
     )

@@ -25,8 +25,9 @@ from moesim.sim.program import (
     apply_stragglers,
     build_program,
     bytes_per_assignment,
+    interleave_microbatches,
 )
-from moesim.sim.routing import LayerRouting, expert_capacity, route_layer
+from moesim.sim.routing import LayerRouting, expert_capacity, merge_routing, route_layer
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
 from moesim.traces.synthetic import synthesize
@@ -184,12 +185,19 @@ def step_tokens(trace: RoutingTrace, step: int, count: int) -> np.ndarray:
     return (step * count + np.arange(count)) % trace.num_tokens
 
 
-def route_step(prep: Prepared, step: int) -> dict[int, LayerRouting]:
-    """Route every MoE layer of one step; keyed by model layer index."""
+def route_step(
+    prep: Prepared, step: int, microbatch: int = 0, microbatches: int = 1
+) -> dict[int, LayerRouting]:
+    """Route every MoE layer of one step (or of one of its microbatches: each device's
+    tokens split into ``microbatches`` equal parts); keyed by model layer index."""
     sc, d = prep.scenario, prep.cluster.num_devices
-    count = d * sc.tokens_per_device
-    idx = step_tokens(prep.trace, step, count)
-    origin = (np.arange(count) // sc.tokens_per_device).astype(np.int32)
+    per_dev = sc.tokens_per_device
+    idx = step_tokens(prep.trace, step, d * per_dev)
+    mb = per_dev // microbatches
+    pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
+    idx = idx[pos]
+    count = d * mb
+    origin = (np.arange(count) // mb).astype(np.int32)
     cap = expert_capacity(sc.capacity.factor, count, prep.shape.top_k, prep.shape.num_experts)
     out = {}
     for li, layer in enumerate(prep.moe_layers):
@@ -296,34 +304,39 @@ def _layer_frame(
 def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
     """Simulate ``scenario.steps`` steps of one mode."""
     sc, shape, hw = prep.scenario, prep.shape, prep.hw
+    n_mb = 2 if sc.overlap else 1
+    tokens = sc.tokens_per_device // n_mb
     costs = layer_costs(
         shape,
         hw,
-        tokens=sc.tokens_per_device,
+        tokens=tokens,
         sequence_length=sc.sequence_length,
         mode=mode,
         dtype=sc.precision,
     )
     d = prep.cluster.num_devices
-    cap = expert_capacity(
-        sc.capacity.factor, d * sc.tokens_per_device, shape.top_k, shape.num_experts
-    )
+    cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
     metrics, layers, records, step_times = [], [], [], []
     program: list[Op] = []
     for step in range(sc.steps):
-        routed = route_step(prep, step)
-        program = build_program(
-            shape,
-            hw,
-            prep.cluster,
-            routed,
-            costs,
-            mode=mode,
-            tokens_per_device=sc.tokens_per_device,
-            sequence_length=sc.sequence_length,
-            dtype=sc.precision,
-            dispatch_dtype=sc.dispatch_dtype,
-        )
+        per_mb = [route_step(prep, step, m, n_mb) for m in range(n_mb)]
+        programs = [
+            build_program(
+                shape,
+                hw,
+                prep.cluster,
+                r,
+                costs,
+                mode=mode,
+                tokens_per_device=tokens,
+                sequence_length=sc.sequence_length,
+                dtype=sc.precision,
+                dispatch_dtype=sc.dispatch_dtype,
+            )
+            for r in per_mb
+        ]
+        program = programs[0] if n_mb == 1 else interleave_microbatches(programs)
+        routed = {la: merge_routing([r[la] for r in per_mb]) for la in per_mb[0]}
         st = sc.stragglers
         if st.slow_devices or st.jitter:
             slow = np.ones(d)
@@ -376,10 +389,14 @@ def _summary(
         "combine_us": 0.0,
         "allreduce_us": 0.0,
         "other_us": 0.0,
-        "wait_us": float(last.wait_us[:, critical].sum()),
     }
     for i, op in enumerate(program):
         breakdown[f"{op.category}_us"] += float(last.duration_us[i, critical])
+    # idle time is what no op covers; with two-stream overlap, busy time counted twice
+    # is reported as overlapped, so busy parts + waiting - overlapped = step time
+    busy = _union_us(last.start_us[:, critical], last.end_us[:, critical])
+    breakdown["wait_us"] = step_time - busy
+    breakdown["overlapped_us"] = sum(v for k, v in breakdown.items() if k != "wait_us") - busy
     lastl = ldf[ldf["step"] == sc.steps - 1].sort_values("layer")
     assignments = int(ldf["assignments"].sum())
     tokens = prep.cluster.num_devices * sc.tokens_per_device
@@ -411,6 +428,23 @@ def _summary(
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
     }
+
+
+def _union_us(start: np.ndarray, end: np.ndarray) -> float:
+    """Total length of the union of intervals [start, end)."""
+    keep = end > start
+    order = np.argsort(start[keep], kind="stable")
+    total, cur_s, cur_e = 0.0, None, None
+    for s_, e_ in zip(start[keep][order], end[keep][order], strict=True):
+        if cur_e is None or s_ > cur_e:
+            if cur_e is not None and cur_s is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = float(s_), float(e_)
+        else:
+            cur_e = max(cur_e, float(e_))
+    if cur_e is not None and cur_s is not None:
+        total += cur_e - cur_s
+    return total
 
 
 def simulate(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> SimResult:
