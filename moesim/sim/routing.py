@@ -79,6 +79,12 @@ def apply_capacity(
         ok = score[np.arange(pend_t.size), target] != np.iinfo(np.int64).max
         # accept, per target expert, as many as it has room for, in priority order
         accept = ok & (_rank_in_group(np.where(ok, target, -1)) < room[target])
+        # one reroute per token per round: two of a token's overflows may not pick the same
+        # expert; the later ones try again next round, seeing the new choice
+        idx = np.flatnonzero(accept)
+        _, first = np.unique(pend_t[idx], return_index=True)
+        accept[:] = False
+        accept[idx[first]] = True
         final[pend_t[accept], pend_k[accept]] = target[accept]
         rerouted[pend_t[accept], pend_k[accept]] = True
         load += np.bincount(target[accept], minlength=num_experts)
