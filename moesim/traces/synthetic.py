@@ -14,9 +14,9 @@ spec                              popularity of each expert (per layer, per step
                                   becomes F times as popular for that step
 ================================  ===========================================================
 
-Each token draws its top-k *distinct* experts by the Gumbel-top-k trick (sampling without
-replacement in proportion to popularity), so a trace is a few array operations per chunk.
-Gate weights are the softmax of the perturbed scores over the k picks.
+Each token draws its top-k *distinct* experts without replacement in proportion to
+popularity (successive sampling, the Plackett-Luce law), a few array operations per chunk;
+gate weights are the picked experts' popularities renormalised over the k, descending.
 """
 
 from __future__ import annotations
@@ -125,18 +125,55 @@ class _Popularity:
         return logp
 
 
-def _sample(
+def _gumbel_topk(
     logp: np.ndarray, n: int, k: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(n, k) distinct experts in proportion to exp(logp), by descending score, and weights."""
+    """(n, k) distinct experts by the Gumbel-top-k trick, in sampling order, and scores."""
     scores = logp[None, :] + rng.gumbel(size=(n, logp.size))  # (n, E)
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (n, k), unordered
     picked = np.take_along_axis(scores, top, axis=1)
     order = np.argsort(-picked, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    picked = np.take_along_axis(picked, order, axis=1)
-    w = np.exp(picked - picked[:, :1])
-    return top.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(picked, order, axis=1)
+
+
+def _sample(
+    logp: np.ndarray, n: int, k: int, rng: np.random.Generator, draws_per_pick: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) distinct experts drawn without replacement in proportion to exp(logp), and
+    gate weights (each expert's popularity, renormalised over the k) in descending order.
+
+    Successive sampling: draw experts with replacement from the categorical and keep each
+    token's first k distinct ones — the same Plackett-Luce law as the Gumbel-top-k trick,
+    at ``k * draws_per_pick`` draws per token instead of one per expert. The few tokens
+    whose draws hold fewer than k distinct experts fall back to Gumbel-top-k.
+    """
+    p = np.exp(logp - logp.max())
+    p /= p.sum()
+    cdf = np.cumsum(p)
+    m = k * draws_per_pick
+    cand = np.minimum(
+        np.searchsorted(cdf, rng.random((n, m)) * cdf[-1], side="right"), p.size - 1
+    )  # (n, m)
+    order = np.argsort(cand, axis=1, kind="stable")  # equal ids keep draw order
+    sorted_c = np.take_along_axis(cand, order, axis=1)
+    repeat = np.zeros((n, m), dtype=bool)
+    repeat[:, 1:] = sorted_c[:, 1:] == sorted_c[:, :-1]
+    dup = np.empty_like(repeat)
+    np.put_along_axis(dup, order, repeat, axis=1)  # True on a draw already seen in its row
+    rank = np.cumsum(~dup, axis=1) - 1
+    take = ~dup & (rank < k)
+    ids = np.empty((n, k), dtype=np.int64)
+    full = take.sum(axis=1) == k
+    rows, cols = np.nonzero(take & full[:, None])
+    ids[rows, rank[rows, cols]] = cand[rows, cols]
+    short = np.flatnonzero(~full)
+    if short.size:
+        ids[short] = _gumbel_topk(logp, short.size, k, rng)[0]
+    w = p[ids]  # (n, k)
+    desc = np.argsort(-w, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, desc, axis=1)
+    w = np.take_along_axis(w, desc, axis=1)
+    return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _chunks(
