@@ -1,0 +1,118 @@
+"""Engine scale: one DeepSeek-V3-shaped training step on N devices.
+
+    python benchmarks/engine_scale.py --devices N [--network flow|analytic]
+        [--tokens-per-device T] [--json]
+
+58 MoE layers of 256 routed experts, top-8, hidden 7168 (the DeepSeek-V3 preset) on H800
+nodes of 8, zipf:0.8-skewed synthetic routing, FP8 dispatch. Each size runs in a fresh
+process and prints wall time (total, and the routing generation / routing / engine
+stages), SimPy events, events per second and peak RSS. Issue 5 targets, at 2,048 devices
+and 4,096 tokens per device: <= 60 s with the flow tier, <= 5 s analytic, and growth from
+64 to 2,048 devices about linear in devices x layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _scenario(devices: int, tokens: int, network: str) -> str:
+    return f"""name: engine-scale
+hardware: H800
+cluster: {{nodes: {devices // 8}, devices_per_node: 8}}
+model: DeepSeek-V3
+routing: {{synthetic: {{distribution: "zipf:0.8", seed: 0}}}}
+placement: contiguous
+network: {{tier: {network}}}
+mode: training
+tokens_per_device: {tokens}
+sequence_length: 4096
+precision: fp8
+dispatch_dtype: fp8
+"""
+
+
+def _child(devices: int, tokens: int, network: str) -> dict:
+    sys.path.insert(0, str(REPO))
+    from moesim.scenario import load_scenario
+    from moesim.sim.simulate import prepare, simulate_mode
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.yaml"
+        path.write_text(_scenario(devices, tokens, network))
+        t0 = time.perf_counter()
+        sc, base = load_scenario(path)
+        prep = prepare(sc, base)  # includes generating the synthetic routing
+        t1 = time.perf_counter()
+        run = simulate_mode(prep, "training")
+        t2 = time.perf_counter()
+    events = run.summary["events"]
+    return {
+        "devices": devices,
+        "network": network,
+        "tokens_per_device": tokens,
+        "wall_s": round(t2 - t0, 3),
+        "prepare_s": round(t1 - t0, 3),
+        "simulate_s": round(t2 - t1, 3),
+        "events": events,
+        "events_per_s": round(events / (t2 - t1), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "step_time_us": run.summary["step_time_us"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--devices", type=int, nargs="+", default=[64])
+    ap.add_argument("--network", choices=["analytic", "flow"], default="analytic")
+    ap.add_argument("--tokens-per-device", type=int, default=4096)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.devices[0], args.tokens_per_device, args.network)))
+        return
+    rows = []
+    for n in args.devices:
+        if n % 8:
+            sys.exit(f"--devices {n}: must be a multiple of 8 (H800 nodes)")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--devices",
+                str(n),
+                "--network",
+                args.network,
+                "--tokens-per-device",
+                str(args.tokens_per_device),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode:
+            sys.exit(proc.stderr.strip().splitlines()[-1])
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        return
+    for r in rows:
+        print(
+            f"{r['devices']:5d} devices, {r['network']:8s}: {r['wall_s']:8.2f} s "
+            f"(routing generation {r['prepare_s']:.2f} s, simulation {r['simulate_s']:.2f} s), "
+            f"{r['events']:,} events ({r['events_per_s']:,.0f}/s), peak RSS {r['peak_rss_mb']} MB"
+        )
+
+
+if __name__ == "__main__":
+    main()
