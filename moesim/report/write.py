@@ -90,6 +90,7 @@ def render_html(result: SimResult) -> str:
                 "dispatch": fmt_us(b["dispatch_us"]),
                 "combine": fmt_us(b["combine_us"]),
                 "allreduce": fmt_us(b["allreduce_us"]),
+                "overlapped": fmt_us(b["overlapped_us"]),
                 "other": fmt_us(b["other_us"]),
                 "wait": fmt_us(b["wait_us"]),
                 "critical_device": s["critical_device"],
