@@ -34,12 +34,20 @@ def expert_capacity(
 
 
 def _rank_in_group(keys: np.ndarray) -> np.ndarray:
-    """Position of each element among equal keys, in array order."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    first = np.searchsorted(sorted_keys, sorted_keys, side="left")
+    """Position of each element among equal keys, in array order.
+
+    Expert ids fit 16 bits, for which NumPy's stable argsort is a radix sort (linear).
+    """
+    small = keys.size and int(keys.min()) >= -(2**15) and int(keys.max()) < 2**15
+    k = keys.astype(np.int16) if small else keys
+    order = np.argsort(k, kind="stable")
+    sk = k[order]
+    idx = np.arange(keys.size)
+    run_start = np.ones(keys.size, dtype=bool)
+    run_start[1:] = sk[1:] != sk[:-1]
+    first = np.maximum.accumulate(np.where(run_start, idx, 0))
     pos = np.empty_like(order)
-    pos[order] = np.arange(keys.size) - first
+    pos[order] = idx - first
     return pos
 
 
