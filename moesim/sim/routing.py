@@ -119,6 +119,8 @@ def choose_replicas(
     Returns:
         (A,) serving device.
     """
+    if table.shape[1] == 1:  # one replica per expert: nothing to choose
+        return table[experts, 0].astype(np.int32)
     cand = table[experts]  # (A, R)
     valid = cand >= 0
     same_dev = valid & (cand == origin[:, None])
