@@ -7,7 +7,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "normal_permissions"]
+
+
+def normal_permissions(path: Path) -> None:
+    """Give a file (0666) or folder (0777) made by ``tempfile`` the permissions the umask
+    would have given it (``mkstemp``/``mkdtemp`` create them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -18,9 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        normal_permissions(Path(tmp))  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -308,3 +308,19 @@ def test_cli_wrong_list_length(tmp_path):
 
 def test_cli_missing_required_option():
     one_line_error(moesim("trace", "synth", "--experts", "4"), "Missing option")
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from moesim.fileio import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        synth_to_store(tmp_path / "t", num_experts=4, top_k=1, num_layers=1, num_tokens=5)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "t").stat().st_mode) == 0o755

@@ -19,7 +19,7 @@ import numpy as np
 
 from moesim.hardware import HardwareProfile
 from moesim.sim.flows import simulate_flows
-from moesim.sim.network import a2a_times_us
+from moesim.sim.network import port_times_us
 from moesim.topology.build import Topology
 
 __all__ = ["ExchangeTimes", "Tier", "exchange_times"]
@@ -56,15 +56,14 @@ def exchange_times(
     cross = float(m[node[:, None] != node[None, :]].sum())
     sent, recv = m.sum(axis=1), m.sum(axis=0)
     if tier == "analytic":
-        ports = a2a_times_us(m, hw, topo.domain_size, topo.nic_scale)
+        ports = port_times_us(m, hw, topo.domain_size, topo.nic_scale)
         latency = np.zeros(d)
         if src.size:
             lat = _path_latency(topo, src, dst)
             np.maximum.at(latency, src, lat)
             np.maximum.at(latency, dst, lat)
-        port_time = ports.time_us - _tier_latency(m, hw, topo.domain_size)
         return ExchangeTimes(
-            np.where(sent + recv > 0, port_time + latency, 0.0), sent, recv, cross, 0
+            np.where(sent + recv > 0, ports.time_us + latency, 0.0), sent, recv, cross, 0
         )
     time = np.zeros(d)
     events = 0
@@ -76,18 +75,3 @@ def exchange_times(
         np.maximum.at(time, dst, res.finish_us)
         events = res.events
     return ExchangeTimes(time, sent, recv, cross, events)
-
-
-def _tier_latency(m: np.ndarray, hw: HardwareProfile, domain_size: int) -> np.ndarray:
-    """The per-tier latency :func:`a2a_times_us` adds, so it can be replaced by path latency."""
-    d = m.shape[0]
-    dom = np.arange(d) // domain_size
-    same = dom[:, None] == dom[None, :]
-    up = np.where(same, m, 0.0)
-    out = np.where(same, 0.0, m)
-    uses_up = (up.sum(axis=1) + up.sum(axis=0)) > 0
-    uses_out = (out.sum(axis=1) + out.sum(axis=0)) > 0
-    return np.maximum(
-        np.where(uses_up, hw.scale_up.latency_us, 0.0),
-        np.where(uses_out, hw.scale_out.latency_us, 0.0),
-    )

@@ -17,7 +17,7 @@ import numpy as np
 
 from moesim.hardware import HardwareProfile
 
-__all__ = ["A2ATimes", "a2a_times_us", "domain_of"]
+__all__ = ["A2ATimes", "a2a_times_us", "domain_of", "port_times_us"]
 
 
 def domain_of(num_devices: int, domain_size: int) -> np.ndarray:
@@ -35,13 +35,14 @@ class A2ATimes:
     cross_domain_bytes: float
 
 
-def a2a_times_us(
+def port_times_us(
     nbytes: np.ndarray,
     hw: HardwareProfile,
     domain_size: int,
     out_scale: np.ndarray | None = None,
 ) -> A2ATimes:
-    """Port-limited time of each device for the (D, D) byte matrix ``nbytes`` (src → dst).
+    """Port-limited transfer time of each device for the (D, D) byte matrix ``nbytes``
+    (src → dst), without latency.
 
     The diagonal (data that stays on a device) costs nothing. ``out_scale`` (D,) scales
     each device's scale-out port bandwidth (a degraded NIC).
@@ -54,19 +55,39 @@ def a2a_times_us(
     up, out = np.where(same, m, 0.0), np.where(same, 0.0, m)
     bw_up = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up * 1e3  # bytes/µs
     bw_out: float | np.ndarray = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
-    t_up = np.maximum(up.sum(axis=1), up.sum(axis=0)) / bw_up
     if out_scale is not None:
         bw_out = bw_out * out_scale
+    t_up = np.maximum(up.sum(axis=1), up.sum(axis=0)) / bw_up
     t_out = np.maximum(out.sum(axis=1), out.sum(axis=0)) / bw_out
-    uses_up = (up.sum(axis=1) + up.sum(axis=0)) > 0
-    uses_out = (out.sum(axis=1) + out.sum(axis=0)) > 0
+    return A2ATimes(
+        time_us=np.maximum(t_up, t_out),
+        sent_bytes=m.sum(axis=1),
+        recv_bytes=m.sum(axis=0),
+        cross_domain_bytes=float(out.sum()),
+    )
+
+
+def a2a_times_us(
+    nbytes: np.ndarray,
+    hw: HardwareProfile,
+    domain_size: int,
+    out_scale: np.ndarray | None = None,
+) -> A2ATimes:
+    """:func:`port_times_us` plus the latency of the slowest fabric tier each device uses."""
+    ports = port_times_us(nbytes, hw, domain_size, out_scale)
+    m = nbytes.astype(np.float64).copy()
+    np.fill_diagonal(m, 0.0)
+    dom = domain_of(m.shape[0], domain_size)
+    same = dom[:, None] == dom[None, :]
+    uses_up = ((m * same).sum(axis=1) + (m * same).sum(axis=0)) > 0
+    uses_out = ((m * ~same).sum(axis=1) + (m * ~same).sum(axis=0)) > 0
     latency = np.maximum(
         np.where(uses_up, hw.scale_up.latency_us, 0.0),
         np.where(uses_out, hw.scale_out.latency_us, 0.0),
     )
     return A2ATimes(
-        time_us=latency + np.maximum(t_up, t_out),
-        sent_bytes=m.sum(axis=1),
-        recv_bytes=m.sum(axis=0),
-        cross_domain_bytes=float(out.sum()),
+        time_us=latency + ports.time_us,
+        sent_bytes=ports.sent_bytes,
+        recv_bytes=ports.recv_bytes,
+        cross_domain_bytes=ports.cross_domain_bytes,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.sim.traffic import Dedup, copy_matrix
+from moesim.sim.traffic import Dedup, copy_matrix, traffic_matrix
 
 __all__ = [
     "LayerRouting",
@@ -131,12 +131,6 @@ def choose_replicas(
     return np.where(
         same_dev.any(axis=1), first_dev, np.where(same_node.any(axis=1), first_node, fallback)
     ).astype(np.int32)
-
-
-def traffic_matrix(src: np.ndarray, dst: np.ndarray, num_devices: int) -> np.ndarray:
-    """(D, D) int64 count of assignments sent from device ``src`` to device ``dst``."""
-    flat = src.astype(np.int64) * num_devices + dst
-    return np.bincount(flat, minlength=num_devices * num_devices).reshape(num_devices, num_devices)
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Dedup", "copy_matrix"]
+__all__ = ["Dedup", "copy_matrix", "traffic_matrix"]
 
 Dedup = Literal["none", "device", "node"]
 
 
-def _pairs(src: np.ndarray, dst: np.ndarray, d: int) -> np.ndarray:
-    return np.bincount(src.astype(np.int64) * d + dst, minlength=d * d).reshape(d, d)
+def traffic_matrix(src: np.ndarray, dst: np.ndarray, num_devices: int) -> np.ndarray:
+    """(D, D) int64 count of items sent from device ``src`` to device ``dst``."""
+    flat = src.astype(np.int64) * num_devices + dst
+    return np.bincount(flat, minlength=num_devices * num_devices).reshape(num_devices, num_devices)
 
 
 def copy_matrix(
@@ -46,22 +48,22 @@ def copy_matrix(
     """
     d, g = num_devices, devices_per_node
     if dedup == "none":
-        return _pairs(origin, dest, d)
+        return traffic_matrix(origin, dest, d)
     key = np.unique(token.astype(np.int64) * d + dest)  # one per (token, device)
     tok, dst = key // d, key % d
     src = _origin_of(token, origin, tok)
     if dedup == "device":
-        return _pairs(src, dst, d)
+        return traffic_matrix(src, dst, d)
     same_node = src // g == dst // g
-    out = _pairs(src[same_node], dst[same_node], d)
+    out = traffic_matrix(src[same_node], dst[same_node], d)
     far_src, far_dst = src[~same_node], dst[~same_node]
     far_tok = tok[~same_node]
     relay = (far_dst // g) * g + far_src % g  # sender's rail GPU in the destination node
     node_key = np.unique(far_tok * d + relay)  # one RDMA copy per (token, node)
     t2, r2 = node_key // d, node_key % d
-    out += _pairs(_origin_of(token, origin, t2), r2, d)
+    out += traffic_matrix(_origin_of(token, origin, t2), r2, d)
     fwd = relay != far_dst  # NVLink forwards inside the destination node
-    out += _pairs(relay[fwd], far_dst[fwd], d)
+    out += traffic_matrix(relay[fwd], far_dst[fwd], d)
     return out
 
 

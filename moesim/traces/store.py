@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim.errors import InputError
+from moesim.fileio import normal_permissions
 
 __all__ = [
     "OPTIONAL_COLUMNS",
@@ -147,9 +148,7 @@ def _atomic_dir(dest: Path) -> Path:
     """A temporary folder beside ``dest``, with normal permissions (mkdtemp makes 0700)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    normal_permissions(tmp)
     return tmp
 
 
