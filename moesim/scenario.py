@@ -60,6 +60,11 @@ class SyntheticRouting(BaseModel):
         default="uniform", description="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | ..."
     )
     seed: int | None = Field(default=None, description="None: the scenario's seed")
+    level: Literal["token", "count"] = Field(
+        default="token",
+        description="token: draw every token's experts; count: draw each device's per-expert "
+        "counts directly (for large clusters; drop overflow and no de-duplication only)",
+    )
 
     @field_validator("distribution")
     @classmethod

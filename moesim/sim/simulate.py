@@ -19,6 +19,7 @@ from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
+from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.engine import Exchange, Op, Records, run_program
 from moesim.sim.program import (
     ClusterSpec,
@@ -30,7 +31,7 @@ from moesim.sim.program import (
 from moesim.sim.routing import LayerRouting, expert_capacity, merge_routing, route_layer
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
-from moesim.traces.synthetic import synthesize
+from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
 
 __all__ = ["ModeResult", "SimResult", "prepare", "simulate", "simulate_mode"]
 
@@ -42,10 +43,11 @@ class Prepared:
     scenario: Scenario
     shape: ModelShape
     hw: HardwareProfile
-    trace: RoutingTrace
+    trace: RoutingTrace | None  # None: count-level synthetic routing from ``popularity``
     placement: Placement
     cluster: ClusterSpec
     moe_layers: list[int]  # model layer index of each trace layer, in order
+    popularity: Popularity | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             raise
         raise InputError(err.message, file=source, field=err.field, value=err.value) from None
     moe_layers = shape.moe_layer_indices()
+    syn = scenario.routing.synthetic
+    seed = scenario.seed if syn is None or syn.seed is None else syn.seed
+    trace: RoutingTrace | None = None
     if scenario.routing.trace is not None:
         tpath = scenario.routing.trace
         tpath = tpath if tpath.is_absolute() else base_dir / tpath
@@ -127,16 +132,30 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
                 field="layers",
                 value=len(trace.layers),
             )
-    else:
-        syn = scenario.routing.synthetic
-        assert syn is not None
+    popularity = None
+    if syn is not None and syn.level == "count":
+        for field_name, value, ok in (
+            ("capacity.overflow", scenario.capacity.overflow, "drop"),
+            ("network.dedup", scenario.network.dedup, "none"),
+        ):
+            if value != ok:
+                raise InputError(
+                    f"count-level routing supports {field_name} {ok} only",
+                    file=source,
+                    field=field_name,
+                    value=value,
+                )
+        popularity = Popularity(
+            parse_distribution(syn.distribution), shape.num_experts, len(moe_layers), seed
+        )
+    elif syn is not None:
         trace = synthesize(
             num_experts=shape.num_experts,
             top_k=shape.top_k,
             num_layers=len(moe_layers),
             num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
             distribution=syn.distribution,
-            seed=scenario.seed if syn.seed is None else syn.seed,
+            seed=seed,
         )
     cl = scenario.cluster
     try:
@@ -177,7 +196,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         topology=topology,
         network=net.tier,
     )
-    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers)
+    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
 
 
 def step_tokens(trace: RoutingTrace, step: int, count: int) -> np.ndarray:
@@ -192,8 +211,10 @@ def route_step(
     tokens split into ``microbatches`` equal parts); keyed by model layer index."""
     sc, d = prep.scenario, prep.cluster.num_devices
     per_dev = sc.tokens_per_device
-    idx = step_tokens(prep.trace, step, d * per_dev)
     mb = per_dev // microbatches
+    if prep.trace is None:
+        return _route_step_counts(prep, step, microbatch, mb)
+    idx = step_tokens(prep.trace, step, d * per_dev)
     pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
     idx = idx[pos]
     count = d * mb
@@ -213,6 +234,29 @@ def route_step(
             capacity=cap,
             overflow=sc.capacity.overflow,
             dedup=sc.network.dedup,
+        )
+    return out
+
+
+def _route_step_counts(
+    prep: Prepared, step: int, microbatch: int, tokens: int
+) -> dict[int, LayerRouting]:
+    """:func:`route_step` at count level (``routing.synthetic.level: count``)."""
+    assert prep.popularity is not None
+    sc, shape, d = prep.scenario, prep.shape, prep.cluster.num_devices
+    cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
+    out = {}
+    for li, layer in enumerate(prep.moe_layers):
+        pi = inclusion_probabilities(prep.popularity(li, step), shape.top_k)
+        rng = np.random.default_rng([prep.popularity.seed, 0xC0417, step, li, microbatch])
+        table, nrep = prep.placement.replicas(li)
+        out[layer] = route_counts(
+            draw_counts(pi, tokens, d, shape.top_k, rng),
+            prep.placement.slots[li],
+            table,
+            nrep,
+            devices_per_node=prep.cluster.devices_per_node,
+            capacity=cap,
         )
     return out
 
@@ -457,8 +501,10 @@ def simulate(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario
         hw=prep.hw,
         runs=runs,
         inputs={
-            "trace_tokens": prep.trace.num_tokens,
-            "trace_layers": list(prep.trace.layers),
+            "trace_tokens": prep.trace.num_tokens if prep.trace is not None else None,
+            "trace_layers": list(prep.trace.layers)
+            if prep.trace is not None
+            else list(range(len(prep.moe_layers))),
             "moe_layers": prep.moe_layers,
             "source": str(source),
         },
