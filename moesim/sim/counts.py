@@ -114,8 +114,8 @@ def draw_counts(
     big = ~small
     if big.any():
         sd = np.sqrt(mean[big] * (1 - pi[big] / k))
-        z = rng.standard_normal((num_devices, int(big.sum())))
-        out[:, big] = np.rint(mean[big] + sd * z).astype(np.int64)
+        z = rng.standard_normal((num_devices, int(big.sum())), dtype=np.float32)
+        out[:, big] = np.rint(mean[big] + sd * z)
     np.clip(out, 0, tokens, out=out)
     return out
 
@@ -159,11 +159,12 @@ def route_counts(
     target = first_on_node[node]  # (D, E) replica on the sender's node
     near = ~local & (target < d) & (kept > 0)
     far = np.where(local | near, 0, kept).astype(np.float64)  # (D, E)
-    dispatch = np.zeros((d, d), dtype=np.float32)  # counts stay exact below 2^24
     share = hosts / count[None, :]  # (D, E) share of an expert's far traffic each device gets
     inv = (1.0 / count).astype(np.float32)
-    far32 = far.astype(np.float32)
-    for j in range(slots.shape[1]):  # far assignments spread over the replicas, slot by slot
+    far32 = far.astype(np.float32)  # counts stay exact below 2^24
+    # far assignments spread over the replicas, slot by slot: (D, D)
+    dispatch = far32[:, slots[:, 0]] * inv[slots[:, 0]][None, :]
+    for j in range(1, slots.shape[1]):
         dispatch += far32[:, slots[:, j]] * inv[slots[:, j]][None, :]
     per_dev_exp = share * far.sum(axis=0)[None, :]  # (D, E)
     s_idx, e_idx = np.nonzero(local)  # to the sender itself

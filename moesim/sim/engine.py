@@ -90,14 +90,6 @@ class Records:
         return self.start_us + self.duration_us
 
 
-def _everyone(op: Exchange, d: int) -> bool:
-    """True when every device needs every other device to be ready."""
-    s = op.senders
-    if s is None:
-        return True
-    return bool(s.shape == (d, d) and (s | np.eye(d, dtype=bool)).all())
-
-
 def _senders_ready(ready: np.ndarray, senders: np.ndarray) -> np.ndarray:
     """(D,) latest ``ready[s]`` over each device's senders ``senders[:, d]`` and itself.
 
@@ -158,10 +150,9 @@ def run_program(program: Sequence[Op], num_devices: int) -> Records:
             else:
                 ready = free
             if isinstance(op, Exchange):
-                if _everyone(op, d):
+                if op.senders is None:
                     begin = np.maximum(ready, ready.max(initial=0.0))
                 else:
-                    assert op.senders is not None
                     begin = _senders_ready(ready, op.senders)
             else:
                 begin = ready

@@ -19,7 +19,7 @@ import numpy as np
 
 from moesim.hardware import HardwareProfile
 from moesim.sim.flows import simulate_flows
-from moesim.sim.network import port_times_us
+from moesim.sim.network import block_diagonal_sums, port_times_us
 from moesim.topology.build import Topology
 
 __all__ = ["ExchangeTimes", "Tier", "exchange_times"]
@@ -114,12 +114,5 @@ def exchange_times(
 
 
 def _cross_node_bytes(m: np.ndarray, devices_per_node: int) -> float:
-    """Bytes of the (D, D) matrix between devices of different nodes (diagonal blocks out)."""
-    d = m.shape[0]
-    g = min(devices_per_node, d)
-    if d % g:
-        node = np.arange(d) // g
-        return float(np.where(node[:, None] != node[None, :], m, 0).sum())
-    n = d // g
-    blocks = m.reshape(n, g, n, g).sum(axis=(1, 3), dtype=np.float64)  # (nodes, nodes)
-    return float(blocks.sum() - np.trace(blocks))
+    """Bytes of the (D, D) matrix between devices of different nodes."""
+    return float(m.sum(dtype=np.float64) - block_diagonal_sums(m, devices_per_node)[0].sum())

@@ -21,6 +21,7 @@ from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
 from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.engine import Exchange, Op, Records, run_program
+from moesim.sim.network import block_diagonal_sums
 from moesim.sim.program import (
     ClusterSpec,
     apply_stragglers,
@@ -321,8 +322,7 @@ def _layer_frame(
     for layer, lr in routed.items():
         exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
         load = lr.device_load
-        node = np.arange(load.size) // devices_per_node
-        cross = lr.copies[node[:, None] != node[None, :]].sum()  # copies on the wire
+        cross = lr.copies.sum() - block_diagonal_sums(lr.copies, devices_per_node)[0].sum()
         mean_t = exp_us.mean()
         out.append(
             {
