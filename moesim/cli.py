@@ -227,6 +227,13 @@ from moesim.model.capture_cmd import capture_cmd  # noqa: E402
 app.command("capture")(capture_cmd)
 
 
+# ----- placement (moesim.placement) ---------------------------------------------------------
+# (commands: place)
+from moesim.placement.commands import place_cmd  # noqa: E402
+
+app.command("place")(place_cmd)
+
+
 # ----- kernels (moesim.kernels) -------------------------------------------------------------
 # (commands: kernels bench, kernels import-profile)
 from moesim.kernels.commands import import_profile_cmd, kernels_bench_cmd  # noqa: E402

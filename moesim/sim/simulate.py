@@ -160,8 +160,10 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         )
     cl = scenario.cluster
     try:
-        placement = contiguous(shape.num_experts, cl.num_devices, len(moe_layers))
+        placement = _placement(scenario, shape, hw, trace, base_dir)
     except InputError as err:
+        if err.file is not None:
+            raise
         raise InputError(
             err.message, file=source, field="placement", value=scenario.placement
         ) from None
@@ -200,6 +202,50 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
     return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
 
 
+def _placement(
+    scenario: Scenario, shape: ModelShape, hw: HardwareProfile, trace: RoutingTrace, base: Path
+) -> Placement:
+    """The scenario's placement: contiguous, a planner run on the routing's own loads, or a
+    placement file checked against the model, cluster and device memory."""
+    from moesim.placement.io import read_placement
+    from moesim.placement.memory import max_expert_slots
+    from moesim.placement.planners import STRATEGIES, plan
+
+    cl, name = scenario.cluster, scenario.placement
+    e, num_layers = shape.num_experts, len(trace.layers)
+    if name == "contiguous" and scenario.redundant_slots == 0:
+        return contiguous(e, cl.num_devices, num_layers)
+    mem = max_expert_slots(shape, hw, scenario.precision)
+    if name in STRATEGIES:
+        ids = trace.expert_ids  # (L, N, K)
+        key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
+        loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
+        co = None
+        if name == "affinity":
+            from moesim.placement.affinity import coactivation
+
+            co, cross = coactivation(ids, e)
+        return plan(
+            loads,
+            name,
+            nodes=cl.nodes,
+            devices_per_node=cl.devices_per_node,
+            redundant=scenario.redundant_slots,
+            max_slots_per_device=mem,
+            coactivation=co,
+            cross_layer=cross if co is not None else None,
+        )
+    path = Path(name) if Path(name).is_absolute() else base / name
+    placement, _ = read_placement(
+        path,
+        num_experts=e,
+        num_layers=num_layers,
+        num_devices=cl.num_devices,
+        max_slots_per_device=mem,
+    )
+    return placement
+
+
 def step_tokens(trace: RoutingTrace, step: int, count: int) -> np.ndarray:
     """Indices of the ``count`` trace tokens replayed at ``step`` (the trace repeats cyclically)."""
     return (step * count + np.arange(count)) % trace.num_tokens
@@ -235,6 +281,7 @@ def route_step(
             capacity=cap,
             overflow=sc.capacity.overflow,
             dedup=sc.network.dedup,
+            replica_choice=sc.replica_choice,
         )
     return out
 
