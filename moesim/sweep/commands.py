@@ -95,7 +95,7 @@ def sweep_cmd(
     from moesim.sweep.run import SweepError, open_executor, run_sweep
     from moesim.sweep.spec import Case, load_sweep
 
-    err_console = Console(stderr=True, highlight=False)
+    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     console = Console(highlight=False, soft_wrap=True)
     if not console.is_terminal:
         console.width = 160  # files and pipes get the whole table, not an 80-column squeeze

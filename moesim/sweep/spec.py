@@ -7,7 +7,8 @@ Example (``scenarios/sweeps/example.yaml``)::
     axes:                              # dotted scenario field path -> values
       capacity.factor: [1.0, 1.25, 2.0]
       cluster.nodes: [1, 2]
-    grid: true                         # true: every combination; false: the i-th values together
+    grid: true                         # true: every combination; false: the i-th values
+                                       # of each axis together (one-value axes go with all)
     cases:                             # optional explicit overrides (crossed with the axes)
       - {hardware: H100-SXM}
       - {hardware: B200, capacity.overflow: reroute}
@@ -59,7 +60,8 @@ class SweepSpec(BaseModel):
     )
     grid: bool = Field(
         default=True,
-        description="true: every combination of axis values; false: zip equally long axes",
+        description="true: every combination of axis values; false: the i-th values of every "
+        "axis together (axes of one value go with every case)",
     )
     cases: list[dict[str, Any]] | None = Field(
         default=None, description="explicit overrides {path: value}, crossed with the axes"
@@ -152,19 +154,20 @@ def _combinations(spec: SweepSpec, file: Path) -> list[dict[str, Any]]:
             dict(zip(paths, combo, strict=True)) for combo in itertools.product(*spec.axes.values())
         ]
     else:
-        lengths = {p: len(v) for p, v in spec.axes.items()}
-        first = paths[0] if paths else None
-        for p, n in lengths.items():
-            if first is not None and n != lengths[first]:
+        # zip: the i-th values of every axis together; a one-value axis goes with all
+        n = max((len(v) for v in spec.axes.values()), default=0)
+        longest = next((p for p, v in spec.axes.items() if len(v) == n), "")
+        for p, v in spec.axes.items():
+            if len(v) not in (1, n):
                 raise InputError(
-                    f"grid: false pairs the i-th values of every axis, but '{first}' has "
-                    f"{lengths[first]} values and this axis {n}",
+                    f"grid: false pairs the i-th values of every axis, but '{longest}' has "
+                    f"{n} values and this axis {len(v)}",
                     file=file,
                     field=f"axes.{p}",
-                    value=spec.axes[p],
+                    value=v,
                 )
         points = [
-            dict(zip(paths, combo, strict=True)) for combo in zip(*spec.axes.values(), strict=True)
+            {p: v[i] if len(v) > 1 else v[0] for p, v in spec.axes.items()} for i in range(n)
         ] or [{}]
     explicit = spec.cases if spec.cases is not None else [{}]
     out = []
