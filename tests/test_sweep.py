@@ -378,11 +378,23 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     good = write_sweep(tmp_path, axes=SMALL)
+    o3 = str(tmp_path / "o3")
     assert_one_line_error(
-        moesim("sweep", str(good), "--out", str(tmp_path / "o3"), "--address", "tcp://x:1"),
+        moesim("sweep", str(good), "--out", o3, "--address", "tcp://x:1"),
         "field 'address'",
         "--executor dask",
     )
+    assert_one_line_error(
+        moesim("sweep", str(good), "--out", o3, "--executor", "dask", "--address", "nonsense"),
+        "field 'address'",
+        "not a scheduler address",
+    )
+    assert_one_line_error(
+        moesim("sweep", str(good), "--out", o3, "--workers", "0"),
+        "field 'workers'",
+    )
+    assert_one_line_error(moesim("sweep", str(tmp_path / "nope.yaml"), "--out", o3), "not found")
+    assert not (tmp_path / "o3").exists()
 
 
 def test_cli_unreachable_dask_scheduler_fails_fast(tmp_path):
@@ -498,6 +510,20 @@ def test_example_sweep_identical_on_local_and_dask_scheduler_with_two_workers(tm
         while not sched_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         address = json.loads(sched_file.read_text())["address"]
+        assert_one_line_error(  # a scheduler without workers would never run a case
+            moesim(
+                "sweep",
+                str(EXAMPLE),
+                "--out",
+                str(tmp_path / "dask"),
+                "--executor",
+                "dask",
+                "--address",
+                address,
+            ),
+            "field 'address'",
+            "has no workers",
+        )
         for i in range(2):
             procs.append(
                 _start(

@@ -162,6 +162,50 @@ def _quiet_distributed() -> Iterator[None]:
         log.setLevel(level)
 
 
+def _probe_scheduler(address: str, timeout_s: float) -> None:
+    """Ask ``address`` for its identity (one request, ``timeout_s`` in all), so that a dead
+    or foreign address fails fast and leaves no half-made client behind.
+
+    Raises:
+        InputError: the address is malformed, does not answer, or is not a Dask scheduler.
+    """
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity() -> Any:
+        async with rpc(address, timeout=timeout_s) as scheduler:
+            return await scheduler.identity()
+
+    try:
+        info = asyncio.run(asyncio.wait_for(identity(), timeout_s))
+    except ValueError as err:
+        raise InputError(
+            f"not a scheduler address, expected tcp://HOST:PORT ({_one_line(str(err))[:120]})",
+            field="address",
+            value=address,
+        ) from None
+    except (OSError, asyncio.TimeoutError) as err:
+        raise InputError(
+            f"Dask scheduler does not answer within {timeout_s:g} s "
+            f"({type(err).__name__}: {_one_line(str(err))[:120]})",
+            field="address",
+            value=address,
+        ) from None
+    except Exception as err:  # garbage from something that is not a scheduler
+        raise InputError(
+            f"no Dask scheduler at this address ({type(err).__name__}: "
+            f"{_one_line(str(err))[:120]})",
+            field="address",
+            value=address,
+        ) from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        kind = info.get("type") if isinstance(info, dict) else type(info).__name__
+        raise InputError(
+            f"this address is a Dask {kind}, not a scheduler", field="address", value=address
+        )
+
+
 @contextmanager
 def open_executor(
     kind: ExecutorKind,
@@ -219,12 +263,13 @@ def open_executor(
                     field="workers",
                     value=workers,
                 )
+            _probe_scheduler(address, connect_timeout_s)
             try:
                 client = Client(address, timeout=connect_timeout_s, set_as_default=False)
             except Exception as err:
                 raise InputError(
-                    f"Dask scheduler does not answer within {connect_timeout_s:g} s "
-                    f"({type(err).__name__}: {_one_line(str(err))[:160]})",
+                    f"cannot connect to the Dask scheduler ({type(err).__name__}: "
+                    f"{_one_line(str(err))[:160]})",
                     field="address",
                     value=address,
                 ) from None
