@@ -194,6 +194,26 @@ def test_case_id_is_hash_of_the_full_canonical_scenario(tmp_path):
     assert again.sweep_id == one.sweep_id != two.sweep_id
 
 
+def test_summary_figures_map_onto_the_metric_columns():
+    summary = {
+        "step_time_us": 10.0,
+        "breakdown_us": {"expert_us": 4.0, "wait_us": 1.0, "new_phase_us": 2.0},
+        "tokens_per_s": 5,
+        "balance_ratio": [1.5, 2.5, 2.0],
+        "straggler_penalty": [0.1, 0.3],
+        "drop_rate": 0.0,
+        "memory_per_device_bytes": 80e9,
+    }
+    got = metric_values(summary)
+    assert list(got) == list(METRIC_COLUMNS)
+    assert got["step_time_us"] == 10.0 and got["expert_us"] == 4.0 and got["wait_us"] == 1.0
+    assert got["tokens_per_s"] == 5.0 and isinstance(got["tokens_per_s"], float)
+    assert (got["balance_ratio"], got["balance_ratio_mean"]) == (2.5, 2.0)
+    assert got["straggler_penalty"] == 0.3
+    assert got["memory_per_device_bytes"] == 80e9  # taken when the simulation gives it
+    assert got["dispatch_us"] is None and got["cross_node_bytes"] is None  # absent: null
+
+
 # ----- running ----------------------------------------------------------------------------
 
 
@@ -348,6 +368,7 @@ def test_cli_sweep_prints_table_and_resumes(tmp_path):
     first = (out / "results.parquet").read_bytes()
     proc = moesim("sweep", str(path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
+    assert "all 4 cases already done" in proc.stderr
     assert "0 run now" in proc.stdout and "4 already done" in proc.stdout
     assert (out / "results.parquet").read_bytes() == first
 
@@ -419,7 +440,7 @@ def test_cli_unreachable_dask_scheduler_fails_fast(tmp_path):
 def test_cli_refuses_a_results_folder_from_another_sweep(tmp_path):
     one = write_sweep(tmp_path, "one.yaml", axes=SMALL)
     out = tmp_path / "out"
-    assert moesim("sweep", str(one), "--out", str(out), "--workers", "1").returncode == 0
+    _run(one, out, CountingExecutor())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     two = write_sweep(tmp_path, "two.yaml", axes=SMALL | {"seed": [3]})
     assert_one_line_error(
@@ -479,7 +500,7 @@ def test_killed_sweep_rerun_has_every_case_exactly_once(tmp_path):
     assert not list(out.glob(".*.tmp"))  # a killed write's temporary is cleared
     # the same table as a sweep never killed
     clean = tmp_path / "clean"
-    assert moesim("sweep", str(path), "--out", str(clean), "--workers", "2").returncode == 0
+    _run(path, clean, CountingExecutor())
     assert (clean / "results.parquet").read_bytes() == (out / "results.parquet").read_bytes()
 
 
@@ -554,3 +575,18 @@ def test_example_sweep_identical_on_local_and_dask_scheduler_with_two_workers(tm
     assert a == (tmp_path / "dask" / "results.parquet").read_bytes()
     rows = pq.read_table(tmp_path / "local" / "results.parquet").to_pylist()
     assert len(rows) >= 12 and all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.slow
+def test_cli_dask_local_cluster_matches_process_pool(tmp_path):
+    pytest.importorskip("distributed")
+    path = write_sweep(tmp_path, axes=SMALL)
+    local = moesim("sweep", str(path), "--out", str(tmp_path / "local"), "--workers", "2")
+    assert local.returncode == 0, local.stderr
+    dask = moesim(
+        "sweep", str(path), "--out", str(tmp_path / "dask"), "--executor", "dask", "--workers", "2"
+    )
+    assert dask.returncode == 0, dask.stderr
+    assert "to run on 2 local Dask workers" in dask.stderr
+    a = (tmp_path / "local" / "results.parquet").read_bytes()
+    assert a == (tmp_path / "dask" / "results.parquet").read_bytes()

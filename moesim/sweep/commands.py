@@ -92,7 +92,7 @@ def sweep_cmd(
 
     from moesim.cli import _display_path
     from moesim.sweep.results import ResultsFolder
-    from moesim.sweep.run import SweepError, open_executor, run_sweep
+    from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
     from moesim.sweep.spec import Case, load_sweep
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -102,54 +102,59 @@ def sweep_cmd(
     sweep = load_sweep(sweep_file)
     folder = ResultsFolder(out, sweep)  # refuses another sweep's folder; writes nothing
     pending = len(folder.pending())
-    kind = executor.value
+    kind: ExecutorKind = "dask" if executor is ExecutorChoice.dask else "local"
     if workers is None and address is None:
         workers = max(1, min(os.cpu_count() or 1, pending or 1))
-    where = (
-        f"the Dask scheduler at {address}"
-        if address
-        else f"{workers} local {'Dask worker' if kind == 'dask' else 'process'}"
-        + ("es" if kind == "local" and workers != 1 else "s" if workers != 1 else "")
-    )
-    try:
-        with open_executor(kind, address=address, workers=workers) as pool:  # type: ignore[arg-type]
-            err_console.print(
-                f"sweep {sweep.spec.name!r}: {len(sweep.cases)} cases, "
-                f"{len(sweep.cases) - pending} already done, {pending} to run on {where}",
-                markup=False,
-            )
-            with Progress(
-                TextColumn("[bold]sweep[/bold]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("cases, {task.fields[failed]} failed"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=err_console,
-            ) as progress:
-                task = progress.add_task(
-                    "sweep",
-                    total=len(sweep.cases),
-                    completed=len(sweep.cases) - pending,
-                    failed=_failed(folder.rows.values()),
+    if address:
+        where = f"the Dask scheduler at {address}"
+    else:
+        noun = "Dask worker" if kind == "dask" else "process"
+        where = (
+            f"{workers} local {noun}{'' if workers == 1 else 'es' if noun == 'process' else 's'}"
+        )
+    if not pending:  # nothing to run: no pool to start, no scheduler to reach
+        err_console.print(f"sweep {sweep.spec.name!r}: all {len(sweep.cases)} cases already done")
+        run = SweepRun(len(sweep.cases), len(sweep.cases), 0, 0, 0.0)
+    else:
+        try:
+            with open_executor(kind, address=address, workers=workers) as pool:
+                err_console.print(
+                    f"sweep {sweep.spec.name!r}: {len(sweep.cases)} cases, "
+                    f"{len(sweep.cases) - pending} already done, {pending} to run on {where}",
+                    markup=False,
                 )
+                with Progress(
+                    TextColumn("[bold]sweep[/bold]"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("cases, {task.fields[failed]} failed"),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    console=err_console,
+                ) as progress:
+                    task = progress.add_task(
+                        "sweep",
+                        total=len(sweep.cases),
+                        completed=len(sweep.cases) - pending,
+                        failed=_failed(folder.rows.values()),
+                    )
 
-                def on_result(case: Case, row: dict[str, Any]) -> None:
-                    progress.update(task, advance=1, failed=_failed(folder.rows.values()))
+                    def on_result(case: Case, row: dict[str, Any]) -> None:
+                        progress.update(task, advance=1, failed=_failed(folder.rows.values()))
 
-                run = run_sweep(
-                    sweep,
-                    folder,
-                    pool,
-                    source=str(_display_path(sweep_file)),
-                    on_result=on_result,
-                )
-    except SweepError as err:
-        err_console.print(f"moesim: error: {err}", markup=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Abort() from None
+                    run = run_sweep(
+                        sweep,
+                        folder,
+                        pool,
+                        source=str(_display_path(sweep_file)),
+                        on_result=on_result,
+                    )
+        except SweepError as err:
+            err_console.print(f"moesim: error: {err}", markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
     rows = folder.table().to_pylist()
     columns = [c for c in sweep.columns if c in folder.schema.names]
     columns += [] if "mode" in columns else ["mode"]
