@@ -242,6 +242,13 @@ kernels_app.command("bench")(kernels_bench_cmd)
 kernels_app.command("import-profile")(import_profile_cmd)
 
 
+# ----- sweeps (moesim.sweep) ---------------------------------------------------------------
+# (command: sweep)
+from moesim.sweep.commands import sweep_cmd  # noqa: E402
+
+app.command("sweep")(sweep_cmd)
+
+
 # ----- traces (moesim.traces) ---------------------------------------------------------------
 
 

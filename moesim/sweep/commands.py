@@ -1,0 +1,190 @@
+"""``moesim sweep``: run a sweep file's cases on a local process pool or a Dask cluster.
+
+Registered in :mod:`moesim.cli`; the simulator and Dask are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["ExecutorChoice", "sweep_cmd"]
+
+_TABLE_ROWS = 40
+
+
+class ExecutorChoice(str, Enum):
+    """Where the cases run."""
+
+    local = "local"
+    dask = "dask"
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _results_table(rows: list[dict[str, Any]], columns: list[str], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        "case",
+        *columns,
+        "status",
+        "step ms",
+        "Mtokens/s",
+        "balance",
+        "drop %",
+        "straggler",
+        title=title,
+    )
+    for r in rows[:_TABLE_ROWS]:
+        ok = r["status"] == "ok"
+        table.add_row(
+            str(r["case_index"]),
+            *(_fmt(r.get(c)) for c in columns),
+            r["status"],
+            f"{r['step_time_us'] / 1e3:.3f}" if ok else "-",
+            f"{r['tokens_per_s'] / 1e6:.2f}" if ok else "-",
+            f"{r['balance_ratio']:.3f}" if ok else "-",
+            f"{100 * r['drop_rate']:.3f}" if ok else "-",
+            f"{100 * r['straggler_penalty']:.1f}%" if ok else "-",
+        )
+    return table
+
+
+def sweep_cmd(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML file.")],
+    out: Annotated[Path, typer.Option(help="Results folder (created; re-runs resume it).")],
+    executor: Annotated[
+        ExecutorChoice, typer.Option(help="local: a process pool; dask: a Dask cluster.")
+    ] = ExecutorChoice.local,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler address (tcp://host:8786); none: a LocalCluster."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes of the pool or LocalCluster (default: CPU count)."),
+    ] = None,
+) -> None:
+    """Run every case of a sweep; append each to OUT/results.parquet as it finishes.
+
+    A sweep is a base scenario plus axes over any scenario field (dotted paths, e.g.
+    capacity.factor), as a grid or an explicit list of cases. Re-running skips the cases
+    already in OUT (keyed by a hash of the case's full scenario); a failing case is recorded
+    with its error and the sweep goes on. Exit status 1 when any case failed.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from moesim.cli import _display_path
+    from moesim.sweep.results import ResultsFolder
+    from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
+    from moesim.sweep.spec import Case, load_sweep
+
+    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 160  # files and pipes get the whole table, not an 80-column squeeze
+    sweep = load_sweep(sweep_file)
+    folder = ResultsFolder(out, sweep)  # refuses another sweep's folder; writes nothing
+    pending = len(folder.pending())
+    kind: ExecutorKind = "dask" if executor is ExecutorChoice.dask else "local"
+    if workers is None and address is None:
+        workers = max(1, min(os.cpu_count() or 1, pending or 1))
+    if address:
+        where = f"the Dask scheduler at {address}"
+    else:
+        noun = "Dask worker" if kind == "dask" else "process"
+        where = (
+            f"{workers} local {noun}{'' if workers == 1 else 'es' if noun == 'process' else 's'}"
+        )
+    if not pending:  # nothing to run: no pool to start, no scheduler to reach
+        err_console.print(f"sweep {sweep.spec.name!r}: all {len(sweep.cases)} cases already done")
+        run = SweepRun(len(sweep.cases), len(sweep.cases), 0, 0, 0.0)
+    else:
+        try:
+            with open_executor(kind, address=address, workers=workers) as pool:
+                err_console.print(
+                    f"sweep {sweep.spec.name!r}: {len(sweep.cases)} cases, "
+                    f"{len(sweep.cases) - pending} already done, {pending} to run on {where}",
+                    markup=False,
+                )
+                with Progress(
+                    TextColumn("[bold]sweep[/bold]"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("cases, {task.fields[failed]} failed"),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    console=err_console,
+                ) as progress:
+                    task = progress.add_task(
+                        "sweep",
+                        total=len(sweep.cases),
+                        completed=len(sweep.cases) - pending,
+                        failed=_failed(folder.rows.values()),
+                    )
+
+                    def on_result(case: Case, row: dict[str, Any]) -> None:
+                        progress.update(task, advance=1, failed=_failed(folder.rows.values()))
+
+                    run = run_sweep(
+                        sweep,
+                        folder,
+                        pool,
+                        source=str(_display_path(sweep_file)),
+                        on_result=on_result,
+                    )
+        except SweepError as err:
+            err_console.print(f"moesim: error: {err}", markup=False)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
+    rows = folder.table().to_pylist()
+    columns = [c for c in sweep.columns if c in folder.schema.names]
+    columns += [] if "mode" in columns else ["mode"]
+    results = out / "results.parquet"
+    console.print(_results_table(rows, columns, title=str(results)))
+    if len(rows) > _TABLE_ROWS:
+        console.print(f"... and {len(rows) - _TABLE_ROWS} more cases in {results}")
+    errors = [r for r in rows if r["status"] != "ok"]
+    for r in errors[:5]:
+        console.print(f"case {r['case_index']} failed: {r['error']}", markup=False)
+    console.print(
+        f"{len(rows)} cases ({len(rows) - len(errors)} ok, {len(errors)} failed): {run.ran} run "
+        f"now in {run.wall_s:.1f} s, {run.skipped} already done; wrote {results}",
+        markup=False,
+    )
+    _report(out)
+    if errors:
+        raise typer.Exit(1)
+
+
+def _failed(rows: Iterable[dict[str, Any]]) -> int:
+    return sum(r["status"] != "ok" for r in rows)
+
+
+def _report(out: Path) -> None:
+    """Write the sweep report into ``out`` where the sweep report writer is installed."""
+    try:
+        from moesim.report.sweep import (  # type: ignore[import-not-found,unused-ignore]
+            write_sweep_report,
+        )
+    except ImportError:
+        return
+    write_sweep_report(out, out)
