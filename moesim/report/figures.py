@@ -14,7 +14,18 @@ import pandas as pd
 from moesim.report.summary import PARTS
 from moesim.sim.simulate import SimResult
 
-__all__ = ["balance_svg", "breakdown_svg", "load_heatmap_svg"]
+__all__ = [
+    "balance_svg",
+    "breakdown_rows_svg",
+    "breakdown_svg",
+    "drop_vs_capacity_svg",
+    "load_heatmap_svg",
+    "memory_svg",
+    "placement_svg",
+    "port_bytes_svg",
+    "scaling_svg",
+    "timeline_svg",
+]
 
 _COLORS = {
     "expert compute": "#4C72B0",
@@ -39,23 +50,32 @@ def _svg(fig: plt.Figure) -> str:
 
 def breakdown_svg(result: SimResult) -> str:
     """Stacked horizontal bar of each mode's step time by phase, in milliseconds."""
-    runs = result.runs
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.6 * len(runs)))
-    for row, run in enumerate(runs):
+    return breakdown_rows_svg(
+        [r.mode for r in result.runs], [r.summary["breakdown_us"] for r in result.runs]
+    )
+
+
+def breakdown_rows_svg(labels: list[str], breakdowns: list[dict[str, float]]) -> str:
+    """Stacked horizontal bars, one per label, of time by phase (``*_us`` keys), in ms."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * n))
+    for row, b in enumerate(breakdowns):
         left = 0.0
         for name, key in PARTS:
-            w = run.summary["breakdown_us"][key] / 1e3
+            w = float(b.get(key) or 0.0) / 1e3
             ax.barh(row, w, left=left, color=_COLORS[name], label=name if row == 0 else None)
             left += w
-    ax.set_yticks(range(len(runs)), [r.mode for r in runs])
+    ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
     ax.invert_yaxis()
     ax.set_xlabel("time on the device that finishes last (ms)")
     ax.legend(
-        ncol=3,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.45 if len(runs) < 3 else -0.25),
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
         frameon=False,
         fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
     )
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
@@ -89,4 +109,178 @@ def load_heatmap_svg(metrics: pd.DataFrame) -> str:
     cbar.set_label("assignments")
     row_max = np.argmax(grid.to_numpy(), axis=1)
     ax.scatter(row_max, range(len(grid)), marker="o", facecolors="none", edgecolors="white", s=40)
+    return _svg(fig)
+
+
+_MEMORY_PARTS = (
+    ("dense weights", "dense_weights_bytes", "#4C72B0"),
+    ("expert weights", "expert_weights_bytes", "#55A868"),
+    ("gradients + optimizer", "optimizer_bytes", "#8172B3"),
+    ("activations", "activation_bytes", "#DD8452"),
+    ("KV cache", "kv_cache_bytes", "#937860"),
+)
+
+
+def memory_svg(
+    labels: list[str], breakdowns: list[dict[str, float]], hbm_bytes: list[float]
+) -> str:
+    """Stacked horizontal bars of bytes per device by component (GB), each row with a tick at
+    its device's HBM capacity."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * n))
+    for row, b in enumerate(breakdowns):
+        left = 0.0
+        for name, key, color in _MEMORY_PARTS:
+            w = float(b.get(key, 0.0)) / 1e9
+            ax.barh(row, w, left=left, color=color, label=name if row == 0 else None)
+            left += w
+        ax.plot(
+            [hbm_bytes[row] / 1e9] * 2,
+            [row - 0.45, row + 0.45],
+            color="black",
+            lw=2,
+            label="HBM capacity" if row == 0 else None,
+        )
+    ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
+    ax.invert_yaxis()
+    ax.set_xlabel("memory per device (GB, 10^9 bytes)")
+    ax.legend(
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def drop_vs_capacity_svg(df: pd.DataFrame, group: str) -> str:
+    """Drop rate (%) against capacity factor, one line per value of ``group``.
+
+    ``df``: columns ``capacity_factor``, ``drop_rate`` and ``group``.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    for name, g in df.groupby(group, sort=True):
+        g = g.sort_values("capacity_factor")
+        ax.plot(g["capacity_factor"], 100 * g["drop_rate"], marker="o", label=str(name))
+    ax.set_xlabel("capacity factor")
+    ax.set_ylabel("dropped assignments (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def placement_svg(df: pd.DataFrame) -> str:
+    """Mean step time (ms) per placement strategy; ``df``: ``placement``, ``step_time_us``."""
+    g = df.groupby("placement", sort=True)["step_time_us"].mean() / 1e3
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.4 * len(g)))
+    ax.barh(range(len(g)), g.to_numpy(), color="#4C72B0")
+    ax.set_yticks(range(len(g)), [str(x) for x in g.index])
+    ax.invert_yaxis()
+    ax.set_xlabel("mean step time over the cases with that placement (ms)")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def scaling_svg(df: pd.DataFrame, group: str) -> str:
+    """Tokens/s against devices, one line per ``group`` value, with ideal (linear) scaling
+    from each line's smallest cluster as a dashed line of the same colour (log-log axes)."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for i, (name, g) in enumerate(df.groupby(group, sort=True)):
+        g = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
+        color = f"C{i % 10}"
+        x, y = g.index.to_numpy(dtype=float), g.to_numpy(dtype=float)
+        ax.plot(x, y, marker="o", color=color, label=f"{name} (simulated)")
+        ax.plot(x, y[0] * x / x[0], ls="--", color=color, alpha=0.6, label=f"{name} (ideal)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def port_bytes_svg(sent: np.ndarray, recv: np.ndarray) -> str:
+    """Bytes each device sends and receives through its ports in one step (MB)."""
+    d = np.arange(sent.size)
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    ax.bar(d - 0.2, sent / 1e6, width=0.4, color="#DD8452", label="sent")
+    ax.bar(d + 0.2, recv / 1e6, width=0.4, color="#55A868", label="received")
+    step = max(1, sent.size // 32)
+    ax.set_xticks(d[::step], [str(x) for x in d[::step]], fontsize=7)
+    ax.set_xlabel("device")
+    ax.set_ylabel("bytes per step (MB)")
+    ax.legend(fontsize=8, frameon=False, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+_CATEGORY_COLORS = {
+    "expert": _COLORS["expert compute"],
+    "dispatch": _COLORS["dispatch"],
+    "combine": _COLORS["combine"],
+    "allreduce": _COLORS["gradient all-reduce"],
+    "other": _COLORS["other"],
+}
+
+
+def timeline_svg(phases: pd.DataFrame) -> str:
+    """Gantt chart of one layer's ops per device (µs from the layer's first op).
+
+    ``phases``: rows of :func:`moesim.report.write.phases_frame` for one (mode, step, pass,
+    layer) and a few devices.
+    """
+    t0 = float((phases["start_us"] - phases["wait_us"]).min())
+    devices = sorted(phases["device"].unique())
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.28 * len(devices)))
+    seen: set[str] = set()
+    for row, dev in enumerate(devices):
+        for r in phases[phases["device"] == dev].itertuples(index=False):
+            start = float(r.start_us) - t0
+            if r.wait_us > 0:
+                ax.barh(
+                    row,
+                    r.wait_us,
+                    left=start - r.wait_us,
+                    color="#F2C4C4",
+                    height=0.7,
+                    label=None if "waiting" in seen else "waiting",
+                )
+                seen.add("waiting")
+            if r.duration_us > 0:
+                cat = str(r.category)
+                label = {"expert": "expert compute", "allreduce": "gradient all-reduce"}.get(
+                    cat, cat
+                )
+                ax.barh(
+                    row,
+                    r.duration_us,
+                    left=start,
+                    color=_CATEGORY_COLORS.get(cat, "#8C8C8C"),
+                    height=0.7,
+                    edgecolor="white",
+                    linewidth=0.3,
+                    label=None if label in seen else label,
+                )
+                seen.add(label)
+    ax.set_yticks(range(len(devices)), [f"device {d}" for d in devices], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time from the layer's first op (µs)")
+    ax.legend(
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
+    ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
