@@ -35,7 +35,14 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.scenario import Scenario
-from moesim.sim.simulate import ModeResult, Prepared, prepare, route_step, simulate_mode
+from moesim.sim.simulate import (
+    ModeResult,
+    Prepared,
+    SimResult,
+    prepare,
+    route_step,
+    simulate_mode,
+)
 
 __all__ = [
     "CAPACITY_LADDER",
@@ -96,7 +103,11 @@ class Evaluation:
     drop_rate: float
     drop_rates: dict[float, float]  # capacity factor -> drop rate, on the routing alone
     placements_tokens_per_s: dict[str, float]
-    run: ModeResult = field(repr=False)
+    result: SimResult = field(repr=False)
+
+    @property
+    def run(self) -> ModeResult:
+        return self.result.runs[0]
 
     @property
     def step_time_us(self) -> float:
@@ -258,6 +269,18 @@ def _evaluate(
             update={"capacity": base.capacity.model_copy(update={"factor": chosen})}
         )
         run = simulate_mode(replace(prep, scenario=sc), request.mode)
+        result = SimResult(
+            scenario=sc,
+            shape=prep.shape,
+            hw=prep.hw,
+            runs=[run],
+            inputs={
+                "trace_tokens": prep.trace.num_tokens,
+                "trace_layers": list(prep.trace.layers),
+                "moe_layers": prep.moe_layers,
+                "source": "moesim plan-capacity",
+            },
+        )
         per_placement[placement] = float(run.summary["tokens_per_s"])
         ev = Evaluation(
             hardware=hw.name,
@@ -269,7 +292,7 @@ def _evaluate(
             drop_rate=float(run.summary["drop_rate"]),
             drop_rates=drops,
             placements_tokens_per_s=per_placement,
-            run=run,
+            result=result,
         )
         if best is None or ev.tokens_per_s > best.tokens_per_s:
             best = ev

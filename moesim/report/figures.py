@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -45,7 +46,10 @@ def _svg(fig: plt.Figure) -> str:
         )
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg") :]
+    text = text[text.index("<svg") :]
+    if "<metadata>" in text:  # the RDF block names external vocabularies; the page needs none
+        text = text[: text.index("<metadata>")] + text[text.index("</metadata>") + 11 :]
+    return text
 
 
 def breakdown_svg(result: SimResult) -> str:
@@ -84,7 +88,10 @@ def breakdown_rows_svg(labels: list[str], breakdowns: list[dict[str, float]]) ->
 def balance_svg(layers: pd.DataFrame) -> str:
     """Balance ratio (max/mean device load) per MoE layer."""
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    ax.bar(layers["layer"].astype(str), layers["balance_ratio"], color="#4C72B0")
+    x = np.arange(len(layers))
+    ax.bar(x, layers["balance_ratio"].to_numpy(), color="#4C72B0")
+    step = max(1, len(layers) // 24)
+    ax.set_xticks(x[::step], [str(v) for v in layers["layer"].to_numpy()[::step]])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xlabel("MoE layer (model layer index)")
     ax.set_ylabel("balance ratio (max / mean)")
@@ -99,10 +106,12 @@ def load_heatmap_svg(metrics: pd.DataFrame) -> str:
         (metrics["pass"] == "forward") & (metrics["step"] == 0) & (metrics["device_load"] > 0)
     ]
     grid = fwd.pivot_table(index="layer", columns="device", values="device_load", aggfunc="sum")
-    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.32 * len(grid)))
+    fig, ax = plt.subplots(figsize=(7.5, min(1.2 + 0.32 * len(grid), 7.0)))
     im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(grid)), [str(x) for x in grid.index])
-    ax.set_xticks(range(grid.shape[1]), [str(x) for x in grid.columns], fontsize=7)
+    ys = max(1, len(grid) // 20)
+    xs = max(1, grid.shape[1] // 32)
+    ax.set_yticks(range(0, len(grid), ys), [str(x) for x in grid.index[::ys]], fontsize=8)
+    ax.set_xticks(range(0, grid.shape[1], xs), [str(x) for x in grid.columns[::xs]], fontsize=7)
     ax.set_xlabel("device")
     ax.set_ylabel("MoE layer")
     cbar = fig.colorbar(im, ax=ax, pad=0.01)
@@ -119,6 +128,7 @@ _MEMORY_PARTS = (
     ("activations", "activation_bytes", "#DD8452"),
     ("KV cache", "kv_cache_bytes", "#937860"),
 )
+_MEMORY_TOTAL = (("memory per device", "total_bytes", "#8C8C8C"),)
 
 
 def memory_svg(
@@ -130,7 +140,8 @@ def memory_svg(
     fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * n))
     for row, b in enumerate(breakdowns):
         left = 0.0
-        for name, key, color in _MEMORY_PARTS:
+        parts = _MEMORY_PARTS if any(k in b for _, k, _ in _MEMORY_PARTS) else _MEMORY_TOTAL
+        for name, key, color in parts:
             w = float(b.get(key, 0.0)) / 1e9
             ax.barh(row, w, left=left, color=color, label=name if row == 0 else None)
             left += w
@@ -139,7 +150,7 @@ def memory_svg(
             [row - 0.45, row + 0.45],
             color="black",
             lw=2,
-            label="HBM capacity" if row == 0 else None,
+            label="HBM capacity" if row == 0 and hbm_bytes[row] == hbm_bytes[row] else None,
         )
     ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
     ax.invert_yaxis()
@@ -189,7 +200,7 @@ def placement_svg(df: pd.DataFrame) -> str:
 
 def scaling_svg(df: pd.DataFrame, group: str) -> str:
     """Tokens/s against devices, one line per ``group`` value, with ideal (linear) scaling
-    from each line's smallest cluster as a dashed line of the same colour (log-log axes)."""
+    from each line's smallest cluster as a dashed line of the same colour."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for i, (name, g) in enumerate(df.groupby(group, sort=True)):
         g = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
@@ -197,10 +208,16 @@ def scaling_svg(df: pd.DataFrame, group: str) -> str:
         x, y = g.index.to_numpy(dtype=float), g.to_numpy(dtype=float)
         ax.plot(x, y, marker="o", color=color, label=f"{name} (simulated)")
         ax.plot(x, y[0] * x / x[0], ls="--", color=color, alpha=0.6, label=f"{name} (ideal)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    devices = sorted({int(x) for x in df["num_devices"]})
+    step = max(1, len(devices) // 12)
+    ax.set_xticks(devices[::step], [str(x) for x in devices[::step]])
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}k" if v else "0")
+    )
     ax.set_xlabel("devices")
-    ax.set_ylabel("throughput (tokens/s)")
+    ax.set_ylabel("throughput (tokens/s, k = 1,000)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)

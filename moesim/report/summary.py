@@ -19,7 +19,9 @@ PARTS = (
 
 
 def fmt_us(us: float) -> str:
-    """A duration with a readable unit."""
+    """A duration with a readable unit (rounding noise below 0.05 µs shows as 0.0 µs)."""
+    if abs(us) < 0.05:
+        us = 0.0
     if us >= 1e6:
         return f"{us / 1e6:.3f} s"
     if us >= 1e3:
