@@ -140,7 +140,7 @@ def _cluster(plans: list[HardwarePlan], request: PlanRequest, run: RunData | Non
         rows.append((p.hardware, f"HBM {fmt_bytes(p.hbm_bytes)}; simulated sizes: {sizes or '-'}"))
     if run is not None:
         rows.append(("detail below", run.info["cluster"] + f" ({run.info['hardware']})"))
-    return Section("cluster", html_table(("", ""), rows, left=2), md_table(("", ""), rows, left=2))
+    return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
 
 
 def _memory(plans: list[HardwarePlan]) -> Section:
@@ -156,7 +156,7 @@ def _memory(plans: list[HardwarePlan]) -> Section:
         return missing("memory", "No cluster size was simulated.")
     th, tm = memory_table(labels, bds)
     svg = memory_svg(labels, bds, [b["hbm_bytes"] for b in bds])
-    cap = "Bytes one device holds at each simulated size, by component; black tick: HBM."
+    cap = "Bytes one device holds at each simulated size, by component; black tick: HBM capacity."
     return Section(
         "memory",
         figure(svg, cap) + th + f'<p class="muted">{html_lib.escape(MEMORY_NOTE)}</p>',

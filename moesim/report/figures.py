@@ -90,7 +90,7 @@ def balance_svg(layers: pd.DataFrame) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
     x = np.arange(len(layers))
     ax.bar(x, layers["balance_ratio"].to_numpy(), color="#4C72B0")
-    step = max(1, len(layers) // 24)
+    step = -(-len(layers) // 16)  # at most 16 labels
     ax.set_xticks(x[::step], [str(v) for v in layers["layer"].to_numpy()[::step]])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xlabel("MoE layer (model layer index)")
@@ -108,8 +108,8 @@ def load_heatmap_svg(metrics: pd.DataFrame) -> str:
     grid = fwd.pivot_table(index="layer", columns="device", values="device_load", aggfunc="sum")
     fig, ax = plt.subplots(figsize=(7.5, min(1.2 + 0.32 * len(grid), 7.0)))
     im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="viridis")
-    ys = max(1, len(grid) // 20)
-    xs = max(1, grid.shape[1] // 32)
+    ys = -(-len(grid) // 20)  # at most 20 layer labels and 24 device labels
+    xs = -(-grid.shape[1] // 24)
     ax.set_yticks(range(0, len(grid), ys), [str(x) for x in grid.index[::ys]], fontsize=8)
     ax.set_xticks(range(0, grid.shape[1], xs), [str(x) for x in grid.columns[::xs]], fontsize=7)
     ax.set_xlabel("device")
@@ -134,27 +134,42 @@ _MEMORY_TOTAL = (("memory per device", "total_bytes", "#8C8C8C"),)
 def memory_svg(
     labels: list[str], breakdowns: list[dict[str, float]], hbm_bytes: list[float]
 ) -> str:
-    """Stacked horizontal bars of bytes per device by component (GB), each row with a tick at
-    its device's HBM capacity."""
+    """Stacked horizontal bars of bytes per device by component, each row with a tick at its
+    device's HBM capacity. When every total is under a tenth of its HBM, the axis fits the
+    totals (in MB or GB) and the capacity is written in the title instead."""
     n = len(labels)
+    totals = [
+        sum(float(b.get(k, 0.0)) for _, k, _ in _MEMORY_PARTS) or float(b.get("total_bytes", 0.0))
+        for b in breakdowns
+    ]
+    known = [h for h in hbm_bytes if h == h]  # not NaN
+    small = bool(known) and all(
+        t < 0.1 * h for t, h in zip(totals, hbm_bytes, strict=True) if h == h
+    )
+    scale, unit = (1e9, "GB") if not small or max(totals) >= 1e9 else (1e6, "MB")
     fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * n))
     for row, b in enumerate(breakdowns):
         left = 0.0
         parts = _MEMORY_PARTS if any(k in b for _, k, _ in _MEMORY_PARTS) else _MEMORY_TOTAL
         for name, key, color in parts:
-            w = float(b.get(key, 0.0)) / 1e9
+            w = float(b.get(key, 0.0)) / scale
             ax.barh(row, w, left=left, color=color, label=name if row == 0 else None)
             left += w
-        ax.plot(
-            [hbm_bytes[row] / 1e9] * 2,
-            [row - 0.45, row + 0.45],
-            color="black",
-            lw=2,
-            label="HBM capacity" if row == 0 and hbm_bytes[row] == hbm_bytes[row] else None,
-        )
+        if not small and hbm_bytes[row] == hbm_bytes[row]:
+            ax.plot(
+                [hbm_bytes[row] / scale] * 2,
+                [row - 0.45, row + 0.45],
+                color="black",
+                lw=2,
+                label="HBM capacity" if row == 0 else None,
+            )
     ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
     ax.invert_yaxis()
-    ax.set_xlabel("memory per device (GB, 10^9 bytes)")
+    ax.set_xlabel(f"memory per device ({unit}, 10^{9 if unit == 'GB' else 6} bytes)")
+    if small:
+        ax.set_title(
+            f"far below HBM capacity ({max(known) / 1e9:.0f} GB per device)", fontsize=9, pad=24
+        )
     ax.legend(
         ncol=6,
         loc="lower center",
@@ -203,13 +218,13 @@ def scaling_svg(df: pd.DataFrame, group: str) -> str:
     from each line's smallest cluster as a dashed line of the same colour."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for i, (name, g) in enumerate(df.groupby(group, sort=True)):
-        g = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
+        best = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
         color = f"C{i % 10}"
-        x, y = g.index.to_numpy(dtype=float), g.to_numpy(dtype=float)
+        x, y = best.index.to_numpy(dtype=float), best.to_numpy(dtype=float)
         ax.plot(x, y, marker="o", color=color, label=f"{name} (simulated)")
         ax.plot(x, y[0] * x / x[0], ls="--", color=color, alpha=0.6, label=f"{name} (ideal)")
     devices = sorted({int(x) for x in df["num_devices"]})
-    step = max(1, len(devices) // 12)
+    step = -(-len(devices) // 12)
     ax.set_xticks(devices[::step], [str(x) for x in devices[::step]])
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
@@ -230,7 +245,7 @@ def port_bytes_svg(sent: np.ndarray, recv: np.ndarray) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
     ax.bar(d - 0.2, sent / 1e6, width=0.4, color="#DD8452", label="sent")
     ax.bar(d + 0.2, recv / 1e6, width=0.4, color="#55A868", label="received")
-    step = max(1, sent.size // 32)
+    step = -(-sent.size // 24)
     ax.set_xticks(d[::step], [str(x) for x in d[::step]], fontsize=7)
     ax.set_xlabel("device")
     ax.set_ylabel("bytes per step (MB)")

@@ -62,22 +62,38 @@ def missing(key: str, why: str) -> Section:
     return Section(key, f'<p class="missing">{text}</p>', f"_{why}_", shown=False)
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
-    """An HTML table; the first ``left`` columns are left-aligned (labels)."""
+def html_table(
+    header: Sequence[str] | None,
+    rows: Sequence[Sequence[object]],
+    left: int = 1,
+    text_cols: Sequence[int] = (),
+) -> str:
+    """An HTML table; the first ``left`` columns and ``text_cols`` are left-aligned (labels,
+    sentences), the others right-aligned (numbers). ``header`` None: a key/value table."""
 
     def cell(tag: str, i: int, v: object) -> str:
-        cls = ' class="l"' if i < left else ""
+        cls = ' class="l"' if i < left or i in text_cols else ""
         return f"<{tag}{cls}>{html_lib.escape(str(v))}</{tag}>"
 
-    head = "".join(cell("th", i, h) for i, h in enumerate(header))
-    body = "".join(
-        "<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>\n" for r in rows
+    head = (
+        "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr>\n"
+        if header
+        else ""
     )
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
+    body = "".join(
+        "<tr>"
+        + "".join(
+            cell("td" if header else ("th" if i == 0 else "td"), i, v) for i, v in enumerate(r)
+        )
+        + "</tr>\n"
+        for r in rows
+    )
+    return f"<table>\n{head}{body}</table>"
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> str:
-    """The same table in Markdown."""
+def md_table(header: Sequence[str] | None, rows: Sequence[Sequence[object]], left: int = 1) -> str:
+    """The same table in Markdown (a key/value table gets an empty header)."""
+    header = header or [""] * (len(rows[0]) if rows else 2)
     align = ["---" if i < left else "---:" for i in range(len(header))]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(v).replace("|", "/") for v in r) + " |" for r in rows]

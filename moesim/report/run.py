@@ -202,7 +202,7 @@ def _cluster(run: RunData) -> Section:
         ("cluster", run.info["cluster"]),
         ("routing", run.info["routing"]),
     ]
-    return Section("cluster", html_table(("", ""), rows, left=2), md_table(("", ""), rows, left=2))
+    return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
 
 
 _MEM_COLUMNS = (
@@ -245,7 +245,10 @@ def _memory(run: RunData) -> Section:
     bds = [s["memory_breakdown_bytes"] for s in have]
     th, tm = memory_table(labels, bds)
     svg = memory_svg(labels, bds, [b["hbm_bytes"] for b in bds])
-    cap = "Bytes one device holds in each mode, by component; the black tick is its HBM capacity."
+    cap = (
+        "Bytes one device holds in each mode, by component; black tick: HBM capacity (named "
+        "above the bars when far off scale)."
+    )
     return Section(
         "memory",
         figure(svg, cap) + th + f'<p class="muted">{MEMORY_NOTE}</p>',
@@ -292,7 +295,7 @@ def _heatmap(run: RunData) -> Section:
         balance_svg(lay),
         "Balance ratio: the busiest device's assignments over the mean (1.0 is perfect).",
     )
-    worst = lay.loc[lay["balance_ratio"].idxmax()]
+    worst = lay.iloc[int(np.argmax(lay["balance_ratio"].to_numpy()))]
     md = (
         f"Worst balance ratio {worst['balance_ratio']:.3f} in layer {int(worst['layer'])} "
         f"(max {int(worst['max_device_load']):,} vs mean {worst['mean_device_load']:,.1f} "
@@ -307,7 +310,7 @@ def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
     lay = run.last_layers()
     fwd = run.last_metrics("forward")
     dpn = int(run.info["devices_per_node"])
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for r in lay.to_dict("records"):
         m = fwd[fwd["layer"] == r["layer"]].sort_values("device")
         exp = m["expert_us"].to_numpy()
@@ -366,8 +369,7 @@ def _stragglers(run: RunData) -> Section:
     )
     return Section(
         "stragglers",
-        html_table(header, rows, left=0).replace("<td>compute", '<td class="l">compute')
-        + f'<p class="muted">{note}</p>',
+        html_table(header, rows, left=0, text_cols=(4, 5)) + f'<p class="muted">{note}</p>',
         md_table(header, rows, left=0) + "\n\n" + note,
     )
 
@@ -393,7 +395,8 @@ def _links(run: RunData) -> Section:
         for r in top.to_dict("records")
         if "busiest_pair_bytes" in r
     ]
-    busiest = int((per_dev["bytes_sent"] + per_dev["bytes_recv"]).idxmax())
+    moved = (per_dev["bytes_sent"] + per_dev["bytes_recv"]).to_numpy()
+    busiest = int(per_dev.index.to_numpy()[int(np.argmax(moved))])
     cap = (
         f"Bytes each device's port sends and receives in one {run.first_mode} step (all layers "
         f"and passes); device {busiest} moves the most."
@@ -401,10 +404,12 @@ def _links(run: RunData) -> Section:
     html = figure(
         port_bytes_svg(per_dev["bytes_sent"].to_numpy(), per_dev["bytes_recv"].to_numpy()), cap
     )
-    html += "<p>Busiest device pair of each layer (top 8):</p>" + html_table(header, rows, left=0)
+    html += "<p>Busiest device pair of each layer (top 8):</p>" + html_table(
+        header, rows, left=0, text_cols=(2,)
+    )
     md = (
         f"Device {busiest} moves the most bytes per step "
-        f"({fmt_bytes(float((per_dev.loc[busiest]).sum()))}).\n\n" + md_table(header, rows, left=0)
+        f"({fmt_bytes(float(moved.max()))}).\n\n" + md_table(header, rows, left=0)
     )
     return Section("links", html, md)
 
@@ -415,7 +420,7 @@ def _timeline(run: RunData) -> Section:
     lay = run.last_layers()
     if ph.empty or lay.empty:
         return missing("timeline", "No per-phase records of a MoE layer.")
-    worst = lay.loc[lay["straggler_penalty"].idxmax()]
+    worst = lay.iloc[int(np.argmax(lay["straggler_penalty"].to_numpy()))]
     layer, strag = int(worst["layer"]), int(worst["straggler_device"])
     ph = ph[ph["layer"] == layer]
     devices = sorted(ph["device"].unique())

@@ -128,7 +128,7 @@ def _answer(ok: pd.DataFrame, failed: pd.DataFrame, meta: dict[str, Any]) -> Sec
     ]
     labels = dict(zip(ok.index, case_labels(ok), strict=True))
     for (hw, mode), g in ok.groupby(["hardware", "mode"], sort=True):
-        best = g.loc[g["tokens_per_s"].idxmax()]
+        best = g.iloc[int(np.argmax(g["tokens_per_s"].to_numpy()))]
         text = (
             f"{mode} on {hw}: the highest throughput is {best['tokens_per_s']:,.0f} tokens/s "
             f"({labels[best.name]}: {int(best['num_devices'])} devices, step time "
@@ -172,7 +172,7 @@ def _cluster(df: pd.DataFrame) -> Section:
             rows.append((name, ", ".join(str(v) for v in vals)))
     axes = sorted({k for _, r in df.iterrows() for k in _axes(r)})
     rows.append(("axes", ", ".join(axes) or "none"))
-    return Section("cluster", html_table(("", ""), rows, left=2), md_table(("", ""), rows, left=2))
+    return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
 
 
 def _memory(ok: pd.DataFrame) -> Section:
@@ -188,17 +188,20 @@ def _memory(ok: pd.DataFrame) -> Section:
     header = ("hardware", "model", "mode", "devices", "memory per device", "HBM", "fits")
     rows = [
         (
-            r.hardware,
-            r.model,
-            r.mode,
-            int(r.num_devices),
-            fmt_bytes(r.memory_per_device_bytes),
+            r["hardware"],
+            r["model"],
+            r["mode"],
+            int(r["num_devices"]),
+            fmt_bytes(float(r["memory_per_device_bytes"])),
             "?" if np.isnan(h) else fmt_bytes(h),
-            "?" if np.isnan(h) else ("yes" if r.memory_per_device_bytes <= h else "NO"),
+            "?" if np.isnan(h) else ("yes" if float(r["memory_per_device_bytes"]) <= h else "NO"),
         )
-        for r, h in zip(g.itertuples(), hbm, strict=True)
+        for r, h in zip(g.to_dict("records"), hbm, strict=True)
     ]
-    cap = "Bytes one device holds (largest over the cases of that size); black tick: HBM capacity."
+    cap = (
+        "Bytes one device holds (largest over the cases of that size); black tick: HBM "
+        "capacity (named above the bars when far off scale)."
+    )
     return Section(
         "memory",
         figure(svg, cap) + html_table(header, rows, left=3),
@@ -313,9 +316,9 @@ def scaling_section(ok: pd.DataFrame, caption: str) -> Section:
     rows = []
     for s, g in d.groupby("series", sort=True):
         best = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
-        n0, t0 = float(best.index[0]), float(best.iloc[0])
-        for n, t in best.items():
-            ideal = t0 * float(n) / n0
+        counts, tps = best.index.to_numpy(dtype=float), best.to_numpy(dtype=float)
+        for n, t in zip(counts, tps, strict=True):
+            ideal = tps[0] * n / counts[0]
             rows.append((s, int(n), f"{t:,.0f}", f"{ideal:,.0f}", f"{100 * t / ideal:.0f}%"))
     return Section(
         "scaling",
