@@ -248,6 +248,13 @@ from moesim.sweep.commands import sweep_cmd  # noqa: E402
 
 app.command("sweep")(sweep_cmd)
 
+# ----- capacity planning and reports (moesim.plan, moesim.report) ---------------------------
+# (commands: plan-capacity, report)
+from moesim.plan.commands import plan_capacity_cmd, report_cmd  # noqa: E402
+
+app.command("plan-capacity")(plan_capacity_cmd)
+app.command("report")(report_cmd)
+
 
 # ----- traces (moesim.traces) ---------------------------------------------------------------
 
@@ -474,8 +481,13 @@ def main() -> None:
     usage_error: type[Exception] = next(
         c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
     )
+    args = sys.argv[1:]
+    if args[:1] == ["plan-capacity"]:
+        from moesim.plan.commands import expand_multi_value_options
+
+        args = expand_multi_value_options(args)
     try:
-        rc = app(standalone_mode=False)
+        rc = app(args=args, standalone_mode=False)
     except InputError as err:
         sys.stderr.write(f"moesim: error: {err}\n")
         raise SystemExit(2) from None

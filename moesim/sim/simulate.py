@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.costs.memory import memory_per_device
 from moesim.costs.roofline import layer_costs
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
@@ -359,18 +360,22 @@ def _layer_frame(
     cap: int,
     devices_per_node: int,
     wire_bytes: float,
+    slots: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Per MoE layer (forward): balance ratio, straggler device and penalty, drops, traffic.
+    """Per MoE layer (forward): balance ratio, straggler device and penalty, drops, traffic,
+    and what lies behind the straggler (see :func:`_attribution`).
 
-    ``wire_bytes``: bytes of one assignment's dispatch plus its combine.
+    ``wire_bytes``: bytes of one assignment's dispatch plus its combine; ``slots``: (L, D, S)
+    experts hosted per device, per MoE layer (the placement).
     """
     out = []
     fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
-    for layer, lr in routed.items():
+    for li, (layer, lr) in enumerate(routed.items()):
         exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
         load = lr.device_load
         cross = lr.copies.sum() - block_diagonal_sums(lr.copies, devices_per_node)[0].sum()
         mean_t = exp_us.mean()
+        hosted = None if slots is None else slots[li]
         out.append(
             {
                 "step": step,
@@ -388,8 +393,31 @@ def _layer_frame(
                 "cross_node_copies": int(cross),
                 "cross_node_bytes": float(cross * wire_bytes),
             }
+            | _attribution(lr, hosted, int(np.argmax(exp_us)), wire_bytes)
         )
     return pd.DataFrame(out)
+
+
+def _attribution(
+    lr: LayerRouting, slots: np.ndarray | None, straggler: int, wire_bytes: float
+) -> dict[str, Any]:
+    """The straggler's most loaded expert and the busiest device pair of one layer step.
+
+    ``slots``: (D, S) experts hosted per device. A pair's bytes are its dispatch plus
+    combine traffic (both directions of the pair's copies).
+    """
+    per_slot = lr.expert_tokens[straggler]
+    hot = int(np.argmax(per_slot)) if per_slot.size else 0
+    pair = lr.copies + lr.copies.T
+    np.fill_diagonal(pair, 0)
+    src, dst = np.unravel_index(int(np.argmax(pair)), pair.shape)
+    return {
+        "straggler_expert": int(slots[straggler, hot]) if slots is not None else -1,
+        "straggler_expert_tokens": float(per_slot[hot]) if per_slot.size else 0.0,
+        "busiest_pair_src": int(min(src, dst)),
+        "busiest_pair_dst": int(max(src, dst)),
+        "busiest_pair_bytes": float(pair[src, dst] * wire_bytes / 2),
+    }
 
 
 def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
@@ -442,7 +470,11 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         wire = bytes_per_assignment(shape.d_model, sc.dispatch_dtype) + bytes_per_assignment(
             shape.d_model, sc.combine_dtype
         )
-        layers.append(_layer_frame(routed, m, step, cap, prep.cluster.devices_per_node, wire))
+        layers.append(
+            _layer_frame(
+                routed, m, step, cap, prep.cluster.devices_per_node, wire, prep.placement.slots
+            )
+        )
         records.append(rec)
         step_times.append(float(rec.end_us.max()))
     mdf = pd.concat(metrics, ignore_index=True)
@@ -518,6 +550,28 @@ def _summary(
         "assignments": assignments,
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
+    } | _memory_summary(prep, mode)
+
+
+def _memory_summary(prep: Prepared, mode: str) -> dict[str, Any]:
+    """Bytes per device (see :mod:`moesim.costs.memory` for what is counted) and HBM size."""
+    sc = prep.scenario
+    mem = memory_per_device(
+        prep.shape,
+        num_devices=prep.cluster.num_devices,
+        mode=mode,
+        tokens_per_device=sc.tokens_per_device,
+        sequence_length=sc.sequence_length,
+        precision=sc.precision,
+        capacity_factor=sc.capacity.factor,
+        hbm_bytes=prep.hw.memory.hbm_bytes,
+        expert_slots=int(prep.placement.slots.shape[2]),
+    )
+    return {
+        "memory_per_device_bytes": mem.total_bytes,
+        "hbm_bytes": mem.hbm_bytes,
+        "memory_fits": mem.fits,
+        "memory_breakdown_bytes": mem.as_dict(),
     }
 
 
