@@ -275,8 +275,8 @@ def _evaluate(
             hw=prep.hw,
             runs=[run],
             inputs={
-                "trace_tokens": prep.trace.num_tokens,
-                "trace_layers": list(prep.trace.layers),
+                "trace_tokens": prep.trace.num_tokens if prep.trace is not None else None,
+                "trace_layers": list(range(len(prep.moe_layers))),
                 "moe_layers": prep.moe_layers,
                 "source": "moesim plan-capacity",
             },

@@ -161,7 +161,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         )
     cl = scenario.cluster
     try:
-        placement = _placement(scenario, shape, hw, trace, base_dir)
+        placement = _placement(scenario, shape, hw, trace, popularity, len(moe_layers), base_dir)
     except InputError as err:
         if err.file is not None:
             raise
@@ -204,7 +204,13 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
 
 
 def _placement(
-    scenario: Scenario, shape: ModelShape, hw: HardwareProfile, trace: RoutingTrace, base: Path
+    scenario: Scenario,
+    shape: ModelShape,
+    hw: HardwareProfile,
+    trace: RoutingTrace | None,
+    popularity: Popularity | None,
+    num_layers: int,
+    base: Path,
 ) -> Placement:
     """The scenario's placement: contiguous, a planner run on the routing's own loads, or a
     placement file checked against the model, cluster and device memory."""
@@ -213,16 +219,33 @@ def _placement(
     from moesim.placement.planners import STRATEGIES, plan
 
     cl, name = scenario.cluster, scenario.placement
-    e, num_layers = shape.num_experts, len(trace.layers)
+    e = shape.num_experts
     if name == "contiguous" and scenario.redundant_slots == 0:
         return contiguous(e, cl.num_devices, num_layers)
     mem = max_expert_slots(shape, hw, scenario.precision)
     if name in STRATEGIES:
-        ids = trace.expert_ids  # (L, N, K)
-        key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
-        loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
         co = None
+        if trace is None:  # count-level routing: plan from the expected loads of step 0
+            assert popularity is not None
+            if name == "affinity":
+                raise InputError(
+                    "the affinity planner needs per-token routing (a trace, or level: token)",
+                    field="placement",
+                    value=name,
+                )
+            loads = np.stack(
+                [
+                    inclusion_probabilities(popularity(la, 0), shape.top_k)
+                    for la in range(num_layers)
+                ]
+            )
+        else:
+            ids = trace.expert_ids  # (L, N, K)
+            key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
+            loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
         if name == "affinity":
+            assert trace is not None
+            ids = trace.expert_ids
             from moesim.placement.affinity import coactivation
 
             co, cross = coactivation(ids, e)
