@@ -196,7 +196,16 @@ def drop_vs_capacity_svg(df: pd.DataFrame, group: str) -> str:
     ax.set_ylabel("dropped assignments (%)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    n = df[group].nunique()
+    ax.legend(  # below the axes, so no line or tick label is covered
+        fontsize=8,
+        frameon=False,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=1 if n > 4 else n,
+        title="other axes" if n > 1 else None,
+        title_fontsize=8,
+    )
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 
