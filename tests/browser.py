@@ -94,7 +94,8 @@ def _run(binary: str, args: list[str], profile: Path) -> subprocess.CompletedPro
 def check_page(binary: str, page: Path, work: Path, screenshot: Path) -> dict:
     """Load ``page`` (with the probe injected) and screenshot the original page."""
     work.mkdir(parents=True, exist_ok=True)
-    probed = work / f"probe-{page.parent.name}.html"
+    page = page.resolve()
+    probed = work.resolve() / f"probe-{page.parent.name}.html"
     html = page.read_text()
     probed.write_text(html.replace("<head>", "<head>\n" + PROBE, 1))
     proc = _run(

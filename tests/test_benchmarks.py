@@ -48,3 +48,19 @@ def test_placement_eval_quick_runs_and_checks_targets():
     assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
     assert out["targets"] and "balance_le_global" in out["targets"][0]
     assert {r["mode"] for r in out["replan"]} == {"static", "full", "limit-20%"}
+
+
+@pytest.mark.benchmark
+def test_plan_capacity_benchmark_prints_figures():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/plan_capacity.py", "--json", "--models", "Mixtral-8x7B"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    mixtral = figures["models"]["Mixtral-8x7B"]
+    assert mixtral["wall_s"] < figures["target_s"]
+    assert set(mixtral["answers"]) == {"H100-SXM", "B200"}

@@ -131,3 +131,13 @@ def test_bad_input_is_one_line(tmp_path):
         "precision",
         "fp4",
     )
+
+
+def test_plan_outputs_are_byte_identical(tmp_path):
+    from moesim.plan.report import write_plan
+
+    req = PlanRequest(model="Mixtral-8x7B", hardware=("B200",), tokens_per_s=20_000)
+    for name in ("a", "b"):
+        write_plan(plan_capacity(req), req, tmp_path / name)
+    for name in ("plan.json", "evaluations.parquet", "report.html", "summary.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -92,3 +92,15 @@ def test_report_bad_folders(tmp_path, sweep_dir):
     with pytest.raises(InputError, match="tokens_per_s"):
         write_sweep_report(broken, tmp_path / "o")
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_sweep_with_only_failed_cases(sweep_dir, tmp_path):
+    folder = tmp_path / "failed"
+    folder.mkdir()
+    table = pq.read_table(sweep_dir / "results.parquet")
+    failed = [i for i, s in enumerate(table.column("status").to_pylist()) if s == "error"]
+    pq.write_table(table.take(failed), folder / "results.parquet")
+    html = write_sweep_report(folder, folder)["report.html"].read_text()
+    assert "No case finished (1 failed)" in html
+    assert _section_ids(html) == [k for k, _ in SECTION_ORDER]
+    assert "<svg" not in html

@@ -196,7 +196,16 @@ def drop_vs_capacity_svg(df: pd.DataFrame, group: str) -> str:
     ax.set_ylabel("dropped assignments (%)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    n = df[group].nunique()
+    ax.legend(  # below the axes, so no line or tick label is covered
+        fontsize=8,
+        frameon=False,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=1 if n > 4 else n,
+        title="other axes" if n > 1 else None,
+        title_fontsize=8,
+    )
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 
@@ -234,7 +243,7 @@ def scaling_svg(df: pd.DataFrame, group: str) -> str:
     ax.set_xlabel("devices")
     ax.set_ylabel("throughput (tokens/s, k = 1,000)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 
@@ -243,8 +252,13 @@ def port_bytes_svg(sent: np.ndarray, recv: np.ndarray) -> str:
     """Bytes each device sends and receives through its ports in one step (MB)."""
     d = np.arange(sent.size)
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    ax.bar(d - 0.2, sent / 1e6, width=0.4, color="#DD8452", label="sent")
-    ax.bar(d + 0.2, recv / 1e6, width=0.4, color="#55A868", label="received")
+    if sent.size <= 32:
+        ax.bar(d - 0.2, sent / 1e6, width=0.4, color="#DD8452", label="sent")
+        ax.bar(d + 0.2, recv / 1e6, width=0.4, color="#55A868", label="received")
+    else:  # too many devices for bars: one line each
+        ax.plot(d, sent / 1e6, color="#DD8452", lw=1.2, label="sent")
+        ax.plot(d, recv / 1e6, color="#55A868", lw=1.2, ls="--", label="received")
+        ax.set_ylim(bottom=0)
     step = -(-sent.size // 24)
     ax.set_xticks(d[::step], [str(x) for x in d[::step]], fontsize=7)
     ax.set_xlabel("device")

@@ -432,7 +432,8 @@ def _timeline(run: RunData) -> Section:
         f"MoE layer {layer} (the largest straggler penalty), forward pass of step 0, "
         f"{run.first_mode}; devices {', '.join(map(str, shown[:4]))}"
         f"{'…' if len(shown) > 4 else ''} ({len(shown)} of {len(devices)}), straggler device "
-        f"{strag}. The full timeline is timeline.json (Perfetto / chrome://tracing)."
+        f"{strag}. `moesim simulate` writes the full timeline as timeline.json (open it in "
+        "Perfetto or chrome://tracing)."
     )
     md = cap
     return Section("timeline", figure(timeline_svg(ph), cap), md)

@@ -272,10 +272,13 @@ def drops_section(
     d = drops.dropna(subset=["capacity_factor", "drop_rate"])
     if d["capacity_factor"].nunique() < 2:
         return missing("drops", "Fewer than two capacity factors among the cases.")
-    header = (group_title, "capacity factor", "drop rate")
+    grid = d.pivot_table(
+        index=group, columns="capacity_factor", values="drop_rate", aggfunc="max"
+    ).sort_index()
+    header = (f"{group_title} \\ capacity factor", *(f"{c:g}" for c in grid.columns))
     rows = [
-        (r[group], f"{r['capacity_factor']:g}", f"{100 * r['drop_rate']:.3f}%")
-        for _, r in d.sort_values([group, "capacity_factor"]).iterrows()
+        (name, *("-" if pd.isna(v) else f"{100 * v:.3f}%" for v in vals))
+        for name, vals in zip(grid.index.tolist(), grid.to_numpy().tolist(), strict=True)
     ]
     return Section(
         "drops",
@@ -354,6 +357,12 @@ def _links(ok: pd.DataFrame) -> Section:
 
 def results_sections(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str, Section]:
     """Every section of a results table's page, keyed by section key."""
+    if df["mode"].nunique() > 1:  # one scenario's modes are separate cases with equal axes
+        df = df.assign(
+            axes=[
+                json.dumps(_axes(r) | {"mode": r["mode"]}, sort_keys=True) for _, r in df.iterrows()
+            ]
+        )
     ok = df[df["status"] == "ok"]
     failed = df[df["status"] != "ok"]
     drops = ok.assign(group=_group_labels(ok, _CF_KEYS)) if not ok.empty else ok
