@@ -22,7 +22,7 @@ from moesim.errors import InputError
 from moesim.paths import scenarios_dir
 from moesim.scenario import Scenario
 from moesim.sweep.results import METRIC_COLUMNS, ResultsFolder, metric_values
-from moesim.sweep.run import run_case, run_sweep
+from moesim.sweep.run import SweepError, run_case, run_sweep
 from moesim.sweep.spec import canonical_json, case_id, load_sweep
 from tests.conftest import REPO, assert_one_line_error
 from tests.conftest import run_moesim as moesim
@@ -296,8 +296,7 @@ def test_rerun_skips_done_cases_and_fills_in_the_rest(tmp_path):
     sweep = load_sweep(path)
     folder = ResultsFolder(part, sweep)
     folder.create()
-    for case in (sweep.cases[1], sweep.cases[2]):
-        folder.add(run_case(case, str(sweep.base_dir), "sweep.yaml case 0"))
+    folder.add([run_case(c, str(sweep.base_dir), "sweep.yaml") for c in sweep.cases[1:3]])
     before = (part / "results.parquet").read_bytes()
     assert pq.read_table(part / "results.parquet").num_rows == 2
     rest = CountingExecutor()
@@ -334,6 +333,31 @@ def test_failing_case_is_recorded_and_the_sweep_goes_on(tmp_path):
     again = CountingExecutor()
     _run(path, tmp_path / "out", again)
     assert again.submitted == []
+
+
+class FailingExecutor(CountingExecutor):
+    """An executor that loses case 2 (as when a worker process dies)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        if args[0].index != 2:
+            return super().submit(fn, *args, **kwargs)
+        fut: Future = Future()
+        fut.set_exception(RuntimeError("worker lost"))
+        return fut
+
+
+def test_case_the_executor_loses_is_left_for_the_rerun(tmp_path):
+    path = write_sweep(tmp_path, axes=SMALL)
+    sweep = load_sweep(path)
+    folder = ResultsFolder(tmp_path / "out", sweep)
+    with pytest.raises(SweepError, match=r"1 case\(s\) did not run, e.g. case 2 .*worker lost"):
+        run_sweep(sweep, folder, FailingExecutor())
+    kept = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert [r["case_index"] for r in kept] == [0, 1, 3]  # the others went on
+    again = CountingExecutor()
+    run, folder = _run(path, tmp_path / "out", again)
+    assert again.submitted == [2] and run.ran == 1
+    assert [r["case_index"] for r in folder.table().to_pylist()] == [0, 1, 2, 3]
 
 
 def test_process_pool_and_dask_give_identical_bytes(tmp_path):

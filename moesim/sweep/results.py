@@ -209,7 +209,7 @@ class ResultsFolder:
 
     Opening checks that the folder belongs to this sweep (or is new) and reads the rows
     already there, writing nothing; :meth:`create` writes the sweep's files into a new folder;
-    :meth:`add` appends one finished case and rewrites both tables atomically.
+    :meth:`add` appends finished cases and rewrites both tables atomically.
     """
 
     def __init__(self, folder: Path, sweep: Sweep) -> None:
@@ -313,16 +313,18 @@ class ResultsFolder:
             out[col] = _axis_value(_get_path(case.scenario, col), kind)
         return {name: out.get(name) for name in self.schema.names}
 
-    def add(self, result: CaseResult) -> dict[str, Any]:
-        """Record one finished case; rewrites results.parquet, then timings.parquet."""
-        case = self._by_id[result.case_id]
-        if result.case_id in self.rows:
-            return self.rows[result.case_id]
-        row = self.full_row(case, result.row)
-        self.rows[result.case_id] = row
-        self.timings[result.case_id] = result.elapsed_s
-        self._write()
-        return row
+    def add(self, results: list[CaseResult]) -> list[dict[str, Any]]:
+        """Record finished cases (rows already there stay as they are) and rewrite
+        results.parquet, then timings.parquet; returns each case's row."""
+        out = []
+        for result in results:
+            if result.case_id not in self.rows:
+                self.rows[result.case_id] = self.full_row(self._by_id[result.case_id], result.row)
+                self.timings[result.case_id] = result.elapsed_s
+            out.append(self.rows[result.case_id])
+        if results:
+            self._write()
+        return out
 
     def table(self) -> pa.Table:
         """The results rows, sorted by case_index."""
