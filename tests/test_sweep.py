@@ -55,7 +55,12 @@ def test_grid_expands_every_combination_last_axis_fastest(tmp_path):
     sweep = load_sweep(path)
     # the base lists two modes: each combination becomes one case per mode
     assert len(sweep.cases) == 3 * 2 * 2
-    assert sweep.columns == ["capacity.factor", "cluster.nodes"]
+    assert sweep.columns == ["capacity.factor", "cluster.nodes", "mode"]
+    assert sweep.cases[1].overrides == {
+        "capacity.factor": 1.0,
+        "cluster.nodes": 1,
+        "mode": "prefill",
+    }
     got = [
         (c.overrides["capacity.factor"], c.overrides["cluster.nodes"], c.scenario["mode"])
         for c in sweep.cases
