@@ -25,12 +25,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _scenario(devices: int, tokens: int, network: str) -> str:
+def _scenario(devices: int, tokens: int, network: str, level: str = "count") -> str:
     return f"""name: engine-scale
 hardware: H800
 cluster: {{nodes: {devices // 8}, devices_per_node: 8}}
 model: DeepSeek-V3
-routing: {{synthetic: {{distribution: "zipf:0.8", seed: 0}}}}
+routing: {{synthetic: {{distribution: "zipf:0.8", seed: 0, level: {level}}}}}
 placement: contiguous
 network: {{tier: {network}}}
 mode: training

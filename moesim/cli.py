@@ -227,6 +227,13 @@ from moesim.model.capture_cmd import capture_cmd  # noqa: E402
 app.command("capture")(capture_cmd)
 
 
+# ----- placement (moesim.placement) ---------------------------------------------------------
+# (commands: place)
+from moesim.placement.commands import place_cmd  # noqa: E402
+
+app.command("place")(place_cmd)
+
+
 # ----- kernels (moesim.kernels) -------------------------------------------------------------
 # (commands: kernels bench, kernels import-profile)
 from moesim.kernels.commands import import_profile_cmd, kernels_bench_cmd  # noqa: E402
@@ -240,6 +247,13 @@ kernels_app.command("import-profile")(import_profile_cmd)
 from moesim.sweep.commands import sweep_cmd  # noqa: E402
 
 app.command("sweep")(sweep_cmd)
+
+# ----- capacity planning and reports (moesim.plan, moesim.report) ---------------------------
+# (commands: plan-capacity, report)
+from moesim.plan.commands import plan_capacity_cmd, report_cmd  # noqa: E402
+
+app.command("plan-capacity")(plan_capacity_cmd)
+app.command("report")(report_cmd)
 
 
 # ----- traces (moesim.traces) ---------------------------------------------------------------
@@ -467,8 +481,13 @@ def main() -> None:
     usage_error: type[Exception] = next(
         c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
     )
+    args = sys.argv[1:]
+    if args[:1] == ["plan-capacity"]:
+        from moesim.plan.commands import expand_multi_value_options
+
+        args = expand_multi_value_options(args)
     try:
-        rc = app(standalone_mode=False)
+        rc = app(args=args, standalone_mode=False)
     except InputError as err:
         sys.stderr.write(f"moesim: error: {err}\n")
         raise SystemExit(2) from None

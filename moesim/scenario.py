@@ -60,6 +60,11 @@ class SyntheticRouting(BaseModel):
         default="uniform", description="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | ..."
     )
     seed: int | None = Field(default=None, description="None: the scenario's seed")
+    level: Literal["token", "count"] = Field(
+        default="token",
+        description="token: draw every token's experts; count: draw each device's per-expert "
+        "counts directly (for large clusters; drop overflow and no de-duplication only)",
+    )
 
     @field_validator("distribution")
     @classmethod
@@ -135,7 +140,14 @@ class Scenario(BaseModel):
     cluster: Cluster
     model: str | ModelShape
     routing: Routing
-    placement: Literal["contiguous"] = "contiguous"
+    placement: str = Field(
+        default="contiguous",
+        description="a planner (contiguous | round-robin | greedy | eplb-hierarchical | "
+        "eplb-global | shadow | affinity), planned from the routing's loads, or a "
+        "placement YAML file",
+    )
+    redundant_slots: int = Field(default=0, ge=0, description="extra expert slots per layer")
+    replica_choice: Literal["nearest", "round-robin", "least-loaded", "batch-split"] = "nearest"
     capacity: Capacity = Capacity()
     network: Network = Network()
     stragglers: Stragglers = Stragglers()
@@ -166,6 +178,15 @@ class Scenario(BaseModel):
                 "overlap splits tokens_per_device into two microbatches: use an even number"
             )
         return self
+
+    @field_validator("placement")
+    @classmethod
+    def _planner_or_file(cls, v: str) -> str:
+        from moesim.placement.planners import STRATEGIES
+
+        if v not in STRATEGIES and not v.endswith((".yaml", ".yml")):
+            raise ValueError(f"expected one of {', '.join(STRATEGIES)} or a .yaml file")
+        return v
 
     @property
     def modes(self) -> list[Mode]:

@@ -1,6 +1,7 @@
 """Benchmarks run as tests only on request: pytest -m benchmark."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,3 +22,29 @@ def test_demo_speed_benchmark_prints_figures():
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(proc.stdout)
     assert figures["demo_wall_s_median"] < figures["target_s"]
+
+
+def test_placement_eval_quick_runs_and_checks_targets():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/placement_eval.py",
+            "--json",
+            "--quick",
+            "--score-layers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's moesim
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    planners = {r["planner"] for r in out["rows"]}
+    assert {"eplb-global", "eplb-hierarchical", "affinity", "oracle"} <= planners
+    assert {r["dataset"] for r in out["rows"]} >= {"flame-290m", "dsv3-zipf1.0"}
+    assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
+    assert out["targets"] and "balance_le_global" in out["targets"][0]
+    assert {r["mode"] for r in out["replan"]} == {"static", "full", "limit-20%"}

@@ -13,7 +13,15 @@ import pytest
 from tests.conftest import FLAME_TRACE, REPO, assert_one_line_error
 from tests.conftest import run_moesim as moesim
 
-OUTPUTS = ("report.html", "summary.md", "metrics.parquet", "phases.parquet", "timeline.json")
+OUTPUTS = (
+    "report.html",
+    "summary.md",
+    "summary.json",
+    "metrics.parquet",
+    "phases.parquet",
+    "layers.parquet",
+    "timeline.json",
+)
 
 
 def test_help_lists_commands():

@@ -246,3 +246,51 @@ def test_two_microbatch_overlap(flame_dict, tmp_path):
     assert names == {"mb0", "mb1"}
     with pytest.raises(ValueError, match="even"):
         Scenario.model_validate(base | {"overlap": True, "tokens_per_device": 129})
+
+
+def _synthetic(level: str, **kw) -> Scenario:
+    data = {
+        "name": f"{level}-level",
+        "hardware": "H800",
+        "cluster": {"nodes": 4, "devices_per_node": 8},
+        "model": TINY_MODEL | {"num_experts": 64, "top_k": 6, "num_layers": 3},
+        "routing": {"synthetic": {"distribution": "zipf:1.0", "seed": 5, "level": level}},
+        "tokens_per_device": 2048,
+        "capacity": {"factor": 1.1},
+        "mode": "prefill",
+    }
+    return Scenario.model_validate(data | kw)
+
+
+def test_count_level_routing_agrees_with_token_level(tmp_path):
+    """Drawing per-device counts instead of per-token choices keeps the loads, drops and
+    step time of the same synthetic routing law (its two draws differ only by chance).
+    With capacity, which devices lose the dropped assignments differs (device order
+    against GShard's rank-then-token order), so step times are compared without it."""
+    tok = simulate(_synthetic("token"), tmp_path).runs[0].summary
+    cnt = simulate(_synthetic("count"), tmp_path).runs[0].summary
+    for a, b in zip(tok["balance_ratio"], cnt["balance_ratio"], strict=True):
+        assert b == pytest.approx(a, rel=0.02)
+    assert cnt["drop_rate"] == pytest.approx(tok["drop_rate"], abs=0.005)
+    assert cnt["assignments"] == pytest.approx(tok["assignments"], rel=0.01)
+    free = {"capacity": {"factor": None}}
+    tok = simulate(_synthetic("token", **free), tmp_path).runs[0].summary
+    cnt = simulate(_synthetic("count", **free), tmp_path).runs[0].summary
+    assert cnt["step_time_us"] == pytest.approx(tok["step_time_us"], rel=0.01)
+    for a, b in zip(tok["balance_ratio"], cnt["balance_ratio"], strict=True):
+        assert b == pytest.approx(a, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("field", "kw"),
+    [
+        ("capacity.overflow", {"capacity": {"factor": 1.0, "overflow": "reroute"}}),
+        ("network.dedup", {"network": {"dedup": "node"}}),
+    ],
+)
+def test_count_level_routing_refuses_token_policies(tmp_path, field, kw):
+    from moesim.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        simulate(_synthetic("count", **kw), tmp_path, "s.yaml")
+    assert err.value.field == field

@@ -10,6 +10,7 @@ import pytest
 from moesim.hardware import get_profile
 from moesim.sim.exchange import exchange_times
 from moesim.sim.flows import maxmin_rates, simulate_flows
+from moesim.sim.network import port_times_us
 from moesim.topology import build_topology
 from moesim.topology.build import Routes, torus_dims
 
@@ -134,3 +135,36 @@ def test_torus_link_sharing_shows_contention():
     assert f.time_us[0] == pytest.approx(b / (link / 2) + 2 * lat)
     a = exchange_times(m, topo, hw, "analytic")
     assert a.time_us[1] < f.time_us[1]  # the port model cannot see the shared link
+
+
+@pytest.mark.parametrize(
+    ("hw", "devices", "per_node", "over"),
+    [
+        ("H100-SXM", 32, 8, 1.0),
+        ("H800", 24, 8, 2.0),
+        ("MI300X", 16, 8, 1.0),
+        ("GB200-NVL72", 144, 4, 1.0),
+    ],
+)
+def test_latency_by_tier_equals_the_longest_path(hw, devices, per_node, over):
+    """Switched fabrics price latency by the tiers a device uses; that must be the latency
+    of its longest path, which the analytic tier used to compute flow by flow."""
+    profile = get_profile(hw)
+    topo = build_topology(profile, devices, per_node, oversubscription=over)
+    rng = np.random.default_rng(devices)
+    m = rng.random((devices, devices)) * (rng.random((devices, devices)) < 0.2) * 1e6
+    m[3] = 0.0  # a device that only receives
+    m[:, 5] = 0.0  # and one that only sends
+    got = exchange_times(m, topo, profile, "analytic")
+    np.fill_diagonal(m, 0.0)
+    src, dst = np.nonzero(m)
+    r = topo.routes(src, dst)
+    lat = np.add.reduceat(topo.latency_us[r.links], r.indptr[:-1])
+    want = np.zeros(devices)
+    np.maximum.at(want, src, lat)
+    np.maximum.at(want, dst, lat)
+    assert topo.tier_latency_us() is not None
+    p = port_times_us(m, profile, topo.domain_size)
+    np.testing.assert_allclose(
+        got.time_us, np.where(p.sent_bytes + p.recv_bytes > 0, p.time_us + want, 0.0), rtol=1e-12
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -14,7 +15,18 @@ import pandas as pd
 from moesim.report.summary import PARTS
 from moesim.sim.simulate import SimResult
 
-__all__ = ["balance_svg", "breakdown_svg", "load_heatmap_svg"]
+__all__ = [
+    "balance_svg",
+    "breakdown_rows_svg",
+    "breakdown_svg",
+    "drop_vs_capacity_svg",
+    "load_heatmap_svg",
+    "memory_svg",
+    "placement_svg",
+    "port_bytes_svg",
+    "scaling_svg",
+    "timeline_svg",
+]
 
 _COLORS = {
     "expert compute": "#4C72B0",
@@ -34,28 +46,40 @@ def _svg(fig: plt.Figure) -> str:
         )
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg") :]
+    text = text[text.index("<svg") :]
+    if "<metadata>" in text:  # the RDF block names external vocabularies; the page needs none
+        text = text[: text.index("<metadata>")] + text[text.index("</metadata>") + 11 :]
+    return text
 
 
 def breakdown_svg(result: SimResult) -> str:
     """Stacked horizontal bar of each mode's step time by phase, in milliseconds."""
-    runs = result.runs
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.6 * len(runs)))
-    for row, run in enumerate(runs):
+    return breakdown_rows_svg(
+        [r.mode for r in result.runs], [r.summary["breakdown_us"] for r in result.runs]
+    )
+
+
+def breakdown_rows_svg(labels: list[str], breakdowns: list[dict[str, float]]) -> str:
+    """Stacked horizontal bars, one per label, of time by phase (``*_us`` keys), in ms."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * n))
+    for row, b in enumerate(breakdowns):
         left = 0.0
         for name, key in PARTS:
-            w = run.summary["breakdown_us"][key] / 1e3
+            w = float(b.get(key) or 0.0) / 1e3
             ax.barh(row, w, left=left, color=_COLORS[name], label=name if row == 0 else None)
             left += w
-    ax.set_yticks(range(len(runs)), [r.mode for r in runs])
+    ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
     ax.invert_yaxis()
     ax.set_xlabel("time on the device that finishes last (ms)")
     ax.legend(
-        ncol=3,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.45 if len(runs) < 3 else -0.25),
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
         frameon=False,
         fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
     )
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
@@ -64,7 +88,10 @@ def breakdown_svg(result: SimResult) -> str:
 def balance_svg(layers: pd.DataFrame) -> str:
     """Balance ratio (max/mean device load) per MoE layer."""
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    ax.bar(layers["layer"].astype(str), layers["balance_ratio"], color="#4C72B0")
+    x = np.arange(len(layers))
+    ax.bar(x, layers["balance_ratio"].to_numpy(), color="#4C72B0")
+    step = -(-len(layers) // 16)  # at most 16 labels
+    ax.set_xticks(x[::step], [str(v) for v in layers["layer"].to_numpy()[::step]])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xlabel("MoE layer (model layer index)")
     ax.set_ylabel("balance ratio (max / mean)")
@@ -79,14 +106,213 @@ def load_heatmap_svg(metrics: pd.DataFrame) -> str:
         (metrics["pass"] == "forward") & (metrics["step"] == 0) & (metrics["device_load"] > 0)
     ]
     grid = fwd.pivot_table(index="layer", columns="device", values="device_load", aggfunc="sum")
-    fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.32 * len(grid)))
+    fig, ax = plt.subplots(figsize=(7.5, min(1.2 + 0.32 * len(grid), 7.0)))
     im = ax.imshow(grid.to_numpy(dtype=float), aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(grid)), [str(x) for x in grid.index])
-    ax.set_xticks(range(grid.shape[1]), [str(x) for x in grid.columns], fontsize=7)
+    ys = -(-len(grid) // 20)  # at most 20 layer labels and 24 device labels
+    xs = -(-grid.shape[1] // 24)
+    ax.set_yticks(range(0, len(grid), ys), [str(x) for x in grid.index[::ys]], fontsize=8)
+    ax.set_xticks(range(0, grid.shape[1], xs), [str(x) for x in grid.columns[::xs]], fontsize=7)
     ax.set_xlabel("device")
     ax.set_ylabel("MoE layer")
     cbar = fig.colorbar(im, ax=ax, pad=0.01)
     cbar.set_label("assignments")
     row_max = np.argmax(grid.to_numpy(), axis=1)
     ax.scatter(row_max, range(len(grid)), marker="o", facecolors="none", edgecolors="white", s=40)
+    return _svg(fig)
+
+
+_MEMORY_PARTS = (
+    ("dense weights", "dense_weights_bytes", "#4C72B0"),
+    ("expert weights", "expert_weights_bytes", "#55A868"),
+    ("gradients + optimizer", "optimizer_bytes", "#8172B3"),
+    ("activations", "activation_bytes", "#DD8452"),
+    ("KV cache", "kv_cache_bytes", "#937860"),
+)
+_MEMORY_TOTAL = (("memory per device", "total_bytes", "#8C8C8C"),)
+
+
+def memory_svg(
+    labels: list[str], breakdowns: list[dict[str, float]], hbm_bytes: list[float]
+) -> str:
+    """Stacked horizontal bars of bytes per device by component, each row with a tick at its
+    device's HBM capacity. When every total is under a tenth of its HBM, the axis fits the
+    totals (in MB or GB) and the capacity is written in the title instead."""
+    n = len(labels)
+    totals = [
+        sum(float(b.get(k, 0.0)) for _, k, _ in _MEMORY_PARTS) or float(b.get("total_bytes", 0.0))
+        for b in breakdowns
+    ]
+    known = [h for h in hbm_bytes if h == h]  # not NaN
+    small = bool(known) and all(
+        t < 0.1 * h for t, h in zip(totals, hbm_bytes, strict=True) if h == h
+    )
+    scale, unit = (1e9, "GB") if not small or max(totals) >= 1e9 else (1e6, "MB")
+    fig, ax = plt.subplots(figsize=(7.5, 1.3 + 0.32 * n))
+    for row, b in enumerate(breakdowns):
+        left = 0.0
+        parts = _MEMORY_PARTS if any(k in b for _, k, _ in _MEMORY_PARTS) else _MEMORY_TOTAL
+        for name, key, color in parts:
+            w = float(b.get(key, 0.0)) / scale
+            ax.barh(row, w, left=left, color=color, label=name if row == 0 else None)
+            left += w
+        if not small and hbm_bytes[row] == hbm_bytes[row]:
+            ax.plot(
+                [hbm_bytes[row] / scale] * 2,
+                [row - 0.45, row + 0.45],
+                color="black",
+                lw=2,
+                label="HBM capacity" if row == 0 else None,
+            )
+    ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"memory per device ({unit}, 10^{9 if unit == 'GB' else 6} bytes)")
+    if small:
+        ax.set_title(
+            f"far below HBM capacity ({max(known) / 1e9:.0f} GB per device)", fontsize=9, pad=24
+        )
+    ax.legend(
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def drop_vs_capacity_svg(df: pd.DataFrame, group: str) -> str:
+    """Drop rate (%) against capacity factor, one line per value of ``group``.
+
+    ``df``: columns ``capacity_factor``, ``drop_rate`` and ``group``.
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    for name, g in df.groupby(group, sort=True):
+        g = g.sort_values("capacity_factor")
+        ax.plot(g["capacity_factor"], 100 * g["drop_rate"], marker="o", label=str(name))
+    ax.set_xlabel("capacity factor")
+    ax.set_ylabel("dropped assignments (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def placement_svg(df: pd.DataFrame) -> str:
+    """Mean step time (ms) per placement strategy; ``df``: ``placement``, ``step_time_us``."""
+    g = df.groupby("placement", sort=True)["step_time_us"].mean() / 1e3
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.4 * len(g)))
+    ax.barh(range(len(g)), g.to_numpy(), color="#4C72B0")
+    ax.set_yticks(range(len(g)), [str(x) for x in g.index])
+    ax.invert_yaxis()
+    ax.set_xlabel("mean step time over the cases with that placement (ms)")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def scaling_svg(df: pd.DataFrame, group: str) -> str:
+    """Tokens/s against devices, one line per ``group`` value, with ideal (linear) scaling
+    from each line's smallest cluster as a dashed line of the same colour."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for i, (name, g) in enumerate(df.groupby(group, sort=True)):
+        best = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
+        color = f"C{i % 10}"
+        x, y = best.index.to_numpy(dtype=float), best.to_numpy(dtype=float)
+        ax.plot(x, y, marker="o", color=color, label=f"{name} (simulated)")
+        ax.plot(x, y[0] * x / x[0], ls="--", color=color, alpha=0.6, label=f"{name} (ideal)")
+    devices = sorted({int(x) for x in df["num_devices"]})
+    step = -(-len(devices) // 12)
+    ax.set_xticks(devices[::step], [str(x) for x in devices[::step]])
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}k" if v else "0")
+    )
+    ax.set_xlabel("devices")
+    ax.set_ylabel("throughput (tokens/s, k = 1,000)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def port_bytes_svg(sent: np.ndarray, recv: np.ndarray) -> str:
+    """Bytes each device sends and receives through its ports in one step (MB)."""
+    d = np.arange(sent.size)
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    ax.bar(d - 0.2, sent / 1e6, width=0.4, color="#DD8452", label="sent")
+    ax.bar(d + 0.2, recv / 1e6, width=0.4, color="#55A868", label="received")
+    step = -(-sent.size // 24)
+    ax.set_xticks(d[::step], [str(x) for x in d[::step]], fontsize=7)
+    ax.set_xlabel("device")
+    ax.set_ylabel("bytes per step (MB)")
+    ax.legend(fontsize=8, frameon=False, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+_CATEGORY_COLORS = {
+    "expert": _COLORS["expert compute"],
+    "dispatch": _COLORS["dispatch"],
+    "combine": _COLORS["combine"],
+    "allreduce": _COLORS["gradient all-reduce"],
+    "other": _COLORS["other"],
+}
+
+
+def timeline_svg(phases: pd.DataFrame) -> str:
+    """Gantt chart of one layer's ops per device (µs from the layer's first op).
+
+    ``phases``: rows of :func:`moesim.report.write.phases_frame` for one (mode, step, pass,
+    layer) and a few devices.
+    """
+    t0 = float((phases["start_us"] - phases["wait_us"]).min())
+    devices = sorted(phases["device"].unique())
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.28 * len(devices)))
+    seen: set[str] = set()
+    for row, dev in enumerate(devices):
+        for r in phases[phases["device"] == dev].itertuples(index=False):
+            start = float(r.start_us) - t0
+            if r.wait_us > 0:
+                ax.barh(
+                    row,
+                    r.wait_us,
+                    left=start - r.wait_us,
+                    color="#F2C4C4",
+                    height=0.7,
+                    label=None if "waiting" in seen else "waiting",
+                )
+                seen.add("waiting")
+            if r.duration_us > 0:
+                cat = str(r.category)
+                label = {"expert": "expert compute", "allreduce": "gradient all-reduce"}.get(
+                    cat, cat
+                )
+                ax.barh(
+                    row,
+                    r.duration_us,
+                    left=start,
+                    color=_CATEGORY_COLORS.get(cat, "#8C8C8C"),
+                    height=0.7,
+                    edgecolor="white",
+                    linewidth=0.3,
+                    label=None if label in seen else label,
+                )
+                seen.add(label)
+    ax.set_yticks(range(len(devices)), [f"device {d}" for d in devices], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time from the layer's first op (µs)")
+    ax.legend(
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
+    ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)

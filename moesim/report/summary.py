@@ -6,7 +6,7 @@ from typing import Any
 
 from moesim.sim.simulate import SimResult
 
-__all__ = ["PARTS", "console_summary", "fmt_us", "header_line", "markdown_summary"]
+__all__ = ["PARTS", "console_summary", "fmt_us", "header_line"]
 
 PARTS = (
     ("expert compute", "expert_us"),
@@ -19,7 +19,9 @@ PARTS = (
 
 
 def fmt_us(us: float) -> str:
-    """A duration with a readable unit."""
+    """A duration with a readable unit (rounding noise below 0.05 µs shows as 0.0 µs)."""
+    if abs(us) < 0.05:
+        us = 0.0
     if us >= 1e6:
         return f"{us / 1e6:.3f} s"
     if us >= 1e3:
@@ -75,50 +77,3 @@ def console_summary(result: SimResult) -> str:
     ):
         lines.append(f"{layer:>9}  {br:13.3f}  {'device ' + str(dev):>9}  {100 * pen:6.1f}%")
     return "\n".join(lines)
-
-
-def markdown_summary(result: SimResult) -> str:
-    """summary.md: the headline figures of every mode, and the per-layer table."""
-    out = [f"# moesim: {result.scenario.name}", "", header_line(result) + ".", ""]
-    out += [
-        "| mode | step time | tokens/s | "
-        + " | ".join(n for n, _ in PARTS)
-        + " | overlapped | drop rate |",
-        "|---|---:|---:|" + "---:|" * len(PARTS) + "---:|---:|",
-    ]
-    for run in result.runs:
-        s, b = run.summary, run.summary["breakdown_us"]
-        cells = " | ".join(fmt_us(b[k]) for _, k in (*PARTS, ("", "overlapped_us")))
-        out.append(
-            f"| {s['mode']} | {fmt_us(s['step_time_us'])} | {s['tokens_per_s']:,.0f} | "
-            f"{cells} | {100 * s['drop_rate']:.3f}% |"
-        )
-    out += [
-        "",
-        "Breakdown: time of the device that finishes last; the parts add up to the step time"
-        " once the overlapped time (counted in two parts under two-microbatch overlap) is"
-        " taken off.",
-        "",
-    ]
-    first = result.runs[0].summary
-    out += [
-        "## MoE layers (forward pass)",
-        "",
-        "| layer | balance ratio | straggler device | straggler penalty |",
-        "|---:|---:|---:|---:|",
-    ]
-    for layer, br, dev, pen in zip(
-        first["layers"],
-        first["balance_ratio"],
-        first["straggler_device"],
-        first["straggler_penalty"],
-        strict=True,
-    ):
-        out.append(f"| {layer} | {br:.3f} | {dev} | {100 * pen:.1f}% |")
-    out += [
-        "",
-        "Balance ratio: max/mean assignments per device. Straggler: the device whose "
-        "routed experts finish last; penalty: (max − mean)/mean of per-device expert time.",
-        "",
-    ]
-    return "\n".join(out)

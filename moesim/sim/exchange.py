@@ -19,7 +19,7 @@ import numpy as np
 
 from moesim.hardware import HardwareProfile
 from moesim.sim.flows import simulate_flows
-from moesim.sim.network import port_times_us
+from moesim.sim.network import block_diagonal_sums, port_times_us
 from moesim.topology.build import Topology
 
 __all__ = ["ExchangeTimes", "Tier", "exchange_times"]
@@ -36,6 +36,28 @@ class ExchangeTimes:
     recv_bytes: np.ndarray
     cross_node_bytes: float
     events: int
+    port_us: np.ndarray | None = None  # analytic tier: the port-limited part of time_us
+    latency_us: np.ndarray | None = None  # analytic tier: the latency part
+
+    def scaled(self, factor: float, *, reverse: bool = False) -> ExchangeTimes:
+        """The analytic times of the same traffic with every byte count times ``factor``,
+        and with ``reverse`` every transfer in the opposite direction (a combine after its
+        dispatch). Ports are full duplex and a device's time is its busier direction, so
+        reversing swaps what it sends and receives and leaves its time unchanged."""
+        if self.port_us is None or self.latency_us is None:
+            raise ValueError("only analytic exchange times scale")
+        sent, recv = (
+            (self.recv_bytes, self.sent_bytes) if reverse else (self.sent_bytes, self.recv_bytes)
+        )
+        return ExchangeTimes(
+            np.where(sent + recv > 0, self.port_us * factor + self.latency_us, 0.0),
+            sent * factor,
+            recv * factor,
+            self.cross_node_bytes * factor,
+            0,
+            self.port_us * factor,
+            self.latency_us,
+        )
 
 
 def _path_latency(topo: Topology, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -49,22 +71,36 @@ def exchange_times(
 ) -> ExchangeTimes:
     """Times of the exchange given by the (D, D) byte matrix ``nbytes`` (src → dst)."""
     d = nbytes.shape[0]
+    if tier == "analytic":
+        ports = port_times_us(nbytes, hw, topo.domain_size, topo.nic_scale)
+        sent, recv = ports.sent_bytes, ports.recv_bytes
+        classes = topo.tier_latency_us()
+        if classes is not None:  # switched fabrics: latency by the tiers a device uses
+            latency = np.maximum(
+                np.where(ports.uses_up, classes[0], 0.0), np.where(ports.uses_out, classes[1], 0.0)
+            )
+        else:  # tori: the longest path a device's flows take
+            m = np.asarray(nbytes, dtype=np.float64).copy()
+            np.fill_diagonal(m, 0.0)
+            src, dst = np.nonzero(m)
+            latency = np.zeros(d)
+            if src.size:
+                lat = _path_latency(topo, src, dst)
+                np.maximum.at(latency, src, lat)
+                np.maximum.at(latency, dst, lat)
+        return ExchangeTimes(
+            np.where(sent + recv > 0, ports.time_us + latency, 0.0),
+            sent,
+            recv,
+            _cross_node_bytes(nbytes, topo.devices_per_node),
+            0,
+            ports.time_us,
+            latency,
+        )
     m = np.asarray(nbytes, dtype=np.float64).copy()
     np.fill_diagonal(m, 0.0)
     src, dst = np.nonzero(m)
-    node = np.arange(d) // topo.devices_per_node
-    cross = float(m[node[:, None] != node[None, :]].sum())
     sent, recv = m.sum(axis=1), m.sum(axis=0)
-    if tier == "analytic":
-        ports = port_times_us(m, hw, topo.domain_size, topo.nic_scale)
-        latency = np.zeros(d)
-        if src.size:
-            lat = _path_latency(topo, src, dst)
-            np.maximum.at(latency, src, lat)
-            np.maximum.at(latency, dst, lat)
-        return ExchangeTimes(
-            np.where(sent + recv > 0, ports.time_us + latency, 0.0), sent, recv, cross, 0
-        )
     time = np.zeros(d)
     events = 0
     if src.size:
@@ -74,4 +110,9 @@ def exchange_times(
         np.maximum.at(time, src, res.finish_us)
         np.maximum.at(time, dst, res.finish_us)
         events = res.events
-    return ExchangeTimes(time, sent, recv, cross, events)
+    return ExchangeTimes(time, sent, recv, _cross_node_bytes(m, topo.devices_per_node), events)
+
+
+def _cross_node_bytes(m: np.ndarray, devices_per_node: int) -> float:
+    """Bytes of the (D, D) matrix between devices of different nodes."""
+    return float(m.sum(dtype=np.float64) - block_diagonal_sums(m, devices_per_node)[0].sum())

@@ -154,14 +154,19 @@ def _moe_ops(
     unpermute = permute.copy()
     bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
     experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
-    disp_bytes = routed.copies * bytes_per_assignment(dm, dispatch_dtype)
-    comb_bytes = routed.copies.T * bytes_per_assignment(dm, "bf16")
-    grad_bytes_fwd_shape = routed.copies * bytes_per_assignment(dm, "bf16")
+    b_disp, b_comb = bytes_per_assignment(dm, dispatch_dtype), bytes_per_assignment(dm, "bf16")
     topo, tier = cluster.topology, cluster.network
-    disp = exchange_times(disp_bytes, topo, hw, tier)
-    comb = exchange_times(comb_bytes, topo, hw, tier)
-    needs_disp = routed.copies > 0  # [s, d]: d receives token copies from s
-    needs_comb = needs_disp.T
+    disp = exchange_times(routed.copies * b_disp, topo, hw, tier)
+    if tier == "analytic":  # the other exchanges are the same traffic, rescaled / reversed
+        comb = disp.scaled(b_comb / b_disp, reverse=True)
+        gdisp = disp.scaled(b_comb / b_disp)
+    else:
+        comb = exchange_times(routed.copies.T * b_comb, topo, hw, tier)
+        gdisp = exchange_times(routed.copies * b_comb, topo, hw, tier) if training else comb
+    needs = routed.copies > 0  # [s, d]: d receives token copies from s
+    np.fill_diagonal(needs, True)
+    needs_disp = None if needs.all() else needs  # None: everyone waits for everyone
+    needs_comb = None if needs_disp is None else needs_disp.T
     fwd: list[Op] = [
         Compute(f"L{layer} attention", "other", _full(d, costs.attention_us), layer),
         Compute(f"L{layer} router+permute", "other", costs.router_us + permute, layer),
@@ -192,7 +197,6 @@ def _moe_ops(
     ]
     bwd: list[Op] = []
     if training:
-        gdisp = exchange_times(grad_bytes_fwd_shape, topo, hw, tier)
         k = BACKWARD_FACTOR
         bwd = [
             Compute(f"L{layer} unpermute bwd", "other", unpermute, layer, "backward"),
@@ -316,7 +320,7 @@ def build_program(
                 "dense-gradient all-reduce",
                 "allreduce",
                 _full(d, ar),
-                np.ones((d, d), dtype=bool),
+                None,
                 pass_="backward",
             )
         )

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_flow
 
 from moesim.sim.traffic import Dedup, copy_matrix, traffic_matrix
 
 __all__ = [
+    "REPLICA_CHOICES",
     "LayerRouting",
+    "ReplicaChoice",
     "apply_capacity",
     "choose_replicas",
     "expert_capacity",
@@ -102,6 +107,10 @@ def apply_capacity(
     return final, rerouted
 
 
+ReplicaChoice = Literal["nearest", "round-robin", "least-loaded", "batch-split"]
+REPLICA_CHOICES: tuple[str, ...] = get_args(ReplicaChoice)
+
+
 def choose_replicas(
     experts: np.ndarray,
     origin: np.ndarray,
@@ -109,18 +118,40 @@ def choose_replicas(
     table: np.ndarray,
     count: np.ndarray,
     devices_per_node: int,
+    policy: ReplicaChoice = "nearest",
+    num_devices: int | None = None,
 ) -> np.ndarray:
-    """Device that serves each assignment: the token's own device if it hosts the expert,
-    else a replica on the token's node, else replica ``token mod replicas``.
+    """Device that serves each assignment, among the replicas of its expert.
+
+    Policies:
+
+    - ``nearest``: the token's own device if it hosts the expert, else the first replica on
+      the token's node, else replica ``token mod replicas``.
+    - ``round-robin``: the j-th assignment of an expert in the batch (in order) goes to its
+      replica ``j mod replicas`` (even split, blind to locality).
+    - ``least-loaded``: replicas on the token's node if it has any, else all replicas;
+      within those, the split of the batch's assignments that makes the largest device
+      load as small as possible (locality first, then balance).
+    - ``batch-split``: any replica: the split that makes the batch's largest device load
+      as small as the placement allows (exact balance per batch, blind to locality).
 
     Args:
         experts: (A,) expert id of each assignment; origin: (A,) token's device;
         token: (A,) token index; table: (E, R) replicas padded with -1; count: (E,).
+        num_devices: D, needed by the load-aware policies (default: highest device + 1).
     Returns:
         (A,) serving device.
     """
     if table.shape[1] == 1:  # one replica per expert: nothing to choose
         return table[experts, 0].astype(np.int32)
+    if policy == "round-robin":
+        j = _rank_in_group(experts) % count[experts]
+        return table[experts, j].astype(np.int32)
+    if policy in ("least-loaded", "batch-split"):
+        d = int(table.max()) + 1 if num_devices is None else num_devices
+        return _water_filled(
+            experts, origin, table, count, devices_per_node, d, local=policy == "least-loaded"
+        )
     cand = table[experts]  # (A, R)
     valid = cand >= 0
     same_dev = valid & (cand == origin[:, None])
@@ -131,6 +162,104 @@ def choose_replicas(
     return np.where(
         same_dev.any(axis=1), first_dev, np.where(same_node.any(axis=1), first_node, fallback)
     ).astype(np.int32)
+
+
+def _split_flow(
+    sizes: np.ndarray, edges: np.ndarray, base: np.ndarray, level: int
+) -> np.ndarray | None:
+    """Assignments of each group to each allowed device so that no device exceeds
+    ``level`` (with ``base`` already on it), as a max-flow; None when impossible.
+
+    Args:
+        sizes: (G,) assignments per group; edges: (P, 2) allowed (group, device) pairs;
+        base: (D,) fixed device loads.
+    Returns:
+        (P,) assignments on each edge.
+    """
+    g, d = sizes.size, base.size
+    src, sink = g + d, g + d + 1
+    big = int(sizes.sum())
+    rows = np.concatenate([np.full(g, src), edges[:, 0], g + np.arange(d)])
+    cols = np.concatenate([np.arange(g), g + edges[:, 1], np.full(d, sink)])
+    cap = np.concatenate([sizes, np.full(len(edges), big), np.maximum(level - base, 0)])
+    graph = csr_matrix((cap.astype(np.int32), (rows, cols)), shape=(g + d + 2, g + d + 2))
+    res = maximum_flow(graph, src, sink)
+    if res.flow_value < big:
+        return None
+    flow = res.flow.tocsr()
+    return np.asarray(flow[edges[:, 0], g + edges[:, 1]]).ravel().astype(np.int64)
+
+
+def _water_filled(
+    experts: np.ndarray,
+    origin: np.ndarray,
+    table: np.ndarray,
+    count: np.ndarray,
+    devices_per_node: int,
+    num_devices: int,
+    *,
+    local: bool,
+) -> np.ndarray:
+    """Replica choice of the ``least-loaded`` (local=True) and ``batch-split`` policies.
+
+    Assignments of replicated experts are grouped by expert (and, when local, by the
+    token's node if it hosts a replica, else one group of the rest); each group may use its
+    allowed replicas. The split minimising the largest device load (on top of the loads of
+    single-replica experts) is found exactly: a binary search on that load, each step a
+    max-flow from groups to devices. Each group's assignments (in order) then take their
+    devices' shares in turn.
+    """
+    dst = np.full(experts.size, -1, dtype=np.int32)
+    single = count[experts] == 1
+    dst[single] = table[experts[single], 0]
+    base = np.bincount(dst[single], minlength=num_devices).astype(np.int64)
+    multi = np.flatnonzero(~single)
+    if not multi.size:
+        return dst
+    e_m = experts[multi]
+    nodes = (num_devices + devices_per_node - 1) // devices_per_node
+    if local:
+        rep_node = np.where(table >= 0, table // devices_per_node, -1)  # (E, R)
+        tok_node = origin[multi] // devices_per_node
+        has_local = (rep_node[e_m] == tok_node[:, None]).any(axis=1)
+        sub = np.where(has_local, tok_node, nodes)  # `nodes`: no replica on the token's node
+    else:
+        sub = np.zeros(e_m.size, dtype=np.int64)
+    key = e_m.astype(np.int64) * (nodes + 1) + sub
+    uniq, inv, sizes = np.unique(key, return_inverse=True, return_counts=True)
+    ge, gn = uniq // (nodes + 1), uniq % (nodes + 1)
+    reps = table[ge]  # (G, R)
+    allowed = reps >= 0
+    if local:
+        allowed &= (gn == nodes)[:, None] | (reps // devices_per_node == gn[:, None])
+    gi, ri = np.nonzero(allowed)
+    edges = np.stack([gi, reps[gi, ri]], axis=1)
+    total = int(sizes.sum()) + int(base.sum())
+    lo = max(int(base.max()), -(-total // num_devices))  # no split does better
+    # even split over allowed replicas: a feasible upper bound
+    nallow = allowed.sum(axis=1)
+    even = base + np.bincount(
+        edges[:, 1], weights=np.ceil(sizes / nallow)[gi], minlength=num_devices
+    )
+    hi = int(even.max())
+    best = _split_flow(sizes, edges, base, hi)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        flow = _split_flow(sizes, edges, base, mid)
+        if flow is None:
+            lo = mid + 1
+        else:
+            hi, best = mid, flow
+    assert best is not None
+    # per group: cumulative shares over its edges (edges are grouped, in group order)
+    cum = np.cumsum(best)
+    first = np.searchsorted(gi, np.arange(uniq.size))  # first edge of each group
+    start = cum[first] - best[first]  # flow before the group's first edge
+    rank = _rank_in_group(inv)
+    pos = start[inv] + rank  # position in the concatenated edge shares
+    edge = np.searchsorted(cum, pos, side="right")
+    dst[multi] = edges[edge, 1]
+    return dst
 
 
 @dataclass(frozen=True)
@@ -169,12 +298,14 @@ def route_layer(
     capacity: int,
     overflow: str = "drop",
     dedup: Dedup = "none",
+    replica_choice: ReplicaChoice = "nearest",
 ) -> LayerRouting:
     """Route one layer step: capacity, replica choice, per-device and per-slot loads, traffic.
 
     Args:
         ids: (T, K) expert ids; origin: (T,) device of each token; slots: (D, S) hosted
-        experts; table/count: replicas of each expert (see ``Placement.replicas``).
+        experts; table/count: replicas of each expert (see ``Placement.replicas``);
+        replica_choice: see :func:`choose_replicas`.
     """
     t, k = ids.shape
     d = slots.shape[0]
@@ -183,7 +314,9 @@ def route_layer(
     exp = final.reshape(-1)
     src = origin[tok]
     kept = exp >= 0
-    dst = choose_replicas(exp[kept], src[kept], tok[kept], table, count, devices_per_node)
+    dst = choose_replicas(
+        exp[kept], src[kept], tok[kept], table, count, devices_per_node, replica_choice, d
+    )
     device_load = np.bincount(dst, minlength=d)
     dropped = np.bincount(src[~kept], minlength=d)
     # tokens per (device, expert) then read out per slot; a device hosting an expert

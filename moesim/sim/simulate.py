@@ -13,13 +13,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.costs.memory import memory_per_device
 from moesim.costs.roofline import layer_costs
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
+from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.engine import Exchange, Op, Records, run_program
+from moesim.sim.network import block_diagonal_sums
 from moesim.sim.program import (
     ClusterSpec,
     apply_stragglers,
@@ -30,7 +33,7 @@ from moesim.sim.program import (
 from moesim.sim.routing import LayerRouting, expert_capacity, merge_routing, route_layer
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
-from moesim.traces.synthetic import synthesize
+from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
 
 __all__ = ["ModeResult", "SimResult", "prepare", "simulate", "simulate_mode"]
 
@@ -42,10 +45,11 @@ class Prepared:
     scenario: Scenario
     shape: ModelShape
     hw: HardwareProfile
-    trace: RoutingTrace
+    trace: RoutingTrace | None  # None: count-level synthetic routing from ``popularity``
     placement: Placement
     cluster: ClusterSpec
     moe_layers: list[int]  # model layer index of each trace layer, in order
+    popularity: Popularity | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             raise
         raise InputError(err.message, file=source, field=err.field, value=err.value) from None
     moe_layers = shape.moe_layer_indices()
+    syn = scenario.routing.synthetic
+    seed = scenario.seed if syn is None or syn.seed is None else syn.seed
+    trace: RoutingTrace | None = None
     if scenario.routing.trace is not None:
         tpath = scenario.routing.trace
         tpath = tpath if tpath.is_absolute() else base_dir / tpath
@@ -127,21 +134,37 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
                 field="layers",
                 value=len(trace.layers),
             )
-    else:
-        syn = scenario.routing.synthetic
-        assert syn is not None
+    popularity = None
+    if syn is not None and syn.level == "count":
+        for field_name, value, ok in (
+            ("capacity.overflow", scenario.capacity.overflow, "drop"),
+            ("network.dedup", scenario.network.dedup, "none"),
+        ):
+            if value != ok:
+                raise InputError(
+                    f"count-level routing supports {field_name} {ok} only",
+                    file=source,
+                    field=field_name,
+                    value=value,
+                )
+        popularity = Popularity(
+            parse_distribution(syn.distribution), shape.num_experts, len(moe_layers), seed
+        )
+    elif syn is not None:
         trace = synthesize(
             num_experts=shape.num_experts,
             top_k=shape.top_k,
             num_layers=len(moe_layers),
             num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
             distribution=syn.distribution,
-            seed=scenario.seed if syn.seed is None else syn.seed,
+            seed=seed,
         )
     cl = scenario.cluster
     try:
-        placement = contiguous(shape.num_experts, cl.num_devices, len(moe_layers))
+        placement = _placement(scenario, shape, hw, trace, base_dir)
     except InputError as err:
+        if err.file is not None:
+            raise
         raise InputError(
             err.message, file=source, field="placement", value=scenario.placement
         ) from None
@@ -177,7 +200,51 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         topology=topology,
         network=net.tier,
     )
-    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers)
+    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
+
+
+def _placement(
+    scenario: Scenario, shape: ModelShape, hw: HardwareProfile, trace: RoutingTrace, base: Path
+) -> Placement:
+    """The scenario's placement: contiguous, a planner run on the routing's own loads, or a
+    placement file checked against the model, cluster and device memory."""
+    from moesim.placement.io import read_placement
+    from moesim.placement.memory import max_expert_slots
+    from moesim.placement.planners import STRATEGIES, plan
+
+    cl, name = scenario.cluster, scenario.placement
+    e, num_layers = shape.num_experts, len(trace.layers)
+    if name == "contiguous" and scenario.redundant_slots == 0:
+        return contiguous(e, cl.num_devices, num_layers)
+    mem = max_expert_slots(shape, hw, scenario.precision)
+    if name in STRATEGIES:
+        ids = trace.expert_ids  # (L, N, K)
+        key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
+        loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
+        co = None
+        if name == "affinity":
+            from moesim.placement.affinity import coactivation
+
+            co, cross = coactivation(ids, e)
+        return plan(
+            loads,
+            name,
+            nodes=cl.nodes,
+            devices_per_node=cl.devices_per_node,
+            redundant=scenario.redundant_slots,
+            max_slots_per_device=mem,
+            coactivation=co,
+            cross_layer=cross if co is not None else None,
+        )
+    path = Path(name) if Path(name).is_absolute() else base / name
+    placement, _ = read_placement(
+        path,
+        num_experts=e,
+        num_layers=num_layers,
+        num_devices=cl.num_devices,
+        max_slots_per_device=mem,
+    )
+    return placement
 
 
 def step_tokens(trace: RoutingTrace, step: int, count: int) -> np.ndarray:
@@ -192,8 +259,10 @@ def route_step(
     tokens split into ``microbatches`` equal parts); keyed by model layer index."""
     sc, d = prep.scenario, prep.cluster.num_devices
     per_dev = sc.tokens_per_device
-    idx = step_tokens(prep.trace, step, d * per_dev)
     mb = per_dev // microbatches
+    if prep.trace is None:
+        return _route_step_counts(prep, step, microbatch, mb)
+    idx = step_tokens(prep.trace, step, d * per_dev)
     pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
     idx = idx[pos]
     count = d * mb
@@ -213,6 +282,30 @@ def route_step(
             capacity=cap,
             overflow=sc.capacity.overflow,
             dedup=sc.network.dedup,
+            replica_choice=sc.replica_choice,
+        )
+    return out
+
+
+def _route_step_counts(
+    prep: Prepared, step: int, microbatch: int, tokens: int
+) -> dict[int, LayerRouting]:
+    """:func:`route_step` at count level (``routing.synthetic.level: count``)."""
+    assert prep.popularity is not None
+    sc, shape, d = prep.scenario, prep.shape, prep.cluster.num_devices
+    cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
+    out = {}
+    for li, layer in enumerate(prep.moe_layers):
+        pi = inclusion_probabilities(prep.popularity(li, step), shape.top_k)
+        rng = np.random.default_rng([prep.popularity.seed, 0xC0417, step, li, microbatch])
+        table, nrep = prep.placement.replicas(li)
+        out[layer] = route_counts(
+            draw_counts(pi, tokens, d, shape.top_k, rng),
+            prep.placement.slots[li],
+            table,
+            nrep,
+            devices_per_node=prep.cluster.devices_per_node,
+            capacity=cap,
         )
     return out
 
@@ -267,19 +360,22 @@ def _layer_frame(
     cap: int,
     devices_per_node: int,
     wire_bytes: float,
+    slots: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Per MoE layer (forward): balance ratio, straggler device and penalty, drops, traffic.
+    """Per MoE layer (forward): balance ratio, straggler device and penalty, drops, traffic,
+    and what lies behind the straggler (see :func:`_attribution`).
 
-    ``wire_bytes``: bytes of one assignment's dispatch plus its combine.
+    ``wire_bytes``: bytes of one assignment's dispatch plus its combine; ``slots``: (L, D, S)
+    experts hosted per device, per MoE layer (the placement).
     """
     out = []
     fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
-    for layer, lr in routed.items():
+    for li, (layer, lr) in enumerate(routed.items()):
         exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
         load = lr.device_load
-        node = np.arange(load.size) // devices_per_node
-        cross = lr.copies[node[:, None] != node[None, :]].sum()  # copies on the wire
+        cross = lr.copies.sum() - block_diagonal_sums(lr.copies, devices_per_node)[0].sum()
         mean_t = exp_us.mean()
+        hosted = None if slots is None else slots[li]
         out.append(
             {
                 "step": step,
@@ -297,8 +393,31 @@ def _layer_frame(
                 "cross_node_copies": int(cross),
                 "cross_node_bytes": float(cross * wire_bytes),
             }
+            | _attribution(lr, hosted, int(np.argmax(exp_us)), wire_bytes)
         )
     return pd.DataFrame(out)
+
+
+def _attribution(
+    lr: LayerRouting, slots: np.ndarray | None, straggler: int, wire_bytes: float
+) -> dict[str, Any]:
+    """The straggler's most loaded expert and the busiest device pair of one layer step.
+
+    ``slots``: (D, S) experts hosted per device. A pair's bytes are its dispatch plus
+    combine traffic (both directions of the pair's copies).
+    """
+    per_slot = lr.expert_tokens[straggler]
+    hot = int(np.argmax(per_slot)) if per_slot.size else 0
+    pair = lr.copies + lr.copies.T
+    np.fill_diagonal(pair, 0)
+    src, dst = np.unravel_index(int(np.argmax(pair)), pair.shape)
+    return {
+        "straggler_expert": int(slots[straggler, hot]) if slots is not None else -1,
+        "straggler_expert_tokens": float(per_slot[hot]) if per_slot.size else 0.0,
+        "busiest_pair_src": int(min(src, dst)),
+        "busiest_pair_dst": int(max(src, dst)),
+        "busiest_pair_bytes": float(pair[src, dst] * wire_bytes / 2),
+    }
 
 
 def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
@@ -351,7 +470,11 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         wire = bytes_per_assignment(shape.d_model, sc.dispatch_dtype) + bytes_per_assignment(
             shape.d_model, sc.combine_dtype
         )
-        layers.append(_layer_frame(routed, m, step, cap, prep.cluster.devices_per_node, wire))
+        layers.append(
+            _layer_frame(
+                routed, m, step, cap, prep.cluster.devices_per_node, wire, prep.placement.slots
+            )
+        )
         records.append(rec)
         step_times.append(float(rec.end_us.max()))
     mdf = pd.concat(metrics, ignore_index=True)
@@ -427,6 +550,28 @@ def _summary(
         "assignments": assignments,
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
+    } | _memory_summary(prep, mode)
+
+
+def _memory_summary(prep: Prepared, mode: str) -> dict[str, Any]:
+    """Bytes per device (see :mod:`moesim.costs.memory` for what is counted) and HBM size."""
+    sc = prep.scenario
+    mem = memory_per_device(
+        prep.shape,
+        num_devices=prep.cluster.num_devices,
+        mode=mode,
+        tokens_per_device=sc.tokens_per_device,
+        sequence_length=sc.sequence_length,
+        precision=sc.precision,
+        capacity_factor=sc.capacity.factor,
+        hbm_bytes=prep.hw.memory.hbm_bytes,
+        expert_slots=int(prep.placement.slots.shape[2]),
+    )
+    return {
+        "memory_per_device_bytes": mem.total_bytes,
+        "hbm_bytes": mem.hbm_bytes,
+        "memory_fits": mem.fits,
+        "memory_breakdown_bytes": mem.as_dict(),
     }
 
 
@@ -457,8 +602,10 @@ def simulate(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario
         hw=prep.hw,
         runs=runs,
         inputs={
-            "trace_tokens": prep.trace.num_tokens,
-            "trace_layers": list(prep.trace.layers),
+            "trace_tokens": prep.trace.num_tokens if prep.trace is not None else None,
+            "trace_layers": list(prep.trace.layers)
+            if prep.trace is not None
+            else list(range(len(prep.moe_layers))),
             "moe_layers": prep.moe_layers,
             "source": str(source),
         },

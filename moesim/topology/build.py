@@ -147,6 +147,27 @@ class Topology:
             return self._torus_routes(src, dst)
         return self._tree_routes(src, dst)
 
+    def tier_latency_us(self) -> tuple[float, float] | None:
+        """Path latency inside a scale-up domain and between domains, for the switched
+        kinds, where it depends on nothing else (every link of a kind has one latency;
+        spine hops add none, the profile's scale-out figure being end to end). None for
+        tori, whose latency grows with the hop count."""
+        if self.kind.startswith("torus"):
+            return None
+        t, lat = self.tables, self.latency_us
+        if self.kind == "full-mesh":
+            up = float(lat[t["mesh"][t["mesh"] >= 0]].max(initial=0.0))
+        else:
+            up = float(lat[t["up"]].max(initial=0.0) + lat[t["down"]].max(initial=0.0))
+        spine = float(
+            lat[t["leaf_up"]].max(initial=0.0) + lat[t["leaf_down"]].max(initial=0.0)
+            if self.num_devices > self.domain_size
+            else 0.0
+        )
+        if spine:
+            return None  # direct and via-spine paths differ: ask the paths
+        return up, float(lat[t["nic_up"]].max(initial=0.0) + lat[t["nic_down"]].max(initial=0.0))
+
     # ----- switched nodes + fat-tree --------------------------------------------------------
     def _tree_routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
         t = self.tables

@@ -25,7 +25,7 @@ from moesim.traces.store import iter_batches, open_trace
 
 T = TypeVar("T")
 
-__all__ = ["trace_stats"]
+__all__ = ["layer_pair_counts", "trace_stats"]
 
 
 def _prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
@@ -71,6 +71,17 @@ def _layer_keys(
     for i in range(k):  # expert in slot i of the previous layer x every expert here
         cross += np.bincount((prev_scaled[:, i : i + 1] + ids).reshape(-1), minlength=e * e)
     return counts, pairs, cross
+
+
+def layer_pair_counts(
+    ids: np.ndarray, prev: np.ndarray | None, num_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Counts of one layer's (n, K) ids: per expert (E,), co-activated pairs within a token
+    (E, E) upper triangle (lower id first), and (previous-layer expert, this-layer expert)
+    pairs of the same token (E, E) when ``prev`` (n, K) is given."""
+    c, p, x = _layer_keys(ids, prev, num_experts)
+    e = num_experts
+    return c, p.reshape(e, e), None if x is None else x.reshape(e, e)
 
 
 def _top_pairs(

@@ -30,7 +30,7 @@ import numpy as np
 from moesim.errors import InputError
 from moesim.traces.store import RoutingTrace, TraceWriter
 
-__all__ = ["Distribution", "parse_distribution", "synth_to_store", "synthesize"]
+__all__ = ["Distribution", "Popularity", "parse_distribution", "synth_to_store", "synthesize"]
 
 CHUNK_TOKENS = 1 << 15  # fixed, so results do not depend on memory settings
 
@@ -89,7 +89,7 @@ def parse_distribution(spec: str) -> Distribution:
     return Distribution(kind, params)
 
 
-class _Popularity:
+class Popularity:
     """Log-popularity of every expert for a (layer, step)."""
 
     def __init__(self, dist: Distribution, num_experts: int, num_layers: int, seed: int) -> None:
@@ -167,8 +167,17 @@ def _sample(
     rows, cols = np.nonzero(take & full[:, None])
     ids[rows, rank[rows, cols]] = cand[rows, cols]
     short = np.flatnonzero(~full)
-    if short.size:
-        ids[short] = _gumbel_topk(logp, short.size, k, rng)[0]
+    if short.size:  # keep the distinct picks drawn so far, complete them by Gumbel-top-k
+        got = np.full((short.size, k), -1, dtype=np.int64)  # over the experts left: the
+        rr, cc = np.nonzero(take[short])  # conditional law of the later picks
+        got[rr, rank[short][rr, cc]] = cand[short][rr, cc]
+        m = (got >= 0).sum(axis=1)  # (ns,) distinct picks found
+        scores = logp[None, :] + rng.gumbel(size=(short.size, logp.size))
+        scores[rr, cand[short][rr, cc]] = -np.inf
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (ns, k)
+        j = np.arange(k)[None, :]
+        fill = np.take_along_axis(best, np.maximum(j - m[:, None], 0), axis=1)
+        ids[short] = np.where(j < m[:, None], got, fill)
     w = p[ids]  # (n, k)
     desc = np.argsort(-w, axis=1, kind="stable")
     ids = np.take_along_axis(ids, desc, axis=1)
@@ -190,7 +199,7 @@ def _chunks(
         raise InputError("top-k exceeds the number of experts", field="top_k", value=top_k)
     if steps < 1 or num_tokens < steps:
         raise InputError("need at least one token per step", field="steps", value=steps)
-    pop = _Popularity(dist, num_experts, num_layers, seed)
+    pop = Popularity(dist, num_experts, num_layers, seed)
     bounds = np.linspace(0, num_tokens, steps + 1).astype(np.int64)
     for step in range(steps):
         for start in range(int(bounds[step]), int(bounds[step + 1]), CHUNK_TOKENS):

@@ -1,0 +1,233 @@
+"""``moesim place``: plan an expert placement from a trace window or from expert loads."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from moesim.errors import InputError
+
+__all__ = ["load_loads", "parse_window", "place_cmd"]
+
+
+def parse_window(text: str, num_tokens: int) -> tuple[int, int]:
+    """``START:END`` token indices (END exclusive; either side may be empty)."""
+    start_s, sep, end_s = text.partition(":")
+    try:
+        start = int(start_s) if start_s.strip() else 0
+        end = int(end_s) if end_s.strip() else num_tokens
+    except ValueError:
+        raise InputError("expected START:END token indices", field="window", value=text) from None
+    if not sep or not 0 <= start < end <= num_tokens:
+        raise InputError(
+            f"expected START:END with 0 <= START < END <= {num_tokens}", field="window", value=text
+        )
+    return start, end
+
+
+def load_loads(path: Path, *, model: str | None = None, domain: str | None = None) -> np.ndarray:
+    """(L, E) expert loads from a .npy or .csv array, or a counts JSON (``model``: its first
+    model by default; ``domain``: all domains summed by default)."""
+    if not path.is_file():
+        raise InputError("file not found", file=path)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"not a .npy array ({exc})", file=path) from None
+    elif suffix == ".csv":
+        try:
+            arr = np.loadtxt(path, delimiter=",", ndmin=2)
+        except ValueError as exc:
+            raise InputError(f"not a numeric CSV ({exc})", file=path) from None
+    elif suffix == ".json":
+        from moesim.traces.importers import load_counts_json
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"not JSON ({exc.__class__.__name__})", file=path) from None
+        models = [k for k in data if not k.startswith("_")] if isinstance(data, dict) else []
+        if not models:
+            raise InputError("no model in the counts file", file=path)
+        model = model or models[0]
+        kinds = data.get(model, {}) if isinstance(data.get(model), dict) else {}
+        domains = [domain] if domain else sorted(kinds.get("expert_counts", {}))
+        if not domains:
+            raise InputError("no expert_counts in file", file=path, field="model", value=model)
+        arrays = [load_counts_json(path, model=model, domain=d)[1] for d in domains]
+        e = max(a.shape[1] for a in arrays)
+        arr = sum(np.pad(a, ((0, 0), (0, e - a.shape[1]))) for a in arrays)
+    else:
+        raise InputError("expected a .npy, .csv or counts .json file", file=path)
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.size == 0:
+        raise InputError("expected a layers x experts array", file=path, value=list(arr.shape))
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise InputError("loads must be finite and >= 0", file=path)
+    return arr
+
+
+def place_cmd(
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Trace folder to plan from.")
+    ] = None,
+    window: Annotated[
+        str | None, typer.Option(help="START:END token indices of the trace to plan from.")
+    ] = None,
+    loads: Annotated[
+        Path | None,
+        typer.Option(help="Layers x experts loads: .npy, .csv, or a counts JSON."),
+    ] = None,
+    counts_model: Annotated[
+        str | None, typer.Option(help="Model key in a counts JSON (default: the first).")
+    ] = None,
+    domain: Annotated[
+        str | None, typer.Option(help="Domain in a counts JSON (default: all, summed).")
+    ] = None,
+    nodes: Annotated[int, typer.Option(help="Nodes.", min=1)] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="Devices per node.", min=1)] = 8,
+    redundant: Annotated[int, typer.Option(help="Extra expert slots per layer.", min=0)] = 0,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="contiguous | round-robin | greedy | eplb-hierarchical | eplb-global | "
+            "shadow | affinity."
+        ),
+    ] = "eplb-global",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model preset: checks that the slots fit device memory."),
+    ] = None,
+    hardware: Annotated[str, typer.Option(help="Hardware profile for the memory check.")] = (
+        "H100-SXM"
+    ),
+    precision: Annotated[str, typer.Option(help="Expert weight precision: bf16 | fp8.")] = "bf16",
+    replica_choice: Annotated[
+        str,
+        typer.Option(help="nearest | round-robin | least-loaded | batch-split (trace metrics)."),
+    ] = "nearest",
+    out: Annotated[Path, typer.Option(help="Placement YAML to write.")] = Path("placement.yaml"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the placement and its metrics as JSON.")
+    ] = False,
+) -> None:
+    """Plan where each expert (and its replicas) lives, from a trace or expert loads.
+
+    Writes the plan (per layer, per device, the experts it hosts) to --out; prints planned
+    balance (max / mean device load, each expert's load split over its replicas) and, for
+    a trace, routed balance and remote nodes per token on the planning window.
+    """
+    from moesim.placement.io import placement_dict, write_placement
+    from moesim.placement.metrics import planned_balance, score_window
+    from moesim.placement.planners import STRATEGIES, plan
+    from moesim.sim.routing import REPLICA_CHOICES
+
+    if (trace is None) == (loads is None):
+        raise InputError("give exactly one of --trace or --loads", field="trace")
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"unknown strategy; valid: {', '.join(STRATEGIES)}", field="strategy", value=strategy
+        )
+    if replica_choice not in REPLICA_CHOICES:
+        raise InputError(
+            f"valid: {', '.join(REPLICA_CHOICES)}", field="replica-choice", value=replica_choice
+        )
+    ids = None
+    layer_names: list[int] | None = None
+    if trace is not None:
+        from moesim.traces.store import read_trace
+
+        tr = read_trace(trace)
+        start, end = parse_window(window, tr.num_tokens) if window else (0, tr.num_tokens)
+        ids = tr.expert_ids[:, start:end]  # (L, n, K)
+        e = tr.num_experts
+        num_layers = ids.shape[0]
+        key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
+        w = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
+        w = w.astype(np.float64)
+        layer_names = list(tr.layers)
+    else:
+        assert loads is not None
+        if window:
+            raise InputError("--window needs --trace", field="window", value=window)
+        w = load_loads(loads, model=counts_model, domain=domain)
+    mem = None
+    if model is not None:
+        from moesim.hardware import get_profile
+        from moesim.model.shapes import get_preset
+        from moesim.placement.memory import max_expert_slots
+
+        shape = get_preset(model)
+        if shape.num_experts != w.shape[1]:
+            raise InputError(
+                f"loads have {w.shape[1]} experts, {shape.name} has {shape.num_experts}",
+                field="model",
+                value=model,
+            )
+        mem = max_expert_slots(shape, get_profile(hardware), precision)
+    co = cross = None
+    if strategy == "affinity" and ids is not None:
+        from moesim.placement.affinity import coactivation
+
+        co, cross = coactivation(ids, w.shape[1])
+    t0 = time.perf_counter()
+    p = plan(
+        w,
+        strategy,
+        nodes=nodes,
+        devices_per_node=gpus_per_node,
+        redundant=redundant,
+        max_slots_per_device=mem,
+        coactivation=co,
+        cross_layer=cross,
+    )
+    plan_ms = (time.perf_counter() - t0) * 1e3
+    bal = planned_balance(p, w)
+    metrics: dict[str, Any] = {
+        "strategy": strategy,
+        "devices": p.num_devices,
+        "slots_per_device": int(p.slots.shape[2]),
+        "redundant": redundant,
+        "planned_balance_mean": round(float(bal.mean()), 6),
+        "planned_balance_max": round(float(bal.max()), 6),
+        "plan_ms": round(plan_ms, 3),
+    }
+    if mem is not None:
+        metrics["slots_fit_memory"] = mem
+    if ids is not None:
+        d = p.num_devices
+        batch = (ids.shape[1] // d) * d
+        if batch:
+            sc = score_window(
+                p,
+                ids[:, :batch],
+                devices_per_node=gpus_per_node,
+                tokens_per_batch=batch,
+                replica_choice=replica_choice,  # type: ignore[arg-type]
+            ).summary()
+            metrics |= {
+                "replica_choice": replica_choice,
+                "routed_balance_mean": round(sc["balance_mean"], 6),
+                "remote_nodes_per_token": round(sc["remote_nodes_per_token"], 6),
+            }
+    write_placement(out, p, layer_names, nodes=nodes, devices_per_node=gpus_per_node)
+    if as_json:
+        data = placement_dict(p, layer_names)
+        sys.stdout.write(
+            json.dumps({"layers": data["layers"], "metrics": metrics}, indent=1) + "\n"
+        )
+        return
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        sys.stdout.write(f"{k:<{width}}  {v}\n")
+    sys.stdout.write(f"wrote {out}\n")

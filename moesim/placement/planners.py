@@ -1,0 +1,457 @@
+"""Expert placement planners: pure functions from per-layer expert loads to a placement.
+
+Every planner fills exactly ``S = (E + redundant) / D`` slots on each of the ``D`` devices
+of every layer, hosts every logical expert at least once, and gives no expert more
+replicas than ``max_replicas`` (default: one per device). One public entry point,
+:func:`plan`, picks the strategy:
+
+=====================  =====================================================================
+strategy               what it does
+=====================  =====================================================================
+``contiguous``         experts in id order, in blocks of ``S`` (Megatron's default); the
+                       redundant slots repeat experts 0, 1, ... (load-unaware)
+``round-robin``        expert ``i`` to device ``i mod D``; redundant slots repeat experts
+                       0, 1, ... on the next device that does not host them yet
+``greedy``             the ``redundant`` heaviest experts get one extra replica each, then
+                       longest-processing-time (LPT) packing onto devices
+``eplb-global``        DeepSeek EPLB's global policy: replicas one at a time to the expert
+                       with the largest load per replica, then balanced LPT packing of all
+                       replicas onto all devices
+``eplb-hierarchical``  DeepSeek EPLB's hierarchical policy: expert groups packed onto nodes
+                       (balanced), replicas made within each node, packed onto its devices
+``shadow``             FasterMoE-style shadowing: the hottest experts are copied onto every
+                       device (``D - 1`` extra slots each) while the budget lasts; the rest
+                       of the budget replicates by load per replica; LPT packing
+``affinity``           replicas by load per replica, spread over distinct nodes; experts
+                       assigned to nodes heaviest first, each to the node whose experts it is
+                       most co-activated with (within tokens, and across consecutive layers)
+                       among nodes still under the balanced node load; LPT within each node
+=====================  =====================================================================
+
+EPLB's algorithm is implemented here from its published description (DeepSeek,
+github.com/deepseek-ai/EPLB, README: "hierarchical load balancing ... pack expert groups
+to nodes ... replicate experts within each node ... pack the replicated experts to
+individual GPUs"; "global load balancing ... replicate the experts globally ... pack the
+replicated experts to individual GPUs"); FasterMoE's shadowing from He et al., PPoPP'22
+(sec. 4: hot experts' parameters broadcast to all workers).
+
+Planners work on all layers at once: the per-item greedy loops run over item rank with
+numpy operations across layers, so planning 58 layers x 256 experts takes milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+
+from moesim.errors import InputError
+from moesim.placement.base import Placement
+
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "lpt_pack",
+    "plan",
+    "replicate_by_load",
+    "slot_layout",
+]
+
+Strategy = Literal[
+    "contiguous",
+    "round-robin",
+    "greedy",
+    "eplb-hierarchical",
+    "eplb-global",
+    "shadow",
+    "affinity",
+]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+
+
+# ----- building blocks --------------------------------------------------------------------
+
+
+def slot_layout(num_experts: int, num_devices: int, redundant: int) -> int:
+    """Slots per device ``(E + redundant) / D``; an :class:`InputError` unless it is a
+    whole number, at least 1, and each expert fits its replicas on distinct devices."""
+    total = num_experts + redundant
+    if redundant < 0:
+        raise InputError("redundant slots must be >= 0", field="redundant", value=redundant)
+    if total % num_devices or total < num_devices:
+        raise InputError(
+            f"experts + redundant slots ({num_experts} + {redundant}) must be a positive "
+            f"multiple of the {num_devices} devices",
+            field="redundant",
+            value=redundant,
+        )
+    return total // num_devices
+
+
+def replicate_by_load(
+    weight: np.ndarray,
+    num_slots: int,
+    max_replicas: int | np.ndarray,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
+    """Replica counts: start at one each (or at ``start``), then add replicas one at a time
+    to the expert with the largest load per replica (EPLB's ``replicate_experts``).
+
+    Args:
+        weight: (B, M) load of each of M logical experts, B independent rows.
+        num_slots: physical slots per row (>= M).
+        max_replicas: cap on each expert's replicas, scalar or (B, M).
+        start: (B, M) initial counts (default ones), each row summing to at most num_slots.
+    Returns:
+        (B, M) int64 replica counts, each row summing to ``num_slots``.
+    """
+    b, m = weight.shape
+    count = np.ones((b, m), dtype=np.int64) if start is None else start.astype(np.int64)
+    cap = np.broadcast_to(np.asarray(max_replicas), (b, m))
+    left = num_slots - count.sum(axis=1)  # (B,)
+    for _ in range(int(left.max(initial=0))):
+        per = np.where(count < cap, weight / count, -np.inf)  # (B, M)
+        live = np.flatnonzero(left > 0)
+        count[live, np.argmax(per[live], axis=1)] += 1
+        left[live] -= 1
+    return count
+
+
+def _items(count: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Physical replicas of each row: (B, N) expert id and (B, N) load share, N = count sum,
+    sorted by load share, heaviest first (ties: lower expert id first)."""
+    b, m = count.shape
+    n = int(count[0].sum())
+    exp = np.empty((b, n), dtype=np.int64)
+    for r in range(b):
+        exp[r] = np.repeat(np.arange(m), count[r])
+    share = np.take_along_axis(weight / count, exp, axis=1)
+    order = np.lexsort((exp, -share), axis=1)  # (B, N)
+    return np.take_along_axis(exp, order, axis=1), np.take_along_axis(share, order, axis=1)
+
+
+def lpt_pack(
+    exp: np.ndarray, share: np.ndarray, num_bins: int, per_bin: int, num_experts: int
+) -> np.ndarray:
+    """Longest-processing-time packing with equal slot counts (EPLB's ``balanced_packing``):
+    items in the given order (heaviest first), each to the least-loaded bin that has a free
+    slot and does not hold the same expert yet (else to the least-loaded bin with a free slot).
+
+    Args:
+        exp: (B, N) expert id of each item; share: (B, N) its load; N = num_bins * per_bin.
+    Returns:
+        (B, num_bins, per_bin) int32 expert ids, each bin's slots in order of filling.
+    """
+    b, n = exp.shape
+    rows = np.arange(b)
+    load = np.zeros((b, num_bins))
+    fill = np.zeros((b, num_bins), dtype=np.int64)
+    hosts = np.zeros((b, num_bins, num_experts), dtype=bool)
+    out = np.empty((b, num_bins, per_bin), dtype=np.int32)
+    for i in range(n):
+        e = exp[:, i]
+        room = fill < per_bin  # (B, bins)
+        ok = room & ~hosts[rows, :, e]
+        ok = np.where(ok.any(axis=1, keepdims=True), ok, room)
+        pick = np.argmin(np.where(ok, load, np.inf), axis=1)  # (B,)
+        out[rows, pick, fill[rows, pick]] = e
+        fill[rows, pick] += 1
+        load[rows, pick] += share[:, i]
+        hosts[rows, pick, e] = True
+    return out
+
+
+def _sequence_deal(
+    seq: np.ndarray, num_devices: int, per_dev: int, start: np.ndarray
+) -> np.ndarray:
+    """Deal experts ``seq`` (N,) in order: item i goes to the first device from ``start[i]``
+    on (cyclically) with a free slot that does not host it yet (else any with a free slot).
+
+    Returns (D, S) int32. Load-unaware, so done once and shared by every layer.
+    """
+    slots: list[list[int]] = [[] for _ in range(num_devices)]
+    for e, s in zip(seq.tolist(), start.tolist(), strict=True):
+        order = [(s + j) % num_devices for j in range(num_devices)]
+        free = [d for d in order if len(slots[d]) < per_dev]
+        fresh = [d for d in free if e not in slots[d]]
+        slots[(fresh or free)[0]].append(e)
+    return np.array(slots, dtype=np.int32)
+
+
+# ----- planners -----------------------------------------------------------------------------
+
+
+def _contiguous(num_layers: int, e: int, d: int, s: int) -> np.ndarray:
+    """(L, D, S): slot p of the sequence 0, 1, ..., E-1, 0, 1, ... on device p // S."""
+    seq = np.arange(d * s) % e
+    one = _sequence_deal(seq, d, s, np.arange(d * s) // s)
+    return np.broadcast_to(one, (num_layers, d, s)).copy()
+
+
+def _round_robin(num_layers: int, e: int, d: int, s: int) -> np.ndarray:
+    """(L, D, S): slot p of the sequence 0, 1, ..., E-1, 0, 1, ... on device p mod D."""
+    seq = np.arange(d * s) % e
+    one = _sequence_deal(seq, d, s, np.arange(d * s) % d)
+    return np.broadcast_to(one, (num_layers, d, s)).copy()
+
+
+def _greedy(w: np.ndarray, d: int, s: int) -> np.ndarray:
+    """(L, D, S): one extra replica for each of the ``D*S - E`` heaviest experts (cycling
+    through the experts again when the budget exceeds E), then LPT over all devices."""
+    num_layers, e = w.shape
+    order = np.argsort(-w, axis=1, kind="stable")  # (L, E)
+    count = np.ones((num_layers, e), dtype=np.int64)
+    rows = np.arange(num_layers)
+    for i in range(d * s - e):
+        count[rows, order[:, i % e]] += 1
+    exp, share = _items(count, w)
+    return lpt_pack(exp, share, d, s, e)
+
+
+def _eplb_global(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
+    """(L, D, S): replicas by load per replica, then balanced packing onto all devices."""
+    e = w.shape[1]
+    count = replicate_by_load(w, d * s, max_rep)
+    exp, share = _items(count, w)
+    return lpt_pack(exp, share, d, s, e)
+
+
+def _eplb_hierarchical(
+    w: np.ndarray, nodes: int, g: int, s: int, groups: int, max_rep: int
+) -> np.ndarray:
+    """(L, D, S): contiguous expert groups packed onto nodes (balanced, equal group counts),
+    then within each node replicas by load per replica and LPT onto its ``g`` devices.
+
+    Falls back to the global policy when the groups do not divide evenly over the nodes
+    (as EPLB does).
+    """
+    num_layers, e = w.shape
+    if groups % nodes or e % groups or (s * g * nodes - e) % nodes:
+        return _eplb_global(w, nodes * g, s, max_rep)
+    per_group = e // groups
+    gw = w.reshape(num_layers, groups, per_group).sum(axis=2)  # (L, groups)
+    gexp, gshare = _items(np.ones_like(gw, dtype=np.int64), gw)
+    node_groups = lpt_pack(gexp, gshare, nodes, groups // nodes, groups)  # (L, nodes, gpn)
+    # logical experts of each node, (L * nodes, E / nodes)
+    members = (node_groups[..., None] * per_group + np.arange(per_group)).reshape(
+        num_layers * nodes, -1
+    )
+    mw = np.take_along_axis(np.repeat(w, nodes, axis=0), members, axis=1)
+    count = replicate_by_load(mw, g * s, min(max_rep, g))
+    exp, share = _items(count, mw)
+    local = lpt_pack(exp, share, g, s, members.shape[1])  # (L * nodes, g, s) local ids
+    glob = np.take_along_axis(members, local.reshape(num_layers * nodes, -1), axis=1)
+    return glob.reshape(num_layers, nodes * g, s).astype(np.int32)
+
+
+def _shadow(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
+    """(L, D, S): the hottest experts get a replica on every device (FasterMoE's shadowing,
+    ``min(D, max_replicas)`` copies) while the budget lasts and the expert's load exceeds a
+    device's mean load; the leftover budget goes by load per replica; LPT packing."""
+    num_layers, e = w.shape
+    full = min(d, max_rep)
+    count = np.ones((num_layers, e), dtype=np.int64)
+    if full > 1:
+        order = np.argsort(-w, axis=1, kind="stable")
+        rows = np.arange(num_layers)
+        mean_dev = w.sum(axis=1) / d  # (L,)
+        for i in range(min((d * s - e) // (full - 1), e)):
+            col = order[:, i]
+            hot = w[rows, col] > mean_dev
+            count[rows[hot], col[hot]] = full
+    count = replicate_by_load(w, d * s, max_rep, start=count)
+    exp, share = _items(count, w)
+    return lpt_pack(exp, share, d, s, e)
+
+
+def _assign_nodes(
+    exp: np.ndarray,
+    share: np.ndarray,
+    tolerance: float,
+    nodes: int,
+    per_node: int,
+    num_experts: int,
+    coact: np.ndarray | None,
+    aff0: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy node of each replica, all layers at once (see :func:`_affinity`).
+
+    Args:
+        exp, share: (L, N) replicas, heaviest first; tolerance: a replica may go to a node
+        whose load exceeds the least-loaded candidate's by at most ``tolerance`` shares;
+        coact: (L, E, E) symmetric co-activation or None; aff0: (L, nodes, E) prior affinity.
+    Returns:
+        node_of: (L, N) node of each replica; hosts: (L, nodes, E) bool.
+    """
+    num_layers, n = exp.shape
+    rows = np.arange(num_layers)
+    nload = np.zeros((num_layers, nodes))
+    nfill = np.zeros((num_layers, nodes), dtype=np.int64)
+    hosts = np.zeros((num_layers, nodes, num_experts), dtype=bool)
+    aff = aff0.copy()
+    node_of = np.empty((num_layers, n), dtype=np.int64)
+    for i in range(n):
+        ei = exp[:, i]
+        room = nfill < per_node  # (L, nodes)
+        fresh = room & ~hosts[rows, :, ei]
+        cand = np.where(fresh.any(axis=1, keepdims=True), fresh, room)
+        least = np.min(np.where(cand, nload, np.inf), axis=1, keepdims=True)  # (L, 1)
+        near = cand & (nload <= least + tolerance * share[:, i : i + 1])
+        # most affinity among nodes near the least loaded one (ties: least loaded)
+        score = aff[rows, :, ei] - 1e-9 * nload
+        cand = near
+        pick = np.argmax(np.where(cand, score, -np.inf), axis=1)  # (L,)
+        node_of[:, i] = pick
+        nfill[rows, pick] += 1
+        nload[rows, pick] += share[:, i]
+        hosts[rows, pick, ei] = True
+        if coact is not None:
+            aff[rows, pick] += coact[rows, ei]
+    return node_of, hosts
+
+
+def _affinity(
+    w: np.ndarray,
+    nodes: int,
+    g: int,
+    s: int,
+    max_rep: int,
+    coact: np.ndarray | None,
+    cross: np.ndarray | None,
+    cross_weight: float,
+    tolerance: float,
+) -> np.ndarray:
+    """(L, D, S), see the module docstring.
+
+    Replica counts by load per replica (as EPLB). Node assignment runs over replicas in
+    order of load share (heaviest first), all layers at once. A replica may go to a node
+    with a free slot that does not host its expert yet (while one exists) and whose load
+    exceeds the least-loaded such node's by at most ``tolerance`` times the replica's load
+    (LPT's rule, loosened); among those, the one with the most affinity: co-activation
+    counts with the experts already on the node, plus ``cross_weight`` times the tokens
+    going from the previous layer's experts on that node to this expert (from a first pass
+    without that term); ties go to the least-loaded node. Each node's replicas are then
+    LPT-packed onto its ``g`` devices.
+    """
+    num_layers, e = w.shape
+    d = nodes * g
+    count = replicate_by_load(w, d * s, max_rep)
+    exp, share = _items(count, w)  # (L, N)
+    per_node = g * s
+    sym = None
+    if coact is not None:
+        c = np.asarray(coact, dtype=np.float64)
+        sym = c + np.swapaxes(c, 1, 2)  # symmetric whichever triangle was given
+    aff0 = np.zeros((num_layers, nodes, e))
+    node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, sym, aff0)
+    if cross is not None and num_layers > 1:
+        x = np.asarray(cross, dtype=np.float64)  # (L-1, E, E)
+        # tokens from the previous layer's experts on each node to each expert of this layer
+        aff0[1:] = cross_weight * np.einsum("lne,lef->lnf", hosts[:-1].astype(np.float64), x)
+        node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, sym, aff0)
+    # each node's replicas, heaviest first, LPT over its devices
+    order = np.argsort(node_of, axis=1, kind="stable")
+    exp_n = np.take_along_axis(exp, order, axis=1).reshape(num_layers * nodes, per_node)
+    share_n = np.take_along_axis(share, order, axis=1).reshape(num_layers * nodes, per_node)
+    packed = lpt_pack(exp_n, share_n, g, s, e)  # (L * nodes, g, s)
+    return packed.reshape(num_layers, d, s)
+
+
+# ----- entry point ---------------------------------------------------------------------------
+
+
+def plan(
+    loads: np.ndarray,
+    strategy: str,
+    *,
+    nodes: int,
+    devices_per_node: int,
+    redundant: int = 0,
+    max_slots_per_device: int | None = None,
+    max_replicas: int | None = None,
+    groups: int | None = None,
+    coactivation: np.ndarray | None = None,
+    cross_layer: np.ndarray | None = None,
+    cross_weight: float = 0.5,
+    tolerance: float = 1.0,
+) -> Placement:
+    """Plan a placement of every layer's experts.
+
+    Args:
+        loads: (L, E) load of each logical expert per layer (assignments, or any weights).
+        strategy: one of :data:`STRATEGIES`.
+        nodes, devices_per_node: the cluster; D = nodes * devices_per_node devices.
+        redundant: extra slots in total per layer; every device gets ``(E + redundant) / D``.
+        max_slots_per_device: memory bound (expert slots that fit a device's HBM, see
+            :func:`moesim.placement.memory.max_expert_slots`); exceeding it is an InputError.
+        max_replicas: replicas per expert at most (default: D, one per device).
+        groups: expert groups for ``eplb-hierarchical`` (default: one per node).
+        coactivation: (L, E, E) tokens choosing both experts i and j in a layer (any
+            triangle), for ``affinity``.
+        cross_layer: (L-1, E, E) tokens choosing expert i at layer l and j at layer l+1,
+            for ``affinity``.
+        cross_weight: weight of the cross-layer term against co-activation (``affinity``).
+        tolerance: a replica may go to a node whose load exceeds the least-loaded one's by
+            this many times the replica's load, if it has more affinity (``affinity``).
+    Returns:
+        :class:`Placement` with slots (L, D, S).
+    """
+    w = np.asarray(loads, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+        raise InputError("loads must be a (layers, experts) array", field="loads", value=w.shape)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise InputError("loads must be finite and >= 0", field="loads")
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"unknown strategy; valid: {', '.join(STRATEGIES)}", field="strategy", value=strategy
+        )
+    if nodes < 1 or devices_per_node < 1:
+        raise InputError("need at least one node and device", field="nodes", value=nodes)
+    num_layers, e = w.shape
+    d = nodes * devices_per_node
+    s = slot_layout(e, d, redundant)
+    if max_slots_per_device is not None and s > max_slots_per_device:
+        raise InputError(
+            f"{s} expert slots per device exceed the {max_slots_per_device} that fit in memory",
+            field="redundant",
+            value=redundant,
+        )
+    max_rep = d if max_replicas is None else max(1, min(max_replicas, d))
+    if e * max_rep < d * s:
+        raise InputError(
+            f"{d * s} slots cannot be filled with at most {max_rep} replicas of {e} experts",
+            field="max_replicas",
+            value=max_replicas,
+        )
+    w = w + 1e-12 * (w.sum(axis=1, keepdims=True) == 0)  # an all-zero layer: even weights
+    if strategy == "contiguous":
+        slots = _contiguous(num_layers, e, d, s)
+    elif strategy == "round-robin":
+        slots = _round_robin(num_layers, e, d, s)
+    elif strategy == "greedy":
+        slots = _greedy(w, d, s)
+    elif strategy == "eplb-global":
+        slots = _eplb_global(w, d, s, max_rep)
+    elif strategy == "eplb-hierarchical":
+        slots = _eplb_hierarchical(w, nodes, devices_per_node, s, groups or nodes, max_rep)
+    elif strategy == "shadow":
+        slots = _shadow(w, d, s, max_rep)
+    else:
+        for name, arr, want in (
+            ("coactivation", coactivation, (num_layers, e, e)),
+            ("cross_layer", cross_layer, (num_layers - 1, e, e)),
+        ):
+            if arr is not None and np.shape(arr) != want:
+                raise InputError(f"expected shape {want}", field=name, value=np.shape(arr))
+        slots = _affinity(
+            w,
+            nodes,
+            devices_per_node,
+            s,
+            max_rep,
+            coactivation,
+            cross_layer if num_layers > 1 else None,
+            cross_weight,
+            tolerance,
+        )
+    return Placement(slots=np.ascontiguousarray(slots, dtype=np.int32), num_experts=e)

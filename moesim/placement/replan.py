@@ -1,0 +1,264 @@
+"""Re-planning over time: incremental re-plans that move few slots, and a replay of a trace
+in windows (plan from one window, score on the next, charge the migration).
+
+Moving a slot means fetching one expert's weights over the fabric, so a re-plan is judged
+by the balance it buys against the slots it moves (:func:`moesim.placement.metrics.moved_slots`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from moesim.errors import InputError
+from moesim.placement.base import Placement
+from moesim.placement.metrics import moved_slots, planned_balance, score_window
+from moesim.sim.routing import ReplicaChoice
+
+__all__ = ["WindowResult", "align_devices", "incremental", "replay"]
+
+
+def _overlap(a: np.ndarray, b: np.ndarray, e: int) -> np.ndarray:
+    """(Da, Db) experts device i of ``a`` (Da, S) shares with device j of ``b`` (Db, S)."""
+    ha = np.zeros((a.shape[0], e))
+    hb = np.zeros((b.shape[0], e))
+    np.add.at(ha, (np.repeat(np.arange(a.shape[0]), a.shape[1]), a.ravel()), 1)
+    np.add.at(hb, (np.repeat(np.arange(b.shape[0]), b.shape[1]), b.ravel()), 1)
+    return np.minimum(ha[:, None, :], hb[None, :, :]).sum(axis=2)
+
+
+def align_devices(old: Placement, new: Placement, devices_per_node: int) -> Placement:
+    """``new`` with its devices renumbered (whole nodes to nodes, then devices within each
+    node) so that as many slots as possible keep their expert: the same plan, fewer moves.
+
+    Two assignment problems per layer (Hungarian, scipy's ``linear_sum_assignment``).
+    """
+    num_layers, d, _ = new.slots.shape
+    g = devices_per_node
+    nodes = d // g
+    out = np.empty_like(new.slots)
+    for li in range(num_layers):
+        ov = _overlap(old.slots[li], new.slots[li], new.num_experts)  # (D old, D new)
+        node_ov = ov.reshape(nodes, g, nodes, g).sum(axis=(1, 3))
+        old_n, new_n = linear_sum_assignment(-node_ov)
+        for on, nn in zip(old_n, new_n, strict=True):
+            sub = ov[on * g : (on + 1) * g, nn * g : (nn + 1) * g]
+            od, nd = linear_sum_assignment(-sub)
+            out[li, on * g + od] = new.slots[li, nn * g + nd]
+    return Placement(slots=out, num_experts=new.num_experts)
+
+
+def _device_loads(slots: np.ndarray, share: np.ndarray) -> np.ndarray:
+    return share[slots].sum(axis=1)
+
+
+def _objective(load: np.ndarray) -> np.ndarray:
+    """Largest load first, then the spread (sum of squares), as one number; (..., D)."""
+    mean = load.mean(axis=-1, keepdims=True)
+    return load.max(axis=-1) + 1e-3 * ((load - mean) ** 2).sum(axis=-1) / np.maximum(
+        mean[..., 0], 1e-12
+    )
+
+
+def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
+    """Local search on one layer's (D, S) slots under a budget of moved slots: each step
+    takes the best of (a) swapping a slot of the most-loaded device with a slot elsewhere
+    (2 slots moved) and (b) overwriting a replica of an expert that has several with a new
+    replica of the most-loaded device's heaviest expert (1 slot moved), while it lowers
+    the planned objective (largest device load, then spread)."""
+    slots = slots.copy()
+    d, s = slots.shape
+    e = w.size
+    used = 0
+    while used < budget:
+        count = np.bincount(slots.ravel(), minlength=e)
+        share = w / np.maximum(count, 1)
+        load = _device_loads(slots, share)
+        cur = float(_objective(load))
+        top = int(np.argmax(load))
+        hosts = np.zeros((d, e), dtype=bool)
+        hosts[np.repeat(np.arange(d), s), slots.ravel()] = True
+        best: tuple[float, Any] = (cur - 1e-12 * max(cur, 1.0), None)
+        # (a) swaps: slot i of `top` with slot (j, k) of another device
+        if used + 2 <= budget:
+            a = slots[top]  # (S,)
+            b = slots  # (D, S)
+            ok = ~hosts[:, a].T[:, :, None] & ~hosts[top, b][None, :, :]  # (S, D, S)
+            ok[:, top, :] = False
+            delta = share[b][None, :, :] - share[a][:, None, None]  # gain of `top`
+            new_top = load[top] + delta
+            new_other = load[None, :, None] - delta
+            cand = np.where(ok, np.maximum(new_top, new_other), np.inf)
+            if np.isfinite(cand).any():
+                i, j, k = np.unravel_index(np.argmin(cand), cand.shape)
+                trial = load.copy()
+                trial[top] = new_top[i, j, k]
+                trial[j] = new_other[i, j, k]
+                val = float(_objective(trial))
+                if val < best[0]:
+                    best = (val, ("swap", i, j, k))
+        # (b) replicate the heaviest expert of `top` into a slot of a multi-replica expert
+        x = int(slots[top][np.argmax(share[slots[top]])])
+        cand_dev, cand_slot = np.nonzero((count[slots] >= 2) & (slots != x) & ~hosts[:, [x]])
+        if cand_dev.size:
+            trials = np.repeat(load[None, :], cand_dev.size, axis=0)  # (C, D)
+            rx = count[x]
+            trials -= hosts[:, x][None, :] * (w[x] / rx - w[x] / (rx + 1))
+            c = slots[cand_dev, cand_slot]
+            rc = count[c]
+            trials += hosts[:, c].T * (w[c] / (rc - 1) - w[c] / rc)[:, None]
+            rows = np.arange(cand_dev.size)
+            trials[rows, cand_dev] += w[x] / (rx + 1) - w[c] / (rc - 1)
+            vals = _objective(trials)
+            ci = int(np.argmin(vals))
+            if vals[ci] < best[0]:
+                best = (float(vals[ci]), ("rep", int(cand_dev[ci]), int(cand_slot[ci]), x))
+        move = best[1]
+        if move is None:
+            break
+        if move[0] == "swap":
+            _, i, j, k = move
+            slots[top, i], slots[j, k] = slots[j, k], slots[top, i]
+            used += 2
+        else:
+            _, dv, sl, ex = move
+            slots[dv, sl] = ex
+            used += 1
+    return slots
+
+
+def incremental(
+    previous: Placement,
+    loads: np.ndarray,
+    *,
+    max_moved_share: float,
+    target: Placement | None = None,
+    devices_per_node: int | None = None,
+) -> Placement:
+    """A re-plan for ``loads`` (L, E) that moves at most ``max_moved_share`` of the slots of
+    every layer away from ``previous``.
+
+    When a full re-plan ``target`` is given, its devices are first renumbered to match
+    ``previous`` (:func:`align_devices`); layers where it then moves few enough slots take
+    it. The other layers improve ``previous`` by local search within the budget.
+    """
+    if not 0 <= max_moved_share <= 1:
+        raise InputError("must be between 0 and 1", field="max_moved_share", value=max_moved_share)
+    w = np.asarray(loads, dtype=np.float64)
+    num_layers, d, s = previous.slots.shape
+    budget = int(np.floor(max_moved_share * d * s))
+    out = previous.slots.copy()
+    aligned = None
+    if target is not None:
+        aligned = align_devices(previous, target, devices_per_node or d)
+    for li in range(num_layers):
+        if aligned is not None:
+            one_old = Placement(previous.slots[li : li + 1], previous.num_experts)
+            one_new = Placement(aligned.slots[li : li + 1], previous.num_experts)
+            if moved_slots(one_old, one_new) <= budget:
+                out[li] = aligned.slots[li]
+                continue
+        out[li] = _improve_layer(previous.slots[li], w[li], budget)
+    return Placement(slots=out, num_experts=previous.num_experts)
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One re-plan: planned from window ``window - 1``, scored on ``window``."""
+
+    window: int
+    plan_ms: float
+    moved_share: float
+    migration_bytes: float
+    planned_balance: float
+    score: dict[str, float] = field(default_factory=dict)
+
+
+def replay(
+    expert_ids: np.ndarray,
+    window_tokens: int,
+    planner: Callable[[np.ndarray, np.ndarray], Placement],
+    *,
+    devices_per_node: int,
+    tokens_per_batch: int,
+    replica_choice: ReplicaChoice = "nearest",
+    expert_bytes: float = 0.0,
+    bytes_per_assignment: float = 0.0,
+    max_moved_share: float | None = None,
+    static: bool = False,
+) -> list[WindowResult]:
+    """Replay a trace in windows of ``window_tokens`` tokens: re-plan after each window from
+    that window's loads, score the plan on the next window.
+
+    Args:
+        expert_ids: (L, N, K) routing.
+        planner: ``planner(loads (L, E), window ids (L, n, K)) -> Placement``.
+        max_moved_share: limit each re-plan to this share of slots moved
+            (:func:`incremental`, the full re-plan as its target).
+        static: plan once from the first window and keep that plan.
+    Returns:
+        one :class:`WindowResult` per scored window (windows 1, 2, ...).
+    """
+    n = expert_ids.shape[1]
+    windows = n // window_tokens
+    if windows < 2:
+        raise InputError(
+            f"need at least two windows of {window_tokens} tokens", field="window", value=n
+        )
+    e = int(expert_ids.max()) + 1
+    out: list[WindowResult] = []
+    current: Placement | None = None
+    for wi in range(1, windows):
+        prev_ids = expert_ids[:, (wi - 1) * window_tokens : wi * window_tokens]
+        loads = _loads(prev_ids, e)
+        t0 = time.perf_counter()
+        if current is None or not static:
+            new = planner(loads, prev_ids)
+            if current is not None and max_moved_share is not None:
+                new = incremental(
+                    current,
+                    loads,
+                    max_moved_share=max_moved_share,
+                    target=new,
+                    devices_per_node=devices_per_node,
+                )
+        else:
+            new = current
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        moved = 0 if current is None else moved_slots(current, new)
+        if e > new.num_experts:
+            raise InputError("expert id beyond the plan's experts", field="expert_ids", value=e)
+        cur_ids = expert_ids[:, wi * window_tokens : (wi + 1) * window_tokens]
+        sc = score_window(
+            new,
+            cur_ids,
+            devices_per_node=devices_per_node,
+            tokens_per_batch=tokens_per_batch,
+            replica_choice=replica_choice,
+        )
+        out.append(
+            WindowResult(
+                window=wi,
+                plan_ms=plan_ms,
+                moved_share=moved / new.slots.size,
+                migration_bytes=moved * expert_bytes,
+                planned_balance=float(
+                    planned_balance(new, _loads(cur_ids, new.num_experts)).mean()
+                ),
+                score=sc.summary(bytes_per_assignment),
+            )
+        )
+        current = new
+    return out
+
+
+def _loads(ids: np.ndarray, e: int) -> np.ndarray:
+    """(L, E) assignments per expert of (L, n, K) routing."""
+    num_layers = ids.shape[0]
+    key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
+    return np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)

@@ -1,0 +1,1 @@
+"""Capacity planning: devices needed for a model, a throughput and a latency target."""

@@ -1,0 +1,160 @@
+"""CLI commands: ``moesim plan-capacity`` and ``moesim report``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.errors import InputError
+
+__all__ = ["MULTI_VALUE_OPTIONS", "expand_multi_value_options", "plan_capacity_cmd", "report_cmd"]
+
+#: options of plan-capacity that take several values after one flag (``--hardware A B``)
+MULTI_VALUE_OPTIONS = ("--hardware", "--price-per-device-hour")
+
+
+def expand_multi_value_options(args: list[str]) -> list[str]:
+    """``--hardware A B --json`` → ``--hardware A --hardware B --json`` (click options take
+    one value each; the values run until the next ``-``-led token that is not a number)."""
+    out: list[str] = []
+    current: str | None = None
+    for a in args:
+        if a.startswith("-") and not _is_number(a):
+            current = a if a in MULTI_VALUE_OPTIONS else None
+            out.append(a)
+        elif current is not None and out[-1] != current:
+            out += [current, a]
+        else:
+            out.append(a)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def plan_capacity_cmd(
+    model: Annotated[str, typer.Option(help="Model preset, e.g. DeepSeek-V3.")],
+    hardware: Annotated[
+        list[str], typer.Option(help="Hardware profile(s); repeat or list after the option.")
+    ],
+    tokens_per_s: Annotated[float, typer.Option(help="Throughput target, tokens/s.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    latency_slo_ms: Annotated[
+        float | None, typer.Option(help="Step-time target (decode: per output token), ms.")
+    ] = None,
+    trace: Annotated[
+        Path | None, typer.Option(help="Routing trace folder (default: synthetic routing).")
+    ] = None,
+    synthetic: Annotated[
+        str, typer.Option(help="Synthetic routing law when no trace: uniform | zipf:S | ...")
+    ] = "uniform",
+    precision: Annotated[str, typer.Option(help="Weights: bf16 | fp8 | int4.")] = "bf16",
+    price_per_device_hour: Annotated[
+        list[float] | None,
+        typer.Option(help="Price per device-hour: one for all, or one per hardware."),
+    ] = None,
+    max_drop_rate: Annotated[float, typer.Option(help="Largest acceptable drop rate.")] = 0.001,
+    mode: Annotated[str, typer.Option(help="decode | prefill | training.")] = "decode",
+    tokens_per_device: Annotated[
+        int, typer.Option(help="Tokens per device per step (decode: sequences).", min=1)
+    ] = 64,
+    sequence_length: Annotated[int, typer.Option(help="Context length, tokens.", min=1)] = 4096,
+    steps: Annotated[int, typer.Option(help="Simulated steps per size.", min=1)] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic routing.")] = 0,
+    max_devices: Annotated[int, typer.Option(help="Largest cluster searched.", min=1)] = 4096,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print {hardware: answer} as JSON.")
+    ] = False,
+) -> None:
+    """How many devices hold the model, meet --tokens-per-s, and meet --latency-slo-ms.
+
+    Per hardware: searches cluster sizes (doubling, then bisection), capacity factors and
+    placements by simulation, and writes plan.json, evaluations.parquet, report.html and
+    summary.md to --out. With --json, prints {"<hardware>": {"min_devices_memory": n,
+    "min_devices_throughput": n, "min_devices_slo": n | null, "recommended_capacity_factor",
+    "recommended_placement", "cost_per_million_tokens", ...}} keyed by profile name.
+    """
+    from rich.console import Console
+
+    from moesim.plan.capacity import PlanRequest, plan_capacity
+    from moesim.plan.report import assumptions, plan_json, write_plan
+
+    names = [h for item in hardware for h in item.split(",") if h.strip()]
+    if trace is not None and not trace.exists():
+        raise InputError("trace not found", field="trace", value=str(trace))
+    request = PlanRequest(
+        model=model,
+        hardware=tuple(names),
+        tokens_per_s=tokens_per_s,
+        latency_slo_ms=latency_slo_ms,
+        trace=trace.resolve() if trace is not None else None,
+        distribution=synthetic,
+        precision=precision,
+        prices_per_device_hour=tuple(price_per_device_hour or ()),
+        max_drop_rate=max_drop_rate,
+        mode=mode,
+        tokens_per_device=tokens_per_device,
+        sequence_length=sequence_length,
+        steps=steps,
+        seed=seed,
+        max_devices=max_devices,
+    )
+    err = Console(stderr=True, highlight=False)
+    plans = plan_capacity(request, progress=None if as_json else lambda m: err.print(m))
+    files = write_plan(plans, request, out)
+    answer = plan_json(plans, request)
+    if as_json:
+        sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+        return
+    con = Console(highlight=False, soft_wrap=True)
+    con.print(assumptions(request))
+    for hw, a in answer.items():
+        cost = (
+            f", ${a['cost_per_million_tokens']:.3f}/M tokens"
+            if a["cost_per_million_tokens"] is not None
+            else ""
+        )
+        tps = f"{a['tokens_per_s']:,.0f}" if a["tokens_per_s"] is not None else "-"
+        con.print(
+            f"{hw}: memory {a['min_devices_memory']}, throughput {a['min_devices_throughput']}, "
+            f"latency {a['min_devices_slo']} devices; capacity factor "
+            f"{a['recommended_capacity_factor']}, {a['recommended_placement']} placement, "
+            f"{tps} tokens/s{cost}" + (f" ({'; '.join(a['notes'])})" if a["notes"] else "")
+        )
+    con.print(f"wrote {', '.join(str(p) for p in files.values())}")
+
+
+def report_cmd(
+    results_dir: Annotated[
+        Path, typer.Argument(help="A sweep results folder or a simulate output folder.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder for report.html and summary.md.")],
+) -> None:
+    """Write report.html (self-contained, inline SVG) and summary.md for a sweep results
+    folder (results.parquet) or a simulate output folder (summary.json, metrics.parquet)."""
+    from moesim.report.sweep import write_sweep_report
+    from moesim.report.write import write_run_report
+
+    if not results_dir.is_dir():
+        raise InputError("folder not found", field="RESULTS_DIR", value=str(results_dir))
+    if (results_dir / "results.parquet").is_file():
+        files = write_sweep_report(results_dir, out)
+    elif (results_dir / "summary.json").is_file() or (results_dir / "metrics.parquet").is_file():
+        files = write_run_report(results_dir, out)
+    else:
+        raise InputError(
+            "neither a sweep results folder (results.parquet) nor a simulate output folder "
+            "(summary.json)",
+            field="RESULTS_DIR",
+            value=str(results_dir),
+        )
+    sys.stdout.write(f"wrote {', '.join(str(p) for p in files.values())}\n")

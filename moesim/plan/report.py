@@ -1,0 +1,231 @@
+"""The capacity plan's outputs: plan.json, evaluations.parquet, report.html and summary.md.
+
+The page answers first (a table per hardware), then compares the simulated cluster sizes
+(memory, step-time breakdown, drop rate against capacity factor, placements, throughput
+against devices) and shows the per-device detail of the first hardware's recommendation.
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moesim.fileio import atomic_write_bytes
+from moesim.model.shapes import get_preset
+from moesim.plan.capacity import HardwarePlan, PlanRequest, drop_frame, evaluations_frame
+from moesim.report.figures import memory_svg
+from moesim.report.page import (
+    Section,
+    figure,
+    html_table,
+    md_table,
+    missing,
+    render_markdown,
+    render_page,
+)
+from moesim.report.run import MEMORY_NOTE, RunData, fmt_bytes, memory_table, run_sections
+from moesim.report.summary import fmt_us
+from moesim.report.sweep import drops_section, results_sections, scaling_section
+
+__all__ = ["assumptions", "plan_json", "write_plan"]
+
+
+def assumptions(request: PlanRequest) -> str:
+    """What the simulations assumed, in one paragraph."""
+    routing = (
+        f"routing replayed from {request.trace}"
+        if request.trace is not None
+        else f"synthetic {request.distribution} routing (seed {request.seed})"
+    )
+    sim_precision = "fp8 GEMMs (int4 weights dequantised)" if request.precision == "int4" else ""
+    return (
+        f"Assumed: {request.mode} with {request.tokens_per_device} tokens per device "
+        f"(decode: concurrent sequences) of {request.sequence_length} tokens context, "
+        f"{request.steps} simulated step(s), {routing}, {request.precision} weights"
+        f"{' timed as ' + sim_precision if sim_precision else ''}, capacity factors tried "
+        f"{', '.join(f'{c:g}' for c in request.capacity_factors)} (the smallest with drop "
+        f"rate ≤ {100 * request.max_drop_rate:g}% kept; memory answer at the largest), "
+        f"expert parallelism with dense weights replicated, cluster sizes up to "
+        f"{request.max_devices} devices; throughput assumed to grow with devices (doubling, "
+        "then bisection)."
+    )
+
+
+def plan_json(plans: list[HardwarePlan], request: PlanRequest) -> dict[str, Any]:
+    """``{hardware name: answer}`` in the order the hardware was given."""
+    return {p.hardware: p.answer(request) for p in plans}
+
+
+def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
+    header = (
+        "hardware",
+        "min devices (memory)",
+        "min devices (throughput)",
+        "min devices (latency)",
+        "capacity factor",
+        "placement",
+        "tokens/s",
+        "step time",
+        "memory / device",
+        "$ per M tokens",
+    )
+    rows = []
+    sentences = []
+    for p in plans:
+        a = p.answer(request)
+        rec = p.recommended
+        rows.append(
+            (
+                p.hardware,
+                a["min_devices_memory"] or "-",
+                a["min_devices_throughput"] or "-",
+                a["min_devices_slo"] or "-" if request.latency_slo_ms is not None else "n/a",
+                a["recommended_capacity_factor"] or "-",
+                a["recommended_placement"] or "-",
+                f"{a['tokens_per_s']:,.0f}" if rec else "-",
+                fmt_us(a["step_time_us"]) if rec else "-",
+                fmt_bytes(a["memory_per_device_bytes"]) if rec else "-",
+                f"{a['cost_per_million_tokens']:.3f}"
+                if a["cost_per_million_tokens"] is not None
+                else "-",
+            )
+        )
+        if rec:
+            text = (
+                f"{p.hardware}: {rec.num_devices} devices ({rec.nodes} × {rec.devices_per_node}) "
+                f"give {rec.tokens_per_s:,.0f} tokens/s with a {fmt_us(rec.step_time_us)} step at "
+                f"capacity factor {rec.capacity_factor:g} ({100 * rec.drop_rate:.3f}% dropped, "
+                f"{rec.placement} placement); the model fits on {p.min_devices_memory}."
+            )
+            if a["cost_per_million_tokens"] is not None:
+                text += f" Cost: ${a['cost_per_million_tokens']:.3f} per million tokens."
+        else:
+            text = f"{p.hardware}: no answer ({'; '.join(p.notes)})."
+        sentences.append(text)
+    target = f"{request.tokens_per_s:,.0f} tokens/s" + (
+        f" within {request.latency_slo_ms:g} ms per step"
+        if request.latency_slo_ms is not None
+        else ""
+    )
+    intro = f"{request.model}, {request.mode}, target {target}."
+    html = (
+        f"<p>{html_lib.escape(intro)}</p>"
+        + "".join(f"<p>{html_lib.escape(s)}</p>" for s in sentences)
+        + html_table(header, rows)
+        + f'<p class="muted">{html_lib.escape(assumptions(request))}</p>'
+    )
+    md = "\n\n".join([intro, *sentences, md_table(header, rows), assumptions(request)])
+    return Section("answer", html, md)
+
+
+def _cluster(plans: list[HardwarePlan], request: PlanRequest, run: RunData | None) -> Section:
+    shape = get_preset(request.model)
+    rows: list[tuple[str, str]] = [
+        (
+            "model",
+            f"{shape.name}: {shape.total_params() / 1e9:.1f} B parameters "
+            f"({shape.active_params() / 1e9:.1f} B active), {shape.num_experts} experts, "
+            f"top-{shape.top_k}",
+        )
+    ]
+    for p in plans:
+        sizes = ", ".join(str(n) for n in p.evaluations)
+        rows.append((p.hardware, f"HBM {fmt_bytes(p.hbm_bytes)}; simulated sizes: {sizes or '-'}"))
+    if run is not None:
+        rows.append(("detail below", run.info["cluster"] + f" ({run.info['hardware']})"))
+    return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
+
+
+def _memory(plans: list[HardwarePlan]) -> Section:
+    labels, bds = [], []
+    for p in plans:
+        for n in sorted({x for x in (p.min_devices_memory, *p.evaluations) if x is not None}):
+            ev = p.evaluations.get(n)
+            if ev is None:
+                continue
+            labels.append(f"{p.hardware} ×{n}")
+            bds.append(ev.run.summary["memory_breakdown_bytes"])
+    if not labels:
+        return missing("memory", "No cluster size was simulated.")
+    th, tm = memory_table(labels, bds)
+    svg = memory_svg(labels, bds, [b["hbm_bytes"] for b in bds])
+    cap = "Bytes one device holds at each simulated size, by component; black tick: HBM capacity."
+    return Section(
+        "memory",
+        figure(svg, cap) + th + f'<p class="muted">{html_lib.escape(MEMORY_NOTE)}</p>',
+        tm + "\n\n" + MEMORY_NOTE,
+    )
+
+
+def plan_sections(plans: list[HardwarePlan], request: PlanRequest) -> list[Section]:
+    df = evaluations_frame(plans)
+    run = None
+    rec = next((p.recommended for p in plans if p.recommended is not None), None)
+    if rec is not None:
+        run = RunData.from_result(rec.result)
+    sections = {
+        "answer": _answer(plans, request),
+        "cluster": _cluster(plans, request, run),
+        "memory": _memory(plans),
+    }
+    if df.empty:
+        return [*sections.values()]
+    df = df.assign(
+        status="ok",
+        case_index=range(len(df)),
+        axes=[
+            json.dumps({"hardware": h, "devices": int(n)})
+            for h, n in zip(df["hardware"], df["num_devices"], strict=True)
+        ],
+    )
+    table = results_sections(df)
+    sections["breakdown"] = table["breakdown"]
+    drops = drop_frame(plans)
+    drops = drops.assign(setting=drops["hardware"] + " ×" + drops["num_devices"].astype(str))
+    sections["drops"] = drops_section(
+        drops,
+        "setting",
+        "Dropped assignments against the capacity factors tried at each simulated size "
+        "(routing only; the ladder stops at the first factor within the target).",
+        group_title="hardware × devices",
+    )
+    sections["placement"] = table["placement"]
+    sections["scaling"] = scaling_section(
+        df,
+        "Simulated throughput (solid) against ideal linear scaling from the smallest simulated "
+        "size (dashed), per hardware.",
+    )
+    if run is not None:
+        detail = {s.key: s for s in run_sections(run, answer=False)}
+        for key in ("heatmap", "stragglers", "links", "timeline"):
+            sections[key] = detail[key]
+    return [*sections.values()]
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_plan(plans: list[HardwarePlan], request: PlanRequest, out_dir: Path) -> dict[str, Path]:
+    """Render everything in memory, then write each file atomically."""
+    sections = plan_sections(plans, request)
+    title = f"moesim capacity plan: {request.model}"
+    subtitle = assumptions(request)
+    source = "moesim plan-capacity " + " ".join(request.hardware)
+    answer = plan_json(plans, request)
+    payload = {
+        "plan.json": (json.dumps(answer, indent=2, sort_keys=False) + "\n").encode(),
+        "evaluations.parquet": _parquet_bytes(evaluations_frame(plans)),
+        "report.html": render_page(title, subtitle, sections, source).encode(),
+        "summary.md": render_markdown(title, subtitle, sections, source).encode(),
+    }
+    return {name: atomic_write_bytes(out_dir / name, data) for name, data in payload.items()}

@@ -1,0 +1,468 @@
+"""The report of one simulation, built from plain data that a simulate output folder holds.
+
+:class:`RunData` is what the page needs: the scenario facts (``info``), every mode's
+summary, and the metrics, per-layer and per-phase tables. ``moesim simulate`` writes it
+(``summary.json``, ``metrics.parquet``, ``layers.parquet``, ``phases.parquet``) and renders
+the page from it; ``moesim report FOLDER`` reads it back and renders the same page.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from moesim.errors import InputError
+from moesim.report.figures import (
+    balance_svg,
+    breakdown_rows_svg,
+    load_heatmap_svg,
+    memory_svg,
+    port_bytes_svg,
+    timeline_svg,
+)
+from moesim.report.page import Section, figure, html_table, md_table, missing
+from moesim.report.summary import PARTS, fmt_us, header_line
+from moesim.sim.simulate import SimResult
+
+__all__ = ["RunData", "fmt_bytes", "run_info", "run_sections"]
+
+RUN_FILES = ("summary.json", "metrics.parquet", "layers.parquet", "phases.parquet")
+TIMELINE_DEVICES = 16
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes with a decimal unit (GB = 10^9 bytes)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
+
+
+def run_info(result: SimResult) -> dict[str, Any]:
+    """The scenario facts the page shows (JSON-ready)."""
+    sc, shape, hw = result.scenario, result.shape, result.hw
+    routing = (
+        f"trace {sc.routing.trace} ({result.inputs['trace_tokens']:,} tokens, trace layers "
+        f"{result.inputs['trace_layers']} replayed on MoE layers {result.inputs['moe_layers']})"
+        if sc.routing.trace is not None
+        else f"synthetic: {sc.routing.synthetic}"
+    )
+    return {
+        "name": sc.name,
+        "header": header_line(result),
+        "source": result.inputs["source"],
+        "steps": sc.steps,
+        "placement": sc.placement,
+        "capacity_factor": sc.capacity.factor,
+        "overflow": sc.capacity.overflow,
+        "precision": sc.precision,
+        "routing": routing,
+        "model": (
+            f"{shape.name}: {shape.num_layers} layers ({shape.num_moe_layers} MoE), d_model "
+            f"{shape.d_model}, {shape.num_experts} routed experts (d_ff {shape.expert_d_ff}), "
+            f"top-{shape.top_k}, {shape.num_shared_experts} shared; "
+            f"{_params(shape.total_params())} parameters, {_params(shape.active_params())} active"
+        ),
+        "hardware": (
+            f"{hw.name}: {hw.compute.bf16_dense_tflops:,.0f} TFLOP/s dense BF16, "
+            f"{hw.memory.hbm_bytes / 1e9:.0f} GB HBM at {hw.memory.hbm_bandwidth_gbps:,.0f} GB/s; "
+            f"scale-up {hw.scale_up.bandwidth_gbps:,.0f} GB/s per direction; scale-out "
+            f"{hw.scale_out.bandwidth_gbps:,.0f} GB/s per device"
+        ),
+        "cluster": (
+            f"{sc.cluster.nodes} node(s) × {sc.cluster.devices_per_node} devices = "
+            f"{sc.cluster.num_devices} devices; {sc.placement} expert placement; capacity "
+            f"factor {sc.capacity.factor if sc.capacity.factor is not None else 'unlimited'} "
+            f"({sc.capacity.overflow}); {sc.tokens_per_device:,} tokens per device; "
+            f"{sc.precision} weights"
+        ),
+        "devices_per_node": sc.cluster.devices_per_node,
+    }
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything one simulation's page shows."""
+
+    info: dict[str, Any]
+    summaries: list[dict[str, Any]]
+    metrics: pd.DataFrame
+    layers: pd.DataFrame
+    phases: pd.DataFrame
+
+    @classmethod
+    def from_result(cls, result: SimResult) -> RunData:
+        from moesim.report.write import metrics_frame, phases_frame
+
+        return cls(
+            info=run_info(result),
+            summaries=[r.summary for r in result.runs],
+            metrics=metrics_frame(result),
+            layers=pd.concat([r.layers for r in result.runs], ignore_index=True),
+            phases=phases_frame(result),
+        )
+
+    def summary_json(self) -> str:
+        return json.dumps({"info": self.info, "runs": self.summaries}, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, folder: Path) -> RunData:
+        """Read a simulate output folder."""
+        for name in RUN_FILES:
+            if not (folder / name).is_file():
+                raise InputError(
+                    "not a simulate output folder (or written by an older moesim): "
+                    f"{name} is missing",
+                    file=folder,
+                )
+        try:
+            data = json.loads((folder / "summary.json").read_text())
+            info, runs = data["info"], data["runs"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"unreadable: {err}", file=folder / "summary.json") from None
+        frames = {
+            n: pq.read_table(folder / f"{n}.parquet").to_pandas()
+            for n in ("metrics", "layers", "phases")
+        }
+        return cls(info, runs, frames["metrics"], frames["layers"], frames["phases"])
+
+    # ----- views ---------------------------------------------------------------------------
+    @property
+    def first_mode(self) -> str:
+        return str(self.summaries[0]["mode"])
+
+    def last_layers(self) -> pd.DataFrame:
+        """Per MoE layer, first mode, last step."""
+        lay = self.layers[self.layers["mode"] == self.first_mode]
+        return lay[lay["step"] == lay["step"].max()].sort_values("layer")
+
+    def last_metrics(self, pass_: str | None = "forward") -> pd.DataFrame:
+        m = self.metrics[self.metrics["mode"] == self.first_mode]
+        m = m[m["step"] == m["step"].max()]
+        return m if pass_ is None else m[m["pass"] == pass_]
+
+
+# ----- sections ---------------------------------------------------------------------------
+
+
+def _answer(run: RunData) -> Section:
+    cf = run.info["capacity_factor"]
+    paras, md = [], []
+    for s in run.summaries:
+        b = s["breakdown_us"]
+        worst = int(np.argmax(s["balance_ratio"])) if s["balance_ratio"] else 0
+        parts = ", ".join(
+            f"{name} {fmt_us(b[k])}"
+            for name, k in PARTS
+            if k != "allreduce_us" or s["mode"] == "training"
+        )
+        text = (
+            f"{s['mode']}: one step takes {fmt_us(s['step_time_us'])} "
+            f"({s['tokens_per_s']:,.0f} tokens/s). On device {s['critical_device']}, which "
+            f"finishes last: {parts}. "
+        )
+        if s["layers"]:
+            text += (
+                f"The worst MoE layer is {s['layers'][worst]} with balance ratio "
+                f"{s['balance_ratio'][worst]:.3f} "
+                f"(straggler: device {s['straggler_device'][worst]}); "
+            )
+        text += (
+            f"{100 * s['drop_rate']:.3f}% of assignments are dropped at capacity factor "
+            f"{'unlimited' if cf is None else cf}."
+        )
+        if "memory_per_device_bytes" in s:
+            fits = "fits in" if s["memory_fits"] else "does NOT fit in"
+            text += (
+                f" Each device needs {fmt_bytes(s['memory_per_device_bytes'])}, which {fits} "
+                f"its {fmt_bytes(s['hbm_bytes'])} of HBM."
+            )
+        paras.append(text)
+        md.append(f"- **{text.split(':', 1)[0]}**:{text.split(':', 1)[1]}")
+    import html as h
+
+    body = "".join(f"<p>{h.escape(p)}</p>" for p in paras)
+    return Section("answer", body, "\n".join(md))
+
+
+def _cluster(run: RunData) -> Section:
+    rows = [
+        ("model", run.info["model"]),
+        ("hardware", run.info["hardware"]),
+        ("cluster", run.info["cluster"]),
+        ("routing", run.info["routing"]),
+    ]
+    return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
+
+
+_MEM_COLUMNS = (
+    ("dense weights", "dense_weights_bytes"),
+    ("expert weights", "expert_weights_bytes"),
+    ("gradients + optimizer", "optimizer_bytes"),
+    ("activations", "activation_bytes"),
+    ("KV cache", "kv_cache_bytes"),
+)
+
+
+def memory_table(labels: list[str], breakdowns: list[dict[str, float]]) -> tuple[str, str]:
+    header = ("", *(n for n, _ in _MEM_COLUMNS), "total", "HBM", "fits")
+    rows = [
+        (
+            label,
+            *(fmt_bytes(b[k]) for _, k in _MEM_COLUMNS),
+            fmt_bytes(b["total_bytes"]),
+            fmt_bytes(b["hbm_bytes"]),
+            "yes" if b["total_bytes"] <= b["hbm_bytes"] else "NO",
+        )
+        for label, b in zip(labels, breakdowns, strict=True)
+    ]
+    return html_table(header, rows), md_table(header, rows)
+
+
+MEMORY_NOTE = (
+    "Dense weights are replicated on every device, routed experts split by expert "
+    "parallelism; training adds bf16 gradients and fp32 Adam state (14 B per parameter) and "
+    "every layer's activations; inference one layer's activations and the KV cache "
+    "(assumptions: moesim/costs/memory.py)."
+)
+
+
+def _memory(run: RunData) -> Section:
+    have = [s for s in run.summaries if "memory_breakdown_bytes" in s]
+    if not have:
+        return missing("memory", "This simulation's summary has no memory figures.")
+    labels = [s["mode"] for s in have]
+    bds = [s["memory_breakdown_bytes"] for s in have]
+    th, tm = memory_table(labels, bds)
+    svg = memory_svg(labels, bds, [b["hbm_bytes"] for b in bds])
+    cap = (
+        "Bytes one device holds in each mode, by component; black tick: HBM capacity (named "
+        "above the bars when far off scale)."
+    )
+    return Section(
+        "memory",
+        figure(svg, cap) + th + f'<p class="muted">{MEMORY_NOTE}</p>',
+        tm + "\n\n" + MEMORY_NOTE,
+    )
+
+
+def _breakdown(run: RunData) -> Section:
+    labels = [s["mode"] for s in run.summaries]
+    bds = [s["breakdown_us"] for s in run.summaries]
+    header = ("mode", "step time", "tokens/s", *(n for n, _ in PARTS), "overlapped")
+    rows = [
+        (
+            s["mode"],
+            fmt_us(s["step_time_us"]),
+            f"{s['tokens_per_s']:,.0f}",
+            *(fmt_us(s["breakdown_us"][k]) for _, k in PARTS),
+            fmt_us(s["breakdown_us"].get("overlapped_us", 0.0)),
+        )
+        for s in run.summaries
+    ]
+    cap = (
+        "Busy and waiting time of the device that finishes last in each mode; the segments add "
+        "up to the step time, plus the overlapped time (two-microbatch overlap counts it twice)."
+    )
+    return Section(
+        "breakdown",
+        figure(breakdown_rows_svg(labels, bds), cap) + html_table(header, rows),
+        md_table(header, rows),
+    )
+
+
+def _heatmap(run: RunData) -> Section:
+    m = run.metrics[run.metrics["mode"] == run.first_mode]
+    fwd = m[(m["pass"] == "forward") & (m["step"] == 0) & (m["device_load"] > 0)]
+    if fwd.empty:
+        return missing("heatmap", "No MoE layer processed any assignment.")
+    lay = run.last_layers()
+    html = figure(
+        load_heatmap_svg(m),
+        f"Assignments processed by each device in each MoE layer ({run.first_mode}, forward "
+        "pass of step 0); circles mark the busiest device of each layer.",
+    ) + figure(
+        balance_svg(lay),
+        "Balance ratio: the busiest device's assignments over the mean (1.0 is perfect).",
+    )
+    worst = lay.iloc[int(np.argmax(lay["balance_ratio"].to_numpy()))]
+    md = (
+        f"Worst balance ratio {worst['balance_ratio']:.3f} in layer {int(worst['layer'])} "
+        f"(max {int(worst['max_device_load']):,} vs mean {worst['mean_device_load']:,.1f} "
+        "assignments per device); the heatmap is in report.html."
+    )
+    return Section("heatmap", html, md)
+
+
+def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
+    """Per MoE layer: straggler device, penalty, cause (compute or network) and what lies
+    behind it (the straggler's most loaded expert, or the busiest device pair)."""
+    lay = run.last_layers()
+    fwd = run.last_metrics("forward")
+    dpn = int(run.info["devices_per_node"])
+    rows: list[tuple[object, ...]] = []
+    for r in lay.to_dict("records"):
+        m = fwd[fwd["layer"] == r["layer"]].sort_values("device")
+        exp = m["expert_us"].to_numpy()
+        net = (m["dispatch_us"] + m["combine_us"]).to_numpy()
+        compute_spread = float(exp.max() - exp.mean()) if exp.size else 0.0
+        net_spread = float(net.max() - net.mean()) if net.size else 0.0
+        if compute_spread >= net_spread:
+            cause = "compute"
+            behind = (
+                f"expert {int(r['straggler_expert'])}: "
+                f"{r['straggler_expert_tokens']:,.0f} assignments on device "
+                f"{int(r['straggler_device'])}"
+                if "straggler_expert" in r and r["straggler_expert"] >= 0
+                else f"{int(r['max_device_load']):,} assignments on the device"
+            )
+        else:
+            cause = "network"
+            a, b = int(r.get("busiest_pair_src", 0)), int(r.get("busiest_pair_dst", 0))
+            where = "cross-node" if a // dpn != b // dpn else "same node"
+            behind = (
+                f"slowest transfers on device {int(np.argmax(net))}; busiest pair device {a} ↔ "
+                f"device {b} ({where}), {fmt_bytes(float(r.get('busiest_pair_bytes', 0.0)))}"
+            )
+        rows.append(
+            (
+                int(r["layer"]),
+                int(r["straggler_device"]),
+                f"{100 * r['straggler_penalty']:.1f}%",
+                f"{r['balance_ratio']:.3f}",
+                cause,
+                behind,
+                f"{int(r['dropped']):,}",
+            )
+        )
+    return rows
+
+
+def _stragglers(run: RunData) -> Section:
+    header = (
+        "layer",
+        "straggler device",
+        "penalty",
+        "balance ratio",
+        "cause",
+        "behind it",
+        "dropped",
+    )
+    rows = straggler_rows(run)
+    if not rows:
+        return missing("stragglers", "No MoE layer in this simulation.")
+    note = (
+        f"{run.first_mode}, forward pass, last step. Straggler: the device whose routed experts "
+        "finish last; penalty: (max − mean) / mean of per-device expert time. Cause: compute "
+        "when the spread of expert time across devices exceeds the spread of dispatch + combine "
+        "time, network otherwise."
+    )
+    return Section(
+        "stragglers",
+        html_table(header, rows, left=0, text_cols=(4, 5)) + f'<p class="muted">{note}</p>',
+        md_table(header, rows, left=0) + "\n\n" + note,
+    )
+
+
+def _links(run: RunData) -> Section:
+    m = run.last_metrics(None)
+    per_dev = m.groupby("device")[["bytes_sent", "bytes_recv"]].sum().sort_index()
+    if float(per_dev.to_numpy().sum()) <= 0:
+        return missing("links", "No device sent any bytes (a single device, or no MoE layer).")
+    lay = run.last_layers()
+    dpn = int(run.info["devices_per_node"])
+    top = lay.sort_values(["busiest_pair_bytes", "layer"], ascending=[False, True]).head(8)
+    header = ("layer", "device pair", "fabric", "bytes (dispatch + combine)")
+    rows = [
+        (
+            int(r["layer"]),
+            f"{int(r['busiest_pair_src'])} ↔ {int(r['busiest_pair_dst'])}",
+            "scale-out (NICs)"
+            if int(r["busiest_pair_src"]) // dpn != int(r["busiest_pair_dst"]) // dpn
+            else "scale-up",
+            fmt_bytes(r["busiest_pair_bytes"]),
+        )
+        for r in top.to_dict("records")
+        if "busiest_pair_bytes" in r
+    ]
+    moved = (per_dev["bytes_sent"] + per_dev["bytes_recv"]).to_numpy()
+    busiest = int(per_dev.index.to_numpy()[int(np.argmax(moved))])
+    cap = (
+        f"Bytes each device's port sends and receives in one {run.first_mode} step (all layers "
+        f"and passes); device {busiest} moves the most."
+    )
+    html = figure(
+        port_bytes_svg(per_dev["bytes_sent"].to_numpy(), per_dev["bytes_recv"].to_numpy()), cap
+    )
+    html += "<p>Busiest device pair of each layer (top 8):</p>" + html_table(
+        header, rows, left=0, text_cols=(2,)
+    )
+    md = (
+        f"Device {busiest} moves the most bytes per step "
+        f"({fmt_bytes(float(moved.max()))}).\n\n" + md_table(header, rows, left=0)
+    )
+    return Section("links", html, md)
+
+
+def _timeline(run: RunData) -> Section:
+    ph = run.phases[(run.phases["mode"] == run.first_mode) & (run.phases["step"] == 0)]
+    ph = ph[(ph["pass"] == "forward") & (ph["layer"] >= 0)]
+    lay = run.last_layers()
+    if ph.empty or lay.empty:
+        return missing("timeline", "No per-phase records of a MoE layer.")
+    worst = lay.iloc[int(np.argmax(lay["straggler_penalty"].to_numpy()))]
+    layer, strag = int(worst["layer"]), int(worst["straggler_device"])
+    ph = ph[ph["layer"] == layer]
+    devices = sorted(ph["device"].unique())
+    shown = devices[:TIMELINE_DEVICES]
+    if strag not in shown:
+        shown = [*shown[: TIMELINE_DEVICES - 1], strag]
+    ph = ph[ph["device"].isin(shown)]
+    cap = (
+        f"MoE layer {layer} (the largest straggler penalty), forward pass of step 0, "
+        f"{run.first_mode}; devices {', '.join(map(str, shown[:4]))}"
+        f"{'…' if len(shown) > 4 else ''} ({len(shown)} of {len(devices)}), straggler device "
+        f"{strag}. The full timeline is timeline.json (Perfetto / chrome://tracing)."
+    )
+    md = cap
+    return Section("timeline", figure(timeline_svg(ph), cap), md)
+
+
+def run_sections(run: RunData, *, answer: bool = True) -> list[Section]:
+    """Every section of a simulation's page (sections a single run cannot fill say so)."""
+    cf = run.info["capacity_factor"]
+    sections = [
+        _cluster(run),
+        _memory(run),
+        _breakdown(run),
+        _heatmap(run),
+        _stragglers(run),
+        missing(
+            "drops",
+            f"One capacity factor in a single run ({'unlimited' if cf is None else cf}: "
+            f"{100 * run.summaries[0]['drop_rate']:.3f}% dropped); run a sweep over "
+            "capacity.factor to compare.",
+        ),
+        missing(
+            "placement",
+            f"One placement in a single run ({run.info['placement']}); run a sweep over "
+            "placement to compare.",
+        ),
+        missing(
+            "scaling",
+            "One cluster size in a single run; run a sweep over cluster.nodes to compare.",
+        ),
+        _links(run),
+        _timeline(run),
+    ]
+    return [_answer(run), *sections] if answer else sections

@@ -1,0 +1,410 @@
+"""The report of a sweep results folder (``results.parquet``, see ``moesim sweep``).
+
+A sweep keeps one row of headline figures per case, so its page compares cases: memory per
+device, step-time breakdown, drop rate against capacity factor, placements, throughput
+against devices with ideal scaling, and the cases with the largest straggler penalty and
+cross-node traffic. Per-device detail (heatmap, timeline) needs a simulation of one case.
+"""
+
+from __future__ import annotations
+
+import html as html_lib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from moesim.errors import InputError
+from moesim.fileio import atomic_write_bytes
+from moesim.report.figures import (
+    breakdown_rows_svg,
+    drop_vs_capacity_svg,
+    memory_svg,
+    placement_svg,
+    scaling_svg,
+)
+from moesim.report.page import (
+    Section,
+    figure,
+    html_table,
+    md_table,
+    missing,
+    render_markdown,
+    render_page,
+)
+from moesim.report.run import fmt_bytes
+from moesim.report.summary import PARTS, fmt_us
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "case_labels",
+    "read_results",
+    "results_sections",
+    "write_sweep_report",
+]
+
+REQUIRED_COLUMNS = (
+    "case_index",
+    "status",
+    "axes",
+    "hardware",
+    "model",
+    "mode",
+    "num_devices",
+    "capacity_factor",
+    "step_time_us",
+    "tokens_per_s",
+)
+MAX_ROWS = 30
+_CF_KEYS = ("capacity.factor", "capacity_factor")
+
+
+def read_results(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The results table (sorted by case_index) and sweep.json (empty when absent)."""
+    path = folder / "results.parquet"
+    if not path.is_file():
+        raise InputError("not a sweep results folder: results.parquet is missing", file=folder)
+    try:
+        df = pq.read_table(path).to_pandas()
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise InputError(f"unreadable Parquet file: {err}", file=path) from None
+    lacking = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if lacking:
+        raise InputError("results table lacks a column", file=path, field=lacking[0])
+    meta: dict[str, Any] = {}
+    if (folder / "sweep.json").is_file():
+        try:
+            meta = json.loads((folder / "sweep.json").read_text())
+        except ValueError as err:
+            raise InputError(f"unreadable: {err}", file=folder / "sweep.json") from None
+    return df.sort_values("case_index", kind="stable").reset_index(drop=True), meta
+
+
+def _axes(row: pd.Series) -> dict[str, Any]:
+    try:
+        value = json.loads(row["axes"]) if isinstance(row["axes"], str) else {}
+    except ValueError:
+        value = {}
+    return value if isinstance(value, dict) else {}
+
+
+def case_labels(df: pd.DataFrame, drop: tuple[str, ...] = ()) -> list[str]:
+    """A short label per case: its axis values (``key=value``, last part of the dotted path)."""
+    out = []
+    for _, row in df.iterrows():
+        axes = {k: v for k, v in _axes(row).items() if k not in drop}
+        text = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(axes.items()))
+        out.append(text or f"case {int(row['case_index'])}")
+    return out
+
+
+def _hbm_bytes(hardware: str) -> float:
+    from moesim.hardware import get_profile
+
+    try:
+        return float(get_profile(hardware).memory.hbm_bytes)
+    except InputError:
+        return float("nan")
+
+
+def _num(x: Any) -> float:
+    return float(x) if x is not None and not pd.isna(x) else float("nan")
+
+
+def _answer(ok: pd.DataFrame, failed: pd.DataFrame, meta: dict[str, Any]) -> Section:
+    if ok.empty:
+        return Section(
+            "answer",
+            f"<p>No case finished ({len(failed)} failed).</p>",
+            f"No case finished ({len(failed)} failed).",
+        )
+    lines = [
+        f"{len(ok) + len(failed)} cases, {len(ok)} finished"
+        + (f", {len(failed)} failed (listed below)" if len(failed) else "")
+        + "."
+    ]
+    labels = dict(zip(ok.index, case_labels(ok), strict=True))
+    for (hw, mode), g in ok.groupby(["hardware", "mode"], sort=True):
+        best = g.iloc[int(np.argmax(g["tokens_per_s"].to_numpy()))]
+        text = (
+            f"{mode} on {hw}: the highest throughput is {best['tokens_per_s']:,.0f} tokens/s "
+            f"({labels[best.name]}: {int(best['num_devices'])} devices, step time "
+            f"{fmt_us(best['step_time_us'])}"
+        )
+        if "drop_rate" in g and not pd.isna(best.get("drop_rate")):
+            text += f", {100 * best['drop_rate']:.3f}% dropped"
+        mem = _num(best.get("memory_per_device_bytes"))
+        if not np.isnan(mem):
+            hbm = _hbm_bytes(str(hw))
+            fit = "" if np.isnan(hbm) else (" (fits)" if mem <= hbm else " (does NOT fit in HBM)")
+            text += f", {fmt_bytes(mem)} per device{fit}"
+        lines.append(text + ").")
+    if len(failed):
+        errs = [f"case {int(r['case_index'])}: {r.get('error')}" for _, r in failed.iterrows()]
+        lines.append("Failed: " + "; ".join(errs[:5]) + ("; …" if len(errs) > 5 else ""))
+    if meta.get("sweep_id"):
+        lines.append(f"Sweep {str(meta['sweep_id'])[:16]}.")
+    body = "".join(f"<p>{html_lib.escape(s)}</p>" for s in lines)
+    return Section("answer", body, "\n\n".join(lines))
+
+
+def _cluster(df: pd.DataFrame) -> Section:
+    rows = []
+    for col, name in (
+        ("model", "models"),
+        ("hardware", "hardware"),
+        ("mode", "modes"),
+        ("num_devices", "devices"),
+        ("nodes", "nodes"),
+        ("devices_per_node", "devices per node"),
+        ("tokens_per_device", "tokens per device"),
+        ("capacity_factor", "capacity factors"),
+        ("placement", "placements"),
+    ):
+        if col in df:
+            vals = sorted(
+                {("unlimited" if pd.isna(v) else v) for v in df[col]},
+                key=lambda v: (1, str(v), 0.0) if isinstance(v, str) else (0, "", float(v)),
+            )
+            rows.append((name, ", ".join(str(v) for v in vals)))
+    axes = sorted({k for _, r in df.iterrows() for k in _axes(r)})
+    rows.append(("axes", ", ".join(axes) or "none"))
+    return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
+
+
+def _memory(ok: pd.DataFrame) -> Section:
+    if "memory_per_device_bytes" not in ok or ok["memory_per_device_bytes"].isna().all():
+        return missing("memory", "The results hold no memory figures.")
+    keys = ["hardware", "model", "mode", "num_devices"]
+    g = ok.groupby(keys, sort=True)["memory_per_device_bytes"].max().reset_index()
+    g = g.head(MAX_ROWS)
+    labels = [f"{r.hardware} ×{r.num_devices} {r.mode}" for r in g.itertuples()]
+    hbm = [_hbm_bytes(str(h)) for h in g["hardware"]]
+    bds = [{"total_bytes": float(m)} for m in g["memory_per_device_bytes"]]
+    svg = memory_svg(labels, bds, hbm)
+    header = ("hardware", "model", "mode", "devices", "memory per device", "HBM", "fits")
+    rows = [
+        (
+            r["hardware"],
+            r["model"],
+            r["mode"],
+            int(r["num_devices"]),
+            fmt_bytes(float(r["memory_per_device_bytes"])),
+            "?" if np.isnan(h) else fmt_bytes(h),
+            "?" if np.isnan(h) else ("yes" if float(r["memory_per_device_bytes"]) <= h else "NO"),
+        )
+        for r, h in zip(g.to_dict("records"), hbm, strict=True)
+    ]
+    cap = (
+        "Bytes one device holds (largest over the cases of that size); black tick: HBM "
+        "capacity (named above the bars when far off scale)."
+    )
+    return Section(
+        "memory",
+        figure(svg, cap) + html_table(header, rows, left=3),
+        md_table(header, rows, left=3),
+    )
+
+
+def _breakdown(ok: pd.DataFrame) -> Section:
+    show = ok.head(MAX_ROWS)
+    labels = case_labels(show)
+    bds = [
+        {k: _num(r.get(k)) if not pd.isna(r.get(k)) else 0.0 for _, k in PARTS}
+        for _, r in show.iterrows()
+    ]
+    header = ("case", "step time", "tokens/s", *(n for n, _ in PARTS))
+    rows = [
+        (
+            lab,
+            fmt_us(r["step_time_us"]),
+            f"{r['tokens_per_s']:,.0f}",
+            *(fmt_us(b[k]) for _, k in PARTS),
+        )
+        for lab, (_, r), b in zip(labels, show.iterrows(), bds, strict=True)
+    ]
+    more = f" (first {MAX_ROWS} of {len(ok)} cases)" if len(ok) > MAX_ROWS else ""
+    cap = f"Busy and waiting time of the device that finishes last, per case{more}."
+    return Section(
+        "breakdown",
+        figure(breakdown_rows_svg(labels, bds), cap) + html_table(header, rows),
+        md_table(header, rows),
+    )
+
+
+def _stragglers(ok: pd.DataFrame) -> Section:
+    if "straggler_penalty" not in ok or ok["straggler_penalty"].isna().all():
+        return missing("stragglers", "The results hold no straggler figures.")
+    top = ok.sort_values(["straggler_penalty", "case_index"], ascending=[False, True]).head(10)
+    header = ("case", "straggler penalty (worst layer)", "balance ratio (worst layer)", "drop rate")
+    rows = [
+        (
+            lab,
+            f"{100 * r['straggler_penalty']:.1f}%",
+            f"{_num(r.get('balance_ratio')):.3f}",
+            f"{100 * _num(r.get('drop_rate')):.3f}%",
+        )
+        for lab, (_, r) in zip(case_labels(top), top.iterrows(), strict=True)
+    ]
+    note = (
+        "Cases with the largest straggler penalty. A sweep keeps each case's worst layer only; "
+        "the per-layer table with the device, cause and expert or link behind each straggler "
+        "is in the report of `moesim simulate` on that case."
+    )
+    return Section(
+        "stragglers",
+        html_table(header, rows) + f'<p class="muted">{html_lib.escape(note)}</p>',
+        md_table(header, rows) + "\n\n" + note,
+    )
+
+
+def _group_labels(df: pd.DataFrame, drop: tuple[str, ...]) -> pd.Series:
+    return pd.Series(case_labels(df, drop=drop), index=df.index)
+
+
+def drops_section(
+    drops: pd.DataFrame, group: str, caption: str, group_title: str = "other axes"
+) -> Section:
+    """Drop rate against capacity factor; ``drops``: capacity_factor, drop_rate, ``group``."""
+    d = drops.dropna(subset=["capacity_factor", "drop_rate"])
+    if d["capacity_factor"].nunique() < 2:
+        return missing("drops", "Fewer than two capacity factors among the cases.")
+    header = (group_title, "capacity factor", "drop rate")
+    rows = [
+        (r[group], f"{r['capacity_factor']:g}", f"{100 * r['drop_rate']:.3f}%")
+        for _, r in d.sort_values([group, "capacity_factor"]).iterrows()
+    ]
+    return Section(
+        "drops",
+        figure(drop_vs_capacity_svg(d, group), caption) + html_table(header, rows),
+        md_table(header, rows),
+    )
+
+
+def _placement(ok: pd.DataFrame) -> Section:
+    if "placement" not in ok or ok["placement"].nunique() < 2:
+        return missing("placement", "Fewer than two placement strategies among the cases.")
+    g = ok.groupby("placement", sort=True)
+    header = ("placement", "cases", "mean step time", "mean tokens/s", "worst balance ratio")
+    rows = [
+        (
+            p,
+            len(x),
+            fmt_us(x["step_time_us"].mean()),
+            f"{x['tokens_per_s'].mean():,.0f}",
+            f"{x['balance_ratio'].max():.3f}" if "balance_ratio" in x else "-",
+        )
+        for p, x in g
+    ]
+    cap = "Mean step time of the cases with each placement (lower is better)."
+    return Section(
+        "placement",
+        figure(placement_svg(ok), cap) + html_table(header, rows),
+        md_table(header, rows),
+    )
+
+
+def scaling_section(ok: pd.DataFrame, caption: str) -> Section:
+    """Throughput against devices, with ideal scaling from the smallest cluster."""
+    if ok["num_devices"].nunique() < 2:
+        return missing("scaling", "Fewer than two cluster sizes among the cases.")
+    d = ok.assign(series=ok["hardware"].astype(str) + " " + ok["mode"].astype(str))
+    header = ("series", "devices", "tokens/s", "ideal tokens/s", "efficiency")
+    rows = []
+    for s, g in d.groupby("series", sort=True):
+        best = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
+        counts, tps = best.index.to_numpy(dtype=float), best.to_numpy(dtype=float)
+        for n, t in zip(counts, tps, strict=True):
+            ideal = tps[0] * n / counts[0]
+            rows.append((s, int(n), f"{t:,.0f}", f"{ideal:,.0f}", f"{100 * t / ideal:.0f}%"))
+    return Section(
+        "scaling",
+        figure(scaling_svg(d, "series"), caption) + html_table(header, rows),
+        md_table(header, rows),
+    )
+
+
+def _links(ok: pd.DataFrame) -> Section:
+    if "cross_node_bytes" not in ok or ok["cross_node_bytes"].isna().all():
+        return missing("links", "The results hold no traffic figures.")
+    top = ok.sort_values(["cross_node_bytes", "case_index"], ascending=[False, True]).head(8)
+    header = ("case", "cross-node bytes per step", "dispatch", "combine")
+    rows = [
+        (
+            lab,
+            fmt_bytes(_num(r["cross_node_bytes"])),
+            fmt_us(_num(r.get("dispatch_us"))),
+            fmt_us(_num(r.get("combine_us"))),
+        )
+        for lab, (_, r) in zip(case_labels(top), top.iterrows(), strict=True)
+    ]
+    note = (
+        "Cases moving the most bytes between nodes. Per-link traffic (the busiest device "
+        "pair of each layer) is in the report of `moesim simulate` on one case."
+    )
+    return Section(
+        "links",
+        html_table(header, rows) + f'<p class="muted">{html_lib.escape(note)}</p>',
+        md_table(header, rows) + "\n\n" + note,
+    )
+
+
+def results_sections(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str, Section]:
+    """Every section of a results table's page, keyed by section key."""
+    ok = df[df["status"] == "ok"]
+    failed = df[df["status"] != "ok"]
+    drops = ok.assign(group=_group_labels(ok, _CF_KEYS)) if not ok.empty else ok
+    sections = [
+        _answer(ok, failed, meta or {}),
+        _cluster(df),
+        missing("heatmap", "A sweep keeps no per-device loads; simulate one case to see them."),
+        missing("timeline", "A sweep keeps no timelines; simulate one case to see its timeline."),
+    ]
+    if not ok.empty:
+        sections += [
+            _memory(ok),
+            _breakdown(ok),
+            _stragglers(ok),
+            drops_section(
+                drops,
+                "group",
+                "Dropped assignments against capacity factor; one line per combination of the "
+                "other axes.",
+            ),
+            _placement(ok),
+            scaling_section(
+                ok,
+                "Simulated throughput (solid) and ideal linear scaling from the smallest "
+                "cluster (dashed), per hardware and mode; best case at each size.",
+            ),
+            _links(ok),
+        ]
+    else:
+        why = "No case finished."
+        sections += [
+            missing(k, why)
+            for k in ("memory", "breakdown", "stragglers", "drops", "placement", "scaling", "links")
+        ]
+    return {s.key: s for s in sections}
+
+
+def write_sweep_report(results_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """report.html and summary.md of a sweep results folder, written to ``out_dir``."""
+    folder = Path(results_dir)
+    df, meta = read_results(folder)
+    sections = list(results_sections(df, meta).values())
+    title = f"moesim sweep report: {folder.resolve().name}"
+    subtitle = f"{len(df)} cases from {folder.name}/results.parquet" + (
+        f" (sweep {str(meta['sweep_id'])[:16]})" if meta.get("sweep_id") else ""
+    )
+    source = f"{folder.name}/results.parquet"
+    out = Path(out_dir)
+    html = render_page(title, subtitle, sections, source)
+    md = render_markdown(title, subtitle, sections, source)
+    return {
+        "report.html": atomic_write_bytes(out / "report.html", html.encode()),
+        "summary.md": atomic_write_bytes(out / "summary.md", md.encode()),
+    }

@@ -1,0 +1,130 @@
+"""A small sweep results folder, written the way ``moesim sweep`` writes one
+(the contract: results.parquet sorted by case_index, one row per case), from real
+``simulate`` runs of a small model on synthetic routing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moesim.scenario import Scenario
+from moesim.sim.simulate import simulate
+
+NODES = (1, 2)
+FACTORS = (1.0, 1.25, 2.0)
+METRICS = (
+    "step_time_us",
+    "expert_us",
+    "dispatch_us",
+    "combine_us",
+    "other_us",
+    "allreduce_us",
+    "wait_us",
+    "overlapped_us",
+    "tokens_per_s",
+    "balance_ratio",
+    "balance_ratio_mean",
+    "drop_rate",
+    "straggler_penalty",
+    "cross_node_bytes",
+    "memory_per_device_bytes",
+)
+
+
+def _scenario(nodes: int, factor: float) -> Scenario:
+    return Scenario(
+        name="fixture",
+        hardware="H100-SXM",
+        cluster={"nodes": nodes, "devices_per_node": 8},
+        model="moesim-reference",
+        routing={"synthetic": {"distribution": "zipf:1.0"}},
+        capacity={"factor": factor},
+        mode="prefill",
+        tokens_per_device=256,
+        sequence_length=256,
+        seed=0,
+    )
+
+
+def write_sweep_fixture(folder: Path, with_error: bool = True) -> Path:
+    """results.parquet (and sweep.json) for a grid nodes × capacity factor."""
+    rows = []
+    for nodes in NODES:
+        for factor in FACTORS:
+            sc = _scenario(nodes, factor)
+            s = simulate(sc, folder).runs[0].summary
+            b = s["breakdown_us"]
+            metrics = {
+                k: float(s[k]) if k in s and not isinstance(s[k], list) else b.get(k)
+                for k in METRICS
+            }
+            metrics["balance_ratio"] = float(np.max(s["balance_ratio"]))
+            metrics["balance_ratio_mean"] = float(np.mean(s["balance_ratio"]))
+            metrics["straggler_penalty"] = float(np.max(s["straggler_penalty"]))
+            rows.append(
+                {
+                    "case_id": hashlib.sha256(sc.model_dump_json().encode()).hexdigest()[:16],
+                    "case_index": len(rows),
+                    "status": "ok",
+                    "error": None,
+                    "axes": json.dumps({"cluster.nodes": nodes, "capacity.factor": factor}),
+                    "cluster.nodes": nodes,
+                    "capacity.factor": factor,
+                    "hardware": "H100-SXM",
+                    "model": s["model"],
+                    "mode": s["mode"],
+                    "num_devices": s["devices"],
+                    "nodes": nodes,
+                    "devices_per_node": 8,
+                    "tokens_per_device": 256,
+                    "capacity_factor": factor,
+                    **metrics,
+                }
+            )
+    if with_error:
+        rows.append(
+            rows[-1]
+            | {
+                "case_id": "0" * 16,
+                "case_index": len(rows),
+                "status": "error",
+                "error": "contiguous placement needs experts (32) to be a multiple of devices",
+                "axes": json.dumps({"cluster.nodes": 3, "capacity.factor": 1.0}),
+                "cluster.nodes": 3,
+                "capacity.factor": 1.0,
+                "nodes": 3,
+                "num_devices": 24,
+                **dict.fromkeys(METRICS),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("case_id", pa.string()),
+            ("case_index", pa.int32()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("axes", pa.string()),
+            ("cluster.nodes", pa.int64()),
+            ("capacity.factor", pa.float64()),
+            ("hardware", pa.string()),
+            ("model", pa.string()),
+            ("mode", pa.string()),
+            ("num_devices", pa.int64()),
+            ("nodes", pa.int64()),
+            ("devices_per_node", pa.int64()),
+            ("tokens_per_device", pa.int64()),
+            ("capacity_factor", pa.float64()),
+            *((m, pa.float64()) for m in METRICS),
+        ]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "results.parquet")
+    (folder / "sweep.json").write_text(
+        json.dumps({"sweep_id": "f" * 64, "cases": len(rows), "created_by": "moesim sweep"})
+    )
+    return folder

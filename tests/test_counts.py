@@ -1,0 +1,109 @@
+"""Count-level routing: exact inclusion probabilities, count draws, routing from counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.placement.base import Placement, contiguous
+from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
+from moesim.sim.routing import route_layer
+from moesim.traces.synthetic import _sample
+
+
+def _enumerate(p: np.ndarray, k: int) -> np.ndarray:
+    """Inclusion probabilities of Plackett-Luce top-k by walking every ordered pick."""
+    pi = np.zeros(p.size)
+
+    def walk(chosen: tuple[int, ...], prob: float, rest: float) -> None:
+        if len(chosen) == k:
+            pi[list(chosen)] += prob
+            return
+        for e in range(p.size):
+            if e not in chosen:
+                walk((*chosen, e), prob * p[e] / rest, rest - p[e])
+
+    walk((), 1.0, 1.0)
+    return pi
+
+
+@pytest.mark.parametrize(("e", "k", "s"), [(16, 4, 3.0), (12, 5, 1.2), (10, 3, 0.5), (9, 2, 6.0)])
+def test_inclusion_probabilities_are_exact(e, k, s):
+    logp = -s * np.log(np.arange(1, e + 1.0))
+    p = np.exp(logp) / np.exp(logp).sum()
+    perm = np.random.default_rng(e).permutation(e)  # any order of the experts
+    np.testing.assert_allclose(
+        inclusion_probabilities(logp[perm], k), _enumerate(p, k)[perm], atol=1e-12
+    )
+    pi = inclusion_probabilities(logp, k)
+    assert pi.sum() == pytest.approx(k)
+
+
+def test_uniform_inclusion_is_k_over_e():
+    np.testing.assert_allclose(inclusion_probabilities(np.zeros(256), 8), 8 / 256, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("e", "k", "s"), [(8, 2, 2.0), (16, 4, 1.5), (64, 6, 1.2)])
+def test_token_sampler_matches_the_inclusion_law(e, k, s):
+    """The per-token sampler (successive sampling, Gumbel completion of short rows) and the
+    count-level law agree: every expert's frequency within 5 standard errors."""
+    logp = -s * np.log(np.arange(1, e + 1.0))
+    n = 200_000
+    ids, _ = _sample(logp, n, k, np.random.default_rng(3))
+    freq = np.bincount(ids.ravel(), minlength=e) / n
+    pi = inclusion_probabilities(logp, k)
+    z = (freq - pi) / np.sqrt(np.maximum(pi * (1 - pi), 1e-12) / n)
+    assert np.abs(z).max() < 5, z
+
+
+def test_draw_counts_mean_and_bounds():
+    pi = inclusion_probabilities(-0.8 * np.log(np.arange(1, 65.0)), 6)
+    c = draw_counts(pi, 1000, 4000, 6, np.random.default_rng(0))
+    assert c.shape == (4000, 64)
+    assert c.min() >= 0 and c.max() <= 1000
+    np.testing.assert_allclose(c.mean(axis=0), 1000 * pi, rtol=0.02, atol=0.2)
+    var = 1000 * pi * (1 - pi / 6)
+    np.testing.assert_allclose(c.var(axis=0), var, rtol=0.15, atol=0.5)
+
+
+def _tokens_of(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 tokens realising ``counts``, device by device, in expert order."""
+    ids = np.concatenate([np.repeat(np.arange(counts.shape[1]), row) for row in counts])
+    origin = np.repeat(np.arange(counts.shape[0]), counts.sum(axis=1)).astype(np.int32)
+    return ids[:, None], origin
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        contiguous(8, 16, 1),  # two replicas per expert, on one node
+        contiguous(16, 8, 1),  # two experts per device
+        Placement(np.array([[[0, 1], [2, 3], [0, 4], [5, 6], [7, 0], [1, 2], [3, 3], [4, 5]]]), 8),
+    ],
+)
+def test_route_counts_equals_token_routing(placement):
+    """Without capacity, routing the counts equals routing tokens that realise them (the
+    counts are multiples of 4, so a far expert's tokens split evenly over its replicas)."""
+    rng = np.random.default_rng(1)
+    table, count = placement.replicas(0)
+    counts = rng.poisson(24, (placement.num_devices, placement.num_experts)) * 4
+    ids, origin = _tokens_of(counts)
+    kw = {"devices_per_node": 4, "capacity": 10**9}
+    tok = route_layer(
+        ids, origin, placement.slots[0], table, count, num_experts=placement.num_experts, **kw
+    )
+    cnt = route_counts(counts, placement.slots[0], table, count, **kw)
+    np.testing.assert_allclose(cnt.dispatch, tok.dispatch)
+    np.testing.assert_allclose(cnt.device_load, tok.device_load)
+    np.testing.assert_allclose(cnt.expert_tokens, tok.expert_tokens)
+    assert cnt.assignments == tok.assignments
+
+
+def test_route_counts_drops_overflow_in_device_order():
+    counts = np.array([[5, 1], [4, 1], [3, 0]])
+    placement = Placement(np.array([[[0], [1], [1]]]), 2)
+    table, count = placement.replicas(0)
+    r = route_counts(counts, placement.slots[0], table, count, devices_per_node=3, capacity=7)
+    # expert 0: 5 + 4 + 3 = 12 > 7, devices 0 and 1 keep 5 and 2, device 2 drops all 3
+    np.testing.assert_array_equal(r.dropped, [0, 2, 3])
+    assert r.dispatch[:, 0].sum() == 7

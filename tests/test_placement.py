@@ -1,0 +1,194 @@
+"""Placement planners, replica choice and placement metrics: hand-checked tiny cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.errors import InputError
+from moesim.placement import Placement
+from moesim.placement.metrics import (
+    moved_slots,
+    planned_balance,
+    planned_device_loads,
+    score_window,
+)
+from moesim.placement.planners import STRATEGIES, plan, replicate_by_load
+from moesim.sim.routing import choose_replicas
+
+
+def _slots(p: Placement) -> list:
+    return p.slots[0].tolist()
+
+
+# ----- planners: one hand-checked case each ------------------------------------------------
+
+
+def test_contiguous_with_redundant_slots_repeats_experts_in_order():
+    # sequence 0 1 2 3 0 1 in blocks of S = 3
+    p = plan(np.ones((1, 4)), "contiguous", nodes=1, devices_per_node=2, redundant=2)
+    assert _slots(p) == [[0, 1, 2], [3, 0, 1]]
+
+
+def test_round_robin_skips_devices_that_already_host_the_expert():
+    # 0->d0, 1->d1, 2->d0, 3->d1; the replica of 0 starts at d0 (hosts 0) -> d1;
+    # the replica of 1 starts at d1 (full) -> d0
+    p = plan(np.ones((1, 4)), "round-robin", nodes=1, devices_per_node=2, redundant=2)
+    assert _slots(p) == [[0, 2, 1], [1, 3, 0]]
+
+
+LOADS = np.array([[12.0, 4.0, 2.0, 2.0]])  # 2 nodes x 2 devices, 4 redundant -> S = 2
+
+
+def test_greedy_gives_each_heavy_expert_one_replica_then_lpt():
+    # every expert gets a 2nd replica (budget 4 = E): shares 6 6 2 2 1 1 1 1
+    p = plan(LOADS, "greedy", nodes=2, devices_per_node=2, redundant=4)
+    assert _slots(p) == [[0, 3], [0, 3], [1, 2], [1, 2]]
+    assert planned_device_loads(p, LOADS)[0].tolist() == [7, 7, 3, 3]
+
+
+def test_eplb_global_replicates_by_load_per_replica():
+    # replicas: 0 (12->6), 0 (6->4), 0 (tie 4 vs 4 -> lower id), 1: counts 4 2 1 1
+    p = plan(LOADS, "eplb-global", nodes=2, devices_per_node=2, redundant=4)
+    assert _slots(p) == [[0, 1], [0, 1], [0, 2], [0, 3]]
+    assert planned_device_loads(p, LOADS)[0].tolist() == [5, 5, 5, 5]
+
+
+def test_eplb_hierarchical_keeps_groups_and_replicas_within_nodes():
+    # groups {0,1} (16) and {2,3} (4), one per node; within node 0 experts 0,1 get two
+    # replicas each (cap: 2 devices), likewise 2,3 in node 1
+    p = plan(LOADS, "eplb-hierarchical", nodes=2, devices_per_node=2, redundant=4)
+    assert _slots(p) == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert planned_balance(p, LOADS)[0] == pytest.approx(8 / 5)
+
+
+def test_shadow_copies_the_hot_expert_to_every_device():
+    loads = np.array([[8.0, 8.0, 2.0, 2.0]])
+    # expert 0 (8 > mean device load 5) on all 4 devices; 1 slot left -> expert 1
+    p = plan(loads, "shadow", nodes=2, devices_per_node=2, redundant=4)
+    assert _slots(p) == [[1, 0], [1, 0], [0, 2], [0, 3]]
+    g = plan(loads, "eplb-global", nodes=2, devices_per_node=2, redundant=4)
+    assert sorted(np.bincount(g.slots.ravel()).tolist()) == [1, 1, 3, 3]
+
+
+def test_affinity_puts_coactivated_experts_on_one_node():
+    coact = np.zeros((1, 4, 4))
+    coact[0, 0, 2] = coact[0, 1, 3] = 10  # tokens pick {0, 2} or {1, 3}
+    p = plan(np.ones((1, 4)), "affinity", nodes=2, devices_per_node=2, coactivation=coact)
+    assert _slots(p) == [[0], [2], [1], [3]]
+    # without co-activation: least-loaded node in turn
+    q = plan(np.ones((1, 4)), "affinity", nodes=2, devices_per_node=2)
+    assert _slots(q) == [[0], [2], [1], [3]] or _slots(q) == [[0], [1], [2], [3]]
+
+
+def test_affinity_uses_cross_layer_affinity():
+    loads = np.ones((2, 4))
+    coact = np.zeros((2, 4, 4))
+    coact[0, 0, 2] = coact[0, 1, 3] = 10  # layer 0: nodes {0, 2} and {1, 3}
+    cross = np.zeros((1, 4, 4))
+    # layer-1 experts 0, 1 follow layer-0 experts 1, 3 (node 1); 2, 3 follow 0, 2 (node 0)
+    cross[0, 1, 0] = cross[0, 3, 1] = cross[0, 0, 2] = cross[0, 2, 3] = 10
+    kw = {"nodes": 2, "devices_per_node": 2, "coactivation": coact}
+    p = plan(loads, "affinity", cross_layer=cross, cross_weight=1.0, **kw)
+    assert p.slots[0, :, 0].tolist() == [0, 2, 1, 3]
+    assert p.slots[1, :, 0].tolist() == [2, 3, 0, 1]
+    q = plan(loads, "affinity", **kw)  # without it: least-loaded node in turn
+    assert q.slots[1, :, 0].tolist() == [0, 2, 1, 3]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_planner_fills_every_slot_and_homes_every_expert(strategy):
+    rng = np.random.default_rng(1)
+    loads = rng.zipf(1.5, size=(3, 16)).astype(float)
+    p = plan(loads, strategy, nodes=2, devices_per_node=4, redundant=8, max_replicas=4)
+    assert p.slots.shape == (3, 8, 3)
+    for layer in range(3):
+        _, count = p.replicas(layer)  # raises if an expert is homeless
+        assert count.sum() == 24 and count.max() <= 4
+
+
+def test_balance_aware_planners_beat_contiguous_on_skew():
+    rng = np.random.default_rng(2)
+    loads = (np.arange(1, 65) ** -1.0)[rng.permutation(64)][None] * 1000
+    bal = {
+        s: planned_balance(plan(loads, s, nodes=2, devices_per_node=8, redundant=16), loads)[0]
+        for s in STRATEGIES
+    }
+    assert bal["eplb-global"] < 1.05 and bal["affinity"] < 1.05
+    assert bal["eplb-global"] < bal["greedy"] < bal["contiguous"]
+
+
+def test_replicate_by_load_respects_cap():
+    count = replicate_by_load(np.array([[10.0, 1.0, 1.0]]), 6, 2)
+    assert count.tolist() == [[2, 2, 2]]
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(InputError, match="multiple"):
+        plan(np.ones((1, 4)), "greedy", nodes=1, devices_per_node=3)
+    with pytest.raises(InputError, match="unknown strategy"):
+        plan(np.ones((1, 4)), "magic", nodes=1, devices_per_node=2)
+    with pytest.raises(InputError, match="memory"):
+        plan(np.ones((1, 4)), "greedy", nodes=1, devices_per_node=2, max_slots_per_device=1)
+    with pytest.raises(InputError, match="loads"):
+        plan(-np.ones((1, 4)), "greedy", nodes=1, devices_per_node=2)
+
+
+# ----- replica choice -------------------------------------------------------------------------
+
+# expert 0 on devices 0 and 1 (nodes 0 and 1, one device per node), expert 1 on device 0
+TABLE = np.array([[0, 1], [0, -1]])
+COUNT = np.array([2, 1])
+
+
+def _choose(experts, origin, policy):
+    experts, origin = np.array(experts), np.array(origin)
+    return choose_replicas(
+        experts, origin, np.arange(experts.size), TABLE, COUNT, 1, policy, 2
+    ).tolist()
+
+
+def test_round_robin_alternates_replicas():
+    assert _choose([0, 0, 0, 1], [0, 0, 0, 0], "round-robin") == [0, 1, 0, 0]
+
+
+def test_nearest_prefers_the_token_device():
+    assert _choose([0, 0, 0], [1, 1, 0], "nearest") == [1, 1, 0]
+
+
+def test_batch_split_evens_device_loads_exactly():
+    # expert 1 puts 3 on device 0; expert 0's 3 assignments all go to device 1 -> 3 / 3
+    assert _choose([1, 1, 1, 0, 0, 0], [0] * 6, "batch-split") == [0, 0, 0, 1, 1, 1]
+    # with expert 1 light: 4 of expert 0 split 2 / 2
+    assert sorted(_choose([0, 0, 0, 0], [0] * 4, "batch-split")) == [0, 0, 1, 1]
+
+
+def test_least_loaded_keeps_tokens_on_their_node():
+    # tokens on node 0 must use the node-0 replica even though device 0 is loaded
+    assert _choose([1, 1, 0, 0], [0, 0, 0, 0], "least-loaded") == [0, 0, 0, 0]
+    # tokens on a node without a replica of expert 1 ... (all nodes host expert 0 here);
+    # tokens of node 1 use device 1
+    assert _choose([0, 0], [1, 1], "least-loaded") == [1, 1]
+
+
+# ----- metrics --------------------------------------------------------------------------------
+
+
+def test_moved_slots_counts_new_experts_per_device():
+    old = Placement(np.array([[[0, 1], [2, 3]]]), 4)
+    new = Placement(np.array([[[1, 0], [2, 1]]]), 4)  # device 0 reordered, device 1: 3 -> 1
+    assert moved_slots(old, new) == 1
+
+
+def test_score_window_remote_nodes_and_drops():
+    # 2 nodes x 1 device, experts 0 on d0 and 1 on d1; 2 tokens, top-2 both {0, 1}
+    p = Placement(np.array([[[0], [1]]]), 2)
+    ids = np.array([[[0, 1], [0, 1]]])  # (L=1, N=2, K=2)
+    sc = score_window(p, ids, devices_per_node=1, tokens_per_batch=2, capacity_factor=1.0)
+    assert sc.remote_nodes.tolist() == [[1.0]]  # each token has one expert on the other node
+    assert sc.inter_node_assignments.tolist() == [[2.0]]
+    assert sc.balance.tolist() == [[1.0]] and sc.dropped_share.tolist() == [[0.0]]
+    skew = np.array([[[0, 1], [0, 1]]])
+    p2 = Placement(np.array([[[0, 1], [0, 1]]]), 2)  # both experts everywhere
+    sc2 = score_window(p2, skew, devices_per_node=1, tokens_per_batch=2)
+    assert sc2.remote_nodes.tolist() == [[0.0]]

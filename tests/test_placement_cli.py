@@ -1,0 +1,281 @@
+"""Placement files, the ``moesim place`` command, placements in scenarios, re-planning and
+simulator-in-the-loop refinement."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moesim.errors import InputError
+from moesim.placement import Placement, plan
+from moesim.placement.io import read_placement, write_placement
+from moesim.placement.metrics import moved_share, planned_balance
+from moesim.placement.refine import refine, step_time_fn
+from moesim.placement.replan import align_devices, incremental, replay
+from moesim.scenario import Scenario
+from moesim.sim.simulate import prepare, simulate
+from moesim.traces.store import RoutingTrace, write_trace
+from tests.conftest import FLAME_TRACE, REPO, assert_one_line_error
+from tests.conftest import run_moesim as moesim
+
+SHARED = REPO.parent / "shared" / "data"
+COUNTS = SHARED / "olmoe_mixtral_expert_counts_L0_7_15.json"
+
+
+# ----- placement files -------------------------------------------------------------------------
+
+
+def test_placement_file_round_trip(tmp_path):
+    p = Placement(np.array([[[0, 1, 2], [3, 0, 1]], [[1, 2, 3], [0, 1, 2]]], np.int32), 4)
+    path = write_placement(tmp_path / "p.yaml", p, [2, 3], nodes=1, devices_per_node=2)
+    q, names = read_placement(path, num_experts=4, num_layers=2, num_devices=2)
+    assert names == [2, 3]
+    np.testing.assert_array_equal(q.slots, p.slots)
+
+
+def test_placement_file_by_device_id(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("num_experts: 2\nlayers:\n  - devices: {1: [1], 0: [0]}\n")
+    p, _ = read_placement(path, num_devices=2)
+    assert p.slots.tolist() == [[[0], [1]]]
+
+
+BAD_FILES = {
+    "homeless": ("num_experts: 3\nlayers:\n  - devices: [[0], [1]]\n", "no home", "2"),
+    "unequal": ("num_experts: 3\nlayers:\n  - devices: [[0, 1], [2]]\n", "unequal slot", "1"),
+    "expert": ("num_experts: 2\nlayers:\n  - devices: [[0], [5]]\n", "expert out of range", "5"),
+    "device": (
+        "num_experts: 2\nlayers:\n  - devices: {0: [0], 7: [1]}\n",
+        "device out of range",
+        "7",
+    ),
+    "memory": (
+        "num_experts: 2\nlayers:\n  - devices: [[0, 1, 0, 1], [1, 0, 1, 0]]\n",
+        "memory",
+        "4",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_placement_file(tmp_path, case):
+    text, needle, value = BAD_FILES[case]
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=needle) as err:
+        read_placement(path, num_devices=2, max_slots_per_device=3)
+    assert f"value {value}" in str(err.value)
+
+
+TINY = {
+    "name": "tiny",
+    "num_layers": 2,
+    "d_model": 256,
+    "expert_d_ff": 512,
+    "num_experts": 4,
+    "top_k": 2,
+    "attention": {"num_heads": 4},
+    "vocab_size": 1000,
+    "source": "test",
+}
+
+
+def _tiny_trace(path, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    p = np.array([0.55, 0.25, 0.12, 0.08])
+    ids = np.stack(
+        [np.stack([rng.choice(4, 2, replace=False, p=p) for _ in range(64)]) for _ in range(2)]
+    )
+    write_trace(
+        RoutingTrace(
+            expert_ids=ids.astype(np.int32),
+            gate_weights=np.full(ids.shape, 0.5, np.float32),
+            steps=np.zeros(64, np.int32),
+            layers=(0, 1),
+            num_experts=4,
+        ),
+        path,
+    )
+
+
+def _tiny_scenario(tmp_path, **kw) -> dict:
+    _tiny_trace(tmp_path / "tr")
+    return {
+        "name": "t",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 2, "devices_per_node": 2},
+        "model": TINY,
+        "routing": {"trace": str(tmp_path / "tr")},
+        "mode": "prefill",
+        "tokens_per_device": 16,
+    } | kw
+
+
+SCENARIO_BAD = {
+    "homeless": ("[[0], [1], [2], [0]]", "no home"),
+    "unequal": ("[[0, 1], [2], [3], [0]]", "unequal slot"),
+    "expert": ("[[0], [1], [2], [9]]", "expert out of range"),
+    "device": ("{0: [0], 1: [1], 2: [2], 7: [3]}", "device out of range"),
+    "memory": (str([[0, 1, 2, 3] * 3] * 4), "memory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCENARIO_BAD))
+def test_simulate_rejects_bad_placement_file_in_one_line(tmp_path, case, write_scenario):
+    devices, needle = SCENARIO_BAD[case]
+    text = "num_experts: 4\nlayers:\n" + f"  - devices: {devices}\n" * 2
+    (tmp_path / "p.yaml").write_text(text)
+    data = _tiny_scenario(tmp_path, placement="p.yaml")
+    if case == "memory":  # 3 GB experts: about 9 slots per layer fit an 80 GB device
+        data["model"] = TINY | {"d_model": 8192, "expert_d_ff": 65536}
+    path = write_scenario(data)
+    proc = moesim("simulate", str(path), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "p.yaml", needle)
+    assert not (tmp_path / "out").exists()
+
+
+# ----- scenarios with planners and replica choice --------------------------------------------
+
+
+def test_default_scenario_placement_is_unchanged(tmp_path):
+    sc = Scenario.model_validate(_tiny_scenario(tmp_path))
+    assert prepare(sc, tmp_path).placement.slots[0].tolist() == [[0], [1], [2], [3]]
+
+
+@pytest.mark.parametrize("strategy", ["eplb-global", "affinity", "shadow"])
+def test_scenario_planner_balances_better_than_contiguous(tmp_path, strategy):
+    base = _tiny_scenario(tmp_path, redundant_slots=4, replica_choice="batch-split")
+    contig = simulate(Scenario.model_validate(base | {"redundant_slots": 0}), tmp_path)
+    planned = simulate(Scenario.model_validate(base | {"placement": strategy}), tmp_path)
+    b0 = max(contig.runs[0].summary["balance_ratio"])
+    b1 = max(planned.runs[0].summary["balance_ratio"])
+    assert b1 < b0
+
+
+def test_scenario_reads_placement_file(tmp_path):
+    p = Placement(np.array([[[0, 1], [2, 3], [0, 1], [2, 3]]] * 2, np.int32), 4)
+    write_placement(tmp_path / "p.yaml", p)
+    sc = Scenario.model_validate(_tiny_scenario(tmp_path, placement="p.yaml"))
+    np.testing.assert_array_equal(prepare(sc, tmp_path).placement.slots, p.slots)
+
+
+def test_scenario_rejects_unknown_placement(tmp_path):
+    with pytest.raises(ValueError, match="affinity"):
+        Scenario.model_validate(_tiny_scenario(tmp_path, placement="magic"))
+
+
+# ----- moesim place ----------------------------------------------------------------------------
+
+
+def test_place_json_from_trace_window(tmp_path):
+    out = tmp_path / "p.yaml"
+    proc = moesim(
+        "place", "--trace", str(FLAME_TRACE), "--window", "0:1024", "--nodes", "2",
+        "--gpus-per-node", "8", "--redundant", "16", "--strategy", "affinity",
+        "--out", str(out), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [x["layer"] for x in data["layers"]] == list(range(2, 10))
+    assert all(len(x["devices"]) == 16 and len(x["devices"][0]) == 5 for x in data["layers"])
+    m = data["metrics"]
+    assert m["slots_per_device"] == 5 and m["planned_balance_mean"] < 1.1
+    p, _ = read_placement(out, num_devices=16)
+    assert p.slots.tolist() == [x["devices"] for x in data["layers"]]
+
+
+def test_place_from_npy_and_csv(tmp_path):
+    loads = np.array([[12.0, 4.0, 2.0, 2.0]])
+    np.save(tmp_path / "l.npy", loads)
+    np.savetxt(tmp_path / "l.csv", loads, delimiter=",")
+    for f in ("l.npy", "l.csv"):
+        proc = moesim(
+            "place", "--loads", str(tmp_path / f), "--nodes", "2", "--gpus-per-node", "2",
+            "--redundant", "4", "--strategy", "eplb-global", "--out", str(tmp_path / "p.yaml"),
+            "--json",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["layers"][0]["devices"] == [[0, 1], [0, 1], [0, 2], [0, 3]]
+        assert data["metrics"]["planned_balance_max"] == 1.0
+
+
+@pytest.mark.skipif(not COUNTS.is_file(), reason="needs ../shared/data")
+def test_place_from_counts_json(tmp_path):
+    proc = moesim(
+        "place", "--loads", str(COUNTS), "--counts-model", "olmoe", "--domain", "c4",
+        "--nodes", "4", "--gpus-per-node", "8", "--redundant", "32", "--strategy", "greedy",
+        "--out", str(tmp_path / "p.yaml"), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["layers"]) == 3 and data["metrics"]["slots_per_device"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--window", "5:2"], ["window", "5:2"]),
+        (["--strategy", "magic"], ["strategy", "magic"]),
+        (["--redundant", "3"], ["redundant", "multiple"]),
+    ],
+)
+def test_place_bad_input_is_one_line(tmp_path, args, needles):
+    base = ["place", "--trace", str(FLAME_TRACE), "--nodes", "2", "--gpus-per-node", "8"]
+    proc = moesim(*base, *args, "--out", str(tmp_path / "p.yaml"))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "p.yaml").exists()
+
+
+# ----- re-planning and refinement ---------------------------------------------------------------
+
+
+def test_align_devices_renumbers_to_match():
+    old = Placement(np.array([[[0, 1], [2, 3]]], np.int32), 4)
+    new = Placement(np.array([[[3, 2], [1, 0]]], np.int32), 4)
+    assert moved_share(old, new) == 1.0
+    assert moved_share(old, align_devices(old, new, 2)) == 0.0
+
+
+def test_incremental_respects_move_budget_and_improves_balance():
+    rng = np.random.default_rng(0)
+    w0 = rng.zipf(1.3, size=(4, 32)).astype(float)
+    w1 = np.roll(w0, 5, axis=1)
+    old = plan(w0, "eplb-global", nodes=2, devices_per_node=4, redundant=8)
+    new = incremental(old, w1, max_moved_share=0.25)
+    assert moved_share(old, new) <= 0.25
+    assert planned_balance(new, w1).mean() < planned_balance(old, w1).mean()
+    for li in range(4):
+        new.replicas(li)  # every expert still homed
+
+
+def test_replay_scores_each_window_on_the_next():
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.integers(0, 16, size=(4 * 64, 2)) for _ in range(2)])  # (2, 256, 2)
+
+    def planner(loads, _ids):
+        return plan(loads, "eplb-global", nodes=2, devices_per_node=2, redundant=4)
+
+    res = replay(ids, 64, planner, devices_per_node=2, tokens_per_batch=32, expert_bytes=10.0)
+    assert [r.window for r in res] == [1, 2, 3]
+    assert res[0].moved_share == 0 and all(r.migration_bytes >= 0 for r in res)
+    static = replay(ids, 64, planner, devices_per_node=2, tokens_per_batch=32, static=True)
+    assert all(r.moved_share == 0 for r in static)
+
+
+def test_refine_lowers_simulated_step_time(tmp_path):
+    sc = Scenario.model_validate(
+        _tiny_scenario(tmp_path, redundant_slots=4, replica_choice="batch-split")
+    )
+    prep = prepare(sc, tmp_path)
+    evaluate = step_time_fn(prep, "prefill")
+    start = evaluate(prep.placement)
+    best, val, kept = refine(prep.placement, evaluate, iterations=40, seed=0)
+    assert val <= start
+    assert kept == 0 or val < start
+    for li in range(best.num_layers):
+        best.replicas(li)
+    # contiguous [0 1] [2 3] [0 1] [2 3] loads devices 0 and 2 most: a swap helps
+    assert kept > 0 and val < start

@@ -1,0 +1,94 @@
+"""Reports: sweep results folders (the shared schema), simulate folders, byte-identity."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from moesim.errors import InputError
+from moesim.report.page import SECTION_ORDER
+from moesim.report.sweep import write_sweep_report
+from tests.conftest import assert_one_line_error, run_moesim
+from tests.report_fixtures import write_sweep_fixture
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    return write_sweep_fixture(tmp_path_factory.mktemp("sweep") / "results")
+
+
+def _section_ids(html: str) -> list[str]:
+    return re.findall(r'<section id="([a-z]+)">', html)
+
+
+def test_sweep_report_has_every_section_in_order(sweep_dir, tmp_path):
+    files = write_sweep_report(sweep_dir, tmp_path / "a")
+    html = files["report.html"].read_text()
+    assert _section_ids(html) == [k for k, _ in SECTION_ORDER]
+    # figures where the data exists: memory, breakdown, drops vs capacity factor, scaling
+    assert html.count("<svg") == 4
+    assert "capacity factor" in html and "ideal" in html
+    # sections without data say so
+    assert "A sweep keeps no per-device loads" in html
+    assert "Fewer than two placement strategies" in html
+    # the answer comes first and names the fastest case and the failed one
+    answer = html[html.index('id="answer"') : html.index('id="cluster"')]
+    assert "highest throughput" in answer and "1 failed" in answer and "case 6" in answer
+    md = files["summary.md"].read_text()
+    assert md.index("## Answer") < md.index("## Drop rate versus capacity factor")
+    # nothing fetched from the network, no script
+    for external in ('src="http', 'href="http', "url(http", "@import", "<script", "<link"):
+        assert external not in html
+    assert "<metadata>" not in html  # no RDF block (and no date) in the figures
+
+
+def test_sweep_report_is_byte_identical_and_cli_works(sweep_dir, tmp_path):
+    write_sweep_report(sweep_dir, tmp_path / "a")
+    proc = run_moesim("report", str(sweep_dir), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("report.html", "summary.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_drop_rate_falls_with_capacity_factor_in_the_table(sweep_dir):
+    df = pq.read_table(sweep_dir / "results.parquet").to_pandas()
+    ok = df[df["status"] == "ok"]
+    for _, g in ok.groupby("nodes"):
+        rates = g.sort_values("capacity_factor")["drop_rate"].to_numpy()
+        assert (rates[:-1] >= rates[1:]).all() and rates[0] > rates[-1]
+
+
+def test_simulate_folder_report_matches_simulate(tmp_path, flame_dict, write_scenario):
+    scenario = write_scenario(flame_dict | {"mode": ["training", "prefill"]})
+    sim = tmp_path / "sim"
+    assert run_moesim("simulate", str(scenario), "--out", str(sim)).returncode == 0
+    proc = run_moesim("report", str(sim), "--out", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    html = (sim / "report.html").read_text()
+    assert (tmp_path / "again" / "report.html").read_text() == html
+    assert (tmp_path / "again" / "summary.md").read_bytes() == (sim / "summary.md").read_bytes()
+    assert _section_ids(html) == [k for k, _ in SECTION_ORDER]
+    # memory, breakdown, heatmap + balance, port bytes, timeline
+    assert html.count("<svg") == 6
+    table = html[html.index('id="stragglers"') : html.index('id="drops"')]
+    assert table.count("<tr>") == 1 + 8  # header + one row per MoE layer
+    assert "compute" in table or "network" in table
+    assert "One capacity factor in a single run" in html
+
+
+def test_report_bad_folders(tmp_path, sweep_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(
+        run_moesim("report", str(empty), "--out", str(tmp_path / "o")), "RESULTS_DIR"
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(sweep_dir, broken)
+    table = pq.read_table(broken / "results.parquet").drop(["tokens_per_s"])
+    pq.write_table(table, broken / "results.parquet")
+    with pytest.raises(InputError, match="tokens_per_s"):
+        write_sweep_report(broken, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing written
