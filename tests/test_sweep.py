@@ -273,7 +273,6 @@ def test_results_table_follows_the_schema(tmp_path):
     assert (r["nodes"], r["num_devices"], r["devices_per_node"]) == (2, 16, 8)
     assert (r["capacity_factor"], r["tokens_per_device"], r["mode"]) == (2.0, 256, "training")
     assert (r["hardware"], r["model"]) == ("H100-SXM", "moesim-reference")
-    assert r["memory_per_device_bytes"] is None  # the simulation does not give it yet
     # the row holds exactly the simulation's figures
     scenario = Scenario.model_validate(load_sweep(path).cases[3].scenario)
     from moesim.sim.simulate import simulate
@@ -284,6 +283,7 @@ def test_results_table_follows_the_schema(tmp_path):
     assert r["balance_ratio"] == max(summary["balance_ratio"])
     assert r["straggler_penalty"] == max(summary["straggler_penalty"])
     assert r["expert_us"] == summary["breakdown_us"]["expert_us"]
+    assert r["memory_per_device_bytes"] == summary.get("memory_per_device_bytes")
     timings = pq.read_table(out / "timings.parquet").to_pylist()
     assert [t["case_id"] for t in timings] == [r["case_id"] for r in rows]
     assert all(t["elapsed_s"] > 0 for t in timings)
@@ -394,6 +394,9 @@ def test_cli_sweep_prints_table_and_resumes(tmp_path):
     for needle in ("capacity.factor", "cluster.nodes", "step ms", "balance", "drop %"):
         assert needle in proc.stdout
     assert "4 cases, 0 already done, 4 to run on 2 local processes" in proc.stderr
+    # ends with the sweep report of the results folder
+    assert f"wrote {out / 'report.html'}" in proc.stdout
+    assert (out / "report.html").stat().st_size > 0 and (out / "summary.md").is_file()
     first = (out / "results.parquet").read_bytes()
     proc = moesim("sweep", str(path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
