@@ -481,6 +481,14 @@ def test_cli_refuses_a_results_folder_from_another_sweep(tmp_path):
         "results folder from another sweep",
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a folder of other files (a simulate output, say) is not overwritten
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "report.html").write_text("<html></html>")
+    assert_one_line_error(
+        moesim("sweep", str(one), "--out", str(sim)), "not a sweep results folder", "report.html"
+    )
+    assert [p.name for p in sim.iterdir()] == ["report.html"]
     # a results table without sweep.json is not ours either
     other = tmp_path / "other"
     other.mkdir()

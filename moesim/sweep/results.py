@@ -204,6 +204,14 @@ def results_schema(sweep: Sweep) -> tuple[pa.Schema, dict[str, pa.DataType]]:
     return pa.schema(fields), axis_types
 
 
+_OWN_FILES = ("results.parquet", "timings.parquet", "sweep.yaml", "sweep.json")
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file :func:`moesim.fileio.atomic_write` leaves when killed mid-write."""
+    return name.endswith(".tmp") and any(name.startswith(f".{own}.") for own in _OWN_FILES)
+
+
 class ResultsFolder:
     """A sweep's results folder, opened for one run of that sweep.
 
@@ -256,6 +264,18 @@ class ResultsFolder:
                 "use a new --out folder",
                 file=self.results_path,
             )
+        elif folder.is_dir():  # a new sweep writes into an empty folder (or a killed first run's)
+            other = sorted(
+                p.name
+                for p in folder.iterdir()
+                if p.name != "sweep.yaml" and not _is_temporary(p.name)
+            )
+            if other:
+                raise InputError(
+                    f"not a sweep results folder (it holds {', '.join(other[:3])}"
+                    f"{', ...' if len(other) > 3 else ''}); use a new --out folder",
+                    file=folder,
+                )
         if self.results_path.exists():
             self._read_existing()
 
@@ -263,8 +283,8 @@ class ResultsFolder:
         """Write sweep.yaml and sweep.json into a new folder; clear a killed run's temporaries."""
         folder, sweep = self.folder, self.sweep
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("results.parquet", "timings.parquet", "sweep.yaml", "sweep.json"):
-            for tmp in folder.glob(f".{name}.*.tmp"):
+        for tmp in folder.iterdir():
+            if _is_temporary(tmp.name):
                 tmp.unlink(missing_ok=True)
         if not (folder / "sweep.json").exists():
             atomic_write_bytes(folder / "sweep.yaml", sweep.path.read_bytes())
