@@ -7,9 +7,13 @@ The format is a contract with the report writer::
     DIR/results.parquet   one row per finished case (ok or error), sorted by case_index
     DIR/timings.parquet   (case_id, elapsed_s): wall time per case
 
-``results.parquet`` is rewritten whole (to a temporary name, then renamed) after every case,
-rows already there kept as they are, so a killed sweep loses no finished case and the table
+``results.parquet`` is rewritten whole (to a temporary name, then renamed) as soon as cases
+finish (every case finished since the last write goes into the next one), rows already there
+kept as they are, sorted by case_index: a killed sweep loses no finished case, and the table
 is byte-identical whichever executor ran the cases and in whatever order they finished.
+An axis column holds the case's value at that dotted path (JSON text when not a scalar); an
+axis that is also an input column (``hardware``, ``model``, ``mode``, ``tokens_per_device``)
+shares that column.
 """
 
 from __future__ import annotations
