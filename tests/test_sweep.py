@@ -22,7 +22,7 @@ from moesim.errors import InputError
 from moesim.paths import scenarios_dir
 from moesim.scenario import Scenario
 from moesim.sweep.results import METRIC_COLUMNS, ResultsFolder, metric_values
-from moesim.sweep.run import run_case, run_sweep
+from moesim.sweep.run import SweepError, run_case, run_sweep
 from moesim.sweep.spec import canonical_json, case_id, load_sweep
 from tests.conftest import REPO, assert_one_line_error
 from tests.conftest import run_moesim as moesim
@@ -55,7 +55,12 @@ def test_grid_expands_every_combination_last_axis_fastest(tmp_path):
     sweep = load_sweep(path)
     # the base lists two modes: each combination becomes one case per mode
     assert len(sweep.cases) == 3 * 2 * 2
-    assert sweep.columns == ["capacity.factor", "cluster.nodes"]
+    assert sweep.columns == ["capacity.factor", "cluster.nodes", "mode"]
+    assert sweep.cases[1].overrides == {
+        "capacity.factor": 1.0,
+        "cluster.nodes": 1,
+        "mode": "prefill",
+    }
     got = [
         (c.overrides["capacity.factor"], c.overrides["cluster.nodes"], c.scenario["mode"])
         for c in sweep.cases
@@ -296,8 +301,7 @@ def test_rerun_skips_done_cases_and_fills_in_the_rest(tmp_path):
     sweep = load_sweep(path)
     folder = ResultsFolder(part, sweep)
     folder.create()
-    for case in (sweep.cases[1], sweep.cases[2]):
-        folder.add(run_case(case, str(sweep.base_dir), "sweep.yaml case 0"))
+    folder.add([run_case(c, str(sweep.base_dir), "sweep.yaml") for c in sweep.cases[1:3]])
     before = (part / "results.parquet").read_bytes()
     assert pq.read_table(part / "results.parquet").num_rows == 2
     rest = CountingExecutor()
@@ -336,6 +340,31 @@ def test_failing_case_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert again.submitted == []
 
 
+class FailingExecutor(CountingExecutor):
+    """An executor that loses case 2 (as when a worker process dies)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[override]
+        if args[0].index != 2:
+            return super().submit(fn, *args, **kwargs)
+        fut: Future = Future()
+        fut.set_exception(RuntimeError("worker lost"))
+        return fut
+
+
+def test_case_the_executor_loses_is_left_for_the_rerun(tmp_path):
+    path = write_sweep(tmp_path, axes=SMALL)
+    sweep = load_sweep(path)
+    folder = ResultsFolder(tmp_path / "out", sweep)
+    with pytest.raises(SweepError, match=r"1 case\(s\) did not run, e.g. case 2 .*worker lost"):
+        run_sweep(sweep, folder, FailingExecutor())
+    kept = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert [r["case_index"] for r in kept] == [0, 1, 3]  # the others went on
+    again = CountingExecutor()
+    run, folder = _run(path, tmp_path / "out", again)
+    assert again.submitted == [2] and run.ran == 1
+    assert [r["case_index"] for r in folder.table().to_pylist()] == [0, 1, 2, 3]
+
+
 def test_process_pool_and_dask_give_identical_bytes(tmp_path):
     distributed = pytest.importorskip("distributed")
     path = write_sweep(tmp_path, axes=SMALL)
@@ -365,6 +394,9 @@ def test_cli_sweep_prints_table_and_resumes(tmp_path):
     for needle in ("capacity.factor", "cluster.nodes", "step ms", "balance", "drop %"):
         assert needle in proc.stdout
     assert "4 cases, 0 already done, 4 to run on 2 local processes" in proc.stderr
+    # ends with the sweep report of the results folder
+    assert f"wrote {out / 'report.html'}" in proc.stdout
+    assert (out / "report.html").stat().st_size > 0 and (out / "summary.md").is_file()
     first = (out / "results.parquet").read_bytes()
     proc = moesim("sweep", str(path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -449,6 +481,14 @@ def test_cli_refuses_a_results_folder_from_another_sweep(tmp_path):
         "results folder from another sweep",
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a folder of other files (a simulate output, say) is not overwritten
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "report.html").write_text("<html></html>")
+    assert_one_line_error(
+        moesim("sweep", str(one), "--out", str(sim)), "not a sweep results folder", "report.html"
+    )
+    assert [p.name for p in sim.iterdir()] == ["report.html"]
     # a results table without sweep.json is not ours either
     other = tmp_path / "other"
     other.mkdir()

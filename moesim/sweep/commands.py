@@ -157,7 +157,6 @@ def sweep_cmd(
             raise typer.Abort() from None
     rows = folder.table().to_pylist()
     columns = [c for c in sweep.columns if c in folder.schema.names]
-    columns += [] if "mode" in columns else ["mode"]
     results = out / "results.parquet"
     console.print(_results_table(rows, columns, title=str(results)))
     if len(rows) > _TABLE_ROWS:
@@ -170,7 +169,7 @@ def sweep_cmd(
         f"now in {run.wall_s:.1f} s, {run.skipped} already done; wrote {results}",
         markup=False,
     )
-    _report(out)
+    _report(out, console)
     if errors:
         raise typer.Exit(1)
 
@@ -179,7 +178,7 @@ def _failed(rows: Iterable[dict[str, Any]]) -> int:
     return sum(r["status"] != "ok" for r in rows)
 
 
-def _report(out: Path) -> None:
+def _report(out: Path, console: Any) -> None:
     """Write the sweep report into ``out`` where the sweep report writer is installed."""
     try:
         from moesim.report.sweep import (  # type: ignore[import-not-found,unused-ignore]
@@ -187,4 +186,6 @@ def _report(out: Path) -> None:
         )
     except ImportError:
         return
-    write_sweep_report(out, out)
+    written = write_sweep_report(out, out)
+    if isinstance(written, dict) and written:
+        console.print(f"wrote {', '.join(str(p) for p in written.values())}", markup=False)

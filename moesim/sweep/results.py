@@ -7,9 +7,13 @@ The format is a contract with the report writer::
     DIR/results.parquet   one row per finished case (ok or error), sorted by case_index
     DIR/timings.parquet   (case_id, elapsed_s): wall time per case
 
-``results.parquet`` is rewritten whole (to a temporary name, then renamed) after every case,
-rows already there kept as they are, so a killed sweep loses no finished case and the table
+``results.parquet`` is rewritten whole (to a temporary name, then renamed) as soon as cases
+finish (every case finished since the last write goes into the next one), rows already there
+kept as they are, sorted by case_index: a killed sweep loses no finished case, and the table
 is byte-identical whichever executor ran the cases and in whatever order they finished.
+An axis column holds the case's value at that dotted path (JSON text when not a scalar); an
+axis that is also an input column (``hardware``, ``model``, ``mode``, ``tokens_per_device``)
+shares that column.
 """
 
 from __future__ import annotations
@@ -204,12 +208,20 @@ def results_schema(sweep: Sweep) -> tuple[pa.Schema, dict[str, pa.DataType]]:
     return pa.schema(fields), axis_types
 
 
+_OWN_FILES = ("results.parquet", "timings.parquet", "sweep.yaml", "sweep.json")
+
+
+def _is_temporary(name: str) -> bool:
+    """A temporary file :func:`moesim.fileio.atomic_write` leaves when killed mid-write."""
+    return name.endswith(".tmp") and any(name.startswith(f".{own}.") for own in _OWN_FILES)
+
+
 class ResultsFolder:
     """A sweep's results folder, opened for one run of that sweep.
 
     Opening checks that the folder belongs to this sweep (or is new) and reads the rows
     already there, writing nothing; :meth:`create` writes the sweep's files into a new folder;
-    :meth:`add` appends one finished case and rewrites both tables atomically.
+    :meth:`add` appends finished cases and rewrites both tables atomically.
     """
 
     def __init__(self, folder: Path, sweep: Sweep) -> None:
@@ -256,6 +268,18 @@ class ResultsFolder:
                 "use a new --out folder",
                 file=self.results_path,
             )
+        elif folder.is_dir():  # a new sweep writes into an empty folder (or a killed first run's)
+            other = sorted(
+                p.name
+                for p in folder.iterdir()
+                if p.name != "sweep.yaml" and not _is_temporary(p.name)
+            )
+            if other:
+                raise InputError(
+                    f"not a sweep results folder (it holds {', '.join(other[:3])}"
+                    f"{', ...' if len(other) > 3 else ''}); use a new --out folder",
+                    file=folder,
+                )
         if self.results_path.exists():
             self._read_existing()
 
@@ -263,8 +287,8 @@ class ResultsFolder:
         """Write sweep.yaml and sweep.json into a new folder; clear a killed run's temporaries."""
         folder, sweep = self.folder, self.sweep
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("results.parquet", "timings.parquet", "sweep.yaml", "sweep.json"):
-            for tmp in folder.glob(f".{name}.*.tmp"):
+        for tmp in folder.iterdir():
+            if _is_temporary(tmp.name):
                 tmp.unlink(missing_ok=True)
         if not (folder / "sweep.json").exists():
             atomic_write_bytes(folder / "sweep.yaml", sweep.path.read_bytes())
@@ -313,16 +337,18 @@ class ResultsFolder:
             out[col] = _axis_value(_get_path(case.scenario, col), kind)
         return {name: out.get(name) for name in self.schema.names}
 
-    def add(self, result: CaseResult) -> dict[str, Any]:
-        """Record one finished case; rewrites results.parquet, then timings.parquet."""
-        case = self._by_id[result.case_id]
-        if result.case_id in self.rows:
-            return self.rows[result.case_id]
-        row = self.full_row(case, result.row)
-        self.rows[result.case_id] = row
-        self.timings[result.case_id] = result.elapsed_s
-        self._write()
-        return row
+    def add(self, results: list[CaseResult]) -> list[dict[str, Any]]:
+        """Record finished cases (rows already there stay as they are) and rewrite
+        results.parquet, then timings.parquet; returns each case's row."""
+        out = []
+        for result in results:
+            if result.case_id not in self.rows:
+                self.rows[result.case_id] = self.full_row(self._by_id[result.case_id], result.row)
+                self.timings[result.case_id] = result.elapsed_s
+            out.append(self.rows[result.case_id])
+        if results:
+            self._write()
+        return out
 
     def table(self) -> pa.Table:
         """The results rows, sorted by case_index."""

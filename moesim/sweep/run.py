@@ -2,9 +2,9 @@
 Dask cluster (``distributed.Client(...).get_executor()``), through one code path.
 
 Each finished case goes into the results folder at once (:class:`ResultsFolder.add`); a case
-that fails is recorded with its error and the sweep goes on. An executor failure (a worker
-process killed, a scheduler gone) stops the sweep with :class:`SweepError`; the cases
-finished so far stay, and a re-run does the rest.
+that fails is recorded with its error and the sweep goes on. A case the executor fails to run
+(a worker process killed, a scheduler gone) is not recorded: the other cases go on, the
+sweep then ends with :class:`SweepError`, and a re-run does the missing cases.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    wait,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +123,8 @@ def run_sweep(
         on_result: called with each finished case and its row (for progress display).
 
     Raises:
-        SweepError: the executor failed to run a case (the finished ones are saved).
+        SweepError: the executor failed to run some cases (raised once the others are done;
+            they are saved and a re-run does the missing ones).
     """
     t0 = time.perf_counter()
     folder.create()
@@ -129,25 +137,37 @@ def run_sweep(
         for case in pending:
             fut = executor.submit(run_case, case, str(sweep.base_dir), f"{src} case {case.index}")
             futures[fut] = case
-        for fut in as_completed(futures):
-            case = futures[fut]
-            try:
-                result = fut.result()
-            except Exception as err:
-                raise SweepError(
-                    f"case {case.index} ({case.case_id}) did not run: {type(err).__name__}: "
-                    f"{_one_line(str(err))}; {skipped + ran} finished cases are saved in "
-                    f"{folder.folder}, re-run to do the rest"
-                ) from None
-            row = folder.add(result)
-            ran += 1
-            failed += row["status"] != "ok"
-            if on_result is not None:
-                on_result(case, row)
+        waiting = set(futures)
+        lost: list[Future[CaseResult]] = []
+        while waiting:
+            # every case finished by now is recorded with one rewrite of the tables
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            batch = sorted(done, key=lambda f: futures[f].index)
+            lost += [f for f in batch if _failure(f) is not None]
+            batch = [f for f in batch if _failure(f) is None]
+            rows = folder.add([f.result() for f in batch])
+            for fut, row in zip(batch, rows, strict=True):
+                ran += 1
+                failed += row["status"] != "ok"
+                if on_result is not None:
+                    on_result(futures[fut], row)
+        if lost:  # the executor failed them (run_case itself never raises): not recorded
+            first = min(lost, key=lambda f: futures[f].index)
+            case, err = futures[first], _failure(first)
+            raise SweepError(
+                f"{len(lost)} case(s) did not run, e.g. case {case.index} ({case.case_id}): "
+                f"{type(err).__name__}: {_one_line(str(err))}; {len(folder.rows)} finished "
+                f"cases are saved in {folder.folder}, re-run to do the rest"
+            )
     finally:
         for fut in futures:
             fut.cancel()
     return SweepRun(len(sweep.cases), skipped, ran, failed, time.perf_counter() - t0)
+
+
+def _failure(fut: Future[CaseResult]) -> BaseException | None:
+    """Why a finished future has no result (None when it has one)."""
+    return CancelledError("cancelled") if fut.cancelled() else fut.exception()
 
 
 @contextmanager

@@ -16,8 +16,9 @@ Example (``scenarios/sweeps/example.yaml``)::
 Field paths are generic: any :class:`~moesim.scenario.Scenario` field, nested by dots, so
 fields added to the scenario later can be swept without changes here. Each case's scenario
 (the base with its overrides) is validated by the scenario model, and a case whose scenario
-lists several modes becomes one case per mode. Relative paths in the overrides resolve where
-the base's own do: against the base file's folder, or the sweep file's for an inline base.
+lists several modes becomes one case per mode (``mode`` then counts as one of its axes).
+Relative paths in the overrides resolve where the base's own do: against the base file's
+folder, or the sweep file's for an inline base.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class Case:
     Attributes:
         index: position in the sweep's expansion order.
         case_id: :func:`case_id` of ``scenario``.
-        overrides: {dotted path: value} this case sets on the base (axes and explicit case).
+        overrides: {dotted path: value} this case sets on the base (axes and explicit case;
+            ``mode`` too when the case is one of the modes its scenario lists).
         scenario: the case's full scenario, as a JSON-ready mapping (``model_dump(mode="json")``).
     """
 
@@ -237,8 +239,9 @@ def expand_cases(spec: SweepSpec, base: dict[str, Any], file: Path) -> tuple[lis
             set_path(data, path, value, file=file)
         scenario = _validate(data, overrides, file)
         for mode in scenario.modes:
-            one = scenario
-            if isinstance(scenario.mode, list):
+            one, swept = scenario, overrides
+            if isinstance(scenario.mode, list):  # one case per mode: mode becomes an axis
+                swept = {**overrides, "mode": mode}
                 one = _validate({**data, "mode": mode}, overrides, file)
             cid = case_id(one)
             if cid in seen:
@@ -249,7 +252,9 @@ def expand_cases(spec: SweepSpec, base: dict[str, Any], file: Path) -> tuple[lis
                     value=overrides,
                 )
             seen[cid] = len(cases)
-            cases.append(Case(len(cases), cid, overrides, one.model_dump(mode="json")))
+            cases.append(Case(len(cases), cid, swept, one.model_dump(mode="json")))
+            if swept is not overrides and "mode" not in columns:
+                columns.append("mode")
     return cases, columns
 
 
