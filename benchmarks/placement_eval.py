@@ -22,8 +22,12 @@ Per (dataset, cluster, planner, replica choice): max/mean device load per batch 
 layers; mean and p99 over batches), remote nodes per token, inter-node bytes per batch
 (dispatch + combine, bf16), dropped share at a device capacity of 1.25 x the mean device
 load, planning time. ``oracle`` is EPLB's global policy planned on the scored window
-itself (it knows the future). Re-planning (drifting Zipf 0.6, EP32): a replay over
-windows, re-planning each window, full re-plans against re-plans limited to 20 % of slots.
+itself (it knows the future). ``affinity+forecast`` plans the affinity way from
+``forecast_loads`` of the two windows before the scored one (synthetic data only; the
+others have no earlier window, so it equals ``affinity`` there). Synthetic data has three
+windows (one drift step each): history, plan, score. Re-planning (drifting Zipf 0.6,
+EP32): a replay over windows, re-planning each window, full re-plans against re-plans
+limited to 20 % of slots.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from moesim.placement.affinity import coactivation
 from moesim.placement.memory import expert_bytes
 from moesim.placement.metrics import planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan
-from moesim.placement.replan import replay
+from moesim.placement.replan import forecast_loads, replay
 from moesim.sim.program import bytes_per_assignment
 from moesim.traces.importers import counts_to_assignments, load_counts_json
 from moesim.traces.store import read_trace
@@ -58,9 +62,21 @@ def _loads(ids: np.ndarray, e: int) -> np.ndarray:
 
 
 def _plan(
-    strategy: str, ids: np.ndarray, e: int, nodes: int, g: int, redundant: int
+    strategy: str,
+    ids: np.ndarray,
+    e: int,
+    nodes: int,
+    g: int,
+    redundant: int,
+    history: np.ndarray | None = None,
 ) -> tuple[Any, float]:
+    """Plan from window ``ids`` (L, n, K); ``affinity+forecast`` also uses the window before
+    (``history``) through :func:`forecast_loads` (plain ``affinity`` without history)."""
     loads = _loads(ids, e)
+    if strategy == "affinity+forecast":
+        strategy = "affinity"
+        if history is not None:
+            loads = forecast_loads(_loads(history, e), loads)
     co = cross = None
     if strategy == "affinity":
         co, cross = coactivation(ids, e)
@@ -77,8 +93,12 @@ def _plan(
     return p, (time.perf_counter() - t0) * 1e3
 
 
+PLANNERS = (*STRATEGIES, "affinity+forecast", "oracle")
+
+
 def evaluate(
     dataset: str,
+    history: np.ndarray | None,
     plan_ids: np.ndarray,
     score_ids: np.ndarray,
     e: int,
@@ -94,11 +114,11 @@ def evaluate(
         d = nodes * g
         if (e + redundant) % d:
             redundant = d - e % d if e < d else redundant
-        for strategy in (*STRATEGIES, "oracle"):
+        for strategy in PLANNERS:
             if strategy == "oracle":
                 p, ms = _plan("eplb-global", score_ids, e, nodes, g, redundant)
             else:
-                p, ms = _plan(strategy, plan_ids, e, nodes, g, redundant)
+                p, ms = _plan(strategy, plan_ids, e, nodes, g, redundant, history)
             fresh = planned_balance(p, _loads(score_ids, e)).mean()
             for policy in policies:
                 s = score_window(
@@ -127,14 +147,18 @@ def evaluate(
     return rows
 
 
-def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.ndarray, int, int]]:
-    """(name, plan ids, score ids, experts, d_model) of every dataset."""
+Dataset = tuple[str, np.ndarray | None, np.ndarray, np.ndarray, int, int]
+
+
+def datasets(quick: bool, score_layers: int) -> list[Dataset]:
+    """(name, history ids or None, plan ids, score ids, experts, d_model) of every dataset."""
     out = []
     flame = read_trace(scenarios_dir() / "traces" / "flame-moe-290m")
     half = flame.num_tokens // 2
     out.append(
         (
             "flame-290m",
+            None,
             flame.expert_ids[:, :half],
             flame.expert_ids[:, half:],
             flame.num_experts,
@@ -147,9 +171,8 @@ def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.n
             rng = np.random.default_rng(0)
             n = 4096 if quick else 16384
             ids = np.stack([counts_to_assignments(c, k, rng)[: 2 * n] for c in counts])
-            out.append(
-                (f"{key}-c4", ids[:, :n], ids[:, n:], counts.shape[1], get_preset(preset).d_model)
-            )
+            d_model = get_preset(preset).d_model
+            out.append((f"{key}-c4", None, ids[:, :n], ids[:, n:], counts.shape[1], d_model))
     n = 4096 if quick else 8192
     zipfs = [0.6, 1.0] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
     for s in zipfs:
@@ -159,16 +182,17 @@ def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.n
                 num_experts=256,
                 top_k=8,
                 num_layers=score_layers,
-                num_tokens=2 * n,
+                num_tokens=3 * n,
                 distribution=dist,
-                steps=2,
+                steps=3,
                 seed=1,
             )
             out.append(
                 (
                     f"dsv3-{'drift' if drift else 'zipf'}{s}",
                     tr.expert_ids[:, :n],
-                    tr.expert_ids[:, n:],
+                    tr.expert_ids[:, n : 2 * n],
+                    tr.expert_ids[:, 2 * n :],
                     256,
                     get_preset("DeepSeek-V3").d_model,
                 )
@@ -213,11 +237,22 @@ def replan_study(quick: bool, score_layers: int, policy: str) -> list[dict[str, 
     nodes, g, redundant = CLUSTERS["EP32"]
     eb = expert_bytes(get_preset("DeepSeek-V3"), "fp8")
     rows = []
-    for strategy in ("eplb-global", "affinity"):
+    for strategy in ("eplb-global", "affinity", "affinity+forecast"):
         for mode, share in (("static", None), ("full", None), ("limit-20%", 0.2)):
+            if strategy == "affinity+forecast" and mode == "static":
+                continue
 
             def planner(loads: np.ndarray, ids: np.ndarray, _s: str = strategy) -> Any:
-                return _plan(_s, ids, 256, nodes, g, redundant)[0]
+                co, cross = coactivation(ids, 256) if _s != "eplb-global" else (None, None)
+                return plan(
+                    loads,
+                    _s.split("+")[0],
+                    nodes=nodes,
+                    devices_per_node=g,
+                    redundant=redundant,
+                    coactivation=co,
+                    cross_layer=cross,
+                )
 
             res = replay(
                 tr.expert_ids,
@@ -229,6 +264,7 @@ def replan_study(quick: bool, score_layers: int, policy: str) -> list[dict[str, 
                 expert_bytes=eb,
                 max_moved_share=share,
                 static=mode == "static",
+                forecast=strategy == "affinity+forecast",
             )
             later = res[1:]  # re-plans (the first window only plans)
 
@@ -260,29 +296,48 @@ def replan_study(quick: bool, score_layers: int, policy: str) -> list[dict[str, 
     return rows
 
 
-def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: dict) -> list[dict]:
-    """The issue's targets, checked per (dataset, cluster, replica choice)."""
-    out = []
+def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: dict) -> dict:
+    """The issue's targets, checked per (dataset, cluster, replica choice) for ``affinity``
+    and ``affinity+forecast``, plus re-planning and planning-time targets."""
     by = {(r["dataset"], r["cluster"], r["replica_choice"], r["planner"]): r for r in rows}
     keys = sorted({(r["dataset"], r["cluster"], r["replica_choice"]) for r in rows})
+    per_case = []
     for ds, cl, pol in keys:
-        ours, glob = by[(ds, cl, pol, "affinity")], by[(ds, cl, pol, "eplb-global")]
-        hier, orac = by[(ds, cl, pol, "eplb-hierarchical")], by[(ds, cl, pol, "oracle")]
-        entry = {
-            "dataset": ds,
-            "cluster": cl,
-            "replica_choice": pol,
-            "balance_le_global": ours["balance_mean"] <= glob["balance_mean"] + 1e-9,
-            "remote_le_hierarchical": ours["remote_nodes_per_token"]
-            <= hier["remote_nodes_per_token"] + 1e-9,
+        glob, hier = by[(ds, cl, pol, "eplb-global")], by[(ds, cl, pol, "eplb-hierarchical")]
+        orac = by[(ds, cl, pol, "oracle")]
+        for ours_name in ("affinity", "affinity+forecast"):
+            ours = by[(ds, cl, pol, ours_name)]
+            entry: dict[str, Any] = {
+                "dataset": ds,
+                "cluster": cl,
+                "replica_choice": pol,
+                "planner": ours_name,
+                "balance_le_global": ours["balance_mean"] <= glob["balance_mean"] + 1e-9,
+                "remote_le_hierarchical": ours["remote_nodes_per_token"]
+                <= hier["remote_nodes_per_token"] + 1e-9,
+            }
+            if "drift" in ds:
+                gap = glob["balance_mean"] - orac["balance_mean"]
+                closed = (glob["balance_mean"] - ours["balance_mean"]) / gap if gap > 0 else 1.0
+                entry["drift_gap_closed"] = round(closed, 3)
+                entry["drift_half_gap_closed"] = closed >= 0.5
+            per_case.append(entry)
+    rp = {(r["planner"], r["mode"]): r for r in replans}
+    replan_checks = {}
+    for name in ("eplb-global", "affinity", "affinity+forecast"):
+        full, lim = rp[(name, "full")], rp[(name, "limit-20%")]
+        replan_checks[name] = {
+            "moved_share": lim["moved_share_per_replan"],
+            "balance_loss_vs_full": round(lim["balance_mean"] - full["balance_mean"], 4),
+            "met": lim["moved_share_per_replan"] <= 0.2
+            and lim["balance_mean"] - full["balance_mean"] <= 0.01,
         }
-        if "drift" in ds:
-            gap = glob["balance_mean"] - orac["balance_mean"]
-            closed = (glob["balance_mean"] - ours["balance_mean"]) / gap if gap > 0 else 1.0
-            entry["drift_gap_closed"] = round(closed, 3)
-            entry["drift_half_gap_closed"] = closed >= 0.5
-        out.append(entry)
-    return out
+    timing = {
+        cl: {"affinity_ms": v["affinity"], "met_50ms": v["affinity"] <= 50.0}
+        for cl, v in times.items()
+        if "affinity" in v
+    }
+    return {"cases": per_case, "replan": replan_checks, "planning_time": timing}
 
 
 def main() -> None:
@@ -296,10 +351,10 @@ def main() -> None:
     t0 = time.perf_counter()
     clusters = {"EP32": CLUSTERS["EP32"]} if args.quick else CLUSTERS
     rows: list[dict[str, Any]] = []
-    for name, plan_ids, score_ids, e, d_model in datasets(args.quick, args.score_layers):
+    for name, hist, plan_ids, score_ids, e, d_model in datasets(args.quick, args.score_layers):
         tpb = 1024 if e < 256 else 2048
         tpb = min(tpb, score_ids.shape[1])
-        rows += evaluate(name, plan_ids, score_ids, e, d_model, policies, tpb, clusters)
+        rows += evaluate(name, hist, plan_ids, score_ids, e, d_model, policies, tpb, clusters)
     times = planning_time(1 if args.quick else 3)
     replans = replan_study(args.quick, args.score_layers, policies[-1])
     checks = targets(rows, replans, times)
@@ -329,9 +384,13 @@ def main() -> None:
     print(f"\nre-planning, drifting zipf 0.6, EP32, replica choice {policies[-1]}:")
     for r in replans:
         print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    print("\ntargets (affinity vs EPLB-style planners):")
-    for c in checks:
+    print("\ntargets (affinity, affinity+forecast vs EPLB-style planners):")
+    for c in checks["cases"]:
         print("  " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    for k, v in checks["replan"].items():
+        print(f"  re-plan {k}: {v}")
+    for k, v in checks["planning_time"].items():
+        print(f"  planning time {k}: {v}")
     print(f"\nwall {result['wall_s']} s")
 
 

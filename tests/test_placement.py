@@ -73,7 +73,7 @@ def test_shadow_copies_the_hot_expert_to_every_device():
 
 def test_affinity_puts_coactivated_experts_on_one_node():
     coact = np.zeros((1, 4, 4))
-    coact[0, 0, 2] = coact[0, 1, 3] = 10  # tokens pick {0, 2} or {1, 3}
+    coact[0, 0, 2] = coact[0, 1, 3] = coact[0, 2, 0] = coact[0, 3, 1] = 10  # {0, 2} or {1, 3}
     p = plan(np.ones((1, 4)), "affinity", nodes=2, devices_per_node=2, coactivation=coact)
     assert _slots(p) == [[0], [2], [1], [3]]
     # without co-activation: least-loaded node in turn
@@ -84,7 +84,7 @@ def test_affinity_puts_coactivated_experts_on_one_node():
 def test_affinity_uses_cross_layer_affinity():
     loads = np.ones((2, 4))
     coact = np.zeros((2, 4, 4))
-    coact[0, 0, 2] = coact[0, 1, 3] = 10  # layer 0: nodes {0, 2} and {1, 3}
+    coact[0, 0, 2] = coact[0, 1, 3] = coact[0, 2, 0] = coact[0, 3, 1] = 10  # layer 0
     cross = np.zeros((1, 4, 4))
     # layer-1 experts 0, 1 follow layer-0 experts 1, 3 (node 1); 2, 3 follow 0, 2 (node 0)
     cross[0, 1, 0] = cross[0, 3, 1] = cross[0, 0, 2] = cross[0, 2, 3] = 10

@@ -20,7 +20,7 @@ from moesim.placement.base import Placement
 from moesim.placement.metrics import moved_slots, planned_balance, score_window
 from moesim.sim.routing import ReplicaChoice
 
-__all__ = ["WindowResult", "align_devices", "incremental", "replay"]
+__all__ = ["WindowResult", "align_devices", "forecast_loads", "incremental", "replay"]
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, e: int) -> np.ndarray:
@@ -51,6 +51,28 @@ def align_devices(old: Placement, new: Placement, devices_per_node: int) -> Plac
             od, nd = linear_sum_assignment(-sub)
             out[li, on * g + od] = new.slots[li, nn * g + nd]
     return Placement(slots=out, num_experts=new.num_experts)
+
+
+def forecast_loads(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Loads expected in the next window: ``last`` plus the change since ``previous``,
+    shrunk by how far that change stands out from counting noise.
+
+    Counts of a window are roughly Poisson, so a change ``c = last - previous`` has
+    variance about ``last + previous``; the trend is applied with factor
+    ``max(0, 1 - 4 var / c^2)`` (nothing below two standard deviations, nearly all of a
+    large change), and the result is clipped at zero.
+
+    Args:
+        previous, last: (L, E) loads of two consecutive windows of equal length.
+    Returns:
+        (L, E) forecast loads.
+    """
+    prev = np.asarray(previous, dtype=np.float64)
+    cur = np.asarray(last, dtype=np.float64)
+    change = cur - prev
+    var = cur + prev + 1.0
+    factor = np.maximum(0.0, 1.0 - 4.0 * var / np.maximum(change**2, 1e-12))
+    return np.maximum(cur + factor * change, 0.0)
 
 
 def _device_loads(slots: np.ndarray, share: np.ndarray) -> np.ndarray:
@@ -191,6 +213,7 @@ def replay(
     bytes_per_assignment: float = 0.0,
     max_moved_share: float | None = None,
     static: bool = False,
+    forecast: bool = False,
 ) -> list[WindowResult]:
     """Replay a trace in windows of ``window_tokens`` tokens: re-plan after each window from
     that window's loads, score the plan on the next window.
@@ -201,6 +224,8 @@ def replay(
         max_moved_share: limit each re-plan to this share of slots moved
             (:func:`incremental`, the full re-plan as its target).
         static: plan once from the first window and keep that plan.
+        forecast: plan from :func:`forecast_loads` of the last two windows (from the
+            second re-plan on).
     Returns:
         one :class:`WindowResult` per scored window (windows 1, 2, ...).
     """
@@ -217,6 +242,9 @@ def replay(
         prev_ids = expert_ids[:, (wi - 1) * window_tokens : wi * window_tokens]
         loads = _loads(prev_ids, e)
         t0 = time.perf_counter()
+        if forecast and wi >= 2:
+            older = expert_ids[:, (wi - 2) * window_tokens : (wi - 1) * window_tokens]
+            loads = forecast_loads(_loads(older, e), loads)
         if current is None or not static:
             new = planner(loads, prev_ids)
             if current is not None and max_moved_share is not None:
