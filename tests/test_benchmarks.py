@@ -48,4 +48,4 @@ def test_placement_eval_quick_runs_and_checks_targets():
     assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
     assert out["targets"]["cases"] and "balance_le_global" in out["targets"]["cases"][0]
     assert {r["mode"] for r in out["replan"]} == {"static", "full", "limit-20%"}
-    assert set(out["targets"]["replan"]) == {"eplb-global", "affinity", "affinity+forecast"}
+    assert len(out["targets"]["replan"]) == 6  # 3 planners x 2 replica choices
