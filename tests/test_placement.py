@@ -192,3 +192,18 @@ def test_score_window_remote_nodes_and_drops():
     p2 = Placement(np.array([[[0, 1], [0, 1]]]), 2)  # both experts everywhere
     sc2 = score_window(p2, skew, devices_per_node=1, tokens_per_batch=2)
     assert sc2.remote_nodes.tolist() == [[0.0]]
+
+
+def test_least_loaded_spreads_tokens_without_a_local_replica():
+    # 3 nodes of one device: expert 0 on devices 0 and 1, expert 1 on device 2. Tokens of
+    # node 0 use device 0 (local); node 2 has no replica of expert 0, so its two
+    # assignments go where the largest load stays smallest: device 1
+    table = np.array([[0, 1], [2, -1]])
+    count = np.array([2, 1])
+    experts = np.array([0, 0, 0, 0])
+    origin = np.array([0, 0, 2, 2])
+    dst = choose_replicas(experts, origin, np.arange(4), table, count, 1, "least-loaded", 3)
+    assert dst.tolist() == [0, 0, 1, 1]
+    # batch-split ignores locality but reaches the same min-max loads
+    dst = choose_replicas(experts, origin, np.arange(4), table, count, 1, "batch-split", 3)
+    assert sorted(np.bincount(dst, minlength=3).tolist()) == [0, 2, 2]

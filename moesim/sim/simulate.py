@@ -200,7 +200,7 @@ def _placement(
         ids = trace.expert_ids  # (L, N, K)
         key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
         loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
-        co = None
+        co = cross = None
         if name == "affinity":
             from moesim.placement.affinity import coactivation
 
@@ -213,7 +213,7 @@ def _placement(
             redundant=scenario.redundant_slots,
             max_slots_per_device=mem,
             coactivation=co,
-            cross_layer=cross if co is not None else None,
+            cross_layer=cross,
         )
     path = Path(name) if Path(name).is_absolute() else base / name
     placement, _ = read_placement(
