@@ -91,8 +91,8 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
     """Local search on one layer's (D, S) slots under a budget of moved slots: each step
     takes the best of (a) swapping a slot of the most-loaded device with a slot elsewhere
     (2 slots moved) and (b) overwriting a replica of an expert that has several with a new
-    replica of the most-loaded device's heaviest expert (1 slot moved), while it lowers
-    the planned objective (largest device load, then spread)."""
+    replica of the most-loaded device's heaviest expert (1 slot moved), by gain per moved
+    slot, while it lowers the planned objective (largest device load, then spread)."""
     slots = slots.copy()
     d, s = slots.shape
     e = w.size
@@ -105,7 +105,8 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
         top = int(np.argmax(load))
         hosts = np.zeros((d, e), dtype=bool)
         hosts[np.repeat(np.arange(d), s), slots.ravel()] = True
-        best: tuple[float, Any] = (cur - 1e-12 * max(cur, 1.0), None)
+        # best gain per moved slot; a move must lower the objective
+        best: tuple[float, Any] = (1e-12 * max(cur, 1.0), None)
         # (a) swaps: slot i of `top` with slot (j, k) of another device
         if used + 2 <= budget:
             a = slots[top]  # (S,)
@@ -122,8 +123,8 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
                 trial[top] = new_top[i, j, k]
                 trial[j] = new_other[i, j, k]
                 val = float(_objective(trial))
-                if val < best[0]:
-                    best = (val, ("swap", i, j, k))
+                if (cur - val) / 2 > best[0]:
+                    best = ((cur - val) / 2, ("swap", i, j, k))
         # (b) replicate the heaviest expert of `top` into a slot of a multi-replica expert
         x = int(slots[top][np.argmax(share[slots[top]])])
         cand_dev, cand_slot = np.nonzero((count[slots] >= 2) & (slots != x) & ~hosts[:, [x]])
@@ -138,8 +139,8 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
             trials[rows, cand_dev] += w[x] / (rx + 1) - w[c] / (rc - 1)
             vals = _objective(trials)
             ci = int(np.argmin(vals))
-            if vals[ci] < best[0]:
-                best = (float(vals[ci]), ("rep", int(cand_dev[ci]), int(cand_slot[ci]), x))
+            if cur - vals[ci] > best[0]:
+                best = (float(cur - vals[ci]), ("rep", int(cand_dev[ci]), int(cand_slot[ci]), x))
         move = best[1]
         if move is None:
             break
