@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moesim.errors import InputError
-from moesim.placement import Placement, plan
+from moesim.placement import STRATEGIES, Placement, plan
 from moesim.placement.io import read_placement, write_placement
 from moesim.placement.metrics import moved_share, planned_balance
 from moesim.placement.refine import refine, step_time_fn
@@ -144,14 +144,16 @@ def test_default_scenario_placement_is_unchanged(tmp_path):
     assert prepare(sc, tmp_path).placement.slots[0].tolist() == [[0], [1], [2], [3]]
 
 
-@pytest.mark.parametrize("strategy", ["eplb-global", "affinity", "shadow"])
-def test_scenario_planner_balances_better_than_contiguous(tmp_path, strategy):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_simulator_accepts_every_planner(tmp_path, strategy):
     base = _tiny_scenario(tmp_path, redundant_slots=4, replica_choice="batch-split")
     contig = simulate(Scenario.model_validate(base | {"redundant_slots": 0}), tmp_path)
     planned = simulate(Scenario.model_validate(base | {"placement": strategy}), tmp_path)
     b0 = max(contig.runs[0].summary["balance_ratio"])
     b1 = max(planned.runs[0].summary["balance_ratio"])
-    assert b1 < b0
+    assert planned.runs[0].summary["step_time_us"] > 0
+    if strategy in ("greedy", "eplb-global", "eplb-hierarchical", "shadow", "affinity"):
+        assert b1 < b0  # load-aware planners beat one expert per device on this skew
 
 
 def test_scenario_reads_placement_file(tmp_path):
