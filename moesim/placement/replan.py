@@ -87,12 +87,18 @@ def _objective(load: np.ndarray) -> np.ndarray:
     )
 
 
-def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
+def _improve_layer(
+    slots: np.ndarray, w: np.ndarray, budget: int, devices_per_node: int | None = None
+) -> np.ndarray:
     """Local search on one layer's (D, S) slots under a budget of moved slots: each step
     takes the best of (a) swapping a slot of the most-loaded device with a slot elsewhere
     (2 slots moved) and (b) overwriting a replica of an expert that has several with a new
     replica of the most-loaded device's heaviest expert (1 slot moved), by gain per moved
-    slot, while it lowers the planned objective (largest device load, then spread)."""
+    slot, while it lowers the planned objective (largest device load, then spread).
+
+    With ``devices_per_node``, a new replica goes to a node that has none of its expert
+    while one exists (replica choices that stay on the token's node use one per node).
+    """
     slots = slots.copy()
     d, s = slots.shape
     e = w.size
@@ -127,7 +133,13 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
                     best = ((cur - val) / 2, ("swap", i, j, k))
         # (b) replicate the heaviest expert of `top` into a slot of a multi-replica expert
         x = int(slots[top][np.argmax(share[slots[top]])])
-        cand_dev, cand_slot = np.nonzero((count[slots] >= 2) & (slots != x) & ~hosts[:, [x]])
+        free = (count[slots] >= 2) & (slots != x) & ~hosts[:, [x]]  # (D, S)
+        if devices_per_node is not None:
+            node = np.arange(d) // devices_per_node
+            new_node = ~np.isin(node, node[hosts[:, x]])[:, None]
+            if (free & new_node).any():
+                free &= new_node
+        cand_dev, cand_slot = np.nonzero(free)
         if cand_dev.size:
             trials = np.repeat(load[None, :], cand_dev.size, axis=0)  # (C, D)
             rx = count[x]
@@ -186,7 +198,7 @@ def incremental(
             if moved_slots(one_old, one_new) <= budget:
                 out[li] = aligned.slots[li]
                 continue
-        out[li] = _improve_layer(previous.slots[li], w[li], budget)
+        out[li] = _improve_layer(previous.slots[li], w[li], budget, devices_per_node)
     return Placement(slots=out, num_experts=previous.num_experts)
 
 
