@@ -64,9 +64,10 @@ def test_eplb_hierarchical_keeps_groups_and_replicas_within_nodes():
 
 def test_shadow_copies_the_hot_expert_to_every_device():
     loads = np.array([[8.0, 8.0, 2.0, 2.0]])
-    # expert 0 (8 > mean device load 5) on all 4 devices; 1 slot left -> expert 1
+    # expert 0 (8 > mean device load 5) first on all 4 devices (2 each); 1 slot left ->
+    # expert 1 (shares 4, 4), then LPT: 1 -> d0, 1 -> d1, 2 -> d2, 3 -> d3
     p = plan(loads, "shadow", nodes=2, devices_per_node=2, redundant=4)
-    assert _slots(p) == [[1, 0], [1, 0], [0, 2], [0, 3]]
+    assert _slots(p) == [[0, 1], [0, 1], [0, 2], [0, 3]]
     g = plan(loads, "eplb-global", nodes=2, devices_per_node=2, redundant=4)
     assert sorted(np.bincount(g.slots.ravel()).tolist()) == [1, 1, 3, 3]
 
@@ -207,3 +208,26 @@ def test_least_loaded_spreads_tokens_without_a_local_replica():
     # batch-split ignores locality but reaches the same min-max loads
     dst = choose_replicas(experts, origin, np.arange(4), table, count, 1, "batch-split", 3)
     assert sorted(np.bincount(dst, minlength=3).tolist()) == [0, 2, 2]
+
+
+@pytest.mark.parametrize("policy", ["batch-split", "least-loaded"])
+def test_load_aware_choice_with_an_expert_twice_on_a_device(policy):
+    # expert 0 hosted twice by device 0 and once by device 1: still a 2 / 2 split
+    table, count = np.array([[0, 0, 1]]), np.array([3])
+    dst = choose_replicas(np.zeros(4, int), np.zeros(4, int), np.arange(4), table, count, 2,
+                          policy, 2)  # fmt: skip
+    assert sorted(np.bincount(dst, minlength=2).tolist()) == [2, 2]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_split_never_worse_than_nearest(strategy):
+    rng = np.random.default_rng(3)
+    pop = (np.arange(1, 33) ** -1.0)[rng.permutation(32)]
+    ids = np.stack([np.stack([rng.choice(32, 4, replace=False, p=pop / pop.sum())
+                              for _ in range(512)]) for _ in range(2)])  # fmt: skip
+    loads = np.stack([np.bincount(ids[li].ravel(), minlength=32) for li in range(2)])
+    p = plan(loads, strategy, nodes=2, devices_per_node=4, redundant=8)
+    kw = {"devices_per_node": 4, "tokens_per_batch": 256}
+    near = score_window(p, ids, replica_choice="nearest", **kw).balance
+    split = score_window(p, ids, replica_choice="batch-split", **kw).balance
+    assert (split <= near + 1e-12).all()

@@ -125,13 +125,19 @@ def _items(count: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarra
     exp = np.empty((b, n), dtype=np.int64)
     for r in range(b):
         exp[r] = np.repeat(np.arange(m), count[r])
-    share = np.take_along_axis(weight / count, exp, axis=1)
+    per = np.divide(weight, count, out=np.zeros(count.shape), where=count > 0)
+    share = np.take_along_axis(per, exp, axis=1)
     order = np.lexsort((exp, -share), axis=1)  # (B, N)
     return np.take_along_axis(exp, order, axis=1), np.take_along_axis(share, order, axis=1)
 
 
 def lpt_pack(
-    exp: np.ndarray, share: np.ndarray, num_bins: int, per_bin: int, num_experts: int
+    exp: np.ndarray,
+    share: np.ndarray,
+    num_bins: int,
+    per_bin: int,
+    num_experts: int,
+    init_load: np.ndarray | None = None,
 ) -> np.ndarray:
     """Longest-processing-time packing with equal slot counts (EPLB's ``balanced_packing``):
     items in the given order (heaviest first), each to the least-loaded bin that has a free
@@ -139,12 +145,13 @@ def lpt_pack(
 
     Args:
         exp: (B, N) expert id of each item; share: (B, N) its load; N = num_bins * per_bin.
+        init_load: (B, bins) load already on each bin (default zero).
     Returns:
         (B, num_bins, per_bin) int32 expert ids, each bin's slots in order of filling.
     """
     b, n = exp.shape
     rows = np.arange(b)
-    load = np.zeros((b, num_bins))
+    load = np.zeros((b, num_bins)) if init_load is None else init_load.astype(np.float64)
     fill = np.zeros((b, num_bins), dtype=np.int64)
     hosts = np.zeros((b, num_bins, num_experts), dtype=bool)
     out = np.empty((b, num_bins, per_bin), dtype=np.int32)
@@ -260,8 +267,21 @@ def _shadow(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
             hot = w[rows, col] > mean_dev
             count[rows[hot], col[hot]] = full
     count = replicate_by_load(w, d * s, max_rep, start=count)
-    exp, share = _items(count, w)
-    return lpt_pack(exp, share, d, s, e)
+    # every device's first slots hold the experts on all devices; LPT fills the rest
+    # (layers grouped by how many experts are everywhere)
+    everywhere = count == d  # (L, E)
+    ks = everywhere.sum(axis=1)
+    out = np.empty((num_layers, d, s), dtype=np.int32)
+    for k in np.unique(ks).tolist():
+        rows = np.flatnonzero(ks == k)
+        ev = np.nonzero(everywhere[rows])[1].reshape(rows.size, k)  # (B, k)
+        rest = count[rows].copy()
+        np.put_along_axis(rest, ev, 0, axis=1)
+        init = np.repeat((np.take_along_axis(w[rows], ev, axis=1) / d).sum(axis=1), d)
+        exp, share = _items(rest, w[rows])
+        out[rows, :, :k] = ev[:, None, :]
+        out[rows, :, k:] = lpt_pack(exp, share, d, s - k, e, init.reshape(rows.size, d))
+    return out
 
 
 def _assign_nodes(
