@@ -22,8 +22,12 @@ Per (dataset, cluster, planner, replica choice): max/mean device load per batch 
 layers; mean and p99 over batches), remote nodes per token, inter-node bytes per batch
 (dispatch + combine, bf16), dropped share at a device capacity of 1.25 x the mean device
 load, planning time. ``oracle`` is EPLB's global policy planned on the scored window
-itself (it knows the future). Re-planning (drifting Zipf 0.6, EP32): a replay over
-windows, re-planning each window, full re-plans against re-plans limited to 20 % of slots.
+itself (it knows the future). ``affinity+forecast`` plans the affinity way from
+``forecast_loads`` of the two windows before the scored one (synthetic data only; the
+others have no earlier window, so it equals ``affinity`` there). Synthetic data has three
+windows (one drift step each): history, plan, score. Re-planning (drifting Zipf 0.6,
+EP32): a replay over windows, re-planning each window, full re-plans against re-plans
+limited to 20 % of slots.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from moesim.placement.affinity import coactivation
 from moesim.placement.memory import expert_bytes
 from moesim.placement.metrics import planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan
-from moesim.placement.replan import replay
+from moesim.placement.replan import forecast_loads, replay
 from moesim.sim.program import bytes_per_assignment
 from moesim.traces.importers import counts_to_assignments, load_counts_json
 from moesim.traces.store import read_trace
@@ -58,9 +62,21 @@ def _loads(ids: np.ndarray, e: int) -> np.ndarray:
 
 
 def _plan(
-    strategy: str, ids: np.ndarray, e: int, nodes: int, g: int, redundant: int
+    strategy: str,
+    ids: np.ndarray,
+    e: int,
+    nodes: int,
+    g: int,
+    redundant: int,
+    history: np.ndarray | None = None,
 ) -> tuple[Any, float]:
+    """Plan from window ``ids`` (L, n, K); ``affinity+forecast`` also uses the window before
+    (``history``) through :func:`forecast_loads` (plain ``affinity`` without history)."""
     loads = _loads(ids, e)
+    if strategy == "affinity+forecast":
+        strategy = "affinity"
+        if history is not None:
+            loads = forecast_loads(_loads(history, e), loads)
     co = cross = None
     if strategy == "affinity":
         co, cross = coactivation(ids, e)
@@ -77,8 +93,12 @@ def _plan(
     return p, (time.perf_counter() - t0) * 1e3
 
 
+PLANNERS = (*STRATEGIES, "affinity+forecast", "oracle")
+
+
 def evaluate(
     dataset: str,
+    history: np.ndarray | None,
     plan_ids: np.ndarray,
     score_ids: np.ndarray,
     e: int,
@@ -94,11 +114,11 @@ def evaluate(
         d = nodes * g
         if (e + redundant) % d:
             redundant = d - e % d if e < d else redundant
-        for strategy in (*STRATEGIES, "oracle"):
+        for strategy in PLANNERS:
             if strategy == "oracle":
                 p, ms = _plan("eplb-global", score_ids, e, nodes, g, redundant)
             else:
-                p, ms = _plan(strategy, plan_ids, e, nodes, g, redundant)
+                p, ms = _plan(strategy, plan_ids, e, nodes, g, redundant, history)
             fresh = planned_balance(p, _loads(score_ids, e)).mean()
             for policy in policies:
                 s = score_window(
@@ -127,14 +147,18 @@ def evaluate(
     return rows
 
 
-def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.ndarray, int, int]]:
-    """(name, plan ids, score ids, experts, d_model) of every dataset."""
+Dataset = tuple[str, np.ndarray | None, np.ndarray, np.ndarray, int, int]
+
+
+def datasets(quick: bool, score_layers: int) -> list[Dataset]:
+    """(name, history ids or None, plan ids, score ids, experts, d_model) of every dataset."""
     out = []
     flame = read_trace(scenarios_dir() / "traces" / "flame-moe-290m")
     half = flame.num_tokens // 2
     out.append(
         (
             "flame-290m",
+            None,
             flame.expert_ids[:, :half],
             flame.expert_ids[:, half:],
             flame.num_experts,
@@ -147,9 +171,8 @@ def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.n
             rng = np.random.default_rng(0)
             n = 4096 if quick else 16384
             ids = np.stack([counts_to_assignments(c, k, rng)[: 2 * n] for c in counts])
-            out.append(
-                (f"{key}-c4", ids[:, :n], ids[:, n:], counts.shape[1], get_preset(preset).d_model)
-            )
+            d_model = get_preset(preset).d_model
+            out.append((f"{key}-c4", None, ids[:, :n], ids[:, n:], counts.shape[1], d_model))
     n = 4096 if quick else 8192
     zipfs = [0.6, 1.0] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
     for s in zipfs:
@@ -159,16 +182,17 @@ def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.n
                 num_experts=256,
                 top_k=8,
                 num_layers=score_layers,
-                num_tokens=2 * n,
+                num_tokens=3 * n,
                 distribution=dist,
-                steps=2,
+                steps=3,
                 seed=1,
             )
             out.append(
                 (
                     f"dsv3-{'drift' if drift else 'zipf'}{s}",
                     tr.expert_ids[:, :n],
-                    tr.expert_ids[:, n:],
+                    tr.expert_ids[:, n : 2 * n],
+                    tr.expert_ids[:, 2 * n :],
                     256,
                     get_preset("DeepSeek-V3").d_model,
                 )
@@ -177,27 +201,42 @@ def datasets(quick: bool, score_layers: int) -> list[tuple[str, np.ndarray, np.n
 
 
 def planning_time(repeats: int) -> dict[str, dict[str, float]]:
-    """Median planning time (ms) of every planner on 58 layers x 256 experts."""
+    """Median planning time (ms) of every planner on 58 layers x 256 experts: wall time, and
+    the process's CPU time (less sensitive to other work on a shared machine)."""
     tr = synthesize(
         num_experts=256, top_k=8, num_layers=58, num_tokens=2048, distribution="zipf:0.8", seed=2
     )
+    loads = _loads(tr.expert_ids, 256)
+    t0 = time.perf_counter()
+    co, cross = coactivation(tr.expert_ids, 256)
+    counting_ms = (time.perf_counter() - t0) * 1e3
     out: dict[str, dict[str, float]] = {}
+    variants = [(s, co if s == "affinity" else None, cross if s == "affinity" else None)
+                for s in STRATEGIES] + [("affinity-within-layer-only", co, None)]  # fmt: skip
     for cname, (nodes, g, redundant) in CLUSTERS.items():
         out[cname] = {}
-        for strategy in STRATEGIES:
-            times = [
-                _plan(strategy, tr.expert_ids, 256, nodes, g, redundant)[1] for _ in range(repeats)
-            ]
-            out[cname][strategy] = round(float(np.median(times)), 2)
-    t0 = time.perf_counter()
-    coactivation(tr.expert_ids, 256)
-    out["coactivation_counting_ms_2048_tokens"] = {
-        "all": round((time.perf_counter() - t0) * 1e3, 1)
-    }
+        for name, c, x in variants:
+            wall, cpu = [], []
+            for _ in range(repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                plan(
+                    loads,
+                    name.split("-within")[0],
+                    nodes=nodes,
+                    devices_per_node=g,
+                    redundant=redundant,
+                    coactivation=c,
+                    cross_layer=x,
+                )
+                wall.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
+            out[cname][name] = round(float(np.median(wall)), 2)
+            out[cname][f"{name} (cpu)"] = round(float(np.median(cpu)), 2)
+    out["coactivation_counting_ms_2048_tokens"] = {"all": round(counting_ms, 1)}
     return out
 
 
-def replan_study(quick: bool, score_layers: int, policy: str) -> list[dict[str, Any]]:
+def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[dict[str, Any]]:
     """Drifting Zipf 0.6 at EP32, re-planned every window (one step of drift each)."""
     windows = 4 if quick else 6
     n = 4096
@@ -213,76 +252,116 @@ def replan_study(quick: bool, score_layers: int, policy: str) -> list[dict[str, 
     nodes, g, redundant = CLUSTERS["EP32"]
     eb = expert_bytes(get_preset("DeepSeek-V3"), "fp8")
     rows = []
-    for strategy in ("eplb-global", "affinity"):
-        for mode, share in (("static", None), ("full", None), ("limit-20%", 0.2)):
+    runs = [
+        (policy, strategy, mode, share)
+        for policy in policies
+        for strategy in ("eplb-global", "affinity", "affinity+forecast")
+        for mode, share in (("static", None), ("full", None), ("limit-20%", 0.2))
+        if not (strategy == "affinity+forecast" and mode == "static")
+    ]
+    for policy, strategy, mode, share in runs:
 
-            def planner(loads: np.ndarray, ids: np.ndarray, _s: str = strategy) -> Any:
-                return _plan(_s, ids, 256, nodes, g, redundant)[0]
-
-            res = replay(
-                tr.expert_ids,
-                n,
-                planner,
+        def planner(loads: np.ndarray, ids: np.ndarray, _s: str = strategy) -> Any:
+            co, cross = coactivation(ids, 256) if _s != "eplb-global" else (None, None)
+            return plan(
+                loads,
+                _s.split("+")[0],
+                nodes=nodes,
                 devices_per_node=g,
-                tokens_per_batch=2048,
-                replica_choice=policy,  # type: ignore[arg-type]
-                expert_bytes=eb,
-                max_moved_share=share,
-                static=mode == "static",
+                redundant=redundant,
+                coactivation=co,
+                cross_layer=cross,
             )
-            later = res[1:]  # re-plans (the first window only plans)
 
-            def mean(values: list[float]) -> float:
-                return float(np.mean(values)) if values else 0.0
+        res = replay(
+            tr.expert_ids,
+            n,
+            planner,
+            devices_per_node=g,
+            tokens_per_batch=2048,
+            replica_choice=policy,  # type: ignore[arg-type]
+            expert_bytes=eb,
+            max_moved_share=share,
+            static=mode == "static",
+            forecast=strategy == "affinity+forecast",
+        )
+        later = res[1:]  # re-plans (the first window only plans)
 
-            rows.append(
-                {
-                    "planner": strategy,
-                    "mode": mode,
-                    "balance_mean": round(
-                        float(np.mean([r.score["balance_mean"] for r in res])), 4
-                    ),
-                    "remote_nodes_per_token": round(
-                        float(np.mean([r.score["remote_nodes_per_token"] for r in res])), 4
-                    ),
-                    "moved_share_per_replan": round(
-                        float(np.mean([r.moved_share for r in later])) if later else 0.0, 4
-                    ),
-                    "migration_gb_per_replan": round(
-                        float(np.mean([r.migration_bytes for r in later])) / 1e9 if later else 0.0,
-                        3,
-                    ),
-                    "replan_ms": round(float(np.mean([r.plan_ms for r in later])), 1)
-                    if later
-                    else 0.0,
-                }
-            )
+        def mean(values: list[float]) -> float:
+            return float(np.mean(values)) if values else 0.0
+
+        rows.append(
+            {
+                "replica_choice": policy,
+                "planner": strategy,
+                "mode": mode,
+                "balance_mean": round(float(np.mean([r.score["balance_mean"] for r in res])), 4),
+                "remote_nodes_per_token": round(
+                    float(np.mean([r.score["remote_nodes_per_token"] for r in res])), 4
+                ),
+                "moved_share_per_replan": round(
+                    float(np.mean([r.moved_share for r in later])) if later else 0.0, 4
+                ),
+                "migration_gb_per_replan": round(
+                    float(np.mean([r.migration_bytes for r in later])) / 1e9 if later else 0.0,
+                    3,
+                ),
+                "replan_ms": round(float(np.mean([r.plan_ms for r in later])), 1) if later else 0.0,
+            }
+        )
     return rows
 
 
-def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: dict) -> list[dict]:
-    """The issue's targets, checked per (dataset, cluster, replica choice)."""
-    out = []
+def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: dict) -> dict:
+    """The issue's targets, checked per (dataset, cluster, replica choice) for ``affinity``
+    and ``affinity+forecast``, plus re-planning and planning-time targets."""
     by = {(r["dataset"], r["cluster"], r["replica_choice"], r["planner"]): r for r in rows}
     keys = sorted({(r["dataset"], r["cluster"], r["replica_choice"]) for r in rows})
+    per_case = []
     for ds, cl, pol in keys:
-        ours, glob = by[(ds, cl, pol, "affinity")], by[(ds, cl, pol, "eplb-global")]
-        hier, orac = by[(ds, cl, pol, "eplb-hierarchical")], by[(ds, cl, pol, "oracle")]
-        entry = {
-            "dataset": ds,
-            "cluster": cl,
-            "replica_choice": pol,
-            "balance_le_global": ours["balance_mean"] <= glob["balance_mean"] + 1e-9,
-            "remote_le_hierarchical": ours["remote_nodes_per_token"]
-            <= hier["remote_nodes_per_token"] + 1e-9,
+        glob, hier = by[(ds, cl, pol, "eplb-global")], by[(ds, cl, pol, "eplb-hierarchical")]
+        orac = by[(ds, cl, pol, "oracle")]
+        for ours_name in ("affinity", "affinity+forecast"):
+            ours = by[(ds, cl, pol, ours_name)]
+            entry: dict[str, Any] = {
+                "dataset": ds,
+                "cluster": cl,
+                "replica_choice": pol,
+                "planner": ours_name,
+                "balance_le_global": ours["balance_mean"] <= glob["balance_mean"] + 1e-9,
+                "remote_le_hierarchical": ours["remote_nodes_per_token"]
+                <= hier["remote_nodes_per_token"] + 1e-9,
+            }
+            if "drift" in ds:
+                gap = glob["balance_mean"] - orac["balance_mean"]
+                closed = (glob["balance_mean"] - ours["balance_mean"]) / gap if gap > 0 else 1.0
+                entry["drift_gap_closed"] = round(closed, 3)
+                entry["drift_half_gap_closed"] = closed >= 0.5
+            per_case.append(entry)
+    rp = {(r["replica_choice"], r["planner"], r["mode"]): r for r in replans}
+    replan_checks = {}
+    for pol, name, mode in rp:
+        if mode != "full":
+            continue
+        full, lim = rp[(pol, name, "full")], rp[(pol, name, "limit-20%")]
+        replan_checks[f"{name} ({pol})"] = {
+            "moved_share": lim["moved_share_per_replan"],
+            "balance_loss_vs_full": round(lim["balance_mean"] - full["balance_mean"], 4),
+            "met": lim["moved_share_per_replan"] <= 0.2
+            and lim["balance_mean"] - full["balance_mean"] <= 0.01,
         }
-        if "drift" in ds:
-            gap = glob["balance_mean"] - orac["balance_mean"]
-            closed = (glob["balance_mean"] - ours["balance_mean"]) / gap if gap > 0 else 1.0
-            entry["drift_gap_closed"] = round(closed, 3)
-            entry["drift_half_gap_closed"] = closed >= 0.5
-        out.append(entry)
-    return out
+    timing = {
+        cl: {
+            "affinity_ms": v["affinity"],
+            "affinity_cpu_ms": v["affinity (cpu)"],
+            "met_50ms": v["affinity"] <= 50.0,
+            "within_layer_only_ms": v["affinity-within-layer-only"],
+            "eplb_global_ms": v["eplb-global"],
+        }
+        for cl, v in times.items()
+        if "affinity" in v
+    }
+    return {"cases": per_case, "replan": replan_checks, "planning_time": timing}
 
 
 def main() -> None:
@@ -296,12 +375,12 @@ def main() -> None:
     t0 = time.perf_counter()
     clusters = {"EP32": CLUSTERS["EP32"]} if args.quick else CLUSTERS
     rows: list[dict[str, Any]] = []
-    for name, plan_ids, score_ids, e, d_model in datasets(args.quick, args.score_layers):
+    for name, hist, plan_ids, score_ids, e, d_model in datasets(args.quick, args.score_layers):
         tpb = 1024 if e < 256 else 2048
         tpb = min(tpb, score_ids.shape[1])
-        rows += evaluate(name, plan_ids, score_ids, e, d_model, policies, tpb, clusters)
+        rows += evaluate(name, hist, plan_ids, score_ids, e, d_model, policies, tpb, clusters)
     times = planning_time(1 if args.quick else 3)
-    replans = replan_study(args.quick, args.score_layers, policies[-1])
+    replans = replan_study(args.quick, args.score_layers, policies)
     checks = targets(rows, replans, times)
     result = {
         "rows": rows,
@@ -326,12 +405,16 @@ def main() -> None:
     print("\nplanning time, 58 layers x 256 experts (ms):")
     for k, v in times.items():
         print(f"  {k}: " + ", ".join(f"{s} {t}" for s, t in v.items()))
-    print(f"\nre-planning, drifting zipf 0.6, EP32, replica choice {policies[-1]}:")
+    print("\nre-planning, drifting zipf 0.6, EP32:")
     for r in replans:
         print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    print("\ntargets (affinity vs EPLB-style planners):")
-    for c in checks:
+    print("\ntargets (affinity, affinity+forecast vs EPLB-style planners):")
+    for c in checks["cases"]:
         print("  " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    for k, v in checks["replan"].items():
+        print(f"  re-plan {k}: {v}")
+    for k, v in checks["planning_time"].items():
+        print(f"  planning time {k}: {v}")
     print(f"\nwall {result['wall_s']} s")
 
 

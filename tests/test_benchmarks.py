@@ -46,8 +46,9 @@ def test_placement_eval_quick_runs_and_checks_targets():
     assert {"eplb-global", "eplb-hierarchical", "affinity", "oracle"} <= planners
     assert {r["dataset"] for r in out["rows"]} >= {"flame-290m", "dsv3-zipf1.0"}
     assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
-    assert out["targets"] and "balance_le_global" in out["targets"][0]
+    assert out["targets"]["cases"] and "balance_le_global" in out["targets"]["cases"][0]
     assert {r["mode"] for r in out["replan"]} == {"static", "full", "limit-20%"}
+    assert len(out["targets"]["replan"]) == 6  # 3 planners x 2 replica choices
 
 
 @pytest.mark.benchmark

@@ -36,6 +36,7 @@ def test_help_lists_commands():
         "kernels",
         "capture",
         "train-reference",
+        "place",
     ):
         assert cmd in proc.stdout
     for sub in (("simulate", "--help"), ("hardware", "show", "--help"), ("models", "--help")):

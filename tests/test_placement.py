@@ -64,16 +64,17 @@ def test_eplb_hierarchical_keeps_groups_and_replicas_within_nodes():
 
 def test_shadow_copies_the_hot_expert_to_every_device():
     loads = np.array([[8.0, 8.0, 2.0, 2.0]])
-    # expert 0 (8 > mean device load 5) on all 4 devices; 1 slot left -> expert 1
+    # expert 0 (8 > mean device load 5) first on all 4 devices (2 each); 1 slot left ->
+    # expert 1 (shares 4, 4), then LPT: 1 -> d0, 1 -> d1, 2 -> d2, 3 -> d3
     p = plan(loads, "shadow", nodes=2, devices_per_node=2, redundant=4)
-    assert _slots(p) == [[1, 0], [1, 0], [0, 2], [0, 3]]
+    assert _slots(p) == [[0, 1], [0, 1], [0, 2], [0, 3]]
     g = plan(loads, "eplb-global", nodes=2, devices_per_node=2, redundant=4)
     assert sorted(np.bincount(g.slots.ravel()).tolist()) == [1, 1, 3, 3]
 
 
 def test_affinity_puts_coactivated_experts_on_one_node():
     coact = np.zeros((1, 4, 4))
-    coact[0, 0, 2] = coact[0, 1, 3] = 10  # tokens pick {0, 2} or {1, 3}
+    coact[0, 0, 2] = coact[0, 1, 3] = coact[0, 2, 0] = coact[0, 3, 1] = 10  # {0, 2} or {1, 3}
     p = plan(np.ones((1, 4)), "affinity", nodes=2, devices_per_node=2, coactivation=coact)
     assert _slots(p) == [[0], [2], [1], [3]]
     # without co-activation: least-loaded node in turn
@@ -84,7 +85,7 @@ def test_affinity_puts_coactivated_experts_on_one_node():
 def test_affinity_uses_cross_layer_affinity():
     loads = np.ones((2, 4))
     coact = np.zeros((2, 4, 4))
-    coact[0, 0, 2] = coact[0, 1, 3] = 10  # layer 0: nodes {0, 2} and {1, 3}
+    coact[0, 0, 2] = coact[0, 1, 3] = coact[0, 2, 0] = coact[0, 3, 1] = 10  # layer 0
     cross = np.zeros((1, 4, 4))
     # layer-1 experts 0, 1 follow layer-0 experts 1, 3 (node 1); 2, 3 follow 0, 2 (node 0)
     cross[0, 1, 0] = cross[0, 3, 1] = cross[0, 0, 2] = cross[0, 2, 3] = 10
@@ -192,3 +193,41 @@ def test_score_window_remote_nodes_and_drops():
     p2 = Placement(np.array([[[0, 1], [0, 1]]]), 2)  # both experts everywhere
     sc2 = score_window(p2, skew, devices_per_node=1, tokens_per_batch=2)
     assert sc2.remote_nodes.tolist() == [[0.0]]
+
+
+def test_least_loaded_spreads_tokens_without_a_local_replica():
+    # 3 nodes of one device: expert 0 on devices 0 and 1, expert 1 on device 2. Tokens of
+    # node 0 use device 0 (local); node 2 has no replica of expert 0, so its two
+    # assignments go where the largest load stays smallest: device 1
+    table = np.array([[0, 1], [2, -1]])
+    count = np.array([2, 1])
+    experts = np.array([0, 0, 0, 0])
+    origin = np.array([0, 0, 2, 2])
+    dst = choose_replicas(experts, origin, np.arange(4), table, count, 1, "least-loaded", 3)
+    assert dst.tolist() == [0, 0, 1, 1]
+    # batch-split ignores locality but reaches the same min-max loads
+    dst = choose_replicas(experts, origin, np.arange(4), table, count, 1, "batch-split", 3)
+    assert sorted(np.bincount(dst, minlength=3).tolist()) == [0, 2, 2]
+
+
+@pytest.mark.parametrize("policy", ["batch-split", "least-loaded"])
+def test_load_aware_choice_with_an_expert_twice_on_a_device(policy):
+    # expert 0 hosted twice by device 0 and once by device 1: still a 2 / 2 split
+    table, count = np.array([[0, 0, 1]]), np.array([3])
+    dst = choose_replicas(np.zeros(4, int), np.zeros(4, int), np.arange(4), table, count, 2,
+                          policy, 2)  # fmt: skip
+    assert sorted(np.bincount(dst, minlength=2).tolist()) == [2, 2]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_split_never_worse_than_nearest(strategy):
+    rng = np.random.default_rng(3)
+    pop = (np.arange(1, 33) ** -1.0)[rng.permutation(32)]
+    ids = np.stack([np.stack([rng.choice(32, 4, replace=False, p=pop / pop.sum())
+                              for _ in range(512)]) for _ in range(2)])  # fmt: skip
+    loads = np.stack([np.bincount(ids[li].ravel(), minlength=32) for li in range(2)])
+    p = plan(loads, strategy, nodes=2, devices_per_node=4, redundant=8)
+    kw = {"devices_per_node": 4, "tokens_per_batch": 256}
+    near = score_window(p, ids, replica_choice="nearest", **kw).balance
+    split = score_window(p, ids, replica_choice="batch-split", **kw).balance
+    assert (split <= near + 1e-12).all()

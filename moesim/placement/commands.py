@@ -116,6 +116,14 @@ def place_cmd(
         str,
         typer.Option(help="nearest | round-robin | least-loaded | batch-split (trace metrics)."),
     ] = "nearest",
+    previous: Annotated[
+        Path | None,
+        typer.Option(help="Placement YAML in use now: re-plan from it (with --max-moved-share)."),
+    ] = None,
+    max_moved_share: Annotated[
+        float | None,
+        typer.Option(help="Move at most this share of slots away from --previous.", min=0, max=1),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Placement YAML to write.")] = Path("placement.yaml"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the placement and its metrics as JSON.")
@@ -191,6 +199,35 @@ def place_cmd(
         coactivation=co,
         cross_layer=cross,
     )
+    old = None
+    if previous is not None:
+        from moesim.placement.io import read_placement
+        from moesim.placement.replan import incremental
+
+        old, _ = read_placement(
+            previous,
+            num_experts=w.shape[1],
+            num_layers=w.shape[0],
+            num_devices=p.num_devices,
+            max_slots_per_device=mem,
+        )
+        if old.slots.shape != p.slots.shape:
+            raise InputError(
+                f"has {old.slots.shape[2]} slots per device, the plan {p.slots.shape[2]}",
+                file=previous,
+                field="layers[0].devices[0]",
+                value=old.slots.shape[2],
+            )
+        if max_moved_share is not None:
+            p = incremental(
+                old,
+                w,
+                max_moved_share=max_moved_share,
+                target=p,
+                devices_per_node=gpus_per_node,
+            )
+    elif max_moved_share is not None:
+        raise InputError("--max-moved-share needs --previous", field="max-moved-share")
     plan_ms = (time.perf_counter() - t0) * 1e3
     bal = planned_balance(p, w)
     metrics: dict[str, Any] = {
@@ -204,6 +241,10 @@ def place_cmd(
     }
     if mem is not None:
         metrics["slots_fit_memory"] = mem
+    if old is not None:
+        from moesim.placement.metrics import moved_share
+
+        metrics["moved_share"] = round(moved_share(old, p), 6)
     if ids is not None:
         d = p.num_devices
         batch = (ids.shape[1] // d) * d

@@ -125,13 +125,19 @@ def _items(count: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarra
     exp = np.empty((b, n), dtype=np.int64)
     for r in range(b):
         exp[r] = np.repeat(np.arange(m), count[r])
-    share = np.take_along_axis(weight / count, exp, axis=1)
+    per = np.divide(weight, count, out=np.zeros(count.shape), where=count > 0)
+    share = np.take_along_axis(per, exp, axis=1)
     order = np.lexsort((exp, -share), axis=1)  # (B, N)
     return np.take_along_axis(exp, order, axis=1), np.take_along_axis(share, order, axis=1)
 
 
 def lpt_pack(
-    exp: np.ndarray, share: np.ndarray, num_bins: int, per_bin: int, num_experts: int
+    exp: np.ndarray,
+    share: np.ndarray,
+    num_bins: int,
+    per_bin: int,
+    num_experts: int,
+    init_load: np.ndarray | None = None,
 ) -> np.ndarray:
     """Longest-processing-time packing with equal slot counts (EPLB's ``balanced_packing``):
     items in the given order (heaviest first), each to the least-loaded bin that has a free
@@ -139,12 +145,13 @@ def lpt_pack(
 
     Args:
         exp: (B, N) expert id of each item; share: (B, N) its load; N = num_bins * per_bin.
+        init_load: (B, bins) load already on each bin (default zero).
     Returns:
         (B, num_bins, per_bin) int32 expert ids, each bin's slots in order of filling.
     """
     b, n = exp.shape
     rows = np.arange(b)
-    load = np.zeros((b, num_bins))
+    load = np.zeros((b, num_bins)) if init_load is None else init_load.astype(np.float64)
     fill = np.zeros((b, num_bins), dtype=np.int64)
     hosts = np.zeros((b, num_bins, num_experts), dtype=bool)
     out = np.empty((b, num_bins, per_bin), dtype=np.int32)
@@ -260,8 +267,21 @@ def _shadow(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
             hot = w[rows, col] > mean_dev
             count[rows[hot], col[hot]] = full
     count = replicate_by_load(w, d * s, max_rep, start=count)
-    exp, share = _items(count, w)
-    return lpt_pack(exp, share, d, s, e)
+    # every device's first slots hold the experts on all devices; LPT fills the rest
+    # (layers grouped by how many experts are everywhere)
+    everywhere = count == d  # (L, E)
+    ks = everywhere.sum(axis=1)
+    out = np.empty((num_layers, d, s), dtype=np.int32)
+    for k in np.unique(ks).tolist():
+        rows = np.flatnonzero(ks == k)
+        ev = np.nonzero(everywhere[rows])[1].reshape(rows.size, k)  # (B, k)
+        rest = count[rows].copy()
+        np.put_along_axis(rest, ev, 0, axis=1)
+        init = np.repeat((np.take_along_axis(w[rows], ev, axis=1) / d).sum(axis=1), d)
+        exp, share = _items(rest, w[rows])
+        out[rows, :, :k] = ev[:, None, :]
+        out[rows, :, k:] = lpt_pack(exp, share, d, s - k, e, init.reshape(rows.size, d))
+    return out
 
 
 def _assign_nodes(
@@ -279,35 +299,37 @@ def _assign_nodes(
     Args:
         exp, share: (L, N) replicas, heaviest first; tolerance: a replica may go to a node
         whose load exceeds the least-loaded candidate's by at most ``tolerance`` shares;
-        coact: (L, E, E) symmetric co-activation or None; aff0: (L, nodes, E) prior affinity.
+        coact: (L, E, E) symmetric co-activation counts or None;
+        aff0: (L, nodes, E) prior affinity of each node to each expert.
     Returns:
         node_of: (L, N) node of each replica; hosts: (L, nodes, E) bool.
     """
     num_layers, n = exp.shape
+    e = num_experts
     rows = np.arange(num_layers)
+    base = rows * e  # row offsets into the flattened (L * E, nodes) tables
     nload = np.zeros((num_layers, nodes))
     nfill = np.zeros((num_layers, nodes), dtype=np.int64)
-    hosts = np.zeros((num_layers, nodes, num_experts), dtype=bool)
-    aff = aff0.copy()
+    hosts = np.zeros((num_layers * e, nodes), dtype=bool)
+    aff = aff0.astype(np.float32)  # (L, nodes, E)
     node_of = np.empty((num_layers, n), dtype=np.int64)
+    big = 1e6 * (float(share.sum()) + 1.0)  # pushes a node that hosts the expert last
     for i in range(n):
         ei = exp[:, i]
-        room = nfill < per_node  # (L, nodes)
-        fresh = room & ~hosts[rows, :, ei]
-        cand = np.where(fresh.any(axis=1, keepdims=True), fresh, room)
-        least = np.min(np.where(cand, nload, np.inf), axis=1, keepdims=True)  # (L, 1)
-        near = cand & (nload <= least + tolerance * share[:, i : i + 1])
-        # most affinity among nodes near the least loaded one (ties: least loaded)
-        score = aff[rows, :, ei] - 1e-9 * nload
-        cand = near
-        pick = np.argmax(np.where(cand, score, -np.inf), axis=1)  # (L,)
+        at = base + ei
+        # load as seen by this replica: full nodes never, nodes hosting it only if all do
+        key = nload + np.where(nfill < per_node, 0.0, np.inf) + big * hosts[at]  # (L, nodes)
+        least = key.min(axis=1, keepdims=True)
+        near = key <= least + tolerance * share[:, i : i + 1]
+        # most affinity among nodes near the least-loaded one (ties: least loaded)
+        pick = np.argmax(np.where(near, aff[rows, :, ei] - 1e-9 * key, -np.inf), axis=1)
         node_of[:, i] = pick
         nfill[rows, pick] += 1
         nload[rows, pick] += share[:, i]
-        hosts[rows, pick, ei] = True
+        hosts[at, pick] = True
         if coact is not None:
             aff[rows, pick] += coact[rows, ei]
-    return node_of, hosts
+    return node_of, np.swapaxes(hosts.reshape(num_layers, e, nodes), 1, 2)
 
 
 def _affinity(
@@ -338,17 +360,14 @@ def _affinity(
     count = replicate_by_load(w, d * s, max_rep)
     exp, share = _items(count, w)  # (L, N)
     per_node = g * s
-    sym = None
-    if coact is not None:
-        c = np.asarray(coact, dtype=np.float64)
-        sym = c + np.swapaxes(c, 1, 2)  # symmetric whichever triangle was given
+    co = None if coact is None else np.asarray(coact, dtype=np.float32)
     aff0 = np.zeros((num_layers, nodes, e))
-    node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, sym, aff0)
+    node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, co, aff0)
     if cross is not None and num_layers > 1:
-        x = np.asarray(cross, dtype=np.float64)  # (L-1, E, E)
+        x = np.asarray(cross, dtype=np.float32)  # (L-1, E, E)
         # tokens from the previous layer's experts on each node to each expert of this layer
-        aff0[1:] = cross_weight * np.einsum("lne,lef->lnf", hosts[:-1].astype(np.float64), x)
-        node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, sym, aff0)
+        aff0[1:] = cross_weight * np.matmul(hosts[:-1].astype(np.float32), x)
+        node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, co, aff0)
     # each node's replicas, heaviest first, LPT over its devices
     order = np.argsort(node_of, axis=1, kind="stable")
     exp_n = np.take_along_axis(exp, order, axis=1).reshape(num_layers * nodes, per_node)
@@ -386,8 +405,8 @@ def plan(
             :func:`moesim.placement.memory.max_expert_slots`); exceeding it is an InputError.
         max_replicas: replicas per expert at most (default: D, one per device).
         groups: expert groups for ``eplb-hierarchical`` (default: one per node).
-        coactivation: (L, E, E) tokens choosing both experts i and j in a layer (any
-            triangle), for ``affinity``.
+        coactivation: (L, E, E) tokens choosing both experts i and j in a layer, symmetric
+            (:func:`moesim.placement.affinity.coactivation`), for ``affinity``.
         cross_layer: (L-1, E, E) tokens choosing expert i at layer l and j at layer l+1,
             for ``affinity``.
         cross_weight: weight of the cross-layer term against co-activation (``affinity``).

@@ -20,7 +20,7 @@ from moesim.placement.base import Placement
 from moesim.placement.metrics import moved_slots, planned_balance, score_window
 from moesim.sim.routing import ReplicaChoice
 
-__all__ = ["WindowResult", "align_devices", "incremental", "replay"]
+__all__ = ["WindowResult", "align_devices", "forecast_loads", "incremental", "replay"]
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, e: int) -> np.ndarray:
@@ -53,6 +53,28 @@ def align_devices(old: Placement, new: Placement, devices_per_node: int) -> Plac
     return Placement(slots=out, num_experts=new.num_experts)
 
 
+def forecast_loads(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Loads expected in the next window: ``last`` plus the change since ``previous``,
+    shrunk by how far that change stands out from counting noise.
+
+    Counts of a window are roughly Poisson, so a change ``c = last - previous`` has
+    variance about ``last + previous``; the trend is applied with factor
+    ``max(0, 1 - 4 var / c^2)`` (nothing below two standard deviations, nearly all of a
+    large change), and the result is clipped at zero.
+
+    Args:
+        previous, last: (L, E) loads of two consecutive windows of equal length.
+    Returns:
+        (L, E) forecast loads.
+    """
+    prev = np.asarray(previous, dtype=np.float64)
+    cur = np.asarray(last, dtype=np.float64)
+    change = cur - prev
+    var = cur + prev + 1.0
+    factor = np.maximum(0.0, 1.0 - 4.0 * var / np.maximum(change**2, 1e-12))
+    return np.maximum(cur + factor * change, 0.0)
+
+
 def _device_loads(slots: np.ndarray, share: np.ndarray) -> np.ndarray:
     return share[slots].sum(axis=1)
 
@@ -65,12 +87,18 @@ def _objective(load: np.ndarray) -> np.ndarray:
     )
 
 
-def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
+def _improve_layer(
+    slots: np.ndarray, w: np.ndarray, budget: int, devices_per_node: int | None = None
+) -> np.ndarray:
     """Local search on one layer's (D, S) slots under a budget of moved slots: each step
     takes the best of (a) swapping a slot of the most-loaded device with a slot elsewhere
     (2 slots moved) and (b) overwriting a replica of an expert that has several with a new
-    replica of the most-loaded device's heaviest expert (1 slot moved), while it lowers
-    the planned objective (largest device load, then spread)."""
+    replica of the most-loaded device's heaviest expert (1 slot moved), by gain per moved
+    slot, while it lowers the planned objective (largest device load, then spread).
+
+    With ``devices_per_node``, a new replica goes to a node that has none of its expert
+    while one exists (replica choices that stay on the token's node use one per node).
+    """
     slots = slots.copy()
     d, s = slots.shape
     e = w.size
@@ -83,7 +111,8 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
         top = int(np.argmax(load))
         hosts = np.zeros((d, e), dtype=bool)
         hosts[np.repeat(np.arange(d), s), slots.ravel()] = True
-        best: tuple[float, Any] = (cur - 1e-12 * max(cur, 1.0), None)
+        # best gain per moved slot; a move must lower the objective
+        best: tuple[float, Any] = (1e-12 * max(cur, 1.0), None)
         # (a) swaps: slot i of `top` with slot (j, k) of another device
         if used + 2 <= budget:
             a = slots[top]  # (S,)
@@ -100,11 +129,17 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
                 trial[top] = new_top[i, j, k]
                 trial[j] = new_other[i, j, k]
                 val = float(_objective(trial))
-                if val < best[0]:
-                    best = (val, ("swap", i, j, k))
+                if (cur - val) / 2 > best[0]:
+                    best = ((cur - val) / 2, ("swap", i, j, k))
         # (b) replicate the heaviest expert of `top` into a slot of a multi-replica expert
         x = int(slots[top][np.argmax(share[slots[top]])])
-        cand_dev, cand_slot = np.nonzero((count[slots] >= 2) & (slots != x) & ~hosts[:, [x]])
+        free = (count[slots] >= 2) & (slots != x) & ~hosts[:, [x]]  # (D, S)
+        if devices_per_node is not None:
+            node = np.arange(d) // devices_per_node
+            new_node = ~np.isin(node, node[hosts[:, x]])[:, None]
+            if (free & new_node).any():
+                free &= new_node
+        cand_dev, cand_slot = np.nonzero(free)
         if cand_dev.size:
             trials = np.repeat(load[None, :], cand_dev.size, axis=0)  # (C, D)
             rx = count[x]
@@ -116,8 +151,8 @@ def _improve_layer(slots: np.ndarray, w: np.ndarray, budget: int) -> np.ndarray:
             trials[rows, cand_dev] += w[x] / (rx + 1) - w[c] / (rc - 1)
             vals = _objective(trials)
             ci = int(np.argmin(vals))
-            if vals[ci] < best[0]:
-                best = (float(vals[ci]), ("rep", int(cand_dev[ci]), int(cand_slot[ci]), x))
+            if cur - vals[ci] > best[0]:
+                best = (float(cur - vals[ci]), ("rep", int(cand_dev[ci]), int(cand_slot[ci]), x))
         move = best[1]
         if move is None:
             break
@@ -163,7 +198,7 @@ def incremental(
             if moved_slots(one_old, one_new) <= budget:
                 out[li] = aligned.slots[li]
                 continue
-        out[li] = _improve_layer(previous.slots[li], w[li], budget)
+        out[li] = _improve_layer(previous.slots[li], w[li], budget, devices_per_node)
     return Placement(slots=out, num_experts=previous.num_experts)
 
 
@@ -191,6 +226,7 @@ def replay(
     bytes_per_assignment: float = 0.0,
     max_moved_share: float | None = None,
     static: bool = False,
+    forecast: bool = False,
 ) -> list[WindowResult]:
     """Replay a trace in windows of ``window_tokens`` tokens: re-plan after each window from
     that window's loads, score the plan on the next window.
@@ -201,6 +237,8 @@ def replay(
         max_moved_share: limit each re-plan to this share of slots moved
             (:func:`incremental`, the full re-plan as its target).
         static: plan once from the first window and keep that plan.
+        forecast: plan from :func:`forecast_loads` of the last two windows (from the
+            second re-plan on).
     Returns:
         one :class:`WindowResult` per scored window (windows 1, 2, ...).
     """
@@ -217,6 +255,9 @@ def replay(
         prev_ids = expert_ids[:, (wi - 1) * window_tokens : wi * window_tokens]
         loads = _loads(prev_ids, e)
         t0 = time.perf_counter()
+        if forecast and wi >= 2:
+            older = expert_ids[:, (wi - 2) * window_tokens : (wi - 1) * window_tokens]
+            loads = forecast_loads(_loads(older, e), loads)
         if current is None or not static:
             new = planner(loads, prev_ids)
             if current is not None and max_moved_share is not None:

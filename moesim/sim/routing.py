@@ -233,11 +233,13 @@ def _water_filled(
     if local:
         allowed &= (gn == nodes)[:, None] | (reps // devices_per_node == gn[:, None])
     gi, ri = np.nonzero(allowed)
-    edges = np.stack([gi, reps[gi, ri]], axis=1)
+    # one edge per (group, device), even where a device hosts the expert twice
+    edges = np.unique(np.stack([gi, reps[gi, ri]], axis=1), axis=0)  # sorted by group
+    gi = edges[:, 0]
     total = int(sizes.sum()) + int(base.sum())
     lo = max(int(base.max()), -(-total // num_devices))  # no split does better
     # even split over allowed replicas: a feasible upper bound
-    nallow = allowed.sum(axis=1)
+    nallow = np.bincount(gi, minlength=uniq.size)
     even = base + np.bincount(
         edges[:, 1], weights=np.ceil(sizes / nallow)[gi], minlength=num_devices
     )

@@ -224,7 +224,7 @@ def _placement(
         return contiguous(e, cl.num_devices, num_layers)
     mem = max_expert_slots(shape, hw, scenario.precision)
     if name in STRATEGIES:
-        co = None
+        co = cross = None
         if trace is None:  # count-level routing: plan from the expected loads of step 0
             assert popularity is not None
             if name == "affinity":
@@ -257,7 +257,7 @@ def _placement(
             redundant=scenario.redundant_slots,
             max_slots_per_device=mem,
             coactivation=co,
-            cross_layer=cross if co is not None else None,
+            cross_layer=cross,
         )
     path = Path(name) if Path(name).is_absolute() else base / name
     placement, _ = read_placement(
