@@ -331,7 +331,7 @@ def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
             a, b = int(r.get("busiest_pair_src", 0)), int(r.get("busiest_pair_dst", 0))
             where = "cross-node" if a // dpn != b // dpn else "same node"
             behind = (
-                f"slowest transfers on device {int(np.argmax(net))}; busiest pair device {a} ↔ "
+                f"slowest transfers on device {int(np.argmax(net))}; busiest flow device {a} → "
                 f"device {b} ({where}), {fmt_bytes(float(r.get('busiest_pair_bytes', 0.0)))}"
             )
         rows.append(
@@ -382,11 +382,11 @@ def _links(run: RunData) -> Section:
     lay = run.last_layers()
     dpn = int(run.info["devices_per_node"])
     top = lay.sort_values(["busiest_pair_bytes", "layer"], ascending=[False, True]).head(8)
-    header = ("layer", "device pair", "fabric", "bytes (dispatch + combine)")
+    header = ("layer", "busiest flow", "fabric", "bytes (dispatch + its combine)")
     rows = [
         (
             int(r["layer"]),
-            f"{int(r['busiest_pair_src'])} ↔ {int(r['busiest_pair_dst'])}",
+            f"{int(r['busiest_pair_src'])} → {int(r['busiest_pair_dst'])}",
             "scale-out (NICs)"
             if int(r["busiest_pair_src"]) // dpn != int(r["busiest_pair_dst"]) // dpn
             else "scale-up",

@@ -120,6 +120,35 @@ def draw_counts(
     return out
 
 
+@lru_cache(maxsize=8)
+def _replica_maps(
+    slots_bytes: bytes,
+    slots_shape: tuple[int, int],
+    table_bytes: bytes,
+    table_shape: tuple[int, int],
+    e: int,
+    devices_per_node: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What replica choice needs of a placement, (D, E) each: copies of expert e on device
+    d; the first replica on d's node (D where none); d's share of e's far traffic."""
+    slots = np.frombuffer(slots_bytes, dtype=np.int32).reshape(slots_shape)
+    table = np.frombuffer(table_bytes, dtype=np.int32).reshape(table_shape)
+    d = slots.shape[0]
+    dev = np.arange(d)
+    hosts = np.zeros((d, e), dtype=np.int64)
+    np.add.at(hosts, (np.repeat(dev, slots.shape[1]), slots.reshape(-1)), 1)
+    node = dev // devices_per_node
+    rep_dev = table.reshape(-1).astype(np.int64)
+    rep_exp = np.repeat(np.arange(e), table.shape[1])
+    ok = rep_dev >= 0
+    first_on_node = np.full((int(node[-1]) + 1, e), d, dtype=np.int64)  # (N, E)
+    np.minimum.at(first_on_node, (node[rep_dev[ok]], rep_exp[ok]), rep_dev[ok])
+    share = hosts / np.maximum(hosts.sum(axis=0), 1)[None, :]
+    for a in (hosts, first_on_node, share):
+        a.setflags(write=False)
+    return hosts, first_on_node[node], share
+
+
 def route_counts(
     counts: np.ndarray,
     slots: np.ndarray,
@@ -146,26 +175,25 @@ def route_counts(
     kept = np.clip(capacity - before, 0, counts)
     dropped = (counts - kept).sum(axis=1)
     dev = np.arange(d)
-    hosts = np.zeros((d, e), dtype=np.int64)  # (D, E) copies of expert e on device d
-    np.add.at(hosts, (np.repeat(dev, slots.shape[1]), slots.reshape(-1)), 1)
-    node = dev // devices_per_node
-    n_nodes = int(node[-1]) + 1
-    rep_dev = table.reshape(-1)
-    rep_exp = np.repeat(np.arange(e), table.shape[1])
-    ok = rep_dev >= 0
-    first_on_node = np.full((n_nodes, e), d, dtype=np.int64)  # (N, E), d: none
-    np.minimum.at(first_on_node, (node[rep_dev[ok]], rep_exp[ok]), rep_dev[ok])
+    slots = np.ascontiguousarray(slots, dtype=np.int32)
+    table = np.ascontiguousarray(table, dtype=np.int32)
+    # hosts / target / share (D, E): copies of e on d, the first replica of e on d's node
+    # (D where none), d's share of e's far traffic
+    hosts, target, share = _replica_maps(
+        slots.tobytes(), slots.shape, table.tobytes(), table.shape, e, devices_per_node
+    )
     local = (hosts > 0) & (kept > 0)
-    target = first_on_node[node]  # (D, E) replica on the sender's node
     near = ~local & (target < d) & (kept > 0)
     far = np.where(local | near, 0, kept).astype(np.float64)  # (D, E)
-    share = hosts / count[None, :]  # (D, E) share of an expert's far traffic each device gets
     inv = (1.0 / count).astype(np.float32)
     far32 = far.astype(np.float32)  # counts stay exact below 2^24
     # far assignments spread over the replicas, slot by slot: (D, D)
-    dispatch = far32[:, slots[:, 0]] * inv[slots[:, 0]][None, :]
+    dispatch = np.take(far32, slots[:, 0], axis=1)
+    dispatch *= inv[slots[:, 0]][None, :]
     for j in range(1, slots.shape[1]):
-        dispatch += far32[:, slots[:, j]] * inv[slots[:, j]][None, :]
+        part = np.take(far32, slots[:, j], axis=1)
+        part *= inv[slots[:, j]][None, :]
+        dispatch += part
     per_dev_exp = share * far.sum(axis=0)[None, :]  # (D, E)
     s_idx, e_idx = np.nonzero(local)  # to the sender itself
     dispatch[dev, dev] += np.bincount(s_idx, weights=kept[s_idx, e_idx], minlength=d)

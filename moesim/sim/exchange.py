@@ -12,7 +12,7 @@ tier shows the contention the analytic tier cannot see.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -67,12 +67,26 @@ def _path_latency(topo: Topology, src: np.ndarray, dst: np.ndarray) -> np.ndarra
 
 
 def exchange_times(
-    nbytes: np.ndarray, topo: Topology, hw: HardwareProfile, tier: Tier = "analytic"
+    nbytes: np.ndarray,
+    topo: Topology,
+    hw: HardwareProfile,
+    tier: Tier = "analytic",
+    *,
+    scale: float = 1.0,
 ) -> ExchangeTimes:
-    """Times of the exchange given by the (D, D) byte matrix ``nbytes`` (src → dst)."""
+    """Times of the exchange given by the (D, D) byte matrix ``scale * nbytes`` (src → dst),
+    e.g. token copies times the bytes of one copy."""
     d = nbytes.shape[0]
     if tier == "analytic":
         ports = port_times_us(nbytes, hw, topo.domain_size, topo.nic_scale)
+        if scale != 1.0:  # every figure of the analytic tier is linear in the bytes
+            ports = replace(
+                ports,
+                time_us=ports.time_us * scale,
+                sent_bytes=ports.sent_bytes * scale,
+                recv_bytes=ports.recv_bytes * scale,
+                cross_domain_bytes=ports.cross_domain_bytes * scale,
+            )
         sent, recv = ports.sent_bytes, ports.recv_bytes
         classes = topo.tier_latency_us()
         if classes is not None:  # switched fabrics: latency by the tiers a device uses
@@ -92,12 +106,12 @@ def exchange_times(
             np.where(sent + recv > 0, ports.time_us + latency, 0.0),
             sent,
             recv,
-            _cross_node_bytes(nbytes, topo.devices_per_node),
+            _cross_node_bytes(nbytes, topo.devices_per_node) * scale,
             0,
             ports.time_us,
             latency,
         )
-    m = np.asarray(nbytes, dtype=np.float64).copy()
+    m = np.asarray(nbytes, dtype=np.float64) * scale
     np.fill_diagonal(m, 0.0)
     src, dst = np.nonzero(m)
     sent, recv = m.sum(axis=1), m.sum(axis=0)

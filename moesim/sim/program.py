@@ -13,6 +13,7 @@ Prefill and decode run the forward pass only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -149,6 +150,7 @@ def _moe_ops(
     d, dm = cluster.num_devices, shape.d_model
     b = BYTES_PER_ELEMENT[dtype]
     launch = hw.kernel_launch_us
+    assert routed.dispatch is not None and routed.copies is not None, "routing was compacted"
     sent_assign = routed.dispatch.sum(axis=1)  # (D,) assignments leaving each token owner
     permute = np.asarray(memory_time_us(2.0 * sent_assign * dm * b, hw)) + launch
     unpermute = permute.copy()
@@ -156,16 +158,20 @@ def _moe_ops(
     experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
     b_disp, b_comb = bytes_per_assignment(dm, dispatch_dtype), bytes_per_assignment(dm, "bf16")
     topo, tier = cluster.topology, cluster.network
-    disp = exchange_times(routed.copies * b_disp, topo, hw, tier)
+    copies = routed.copies
+    disp = exchange_times(copies, topo, hw, tier, scale=b_disp)
     if tier == "analytic":  # the other exchanges are the same traffic, rescaled / reversed
         comb = disp.scaled(b_comb / b_disp, reverse=True)
         gdisp = disp.scaled(b_comb / b_disp)
     else:
-        comb = exchange_times(routed.copies.T * b_comb, topo, hw, tier)
-        gdisp = exchange_times(routed.copies * b_comb, topo, hw, tier) if training else comb
-    needs = routed.copies > 0  # [s, d]: d receives token copies from s
-    np.fill_diagonal(needs, True)
-    needs_disp = None if needs.all() else needs  # None: everyone waits for everyone
+        comb = exchange_times(copies.T, topo, hw, tier, scale=b_comb)
+        gdisp = exchange_times(copies, topo, hw, tier, scale=b_comb) if training else comb
+    # [s, d]: d receives token copies from s; None when every device hears from every other
+    off_diag_zeros = d * d - np.count_nonzero(copies) - int((np.diagonal(copies) == 0).sum())
+    needs_disp = None
+    if off_diag_zeros:
+        needs_disp = copies > 0
+        np.fill_diagonal(needs_disp, True)
     needs_comb = None if needs_disp is None else needs_disp.T
     fwd: list[Op] = [
         Compute(f"L{layer} attention", "other", _full(d, costs.attention_us), layer),
@@ -255,7 +261,7 @@ def build_program(
     shape: ModelShape,
     hw: HardwareProfile,
     cluster: ClusterSpec,
-    routed_layers: dict[int, LayerRouting],
+    routed_layers: Mapping[int, LayerRouting],
     costs: LayerCosts,
     *,
     mode: str,

@@ -7,7 +7,7 @@ per-token Python loop.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -21,7 +21,9 @@ __all__ = [
     "LayerRouting",
     "ReplicaChoice",
     "apply_capacity",
+    "busiest_flow",
     "choose_replicas",
+    "cross_node_total",
     "expert_capacity",
     "merge_routing",
     "route_layer",
@@ -271,21 +273,63 @@ class LayerRouting:
     Attributes:
         device_load: (D,) assignments each device processes (after capacity and replicas).
         expert_tokens: (D, S) tokens per hosted expert slot of each device.
-        dispatch: (D, D) assignments sent src → dst (diagonal: stays on the device).
+        dispatch: (D, D) assignments sent src → dst (diagonal: stays on the device);
+            None once :meth:`compact` has dropped the matrices.
         copies: (D, D) token copies on the wire src → dst under the de-duplication policy
             (see :mod:`moesim.sim.traffic`); equals ``dispatch`` for ``dedup="none"``.
         dropped: (D,) dropped assignments, by the device of the token.
         rerouted: total assignments rerouted to another expert.
         assignments: total assignments before capacity.
+        cross_node_copies: copies between devices of different nodes (set by ``compact``).
+        busiest_flow: (src, dst, copies) of the largest off-diagonal entry of ``copies``
+            (set by ``compact``).
     """
 
     device_load: np.ndarray
     expert_tokens: np.ndarray
-    dispatch: np.ndarray
-    copies: np.ndarray
+    dispatch: np.ndarray | None
+    copies: np.ndarray | None
     dropped: np.ndarray
     rerouted: int
     assignments: int
+    cross_node_copies: float | None = None
+    busiest_flow: tuple[int, int, float] | None = None
+
+    def compact(self, devices_per_node: int) -> LayerRouting:
+        """The same routing without its (D, D) matrices, keeping what is read of them
+        later (cross-node copies, the busiest flow): a 2,048-device step then holds one
+        layer's matrices at a time instead of every layer's."""
+        if self.copies is None:
+            return self
+        return replace(
+            self,
+            dispatch=None,
+            copies=None,
+            cross_node_copies=cross_node_total(self.copies, devices_per_node),
+            busiest_flow=busiest_flow(self.copies),
+        )
+
+
+def cross_node_total(m: np.ndarray, devices_per_node: int) -> float:
+    """Sum of the (D, D) matrix over pairs of devices on different nodes."""
+    from moesim.sim.network import block_diagonal_sums
+
+    return float(m.sum(dtype=np.float64) - block_diagonal_sums(m, devices_per_node)[0].sum())
+
+
+def busiest_flow(m: np.ndarray) -> tuple[int, int, float]:
+    """(src, dst, value) of the largest off-diagonal entry of the (D, D) matrix ``m``."""
+    d = m.shape[0]
+    if d < 2:
+        return 0, 0, 0.0
+    flat = np.ascontiguousarray(m).reshape(-1)
+    best = np.argmax(flat)  # usually off the diagonal; if not, look again without it
+    src, dst = divmod(int(best), d)
+    if src == dst:
+        off = flat.copy()
+        off[:: d + 1] = off.min() - 1
+        src, dst = divmod(int(np.argmax(off)), d)
+    return src, dst, float(m[src, dst])
 
 
 def route_layer(
@@ -345,16 +389,28 @@ def route_layer(
 
 
 def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
-    """One layer's routing of several microbatches, summed (loads, traffic, drops)."""
+    """One layer's routing of several microbatches, summed (loads, traffic, drops).
+
+    Compacted parts (see :meth:`LayerRouting.compact`) merge into a compacted result:
+    cross-node copies add up, and the busiest flow is the busiest of any microbatch.
+    """
     first = parts[0]
     if len(parts) == 1:
         return first
+
+    def total(get):  # type: ignore[no-untyped-def]
+        values = [get(p) for p in parts]
+        return None if any(v is None for v in values) else sum(values[1:], values[0])
+
+    flows = [p.busiest_flow for p in parts if p.busiest_flow is not None]
     return LayerRouting(
         device_load=sum((p.device_load for p in parts[1:]), first.device_load),
         expert_tokens=sum((p.expert_tokens for p in parts[1:]), first.expert_tokens),
-        dispatch=sum((p.dispatch for p in parts[1:]), first.dispatch),
-        copies=sum((p.copies for p in parts[1:]), first.copies),
+        dispatch=total(lambda p: p.dispatch),
+        copies=total(lambda p: p.copies),
         dropped=sum((p.dropped for p in parts[1:]), first.dropped),
         rerouted=sum(p.rerouted for p in parts),
         assignments=sum(p.assignments for p in parts),
+        cross_node_copies=total(lambda p: p.cross_node_copies),
+        busiest_flow=max(flows, key=lambda f: f[2]) if len(flows) == len(parts) else None,
     )

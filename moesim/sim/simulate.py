@@ -6,6 +6,7 @@ the metrics, report and timeline writers consume.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,6 @@ from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
 from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.engine import Exchange, Op, Records, run_program
-from moesim.sim.network import block_diagonal_sums
 from moesim.sim.program import (
     ClusterSpec,
     apply_stragglers,
@@ -30,7 +30,14 @@ from moesim.sim.program import (
     bytes_per_assignment,
     interleave_microbatches,
 )
-from moesim.sim.routing import LayerRouting, expert_capacity, merge_routing, route_layer
+from moesim.sim.routing import (
+    LayerRouting,
+    busiest_flow,
+    cross_node_total,
+    expert_capacity,
+    merge_routing,
+    route_layer,
+)
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
@@ -280,57 +287,76 @@ def route_step(
 ) -> dict[int, LayerRouting]:
     """Route every MoE layer of one step (or of one of its microbatches: each device's
     tokens split into ``microbatches`` equal parts); keyed by model layer index."""
-    sc, d = prep.scenario, prep.cluster.num_devices
+    return {
+        layer: route_layer_at(prep, step, li, microbatch, microbatches)
+        for li, layer in enumerate(prep.moe_layers)
+    }
+
+
+def route_layer_at(
+    prep: Prepared, step: int, li: int, microbatch: int = 0, microbatches: int = 1
+) -> LayerRouting:
+    """Route MoE layer ``li`` (its index among the MoE layers) of one step or microbatch."""
+    sc, shape, d = prep.scenario, prep.shape, prep.cluster.num_devices
     per_dev = sc.tokens_per_device
     mb = per_dev // microbatches
-    if prep.trace is None:
-        return _route_step_counts(prep, step, microbatch, mb)
-    idx = step_tokens(prep.trace, step, d * per_dev)
-    pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
-    idx = idx[pos]
-    count = d * mb
-    origin = (np.arange(count) // mb).astype(np.int32)
-    cap = expert_capacity(sc.capacity.factor, count, prep.shape.top_k, prep.shape.num_experts)
-    out = {}
-    for li, layer in enumerate(prep.moe_layers):
-        table, nrep = prep.placement.replicas(li)
-        out[layer] = route_layer(
-            prep.trace.expert_ids[li, idx],
-            origin,
-            prep.placement.slots[li],
-            table,
-            nrep,
-            num_experts=prep.shape.num_experts,
-            devices_per_node=prep.cluster.devices_per_node,
-            capacity=cap,
-            overflow=sc.capacity.overflow,
-            dedup=sc.network.dedup,
-            replica_choice=sc.replica_choice,
-        )
-    return out
-
-
-def _route_step_counts(
-    prep: Prepared, step: int, microbatch: int, tokens: int
-) -> dict[int, LayerRouting]:
-    """:func:`route_step` at count level (``routing.synthetic.level: count``)."""
-    assert prep.popularity is not None
-    sc, shape, d = prep.scenario, prep.shape, prep.cluster.num_devices
-    cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
-    out = {}
-    for li, layer in enumerate(prep.moe_layers):
+    cap = expert_capacity(sc.capacity.factor, d * mb, shape.top_k, shape.num_experts)
+    table, nrep = prep.placement.replicas(li)
+    if prep.trace is None:  # count level (``routing.synthetic.level: count``)
+        assert prep.popularity is not None
         pi = inclusion_probabilities(prep.popularity(li, step), shape.top_k)
         rng = np.random.default_rng([prep.popularity.seed, 0xC0417, step, li, microbatch])
-        table, nrep = prep.placement.replicas(li)
-        out[layer] = route_counts(
-            draw_counts(pi, tokens, d, shape.top_k, rng),
+        return route_counts(
+            draw_counts(pi, mb, d, shape.top_k, rng),
             prep.placement.slots[li],
             table,
             nrep,
             devices_per_node=prep.cluster.devices_per_node,
             capacity=cap,
         )
-    return out
+    idx = step_tokens(prep.trace, step, d * per_dev)
+    pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
+    origin = (np.arange(d * mb) // mb).astype(np.int32)
+    return route_layer(
+        prep.trace.expert_ids[li, idx[pos]],
+        origin,
+        prep.placement.slots[li],
+        table,
+        nrep,
+        num_experts=shape.num_experts,
+        devices_per_node=prep.cluster.devices_per_node,
+        capacity=cap,
+        overflow=sc.capacity.overflow,
+        dedup=sc.network.dedup,
+        replica_choice=sc.replica_choice,
+    )
+
+
+class _StreamedRouting(Mapping[int, LayerRouting]):
+    """One step's (or microbatch's) routing, routed layer by layer as the program builder
+    asks for it. The builder gets the full routing of a layer; what stays behind is its
+    compact form (no (D, D) matrices), so memory holds one layer's traffic at a time."""
+
+    def __init__(self, prep: Prepared, step: int, microbatch: int, microbatches: int) -> None:
+        self.prep, self.step, self.mb, self.n_mb = prep, step, microbatch, microbatches
+        self.index = {layer: li for li, layer in enumerate(prep.moe_layers)}
+        self.kept: dict[int, LayerRouting] = {}
+
+    def __getitem__(self, layer: int) -> LayerRouting:
+        if layer in self.kept:
+            return self.kept[layer]
+        full = route_layer_at(self.prep, self.step, self.index[layer], self.mb, self.n_mb)
+        self.kept[layer] = full.compact(self.prep.cluster.devices_per_node)
+        return full
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.index
 
 
 def _metrics_frame(
@@ -396,7 +422,10 @@ def _layer_frame(
     for li, (layer, lr) in enumerate(routed.items()):
         exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
         load = lr.device_load
-        cross = lr.copies.sum() - block_diagonal_sums(lr.copies, devices_per_node)[0].sum()
+        cross = lr.cross_node_copies
+        if cross is None:
+            assert lr.copies is not None
+            cross = cross_node_total(lr.copies, devices_per_node)
         mean_t = exp_us.mean()
         hosted = None if slots is None else slots[li]
         out.append(
@@ -424,22 +453,25 @@ def _layer_frame(
 def _attribution(
     lr: LayerRouting, slots: np.ndarray | None, straggler: int, wire_bytes: float
 ) -> dict[str, Any]:
-    """The straggler's most loaded expert and the busiest device pair of one layer step.
+    """The straggler's most loaded expert and the busiest flow of one layer step.
 
-    ``slots``: (D, S) experts hosted per device. A pair's bytes are its dispatch plus
-    combine traffic (both directions of the pair's copies).
+    ``slots``: (D, S) experts hosted per device. The busiest flow is the (src, dst) pair
+    with the most dispatched token copies; its bytes are that dispatch plus the combine
+    that returns the same copies.
     """
     per_slot = lr.expert_tokens[straggler]
     hot = int(np.argmax(per_slot)) if per_slot.size else 0
-    pair = lr.copies + lr.copies.T
-    np.fill_diagonal(pair, 0)
-    src, dst = np.unravel_index(int(np.argmax(pair)), pair.shape)
+    flow = lr.busiest_flow
+    if flow is None:
+        assert lr.copies is not None
+        flow = busiest_flow(lr.copies)
+    src, dst, copies = flow
     return {
         "straggler_expert": int(slots[straggler, hot]) if slots is not None else -1,
         "straggler_expert_tokens": float(per_slot[hot]) if per_slot.size else 0.0,
-        "busiest_pair_src": int(min(src, dst)),
-        "busiest_pair_dst": int(max(src, dst)),
-        "busiest_pair_bytes": float(pair[src, dst] * wire_bytes / 2),
+        "busiest_pair_src": int(src),
+        "busiest_pair_dst": int(dst),
+        "busiest_pair_bytes": float(copies * wire_bytes),
     }
 
 
@@ -461,7 +493,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
     metrics, layers, records, step_times = [], [], [], []
     program: list[Op] = []
     for step in range(sc.steps):
-        per_mb = [route_step(prep, step, m, n_mb) for m in range(n_mb)]
+        per_mb = [_StreamedRouting(prep, step, m, n_mb) for m in range(n_mb)]
         programs = [
             build_program(
                 shape,
@@ -478,7 +510,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             for r in per_mb
         ]
         program = programs[0] if n_mb == 1 else interleave_microbatches(programs)
-        routed = {la: merge_routing([r[la] for r in per_mb]) for la in per_mb[0]}
+        routed = {la: merge_routing([r[la] for r in per_mb]) for la in prep.moe_layers}
         st = sc.stragglers
         if st.slow_devices or st.jitter:
             slow = np.ones(d)
