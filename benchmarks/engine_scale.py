@@ -4,9 +4,11 @@
         [--tokens-per-device T] [--json]
 
 58 MoE layers of 256 routed experts, top-8, hidden 7168 (the DeepSeek-V3 preset) on H800
-nodes of 8, zipf:0.8-skewed synthetic routing, FP8 dispatch. Each size runs in a fresh
-process and prints wall time (total, and the routing generation / routing / engine
-stages), SimPy events, events per second and peak RSS. Issue 5 targets, at 2,048 devices
+nodes of 8, zipf:0.8-skewed synthetic routing at count level (each device's per-expert
+counts drawn directly; ``--level token`` draws every token's experts instead), FP8
+dispatch. Each size runs in a fresh process and prints wall time (total, and the
+preparation / simulation stages), SimPy events (one per op and stream), events per
+second and peak RSS. Issue 5 targets, at 2,048 devices
 and 4,096 tokens per device: <= 60 s with the flow tier, <= 5 s analytic, and growth from
 64 to 2,048 devices about linear in devices x layers.
 """
@@ -41,14 +43,14 @@ dispatch_dtype: fp8
 """
 
 
-def _child(devices: int, tokens: int, network: str) -> dict:
+def _child(devices: int, tokens: int, network: str, level: str) -> dict:
     sys.path.insert(0, str(REPO))
     from moesim.scenario import load_scenario
     from moesim.sim.simulate import prepare, simulate_mode
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, tokens, network))
+        path.write_text(_scenario(devices, tokens, network, level))
         t0 = time.perf_counter()
         sc, base = load_scenario(path)
         prep = prepare(sc, base)  # includes generating the synthetic routing
@@ -60,6 +62,7 @@ def _child(devices: int, tokens: int, network: str) -> dict:
         "devices": devices,
         "network": network,
         "tokens_per_device": tokens,
+        "routing_level": level,
         "wall_s": round(t2 - t0, 3),
         "prepare_s": round(t1 - t0, 3),
         "simulate_s": round(t2 - t1, 3),
@@ -75,11 +78,12 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[64])
     ap.add_argument("--network", choices=["analytic", "flow"], default="analytic")
     ap.add_argument("--tokens-per-device", type=int, default=4096)
+    ap.add_argument("--level", choices=["count", "token"], default="count")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.devices[0], args.tokens_per_device, args.network)))
+        print(json.dumps(_child(args.devices[0], args.tokens_per_device, args.network, args.level)))
         return
     rows = []
     for n in args.devices:
@@ -96,6 +100,8 @@ def main() -> None:
                 args.network,
                 "--tokens-per-device",
                 str(args.tokens_per_device),
+                "--level",
+                args.level,
             ],
             capture_output=True,
             text=True,

@@ -65,3 +65,21 @@ def test_plan_capacity_benchmark_prints_figures():
     mixtral = figures["models"]["Mixtral-8x7B"]
     assert mixtral["wall_s"] < figures["target_s"]
     assert set(mixtral["answers"]) == {"H100-SXM", "B200"}
+
+
+def test_engine_scale_prints_its_figures():
+    """The scale benchmark runs (at sizes the default suite can afford) and prints the
+    figures it promises for every size."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/engine_scale.py", "--devices", "16", "32", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["devices"] for r in rows] == [16, 32]
+    for r in rows:
+        assert {"wall_s", "events", "events_per_s", "peak_rss_mb"} <= set(r)
+        assert r["events"] > 0 and r["step_time_us"] > 0
