@@ -14,26 +14,11 @@ import pyarrow.parquet as pq
 
 from moesim.scenario import Scenario
 from moesim.sim.simulate import simulate
+from moesim.sweep.results import METRIC_COLUMNS
 
 NODES = (1, 2)
 FACTORS = (1.0, 1.25, 2.0)
-METRICS = (
-    "step_time_us",
-    "expert_us",
-    "dispatch_us",
-    "combine_us",
-    "other_us",
-    "allreduce_us",
-    "wait_us",
-    "overlapped_us",
-    "tokens_per_s",
-    "balance_ratio",
-    "balance_ratio_mean",
-    "drop_rate",
-    "straggler_penalty",
-    "cross_node_bytes",
-    "memory_per_device_bytes",
-)
+METRICS = METRIC_COLUMNS
 
 
 def _scenario(nodes: int, factor: float) -> Scenario:

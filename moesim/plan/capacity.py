@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from moesim.costs.memory import contiguous_slots, memory_per_device
@@ -43,6 +42,7 @@ from moesim.sim.simulate import (
     route_step,
     simulate_mode,
 )
+from moesim.sweep.results import metric_values
 
 __all__ = [
     "CAPACITY_LADDER",
@@ -432,7 +432,6 @@ def evaluations_frame(plans: list[HardwarePlan]) -> pd.DataFrame:
     for plan in plans:
         for ev in plan.evaluations.values():
             s = ev.run.summary
-            b = s["breakdown_us"]
             rows.append(
                 {
                     "hardware": ev.hardware,
@@ -444,25 +443,7 @@ def evaluations_frame(plans: list[HardwarePlan]) -> pd.DataFrame:
                     "devices_per_node": ev.devices_per_node,
                     "tokens_per_device": s["tokens_per_device"],
                     "capacity_factor": ev.capacity_factor,
-                    "step_time_us": s["step_time_us"],
-                    **{
-                        k: b[k]
-                        for k in (
-                            "expert_us",
-                            "dispatch_us",
-                            "combine_us",
-                            "other_us",
-                            "allreduce_us",
-                            "wait_us",
-                            "overlapped_us",
-                        )
-                    },
-                    "tokens_per_s": s["tokens_per_s"],
-                    "balance_ratio": float(np.max(s["balance_ratio"])),
-                    "drop_rate": s["drop_rate"],
-                    "straggler_penalty": float(np.max(s["straggler_penalty"])),
-                    "cross_node_bytes": s["cross_node_bytes"],
-                    "memory_per_device_bytes": s["memory_per_device_bytes"],
+                    **metric_values(s),
                 }
             )
     return pd.DataFrame(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import matplotlib
 import matplotlib.ticker
@@ -52,6 +53,19 @@ def _svg(fig: plt.Figure) -> str:
     return text
 
 
+def _legend_above(ax: Any) -> None:
+    """One row of legend entries just above the axes, out of the data's way."""
+    ax.legend(
+        ncol=6,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        frameon=False,
+        fontsize=8,
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
+
+
 def breakdown_svg(result: SimResult) -> str:
     """Stacked horizontal bar of each mode's step time by phase, in milliseconds."""
     return breakdown_rows_svg(
@@ -72,15 +86,7 @@ def breakdown_rows_svg(labels: list[str], breakdowns: list[dict[str, float]]) ->
     ax.set_yticks(range(n), labels, fontsize=8 if n > 6 else 10)
     ax.invert_yaxis()
     ax.set_xlabel("time on the device that finishes last (ms)")
-    ax.legend(
-        ncol=6,
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.0),
-        frameon=False,
-        fontsize=8,
-        handlelength=1.2,
-        columnspacing=1.0,
-    )
+    _legend_above(ax)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 
@@ -170,15 +176,7 @@ def memory_svg(
         ax.set_title(
             f"far below HBM capacity ({max(known) / 1e9:.0f} GB per device)", fontsize=9, pad=24
         )
-    ax.legend(
-        ncol=6,
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.0),
-        frameon=False,
-        fontsize=8,
-        handlelength=1.2,
-        columnspacing=1.0,
-    )
+    _legend_above(ax)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 
@@ -319,14 +317,6 @@ def timeline_svg(phases: pd.DataFrame) -> str:
     ax.set_yticks(range(len(devices)), [f"device {d}" for d in devices], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("time from the layer's first op (µs)")
-    ax.legend(
-        ncol=6,
-        loc="lower center",
-        bbox_to_anchor=(0.5, 1.0),
-        frameon=False,
-        fontsize=8,
-        handlelength=1.2,
-        columnspacing=1.0,
-    )
+    _legend_above(ax)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
