@@ -8,7 +8,7 @@ import pytest
 
 from moesim.costs.model import CostModel, OpFactors, calibrate, predict_us, profile_factors
 from moesim.hardware import get_profile
-from moesim.kernels.bench import BenchShape, op_work
+from moesim.kernels.bench import BenchShape, op_work, table_widths
 from moesim.model.shapes import get_preset
 
 TRUE = OpFactors(
@@ -41,10 +41,7 @@ def _table(models: list[str], factors: OpFactors = TRUE, noise: float = 0.0) -> 
                     "op": "expert_ffn_bmm",
                     "dtype": "fp32",
                     "tokens": t,
-                    "d_model": s.d_model,
-                    "d_ff": s.d_ff,
-                    "num_experts": s.local_experts,
-                    "top_k": s.top_k,
+                    **table_widths("expert_ffn_bmm", s),
                     "flops": fl,
                     "bytes": by,
                     "median_us": us,
@@ -116,3 +113,22 @@ def test_without_table_uses_profile_roofline():
     # one token is bound by reading the expert weights
     _, by1, _ = op_work("expert_ffn_bmm", s, 1, "bf16")
     assert t[0] == pytest.approx(f.launch_us + by1 / f.bytes_per_us, rel=1e-3)
+
+
+@pytest.mark.parametrize("op", ["router", "permute", "attention", "memcpy", "expert_ffn_grouped"])
+def test_every_op_finds_its_measured_rows(op):
+    """A shape is matched to its rows by the width columns the benchmark writes for that op
+    (d_ff, top_k, heads are 0 where the op does not use them)."""
+    s = BenchShape.from_model(get_preset("DeepSeek-V3"), local_experts=4)
+    rows = []
+    for t, us in ((1, 50.0), (4, 40.0), (16, 300.0)):  # the dip at 4 tokens is measured
+        fl, by, _ = op_work(op, s, t, "fp32")
+        rows.append(
+            {"op": op, "dtype": "fp32", "tokens": t, "flops": fl, "bytes": by, "median_us": us}
+            | table_widths(op, s)
+        )
+    cm = CostModel.from_table(pd.DataFrame(rows))
+    at = cm.time_us(op, s, np.array([1.0, 4.0, 16.0]), "fp32")
+    np.testing.assert_allclose(at, [50.0, 50.0, 300.0])  # measured, made monotone
+    other = BenchShape.from_model(get_preset("OLMoE-1B-7B"), local_experts=4)
+    assert cm._measured(op, other, "fp32") is None

@@ -38,7 +38,7 @@ from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape, op_work
+from moesim.kernels.bench import BenchShape, op_work, table_widths
 
 __all__ = [
     "CostModel",
@@ -134,17 +134,6 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
 
 
-def _key(op: str, s: BenchShape, dtype: str) -> tuple[object, ...]:
-    return (
-        op,
-        dtype,
-        s.d_model,
-        s.d_ff,
-        s.local_experts if op.startswith("expert_ffn") else s.num_experts,
-        s.top_k,
-    )
-
-
 @dataclass
 class CostModel:
     """Op times for one device: a hardware profile, plus its measured table if it has one."""
@@ -181,19 +170,16 @@ class CostModel:
         )
 
     def _measured(self, op: str, shape: BenchShape, dtype: str) -> pd.DataFrame | None:
+        """The table's rows of ``op`` in ``dtype`` with exactly this shape's widths."""
         if self.table is None:
             return None
         t = self.table
-        n = shape.local_experts if op.startswith("expert_ffn") else shape.num_experts
-        m = t[
-            (t["op"] == op)
-            & (t["dtype"] == dtype)
-            & (t["d_model"] == shape.d_model)
-            & (t["d_ff"] == shape.d_ff)
-            & (t["num_experts"] == n)
-            & (t["top_k"] == shape.top_k)
-        ]
-        return m.sort_values("tokens") if len(m) >= 1 else None
+        m = (t["op"] == op) & (t["dtype"] == dtype)
+        for col, value in table_widths(op, shape).items():
+            if col in t.columns:
+                m &= t[col] == value
+        rows = t[m]
+        return rows.sort_values("tokens") if len(rows) >= 1 else None
 
     def grouped_ffn_us(
         self,
