@@ -19,7 +19,12 @@
    ``cache_bytes`` — the same caches serve every shape, so this carries across shapes.
    Without a table the factors come from the hardware profile (peak × gemm efficiency,
    HBM × hbm efficiency, its launch overhead, no small-batch or cache term); with a
-   table, :func:`calibrate` fits them per op by least squares on log time.
+   table, :func:`calibrate` fits them per op by least squares on log time, and
+   :func:`fit_token_correction` then fits, per measured token count ``T``, a log-linear
+   correction ``log t = a(T) + b(T) log roofline`` across the table's shapes
+   (:class:`TokenCorrection`): the part of the small-batch behaviour that depends on
+   the number of rows a kernel gets (a matrix-vector kernel at one token, other
+   blockings at a few) rather than on work, which the smooth form above cannot follow.
 
 ``flops`` and ``bytes`` of an op come from :func:`moesim.kernels.bench.op_work`, the same
 work model the benchmark records, so tables and model agree on what an op does.
@@ -43,8 +48,10 @@ from moesim.kernels.bench import BenchShape, op_work, table_widths
 __all__ = [
     "CostModel",
     "OpFactors",
+    "TokenCorrection",
     "calibrate",
     "cost_model_for",
+    "fit_token_correction",
     "load_cost_model",
     "predict_us",
     "profile_factors",
@@ -134,6 +141,66 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
 
 
+@dataclass(frozen=True)
+class TokenCorrection:
+    """A per-token-count correction of one op's calibrated roofline.
+
+    At each measured token count ``T``: ``log t = offset(T) + slope(T) * log roofline(T)``,
+    fitted across the table's shapes; between token counts both are interpolated in
+    ``log T``, beyond them held at the nearest one. It carries what the roofline's smooth
+    form cannot and what every shape shares at the same ``T``: the kernel a library
+    picks for a given number of rows (a matrix-vector product at one token, other
+    blockings and packing at a few), which is the small-batch behaviour the
+    micro-benchmarks measure. ``slope`` is pulled towards 1 (see
+    :func:`fit_token_correction`), so one shape alone gives a pure per-``T`` offset.
+    """
+
+    log_tokens: tuple[float, ...]
+    offset: tuple[float, ...]
+    slope: tuple[float, ...]
+
+    def apply(self, tokens: np.ndarray, roofline_us: np.ndarray) -> np.ndarray:
+        """Corrected times; ``tokens`` and ``roofline_us`` have the same shape."""
+        lt = np.log(np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))
+        a = np.interp(lt, self.log_tokens, self.offset)
+        b = np.interp(lt, self.log_tokens, self.slope)
+        return np.asarray(np.exp(a + b * np.log(np.asarray(roofline_us, float))))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+
+SLOPE_RIDGE = 10.0
+"""Weight pulling a token count's slope towards 1 (in units of summed squared log µs)."""
+
+
+def fit_token_correction(
+    rows: pd.DataFrame, f: OpFactors, ridge: float = SLOPE_RIDGE
+) -> TokenCorrection:
+    """Fit :class:`TokenCorrection` of factors ``f`` to one op's measured rows.
+
+    Per token count ``T`` with rows ``i``: minimise
+    ``sum_i (log t_i - a - b log r_i)**2 + ridge * (b - 1)**2`` (``r``: the roofline), a
+    2x2 linear solve. ``rows``: columns flops, bytes, tokens, median_us.
+    """
+    tok = rows["tokens"].to_numpy(float)
+    x = np.log(predict_us(f, rows["flops"].to_numpy(float), rows["bytes"].to_numpy(float), tok))
+    y = np.log(rows["median_us"].to_numpy(float))
+    levels = np.unique(tok)
+    offset = np.empty(levels.size)
+    slope = np.empty(levels.size)
+    for i, level in enumerate(levels):
+        xs, ys = x[tok == level], y[tok == level]
+        lhs = np.array([[xs.size, xs.sum()], [xs.sum(), (xs * xs).sum() + ridge]])
+        rhs = np.array([ys.sum(), (xs * ys).sum() + ridge])
+        offset[i], slope[i] = np.linalg.solve(lhs, rhs)
+    return TokenCorrection(
+        tuple(np.log(np.maximum(levels, 1.0)).tolist()),
+        tuple(offset.tolist()),
+        tuple(slope.tolist()),
+    )
+
+
 @dataclass
 class CostModel:
     """Op times for one device: a hardware profile, plus its measured table if it has one."""
@@ -141,15 +208,19 @@ class CostModel:
     hw: HardwareProfile | None = None
     table: pd.DataFrame | None = None
     factors: dict[tuple[str, str], OpFactors] = field(default_factory=dict)
+    corrections: dict[tuple[str, str], TokenCorrection] = field(default_factory=dict)
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, hw: HardwareProfile | None = None) -> CostModel:
         """Calibrate every (op, dtype) of ``table``."""
         factors = {}
+        corrections = {}
         for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
             start = profile_factors(hw, str(dtype)) if hw is not None else None
-            factors[(str(op), str(dtype))] = calibrate(rows, start)
-        return cls(hw=hw, table=table, factors=factors)
+            key = (str(op), str(dtype))
+            factors[key] = calibrate(rows, start)
+            corrections[key] = fit_token_correction(rows, factors[key])
+        return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
     def op_factors(self, op: str, dtype: str) -> OpFactors:
         if (op, dtype) in self.factors:
@@ -159,15 +230,18 @@ class CostModel:
         return profile_factors(self.hw, dtype)
 
     def roofline_us(self, op: str, shape: BenchShape, tokens: np.ndarray, dtype: str) -> np.ndarray:
+        """Calibrated roofline time (with the op's token correction where fitted), no table."""
         tokens = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
         work = np.array([op_work(op, shape, max(int(t), 1), dtype)[:2] for t in tokens])
         scale = np.where(tokens >= 1, 1.0, tokens)  # fractional tokens: scale the 1-token work
-        return predict_us(
+        t = predict_us(
             self.op_factors(op, dtype),
             work[:, 0] * scale,
             work[:, 1] * scale,
             np.maximum(tokens, 1),
         )
+        corr = self.corrections.get((op, dtype))
+        return t if corr is None else corr.apply(np.maximum(tokens, 1), t)
 
     def _measured(self, op: str, shape: BenchShape, dtype: str) -> pd.DataFrame | None:
         """The table's rows of ``op`` in ``dtype`` with exactly this shape's widths."""
