@@ -118,6 +118,7 @@ def main() -> None:
         "device_dir": str(
             device_dir.relative_to(REPO) if device_dir.is_relative_to(REPO) else device_dir
         ),
+        "threads": sorted(int(x) for x in table["threads"].unique()),
         "median_err": round(float(errs["err"].median()), 4),
         "p90_err": round(float(np.quantile(errs["err"], 0.9)), 4),
         "max_err": round(float(errs["err"].max()), 4),

@@ -14,6 +14,7 @@ from moesim.costs.model import (
     predict_us,
     profile_factors,
 )
+from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.kernels.bench import BenchShape, op_work, table_widths
 from moesim.model.shapes import get_preset
@@ -193,3 +194,11 @@ def test_token_correction_carries_a_per_token_effect_to_a_held_out_shape():
     plain = CostModel(table=cm.table, factors=cm.factors)  # the same fit, no correction
     p1 = plain.roofline_us("expert_ffn_bmm", s, np.array([1.0]), "fp32")[0]
     assert abs(p1 / held["median_us"].iloc[0] - 1) > 0.3
+
+
+def test_table_mixing_thread_counts_is_refused():
+    table = _table(["FLAME-MoE-290M"])
+    table["threads"] = [1] * 7 + [2] * (len(table) - 7)
+    with pytest.raises(InputError, match="thread counts") as err:
+        CostModel.from_table(table)
+    assert err.value.field == "threads"

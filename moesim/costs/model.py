@@ -42,6 +42,7 @@ import pandas as pd
 from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
+from moesim.errors import InputError
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape, op_work, table_widths
 
@@ -212,7 +213,18 @@ class CostModel:
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, hw: HardwareProfile | None = None) -> CostModel:
-        """Calibrate every (op, dtype) of ``table``."""
+        """Calibrate every (op, dtype) of ``table``.
+
+        Raises :class:`~moesim.errors.InputError` if the table mixes thread counts (one
+        device folder must describe one configuration: merge runs with the same
+        ``--threads``).
+        """
+        if "threads" in table.columns and table["threads"].nunique() > 1:
+            raise InputError(
+                "the table mixes runs with different thread counts; keep one",
+                field="threads",
+                value=", ".join(str(int(x)) for x in sorted(table["threads"].unique())),
+            )
         factors = {}
         corrections = {}
         for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
