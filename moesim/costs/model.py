@@ -115,13 +115,13 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     big = t > np.median(t)
     peak = float(np.max(fl[big] / t[big])) if (fl[big] > 0).any() else 1.0
     bw = float(np.median(by / t))
-    x0 = np.log(
-        [max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, max(4 * bw, 1.0), 4e6, 2.0]
-    )
+    # x: log of launch, peak, memory bandwidth, half_tokens, cache / memory bandwidth
+    # (>= 1: a cache is never slower than memory), cache_bytes, sharpness
+    x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, 4.0, 4e6, 2.0])
     if start is not None:
         x0[:3] = np.log([start.launch_us, start.peak_flop_per_us, start.bytes_per_us])
-    lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e3, 0.3])
-    hi = np.log([1e6, 1e12, 1e12, 1e6, 1e12, 1e11, 8.0])
+    lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1.0, 1e3, 0.3])
+    hi = np.log([1e6, 1e12, 1e12, 1e6, 1e4, 1e11, 8.0])
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
     def unpack(x: np.ndarray) -> OpFactors:
@@ -131,7 +131,7 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
             float(v[1]),
             float(v[2]),
             float(v[3]),
-            float(v[4]),
+            float(v[4] * v[2]),
             float(v[5]),
             float(v[6]),
         )
