@@ -6,9 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moesim.costs.model import CostModel, OpFactors, calibrate, predict_us, profile_factors
+from moesim.costs.model import (
+    CostModel,
+    OpFactors,
+    calibrate,
+    fit_token_correction,
+    predict_us,
+    profile_factors,
+)
+from moesim.errors import InputError
 from moesim.hardware import get_profile
-from moesim.kernels.bench import BenchShape, op_work
+from moesim.kernels.bench import BenchShape, op_work, table_widths
 from moesim.model.shapes import get_preset
 
 TRUE = OpFactors(
@@ -41,10 +49,7 @@ def _table(models: list[str], factors: OpFactors = TRUE, noise: float = 0.0) -> 
                     "op": "expert_ffn_bmm",
                     "dtype": "fp32",
                     "tokens": t,
-                    "d_model": s.d_model,
-                    "d_ff": s.d_ff,
-                    "num_experts": s.local_experts,
-                    "top_k": s.top_k,
+                    **table_widths("expert_ffn_bmm", s),
                     "flops": fl,
                     "bytes": by,
                     "median_us": us,
@@ -116,3 +121,96 @@ def test_without_table_uses_profile_roofline():
     # one token is bound by reading the expert weights
     _, by1, _ = op_work("expert_ffn_bmm", s, 1, "bf16")
     assert t[0] == pytest.approx(f.launch_us + by1 / f.bytes_per_us, rel=1e-3)
+
+
+@pytest.mark.parametrize("op", ["router", "permute", "attention", "memcpy", "expert_ffn_grouped"])
+def test_every_op_finds_its_measured_rows(op):
+    """A shape is matched to its rows by the width columns the benchmark writes for that op
+    (d_ff, top_k, heads are 0 where the op does not use them)."""
+    s = BenchShape.from_model(get_preset("DeepSeek-V3"), local_experts=4)
+    rows = []
+    for t, us in ((1, 50.0), (4, 40.0), (16, 300.0)):  # the dip at 4 tokens is measured
+        fl, by, _ = op_work(op, s, t, "fp32")
+        rows.append(
+            {"op": op, "dtype": "fp32", "tokens": t, "flops": fl, "bytes": by, "median_us": us}
+            | table_widths(op, s)
+        )
+    cm = CostModel.from_table(pd.DataFrame(rows))
+    at = cm.time_us(op, s, np.array([1.0, 4.0, 16.0]), "fp32")
+    np.testing.assert_allclose(at, [50.0, 50.0, 300.0])  # measured, made monotone
+    other = BenchShape.from_model(get_preset("OLMoE-1B-7B"), local_experts=4)
+    assert cm._measured(op, other, "fp32") is None
+
+
+def test_token_correction_hand_checked():
+    """Two shapes at one token count, roofline 1 and e µs, measured 1 and e**2 µs:
+    minimise (0 - a)**2 + (2 - a - b)**2 + 10 (b - 1)**2 -> b = 22/21, a = 10/21."""
+    f = OpFactors(launch_us=0.0, peak_flop_per_us=1.0, bytes_per_us=1.0)
+    rows = pd.DataFrame(
+        {"flops": [0.0, 0.0], "bytes": [1.0, np.e], "tokens": [8, 8], "median_us": [1.0, np.e**2]}
+    )
+    c = fit_token_correction(rows, f, ridge=10.0)
+    assert c.log_tokens == (pytest.approx(np.log(8)),)
+    assert c.slope[0] == pytest.approx(22 / 21) and c.offset[0] == pytest.approx(10 / 21)
+    # applied at any token count (held beyond the fitted one): exp(a + b log r)
+    got = c.apply(np.array([1.0, 8.0, 100.0]), np.array([2.0, 2.0, 2.0]))
+    np.testing.assert_allclose(got, np.exp(10 / 21 + 22 / 21 * np.log(2.0)))
+
+
+def test_token_correction_with_one_shape_reproduces_its_points():
+    """One row per token count: slope 1, offset log(measured / roofline), so the corrected
+    roofline meets every measured point and interpolates the ratio in log tokens."""
+    f = OpFactors(launch_us=1.0, peak_flop_per_us=10.0, bytes_per_us=5.0)
+    tok = np.array([1.0, 4.0, 16.0])
+    fl, by = 100.0 * tok, 50.0 + tok
+    meas = predict_us(f, fl, by, tok) * np.array([2.0, 1.0, 1.5])
+    rows = pd.DataFrame({"flops": fl, "bytes": by, "tokens": tok, "median_us": meas})
+    c = fit_token_correction(rows, f)
+    np.testing.assert_allclose(c.slope, 1.0)
+    np.testing.assert_allclose(c.apply(tok, predict_us(f, fl, by, tok)), meas)
+    # halfway between 1 and 4 tokens in log: ratio sqrt(2 * 1)
+    r2 = predict_us(f, np.array([200.0]), np.array([52.0]), np.array([2.0]))
+    np.testing.assert_allclose(c.apply(np.array([2.0]), r2), r2 * np.sqrt(2.0))
+
+
+def test_token_correction_carries_a_per_token_effect_to_a_held_out_shape():
+    """Every shape runs 2x slower than its roofline at one token (a matrix-vector kernel):
+    the smooth roofline cannot fit it, the token correction learns it from three shapes
+    and predicts the fourth."""
+    bump = {1: 2.0}
+
+    def table(models: list[str]) -> pd.DataFrame:
+        t = _table(models)
+        t["median_us"] *= t["tokens"].map(lambda n: bump.get(n, 1.0))
+        return t
+
+    train = table(["FLAME-MoE-290M", "Mixtral-8x7B", "DeepSeek-V3"])
+    held = table(["OLMoE-1B-7B"])
+    cm = CostModel.from_table(train)
+    s = _shape("OLMoE-1B-7B")
+    pred = cm.roofline_us("expert_ffn_bmm", s, held["tokens"].to_numpy(float), "fp32")
+    err = np.abs(pred / held["median_us"].to_numpy() - 1)
+    assert err.max() < 0.1
+    plain = CostModel(table=cm.table, factors=cm.factors)  # the same fit, no correction
+    p1 = plain.roofline_us("expert_ffn_bmm", s, np.array([1.0]), "fp32")[0]
+    assert abs(p1 / held["median_us"].iloc[0] - 1) > 0.3
+
+
+def test_table_mixing_thread_counts_is_refused():
+    table = _table(["FLAME-MoE-290M"])
+    table["threads"] = [1] * 7 + [2] * (len(table) - 7)
+    with pytest.raises(InputError, match="thread counts") as err:
+        CostModel.from_table(table)
+    assert err.value.field == "threads"
+
+
+def test_calibrated_cache_is_never_slower_than_memory():
+    """The smallest quarter 3x slower than the form gives (fixed costs it cannot carry):
+    the fit must not turn the cache step upside down to fit them, which would make
+    every small unseen shape slower than a large one."""
+    table = _table(["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"])
+    small = table["bytes"] < table["bytes"].quantile(0.25)
+    table.loc[small, "median_us"] *= 3.0
+    fit = calibrate(table)
+    assert fit.cache_bytes_per_us is not None
+    assert fit.cache_bytes_per_us >= fit.bytes_per_us * (1 - 1e-9)

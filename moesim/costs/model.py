@@ -19,7 +19,12 @@
    ``cache_bytes`` — the same caches serve every shape, so this carries across shapes.
    Without a table the factors come from the hardware profile (peak × gemm efficiency,
    HBM × hbm efficiency, its launch overhead, no small-batch or cache term); with a
-   table, :func:`calibrate` fits them per op by least squares on log time.
+   table, :func:`calibrate` fits them per op by least squares on log time, and
+   :func:`fit_token_correction` then fits, per measured token count ``T``, a log-linear
+   correction ``log t = a(T) + b(T) log roofline`` across the table's shapes
+   (:class:`TokenCorrection`): the part of the small-batch behaviour that depends on
+   the number of rows a kernel gets (a matrix-vector kernel at one token, other
+   blockings at a few) rather than on work, which the smooth form above cannot follow.
 
 ``flops`` and ``bytes`` of an op come from :func:`moesim.kernels.bench.op_work`, the same
 work model the benchmark records, so tables and model agree on what an op does.
@@ -37,14 +42,17 @@ import pandas as pd
 from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
+from moesim.errors import InputError
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape, op_work
+from moesim.kernels.bench import BenchShape, op_work, table_widths
 
 __all__ = [
     "CostModel",
     "OpFactors",
+    "TokenCorrection",
     "calibrate",
     "cost_model_for",
+    "fit_token_correction",
     "load_cost_model",
     "predict_us",
     "profile_factors",
@@ -107,13 +115,13 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     big = t > np.median(t)
     peak = float(np.max(fl[big] / t[big])) if (fl[big] > 0).any() else 1.0
     bw = float(np.median(by / t))
-    x0 = np.log(
-        [max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, max(4 * bw, 1.0), 4e6, 2.0]
-    )
+    # x: log of launch, peak, memory bandwidth, half_tokens, cache / memory bandwidth
+    # (>= 1: a cache is never slower than memory), cache_bytes, sharpness
+    x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, 4.0, 4e6, 2.0])
     if start is not None:
         x0[:3] = np.log([start.launch_us, start.peak_flop_per_us, start.bytes_per_us])
-    lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e3, 0.3])
-    hi = np.log([1e6, 1e12, 1e12, 1e6, 1e12, 1e11, 8.0])
+    lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1.0, 1e3, 0.3])
+    hi = np.log([1e6, 1e12, 1e12, 1e6, 1e4, 1e11, 8.0])
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
     def unpack(x: np.ndarray) -> OpFactors:
@@ -123,7 +131,7 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
             float(v[1]),
             float(v[2]),
             float(v[3]),
-            float(v[4]),
+            float(v[4] * v[2]),
             float(v[5]),
             float(v[6]),
         )
@@ -134,14 +142,63 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
 
 
-def _key(op: str, s: BenchShape, dtype: str) -> tuple[object, ...]:
-    return (
-        op,
-        dtype,
-        s.d_model,
-        s.d_ff,
-        s.local_experts if op.startswith("expert_ffn") else s.num_experts,
-        s.top_k,
+@dataclass(frozen=True)
+class TokenCorrection:
+    """A per-token-count correction of one op's calibrated roofline.
+
+    At each measured token count ``T``: ``log t = offset(T) + slope(T) * log roofline(T)``,
+    fitted across the table's shapes; between token counts both are interpolated in
+    ``log T``, beyond them held at the nearest one. It carries what the roofline's smooth
+    form cannot and what every shape shares at the same ``T``: the kernel a library
+    picks for a given number of rows (a matrix-vector product at one token, other
+    blockings and packing at a few), which is the small-batch behaviour the
+    micro-benchmarks measure. ``slope`` is pulled towards 1 (see
+    :func:`fit_token_correction`), so one shape alone gives a pure per-``T`` offset.
+    """
+
+    log_tokens: tuple[float, ...]
+    offset: tuple[float, ...]
+    slope: tuple[float, ...]
+
+    def apply(self, tokens: np.ndarray, roofline_us: np.ndarray) -> np.ndarray:
+        """Corrected times; ``tokens`` and ``roofline_us`` have the same shape."""
+        lt = np.log(np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))
+        a = np.interp(lt, self.log_tokens, self.offset)
+        b = np.interp(lt, self.log_tokens, self.slope)
+        return np.asarray(np.exp(a + b * np.log(np.asarray(roofline_us, float))))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+
+SLOPE_RIDGE = 10.0
+"""Weight pulling a token count's slope towards 1 (in units of summed squared log µs)."""
+
+
+def fit_token_correction(
+    rows: pd.DataFrame, f: OpFactors, ridge: float = SLOPE_RIDGE
+) -> TokenCorrection:
+    """Fit :class:`TokenCorrection` of factors ``f`` to one op's measured rows.
+
+    Per token count ``T`` with rows ``i``: minimise
+    ``sum_i (log t_i - a - b log r_i)**2 + ridge * (b - 1)**2`` (``r``: the roofline), a
+    2x2 linear solve. ``rows``: columns flops, bytes, tokens, median_us.
+    """
+    tok = rows["tokens"].to_numpy(float)
+    x = np.log(predict_us(f, rows["flops"].to_numpy(float), rows["bytes"].to_numpy(float), tok))
+    y = np.log(rows["median_us"].to_numpy(float))
+    levels = np.unique(tok)
+    offset = np.empty(levels.size)
+    slope = np.empty(levels.size)
+    for i, level in enumerate(levels):
+        xs, ys = x[tok == level], y[tok == level]
+        lhs = np.array([[xs.size, xs.sum()], [xs.sum(), (xs * xs).sum() + ridge]])
+        rhs = np.array([ys.sum(), (xs * ys).sum() + ridge])
+        offset[i], slope[i] = np.linalg.solve(lhs, rhs)
+    return TokenCorrection(
+        tuple(np.log(np.maximum(levels, 1.0)).tolist()),
+        tuple(offset.tolist()),
+        tuple(slope.tolist()),
     )
 
 
@@ -152,15 +209,30 @@ class CostModel:
     hw: HardwareProfile | None = None
     table: pd.DataFrame | None = None
     factors: dict[tuple[str, str], OpFactors] = field(default_factory=dict)
+    corrections: dict[tuple[str, str], TokenCorrection] = field(default_factory=dict)
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, hw: HardwareProfile | None = None) -> CostModel:
-        """Calibrate every (op, dtype) of ``table``."""
+        """Calibrate every (op, dtype) of ``table``.
+
+        Raises :class:`~moesim.errors.InputError` if the table mixes thread counts (one
+        device folder must describe one configuration: merge runs with the same
+        ``--threads``).
+        """
+        if "threads" in table.columns and table["threads"].nunique() > 1:
+            raise InputError(
+                "the table mixes runs with different thread counts; keep one",
+                field="threads",
+                value=", ".join(str(int(x)) for x in sorted(table["threads"].unique())),
+            )
         factors = {}
+        corrections = {}
         for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
             start = profile_factors(hw, str(dtype)) if hw is not None else None
-            factors[(str(op), str(dtype))] = calibrate(rows, start)
-        return cls(hw=hw, table=table, factors=factors)
+            key = (str(op), str(dtype))
+            factors[key] = calibrate(rows, start)
+            corrections[key] = fit_token_correction(rows, factors[key])
+        return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
     def op_factors(self, op: str, dtype: str) -> OpFactors:
         if (op, dtype) in self.factors:
@@ -170,30 +242,30 @@ class CostModel:
         return profile_factors(self.hw, dtype)
 
     def roofline_us(self, op: str, shape: BenchShape, tokens: np.ndarray, dtype: str) -> np.ndarray:
+        """Calibrated roofline time (with the op's token correction where fitted), no table."""
         tokens = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
         work = np.array([op_work(op, shape, max(int(t), 1), dtype)[:2] for t in tokens])
         scale = np.where(tokens >= 1, 1.0, tokens)  # fractional tokens: scale the 1-token work
-        return predict_us(
+        t = predict_us(
             self.op_factors(op, dtype),
             work[:, 0] * scale,
             work[:, 1] * scale,
             np.maximum(tokens, 1),
         )
+        corr = self.corrections.get((op, dtype))
+        return t if corr is None else corr.apply(np.maximum(tokens, 1), t)
 
     def _measured(self, op: str, shape: BenchShape, dtype: str) -> pd.DataFrame | None:
+        """The table's rows of ``op`` in ``dtype`` with exactly this shape's widths."""
         if self.table is None:
             return None
         t = self.table
-        n = shape.local_experts if op.startswith("expert_ffn") else shape.num_experts
-        m = t[
-            (t["op"] == op)
-            & (t["dtype"] == dtype)
-            & (t["d_model"] == shape.d_model)
-            & (t["d_ff"] == shape.d_ff)
-            & (t["num_experts"] == n)
-            & (t["top_k"] == shape.top_k)
-        ]
-        return m.sort_values("tokens") if len(m) >= 1 else None
+        m = (t["op"] == op) & (t["dtype"] == dtype)
+        for col, value in table_widths(op, shape).items():
+            if col in t.columns:
+                m &= t[col] == value
+        rows = t[m]
+        return rows.sort_values("tokens") if len(rows) >= 1 else None
 
     def grouped_ffn_us(
         self,

@@ -78,6 +78,7 @@ __all__ = [
     "op_work",
     "run_bench",
     "supported",
+    "table_widths",
     "write_results",
 ]
 
@@ -373,6 +374,25 @@ def op_work(op: str, s: BenchShape, tokens: int, dtype: str) -> tuple[float, flo
     if op == "memcpy":
         return 0.0, 2 * e * t * d, 2 * e * t * d
     raise ValueError(f"unknown op {op!r}")
+
+
+def table_widths(op: str, s: BenchShape) -> dict[str, int]:
+    """The width columns a table row of ``op`` records for shape ``s`` (0 where unused).
+
+    A row's shape is these columns; the cost model matches a shape to measured rows by them.
+    """
+    routed = op in ("router", "permute", "unpermute")
+    attn = op == "attention"
+    return {
+        "d_model": s.d_model,
+        "d_ff": s.d_ff if op in _FFN_OPS else 0,
+        "num_experts": s.local_experts if op in _FFN_OPS else (s.num_experts if routed else 0),
+        "top_k": s.top_k if routed else 0,
+        "num_heads": s.num_heads if attn else 0,
+        "num_kv_heads": s.num_kv_heads if attn else 0,
+        "head_dim": s.head_dim if attn else 0,
+        "v_head_dim": s.v_head_dim if attn else 0,
+    }
 
 
 # ----- builders -------------------------------------------------------------------------------
@@ -729,16 +749,7 @@ def _run_series(
                 "model": shape.model,
                 "dtype": dt,
                 "tokens": tokens,
-                "d_model": shape.d_model,
-                "d_ff": shape.d_ff if op in _FFN_OPS else 0,
-                "num_experts": shape.local_experts
-                if op in _FFN_OPS
-                else (shape.num_experts if op in ("router", "permute", "unpermute") else 0),
-                "top_k": shape.top_k if op in ("router", "permute", "unpermute") else 0,
-                "num_heads": shape.num_heads if op == "attention" else 0,
-                "num_kv_heads": shape.num_kv_heads if op == "attention" else 0,
-                "head_dim": shape.head_dim if op == "attention" else 0,
-                "v_head_dim": shape.v_head_dim if op == "attention" else 0,
+                **table_widths(op, shape),
                 "flops": flops,
                 "bytes": moved,
                 "median_us": med,
