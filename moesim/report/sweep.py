@@ -275,6 +275,18 @@ def drops_section(
     grid = d.pivot_table(
         index=group, columns="capacity_factor", values="drop_rate", aggfunc="max"
     ).sort_index()
+    # groups whose drop rates agree at every factor (drops depend on routing and capacity,
+    # not on hardware, mode or placement) share one line and one row
+    same: dict[tuple[float, ...], list[str]] = {}
+    for name, vals in zip(grid.index.tolist(), grid.to_numpy().tolist(), strict=True):
+        same.setdefault(tuple(round(float(v), 9) for v in vals), []).append(str(name))
+    label = {
+        n: names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} with equal drops)"
+        for names in same.values()
+        for n in names
+    }
+    d = d.assign(**{group: d[group].astype(str).map(label)})
+    grid = grid.groupby(grid.index.astype(str).map(label), sort=False).max()
     header = (f"{group_title} \\ capacity factor", *(f"{c:g}" for c in grid.columns))
     rows = [
         (name, *("-" if pd.isna(v) else f"{100 * v:.3f}%" for v in vals))
