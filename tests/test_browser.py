@@ -57,7 +57,9 @@ def test_plan_report_in_chromium(tmp_path):
         prices_per_device_hour=(3.0, 6.0),
     )
     write_plan(plan_capacity(req), req, tmp_path / "plan")
-    _assert_good_page(tmp_path / "plan" / "report.html", tmp_path, "plan-capacity", figures=8)
+    _assert_good_page(
+        tmp_path / "plan" / "report.html", tmp_path, "plan-capacity", figures=9
+    )  # with the placement comparison
 
 
 def test_the_probe_catches_errors_and_overlapping_labels(tmp_path):

@@ -21,7 +21,6 @@ is simulated; each available placement strategy is simulated and the fastest kep
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,10 +167,12 @@ class HardwarePlan:
 
 
 def available_placements() -> list[str]:
-    """Placement strategies the scenario's ``placement`` field accepts."""
-    ann = Scenario.model_fields["placement"].annotation
-    args = typing.get_args(ann)
-    return [a for a in args if isinstance(a, str)] or ["contiguous"]
+    """Placements the planner tries at every size: Megatron's contiguous default and a
+    load-balanced packing planned from the routing (EPLB-style, global, no replicas: the
+    planner keeps expert memory at one copy per expert)."""
+    from moesim.placement.planners import STRATEGIES
+
+    return [p for p in ("contiguous", "eplb-global") if p in STRATEGIES]
 
 
 def cluster_sizes(num_experts: int, devices_per_node: int, max_devices: int) -> list[int]:

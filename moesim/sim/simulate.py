@@ -574,7 +574,9 @@ def _summary(
     # is reported as overlapped, so busy parts + waiting - overlapped = step time
     busy = _union_us(last.start_us[:, critical], last.end_us[:, critical])
     breakdown["wait_us"] = step_time - busy
-    breakdown["overlapped_us"] = sum(v for k, v in breakdown.items() if k != "wait_us") - busy
+    overlapped = sum(v for k, v in breakdown.items() if k != "wait_us") - busy
+    # without overlap the two sums are equal: keep rounding noise (1e-13 µs) out of the figure
+    breakdown["overlapped_us"] = overlapped if abs(overlapped) > 1e-6 * max(busy, 1.0) else 0.0
     lastl = ldf[ldf["step"] == sc.steps - 1].sort_values("layer")
     assignments = int(ldf["assignments"].sum())
     tokens = prep.cluster.num_devices * sc.tokens_per_device
