@@ -294,3 +294,15 @@ def test_count_level_routing_refuses_token_policies(tmp_path, field, kw):
     with pytest.raises(InputError) as err:
         simulate(_synthetic("count", **kw), tmp_path, "s.yaml")
     assert err.value.field == field
+
+
+def test_layers_name_their_busiest_fabric_link(tmp_path):
+    """On 4 nodes of 8, some of every layer's dispatch crosses NICs (50 GB/s against
+    NVLink's 450), so the bottleneck link of each layer is a NIC link."""
+    run = simulate(_synthetic("token"), tmp_path).runs[0]
+    for r in run.layers.to_dict("records"):
+        assert "leaf" in r["busiest_link"] and "device" in r["busiest_link"], r["busiest_link"]
+        assert r["busiest_link_bytes"] > 0
+        hw = get_profile("H800")
+        bw = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
+        assert r["busiest_link_us"] == pytest.approx(r["busiest_link_bytes"] / bw)

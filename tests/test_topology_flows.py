@@ -168,3 +168,17 @@ def test_latency_by_tier_equals_the_longest_path(hw, devices, per_node, over):
     np.testing.assert_allclose(
         got.time_us, np.where(p.sent_bytes + p.recv_bytes > 0, p.time_us + want, 0.0), rtol=1e-12
     )
+
+
+def test_busiest_link_by_hand():
+    """Two nodes of two H100s: 5 copies 0 → 2 and 3 copies 1 → 2 (different rails, so via
+    the spine) and 4 copies inside node 0. Device 2's NIC downlink carries all 8."""
+    from moesim.sim.exchange import busiest_link
+
+    topo = build_topology(get_profile("H100-SXM"), 4, 2)
+    m = np.zeros((4, 4))
+    m[0, 2], m[1, 2], m[0, 1] = 5, 3, 4
+    i, load = busiest_link(m, topo)
+    assert load == 8
+    assert i == topo.tables["nic_down"][2]
+    assert busiest_link(np.diag([1.0, 2, 3, 4]), topo) is None  # nothing leaves a device

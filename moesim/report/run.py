@@ -411,6 +411,26 @@ def _links(run: RunData) -> Section:
         f"Device {busiest} moves the most bytes per step "
         f"({fmt_bytes(float(moved.max()))}).\n\n" + md_table(header, rows, left=0)
     )
+    if "busiest_link" in lay and (lay["busiest_link"].fillna("") != "").any():
+        links = lay[lay["busiest_link"].fillna("") != ""]
+        links = links.sort_values(["busiest_link_us", "layer"], ascending=[False, True]).head(8)
+        lheader = ("layer", "fabric link", "dispatch bytes", "time at its bandwidth")
+        lrows = [
+            (
+                int(r["layer"]),
+                str(r["busiest_link"]),
+                fmt_bytes(float(r["busiest_link_bytes"])),
+                fmt_us(float(r["busiest_link_us"])),
+            )
+            for r in links.to_dict("records")
+        ]
+        html += "<p>Busiest fabric link of each layer's dispatch (top 8):</p>" + html_table(
+            lheader, lrows, left=0, text_cols=(1,)
+        )
+        md += "\n\nBusiest fabric links (dispatch):\n\n" + md_table(lheader, lrows, left=0)
+    else:
+        note = "<p>Per-link loads are computed for clusters of up to 256 devices.</p>"
+        html += note
     return Section("links", html, md)
 
 

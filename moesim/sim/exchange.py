@@ -22,9 +22,12 @@ from moesim.sim.flows import simulate_flows
 from moesim.sim.network import block_diagonal_sums, port_times_us
 from moesim.topology.build import Topology
 
-__all__ = ["ExchangeTimes", "Tier", "exchange_times"]
+__all__ = ["LINK_LOADS_MAX_DEVICES", "ExchangeTimes", "Tier", "busiest_link", "exchange_times"]
 
 Tier = Literal["analytic", "flow"]
+
+#: link loads route every (src, dst) pair: up to this many devices (65,536 pairs)
+LINK_LOADS_MAX_DEVICES = 256
 
 
 @dataclass(frozen=True)
@@ -130,3 +133,25 @@ def exchange_times(
 def _cross_node_bytes(m: np.ndarray, devices_per_node: int) -> float:
     """Bytes of the (D, D) matrix between devices of different nodes."""
     return float(m.sum(dtype=np.float64) - block_diagonal_sums(m, devices_per_node)[0].sum())
+
+
+def busiest_link(m: np.ndarray, topo: Topology) -> tuple[int, float] | None:
+    """The fabric link the (D, D) traffic ``m`` (src → dst) keeps busiest along the
+    topology's paths (most load per unit of bandwidth: the bottleneck, which on a
+    switched cluster is usually a NIC rather than the far faster scale-up link that
+    carries more bytes), and its load in ``m``'s unit; None without traffic, or above
+    :data:`LINK_LOADS_MAX_DEVICES` devices (every pair is routed)."""
+    d = m.shape[0]
+    if d > LINK_LOADS_MAX_DEVICES:
+        return None
+    mm = np.asarray(m, dtype=np.float64).copy()
+    np.fill_diagonal(mm, 0.0)
+    src, dst = np.nonzero(mm)
+    if not src.size:
+        return None
+    r = topo.routes(src, dst)
+    load = np.bincount(
+        r.links, weights=np.repeat(mm[src, dst], np.diff(r.indptr)), minlength=topo.num_links
+    )
+    i = int(np.argmax(load / topo.capacity_gbps))
+    return i, float(load[i])

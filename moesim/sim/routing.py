@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -283,6 +283,8 @@ class LayerRouting:
         cross_node_copies: copies between devices of different nodes (set by ``compact``).
         busiest_flow: (src, dst, copies) of the largest off-diagonal entry of ``copies``
             (set by ``compact``).
+        busiest_link: (link index, copies) of the fabric link the most copies cross (set by
+            ``compact`` given a topology, for clusters small enough to route every pair).
     """
 
     device_load: np.ndarray
@@ -294,8 +296,9 @@ class LayerRouting:
     assignments: int
     cross_node_copies: float | None = None
     busiest_flow: tuple[int, int, float] | None = None
+    busiest_link: tuple[int, float] | None = None
 
-    def compact(self, devices_per_node: int) -> LayerRouting:
+    def compact(self, devices_per_node: int, topology: Any = None) -> LayerRouting:
         """The same routing without its (D, D) matrices, keeping what is read of them
         later (cross-node copies, the busiest flow): a 2,048-device step then holds one
         layer's matrices at a time instead of every layer's."""
@@ -307,7 +310,14 @@ class LayerRouting:
             copies=None,
             cross_node_copies=cross_node_total(self.copies, devices_per_node),
             busiest_flow=busiest_flow(self.copies),
+            busiest_link=None if topology is None else _busiest_link(self.copies, topology),
         )
+
+
+def _busiest_link(m: np.ndarray, topology: Any) -> tuple[int, float] | None:
+    from moesim.sim.exchange import busiest_link
+
+    return busiest_link(m, topology)
 
 
 def cross_node_total(m: np.ndarray, devices_per_node: int) -> float:
@@ -392,7 +402,7 @@ def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
     """One layer's routing of several microbatches, summed (loads, traffic, drops).
 
     Compacted parts (see :meth:`LayerRouting.compact`) merge into a compacted result:
-    cross-node copies add up, and the busiest flow is the busiest of any microbatch.
+    cross-node copies add up; the busiest flow and link are the busiest of any microbatch.
     """
     first = parts[0]
     if len(parts) == 1:
@@ -403,6 +413,7 @@ def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
         return None if any(v is None for v in values) else sum(values[1:], values[0])
 
     flows = [p.busiest_flow for p in parts if p.busiest_flow is not None]
+    links = [p.busiest_link for p in parts if p.busiest_link is not None]
     return LayerRouting(
         device_load=sum((p.device_load for p in parts[1:]), first.device_load),
         expert_tokens=sum((p.expert_tokens for p in parts[1:]), first.expert_tokens),
@@ -413,4 +424,5 @@ def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
         assignments=sum(p.assignments for p in parts),
         cross_node_copies=total(lambda p: p.cross_node_copies),
         busiest_flow=max(flows, key=lambda f: f[2]) if len(flows) == len(parts) else None,
+        busiest_link=max(links, key=lambda f: f[1]) if len(links) == len(parts) else None,
     )

@@ -39,6 +39,7 @@ from moesim.sim.routing import (
     route_layer,
 )
 from moesim.topology import build_topology
+from moesim.topology.build import Topology
 from moesim.traces.store import RoutingTrace, read_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
 
@@ -346,7 +347,8 @@ class _StreamedRouting(Mapping[int, LayerRouting]):
         if layer in self.kept:
             return self.kept[layer]
         full = route_layer_at(self.prep, self.step, self.index[layer], self.mb, self.n_mb)
-        self.kept[layer] = full.compact(self.prep.cluster.devices_per_node)
+        cl = self.prep.cluster
+        self.kept[layer] = full.compact(cl.devices_per_node, cl.topology)
         return full
 
     def __iter__(self) -> Iterator[int]:
@@ -475,6 +477,47 @@ def _attribution(
     }
 
 
+def _link_name(topo: Topology, i: int) -> str:
+    """A link as people name it, e.g. ``leaf (rail 7, group 0) → device 15``."""
+
+    def end(node: tuple[Any, ...]) -> str:
+        kind, *ids = node
+        if kind == "dev":
+            return f"device {ids[0]}"
+        if kind == "leaf":
+            return f"leaf (rail {ids[0]}, group {ids[1]})"
+        return f"{'NVSwitch' if kind == 'nvswitch' else kind} {' '.join(map(str, ids))}"
+
+    a, b = topo.link_name(i)
+    return f"{end(a)} → {end(b)}"
+
+
+def _link_columns(
+    routed: dict[int, LayerRouting], topo: Topology, dispatch_bytes: float
+) -> dict[str, list[Any]]:
+    """Per MoE layer (in ``routed`` order): the fabric link the dispatch loads most, its
+    dispatch bytes and the time they take it at its achievable bandwidth (NaN / "" when
+    the cluster is too large to route every pair, see ``LINK_LOADS_MAX_DEVICES``)."""
+    cols: dict[str, list[Any]] = {
+        "busiest_link": [],
+        "busiest_link_bytes": [],
+        "busiest_link_us": [],
+    }
+    for lr in routed.values():
+        link = lr.busiest_link
+        if link is None:
+            cols["busiest_link"].append("")
+            cols["busiest_link_bytes"].append(float("nan"))
+            cols["busiest_link_us"].append(float("nan"))
+            continue
+        i, copies = link
+        nbytes = copies * dispatch_bytes
+        cols["busiest_link"].append(_link_name(topo, i))
+        cols["busiest_link_bytes"].append(nbytes)
+        cols["busiest_link_us"].append(nbytes / (float(topo.capacity_gbps[i]) * 1e3))
+    return cols
+
+
 def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
     """Simulate ``scenario.steps`` steps of one mode."""
     sc, shape, hw = prep.scenario, prep.shape, prep.hw
@@ -525,11 +568,11 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         wire = bytes_per_assignment(shape.d_model, sc.dispatch_dtype) + bytes_per_assignment(
             shape.d_model, sc.combine_dtype
         )
-        layers.append(
-            _layer_frame(
-                routed, m, step, cap, prep.cluster.devices_per_node, wire, prep.placement.slots
-            )
+        frame = _layer_frame(
+            routed, m, step, cap, prep.cluster.devices_per_node, wire, prep.placement.slots
         )
+        disp = bytes_per_assignment(shape.d_model, sc.dispatch_dtype)
+        layers.append(frame.assign(**_link_columns(routed, prep.cluster.topology, disp)))
         records.append(rec)
         step_times.append(float(rec.end_us.max()))
     mdf = pd.concat(metrics, ignore_index=True)
