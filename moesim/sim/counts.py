@@ -30,7 +30,7 @@ from moesim.sim.routing import LayerRouting
 __all__ = ["draw_counts", "inclusion_probabilities", "route_counts"]
 
 _GRID = 513  # quadrature points in log-time (odd, for Simpson's rule)
-_POISSON_BELOW = 50.0  # mean count under which draws are Poisson, above normal
+_POISSON_BELOW = 10.0  # mean count under which draws are Poisson, above normal
 
 
 def inclusion_probabilities(logp: np.ndarray, k: int) -> np.ndarray:
@@ -103,19 +103,23 @@ def draw_counts(
     """(D, E) int64 assignments of each device's ``tokens`` tokens to each expert.
 
     Mean ``tokens * pi``, variance as the multinomial of ``tokens * k`` draws over
-    ``pi / k``; Poisson where the mean is small (keeps the skew of rare experts), rounded
-    normal elsewhere, clipped to ``[0, tokens]``.
+    ``pi / k``; Poisson where the mean is below 10 (keeps the skew of rare experts),
+    rounded normal elsewhere, clipped to ``[0, tokens]``.
     """
     mean = tokens * np.asarray(pi, dtype=np.float64)  # (E,)
     small = mean < _POISSON_BELOW
-    out = np.empty((num_devices, mean.size), dtype=np.int64)
-    if small.any():
-        out[:, small] = rng.poisson(mean[small], size=(num_devices, int(small.sum())))
     big = ~small
-    if big.any():
-        sd = np.sqrt(mean[big] * (1 - pi[big] / k))
-        z = rng.standard_normal((num_devices, int(big.sum())), dtype=np.float32)
-        out[:, big] = np.rint(mean[big] + sd * z)
+    sd = np.sqrt(mean * np.maximum(1 - pi / k, 0.0))
+    if big.all():  # one block of normal draws
+        z = rng.standard_normal((num_devices, mean.size), dtype=np.float32)
+        out = np.rint(mean + sd * z).astype(np.int64)
+    else:
+        out = np.empty((num_devices, mean.size), dtype=np.int64)
+        if small.any():
+            out[:, small] = rng.poisson(mean[small], size=(num_devices, int(small.sum())))
+        if big.any():
+            z = rng.standard_normal((num_devices, int(big.sum())), dtype=np.float32)
+            out[:, big] = np.rint(mean[big] + sd[big] * z)
     np.clip(out, 0, tokens, out=out)
     return out
 
