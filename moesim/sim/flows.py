@@ -24,19 +24,25 @@ _REL_TIE = 1e-9  # flows finishing within this relative time of each other finis
 
 
 def maxmin_rates(
-    incidence: sp.csr_matrix, weight: np.ndarray, capacity: np.ndarray, active: np.ndarray
+    incidence: sp.csr_matrix,
+    weight: np.ndarray,
+    capacity: np.ndarray,
+    active: np.ndarray,
+    incidence_t: sp.csr_matrix | None = None,
 ) -> np.ndarray:
     """Max-min fair rate of each flow (GB/s), 0 for inactive flows.
 
     Args:
         incidence: (links, flows) 0/1 matrix; weight: (flows,) how many identical flows
-        each column stands for; capacity: (links,) GB/s; active: (flows,) bool.
+        each column stands for; capacity: (links,) GB/s; active: (flows,) bool;
+        incidence_t: ``incidence.T`` as CSR, when the caller already has it.
     """
     n_links, n_flows = incidence.shape
     rate = np.zeros(n_flows)
     unfrozen = active.copy()
     remaining = capacity.astype(np.float64).copy()
-    incidence_t = incidence.T.tocsr()
+    if incidence_t is None:
+        incidence_t = incidence.T.tocsr()
     level = 0.0
     while unfrozen.any():
         load = incidence @ (weight * unfrozen)  # (links,) unfrozen flows per link
@@ -101,6 +107,7 @@ def simulate_flows(
         (np.ones(int(valid.sum())), (paths[valid], np.repeat(np.arange(g), valid.sum(axis=1)))),
         shape=(capacity_gbps.size, g),
     )
+    incidence_t = incidence.T.tocsr()  # once per exchange, not once per event
     cap = capacity_gbps * 1e3  # bytes/µs
     remaining = size.copy()
     active = np.ones(g, dtype=bool)
@@ -108,7 +115,7 @@ def simulate_flows(
     now = 0.0
     events = 0
     while active.any():
-        rate = maxmin_rates(incidence, weight, cap, active)
+        rate = maxmin_rates(incidence, weight, cap, active, incidence_t)
         ttf = np.full(g, np.inf)  # time to finish at the current rates
         ttf[active] = remaining[active] / rate[active]
         dt = float(ttf.min())
