@@ -4,44 +4,35 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO
 
 
-@pytest.mark.benchmark
-def test_demo_speed_benchmark_prints_figures():
+def _run_json(script: str, *args: str) -> Any:
+    """Run ``benchmarks/<script> --json ARGS`` with this checkout's moesim; its JSON."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/demo_speed.py", "--json", "--repeats", "1"],
+        [sys.executable, f"benchmarks/{script}", "--json", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.benchmark
+def test_demo_speed_benchmark_prints_figures():
+    figures = _run_json("demo_speed.py", "--repeats", "1")
     assert figures["demo_wall_s_median"] < figures["target_s"]
 
 
 def test_placement_eval_quick_runs_and_checks_targets():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/placement_eval.py",
-            "--json",
-            "--quick",
-            "--score-layers",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's moesim
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = _run_json("placement_eval.py", "--quick", "--score-layers", "2")
     planners = {r["planner"] for r in out["rows"]}
     assert {"eplb-global", "eplb-hierarchical", "affinity", "oracle"} <= planners
     assert {r["dataset"] for r in out["rows"]} >= {"flame-290m", "dsv3-zipf1.0"}
@@ -53,15 +44,7 @@ def test_placement_eval_quick_runs_and_checks_targets():
 
 @pytest.mark.benchmark
 def test_plan_capacity_benchmark_prints_figures():
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/plan_capacity.py", "--json", "--models", "Mixtral-8x7B"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    figures = json.loads(proc.stdout)
+    figures = _run_json("plan_capacity.py", "--models", "Mixtral-8x7B")
     mixtral = figures["models"]["Mixtral-8x7B"]
     assert mixtral["wall_s"] < figures["target_s"]
     assert set(mixtral["answers"]) == {"H100-SXM", "B200"}
@@ -70,15 +53,7 @@ def test_plan_capacity_benchmark_prints_figures():
 def test_engine_scale_prints_its_figures():
     """The scale benchmark runs (at sizes the default suite can afford) and prints the
     figures it promises for every size."""
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/engine_scale.py", "--devices", "16", "32", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
+    rows = _run_json("engine_scale.py", "--devices", "16", "32")
     assert [r["devices"] for r in rows] == [16, 32]
     for r in rows:
         assert {"wall_s", "events", "events_per_s", "peak_rss_mb"} <= set(r)

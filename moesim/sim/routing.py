@@ -408,8 +408,8 @@ def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
     if len(parts) == 1:
         return first
 
-    def total(get):  # type: ignore[no-untyped-def]
-        values = [get(p) for p in parts]
+    def total(values: list[Any]) -> Any:
+        """Sum of the parts' values, None when any part has none (compacted)."""
         return None if any(v is None for v in values) else sum(values[1:], values[0])
 
     flows = [p.busiest_flow for p in parts if p.busiest_flow is not None]
@@ -417,12 +417,12 @@ def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
     return LayerRouting(
         device_load=sum((p.device_load for p in parts[1:]), first.device_load),
         expert_tokens=sum((p.expert_tokens for p in parts[1:]), first.expert_tokens),
-        dispatch=total(lambda p: p.dispatch),
-        copies=total(lambda p: p.copies),
+        dispatch=total([p.dispatch for p in parts]),
+        copies=total([p.copies for p in parts]),
         dropped=sum((p.dropped for p in parts[1:]), first.dropped),
         rerouted=sum(p.rerouted for p in parts),
         assignments=sum(p.assignments for p in parts),
-        cross_node_copies=total(lambda p: p.cross_node_copies),
+        cross_node_copies=total([p.cross_node_copies for p in parts]),
         busiest_flow=max(flows, key=lambda f: f[2]) if len(flows) == len(parts) else None,
         busiest_link=max(links, key=lambda f: f[1]) if len(links) == len(parts) else None,
     )
