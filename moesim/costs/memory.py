@@ -46,6 +46,7 @@ __all__ = [
     "BYTES_PER_PARAM",
     "OPTIMIZER_BYTES_PER_PARAM",
     "MemoryEstimate",
+    "bytes_per_param",
     "contiguous_slots",
     "dense_params",
     "kv_cache_bytes_per_token",
@@ -88,7 +89,8 @@ class MemoryEstimate:
         return asdict(self) | {"total_bytes": self.total_bytes}
 
 
-def _bytes_per_param(precision: str) -> float:
+def bytes_per_param(precision: str) -> float:
+    """Weight bytes per parameter at ``precision`` (bf16 2, fp8 1, int4 0.5)."""
     if precision not in BYTES_PER_PARAM:
         raise InputError(
             f"unknown precision; valid: {', '.join(BYTES_PER_PARAM)}",
@@ -163,7 +165,7 @@ def memory_per_device(
     Returns:
         the estimate by component (see the module docstring for every assumption).
     """
-    bpp = _bytes_per_param(precision)
+    bpp = bytes_per_param(precision)
     slots = (
         contiguous_slots(shape.num_experts, num_devices) if expert_slots is None else expert_slots
     )

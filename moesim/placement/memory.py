@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import math
 
-from moesim.errors import InputError
+from moesim.costs.memory import BYTES_PER_PARAM, bytes_per_param, dense_params
 from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
 
-__all__ = ["BYTES_PER_PARAM", "expert_bytes", "max_expert_slots"]
-
-BYTES_PER_PARAM = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5}
+__all__ = ["expert_bytes", "max_expert_slots"]
 
 
 def expert_bytes(shape: ModelShape, dtype: str = "bf16") -> float:
     """Weight bytes of one routed expert (what moving one slot transfers)."""
-    if dtype not in BYTES_PER_PARAM:
-        raise InputError(
-            f"unknown precision; valid: {', '.join(BYTES_PER_PARAM)}", field="dtype", value=dtype
-        )
-    return shape.expert_param_bytes(BYTES_PER_PARAM[dtype])
+    return shape.expert_param_bytes(bytes_per_param(dtype))
 
 
 def max_expert_slots(
@@ -37,8 +31,7 @@ def max_expert_slots(
     ``S = floor((HBM * (1 - reserve) - dense bytes) / (MoE layers * expert bytes))``.
     """
     per_param = BYTES_PER_PARAM.get(dtype, 2.0)
-    experts_total = shape.num_moe_layers * shape.num_experts * shape.expert_params()
-    dense_bytes = (shape.total_params() - experts_total) * per_param
+    dense_bytes = dense_params(shape) * per_param
     free = hw.memory.hbm_bytes * (1 - reserve_fraction) - dense_bytes
     per_slot = shape.num_moe_layers * expert_bytes(shape, dtype)
     return max(0, math.floor(free / per_slot))
