@@ -8,7 +8,8 @@ nodes of 8, zipf:0.8-skewed synthetic routing at count level (each device's per-
 counts drawn directly; ``--level token`` draws every token's experts instead), FP8
 dispatch. Each size runs in a fresh process and prints wall time (total, and the
 preparation / simulation stages), SimPy events (one per op and stream), events per
-second and peak RSS. Issue 5 targets, at 2,048 devices
+second and peak RSS; CPU time too, the steadier figure on a shared machine (numpy may use
+more than one core, so it can exceed the wall time). Issue 5 targets, at 2,048 devices
 and 4,096 tokens per device: <= 60 s with the flow tier, <= 5 s analytic, and growth from
 64 to 2,048 devices about linear in devices x layers.
 """
@@ -51,12 +52,12 @@ def _child(devices: int, tokens: int, network: str, level: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
         path.write_text(_scenario(devices, tokens, network, level))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         sc, base = load_scenario(path)
         prep = prepare(sc, base)  # includes generating the synthetic routing
         t1 = time.perf_counter()
         run = simulate_mode(prep, "training")
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
     events = run.summary["events"]
     return {
         "devices": devices,
@@ -64,6 +65,7 @@ def _child(devices: int, tokens: int, network: str, level: str) -> dict:
         "tokens_per_device": tokens,
         "routing_level": level,
         "wall_s": round(t2 - t0, 3),
+        "cpu_s": round(c2 - c0, 3),
         "prepare_s": round(t1 - t0, 3),
         "simulate_s": round(t2 - t1, 3),
         "events": events,
@@ -115,6 +117,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['devices']:5d} devices, {r['network']:8s}: {r['wall_s']:8.2f} s "
+            f"(CPU {r['cpu_s']:.2f} s) "
             f"(routing generation {r['prepare_s']:.2f} s, simulation {r['simulate_s']:.2f} s), "
             f"{r['events']:,} events ({r['events_per_s']:,.0f}/s), peak RSS {r['peak_rss_mb']} MB"
         )

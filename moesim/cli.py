@@ -14,6 +14,7 @@ from rich.table import Table
 
 from moesim import __version__
 from moesim.errors import InputError
+from moesim.sim.flows import FLOW_REL_TOL
 
 __all__ = ["app", "main"]
 
@@ -413,6 +414,9 @@ def a2a(
     combine_dtype: Annotated[str, typer.Option(help="bf16 | fp8.")] = "bf16",
     dedup: Annotated[str, typer.Option(help="none | device | node.")] = "none",
     network: Annotated[str, typer.Option(help="analytic | flow.")] = "analytic",
+    flow_rel_tol: Annotated[
+        float, typer.Option(help="Flow tier: relative tolerance of its event batching (0: exact).")
+    ] = FLOW_REL_TOL,
     seed: Annotated[int, typer.Option(help="Seed of the random routing.")] = 0,
     trace: Annotated[Path | None, typer.Option(help="Route from this trace instead.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
@@ -445,6 +449,7 @@ def a2a(
         combine_dtype=combine_dtype,
         dedup=cast(Dedup, dedup),
         network=cast(Tier, network),
+        flow_rel_tol=flow_rel_tol,
         seed=seed,
         trace=trace,
     )

@@ -182,3 +182,46 @@ def test_busiest_link_by_hand():
     assert load == 8
     assert i == topo.tables["nic_down"][2]
     assert busiest_link(np.diag([1.0, 2, 3, 4]), topo) is None  # nothing leaves a device
+
+
+def _skewed(d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m = rng.poisson(16, (d, d)) * rng.zipf(2.0, (d, d)).clip(max=20) * 7168.0
+    np.fill_diagonal(m, 0.0)
+    return m
+
+
+@pytest.mark.parametrize(
+    ("hw", "devices", "kwargs"),
+    [
+        ("H800", 32, {}),
+        ("H800", 32, {"nodes_per_leaf": 2, "oversubscription": 4.0}),
+        ("TPU-v6e", 16, {"dims": (4, 4)}),
+    ],
+)
+def test_flow_tolerance_stays_close_to_exact(hw, devices, kwargs):
+    """Batched events (rel_tol 0.01, the scenario default) keep every device's time within
+    3 % of the exact max-min simulation, with far fewer rate recomputations."""
+    profile = get_profile(hw)
+    topo = build_topology(profile, devices, min(8, devices), **kwargs)
+    m = _skewed(devices)
+    exact = exchange_times(m, topo, profile, "flow", rel_tol=0.0)
+    fast = exchange_times(m, topo, profile, "flow", rel_tol=0.01)
+    ratio = fast.time_us / exact.time_us
+    assert ratio.min() > 0.99 and ratio.max() < 1.03
+    assert fast.events < 0.7 * exact.events
+
+
+def test_flow_times_rescale_exactly():
+    """Max-min rates do not depend on the bytes, so scaling every flow scales every drain
+    time: the backward exchange is the forward one rescaled, in the flow tier too."""
+    hw = get_profile("H800")
+    topo = build_topology(hw, 16, 8, nodes_per_leaf=1, oversubscription=2.0)
+    m = _skewed(16, seed=3)
+    for tol in (0.0, 0.01):
+        base = exchange_times(m, topo, hw, "flow", rel_tol=tol)
+        direct = exchange_times(m, topo, hw, "flow", rel_tol=tol, scale=2.5)
+        np.testing.assert_allclose(base.scaled(2.5).time_us, direct.time_us, rtol=1e-12)
+        np.testing.assert_allclose(base.scaled(2.5).sent_bytes, direct.sent_bytes)
+    with pytest.raises(ValueError, match="do not reverse"):
+        base.scaled(1.0, reverse=True)

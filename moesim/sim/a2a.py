@@ -16,6 +16,7 @@ from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.placement.base import contiguous
 from moesim.sim.exchange import Tier, exchange_times
+from moesim.sim.flows import FLOW_REL_TOL
 from moesim.sim.program import bytes_per_assignment
 from moesim.sim.routing import choose_replicas
 from moesim.sim.traffic import Dedup, copy_matrix
@@ -38,6 +39,7 @@ def run_a2a(
     combine_dtype: str = "bf16",
     dedup: Dedup = "none",
     network: Tier = "analytic",
+    flow_rel_tol: float = FLOW_REL_TOL,
     seed: int = 0,
     trace: Path | None = None,
 ) -> dict[str, Any]:
@@ -52,6 +54,8 @@ def run_a2a(
     ):
         if value < 1:
             raise InputError("must be at least 1", field=name, value=value)
+    if not 0 <= flow_rel_tol <= 0.2:
+        raise InputError("must be in [0, 0.2]", field="flow-rel-tol", value=flow_rel_tol)
     if topk > num_experts:
         raise InputError("top-k exceeds the number of experts", field="topk", value=topk)
     per_node = min(ep, hw.devices_per_node)
@@ -93,6 +97,7 @@ def run_a2a(
         "combine_dtype": combine_dtype,
         "dedup": dedup,
         "network": network,
+        "flow_rel_tol": flow_rel_tol if network == "flow" else None,
         "seed": seed,
     }
     node = np.arange(ep) // per_node
@@ -103,7 +108,7 @@ def run_a2a(
         ("combine", copies.T, combine_dtype),
     ):
         nbytes = matrix * bytes_per_assignment(hidden, dtype)
-        res = exchange_times(nbytes, topo, hw, network)
+        res = exchange_times(nbytes, topo, hw, network, rel_tol=flow_rel_tol)
         t = float(res.time_us.max())
         scale_out = float(nbytes[cross].sum())
         scale_up = float(nbytes[offdiag & ~cross].sum())

@@ -175,9 +175,16 @@ def route_counts(
         padded with -1; count: (E,) replicas per expert.
     """
     d, e = counts.shape
-    before = np.cumsum(counts, axis=0) - counts  # (D, E) assignments of earlier devices
-    kept = np.clip(capacity - before, 0, counts)
-    dropped = (counts - kept).sum(axis=1)
+    kept = counts
+    dropped = np.zeros(d, dtype=np.int64)
+    over = np.flatnonzero(counts.sum(axis=0) > capacity)  # experts that overflow
+    if over.size:
+        part = counts[:, over]
+        before = np.cumsum(part, axis=0) - part  # (D, O) assignments of earlier devices
+        kept_part = np.clip(capacity - before, 0, part)
+        dropped = (part - kept_part).sum(axis=1)
+        kept = counts.copy()
+        kept[:, over] = kept_part
     dev = np.arange(d)
     slots = np.ascontiguousarray(slots, dtype=np.int32)
     table = np.ascontiguousarray(table, dtype=np.int32)

@@ -18,11 +18,18 @@ from typing import Literal
 import numpy as np
 
 from moesim.hardware import HardwareProfile
-from moesim.sim.flows import simulate_flows
-from moesim.sim.network import block_diagonal_sums, port_times_us
+from moesim.sim.flows import FLOW_REL_TOL, simulate_flows
+from moesim.sim.network import port_times_us
 from moesim.topology.build import Topology
 
-__all__ = ["LINK_LOADS_MAX_DEVICES", "ExchangeTimes", "Tier", "busiest_link", "exchange_times"]
+__all__ = [
+    "LINK_LOADS_MAX_DEVICES",
+    "ExchangeTimes",
+    "FlowParts",
+    "Tier",
+    "busiest_link",
+    "exchange_times",
+]
 
 Tier = Literal["analytic", "flow"]
 
@@ -32,35 +39,60 @@ LINK_LOADS_MAX_DEVICES = 256
 
 @dataclass(frozen=True)
 class ExchangeTimes:
-    """(D,) arrays: time of each device, bytes it sends and receives; plus totals."""
+    """(D,) arrays: time of each device, bytes it sends and receives."""
 
     time_us: np.ndarray
     sent_bytes: np.ndarray
     recv_bytes: np.ndarray
-    cross_node_bytes: float
     events: int
     port_us: np.ndarray | None = None  # analytic tier: the port-limited part of time_us
     latency_us: np.ndarray | None = None  # analytic tier: the latency part
+    flows: FlowParts | None = None  # flow tier: every flow's drain time and latency
 
     def scaled(self, factor: float, *, reverse: bool = False) -> ExchangeTimes:
-        """The analytic times of the same traffic with every byte count times ``factor``,
-        and with ``reverse`` every transfer in the opposite direction (a combine after its
-        dispatch). Ports are full duplex and a device's time is its busier direction, so
-        reversing swaps what it sends and receives and leaves its time unchanged."""
-        if self.port_us is None or self.latency_us is None:
-            raise ValueError("only analytic exchange times scale")
+        """The times of the same traffic with every byte count times ``factor``, and with
+        ``reverse`` every transfer in the opposite direction (a combine after its dispatch).
+
+        Exact in both tiers: bandwidth times are linear in the bytes (max-min rates do not
+        depend on them), latencies are not. Analytic ports are full duplex and a device's
+        time is its busier direction, so reversing swaps what it sends and receives and
+        leaves its time unchanged; the flow tier cannot reverse (a path and its reverse
+        may cross different spines), so ``reverse`` needs the analytic tier."""
         sent, recv = (
             (self.recv_bytes, self.sent_bytes) if reverse else (self.sent_bytes, self.recv_bytes)
         )
+        if self.flows is not None and not reverse:
+            fp = self.flows
+            finish = fp.drain_us * factor + fp.latency_us
+            time = np.zeros(self.time_us.size)
+            np.maximum.at(time, fp.src, finish)
+            np.maximum.at(time, fp.dst, finish)
+            return ExchangeTimes(
+                time, sent * factor, recv * factor, self.events, flows=fp.scaled(factor),
+            )  # fmt: skip
+        if self.port_us is None or self.latency_us is None:
+            raise ValueError("flow-tier exchange times scale but do not reverse")
         return ExchangeTimes(
             np.where(sent + recv > 0, self.port_us * factor + self.latency_us, 0.0),
             sent * factor,
             recv * factor,
-            self.cross_node_bytes * factor,
             0,
             self.port_us * factor,
             self.latency_us,
         )
+
+
+@dataclass(frozen=True)
+class FlowParts:
+    """(F,) per flow of a flow-tier exchange: endpoints, drain time and path latency (µs)."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    drain_us: np.ndarray
+    latency_us: np.ndarray
+
+    def scaled(self, factor: float) -> FlowParts:
+        return replace(self, drain_us=self.drain_us * factor)
 
 
 def _path_latency(topo: Topology, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -76,9 +108,11 @@ def exchange_times(
     tier: Tier = "analytic",
     *,
     scale: float = 1.0,
+    rel_tol: float = FLOW_REL_TOL,
 ) -> ExchangeTimes:
     """Times of the exchange given by the (D, D) byte matrix ``scale * nbytes`` (src → dst),
-    e.g. token copies times the bytes of one copy."""
+    e.g. token copies times the bytes of one copy. ``rel_tol``: the flow tier's tolerance
+    (see :mod:`moesim.sim.flows`; 0 is exact)."""
     d = nbytes.shape[0]
     if tier == "analytic":
         ports = port_times_us(nbytes, hw, topo.domain_size, topo.nic_scale)
@@ -88,7 +122,6 @@ def exchange_times(
                 time_us=ports.time_us * scale,
                 sent_bytes=ports.sent_bytes * scale,
                 recv_bytes=ports.recv_bytes * scale,
-                cross_domain_bytes=ports.cross_domain_bytes * scale,
             )
         sent, recv = ports.sent_bytes, ports.recv_bytes
         classes = topo.tier_latency_us()
@@ -109,7 +142,6 @@ def exchange_times(
             np.where(sent + recv > 0, ports.time_us + latency, 0.0),
             sent,
             recv,
-            _cross_node_bytes(nbytes, topo.devices_per_node) * scale,
             0,
             ports.time_us,
             latency,
@@ -119,20 +151,13 @@ def exchange_times(
     src, dst = np.nonzero(m)
     sent, recv = m.sum(axis=1), m.sum(axis=0)
     time = np.zeros(d)
-    events = 0
-    if src.size:
-        res = simulate_flows(
-            topo.routes(src, dst), m[src, dst], topo.capacity_gbps, topo.latency_us
-        )
-        np.maximum.at(time, src, res.finish_us)
-        np.maximum.at(time, dst, res.finish_us)
-        events = res.events
-    return ExchangeTimes(time, sent, recv, _cross_node_bytes(m, topo.devices_per_node), events)
-
-
-def _cross_node_bytes(m: np.ndarray, devices_per_node: int) -> float:
-    """Bytes of the (D, D) matrix between devices of different nodes."""
-    return float(m.sum(dtype=np.float64) - block_diagonal_sums(m, devices_per_node)[0].sum())
+    res = simulate_flows(
+        topo.routes(src, dst), m[src, dst], topo.capacity_gbps, topo.latency_us, rel_tol=rel_tol
+    )
+    parts = FlowParts(src, dst, res.drain_us, res.latency_us)
+    np.maximum.at(time, src, res.finish_us)
+    np.maximum.at(time, dst, res.finish_us)
+    return ExchangeTimes(time, sent, recv, res.events, flows=parts)
 
 
 def busiest_link(m: np.ndarray, topo: Topology) -> tuple[int, float] | None:

@@ -30,6 +30,7 @@ from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
 from moesim.sim.engine import Compute, Exchange, Op
 from moesim.sim.exchange import Tier, exchange_times
+from moesim.sim.flows import FLOW_REL_TOL
 from moesim.sim.routing import LayerRouting
 from moesim.topology.build import Topology
 
@@ -54,6 +55,7 @@ class ClusterSpec:
     devices_per_node: int
     topology: Topology
     network: Tier = "analytic"
+    flow_rel_tol: float = FLOW_REL_TOL  # the flow tier's tolerance (0: exact)
 
     @property
     def domain_size(self) -> int:
@@ -159,13 +161,15 @@ def _moe_ops(
     b_disp, b_comb = bytes_per_assignment(dm, dispatch_dtype), bytes_per_assignment(dm, "bf16")
     topo, tier = cluster.topology, cluster.network
     copies = routed.copies
-    disp = exchange_times(copies, topo, hw, tier, scale=b_disp)
-    if tier == "analytic":  # the other exchanges are the same traffic, rescaled / reversed
+    tol = cluster.flow_rel_tol
+    disp = exchange_times(copies, topo, hw, tier, scale=b_disp, rel_tol=tol)
+    # the other exchanges are the same traffic rescaled (exact in both tiers) and, for the
+    # combine, reversed (the flow tier simulates that one: reverse paths may differ)
+    gdisp = disp.scaled(b_comb / b_disp)
+    if tier == "analytic":
         comb = disp.scaled(b_comb / b_disp, reverse=True)
-        gdisp = disp.scaled(b_comb / b_disp)
     else:
-        comb = exchange_times(copies.T, topo, hw, tier, scale=b_comb)
-        gdisp = exchange_times(copies, topo, hw, tier, scale=b_comb) if training else comb
+        comb = exchange_times(copies.T, topo, hw, tier, scale=b_comb, rel_tol=tol)
     # [s, d]: d receives token copies from s; None when every device hears from every other
     off_diag_zeros = d * d - np.count_nonzero(copies) - int((np.diagonal(copies) == 0).sum())
     needs_disp = None

@@ -336,9 +336,14 @@ def busiest_flow(m: np.ndarray) -> tuple[int, int, float]:
     best = np.argmax(flat)  # usually off the diagonal; if not, look again without it
     src, dst = divmod(int(best), d)
     if src == dst:
-        off = flat.copy()
-        off[:: d + 1] = off.min() - 1
-        src, dst = divmod(int(np.argmax(off)), d)
+        # mask the diagonal in place (restored below) rather than copy (D, D) values
+        off = flat if flat.flags.writeable else flat.copy()
+        diag = off[:: d + 1].copy()
+        off[:: d + 1] = -np.inf if off.dtype.kind == "f" else np.iinfo(off.dtype).min
+        try:
+            src, dst = divmod(int(np.argmax(off)), d)
+        finally:
+            off[:: d + 1] = diag
     return src, dst, float(m[src, dst])
 
 

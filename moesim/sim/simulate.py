@@ -207,6 +207,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         devices_per_node=cl.devices_per_node,
         topology=topology,
         network=net.tier,
+        flow_rel_tol=net.flow_rel_tol,
     )
     return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
 
@@ -385,23 +386,24 @@ def _metrics_frame(
         if isinstance(op, Exchange) and op.sent_bytes.size:
             r["bytes_sent"] += op.sent_bytes
             r["bytes_recv"] += op.recv_bytes
-    frames = []
+    parts: dict[str, list[np.ndarray]] = {}
+    dev = np.arange(n_dev)
     for (pass_, layer), cols in rows.items():
         lr = routed.get(layer)
-        frame = pd.DataFrame(
-            {
-                "step": step,
-                "pass": pass_,
-                "layer": layer,
-                "device": np.arange(n_dev),
-                "node": np.arange(n_dev) // devices_per_node,
-                "device_load": lr.device_load if lr is not None else 0,
-                "dropped": lr.dropped if lr is not None else 0,
-                **cols,
-            }
-        )
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        frame = {
+            "step": np.full(n_dev, step),
+            "pass": np.full(n_dev, pass_, dtype=object),
+            "layer": np.full(n_dev, layer),
+            "device": dev,
+            "node": dev // devices_per_node,
+            "device_load": lr.device_load if lr is not None else np.zeros(n_dev, np.int64),
+            "dropped": lr.dropped if lr is not None else np.zeros(n_dev, np.int64),
+            **cols,
+        }
+        for name, col in frame.items():
+            parts.setdefault(name, []).append(np.asarray(col))
+    # one frame from whole columns: far faster than a frame per (pass, layer) and a concat
+    return pd.DataFrame({name: np.concatenate(cols) for name, cols in parts.items()})
 
 
 def _layer_frame(
