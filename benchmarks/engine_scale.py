@@ -7,9 +7,10 @@
 nodes of 8, zipf:0.8-skewed synthetic routing at count level (each device's per-expert
 counts drawn directly; ``--level token`` draws every token's experts instead), FP8
 dispatch. Each size runs in a fresh process and prints wall time (total, and the
-preparation / simulation stages), SimPy events (one per op and stream), events per
-second and peak RSS; CPU time too, the steadier figure on a shared machine (numpy may use
-more than one core, so it can exceed the wall time). Issue 5 targets, at 2,048 devices
+preparation / simulation stages), CPU time (the steadier figure on a shared machine;
+numpy may use more than one core, so it can exceed the wall time), SimPy events (one per
+op and stream), events per second, the flow tier's max-min rate recomputations, and peak
+RSS. Issue 5 targets, at 2,048 devices
 and 4,096 tokens per device: <= 60 s with the flow tier, <= 5 s analytic, and growth from
 64 to 2,048 devices about linear in devices x layers.
 """
@@ -70,6 +71,7 @@ def _child(devices: int, tokens: int, network: str, level: str) -> dict:
         "simulate_s": round(t2 - t1, 3),
         "events": events,
         "events_per_s": round(events / (t2 - t1), 1),
+        "flow_events": run.summary["flow_events"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "step_time_us": run.summary["step_time_us"],
     }
@@ -119,7 +121,9 @@ def main() -> None:
             f"{r['devices']:5d} devices, {r['network']:8s}: {r['wall_s']:8.2f} s "
             f"(CPU {r['cpu_s']:.2f} s) "
             f"(routing generation {r['prepare_s']:.2f} s, simulation {r['simulate_s']:.2f} s), "
-            f"{r['events']:,} events ({r['events_per_s']:,.0f}/s), peak RSS {r['peak_rss_mb']} MB"
+            f"{r['events']:,} events ({r['events_per_s']:,.0f}/s), "
+            + (f"{r['flow_events']:,} flow-rate recomputations, " if r["flow_events"] else "")
+            + f"peak RSS {r['peak_rss_mb']} MB"
         )
 
 

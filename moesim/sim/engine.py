@@ -55,6 +55,7 @@ class Exchange:
         senders: (D, D) bool, ``senders[s, d]``: device ``d`` needs ``s`` to be ready;
             None: every device needs every other (a dense all-to-all, an all-reduce).
         sent_bytes, recv_bytes: (D,) bytes each device sends / receives.
+        flow_events: rate recomputations the flow tier spent timing it (0: analytic).
     """
 
     name: str
@@ -67,6 +68,7 @@ class Exchange:
     pass_: str = "forward"
     after: tuple[int, ...] | None = None  # None: the previous op of the program
     stream: str = "comm"
+    flow_events: int = 0
 
 
 Op = Compute | Exchange

@@ -188,6 +188,7 @@ def _moe_ops(
             disp.sent_bytes,
             disp.recv_bytes,
             layer,
+            flow_events=disp.events,
         ),
     ]
     if costs.shared_us:
@@ -202,6 +203,7 @@ def _moe_ops(
             comb.sent_bytes,
             comb.recv_bytes,
             layer,
+            flow_events=comb.events,
         ),
         Compute(f"L{layer} unpermute", "other", unpermute, layer),
     ]

@@ -537,6 +537,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
     cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
     metrics, layers, records, step_times = [], [], [], []
     program: list[Op] = []
+    flow_events = 0
     for step in range(sc.steps):
         per_mb = [_StreamedRouting(prep, step, m, n_mb) for m in range(n_mb)]
         programs = [
@@ -564,6 +565,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             program = apply_stragglers(
                 program, slow, st.jitter, np.random.default_rng([sc.seed, step, 0x51])
             )
+        flow_events += sum(op.flow_events for op in program if isinstance(op, Exchange))
         rec = run_program(program, d)
         m = _metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
         metrics.append(m)
@@ -585,7 +587,8 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         mode=mode,
         metrics=mdf,
         layers=ldf,
-        summary=_summary(prep, mode, mdf, ldf, records, program, step_times),
+        summary=_summary(prep, mode, mdf, ldf, records, program, step_times)
+        | {"flow_events": flow_events},
         program=program,
         records=records,
     )
