@@ -54,13 +54,19 @@ def align_devices(old: Placement, new: Placement, devices_per_node: int) -> Plac
 
 
 def forecast_loads(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
-    """Loads expected in the next window: ``last`` plus the change since ``previous``,
-    shrunk by how far that change stands out from counting noise.
+    """Loads expected in the next window from two consecutive windows of equal length:
+    ``a * last + (1 - a) * previous`` with one weight ``a`` per layer, in [0.5, 2].
 
-    Counts of a window are roughly Poisson, so a change ``c = last - previous`` has
-    variance about ``last + previous``; the trend is applied with factor
-    ``max(0, 1 - 4 var / c^2)`` (nothing below two standard deviations, nearly all of a
-    large change), and the result is clipped at zero.
+    Each expert's next load is taken to continue its trend: ``mu_next = mu_last + delta``.
+    Window counts are roughly Poisson (variance ``v`` about the mean), so the estimate
+    ``a * last + (1 - a) * previous`` has squared error ``(a - 2)^2 D + (a^2 + (1 - a)^2) V``
+    on average over the layer's experts, with ``D`` the mean squared trend and ``V`` the
+    mean variance; its minimum is at ``a = (2 D + V) / (D + 2 V)``. ``V`` is the mean of
+    the two windows' counts, ``D = max(0, mean((last - previous)^2) - 2 V)`` (the change
+    beyond counting noise). Without a trend (``D = 0``) this averages the two windows
+    (``a = 1/2``, half the noise of either); with a trend far above noise it extrapolates
+    (``a -> 2``). Pooling over the layer's experts keeps the weight itself free of noise.
+    The result is clipped at zero.
 
     Args:
         previous, last: (L, E) loads of two consecutive windows of equal length.
@@ -70,9 +76,10 @@ def forecast_loads(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
     prev = np.asarray(previous, dtype=np.float64)
     cur = np.asarray(last, dtype=np.float64)
     change = cur - prev
-    var = cur + prev + 1.0
-    factor = np.maximum(0.0, 1.0 - 4.0 * var / np.maximum(change**2, 1e-12))
-    return np.maximum(cur + factor * change, 0.0)
+    var = ((cur + prev) / 2).mean(axis=1, keepdims=True) + 0.5  # (L, 1)
+    trend = np.maximum((change**2).mean(axis=1, keepdims=True) - 2 * var, 0.0)
+    a = (2 * trend + var) / (trend + 2 * var)
+    return np.maximum(a * cur + (1 - a) * prev, 0.0)
 
 
 def _device_loads(slots: np.ndarray, share: np.ndarray) -> np.ndarray:
@@ -226,7 +233,7 @@ def replay(
     bytes_per_assignment: float = 0.0,
     max_moved_share: float | None = None,
     static: bool = False,
-    forecast: bool = False,
+    forecast: bool = True,
 ) -> list[WindowResult]:
     """Replay a trace in windows of ``window_tokens`` tokens: re-plan after each window from
     that window's loads, score the plan on the next window.
@@ -238,7 +245,7 @@ def replay(
             (:func:`incremental`, the full re-plan as its target).
         static: plan once from the first window and keep that plan.
         forecast: plan from :func:`forecast_loads` of the last two windows (from the
-            second re-plan on).
+            second re-plan on; the default), else from the last window alone.
     Returns:
         one :class:`WindowResult` per scored window (windows 1, 2, ...).
     """
