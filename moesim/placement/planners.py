@@ -311,6 +311,7 @@ def _assign_nodes(
     # flat indices: (layer, node) rows, (layer, expert) rows, each replica's (layer, expert)
     row_node = rows * nodes
     at_all = np.ascontiguousarray((rows[:, None] * e + exp).T)  # (N, L)
+    exp_t = np.ascontiguousarray(exp.T)
     slack = np.ascontiguousarray((tolerance * share).T)[:, :, None]  # (N, L, 1)
     share_t = np.ascontiguousarray(share.T)
     # node load as a replica sees it: +big per replica of its expert already on the node,
@@ -330,7 +331,7 @@ def _assign_nodes(
         key = key_load.reshape(num_layers, nodes) + hosted[at]  # (L, nodes)
         near = key <= key.min(axis=1, keepdims=True) + slack[i]
         # most affinity among nodes near the least-loaded one (ties: least loaded)
-        a = aff_flat[aff_at + (at - rows * e)[:, None]]
+        a = aff_flat[aff_at + exp_t[i][:, None]]
         pick = np.argmax(np.where(near, a - 1e-9 * key, -np.inf), axis=1)
         node_of[i] = pick
         r = row_node + pick
