@@ -329,7 +329,8 @@ def _assign_nodes(
     for i in range(n):
         at = at_all[i]
         key = key_load.reshape(num_layers, nodes) + hosted[at]  # (L, nodes)
-        near = key <= key.min(axis=1, keepdims=True) + slack[i]
+        # (the least via argmin: a row minimum of a few columns costs more)
+        near = key <= key[rows, key.argmin(axis=1)][:, None] + slack[i]
         # most affinity among nodes near the least-loaded one (ties: least loaded)
         a = aff_flat[aff_at + exp_t[i][:, None]]
         pick = np.argmax(np.where(near, a - 1e-9 * key, -np.inf), axis=1)
@@ -372,27 +373,30 @@ def _pack_connected(
     d = nodes * g
     rows = np.arange(num_layers)
     base = rows * num_experts
-    dev_node = np.arange(d) // g
     load = np.zeros((num_layers, d))
     fill = np.zeros((num_layers, d), dtype=np.int64)
     key_load = np.zeros((num_layers, d))
     hosted = np.zeros((num_layers * num_experts, d), dtype=bool)
     comp = np.tile(np.arange(d), (num_layers, 1))  # flex component of each device
+    # the same arrays by (node, device in node): a replica's candidates are its node's
+    key_node = key_load.reshape(num_layers, nodes, g)
+    hosted_node = hosted.reshape(-1, nodes, g)
+    comp_node = comp.reshape(num_layers, nodes, g)
     first = np.full(num_layers * num_experts, -1)  # device of each expert's first replica
     out = np.full((num_layers, d, s), -1, dtype=np.int32)
     for i in range(m):
-        ei, sh = exp[:, i], share[:, i]
+        ei, sh, nd = exp[:, i], share[:, i], node_of[:, i]
         at = base + ei
-        ok = (dev_node == node_of[:, i : i + 1]) & ~hosted[at]
-        key = np.where(ok, key_load, np.inf)
+        key = np.where(hosted_node[at, nd], np.inf, key_node[rows, nd])  # (L, g)
         f = first[at]
         joins = replicated[:, i] & (f >= 0)
         if joins.any():
             fc = comp[rows, f]
-            other = comp != fc[:, None]
-            near = other & (key <= key.min(axis=1, keepdims=True) + sh[:, None])
+            other = comp_node[rows, nd] != fc[:, None]
+            least = key[rows, key.argmin(axis=1)]
+            near = other & (key <= (least + sh)[:, None])
             key = np.where((joins & near.any(axis=1))[:, None] & ~near, np.inf, key)
-        pick = np.argmin(key, axis=1)
+        pick = nd * g + np.argmin(key, axis=1)
         fp = fill[rows, pick]
         out[rows, pick, fp] = ei
         fill[rows, pick] = fp + 1
@@ -401,7 +405,7 @@ def _pack_connected(
         hosted[at, pick] = True
         if joins.any():
             merge = joins[:, None] & (comp == comp[rows, pick][:, None])
-            comp = np.where(merge, fc[:, None], comp)
+            np.copyto(comp, fc[:, None], where=merge)
         first[at] = np.where(f >= 0, f, pick)
     return out, fill, load
 
