@@ -22,12 +22,13 @@ Per (dataset, cluster, planner, replica choice): max/mean device load per batch 
 layers; mean and p99 over batches), remote nodes per token, inter-node bytes per batch
 (dispatch + combine, bf16), dropped share at a device capacity of 1.25 x the mean device
 load, planning time. ``oracle`` is EPLB's global policy planned on the scored window
-itself (it knows the future). ``affinity+forecast`` plans the affinity way from
-``forecast_loads`` of the two windows before the scored one (synthetic data only; the
-others have no earlier window, so it equals ``affinity`` there). Synthetic data has three
-windows (one drift step each): history, plan, score. Re-planning (drifting Zipf 0.6,
-EP32): a replay over windows, re-planning each window, full re-plans against re-plans
-limited to 20 % of slots.
+itself (it knows the future). ``affinity`` is what ``moesim place`` and re-planning do by
+default: plan from ``forecast_loads`` of the two windows before the scored one where there
+are two (synthetic data; the others have no earlier window, so it plans from the one);
+``affinity-last-window`` plans from the last window alone, as the EPLB-style planners do.
+Synthetic data has three windows (one drift step each): history, plan, score.
+Re-planning (drifting Zipf 0.6, EP32): a replay over windows, re-planning each window,
+full re-plans against re-plans limited to 20 % of slots.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def _plan(
     redundant: int,
     history: np.ndarray | None = None,
 ) -> tuple[Any, float]:
-    """Plan from window ``ids`` (L, n, K); ``affinity+forecast`` also uses the window before
-    (``history``) through :func:`forecast_loads` (plain ``affinity`` without history)."""
+    """Plan from window ``ids`` (L, n, K); ``affinity`` also uses the window before
+    (``history``) through :func:`forecast_loads` where there is one (its default),
+    ``affinity-last-window`` does not."""
     loads = _loads(ids, e)
-    if strategy == "affinity+forecast":
+    if strategy == "affinity" and history is not None:
+        loads = forecast_loads(_loads(history, e), loads)
+    if strategy == "affinity-last-window":
         strategy = "affinity"
-        if history is not None:
-            loads = forecast_loads(_loads(history, e), loads)
     co = cross = None
     if strategy == "affinity":
         co, cross = coactivation(ids, e)
@@ -93,7 +95,7 @@ def _plan(
     return p, (time.perf_counter() - t0) * 1e3
 
 
-PLANNERS = (*STRATEGIES, "affinity+forecast", "oracle")
+PLANNERS = (*STRATEGIES, "affinity-last-window", "oracle")
 
 
 def evaluate(
@@ -255,9 +257,9 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
     runs = [
         (policy, strategy, mode, share)
         for policy in policies
-        for strategy in ("eplb-global", "affinity", "affinity+forecast")
+        for strategy in ("eplb-global", "affinity", "affinity-last-window")
         for mode, share in (("static", None), ("full", None), ("limit-20%", 0.2))
-        if not (strategy == "affinity+forecast" and mode == "static")
+        if not (strategy == "affinity-last-window" and mode == "static")
     ]
     for policy, strategy, mode, share in runs:
 
@@ -265,7 +267,7 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
             co, cross = coactivation(ids, 256) if _s != "eplb-global" else (None, None)
             return plan(
                 loads,
-                _s.split("+")[0],
+                "affinity" if _s.startswith("affinity") else _s,
                 nodes=nodes,
                 devices_per_node=g,
                 redundant=redundant,
@@ -283,7 +285,7 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
             expert_bytes=eb,
             max_moved_share=share,
             static=mode == "static",
-            forecast=strategy == "affinity+forecast",
+            forecast=strategy == "affinity",
         )
         later = res[1:]  # re-plans (the first window only plans)
 
@@ -314,14 +316,14 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
 
 def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: dict) -> dict:
     """The issue's targets, checked per (dataset, cluster, replica choice) for ``affinity``
-    and ``affinity+forecast``, plus re-planning and planning-time targets."""
+    and ``affinity-last-window``, plus re-planning and planning-time targets."""
     by = {(r["dataset"], r["cluster"], r["replica_choice"], r["planner"]): r for r in rows}
     keys = sorted({(r["dataset"], r["cluster"], r["replica_choice"]) for r in rows})
     per_case = []
     for ds, cl, pol in keys:
         glob, hier = by[(ds, cl, pol, "eplb-global")], by[(ds, cl, pol, "eplb-hierarchical")]
         orac = by[(ds, cl, pol, "oracle")]
-        for ours_name in ("affinity", "affinity+forecast"):
+        for ours_name in ("affinity", "affinity-last-window"):
             ours = by[(ds, cl, pol, ours_name)]
             entry: dict[str, Any] = {
                 "dataset": ds,
@@ -361,7 +363,21 @@ def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: di
         for cl, v in times.items()
         if "affinity" in v
     }
-    return {"cases": per_case, "replan": replan_checks, "planning_time": timing}
+    met: dict[str, dict[str, str]] = {}
+    for name in ("affinity", "affinity-last-window"):
+        for pol in sorted({c["replica_choice"] for c in per_case}):
+            mine = [c for c in per_case if c["planner"] == name and c["replica_choice"] == pol]
+            both = sum(c["balance_le_global"] and c["remote_le_hierarchical"] for c in mine)
+            drift = [c["drift_half_gap_closed"] for c in mine if "drift_half_gap_closed" in c]
+            met.setdefault(name, {})[pol] = (
+                f"balance+traffic {both}/{len(mine)}, drift half gap {sum(drift)}/{len(drift)}"
+            )
+    return {
+        "cases": per_case,
+        "met": met,
+        "replan": replan_checks,
+        "planning_time": timing,
+    }
 
 
 def main() -> None:
@@ -408,9 +424,12 @@ def main() -> None:
     print("\nre-planning, drifting zipf 0.6, EP32:")
     for r in replans:
         print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    print("\ntargets (affinity, affinity+forecast vs EPLB-style planners):")
+    print("\ntargets (affinity, affinity-last-window vs EPLB-style planners):")
     for c in checks["cases"]:
         print("  " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    for name, by_policy in checks["met"].items():
+        for pol, text in by_policy.items():
+            print(f"  met, {name} ({pol}): {text}")
     for k, v in checks["replan"].items():
         print(f"  re-plan {k}: {v}")
     for k, v in checks["planning_time"].items():

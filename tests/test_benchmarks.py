@@ -40,6 +40,7 @@ def test_placement_eval_quick_runs_and_checks_targets():
     assert out["targets"]["cases"] and "balance_le_global" in out["targets"]["cases"][0]
     assert {r["mode"] for r in out["replan"]} == {"static", "full", "limit-20%"}
     assert len(out["targets"]["replan"]) == 6  # 3 planners x 2 replica choices
+    assert set(out["targets"]["met"]) == {"affinity", "affinity-last-window"}
 
 
 @pytest.mark.benchmark

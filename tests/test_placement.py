@@ -87,14 +87,49 @@ def test_affinity_uses_cross_layer_affinity():
     coact = np.zeros((2, 4, 4))
     coact[0, 0, 2] = coact[0, 1, 3] = coact[0, 2, 0] = coact[0, 3, 1] = 10  # layer 0
     cross = np.zeros((1, 4, 4))
-    # layer-1 experts 0, 1 follow layer-0 experts 1, 3 (node 1); 2, 3 follow 0, 2 (node 0)
-    cross[0, 1, 0] = cross[0, 3, 1] = cross[0, 0, 2] = cross[0, 2, 3] = 10
+    cross[0, 1, 2] = 10  # layer-0 expert 1 (node 1) feeds layer-1 expert 2
     kw = {"nodes": 2, "devices_per_node": 2, "coactivation": coact}
+    # layer 0: 0 -> node 0, 1 -> node 1 (balance), 2 -> node 0 (co-activated with 0), 3
+    # layer 1: 0 -> node 0, 1 -> node 1, 2 -> node 1 (fed from expert 1 there), 3 -> node 0
     p = plan(loads, "affinity", cross_layer=cross, cross_weight=1.0, **kw)
     assert p.slots[0, :, 0].tolist() == [0, 2, 1, 3]
-    assert p.slots[1, :, 0].tolist() == [2, 3, 0, 1]
-    q = plan(loads, "affinity", **kw)  # without it: least-loaded node in turn
+    assert p.slots[1, :, 0].tolist() == [0, 3, 1, 2]
+    q = plan(loads, "affinity", **kw)  # without it: the least-loaded (first) node on ties
     assert q.slots[1, :, 0].tolist() == [0, 2, 1, 3]
+
+
+def _flex_components(p, layer):
+    """Components of the graph joining devices that share a replicated expert."""
+    d = p.num_devices
+    comp = list(range(d))
+
+    def root(a):
+        while comp[a] != a:
+            a = comp[a]
+        return a
+
+    for ex in range(p.num_experts):
+        devs = np.flatnonzero((p.slots[layer] == ex).any(axis=1))
+        for b in devs[1:]:
+            comp[root(b)] = root(devs[0])
+    return len({root(a) for a in range(d)})
+
+
+def test_affinity_joins_devices_through_replicas():
+    # 8 devices, 8 redundant slots: enough replicas to join all devices into one component,
+    # which EPLB's packing (replicas of an expert side by side by load) does not do here
+    rng = np.random.default_rng(3)
+    loads = rng.zipf(1.5, size=(4, 32)).astype(float)
+    kw = {"nodes": 2, "devices_per_node": 4, "redundant": 8}
+    p = plan(loads, "affinity", **kw)
+    g = plan(loads, "eplb-global", **kw)
+    assert [_flex_components(p, li) for li in range(4)] == [1, 1, 1, 1]
+    assert sum(_flex_components(g, li) for li in range(4)) > 4
+    # and every replica of an expert on its own node while nodes last
+    for li in range(4):
+        table, count = p.replicas(li)
+        for ex in np.flatnonzero(count == 2):
+            assert len(set(table[ex, :2] // 4)) == 2
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -251,15 +251,24 @@ def test_place_incremental_from_previous(tmp_path):
 # ----- re-planning and refinement ---------------------------------------------------------------
 
 
-def test_forecast_loads_follows_only_trends_above_noise():
-    prev = np.array([[100.0, 100.0, 400.0]])
-    last = np.array([[104.0, 200.0, 300.0]])
-    f = forecast_loads(prev, last)
-    assert f[0, 0] == 104.0  # +4 is noise (sd ~14): no trend
-    # +100 with variance 301: factor 1 - 4 * 301 / 100^2 = 0.8796 -> 200 + 87.96
-    assert f[0, 1] == pytest.approx(200 + 100 * (1 - 4 * 301 / 1e4))
-    assert f[0, 2] == pytest.approx(300 - 100 * (1 - 4 * 701 / 1e4))
-    assert (forecast_loads(np.array([[500.0]]), np.array([[10.0]])) >= 0).all()
+def test_forecast_loads_averages_noise_and_extrapolates_trends():
+    # no trend beyond counting noise: the two windows averaged
+    prev = np.array([[100.0, 104.0, 98.0, 102.0]])
+    last = np.array([[102.0, 100.0, 101.0, 99.0]])
+    assert forecast_loads(prev, last) == pytest.approx((prev + last) / 2)
+    # a trend far above noise: nearly linear extrapolation. V = 100 + 0.5 = 100.5,
+    # mean squared change 100^2 = 10000, D = 10000 - 201 = 9799,
+    # a = (2 D + V) / (D + 2 V) = 19698.5 / 10000; falling loads stop at zero
+    prev = np.array([[50.0, 150.0, 50.0, 150.0]])
+    last = np.array([[150.0, 50.0, 150.0, 50.0]])
+    a = 1.96985
+    want = np.maximum(a * last + (1 - a) * prev, 0)
+    assert forecast_loads(prev, last) == pytest.approx(want)
+    assert want[0, 0] == pytest.approx(246.985) and want[0, 1] == 0
+    # each layer has its own weight; never negative
+    two = forecast_loads(np.vstack([prev, prev * 0 + 100]), np.vstack([last, last * 0 + 100]))
+    assert two[1] == pytest.approx(100.0)
+    assert (forecast_loads(np.array([[500.0, 0.0]]), np.array([[10.0, 0.0]])) >= 0).all()
 
 
 def test_align_devices_renumbers_to_match():
@@ -309,3 +318,52 @@ def test_refine_lowers_simulated_step_time(tmp_path):
         best.replicas(li)
     # contiguous [0 1] [2 3] [0 1] [2 3] loads devices 0 and 2 most: a swap helps
     assert kept > 0 and val < start
+
+
+def test_place_refines_on_a_scenario(tmp_path, write_scenario):
+    data = _tiny_scenario(tmp_path, replica_choice="batch-split")
+    scenario = write_scenario(data)
+    base = ["place", "--trace", str(tmp_path / "tr"), "--nodes", "2", "--gpus-per-node", "2"]
+    base += ["--redundant", "4", "--strategy", "contiguous", "--json"]
+    plain = moesim(*base, "--out", str(tmp_path / "a.yaml"))
+    proc = moesim(
+        *base, "--refine-scenario", str(scenario), "--refine-steps", "40",
+        "--out", str(tmp_path / "b.yaml"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["metrics"]
+    assert m["refine_mode"] == "prefill"
+    # contiguous [0 1] [2 3] [0 1] [2 3] loads the devices of the hot expert 0 most: swaps help
+    assert m["refine_swaps_kept"] > 0
+    assert m["step_time_us_after"] < m["step_time_us_before"]
+    refined, _ = read_placement(tmp_path / "b.yaml", num_experts=4, num_layers=2, num_devices=4)
+    unrefined, _ = read_placement(tmp_path / "a.yaml", num_experts=4, num_layers=2, num_devices=4)
+    assert json.loads(plain.stdout)["layers"] != json.loads(proc.stdout)["layers"]
+    # the written plan is the refined one, and the simulator gives it the printed step time
+    sc = Scenario.model_validate(data | {"placement": str(tmp_path / "b.yaml")})
+    assert simulate(sc, tmp_path).runs[0].summary["step_time_us"] == pytest.approx(
+        m["step_time_us_after"], abs=1e-3
+    )
+    assert moved_share(unrefined, refined) > 0
+
+
+def test_place_refine_rejects_a_mismatched_scenario(tmp_path, write_scenario):
+    scenario = write_scenario(_tiny_scenario(tmp_path))  # 4 devices
+    proc = moesim(
+        "place", "--trace", str(tmp_path / "tr"), "--nodes", "2", "--gpus-per-node", "4",
+        "--redundant", "4", "--refine-scenario", str(scenario), "--out", str(tmp_path / "p.yaml"),
+    )  # fmt: skip
+    assert_one_line_error(proc, "scenario.yaml", "devices")
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_place_forecasts_from_the_preceding_window(tmp_path):
+    base = ["place", "--trace", str(FLAME_TRACE), "--nodes", "2", "--gpus-per-node", "8"]
+    base += ["--redundant", "16", "--strategy", "eplb-global", "--json"]
+    first = moesim(*base, "--window", "0:1024", "--out", str(tmp_path / "a.yaml"))
+    assert "forecast_from_window" not in json.loads(first.stdout)["metrics"]  # nothing before
+    on = moesim(*base, "--window", "1024:2048", "--out", str(tmp_path / "b.yaml"))
+    off = moesim(*base, "--window", "1024:2048", "--no-forecast", "--out", str(tmp_path / "c.yaml"))
+    m_on, m_off = json.loads(on.stdout)["metrics"], json.loads(off.stdout)["metrics"]
+    assert m_on["forecast_from_window"] == "0:1024" and "forecast_from_window" not in m_off
+    assert json.loads(on.stdout)["layers"] != json.loads(off.stdout)["layers"]

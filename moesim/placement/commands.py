@@ -77,6 +77,14 @@ def load_loads(path: Path, *, model: str | None = None, domain: str | None = Non
     return arr
 
 
+def _window_loads(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """(L, E) assignments per expert of (L, n, K) routing."""
+    num_layers = ids.shape[0]
+    key = np.arange(num_layers)[:, None] * num_experts + ids.reshape(num_layers, -1)
+    counts = np.bincount(key.ravel(), minlength=num_layers * num_experts)
+    return counts.reshape(num_layers, num_experts).astype(np.float64)
+
+
 def place_cmd(
     trace: Annotated[
         Path | None, typer.Option("--trace", help="Trace folder to plan from.")
@@ -124,6 +132,25 @@ def place_cmd(
         float | None,
         typer.Option(help="Move at most this share of slots away from --previous.", min=0, max=1),
     ] = None,
+    forecast: Annotated[
+        bool,
+        typer.Option(
+            "--forecast/--no-forecast",
+            help="With --trace --window START:END and as many tokens before START: plan "
+            "from the load forecast of that earlier window and this one.",
+        ),
+    ] = True,
+    refine_scenario: Annotated[
+        Path | None,
+        typer.Option(
+            help="Scenario YAML: improve the plan by local search on the simulated step "
+            "time of its first mode, with the plan in place of its placement."
+        ),
+    ] = None,
+    refine_steps: Annotated[
+        int, typer.Option(help="Slot swaps --refine-scenario tries.", min=1)
+    ] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the refinement's swaps.")] = 0,
     out: Annotated[Path, typer.Option(help="Placement YAML to write.")] = Path("placement.yaml"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the placement and its metrics as JSON.")
@@ -133,7 +160,9 @@ def place_cmd(
 
     Writes the plan (per layer, per device, the experts it hosts) to --out; prints planned
     balance (max / mean device load, each expert's load split over its replicas) and, for
-    a trace, routed balance and remote nodes per token on the planning window.
+    a trace, routed balance and remote nodes per token on the planning window. With
+    --refine-scenario, the plan is then improved on the scenario's simulated step time
+    (printed before and after) and the refined plan is written.
     """
     from moesim.placement.io import placement_dict, write_placement
     from moesim.placement.metrics import planned_balance, score_window
@@ -151,6 +180,7 @@ def place_cmd(
             f"valid: {', '.join(REPLICA_CHOICES)}", field="replica-choice", value=replica_choice
         )
     ids = None
+    before: tuple[int, int] | None = None
     layer_names: list[int] | None = None
     if trace is not None:
         from moesim.traces.store import read_trace
@@ -159,10 +189,12 @@ def place_cmd(
         start, end = parse_window(window, tr.num_tokens) if window else (0, tr.num_tokens)
         ids = tr.expert_ids[:, start:end]  # (L, n, K)
         e = tr.num_experts
-        num_layers = ids.shape[0]
-        key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
-        w = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
-        w = w.astype(np.float64)
+        w = _window_loads(ids, e)
+        if forecast and start >= end - start:
+            from moesim.placement.replan import forecast_loads
+
+            before = (2 * start - end, start)
+            w = forecast_loads(_window_loads(tr.expert_ids[:, before[0] : before[1]], e), w)
         layer_names = list(tr.layers)
     else:
         assert loads is not None
@@ -229,6 +261,12 @@ def place_cmd(
     elif max_moved_share is not None:
         raise InputError("--max-moved-share needs --previous", field="max-moved-share")
     plan_ms = (time.perf_counter() - t0) * 1e3
+    refined = None
+    if refine_scenario is not None:
+        from moesim.placement.refine import refine_for_scenario
+
+        refined = refine_for_scenario(p, refine_scenario, iterations=refine_steps, seed=seed)
+        p = refined.placement
     bal = planned_balance(p, w)
     metrics: dict[str, Any] = {
         "strategy": strategy,
@@ -239,8 +277,17 @@ def place_cmd(
         "planned_balance_max": round(float(bal.max()), 6),
         "plan_ms": round(plan_ms, 3),
     }
+    if before is not None:
+        metrics["forecast_from_window"] = f"{before[0]}:{before[1]}"
     if mem is not None:
         metrics["slots_fit_memory"] = mem
+    if refined is not None:
+        metrics |= {
+            "refine_mode": refined.mode,
+            "step_time_us_before": round(refined.step_time_us_before, 3),
+            "step_time_us_after": round(refined.step_time_us_after, 3),
+            "refine_swaps_kept": refined.swaps_kept,
+        }
     if old is not None:
         from moesim.placement.metrics import moved_share
 

@@ -25,7 +25,9 @@ strategy               what it does
 ``affinity``           replicas by load per replica, spread over distinct nodes; experts
                        assigned to nodes heaviest first, each to the node whose experts it is
                        most co-activated with (within tokens, and across consecutive layers)
-                       among nodes still under the balanced node load; LPT within each node
+                       among nodes still under the balanced node load; LPT within each node,
+                       replicated experts' replicas joining all devices into one component
+                       that a load-aware replica choice can balance
 =====================  =====================================================================
 
 EPLB's algorithm is implemented here from its published description (DeepSeek,
@@ -122,9 +124,7 @@ def _items(count: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarra
     sorted by load share, heaviest first (ties: lower expert id first)."""
     b, m = count.shape
     n = int(count[0].sum())
-    exp = np.empty((b, n), dtype=np.int64)
-    for r in range(b):
-        exp[r] = np.repeat(np.arange(m), count[r])
+    exp = np.repeat(np.tile(np.arange(m), b), count.ravel()).reshape(b, n)
     per = np.divide(weight, count, out=np.zeros(count.shape), where=count > 0)
     share = np.take_along_axis(per, exp, axis=1)
     order = np.lexsort((exp, -share), axis=1)  # (B, N)
@@ -287,49 +287,127 @@ def _shadow(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
 def _assign_nodes(
     exp: np.ndarray,
     share: np.ndarray,
-    tolerance: float,
     nodes: int,
     per_node: int,
     num_experts: int,
     coact: np.ndarray | None,
-    aff0: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy node of each replica, all layers at once (see :func:`_affinity`).
+    cross: np.ndarray | None,
+    cross_weight: float,
+    tolerance: float,
+) -> np.ndarray:
+    """Node of each replica, one greedy pass over the replicas (heaviest first), all layers
+    at once (see :func:`_affinity`).
 
     Args:
-        exp, share: (L, N) replicas, heaviest first; tolerance: a replica may go to a node
-        whose load exceeds the least-loaded candidate's by at most ``tolerance`` shares;
-        coact: (L, E, E) symmetric co-activation counts or None;
-        aff0: (L, nodes, E) prior affinity of each node to each expert.
+        exp, share: (L, N) replicas, heaviest first.
+        coact: (L, E, E) symmetric co-activation counts, or None.
+        cross: (L-1, E, E) tokens from expert i at layer l to expert j at layer l+1, or None.
     Returns:
-        node_of: (L, N) node of each replica; hosts: (L, nodes, E) bool.
+        (L, N) node of each replica.
     """
     num_layers, n = exp.shape
     e = num_experts
     rows = np.arange(num_layers)
-    base = rows * e  # row offsets into the flattened (L * E, nodes) tables
-    nload = np.zeros((num_layers, nodes))
-    nfill = np.zeros((num_layers, nodes), dtype=np.int64)
-    hosts = np.zeros((num_layers * e, nodes), dtype=bool)
-    aff = aff0.astype(np.float32)  # (L, nodes, E)
-    node_of = np.empty((num_layers, n), dtype=np.int64)
-    big = 1e6 * (float(share.sum()) + 1.0)  # pushes a node that hosts the expert last
+    # flat indices: (layer, node) rows, (layer, expert) rows, each replica's (layer, expert)
+    row_node = rows * nodes
+    at_all = np.ascontiguousarray((rows[:, None] * e + exp).T)  # (N, L)
+    exp_t = np.ascontiguousarray(exp.T)
+    slack = np.ascontiguousarray((tolerance * share).T)[:, :, None]  # (N, L, 1)
+    share_t = np.ascontiguousarray(share.T)
+    # node load as a replica sees it: +big per replica of its expert already on the node,
+    # so such nodes come last; a full node never
+    key_load = np.zeros(num_layers * nodes)
+    fill = np.zeros(num_layers * nodes, dtype=np.int64)
+    big = float(share.sum(axis=1).max()) + 1.0
+    hosted = np.zeros((num_layers * e, nodes))
+    aff = np.zeros((num_layers * nodes, e), dtype=np.float32)  # row (layer, node)
+    aff_flat = aff.reshape(-1)
+    aff_at = (row_node[:, None] + np.arange(nodes)) * e  # (L, nodes) offsets of column 0
+    co = None if coact is None else np.asarray(coact, dtype=np.float32).reshape(-1, e)
+    x = None if cross is None else np.asarray(cross, dtype=np.float32).reshape(-1, e)
+    node_of = np.empty((n, num_layers), dtype=np.int64)
     for i in range(n):
-        ei = exp[:, i]
-        at = base + ei
-        # load as seen by this replica: full nodes never, nodes hosting it only if all do
-        key = nload + np.where(nfill < per_node, 0.0, np.inf) + big * hosts[at]  # (L, nodes)
-        least = key.min(axis=1, keepdims=True)
-        near = key <= least + tolerance * share[:, i : i + 1]
+        at = at_all[i]
+        key = key_load.reshape(num_layers, nodes) + hosted[at]  # (L, nodes)
+        # (the least via argmin: a row minimum of a few columns costs more)
+        near = key <= key[rows, key.argmin(axis=1)][:, None] + slack[i]
         # most affinity among nodes near the least-loaded one (ties: least loaded)
-        pick = np.argmax(np.where(near, aff[rows, :, ei] - 1e-9 * key, -np.inf), axis=1)
-        node_of[:, i] = pick
-        nfill[rows, pick] += 1
-        nload[rows, pick] += share[:, i]
-        hosts[at, pick] = True
-        if coact is not None:
-            aff[rows, pick] += coact[rows, ei]
-    return node_of, np.swapaxes(hosts.reshape(num_layers, e, nodes), 1, 2)
+        a = aff_flat[aff_at + exp_t[i][:, None]]
+        pick = np.argmax(np.where(near, a - 1e-9 * key, -np.inf), axis=1)
+        node_of[i] = pick
+        r = row_node + pick
+        f = fill[r] + 1
+        fill[r] = f
+        key_load[r] += share_t[i] + np.where(f < per_node, 0.0, np.inf)
+        hosted.reshape(-1)[at * nodes + pick] += big
+        if co is not None:
+            aff[r] += co[at]
+        if x is not None:
+            aff[r[:-1] + nodes] += cross_weight * x[at[:-1]]
+    return np.ascontiguousarray(node_of.T)
+
+
+def _pack_connected(
+    exp: np.ndarray,
+    share: np.ndarray,
+    node_of: np.ndarray,
+    replicated: np.ndarray,
+    nodes: int,
+    g: int,
+    s: int,
+    num_experts: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replicas onto devices of their node, LPT, all layers at once, joining flex
+    components (see :func:`_affinity`): a replica of an expert whose first replica is
+    already placed prefers the least-loaded device of its node outside that replica's
+    component; the two components then merge.
+
+    Args:
+        exp, share, node_of: (L, M) replicas, heaviest first, and their nodes.
+        replicated: (L, M) bool, the replica's expert has more than one.
+    Returns:
+        out: (L, D, S) experts placed (unfilled slots -1); fill: (L, D) slots used;
+        load: (L, D) load placed.
+    """
+    num_layers, m = exp.shape
+    d = nodes * g
+    rows = np.arange(num_layers)
+    base = rows * num_experts
+    load = np.zeros((num_layers, d))
+    fill = np.zeros((num_layers, d), dtype=np.int64)
+    key_load = np.zeros((num_layers, d))
+    hosted = np.zeros((num_layers * num_experts, d), dtype=bool)
+    comp = np.tile(np.arange(d), (num_layers, 1))  # flex component of each device
+    # the same arrays by (node, device in node): a replica's candidates are its node's
+    key_node = key_load.reshape(num_layers, nodes, g)
+    hosted_node = hosted.reshape(-1, nodes, g)
+    comp_node = comp.reshape(num_layers, nodes, g)
+    first = np.full(num_layers * num_experts, -1)  # device of each expert's first replica
+    out = np.full((num_layers, d, s), -1, dtype=np.int32)
+    for i in range(m):
+        ei, sh, nd = exp[:, i], share[:, i], node_of[:, i]
+        at = base + ei
+        key = np.where(hosted_node[at, nd], np.inf, key_node[rows, nd])  # (L, g)
+        f = first[at]
+        joins = replicated[:, i] & (f >= 0)
+        if joins.any():
+            fc = comp[rows, f]
+            other = comp_node[rows, nd] != fc[:, None]
+            least = key[rows, key.argmin(axis=1)]
+            near = other & (key <= (least + sh)[:, None])
+            key = np.where((joins & near.any(axis=1))[:, None] & ~near, np.inf, key)
+        pick = nd * g + np.argmin(key, axis=1)
+        fp = fill[rows, pick]
+        out[rows, pick, fp] = ei
+        fill[rows, pick] = fp + 1
+        load[rows, pick] += sh
+        key_load[rows, pick] = np.where(fp + 1 < s, load[rows, pick], np.inf)
+        hosted[at, pick] = True
+        if joins.any():
+            merge = joins[:, None] & (comp == comp[rows, pick][:, None])
+            np.copyto(comp, fc[:, None], where=merge)
+        first[at] = np.where(f >= 0, f, pick)
+    return out, fill, load
 
 
 def _affinity(
@@ -346,34 +424,99 @@ def _affinity(
     """(L, D, S), see the module docstring.
 
     Replica counts by load per replica (as EPLB). Node assignment runs over replicas in
-    order of load share (heaviest first), all layers at once. A replica may go to a node
-    with a free slot that does not host its expert yet (while one exists) and whose load
-    exceeds the least-loaded such node's by at most ``tolerance`` times the replica's load
-    (LPT's rule, loosened); among those, the one with the most affinity: co-activation
-    counts with the experts already on the node, plus ``cross_weight`` times the tokens
-    going from the previous layer's experts on that node to this expert (from a first pass
-    without that term); ties go to the least-loaded node. Each node's replicas are then
-    LPT-packed onto its ``g`` devices.
+    order of load share (heaviest first), all layers at once, in one pass. A replica may go
+    to a node with a free slot that does not host its expert yet (while one exists) and
+    whose load exceeds the least-loaded such node's by at most ``tolerance`` times the
+    replica's load (LPT's rule, loosened); among those, the one with the most affinity:
+    co-activation counts with the experts already on the node, plus ``cross_weight`` times
+    the tokens going from the previous layer's experts already on the node to this expert;
+    ties go to the least-loaded node.
+
+    Devices: the replicas of replicated experts are packed first, LPT onto their node's
+    devices, joining *flex components* (:func:`_pack_connected`): devices
+    sharing a replicated expert form a component, within which a load-aware replica choice
+    (``batch-split``) can shift a batch's load; ``D - 1`` redundant slots can join all
+    devices into one, so that it absorbs a batch's deviations from the planned loads
+    instead of leaving them on the device they fall on. The single replicas are then
+    LPT-packed within each node.
     """
     num_layers, e = w.shape
     d = nodes * g
     count = replicate_by_load(w, d * s, max_rep)
     exp, share = _items(count, w)  # (L, N)
-    per_node = g * s
-    co = None if coact is None else np.asarray(coact, dtype=np.float32)
-    aff0 = np.zeros((num_layers, nodes, e))
-    node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, co, aff0)
-    if cross is not None and num_layers > 1:
-        x = np.asarray(cross, dtype=np.float32)  # (L-1, E, E)
-        # tokens from the previous layer's experts on each node to each expert of this layer
-        aff0[1:] = cross_weight * np.matmul(hosts[:-1].astype(np.float32), x)
-        node_of, hosts = _assign_nodes(exp, share, tolerance, nodes, per_node, e, co, aff0)
-    # each node's replicas, heaviest first, LPT over its devices
-    order = np.argsort(node_of, axis=1, kind="stable")
-    exp_n = np.take_along_axis(exp, order, axis=1).reshape(num_layers * nodes, per_node)
-    share_n = np.take_along_axis(share, order, axis=1).reshape(num_layers * nodes, per_node)
-    packed = lpt_pack(exp_n, share_n, g, s, e)  # (L * nodes, g, s)
-    return packed.reshape(num_layers, d, s)
+    n = exp.shape[1]
+    node_of = _assign_nodes(exp, share, nodes, g * s, e, coact, cross, cross_weight, tolerance)
+    replicated = np.take_along_axis(count, exp, axis=1) > 1  # (L, N)
+    cols = np.flatnonzero(replicated.any(axis=0))
+    m = int(cols[-1]) + 1 if cols.size else 0  # up to the last replicated one
+    out, fill, load = _pack_connected(
+        exp[:, :m], share[:, :m], node_of[:, :m], replicated[:, :m], nodes, g, s, e
+    )
+    if m < n:
+        # the rest, per (layer, node) row: its items heaviest first, padded to equal length
+        rest_node = node_of[:, m:]
+        order = np.argsort(rest_node, axis=1, kind="stable")  # by node, then by load
+        r_exp = np.take_along_axis(exp[:, m:], order, axis=1)
+        r_share = np.take_along_axis(share[:, m:], order, axis=1)
+        r_node = np.take_along_axis(rest_node, order, axis=1)
+        per_row = np.zeros((num_layers, nodes), dtype=np.int64)
+        np.add.at(per_row, (np.repeat(np.arange(num_layers), n - m), r_node.ravel()), 1)
+        width = int(per_row.max())
+        start = np.cumsum(per_row, axis=1) - per_row  # (L, nodes)
+        pos = np.arange(n - m)[None, :] - np.take_along_axis(start, r_node, axis=1)
+        row = np.arange(num_layers)[:, None] * nodes + r_node  # (L, n - m)
+        pe = np.full((num_layers * nodes, width), -1, dtype=np.int64)
+        ps = np.zeros((num_layers * nodes, width))
+        pe[row, pos] = r_exp
+        ps[row, pos] = r_share
+        out = _pack_rest(
+            out.reshape(num_layers * nodes, g, s),
+            fill.reshape(num_layers * nodes, g),
+            load.reshape(num_layers * nodes, g),
+            pe,
+            ps,
+            e,
+        ).reshape(num_layers, d, s)
+    return out
+
+
+def _pack_rest(
+    out: np.ndarray,
+    fill: np.ndarray,
+    load: np.ndarray,
+    exp: np.ndarray,
+    share: np.ndarray,
+    num_experts: int,
+) -> np.ndarray:
+    """LPT of the remaining items of each row onto its bins' free slots, each to the
+    least-loaded bin with a free slot that does not hold its expert yet (else any with a
+    free slot).
+
+    Args:
+        out: (B, bins, S) slots so far (-1 free), filled in order; fill, load: (B, bins).
+        exp, share: (B, W) items heaviest first, padded with expert -1.
+    Returns:
+        (B, bins, S) with every slot filled.
+    """
+    b, bins, s = out.shape
+    out, fill, load = out.copy(), fill.copy(), load.astype(np.float64)
+    rows = np.arange(b)
+    hosts = np.zeros((b, bins, num_experts + 1), dtype=bool)
+    hosts[np.repeat(rows, bins * s), np.tile(np.repeat(np.arange(bins), s), b), out.ravel()] = True
+    for i in range(exp.shape[1]):
+        live = np.flatnonzero(exp[:, i] >= 0)
+        if not live.size:
+            break
+        e = exp[live, i]
+        room = fill[live] < s
+        ok = room & ~hosts[live, :, e]
+        ok = np.where(ok.any(axis=1, keepdims=True), ok, room)
+        pick = np.argmin(np.where(ok, load[live], np.inf), axis=1)
+        out[live, pick, fill[live, pick]] = e
+        fill[live, pick] += 1
+        load[live, pick] += share[live, i]
+        hosts[live, pick, e] = True
+    return out
 
 
 # ----- entry point ---------------------------------------------------------------------------
@@ -392,7 +535,7 @@ def plan(
     coactivation: np.ndarray | None = None,
     cross_layer: np.ndarray | None = None,
     cross_weight: float = 0.5,
-    tolerance: float = 1.0,
+    tolerance: float = 0.5,
 ) -> Placement:
     """Plan a placement of every layer's experts.
 

@@ -5,17 +5,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moesim.errors import InputError
 from moesim.placement.base import Placement
 
 if TYPE_CHECKING:
     from moesim.sim.simulate import Prepared
 
-__all__ = ["refine", "step_time_fn"]
+__all__ = ["Refined", "refine", "refine_for_scenario", "step_time_fn"]
 
 
 def refine(
@@ -67,3 +69,57 @@ def step_time_fn(prep: Prepared, mode: str = "prefill") -> Callable[[Placement],
         return float(simulate_mode(replace(prep, placement=p), mode).summary["step_time_us"])
 
     return evaluate
+
+
+@dataclass(frozen=True)
+class Refined:
+    """What :func:`refine_for_scenario` found."""
+
+    placement: Placement
+    mode: str
+    step_time_us_before: float
+    step_time_us_after: float
+    swaps_tried: int
+    swaps_kept: int
+
+
+def refine_for_scenario(
+    placement: Placement, scenario_path: Path, *, iterations: int = 50, seed: int = 0
+) -> Refined:
+    """Refine ``placement`` on the simulated step time of a scenario file's first mode, the
+    scenario's own placement replaced by ``placement``.
+
+    The placement must match the scenario: its MoE layers, devices and experts, and no more
+    slots per device than fit the scenario's device memory; otherwise an
+    :class:`InputError` names the scenario file.
+    """
+    from moesim.placement.memory import max_expert_slots
+    from moesim.scenario import load_scenario
+    from moesim.sim.simulate import prepare
+
+    scenario, base = load_scenario(scenario_path)
+    prep = prepare(scenario, base, scenario_path)
+    have = (placement.num_layers, placement.num_devices, placement.num_experts)
+    want = (prep.placement.num_layers, prep.placement.num_devices, prep.shape.num_experts)
+    for name, h, w in zip(("MoE layers", "devices", "experts"), have, want, strict=True):
+        if h != w:
+            raise InputError(
+                f"the plan has {h} {name}, the scenario {w}",
+                file=scenario_path,
+                field="placement",
+                value=h,
+            )
+    fit = max_expert_slots(prep.shape, prep.hw, scenario.precision)
+    if placement.slots.shape[2] > fit:
+        raise InputError(
+            f"the plan's {placement.slots.shape[2]} slots per device exceed the {fit} that "
+            "fit in the scenario's device memory",
+            file=scenario_path,
+            field="placement",
+            value=int(placement.slots.shape[2]),
+        )
+    mode = scenario.modes[0]
+    evaluate = step_time_fn(prep, mode)
+    before = evaluate(placement)
+    best, after, kept = refine(placement, evaluate, iterations=iterations, seed=seed)
+    return Refined(best, mode, before, after, iterations, kept)
