@@ -19,8 +19,10 @@ slope ridge of the token correction (``moesim.costs.model.SLOPE_RIDGE``) was cho
 among 1, 10 and 1000 by the held-out-shape median of this benchmark, so that figure is
 slightly optimistic for an unseen table. The shared memory curve
 (``moesim.costs.model.fit_memory_curve``) was adopted after seeing, on a partial
-one-thread re-measurement that was not committed, per-op fits extrapolate a held-out
-shape at a memory bandwidth of 0.14 GB/s; its form was not tuned on this benchmark.
+one-thread measurement run (five shapes, not committed), per-op fits extrapolate a
+held-out shape at a memory bandwidth of 0.14 GB/s (errors up to 50x); on the committed
+tables it leaves the median as it was (20.6 -> 20.5 %) and lowers the max (731 -> 301 %).
+A per-op cache-step position was tried on the committed tables and not kept (20.4 %).
 
 ``repeat floor``: rows of two model shapes whose op, dtype, widths and tokens are equal
 are one call measured twice; their spread bounds what any model can reach.

@@ -345,3 +345,58 @@ def test_held_out_shape_protocol_drops_the_shape_from_every_op():
     ffn = (base["op"] == "expert_ffn_bmm") & (base["model"] == "Mixtral-8x7B")
     np.testing.assert_allclose(moved[ffn]["predicted_us"], base[ffn]["predicted_us"])
     assert set(base["model"]) == set(models) and set(base["op"]) == {"expert_ffn_bmm", "memcpy"}
+
+
+def test_layer_costs_take_measured_parts_from_the_cost_model():
+    """With a measured table, router, attention (prefill), shared experts and dense FFN come
+    from it: at measured token counts exactly the measured times (attention: one call per
+    sequence, plus the roofline's norms); without a table nothing changes."""
+    from dataclasses import replace
+
+    from moesim.costs.roofline import layer_costs
+
+    hw = get_profile("H100-SXM")
+    shape = get_preset("DeepSeek-V3")
+    bench = BenchShape.from_model(shape, local_experts=1)
+    shared = replace(bench, d_ff=(shape.shared_expert_d_ff or shape.expert_d_ff))
+    dense = replace(bench, d_ff=shape.dense_d_ff)
+    measured = {  # (op, bench shape, dtype) -> {tokens: µs}
+        ("router", bench, "bf16"): {1024: 30.0, 4096: 90.0},
+        ("attention", bench, "bf16"): {1024: 700.0, 4096: 5000.0},
+        ("expert_ffn_loop", shared, "bf16"): {1024: 200.0, 4096: 600.0},
+        ("expert_ffn_loop", dense, "bf16"): {1024: 1500.0, 4096: 5500.0},
+    }
+    rows = []
+    for (op, s, dt), points in measured.items():
+        for t, us in points.items():
+            fl, by, _ = op_work(op, s, t, dt)
+            rows.append(
+                {"op": op, "dtype": dt, "tokens": t, "flops": fl, "bytes": by, "median_us": us}
+                | table_widths(op, s)
+            )
+    cm = CostModel.from_table(pd.DataFrame(rows), hw)
+    kw = dict(tokens=4096, sequence_length=1024, dtype="bf16")
+    base = layer_costs(shape, hw, mode="prefill", **kw)
+    assert layer_costs(shape, hw, mode="prefill", model=CostModel(hw=hw), **kw) == base
+    got = layer_costs(shape, hw, mode="prefill", model=cm, **kw)
+    norms = (
+        2 * 2 * 4096 * shape.d_model * 2 / (hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3)
+    )
+    assert got.router_us == pytest.approx(90.0)
+    assert got.attention_us == pytest.approx(4 * 700.0 + norms)
+    assert got.shared_us == pytest.approx(600.0) and got.dense_ffn_us == pytest.approx(5500.0)
+    decode = layer_costs(shape, hw, mode="decode", model=cm, **kw)
+    assert decode.attention_us == layer_costs(shape, hw, mode="decode", **kw).attention_us
+    assert decode.router_us == pytest.approx(90.0)
+
+
+def test_two_shapes_with_equal_widths_interpolate_their_median():
+    """OLMoE-1B-7B and DeepSeekMoE-16B memcpy rows are the same call (d_model 2048): the
+    table gives one point per token count, the median of the two (here their mean)."""
+    rows = _memcpy_rows(["OLMoE-1B-7B", "DeepSeekMoE-16B"])
+    rows.loc[rows["model"] == "DeepSeekMoE-16B", "median_us"] *= 3.0
+    cm = CostModel.from_table(rows)
+    s = _shape("OLMoE-1B-7B")
+    base = rows[rows["model"] == "OLMoE-1B-7B"]["median_us"].to_numpy()
+    got = cm.time_us("memcpy", s, np.array(TOKENS, dtype=float), "fp32")
+    np.testing.assert_allclose(got, np.maximum.accumulate(2.0 * base), rtol=1e-9)

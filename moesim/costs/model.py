@@ -321,7 +321,8 @@ class CostModel:
         return t if corr is None else corr.apply(np.maximum(tokens, 1), t)
 
     def _measured(self, op: str, shape: BenchShape, dtype: str) -> pd.DataFrame | None:
-        """The table's rows of ``op`` in ``dtype`` with exactly this shape's widths."""
+        """Measured ``tokens`` and ``median_us`` of ``op`` in ``dtype`` with exactly this
+        shape's widths, one row per token count (sorted), or ``None``."""
         if self.table is None:
             return None
         t = self.table
@@ -330,7 +331,11 @@ class CostModel:
             if col in t.columns:
                 m &= t[col] == value
         rows = t[m]
-        return rows.sort_values("tokens") if len(rows) >= 1 else None
+        if not len(rows):
+            return None
+        # two model shapes may share an op's widths (the same call measured twice): one
+        # point per token count, the median of its measurements
+        return rows.groupby("tokens", sort=True)["median_us"].median().reset_index()
 
     def grouped_ffn_us(
         self,
