@@ -10,6 +10,7 @@ from moesim.costs.model import (
     CostModel,
     OpFactors,
     calibrate,
+    fit_memory_curve,
     fit_token_correction,
     predict_us,
     profile_factors,
@@ -214,3 +215,188 @@ def test_calibrated_cache_is_never_slower_than_memory():
     fit = calibrate(table)
     assert fit.cache_bytes_per_us is not None
     assert fit.cache_bytes_per_us >= fit.bytes_per_us * (1 - 1e-9)
+
+
+CURVE = OpFactors(
+    launch_us=1.0,
+    peak_flop_per_us=1.0,
+    bytes_per_us=2e4,  # 20 GB/s memory
+    cache_bytes_per_us=1e5,  # 100 GB/s cache
+    cache_bytes=2e7,
+    cache_sharpness=4.0,
+)
+
+
+def _memcpy_rows(models: list[str], curve: OpFactors = CURVE) -> pd.DataFrame:
+    rows = []
+    for m in models:
+        s = _shape(m)
+        for t in TOKENS:
+            fl, by, _ = op_work("memcpy", s, t, "fp32")
+            us = float(predict_us(curve, np.array([fl]), np.array([by]), np.array([t]))[0])
+            rows.append(
+                {"op": "memcpy", "dtype": "fp32", "tokens": t, "flops": fl, "bytes": by}
+                | {"median_us": us, "model": m}
+                | table_widths("memcpy", s)
+            )
+    return pd.DataFrame(rows)
+
+
+def test_memory_curve_from_memcpy_rows():
+    """memcpy rows made from a known curve give it back; fewer than four rows give none."""
+    rows = _memcpy_rows(["FLAME-MoE-290M", "OLMoE-1B-7B", "DeepSeek-V3"])
+    got = fit_memory_curve(rows)
+    assert got is not None
+    bw = np.array([1e4, 1e6, 1e7, 2e7, 1e8, 1e9])
+    pred = predict_us(got, np.zeros(bw.size), bw, np.ones(bw.size))
+    np.testing.assert_allclose(
+        pred, predict_us(CURVE, np.zeros(bw.size), bw, np.ones(bw.size)), rtol=0.02
+    )
+    assert fit_memory_curve(rows.iloc[:3]) is None
+    assert fit_memory_curve(_table(["FLAME-MoE-290M"])) is None  # no memcpy rows
+
+
+def test_calibration_on_the_memory_curve_fits_a_traffic_factor():
+    """An op moving 3x the bytes it is counted for, on the device's curve: the fit keeps
+    the curve's cache step and divides both bandwidths by 3."""
+    op = OpFactors(
+        launch_us=5.0,
+        peak_flop_per_us=5e4,
+        bytes_per_us=CURVE.bytes_per_us / 3,
+        half_tokens=12.0,
+        cache_bytes_per_us=CURVE.cache_bytes_per_us / 3,
+        cache_bytes=CURVE.cache_bytes,
+        cache_sharpness=CURVE.cache_sharpness,
+    )
+    rows = _table(["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"], factors=op)
+    fit = calibrate(rows, memory=CURVE)
+    assert (fit.cache_bytes, fit.cache_sharpness) == (CURVE.cache_bytes, CURVE.cache_sharpness)
+    assert fit.bytes_per_us == pytest.approx(CURVE.bytes_per_us / 3, rel=0.02)
+    assert fit.cache_bytes_per_us == pytest.approx(CURVE.cache_bytes_per_us / 3, rel=0.02)
+    assert fit.launch_us == pytest.approx(5.0, rel=0.05)
+    # a table with memcpy rows calibrates every op on the curve its memcpy rows give
+    table = pd.concat([rows, _memcpy_rows(["FLAME-MoE-290M", "DeepSeek-V3"])], ignore_index=True)
+    cm = CostModel.from_table(table)
+    f = cm.factors[("expert_ffn_bmm", "fp32")]
+    assert f.cache_bytes == pytest.approx(CURVE.cache_bytes, rel=0.02)
+    assert f.bytes_per_us == pytest.approx(CURVE.bytes_per_us / 3, rel=0.05)
+
+
+def test_memory_curve_predicts_a_shape_beyond_the_measured_working_sets():
+    """Training shapes whose weights all fit in the cache say nothing about memory speed
+    on their own; with the device's curve from memcpy, a shape whose weights do not fit is
+    predicted at memory speed."""
+    op = OpFactors(
+        launch_us=5.0,
+        peak_flop_per_us=5e4,
+        bytes_per_us=CURVE.bytes_per_us,
+        cache_bytes_per_us=CURVE.cache_bytes_per_us,
+        cache_bytes=CURVE.cache_bytes,
+        cache_sharpness=CURVE.cache_sharpness,
+    )
+    train = _table(["FLAME-MoE-290M"], factors=op)  # 2 experts' weights: 17 MB, cached
+    train = train[train["bytes"] < 2.5e7]
+    held = _table(["DeepSeek-V3"], factors=op)  # 2 experts' weights: 350 MB
+    memcpy = _memcpy_rows(["FLAME-MoE-290M", "OLMoE-1B-7B", "DeepSeek-V3"])
+    s = _shape("DeepSeek-V3")
+    tok = held["tokens"].to_numpy(float)[:4]
+    with_curve = CostModel.from_table(pd.concat([train, memcpy], ignore_index=True))
+    pred = with_curve.roofline_us("expert_ffn_bmm", s, tok, "fp32")
+    np.testing.assert_allclose(pred, held["median_us"].to_numpy()[:4], rtol=0.1)
+
+
+def _benchmark_module():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "cost_model_error", REPO / "benchmarks" / "cost_model_error.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_repeat_floor_pairs_equal_calls_of_two_shapes():
+    """OLMoE-1B-7B and DeepSeekMoE-16B both have d_model 2048: their memcpy rows are the
+    same call; measured 2x apart, the floor is |2 - 1| and |1/2 - 1|. FLAME's rows pair
+    with nothing."""
+    bench = _benchmark_module()
+    rows = _memcpy_rows(["OLMoE-1B-7B", "DeepSeekMoE-16B", "FLAME-MoE-290M"])
+    rows.loc[rows["model"] == "DeepSeekMoE-16B", "median_us"] *= 2.0
+    rep = bench.repeat_errors(rows)
+    assert len(rep) == 2 * len(TOKENS)
+    assert sorted(set(np.round(rep["err"], 9))) == [0.5, 1.0]
+
+
+def test_held_out_shape_protocol_drops_the_shape_from_every_op():
+    """A shape's memcpy rows do not inform the prediction of its own other ops: with the
+    held-out shape's memcpy rows made absurd, its FFN predictions do not move."""
+    bench = _benchmark_module()
+    models = ["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"]
+    table = pd.concat([_table(models), _memcpy_rows(models)], ignore_index=True)
+    table["threads"] = 1
+    base = bench.held_out_errors(table)
+    odd = table.copy()
+    odd.loc[(odd["model"] == "Mixtral-8x7B") & (odd["op"] == "memcpy"), "median_us"] *= 50
+    moved = bench.held_out_errors(odd)
+    ffn = (base["op"] == "expert_ffn_bmm") & (base["model"] == "Mixtral-8x7B")
+    np.testing.assert_allclose(moved[ffn]["predicted_us"], base[ffn]["predicted_us"])
+    assert set(base["model"]) == set(models) and set(base["op"]) == {"expert_ffn_bmm", "memcpy"}
+
+
+def test_layer_costs_take_measured_parts_from_the_cost_model():
+    """With a measured table, router, attention (prefill), shared experts and dense FFN come
+    from it: at measured token counts exactly the measured times (attention: one call per
+    sequence, plus the roofline's norms); without a table nothing changes."""
+    from dataclasses import replace
+
+    from moesim.costs.roofline import layer_costs
+
+    hw = get_profile("H100-SXM")
+    shape = get_preset("DeepSeek-V3")
+    bench = BenchShape.from_model(shape, local_experts=1)
+    shared = replace(bench, d_ff=(shape.shared_expert_d_ff or shape.expert_d_ff))
+    dense = replace(bench, d_ff=shape.dense_d_ff)
+    measured = {  # (op, bench shape, dtype) -> {tokens: µs}
+        ("router", bench, "bf16"): {1024: 30.0, 4096: 90.0},
+        ("attention", bench, "bf16"): {1024: 700.0, 4096: 5000.0},
+        ("expert_ffn_loop", shared, "bf16"): {1024: 200.0, 4096: 600.0},
+        ("expert_ffn_loop", dense, "bf16"): {1024: 1500.0, 4096: 5500.0},
+    }
+    rows = []
+    for (op, s, dt), points in measured.items():
+        for t, us in points.items():
+            fl, by, _ = op_work(op, s, t, dt)
+            rows.append(
+                {"op": op, "dtype": dt, "tokens": t, "flops": fl, "bytes": by, "median_us": us}
+                | table_widths(op, s)
+            )
+    cm = CostModel.from_table(pd.DataFrame(rows), hw)
+    kw = dict(tokens=4096, sequence_length=1024, dtype="bf16")
+    base = layer_costs(shape, hw, mode="prefill", **kw)
+    assert layer_costs(shape, hw, mode="prefill", model=CostModel(hw=hw), **kw) == base
+    got = layer_costs(shape, hw, mode="prefill", model=cm, **kw)
+    norms = (
+        2 * 2 * 4096 * shape.d_model * 2 / (hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3)
+    )
+    assert got.router_us == pytest.approx(90.0)
+    assert got.attention_us == pytest.approx(4 * 700.0 + norms)
+    assert got.shared_us == pytest.approx(600.0) and got.dense_ffn_us == pytest.approx(5500.0)
+    decode = layer_costs(shape, hw, mode="decode", model=cm, **kw)
+    assert decode.attention_us == layer_costs(shape, hw, mode="decode", **kw).attention_us
+    assert decode.router_us == pytest.approx(90.0)
+
+
+def test_two_shapes_with_equal_widths_interpolate_their_median():
+    """OLMoE-1B-7B and DeepSeekMoE-16B memcpy rows are the same call (d_model 2048): the
+    table gives one point per token count, the median of the two (here their mean)."""
+    rows = _memcpy_rows(["OLMoE-1B-7B", "DeepSeekMoE-16B"])
+    rows.loc[rows["model"] == "DeepSeekMoE-16B", "median_us"] *= 3.0
+    cm = CostModel.from_table(rows)
+    s = _shape("OLMoE-1B-7B")
+    base = rows[rows["model"] == "OLMoE-1B-7B"]["median_us"].to_numpy()
+    got = cm.time_us("memcpy", s, np.array(TOKENS, dtype=float), "fp32")
+    np.testing.assert_allclose(got, np.maximum.accumulate(2.0 * base), rtol=1e-9)

@@ -19,7 +19,11 @@
    ``cache_bytes`` — the same caches serve every shape, so this carries across shapes.
    Without a table the factors come from the hardware profile (peak × gemm efficiency,
    HBM × hbm efficiency, its launch overhead, no small-batch or cache term); with a
-   table, :func:`calibrate` fits them per op by least squares on log time, and
+   table, :func:`fit_memory_curve` first fits the device's memory curve (memory and
+   cache bandwidth, cache size and sharpness) to its ``memcpy`` rows, then
+   :func:`calibrate` fits per op, by least squares on log time, a launch overhead, a
+   compute peak, ``half_tokens`` and a traffic factor on that curve (every factor free
+   where the table has no ``memcpy`` rows), and
    :func:`fit_token_correction` then fits, per measured token count ``T``, a log-linear
    correction ``log t = a(T) + b(T) log roofline`` across the table's shapes
    (:class:`TokenCorrection`): the part of the small-batch behaviour that depends on
@@ -52,6 +56,7 @@ __all__ = [
     "TokenCorrection",
     "calibrate",
     "cost_model_for",
+    "fit_memory_curve",
     "fit_token_correction",
     "load_cost_model",
     "predict_us",
@@ -103,10 +108,20 @@ def profile_factors(hw: HardwareProfile, dtype: str) -> OpFactors:
     )
 
 
-def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
+def calibrate(
+    rows: pd.DataFrame, start: OpFactors | None = None, memory: OpFactors | None = None
+) -> OpFactors:
     """Fit one op's factors to measured rows (columns flops, bytes, tokens, median_us).
 
-    Least squares on log(predicted / measured), so every size counts alike.
+    Least squares on log(predicted / measured), so every size counts alike. Without
+    ``memory`` every factor is free. With ``memory`` (the device's memory curve, see
+    :func:`fit_memory_curve`) the cache step is the device's (its size and sharpness, and
+    the ratio of cache to memory bandwidth), and the op fits only a launch overhead, its
+    compute peak, ``half_tokens`` and one traffic factor dividing both bandwidths: how
+    many times its kernels move the bytes :func:`~moesim.kernels.bench.op_work` counts
+    (a GEMM library packing a weight matrix reads and writes it again). Memory speed is
+    a property of the device, not of an op, so a shape beyond an op's measured working
+    sets is predicted at the device's memory speed, not at a bandwidth fitted to few points.
     """
     fl = rows["flops"].to_numpy(float)
     by = rows["bytes"].to_numpy(float)
@@ -114,6 +129,8 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
     t = rows["median_us"].to_numpy(float)
     big = t > np.median(t)
     peak = float(np.max(fl[big] / t[big])) if (fl[big] > 0).any() else 1.0
+    if memory is not None:
+        return _calibrate_on_curve(fl, by, tok, t, peak, memory)
     bw = float(np.median(by / t))
     # x: log of launch, peak, memory bandwidth, half_tokens, cache / memory bandwidth
     # (>= 1: a cache is never slower than memory), cache_bytes, sharpness
@@ -140,6 +157,53 @@ def calibrate(rows: pd.DataFrame, start: OpFactors | None = None) -> OpFactors:
         return np.log(predict_us(unpack(x), fl, by, tok)) - np.log(t)
 
     return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
+
+
+TRAFFIC_BOUNDS = (0.25, 64.0)
+"""Range of an op's traffic factor (bytes its kernels move / bytes ``op_work`` counts)."""
+
+
+def _calibrate_on_curve(
+    fl: np.ndarray, by: np.ndarray, tok: np.ndarray, t: np.ndarray, peak: float, mem: OpFactors
+) -> OpFactors:
+    """:func:`calibrate` with the memory curve ``mem`` fixed but for a traffic factor."""
+    # x: log of launch, peak, half_tokens, traffic
+    x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), 8.0, 1.0])
+    lo = np.log([1e-3, 1e-3, 1e-3, TRAFFIC_BOUNDS[0]])
+    hi = np.log([1e6, 1e12, 1e6, TRAFFIC_BOUNDS[1]])
+    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
+    cache_bw = mem.cache_bytes_per_us if mem.cache_bytes_per_us is not None else mem.bytes_per_us
+
+    def unpack(x: np.ndarray) -> OpFactors:
+        v = np.exp(x)
+        return OpFactors(
+            float(v[0]),
+            float(v[1]),
+            float(mem.bytes_per_us / v[3]),
+            float(v[2]),
+            float(cache_bw / v[3]),
+            mem.cache_bytes,
+            mem.cache_sharpness,
+        )
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        return np.log(predict_us(unpack(x), fl, by, tok)) - np.log(t)
+
+    return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
+
+
+MEMORY_OP = "memcpy"
+"""The op whose rows calibrate a device's memory curve (it moves bytes and nothing else)."""
+
+
+def fit_memory_curve(table: pd.DataFrame) -> OpFactors | None:
+    """The device's memory curve: :func:`calibrate` on every ``memcpy`` row (all dtypes:
+    a byte is a byte), of which the bandwidths and the cache step are kept. ``None`` when
+    the table has fewer than four ``memcpy`` rows."""
+    rows = table[table["op"] == MEMORY_OP]
+    if len(rows) < 4:
+        return None
+    return calibrate(rows)
 
 
 @dataclass(frozen=True)
@@ -227,10 +291,11 @@ class CostModel:
             )
         factors = {}
         corrections = {}
+        memory = fit_memory_curve(table)
         for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
             start = profile_factors(hw, str(dtype)) if hw is not None else None
             key = (str(op), str(dtype))
-            factors[key] = calibrate(rows, start)
+            factors[key] = calibrate(rows, start, memory)
             corrections[key] = fit_token_correction(rows, factors[key])
         return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
@@ -256,7 +321,8 @@ class CostModel:
         return t if corr is None else corr.apply(np.maximum(tokens, 1), t)
 
     def _measured(self, op: str, shape: BenchShape, dtype: str) -> pd.DataFrame | None:
-        """The table's rows of ``op`` in ``dtype`` with exactly this shape's widths."""
+        """Measured ``tokens`` and ``median_us`` of ``op`` in ``dtype`` with exactly this
+        shape's widths, one row per token count (sorted), or ``None``."""
         if self.table is None:
             return None
         t = self.table
@@ -265,7 +331,11 @@ class CostModel:
             if col in t.columns:
                 m &= t[col] == value
         rows = t[m]
-        return rows.sort_values("tokens") if len(rows) >= 1 else None
+        if not len(rows):
+            return None
+        # two model shapes may share an op's widths (the same call measured twice): one
+        # point per token count, the median of its measurements
+        return rows.groupby("tokens", sort=True)["median_us"].median().reset_index()
 
     def grouped_ffn_us(
         self,

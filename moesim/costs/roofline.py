@@ -9,12 +9,16 @@ Units: TFLOP/s = 1e6 FLOP/µs; GB/s = 1e3 bytes/µs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from moesim.costs.model import CostModel
 
 __all__ = [
     "BYTES_PER_ELEMENT",
@@ -85,11 +89,16 @@ def layer_costs(
     sequence_length: int,
     mode: str,
     dtype: str,
+    model: CostModel | None = None,
 ) -> LayerCosts:
-    """Roofline times of the non-expert parts of one layer on one device holding ``tokens``.
+    """Times of the non-expert parts of one layer on one device holding ``tokens``.
 
     Attention scores are causal over ``sequence_length`` in training/prefill; in decode,
-    each token reads the KV cache of ``sequence_length`` previous tokens.
+    each token reads the KV cache of ``sequence_length`` previous tokens. Roofline times
+    of the profile, except where ``model`` (the device's cost model) has a measured table:
+    then the router, the shared experts, the dense FFN and (training/prefill) the
+    attention block come from it (see :func:`_measured_parts`); norms and decode attention
+    (a KV-cache read the kernel benchmarks do not measure) stay on the roofline.
     """
     d = shape.d_model
     launch = hw.kernel_launch_us
@@ -132,6 +141,59 @@ def layer_costs(
             )[0]
         )
         dense_ffn += shape.ffn_matrices * launch
+    costs = LayerCosts(
+        attention_us=attention, router_us=router, shared_us=shared, dense_ffn_us=dense_ffn
+    )
+    if model is None or model.table is None:
+        return costs
+    return _measured_parts(
+        costs,
+        model,
+        shape,
+        tokens=tokens,
+        sequence_length=sequence_length,
+        mode=mode,
+        dtype=dtype,
+        norms_us=norms,
+    )
+
+
+def _measured_parts(
+    costs: LayerCosts,
+    model: CostModel,
+    shape: ModelShape,
+    *,
+    tokens: int,
+    sequence_length: int,
+    mode: str,
+    dtype: str,
+    norms_us: float,
+) -> LayerCosts:
+    """``costs`` with the parts the kernel benchmarks measure taken from ``model``.
+
+    router: the ``router`` op at ``tokens`` (bf16, as the roofline times it); attention
+    (training/prefill): ``tokens / sequence_length`` sequences, each one ``attention`` call
+    over ``sequence_length`` tokens (batch 1, causal: what the benchmark runs), plus the
+    roofline's norms; shared experts and dense FFN: one ``expert_ffn_loop`` expert of their
+    width (SwiGLU only: the benchmark's FFN has three matrices).
+    """
+    from moesim.kernels.bench import BenchShape
+
+    bench = BenchShape.from_model(shape, local_experts=1)
+    router = float(model.time_us("router", bench, float(tokens), "bf16")[0])
+    attention = costs.attention_us
+    if mode != "decode":
+        per_seq = float(model.time_us("attention", bench, float(sequence_length), dtype)[0])
+        attention = tokens / sequence_length * per_seq + norms_us
+    shared, dense_ffn = costs.shared_us, costs.dense_ffn_us
+    if shape.ffn_matrices == 3:
+        if shape.num_shared_experts:
+            width = (shape.shared_expert_d_ff or shape.expert_d_ff) * shape.num_shared_experts
+            ffn = replace(bench, d_ff=width)
+            shared = float(model.time_us("expert_ffn_loop", ffn, float(tokens), dtype)[0])
+        if shape.dense_d_ff:
+            ffn = replace(bench, d_ff=shape.dense_d_ff)
+            dense_ffn = float(model.time_us("expert_ffn_loop", ffn, float(tokens), dtype)[0])
     return LayerCosts(
         attention_us=attention, router_us=router, shared_us=shared, dense_ffn_us=dense_ffn
     )

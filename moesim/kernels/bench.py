@@ -28,7 +28,11 @@ from a seeded generator; each point runs ``warmup`` calls, then as many timed ca
 fit ``budget_s`` (between ``min_repeats`` and ``max_repeats``), each timed alone
 (``time.perf_counter`` on CPU, CUDA events on GPU), with Python's garbage collector
 off. The table keeps the median, p10, p90 and min. ``torch.set_num_threads`` is fixed
-for the run and recorded; denormals are flushed on CPU. Work is capped: a point whose
+for the run and recorded; denormals are flushed on CPU. On CPU with glibc, freed memory
+stays in the process for the run (see :func:`_kept_heap`), as the CUDA caching allocator
+keeps it on GPU: otherwise every call of an op whose buffers pass glibc's mmap threshold
+(at most 32 MiB) maps fresh pages and pays a zero-filling page fault per 4 KiB page,
+10-20x the kernel's own time on this project's CPU. Work is capped: a point whose
 estimated memory exceeds ``max_bytes`` is skipped, and once a point's median exceeds
 ``max_call_us`` the larger token counts of that series are skipped (both recorded in
 ``meta.json`` under ``skipped``).
@@ -37,6 +41,7 @@ estimated memory exceeds ``max_bytes`` is skipped, and once a point's median exc
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import math
 import os
@@ -99,8 +104,18 @@ DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp8")
 SWEEP_TOKENS: tuple[int, ...] = tuple(2**i for i in range(15))
 """Tokens swept by a full run: 1, 2, 4, ..., 16384."""
 
-CPU_MODELS: tuple[str, ...] = ("FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B", "DeepSeek-V3")
-"""Model presets whose shapes a full run measures."""
+CPU_MODELS: tuple[str, ...] = (
+    "FLAME-MoE-290M",
+    "OLMoE-1B-7B",
+    "DeepSeekMoE-16B",
+    "Qwen2-57B-A14B",
+    "Mixtral-8x7B",
+    "Mixtral-8x22B",
+    "DeepSeek-V2",
+    "DeepSeek-V3",
+)
+"""Model presets whose shapes a full run measures: eight, so that a shape held out of a
+calibration has measured neighbours on both sides in most widths."""
 
 _ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 _FFN_OPS = ("expert_ffn_loop", "expert_ffn_bmm", "expert_ffn_grouped")
@@ -218,7 +233,7 @@ def default_config(
 ) -> BenchConfig:
     """The full sweep (or ``quick``: a short subset for a smoke test) for a device.
 
-    CPU full: FLAME-MoE-290M, OLMoE-1B-7B, Mixtral-8x7B and DeepSeek-V3 shapes (or
+    CPU full: the shapes of :data:`CPU_MODELS` (or
     ``models``), up to 4 local experts (see :func:`_local_experts`), fp32 and bf16, tokens
     1..16384; a point over 0.5 s ends its series. CUDA full: the same shapes, 8 local
     experts, bf16 and fp8; a point over 0.2 s ends its series. Quick: FLAME-MoE-290M
@@ -601,6 +616,43 @@ def _build_attention(s: BenchShape, t: int, ctx: _Ctx) -> Callable[[], Any]:
 
 
 # ----- timing ---------------------------------------------------------------------------------
+# glibc mallopt(3) parameters and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+
+
+@contextlib.contextmanager
+def _kept_heap() -> Iterator[str | None]:
+    """Keep freed memory in the process while measuring on CPU (glibc only).
+
+    torch's CPU allocator calls ``malloc`` for every tensor and caches nothing. glibc
+    serves a request above its mmap threshold (dynamic, at most 32 MiB on 64-bit) with a
+    fresh ``mmap`` and unmaps it on ``free`` (mallopt(3), ``M_MMAP_THRESHOLD``), so such a
+    buffer faults in and zero-fills every page on every call: a step of 10-20x in time
+    where an op's buffers pass the threshold, at a size that moves with the threshold.
+    Setting ``M_MMAP_MAX`` to 0 (no mmapped chunks) and ``M_TRIM_THRESHOLD`` to its largest
+    value (the heap is never given back) makes the heap keep freed blocks, so a call after
+    warm-up reuses warm pages, as the CUDA caching allocator does on GPU. The glibc
+    defaults are set back and the heap trimmed on exit. Yields a description for
+    ``meta.json``, or ``None`` where the C library is not glibc (nothing is changed).
+    """
+    libc = None
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    if libc is None:
+        yield None
+        return
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    try:
+        yield "glibc heap kept (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)" if ok else None
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
     was = gc.isenabled()
@@ -682,17 +734,21 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     flush_denormal = torch.set_flush_denormal(True) if cfg.device == "cpu" else False
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    heap: contextlib.AbstractContextManager[str | None] = (
+        _kept_heap() if cfg.device == "cpu" else contextlib.nullcontext(None)
+    )
     try:
-        for shape in cfg.shapes:
-            for op in cfg.ops:
-                for dt in cfg.dtypes:
-                    reason = supported(op, dt, cfg.device)
-                    if reason:
-                        skipped.append(
-                            {"model": shape.model, "op": op, "dtype": dt, "reason": reason}
-                        )
-                        continue
-                    rows += _run_series(cfg, shape, op, dt, torch, name, threads, skipped, say)
+        with heap as allocator:
+            for shape in cfg.shapes:
+                for op in cfg.ops:
+                    for dt in cfg.dtypes:
+                        reason = supported(op, dt, cfg.device)
+                        if reason:
+                            skipped.append(
+                                {"model": shape.model, "op": op, "dtype": dt, "reason": reason}
+                            )
+                            continue
+                        rows += _run_series(cfg, shape, op, dt, torch, name, threads, skipped, say)
     finally:
         if cfg.device == "cpu":
             torch.set_flush_denormal(False)
@@ -700,6 +756,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     wall_s = time.perf_counter() - t_start
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     meta = _meta(cfg, name, threads, bool(flush_denormal), wall_s, len(table), skipped, torch)
+    meta["cpu_allocator"] = allocator
     return BenchResult(rows=table, skipped=skipped, meta=meta, wall_s=wall_s)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.costs.memory import memory_per_device
+from moesim.costs.model import cost_model_for
 from moesim.costs.roofline import layer_costs
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
@@ -532,6 +533,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         sequence_length=sc.sequence_length,
         mode=mode,
         dtype=sc.precision,
+        model=cost_model_for(hw),
     )
     d = prep.cluster.num_devices
     cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
