@@ -21,7 +21,8 @@ slightly optimistic for an unseen table. The shared memory curve
 (``moesim.costs.model.fit_memory_curve``) was adopted after seeing, on a partial
 one-thread measurement run (five shapes, not committed), per-op fits extrapolate a
 held-out shape at a memory bandwidth of 0.14 GB/s (errors up to 50x); on the committed
-tables it leaves the median as it was (20.6 -> 20.5 %) and lowers the max (731 -> 301 %).
+tables first measured under load it left the median as it was (20.6 -> 20.5 %) and lowered
+the max (731 -> 301 %).
 A per-op cache-step position was tried on the committed tables and not kept (20.4 %).
 
 ``repeat floor``: rows of two model shapes whose op, dtype, widths and tokens are equal
