@@ -36,21 +36,25 @@ def _shape(name: str) -> BenchShape:
     return BenchShape.from_model(get_preset(name), local_experts=2)
 
 
-def _table(models: list[str], factors: OpFactors = TRUE, noise: float = 0.0) -> pd.DataFrame:
+def _table(
+    models: list[str], factors: OpFactors = TRUE, noise: float = 0.0, op: str = "expert_ffn_bmm"
+) -> pd.DataFrame:
+    """fp32 rows of ``op`` for the models' shapes, timed by ``factors`` (times log-normal
+    ``noise``)."""
     rng = np.random.default_rng(0)
     rows = []
     for m in models:
         s = _shape(m)
         for t in TOKENS:
-            fl, by, _ = op_work("expert_ffn_bmm", s, t, "fp32")
+            fl, by, _ = op_work(op, s, t, "fp32")
             us = float(predict_us(factors, np.array([fl]), np.array([by]), np.array([t]))[0])
             us *= float(np.exp(rng.normal(0, noise))) if noise else 1.0
             rows.append(
                 {
-                    "op": "expert_ffn_bmm",
+                    "op": op,
                     "dtype": "fp32",
                     "tokens": t,
-                    **table_widths("expert_ffn_bmm", s),
+                    **table_widths(op, s),
                     "flops": fl,
                     "bytes": by,
                     "median_us": us,
@@ -228,18 +232,7 @@ CURVE = OpFactors(
 
 
 def _memcpy_rows(models: list[str], curve: OpFactors = CURVE) -> pd.DataFrame:
-    rows = []
-    for m in models:
-        s = _shape(m)
-        for t in TOKENS:
-            fl, by, _ = op_work("memcpy", s, t, "fp32")
-            us = float(predict_us(curve, np.array([fl]), np.array([by]), np.array([t]))[0])
-            rows.append(
-                {"op": "memcpy", "dtype": "fp32", "tokens": t, "flops": fl, "bytes": by}
-                | {"median_us": us, "model": m}
-                | table_widths("memcpy", s)
-            )
-    return pd.DataFrame(rows)
+    return _table(models, factors=curve, op="memcpy")
 
 
 def test_memory_curve_from_memcpy_rows():
