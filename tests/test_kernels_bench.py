@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -403,3 +404,17 @@ def test_cuda_quick_bench(tmp_path: Path) -> None:
     assert (result.rows["median_us"] > 0).all()
     write_results(result, tmp_path)
     assert len(load_table(tmp_path / result.meta["device_slug"])) == len(result.rows)
+
+
+def test_op_work_array_matches_op_work():
+    """The vectorised work estimate (what the cost model's roofline uses for many token
+    counts at once) gives exactly the scalar one's figures."""
+    from moesim.kernels.bench import op_work_array
+
+    tokens = np.array([1.0, 3.0, 64.0, 4096.0])
+    for op in ("router", "permute", "unpermute", "expert_ffn_grouped", "attention", "memcpy"):
+        for dtype in ("fp32", "bf16"):
+            flops, moved = op_work_array(op, TINY, tokens, dtype)
+            expected = np.array([op_work(op, TINY, int(t), dtype)[:2] for t in tokens])
+            np.testing.assert_array_equal(flops, expected[:, 0])
+            np.testing.assert_array_equal(moved, expected[:, 1])

@@ -48,7 +48,7 @@ from scipy.optimize import least_squares
 
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape, op_work, table_widths
+from moesim.kernels.bench import BenchShape, op_work_array, table_widths
 
 __all__ = [
     "CostModel",
@@ -309,13 +309,10 @@ class CostModel:
     def roofline_us(self, op: str, shape: BenchShape, tokens: np.ndarray, dtype: str) -> np.ndarray:
         """Calibrated roofline time (with the op's token correction where fitted), no table."""
         tokens = np.atleast_1d(np.asarray(tokens, dtype=np.float64))
-        work = np.array([op_work(op, shape, max(int(t), 1), dtype)[:2] for t in tokens])
+        flops, moved = op_work_array(op, shape, np.maximum(np.floor(tokens), 1.0), dtype)
         scale = np.where(tokens >= 1, 1.0, tokens)  # fractional tokens: scale the 1-token work
         t = predict_us(
-            self.op_factors(op, dtype),
-            work[:, 0] * scale,
-            work[:, 1] * scale,
-            np.maximum(tokens, 1),
+            self.op_factors(op, dtype), flops * scale, moved * scale, np.maximum(tokens, 1)
         )
         corr = self.corrections.get((op, dtype))
         return t if corr is None else corr.apply(np.maximum(tokens, 1), t)

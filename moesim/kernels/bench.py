@@ -361,8 +361,23 @@ def op_work(op: str, s: BenchShape, tokens: int, dtype: str) -> tuple[float, flo
     ``flops`` counts multiply-adds as 2; ``bytes`` is what the op must read and write
     at least (weights, inputs, outputs); the allocation estimate decides the memory cap.
     """
+    return _op_work(op, s, float(tokens), dtype)
+
+
+def op_work_array(
+    op: str, s: BenchShape, tokens: np.ndarray, dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flops, bytes moved) of :func:`op_work` for every entry of ``tokens`` at once (the
+    same arithmetic, element by element, so the same values)."""
+    t = np.asarray(tokens, dtype=np.float64)
+    flops, moved, _ = _op_work(op, s, t, dtype)
+    return np.broadcast_to(flops, t.shape).astype(np.float64), np.broadcast_to(moved, t.shape)
+
+
+def _op_work(op: str, s: BenchShape, t: Any, dtype: str) -> tuple[Any, Any, Any]:
+    """:func:`op_work` for a float or an array of token counts (polynomials in ``t``)."""
     e = _ELEM_BYTES[dtype]
-    t, d, f, k = float(tokens), float(s.d_model), float(s.d_ff), float(s.top_k)
+    d, f, k = float(s.d_model), float(s.d_ff), float(s.top_k)
     if op == "router":
         n = float(s.num_experts)
         flops = 2 * t * d * n + 5 * t * n
