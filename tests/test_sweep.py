@@ -571,17 +571,10 @@ def test_example_sweep_identical_on_local_and_dask_scheduler_with_two_workers(tm
         while not sched_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         address = json.loads(sched_file.read_text())["address"]
+        dask_sweep = ["sweep", str(EXAMPLE), "--out", str(tmp_path / "dask")]
+        dask_sweep += ["--executor", "dask", "--address", address]
         assert_one_line_error(  # a scheduler without workers would never run a case
-            moesim(
-                "sweep",
-                str(EXAMPLE),
-                "--out",
-                str(tmp_path / "dask"),
-                "--executor",
-                "dask",
-                "--address",
-                address,
-            ),
+            moesim(*dask_sweep),
             "field 'address'",
             "has no workers",
         )
@@ -594,16 +587,7 @@ def test_example_sweep_identical_on_local_and_dask_scheduler_with_two_workers(tm
             )
         local = moesim("sweep", str(EXAMPLE), "--out", str(tmp_path / "local"), "--workers", "2")
         assert local.returncode == 0, local.stderr
-        dask = moesim(
-            "sweep",
-            str(EXAMPLE),
-            "--out",
-            str(tmp_path / "dask"),
-            "--executor",
-            "dask",
-            "--address",
-            address,
-        )
+        dask = moesim(*dask_sweep)
         assert dask.returncode == 0, dask.stderr
         assert f"to run on the Dask scheduler at {address}" in dask.stderr
     finally:
