@@ -44,7 +44,7 @@ from moesim.model.shapes import get_preset
 from moesim.paths import repo_root, scenarios_dir
 from moesim.placement.affinity import coactivation
 from moesim.placement.memory import expert_bytes
-from moesim.placement.metrics import planned_balance, score_window
+from moesim.placement.metrics import expert_loads, planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan
 from moesim.placement.replan import forecast_loads, replay
 from moesim.sim.program import bytes_per_assignment
@@ -54,12 +54,6 @@ from moesim.traces.synthetic import synthesize
 
 CLUSTERS = {"EP32": (4, 8, 32), "EP64": (8, 8, 64)}
 COUNTS = repo_root().parent / "shared" / "data" / "olmoe_mixtral_expert_counts_L0_7_15.json"
-
-
-def _loads(ids: np.ndarray, e: int) -> np.ndarray:
-    num_layers = ids.shape[0]
-    key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
-    return np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
 
 
 def _plan(
@@ -74,9 +68,9 @@ def _plan(
     """Plan from window ``ids`` (L, n, K); ``affinity`` also uses the window before
     (``history``) through :func:`forecast_loads` where there is one (its default),
     ``affinity-last-window`` does not."""
-    loads = _loads(ids, e)
+    loads = expert_loads(ids, e)
     if strategy == "affinity" and history is not None:
-        loads = forecast_loads(_loads(history, e), loads)
+        loads = forecast_loads(expert_loads(history, e), loads)
     if strategy == "affinity-last-window":
         strategy = "affinity"
     co = cross = None
@@ -121,7 +115,7 @@ def evaluate(
                 p, ms = _plan("eplb-global", score_ids, e, nodes, g, redundant)
             else:
                 p, ms = _plan(strategy, plan_ids, e, nodes, g, redundant, history)
-            fresh = planned_balance(p, _loads(score_ids, e)).mean()
+            fresh = planned_balance(p, expert_loads(score_ids, e)).mean()
             for policy in policies:
                 s = score_window(
                     p,
@@ -208,7 +202,7 @@ def planning_time(repeats: int) -> dict[str, dict[str, float]]:
     tr = synthesize(
         num_experts=256, top_k=8, num_layers=58, num_tokens=2048, distribution="zipf:0.8", seed=2
     )
-    loads = _loads(tr.expert_ids, 256)
+    loads = expert_loads(tr.expert_ids, 256)
     t0 = time.perf_counter()
     co, cross = coactivation(tr.expert_ids, 256)
     counting_ms = (time.perf_counter() - t0) * 1e3

@@ -77,14 +77,6 @@ def load_loads(path: Path, *, model: str | None = None, domain: str | None = Non
     return arr
 
 
-def _window_loads(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """(L, E) assignments per expert of (L, n, K) routing."""
-    num_layers = ids.shape[0]
-    key = np.arange(num_layers)[:, None] * num_experts + ids.reshape(num_layers, -1)
-    counts = np.bincount(key.ravel(), minlength=num_layers * num_experts)
-    return counts.reshape(num_layers, num_experts).astype(np.float64)
-
-
 def place_cmd(
     trace: Annotated[
         Path | None, typer.Option("--trace", help="Trace folder to plan from.")
@@ -165,7 +157,7 @@ def place_cmd(
     (printed before and after) and the refined plan is written.
     """
     from moesim.placement.io import placement_dict, write_placement
-    from moesim.placement.metrics import planned_balance, score_window
+    from moesim.placement.metrics import expert_loads, planned_balance, score_window
     from moesim.placement.planners import STRATEGIES, plan
     from moesim.sim.routing import REPLICA_CHOICES
 
@@ -189,12 +181,14 @@ def place_cmd(
         start, end = parse_window(window, tr.num_tokens) if window else (0, tr.num_tokens)
         ids = tr.expert_ids[:, start:end]  # (L, n, K)
         e = tr.num_experts
-        w = _window_loads(ids, e)
+        w = expert_loads(ids, e).astype(np.float64)
         if forecast and start >= end - start:
             from moesim.placement.replan import forecast_loads
 
             before = (2 * start - end, start)
-            w = forecast_loads(_window_loads(tr.expert_ids[:, before[0] : before[1]], e), w)
+            w = forecast_loads(
+                expert_loads(tr.expert_ids[:, before[0] : before[1]], e).astype(np.float64), w
+            )
         layer_names = list(tr.layers)
     else:
         assert loads is not None

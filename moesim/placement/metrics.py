@@ -19,6 +19,7 @@ from moesim.sim.routing import ReplicaChoice, choose_replicas
 
 __all__ = [
     "WindowScore",
+    "expert_loads",
     "moved_share",
     "moved_slots",
     "planned_balance",
@@ -26,6 +27,14 @@ __all__ = [
     "replica_counts",
     "score_window",
 ]
+
+
+def expert_loads(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """(L, E) int64 assignments per expert of (L, n, K) routing (expert ids per layer)."""
+    num_layers = ids.shape[0]
+    key = np.arange(num_layers)[:, None] * num_experts + ids.reshape(num_layers, -1)
+    counts = np.bincount(key.ravel(), minlength=num_layers * num_experts)
+    return counts.reshape(num_layers, num_experts)
 
 
 def replica_counts(placement: Placement) -> np.ndarray:

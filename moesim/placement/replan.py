@@ -17,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 
 from moesim.errors import InputError
 from moesim.placement.base import Placement
-from moesim.placement.metrics import moved_slots, planned_balance, score_window
+from moesim.placement.metrics import expert_loads, moved_slots, planned_balance, score_window
 from moesim.placement.planners import _items, replicate_by_load
 from moesim.sim.routing import ReplicaChoice
 
@@ -400,11 +400,11 @@ def replay(
     current: Placement | None = None
     for wi in range(1, windows):
         prev_ids = expert_ids[:, (wi - 1) * window_tokens : wi * window_tokens]
-        loads = _loads(prev_ids, e)
+        loads = expert_loads(prev_ids, e)
         t0 = time.perf_counter()
         if forecast and wi >= 2:
             older = expert_ids[:, (wi - 2) * window_tokens : (wi - 1) * window_tokens]
-            loads = forecast_loads(_loads(older, e), loads)
+            loads = forecast_loads(expert_loads(older, e), loads)
         if current is None or not static:
             new = planner(loads, prev_ids)
             if current is not None and max_moved_share is not None:
@@ -436,17 +436,10 @@ def replay(
                 moved_share=moved / new.slots.size,
                 migration_bytes=moved * expert_bytes,
                 planned_balance=float(
-                    planned_balance(new, _loads(cur_ids, new.num_experts)).mean()
+                    planned_balance(new, expert_loads(cur_ids, new.num_experts)).mean()
                 ),
                 score=sc.summary(bytes_per_assignment),
             )
         )
         current = new
     return out
-
-
-def _loads(ids: np.ndarray, e: int) -> np.ndarray:
-    """(L, E) assignments per expert of (L, n, K) routing."""
-    num_layers = ids.shape[0]
-    key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
-    return np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
