@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from moesim.costs.model import (
     calibrate,
     fit_memory_curve,
     fit_token_correction,
+    gemm_width,
     predict_us,
     profile_factors,
 )
@@ -393,3 +396,30 @@ def test_two_shapes_with_equal_widths_interpolate_their_median():
     base = rows[rows["model"] == "OLMoE-1B-7B"]["median_us"].to_numpy()
     got = cm.time_us("memcpy", s, np.array(TOKENS, dtype=float), "fp32")
     np.testing.assert_allclose(got, np.maximum.accumulate(2.0 * base), rtol=1e-9)
+
+
+def test_router_tile_width_hand_checked_and_recovered():
+    """A router with fewer experts than the GEMM tile costs as if it had a tile of them."""
+    f = OpFactors(launch_us=0.0, peak_flop_per_us=1.0, bytes_per_us=1e12, tile_width=32.0)
+    fl = np.array([100.0, 100.0, 100.0])
+    t = predict_us(f, fl, np.zeros(3), np.full(3, 1e9), np.array([8.0, 32.0, 64.0]))
+    np.testing.assert_allclose(t, [400.0, 100.0, 100.0], rtol=1e-6)  # 8 wide: 32/8 = 4x
+    assert gemm_width("router", 8.0) == 8.0 and np.isinf(gemm_width("permute", 8.0))
+    # router rows timed with a 32-wide tile: Mixtral (8 experts) and three 64-expert shapes
+    true = replace(TRUE, tile_width=32.0)
+    models = ["Mixtral-8x7B", "FLAME-MoE-290M", "OLMoE-1B-7B", "Qwen2-57B-A14B"]
+    rows = []
+    for m in models:
+        s = _shape(m)
+        for tok in TOKENS:
+            fl, by, _ = op_work("router", s, tok, "fp32")
+            us = predict_us(true, np.array([fl]), np.array([by]), np.array([tok]), s.num_experts)
+            rows.append({"flops": fl, "bytes": by, "tokens": tok, "median_us": float(us[0]),
+                         "num_experts": s.num_experts})  # fmt: skip
+    table = pd.DataFrame(rows)
+    width = gemm_width("router", table["num_experts"].to_numpy(float))
+    fit = calibrate(table, width=width)
+    assert fit.tile_width == pytest.approx(32.0, rel=0.1)
+    assert calibrate(table).tile_width == 1.0  # no widths given: no tile term
+    pred = predict_us(fit, table["flops"], table["bytes"], table["tokens"], width)
+    np.testing.assert_allclose(pred, table["median_us"], rtol=0.02)

@@ -58,6 +58,7 @@ __all__ = [
     "cost_model_for",
     "fit_memory_curve",
     "fit_token_correction",
+    "gemm_width",
     "load_cost_model",
     "predict_us",
     "profile_factors",
@@ -78,18 +79,40 @@ class OpFactors:
     cache_bytes_per_us: float | None = None  # None: no cache step
     cache_bytes: float = 1.0
     cache_sharpness: float = 1.0
+    tile_width: float = 1.0  # GEMM width below which a call costs no less (see gemm_width)
 
     def to_dict(self) -> dict[str, float | None]:
         return dict(self.__dict__)
 
 
+def gemm_width(op: str, num_experts: np.ndarray | float) -> np.ndarray:
+    """The narrow output width of an op's GEMM, where it has one narrow enough to matter:
+    the router's ``(T, d_model) @ (d_model, E)`` has E columns (8 for Mixtral), and a GEMM
+    library computes a whole micro-kernel tile of columns whatever E is, so a router with
+    few experts runs at a fraction of the rate of one with many (on this project's CPU,
+    bf16 at 4,096 tokens: 29-41 GFLOP/s with 8 experts, 113-184 with 64-256). Other ops:
+    infinite (their GEMMs are d_model or d_ff wide)."""
+    if op == "router":
+        return np.asarray(num_experts, dtype=np.float64)
+    return np.full(np.shape(num_experts), np.inf)
+
+
 def predict_us(
-    f: OpFactors, flops: np.ndarray, nbytes: np.ndarray, tokens: np.ndarray
+    f: OpFactors,
+    flops: np.ndarray,
+    nbytes: np.ndarray,
+    tokens: np.ndarray,
+    width: np.ndarray | float = np.inf,
 ) -> np.ndarray:
-    """Roofline time of calls with the given work and tokens (arrays broadcast)."""
+    """Roofline time of calls with the given work and tokens (arrays broadcast); ``width``:
+    the GEMM's narrow width (:func:`gemm_width`), below ``f.tile_width`` the compute time
+    is that of ``tile_width`` columns."""
     tokens = np.maximum(np.asarray(tokens, dtype=np.float64), 1e-9)
     nbytes = np.asarray(nbytes, float)
-    compute = np.asarray(flops, float) * (tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
+    pad = np.maximum(1.0, f.tile_width / np.maximum(np.asarray(width, dtype=np.float64), 1.0))
+    compute = (
+        np.asarray(flops, float) * pad * (tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
+    )
     bw: np.ndarray | float = f.bytes_per_us
     if f.cache_bytes_per_us is not None:
         step = 1 + (np.maximum(nbytes, 1.0) / f.cache_bytes) ** f.cache_sharpness
@@ -109,7 +132,10 @@ def profile_factors(hw: HardwareProfile, dtype: str) -> OpFactors:
 
 
 def calibrate(
-    rows: pd.DataFrame, start: OpFactors | None = None, memory: OpFactors | None = None
+    rows: pd.DataFrame,
+    start: OpFactors | None = None,
+    memory: OpFactors | None = None,
+    width: np.ndarray | None = None,
 ) -> OpFactors:
     """Fit one op's factors to measured rows (columns flops, bytes, tokens, median_us).
 
@@ -122,74 +148,76 @@ def calibrate(
     (a GEMM library packing a weight matrix reads and writes it again). Memory speed is
     a property of the device, not of an op, so a shape beyond an op's measured working
     sets is predicted at the device's memory speed, not at a bandwidth fitted to few points.
+
+    ``width`` (one per row, :func:`gemm_width`): where the rows have two or more finite
+    widths, ``tile_width`` is fitted too.
     """
     fl = rows["flops"].to_numpy(float)
     by = rows["bytes"].to_numpy(float)
     tok = rows["tokens"].to_numpy(float)
     t = rows["median_us"].to_numpy(float)
+    w = np.full(t.size, np.inf) if width is None else np.asarray(width, dtype=np.float64)
+    fit_tile = np.unique(w[np.isfinite(w)]).size >= 2
     big = t > np.median(t)
     peak = float(np.max(fl[big] / t[big])) if (fl[big] > 0).any() else 1.0
     if memory is not None:
-        return _calibrate_on_curve(fl, by, tok, t, peak, memory)
-    bw = float(np.median(by / t))
-    # x: log of launch, peak, memory bandwidth, half_tokens, cache / memory bandwidth
-    # (>= 1: a cache is never slower than memory), cache_bytes, sharpness
-    x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, 4.0, 4e6, 2.0])
-    if start is not None:
-        x0[:3] = np.log([start.launch_us, start.peak_flop_per_us, start.bytes_per_us])
-    lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1.0, 1e3, 0.3])
-    hi = np.log([1e6, 1e12, 1e12, 1e6, 1e4, 1e11, 8.0])
+        # x: log of launch, peak, half_tokens, traffic
+        x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), 8.0, 1.0])
+        lo = np.log([1e-3, 1e-3, 1e-3, TRAFFIC_BOUNDS[0]])
+        hi = np.log([1e6, 1e12, 1e6, TRAFFIC_BOUNDS[1]])
+        mem = memory
+        cache_bw = mem.bytes_per_us if mem.cache_bytes_per_us is None else mem.cache_bytes_per_us
+
+        def unpack(x: np.ndarray) -> OpFactors:
+            v = np.exp(x)
+            return OpFactors(
+                launch_us=float(v[0]),
+                peak_flop_per_us=float(v[1]),
+                bytes_per_us=float(mem.bytes_per_us / v[3]),
+                half_tokens=float(v[2]),
+                cache_bytes_per_us=float(cache_bw / v[3]),
+                cache_bytes=mem.cache_bytes,
+                cache_sharpness=mem.cache_sharpness,
+                tile_width=float(v[4]) if fit_tile else 1.0,
+            )
+
+    else:
+        bw = float(np.median(by / t))
+        # x: log of launch, peak, memory bandwidth, half_tokens, cache / memory bandwidth
+        # (>= 1: a cache is never slower than memory), cache_bytes, sharpness
+        x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, 4.0, 4e6, 2.0])
+        if start is not None:
+            x0[:3] = np.log([start.launch_us, start.peak_flop_per_us, start.bytes_per_us])
+        lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1.0, 1e3, 0.3])
+        hi = np.log([1e6, 1e12, 1e12, 1e6, 1e4, 1e11, 8.0])
+
+        def unpack(x: np.ndarray) -> OpFactors:
+            v = np.exp(x)
+            return OpFactors(
+                launch_us=float(v[0]),
+                peak_flop_per_us=float(v[1]),
+                bytes_per_us=float(v[2]),
+                half_tokens=float(v[3]),
+                cache_bytes_per_us=float(v[4] * v[2]),
+                cache_bytes=float(v[5]),
+                cache_sharpness=float(v[6]),
+                tile_width=float(v[7]) if fit_tile else 1.0,
+            )
+
+    if fit_tile:  # one more factor: the tile width, 1 to 1,024 columns
+        x0 = np.append(x0, np.log(16.0))
+        lo = np.append(lo, 0.0)
+        hi = np.append(hi, np.log(1024.0))
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
-    def unpack(x: np.ndarray) -> OpFactors:
-        v = np.exp(x)
-        return OpFactors(
-            float(v[0]),
-            float(v[1]),
-            float(v[2]),
-            float(v[3]),
-            float(v[4] * v[2]),
-            float(v[5]),
-            float(v[6]),
-        )
-
     def resid(x: np.ndarray) -> np.ndarray:
-        return np.log(predict_us(unpack(x), fl, by, tok)) - np.log(t)
+        return np.log(predict_us(unpack(x), fl, by, tok, w)) - np.log(t)
 
     return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
 
 
 TRAFFIC_BOUNDS = (0.25, 64.0)
 """Range of an op's traffic factor (bytes its kernels move / bytes ``op_work`` counts)."""
-
-
-def _calibrate_on_curve(
-    fl: np.ndarray, by: np.ndarray, tok: np.ndarray, t: np.ndarray, peak: float, mem: OpFactors
-) -> OpFactors:
-    """:func:`calibrate` with the memory curve ``mem`` fixed but for a traffic factor."""
-    # x: log of launch, peak, half_tokens, traffic
-    x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), 8.0, 1.0])
-    lo = np.log([1e-3, 1e-3, 1e-3, TRAFFIC_BOUNDS[0]])
-    hi = np.log([1e6, 1e12, 1e6, TRAFFIC_BOUNDS[1]])
-    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
-    cache_bw = mem.cache_bytes_per_us if mem.cache_bytes_per_us is not None else mem.bytes_per_us
-
-    def unpack(x: np.ndarray) -> OpFactors:
-        v = np.exp(x)
-        return OpFactors(
-            float(v[0]),
-            float(v[1]),
-            float(mem.bytes_per_us / v[3]),
-            float(v[2]),
-            float(cache_bw / v[3]),
-            mem.cache_bytes,
-            mem.cache_sharpness,
-        )
-
-    def resid(x: np.ndarray) -> np.ndarray:
-        return np.log(predict_us(unpack(x), fl, by, tok)) - np.log(t)
-
-    return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
 
 
 MEMORY_OP = "memcpy"
@@ -240,7 +268,10 @@ SLOPE_RIDGE = 10.0
 
 
 def fit_token_correction(
-    rows: pd.DataFrame, f: OpFactors, ridge: float = SLOPE_RIDGE
+    rows: pd.DataFrame,
+    f: OpFactors,
+    ridge: float = SLOPE_RIDGE,
+    width: np.ndarray | float = np.inf,
 ) -> TokenCorrection:
     """Fit :class:`TokenCorrection` of factors ``f`` to one op's measured rows.
 
@@ -249,7 +280,8 @@ def fit_token_correction(
     2x2 linear solve. ``rows``: columns flops, bytes, tokens, median_us.
     """
     tok = rows["tokens"].to_numpy(float)
-    x = np.log(predict_us(f, rows["flops"].to_numpy(float), rows["bytes"].to_numpy(float), tok))
+    fl, by = rows["flops"].to_numpy(float), rows["bytes"].to_numpy(float)
+    x = np.log(predict_us(f, fl, by, tok, width))
     y = np.log(rows["median_us"].to_numpy(float))
     levels = np.unique(tok)
     offset = np.empty(levels.size)
@@ -295,8 +327,9 @@ class CostModel:
         for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
             start = profile_factors(hw, str(dtype)) if hw is not None else None
             key = (str(op), str(dtype))
-            factors[key] = calibrate(rows, start, memory)
-            corrections[key] = fit_token_correction(rows, factors[key])
+            width = gemm_width(str(op), rows["num_experts"].to_numpy(float))
+            factors[key] = calibrate(rows, start, memory, width)
+            corrections[key] = fit_token_correction(rows, factors[key], width=width)
         return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
     def op_factors(self, op: str, dtype: str) -> OpFactors:
@@ -312,7 +345,11 @@ class CostModel:
         flops, moved = op_work_array(op, shape, np.maximum(np.floor(tokens), 1.0), dtype)
         scale = np.where(tokens >= 1, 1.0, tokens)  # fractional tokens: scale the 1-token work
         t = predict_us(
-            self.op_factors(op, dtype), flops * scale, moved * scale, np.maximum(tokens, 1)
+            self.op_factors(op, dtype),
+            flops * scale,
+            moved * scale,
+            np.maximum(tokens, 1),
+            gemm_width(op, float(shape.num_experts)),
         )
         corr = self.corrections.get((op, dtype))
         return t if corr is None else corr.apply(np.maximum(tokens, 1), t)

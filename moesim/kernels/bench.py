@@ -23,11 +23,13 @@ attention            QKV projection (MLA: the low-rank down/up projections), cau
 memcpy               device-to-device copy of a (T, d_model) tensor (``dst.copy_(src)``)
 ==================== ===========================================================================
 
-Method: weights are made once per (shape, op, dtype) series and inputs once per point,
-from a seeded generator; each point runs ``warmup`` calls, then as many timed calls as
-fit ``budget_s`` (between ``min_repeats`` and ``max_repeats``), each timed alone
-(``time.perf_counter`` on CPU, CUDA events on GPU), with Python's garbage collector
-off. The table keeps the median, p10, p90 and min. ``torch.set_num_threads`` is fixed
+Method: the sweep runs ``rounds`` times over; in each round, weights are made once per
+(shape, op, dtype) series and inputs once per point, from a seeded generator; each point
+runs ``warmup`` calls, then as many timed calls as fit its
+round's share of ``budget_s`` (between ``min_repeats`` and ``max_repeats``, also shared),
+each timed alone (``time.perf_counter`` on CPU, CUDA events on GPU), with Python's
+garbage collector off. The table keeps the median of the rounds' medians, and the p10,
+p90 and min of every call. ``torch.set_num_threads`` is fixed
 for the run and recorded; denormals are flushed on CPU. On CPU with glibc, freed memory
 stays in the process for the run (see :func:`_kept_heap`), as the CUDA caching allocator
 keeps it on GPU: otherwise every call of an op whose buffers pass glibc's mmap threshold
@@ -125,13 +127,25 @@ Device = Literal["cpu", "cuda"]
 # warm-up calls, repeats, measured seconds per point, and the caps, per (device, quick)
 _TIMING: dict[tuple[str, bool], dict[str, Any]] = {
     ("cpu", False): dict(
-        warmup=2, min_repeats=5, max_repeats=1000, budget_s=0.4, max_call_us=5e5, max_bytes=2.5e9
+        warmup=2,
+        min_repeats=5,
+        max_repeats=1000,
+        budget_s=0.4,
+        max_call_us=5e5,
+        max_bytes=2.5e9,
+        rounds=5,
     ),
     ("cpu", True): dict(
         warmup=1, min_repeats=3, max_repeats=20, budget_s=0.02, max_call_us=1e5, max_bytes=5e8
     ),
     ("cuda", False): dict(
-        warmup=5, min_repeats=10, max_repeats=500, budget_s=0.2, max_call_us=2e5, max_bytes=3e10
+        warmup=5,
+        min_repeats=10,
+        max_repeats=500,
+        budget_s=0.2,
+        max_call_us=2e5,
+        max_bytes=3e10,
+        rounds=3,
     ),
     ("cuda", True): dict(
         warmup=3, min_repeats=5, max_repeats=50, budget_s=0.02, max_call_us=5e4, max_bytes=4e9
@@ -211,6 +225,7 @@ class BenchConfig:
     threads: int | None = None
     seed: int = 0
     quick: bool = False
+    rounds: int = 1
 
 
 @dataclass
@@ -433,12 +448,21 @@ class _Ctx:
     dtype: Any  # torch dtype of activations and weights (fp8: bf16 activations)
     gen: Any
     weights: dict[str, Any] = field(default_factory=dict)
+    layout: np.random.Generator | None = None  # draws the pads (None: no pads)
+    pads: list[Any] = field(default_factory=list)
 
     def randn(self, *shape: int, scale: float = 1.0, dtype: Any = None) -> torch.Tensor:
         t = self.torch.randn(
             *shape, generator=self.gen, device=self.device, dtype=self.torch.float32
         )
-        return (t * scale).to(dtype or self.dtype)
+        t = t * scale
+        if self.layout is not None:
+            # a pad of a seeded random size (64-byte steps below 64 KiB), held as long as
+            # the context, before each input: the relative placement of a call's buffers
+            # (4 KiB aliasing, cache sets) then differs from round to round
+            size = int(self.layout.integers(0, 1024)) * 64
+            self.pads.append(self.torch.empty(size, dtype=self.torch.uint8, device=self.device))
+        return t.to(dtype or self.dtype)
 
 
 def _routing(ctx: _Ctx, tokens: int, experts: int, k: int) -> tuple[Any, Any]:
@@ -659,13 +683,28 @@ def _kept_heap() -> Iterator[str | None]:
     if libc is None:
         yield None
         return
-    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
     try:
-        yield "glibc heap kept (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1)" if ok else None
+        yield "glibc heap kept (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1: never trimmed)" if ok else None
     finally:
         for param, value in _GLIBC_DEFAULTS.items():
             libc.mallopt(param, value)
         libc.malloc_trim(0)
+
+
+def _prefault_heap(torch: Any, nbytes: float) -> str:
+    """Grow the kept heap by ``nbytes`` of touched pages, then free them to it.
+
+    With the heap kept, a call still faults in fresh pages whenever the heap has to grow,
+    which happens at random points once the inputs' pads have fragmented it: DeepSeek-V3
+    unpermute, fp32, 4,096 tokens, took 3.1 s instead of 0.17 s on a call that faulted in
+    229,376 pages (about 14 µs each on this project's VM). Touched once here, those pages
+    serve every later growth. Three times the memory cap covers a point's buffers and the
+    fragmentation around them. Returns a note for ``meta.json``."""
+    block = torch.empty(int(nbytes), dtype=torch.uint8)
+    block.fill_(0)
+    del block
+    return f", {nbytes / 1e9:.1f} GB pre-faulted"
 
 
 @contextlib.contextmanager
@@ -680,13 +719,20 @@ def _no_gc() -> Iterator[None]:
 
 
 def _measure(fn: Callable[[], Any], cfg: BenchConfig, torch: Any) -> tuple[np.ndarray, int]:
-    """Times of single calls in µs, after warm-up; returns (times, warm-up calls)."""
+    """Times of single calls in µs, after warm-up; returns (times, warm-up calls).
+
+    One round's share of the point's budget: ``budget_s``, ``min_repeats`` and
+    ``max_repeats`` divided by ``cfg.rounds``. Every round warms up in full: with its
+    fresh inputs in a new place, the first two calls of a large op can both grow the heap
+    and fault in its pages (DeepSeek-V3 unpermute, fp32, 2,048 tokens: 1.1 and 1.6 s, then
+    0.08-0.1 s)."""
     cuda = cfg.device == "cuda"
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
+    rounds = max(1, cfg.rounds)
     warmup = max(1, cfg.warmup)
     with _no_gc():
         sync()
@@ -695,8 +741,10 @@ def _measure(fn: Callable[[], Any], cfg: BenchConfig, torch: Any) -> tuple[np.nd
             fn()
         sync()
         per_call_s = (time.perf_counter() - t0) / warmup
-        want = cfg.budget_s / max(per_call_s, 1e-9)
-        repeats = int(min(cfg.max_repeats, max(cfg.min_repeats, math.ceil(want))))
+        want = cfg.budget_s / rounds / max(per_call_s, 1e-9)
+        lo = math.ceil(cfg.min_repeats / rounds)
+        hi = max(lo, math.ceil(cfg.max_repeats / rounds))
+        repeats = int(min(hi, max(lo, math.ceil(want))))
         times = np.empty(repeats, dtype=np.float64)
         if cuda:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
@@ -754,16 +802,32 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     )
     try:
         with heap as allocator:
-            for shape in cfg.shapes:
-                for op in cfg.ops:
-                    for dt in cfg.dtypes:
-                        reason = supported(op, dt, cfg.device)
-                        if reason:
-                            skipped.append(
-                                {"model": shape.model, "op": op, "dtype": dt, "reason": reason}
-                            )
-                            continue
-                        rows += _run_series(cfg, shape, op, dt, torch, name, threads, skipped, say)
+            if allocator is not None:
+                allocator += _prefault_heap(torch, 3 * cfg.max_bytes)
+            # every round sweeps every series once, so that each point is measured at
+            # cfg.rounds times spread over the run, each time with fresh inputs: the state
+            # a call meets (buffer placement, clocks, other load) varies over minutes, and
+            # one sitting would carry its luck into the table
+            # (a layout bias that one fixed allocation order would keep in every round:
+            # Mytkowicz et al., "Producing wrong data without doing anything obviously
+            # wrong!", ASPLOS 2009), so each round places the inputs differently (_Ctx)
+            series: dict[tuple[int, str, str], dict[int, list[np.ndarray]]] = {}
+            for r in range(max(1, cfg.rounds)):
+                for i, shape in enumerate(cfg.shapes):
+                    for op in cfg.ops:
+                        for dt in cfg.dtypes:
+                            reason = supported(op, dt, cfg.device)
+                            if reason:
+                                if r == 0:
+                                    skipped.append(
+                                        {"model": shape.model, "op": op, "dtype": dt}
+                                        | {"reason": reason}
+                                    )
+                                continue
+                            got = series.setdefault((i, op, dt), {})
+                            _run_series(cfg, shape, op, dt, torch, got, skipped, say, r)
+            for (i, op, dt), got in series.items():
+                rows += _series_rows(cfg, cfg.shapes[i], op, dt, got, torch, name, threads)
     finally:
         if cfg.device == "cpu":
             torch.set_flush_denormal(False)
@@ -781,40 +845,88 @@ def _run_series(
     op: str,
     dt: str,
     torch: Any,
-    name: str,
-    threads: int,
+    got: dict[int, list[np.ndarray]],
     skipped: list[dict[str, Any]],
     say: Callable[[str], None],
-) -> list[dict[str, Any]]:
-    """One (shape, op, dtype) series over ``cfg.tokens``, smallest first."""
-    rows: list[dict[str, Any]] = []
+    round_index: int,
+) -> None:
+    """One round of a (shape, op, dtype) series, smallest token count first: adds each
+    point's times to ``got`` (tokens → one array per round). The first round decides which
+    points run (the caps cut a series there); later rounds measure those again."""
     gen = torch.Generator(device=cfg.device)
     gen.manual_seed(cfg.seed)
-    ctx = _Ctx(torch=torch, device=cfg.device, dtype=_torch_dtype(torch, dt), gen=gen)
-    tokens_list = sorted(set(cfg.tokens))
+    layout = np.random.default_rng([cfg.seed, round_index]) if cfg.rounds > 1 else None
+    ctx = _Ctx(
+        torch=torch, device=cfg.device, dtype=_torch_dtype(torch, dt), gen=gen, layout=layout
+    )
+    first = round_index == 0
+    tokens_list = sorted(set(cfg.tokens)) if first else sorted(got)
+    rounds = max(1, cfg.rounds)
     for i, tokens in enumerate(tokens_list):
-        flops, moved, alloc = op_work(op, shape, tokens, dt)
+        alloc = op_work(op, shape, tokens, dt)[2]
         base = {"model": shape.model, "op": op, "dtype": dt, "tokens": tokens}
-        if alloc > cfg.max_bytes:
+        if first and alloc > cfg.max_bytes:
             why = f"estimated memory {alloc / 1e9:.2f} GB > cap {cfg.max_bytes / 1e9:.2f} GB"
             skipped.append(base | {"reason": why, "tokens_skipped": tokens_list[i:]})
             break
         try:
             # the point's inputs live only inside this call, so they are freed on return
-            times, warmup = _measure(_build(op, shape, tokens, dt, ctx), cfg, torch)
+            times, _ = _measure(_build(op, shape, tokens, dt, ctx), cfg, torch)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             # an unsupported kernel/dtype combination or out of memory on this build; a
             # TypeError only counts from the private fp8 API (torch._scaled_mm)
             if isinstance(err, TypeError) and dt != "fp8":
                 raise
-            msg = " ".join(str(err).split())[:300]
-            skipped.append(base | {"reason": f"{type(err).__name__}: {msg}"})
             if cfg.device == "cuda":
                 torch.cuda.empty_cache()
+            if not first:  # it ran before: keep the rounds that measured it
+                continue
+            msg = " ".join(str(err).split())[:300]
+            skipped.append(base | {"reason": f"{type(err).__name__}: {msg}"})
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 break
             continue
+        got.setdefault(tokens, []).append(times)
         med = float(np.median(times))
+        say(
+            f"{shape.model} {op} {dt} tokens={tokens}: median {med:,.1f} µs "
+            f"({len(times)} runs, round {round_index + 1}/{rounds})"
+        )
+        fastest = float(times.min())  # a stall of the machine does not cut a series
+        if first and fastest > cfg.max_call_us:
+            rest = tokens_list[i + 1 :]
+            if rest:
+                cap = cfg.max_call_us / 1e3
+                skipped.append(
+                    base
+                    | {"reason": f"fastest call {fastest / 1e3:.0f} ms > cap {cap:.0f} ms"}
+                    | {"tokens_skipped": rest}
+                )
+            break
+    ctx.weights.clear()
+    ctx.pads.clear()
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _series_rows(
+    cfg: BenchConfig,
+    shape: BenchShape,
+    op: str,
+    dt: str,
+    got: dict[int, list[np.ndarray]],
+    torch: Any,
+    name: str,
+    threads: int,
+) -> list[dict[str, Any]]:
+    """Table rows of one series: per point, ``median_us`` is the median of its rounds'
+    medians (what one sitting's luck cannot move), the other figures pool every call."""
+    rows = []
+    for tokens in sorted(got):
+        flops, moved, _ = op_work(op, shape, tokens, dt)
+        pooled = np.concatenate(got[tokens])
+        p10, p90 = np.percentile(pooled, [10, 90])
+        mid = float(np.clip(np.median([np.median(t) for t in got[tokens]]), p10, p90))
         rows.append(
             {
                 "op": op,
@@ -824,30 +936,18 @@ def _run_series(
                 **table_widths(op, shape),
                 "flops": flops,
                 "bytes": moved,
-                "median_us": med,
-                "p10_us": float(np.percentile(times, 10)),
-                "p90_us": float(np.percentile(times, 90)),
-                "min_us": float(times.min()),
-                "repeats": len(times),
-                "warmup": warmup,
+                "median_us": mid,
+                "p10_us": float(p10),
+                "p90_us": float(p90),
+                "min_us": float(pooled.min()),
+                "repeats": len(pooled),
+                "rounds": len(got[tokens]),
+                "warmup": max(1, cfg.warmup),
                 "threads": threads,
                 "torch_version": torch.__version__,
                 "device": name,
             }
         )
-        say(f"{shape.model} {op} {dt} tokens={tokens}: median {med:,.1f} µs ({len(times)} runs)")
-        if med > cfg.max_call_us:
-            rest = tokens_list[i + 1 :]
-            if rest:
-                skipped.append(
-                    base
-                    | {"reason": f"median {med / 1e3:.0f} ms > cap {cfg.max_call_us / 1e3:.0f} ms"}
-                    | {"tokens_skipped": rest}
-                )
-            break
-    ctx.weights.clear()
-    if cfg.device == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

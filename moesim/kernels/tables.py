@@ -58,12 +58,14 @@ TABLE_COLUMNS: tuple[str, ...] = (
     "p90_us",
     "min_us",
     "repeats",
+    "rounds",
     "warmup",
     "threads",
     "torch_version",
     "device",
 )
-"""Columns of a measured table, in file order."""
+"""Columns of a measured table, in file order (``rounds`` is absent from tables older
+than multi-round measurement)."""
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "op",
@@ -94,6 +96,7 @@ INT_COLUMNS: tuple[str, ...] = (
     "head_dim",
     "v_head_dim",
     "repeats",
+    "rounds",
     "warmup",
     "threads",
 )
@@ -131,6 +134,7 @@ def merge_rows(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
         frames.insert(0, old[keep])
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else new.copy()
     out = out.reindex(columns=list(TABLE_COLUMNS))
+    out["rounds"] = out["rounds"].fillna(1).astype("int64")  # older rows: one sitting
     sort = [c for c in ("model", "dtype", "d_model", "d_ff", "num_experts", "tokens") if c in out]
     return out.sort_values(sort, kind="stable").reset_index(drop=True)
 
