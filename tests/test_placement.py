@@ -266,3 +266,114 @@ def test_batch_split_never_worse_than_nearest(strategy):
     near = score_window(p, ids, replica_choice="nearest", **kw).balance
     split = score_window(p, ids, replica_choice="batch-split", **kw).balance
     assert (split <= near + 1e-12).all()
+
+
+def _assign_nodes_reference(exp, share, nodes, per_node, e, coact, cross, cw, tolerance):
+    """The node assignment written with numpy over the layers (the compiled kernel's spec)."""
+    num_layers, n = exp.shape
+    rows = np.arange(num_layers)
+    row_node = rows * nodes
+    at_all = (rows[:, None] * e + exp).T
+    slack = (tolerance * share).T[:, :, None]
+    key_load = np.zeros(num_layers * nodes)
+    fill = np.zeros(num_layers * nodes, dtype=np.int64)
+    big = float(share.sum(axis=1).max()) + 1.0
+    hosted = np.zeros((num_layers * e, nodes))
+    aff = np.zeros((num_layers * nodes, e), dtype=np.float32)
+    co = None if coact is None else np.asarray(coact, dtype=np.float32).reshape(-1, e)
+    x = None if cross is None else np.asarray(cross, dtype=np.float32).reshape(-1, e)
+    node_of = np.empty((n, num_layers), dtype=np.int64)
+    for i in range(n):
+        at = at_all[i]
+        key = key_load.reshape(num_layers, nodes) + hosted[at]
+        near = key <= key.min(axis=1)[:, None] + slack[i]
+        a = aff[(row_node[:, None] + np.arange(nodes)), exp[:, i][:, None]]
+        pick = np.argmax(np.where(near, a - 1e-9 * key, -np.inf), axis=1)
+        node_of[i] = pick
+        r = row_node + pick
+        f = fill[r] + 1
+        fill[r] = f
+        key_load[r] += share.T[i] + np.where(f < per_node, 0.0, np.inf)
+        hosted.reshape(-1)[at * nodes + pick] += big
+        if co is not None:
+            aff[r] += co[at]
+        if x is not None:
+            aff[r[:-1] + nodes] += cw * x[at[:-1]]
+    return node_of.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_node_assignment_equals_its_numpy_spec(seed):
+    from moesim.placement.planners import _assign_nodes, _items
+
+    rng = np.random.default_rng(seed)
+    num_layers, e, nodes, g, s = 5, 32, 4, 2, 5
+    w = rng.zipf(1.5, size=(num_layers, e)).astype(float)
+    count = replicate_by_load(w, nodes * g * s, nodes * g)
+    exp, share = _items(count, w)
+    co = rng.poisson(3.0, size=(num_layers, e, e)).astype(float)
+    co = co + co.transpose(0, 2, 1)
+    cross = rng.poisson(2.0, size=(num_layers - 1, e, e)).astype(float)
+    for c, x in ((co, cross), (co, None), (None, None)):
+        got = _assign_nodes(exp, share, nodes, g * s, e, c, x, 0.5, 0.5)
+        want = _assign_nodes_reference(exp, share, nodes, g * s, e, c, x, 0.5, 0.5)
+        np.testing.assert_array_equal(got, want)
+
+
+def _pack_connected_reference(exp, share, node_of, replicated, nodes, g, s, num_experts):
+    """The device packing written with numpy over the layers (the compiled kernel's spec)."""
+    num_layers, m = exp.shape
+    d = nodes * g
+    rows = np.arange(num_layers)
+    base = rows * num_experts
+    load = np.zeros((num_layers, d))
+    fill = np.zeros((num_layers, d), dtype=np.int64)
+    key_load = np.zeros((num_layers, d))
+    hosted = np.zeros((num_layers * num_experts, d), dtype=bool)
+    comp = np.tile(np.arange(d), (num_layers, 1))
+    key_node = key_load.reshape(num_layers, nodes, g)
+    hosted_node = hosted.reshape(-1, nodes, g)
+    comp_node = comp.reshape(num_layers, nodes, g)
+    first = np.full(num_layers * num_experts, -1)
+    out = np.full((num_layers, d, s), -1, dtype=np.int32)
+    for i in range(m):
+        ei, sh, nd = exp[:, i], share[:, i], node_of[:, i]
+        at = base + ei
+        key = np.where(hosted_node[at, nd], np.inf, key_node[rows, nd])
+        f = first[at]
+        joins = replicated[:, i] & (f >= 0)
+        if joins.any():
+            fc = comp[rows, f]
+            other = comp_node[rows, nd] != fc[:, None]
+            least = key.min(axis=1)
+            near = other & (key <= (least + sh)[:, None])
+            key = np.where((joins & near.any(axis=1))[:, None] & ~near, np.inf, key)
+        pick = nd * g + np.argmin(key, axis=1)
+        fp = fill[rows, pick]
+        out[rows, pick, fp] = ei
+        fill[rows, pick] = fp + 1
+        load[rows, pick] += sh
+        key_load[rows, pick] = np.where(fp + 1 < s, load[rows, pick], np.inf)
+        hosted[at, pick] = True
+        if joins.any():
+            merge = joins[:, None] & (comp == comp[rows, pick][:, None])
+            np.copyto(comp, fc[:, None], where=merge)
+        first[at] = np.where(f >= 0, f, pick)
+    return out, fill, load
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_device_packing_equals_its_numpy_spec(seed):
+    from moesim.placement.planners import _assign_nodes, _items, _pack_connected
+
+    rng = np.random.default_rng(seed)
+    num_layers, e, nodes, g, s = 6, 32, 4, 2, 5
+    w = rng.zipf(1.3, size=(num_layers, e)).astype(float)
+    count = replicate_by_load(w, nodes * g * s, nodes * g)
+    exp, share = _items(count, w)
+    node_of = _assign_nodes(exp, share, nodes, g * s, e, None, None, 0.5, 0.5)
+    replicated = np.take_along_axis(count, exp, axis=1) > 1
+    assert replicated.any()
+    args = (exp, share, node_of, replicated, nodes, g, s, e)
+    for got, want in zip(_pack_connected(*args), _pack_connected_reference(*args), strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -305,45 +305,24 @@ def _assign_nodes(
     Returns:
         (L, N) node of each replica.
     """
-    num_layers, n = exp.shape
+    from moesim.placement._compiled import assign_nodes_kernel
+
     e = num_experts
-    rows = np.arange(num_layers)
-    # flat indices: (layer, node) rows, (layer, expert) rows, each replica's (layer, expert)
-    row_node = rows * nodes
-    at_all = np.ascontiguousarray((rows[:, None] * e + exp).T)  # (N, L)
-    exp_t = np.ascontiguousarray(exp.T)
-    slack = np.ascontiguousarray((tolerance * share).T)[:, :, None]  # (N, L, 1)
-    share_t = np.ascontiguousarray(share.T)
-    # node load as a replica sees it: +big per replica of its expert already on the node,
-    # so such nodes come last; a full node never
-    key_load = np.zeros(num_layers * nodes)
-    fill = np.zeros(num_layers * nodes, dtype=np.int64)
-    big = float(share.sum(axis=1).max()) + 1.0
-    hosted = np.zeros((num_layers * e, nodes))
-    aff = np.zeros((num_layers * nodes, e), dtype=np.float32)  # row (layer, node)
-    aff_flat = aff.reshape(-1)
-    aff_at = (row_node[:, None] + np.arange(nodes)) * e  # (L, nodes) offsets of column 0
-    co = None if coact is None else np.asarray(coact, dtype=np.float32).reshape(-1, e)
-    x = None if cross is None else np.asarray(cross, dtype=np.float32).reshape(-1, e)
-    node_of = np.empty((n, num_layers), dtype=np.int64)
-    for i in range(n):
-        at = at_all[i]
-        key = key_load.reshape(num_layers, nodes) + hosted[at]  # (L, nodes)
-        # (the least via argmin: a row minimum of a few columns costs more)
-        near = key <= key[rows, key.argmin(axis=1)][:, None] + slack[i]
-        # most affinity among nodes near the least-loaded one (ties: least loaded)
-        a = aff_flat[aff_at + exp_t[i][:, None]]
-        pick = np.argmax(np.where(near, a - 1e-9 * key, -np.inf), axis=1)
-        node_of[i] = pick
-        r = row_node + pick
-        f = fill[r] + 1
-        fill[r] = f
-        key_load[r] += share_t[i] + np.where(f < per_node, 0.0, np.inf)
-        hosted.reshape(-1)[at * nodes + pick] += big
-        if co is not None:
-            aff[r] += co[at]
-        if x is not None:
-            aff[r[:-1] + nodes] += cross_weight * x[at[:-1]]
+    empty = np.zeros((0, e), dtype=np.float32)
+    co = empty if coact is None else np.ascontiguousarray(coact, dtype=np.float32).reshape(-1, e)
+    x = empty if cross is None else np.ascontiguousarray(cross, dtype=np.float32).reshape(-1, e)
+    node_of = assign_nodes_kernel(
+        np.ascontiguousarray(exp.T, dtype=np.int64),
+        np.ascontiguousarray(share.T, dtype=np.float64),
+        np.ascontiguousarray((tolerance * share).T, dtype=np.float64),
+        nodes,
+        per_node,
+        e,
+        co,
+        x,
+        np.float32(cross_weight),
+        float(share.sum(axis=1).max()) + 1.0,
+    )
     return np.ascontiguousarray(node_of.T)
 
 
@@ -369,44 +348,18 @@ def _pack_connected(
         out: (L, D, S) experts placed (unfilled slots -1); fill: (L, D) slots used;
         load: (L, D) load placed.
     """
-    num_layers, m = exp.shape
-    d = nodes * g
-    rows = np.arange(num_layers)
-    base = rows * num_experts
-    load = np.zeros((num_layers, d))
-    fill = np.zeros((num_layers, d), dtype=np.int64)
-    key_load = np.zeros((num_layers, d))
-    hosted = np.zeros((num_layers * num_experts, d), dtype=bool)
-    comp = np.tile(np.arange(d), (num_layers, 1))  # flex component of each device
-    # the same arrays by (node, device in node): a replica's candidates are its node's
-    key_node = key_load.reshape(num_layers, nodes, g)
-    hosted_node = hosted.reshape(-1, nodes, g)
-    comp_node = comp.reshape(num_layers, nodes, g)
-    first = np.full(num_layers * num_experts, -1)  # device of each expert's first replica
-    out = np.full((num_layers, d, s), -1, dtype=np.int32)
-    for i in range(m):
-        ei, sh, nd = exp[:, i], share[:, i], node_of[:, i]
-        at = base + ei
-        key = np.where(hosted_node[at, nd], np.inf, key_node[rows, nd])  # (L, g)
-        f = first[at]
-        joins = replicated[:, i] & (f >= 0)
-        if joins.any():
-            fc = comp[rows, f]
-            other = comp_node[rows, nd] != fc[:, None]
-            least = key[rows, key.argmin(axis=1)]
-            near = other & (key <= (least + sh)[:, None])
-            key = np.where((joins & near.any(axis=1))[:, None] & ~near, np.inf, key)
-        pick = nd * g + np.argmin(key, axis=1)
-        fp = fill[rows, pick]
-        out[rows, pick, fp] = ei
-        fill[rows, pick] = fp + 1
-        load[rows, pick] += sh
-        key_load[rows, pick] = np.where(fp + 1 < s, load[rows, pick], np.inf)
-        hosted[at, pick] = True
-        if joins.any():
-            merge = joins[:, None] & (comp == comp[rows, pick][:, None])
-            np.copyto(comp, fc[:, None], where=merge)
-        first[at] = np.where(f >= 0, f, pick)
+    from moesim.placement._compiled import pack_connected_kernel
+
+    out, fill, load = pack_connected_kernel(
+        np.ascontiguousarray(exp, dtype=np.int64),
+        np.ascontiguousarray(share, dtype=np.float64),
+        np.ascontiguousarray(node_of, dtype=np.int64),
+        np.ascontiguousarray(replicated, dtype=np.bool_),
+        nodes,
+        g,
+        s,
+        num_experts,
+    )
     return out, fill, load
 
 
