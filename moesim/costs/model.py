@@ -23,7 +23,8 @@
    cache bandwidth, cache size and sharpness) to its ``memcpy`` rows, then
    :func:`calibrate` fits per op, by least squares on log time, a launch overhead, a
    compute peak, ``half_tokens`` and a traffic factor on that curve (every factor free
-   where the table has no ``memcpy`` rows), and
+   where the table has no ``memcpy`` rows; the launch weakly pulled towards the curve's,
+   :data:`LAUNCH_PRIOR`; the router also a GEMM tile width, :func:`gemm_width`), and
    :func:`fit_token_correction` then fits, per measured token count ``T``, a log-linear
    correction ``log t = a(T) + b(T) log roofline`` across the table's shapes
    (:class:`TokenCorrection`): the part of the small-batch behaviour that depends on
@@ -210,10 +211,21 @@ def calibrate(
         hi = np.append(hi, np.log(1024.0))
     x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
 
+    # a weak pull of the launch overhead towards the device's own (the memory curve's):
+    # where no measured shape is small enough to show it, it is otherwise free to absorb
+    # part of the memory time, and a smaller shape is then predicted far too slow
+    prior = math.log(max(memory.launch_us, 1e-3)) if memory is not None else None
+    pull = LAUNCH_PRIOR * math.sqrt(t.size)
+
     def resid(x: np.ndarray) -> np.ndarray:
-        return np.log(predict_us(unpack(x), fl, by, tok, w)) - np.log(t)
+        r = np.log(predict_us(unpack(x), fl, by, tok, w)) - np.log(t)
+        return r if prior is None else np.append(r, pull * (x[0] - prior))
 
     return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
+
+
+LAUNCH_PRIOR = 0.03
+"""Weight of that pull, per unit of log launch, relative to one row's log error."""
 
 
 TRAFFIC_BOUNDS = (0.25, 64.0)
