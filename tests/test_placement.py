@@ -302,15 +302,23 @@ def _assign_nodes_reference(exp, share, nodes, per_node, e, coact, cross, cw, to
     return node_of.T
 
 
+def _skewed_items(rng, num_layers, e, slots, max_rep, zipf):
+    """Replica counts by load of Zipf-skewed random loads, and the replicas (heaviest
+    first) of each layer, as the affinity planner makes them."""
+    from moesim.placement.planners import _items
+
+    w = rng.zipf(zipf, size=(num_layers, e)).astype(float)
+    count = replicate_by_load(w, slots, max_rep)
+    return (count, *_items(count, w))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_compiled_node_assignment_equals_its_numpy_spec(seed):
-    from moesim.placement.planners import _assign_nodes, _items
+    from moesim.placement.planners import _assign_nodes
 
     rng = np.random.default_rng(seed)
     num_layers, e, nodes, g, s = 5, 32, 4, 2, 5
-    w = rng.zipf(1.5, size=(num_layers, e)).astype(float)
-    count = replicate_by_load(w, nodes * g * s, nodes * g)
-    exp, share = _items(count, w)
+    _, exp, share = _skewed_items(rng, num_layers, e, nodes * g * s, nodes * g, 1.5)
     co = rng.poisson(3.0, size=(num_layers, e, e)).astype(float)
     co = co + co.transpose(0, 2, 1)
     cross = rng.poisson(2.0, size=(num_layers - 1, e, e)).astype(float)
@@ -364,13 +372,11 @@ def _pack_connected_reference(exp, share, node_of, replicated, nodes, g, s, num_
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_compiled_device_packing_equals_its_numpy_spec(seed):
-    from moesim.placement.planners import _assign_nodes, _items, _pack_connected
+    from moesim.placement.planners import _assign_nodes, _pack_connected
 
     rng = np.random.default_rng(seed)
     num_layers, e, nodes, g, s = 6, 32, 4, 2, 5
-    w = rng.zipf(1.3, size=(num_layers, e)).astype(float)
-    count = replicate_by_load(w, nodes * g * s, nodes * g)
-    exp, share = _items(count, w)
+    count, exp, share = _skewed_items(rng, num_layers, e, nodes * g * s, nodes * g, 1.3)
     node_of = _assign_nodes(exp, share, nodes, g * s, e, None, None, 0.5, 0.5)
     replicated = np.take_along_axis(count, exp, axis=1) > 1
     assert replicated.any()
