@@ -322,9 +322,17 @@ def test_compiled_node_assignment_equals_its_numpy_spec(seed):
     co = rng.poisson(3.0, size=(num_layers, e, e)).astype(float)
     co = co + co.transpose(0, 2, 1)
     cross = rng.poisson(2.0, size=(num_layers - 1, e, e)).astype(float)
-    for c, x in ((co, cross), (co, None), (None, None)):
-        got = _assign_nodes(exp, share, nodes, g * s, e, c, x, 0.5, 0.5)
-        want = _assign_nodes_reference(exp, share, nodes, g * s, e, c, x, 0.5, 0.5)
+    # integer counts and a weight of 0.5 add exactly in float32; fractions and 0.3 do not,
+    # so the kernel must also add in the specification's order
+    frac = co * rng.uniform(0.9, 1.1, size=co.shape)
+    for c, x, cw in (
+        (co, cross, 0.5),
+        (frac, cross * 1.37, 0.3),
+        (co, None, 0.5),
+        (None, None, 0.5),
+    ):
+        got = _assign_nodes(exp, share, nodes, g * s, e, c, x, cw, 0.5)
+        want = _assign_nodes_reference(exp, share, nodes, g * s, e, c, x, cw, 0.5)
         np.testing.assert_array_equal(got, want)
 
 

@@ -38,7 +38,7 @@ work model the benchmark records, so tables and model agree on what an op does.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -221,7 +221,11 @@ def calibrate(
         r = np.log(predict_us(unpack(x), fl, by, tok, w)) - np.log(t)
         return r if prior is None else np.append(r, pull * (x[0] - prior))
 
-    return unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
+    fit = unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
+    if fit_tile and fit.tile_width <= np.min(w[np.isfinite(w)]):
+        # no row narrower than the tile: nothing measured it, so assume none
+        fit = replace(fit, tile_width=1.0)
+    return fit
 
 
 LAUNCH_PRIOR = 0.03

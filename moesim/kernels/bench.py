@@ -35,7 +35,7 @@ stays in the process for the run (see :func:`_kept_heap`), as the CUDA caching a
 keeps it on GPU: otherwise every call of an op whose buffers pass glibc's mmap threshold
 (at most 32 MiB) maps fresh pages and pays a zero-filling page fault per 4 KiB page,
 10-20x the kernel's own time on this project's CPU. Work is capped: a point whose
-estimated memory exceeds ``max_bytes`` is skipped, and once a point's median exceeds
+estimated memory exceeds ``max_bytes`` is skipped, and once a point's fastest call exceeds
 ``max_call_us`` the larger token counts of that series are skipped (both recorded in
 ``meta.json`` under ``skipped``).
 """
@@ -250,9 +250,9 @@ def default_config(
 
     CPU full: the shapes of :data:`CPU_MODELS` (or
     ``models``), up to 4 local experts (see :func:`_local_experts`), fp32 and bf16, tokens
-    1..16384; a point over 0.5 s ends its series. CUDA full: the same shapes, 8 local
-    experts, bf16 and fp8; a point over 0.2 s ends its series. Quick: FLAME-MoE-290M
-    only (or ``models``), tokens 1, 16, 256 and few repeats.
+    1..16384, 5 rounds; a point whose fastest call takes over 0.5 s ends its series. CUDA
+    full: the same shapes, 8 local experts, bf16 and fp8, 3 rounds; 0.2 s ends a series.
+    Quick: FLAME-MoE-290M only (or ``models``), tokens 1, 16, 256 and few repeats.
     """
     if quick:
         names = tuple(models) if models else ("FLAME-MoE-290M",)
@@ -452,17 +452,16 @@ class _Ctx:
     pads: list[Any] = field(default_factory=list)
 
     def randn(self, *shape: int, scale: float = 1.0, dtype: Any = None) -> torch.Tensor:
-        t = self.torch.randn(
-            *shape, generator=self.gen, device=self.device, dtype=self.torch.float32
-        )
-        t = t * scale
         if self.layout is not None:
             # a pad of a seeded random size (64-byte steps below 64 KiB), held as long as
             # the context, before each input: the relative placement of a call's buffers
             # (4 KiB aliasing, cache sets) then differs from round to round
             size = int(self.layout.integers(0, 1024)) * 64
             self.pads.append(self.torch.empty(size, dtype=self.torch.uint8, device=self.device))
-        return t.to(dtype or self.dtype)
+        t = self.torch.randn(
+            *shape, generator=self.gen, device=self.device, dtype=self.torch.float32
+        )
+        return (t * scale).to(dtype or self.dtype)
 
 
 def _routing(ctx: _Ctx, tokens: int, experts: int, k: int) -> tuple[Any, Any]:
@@ -701,8 +700,14 @@ def _prefault_heap(torch: Any, nbytes: float) -> str:
     229,376 pages (about 14 µs each on this project's VM). Touched once here, those pages
     serve every later growth. Three times the memory cap covers a point's buffers and the
     fragmentation around them. Returns a note for ``meta.json``."""
-    block = torch.empty(int(nbytes), dtype=torch.uint8)
-    block.fill_(0)
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # at most half the free memory
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        nbytes = min(nbytes, free / 2)
+    try:
+        block = torch.empty(int(nbytes), dtype=torch.uint8)
+        block.fill_(0)
+    except RuntimeError:  # not that much memory after all: measure without
+        return ", not pre-faulted"
     del block
     return f", {nbytes / 1e9:.1f} GB pre-faulted"
 
@@ -718,8 +723,9 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _measure(fn: Callable[[], Any], cfg: BenchConfig, torch: Any) -> tuple[np.ndarray, int]:
-    """Times of single calls in µs, after warm-up; returns (times, warm-up calls).
+def _measure(fn: Callable[[], Any], cfg: BenchConfig, torch: Any) -> tuple[np.ndarray, float]:
+    """Times of single calls in µs, after warm-up; returns (times, the fastest warm-up
+    call in µs).
 
     One round's share of the point's budget: ``budget_s``, ``min_repeats`` and
     ``max_repeats`` divided by ``cfg.rounds``. Every round warms up in full: with its
@@ -735,12 +741,14 @@ def _measure(fn: Callable[[], Any], cfg: BenchConfig, torch: Any) -> tuple[np.nd
     rounds = max(1, cfg.rounds)
     warmup = max(1, cfg.warmup)
     with _no_gc():
-        sync()
-        t0 = time.perf_counter()
+        warm = []
         for _ in range(warmup):
+            sync()
+            t0 = time.perf_counter()
             fn()
-        sync()
-        per_call_s = (time.perf_counter() - t0) / warmup
+            sync()
+            warm.append(time.perf_counter() - t0)
+        per_call_s = sum(warm) / warmup
         want = cfg.budget_s / rounds / max(per_call_s, 1e-9)
         lo = math.ceil(cfg.min_repeats / rounds)
         hi = max(lo, math.ceil(cfg.max_repeats / rounds))
@@ -762,7 +770,7 @@ def _measure(fn: Callable[[], Any], cfg: BenchConfig, torch: Any) -> tuple[np.nd
                 t = clock()
                 fn()
                 times[i] = (clock() - t) * 1e6
-    return times, warmup
+    return times, min(warm) * 1e6
 
 
 def _torch_dtype(torch: Any, dtype: str) -> Any:
@@ -855,7 +863,8 @@ def _run_series(
     points run (the caps cut a series there); later rounds measure those again."""
     gen = torch.Generator(device=cfg.device)
     gen.manual_seed(cfg.seed)
-    layout = np.random.default_rng([cfg.seed, round_index]) if cfg.rounds > 1 else None
+    r = round_index
+    layout = np.random.default_rng([cfg.seed, r]) if cfg.rounds > 1 else None
     ctx = _Ctx(
         torch=torch, device=cfg.device, dtype=_torch_dtype(torch, dt), gen=gen, layout=layout
     )
@@ -871,7 +880,7 @@ def _run_series(
             break
         try:
             # the point's inputs live only inside this call, so they are freed on return
-            times, _ = _measure(_build(op, shape, tokens, dt, ctx), cfg, torch)
+            times, fastest_warm = _measure(_build(op, shape, tokens, dt, ctx), cfg, torch)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             # an unsupported kernel/dtype combination or out of memory on this build; a
             # TypeError only counts from the private fp8 API (torch._scaled_mm)
@@ -879,10 +888,13 @@ def _run_series(
                 raise
             if cfg.device == "cuda":
                 torch.cuda.empty_cache()
-            if not first:  # it ran before: keep the rounds that measured it
-                continue
             msg = " ".join(str(err).split())[:300]
-            skipped.append(base | {"reason": f"{type(err).__name__}: {msg}"})
+            # (in a later round the point ran before: its table row keeps the rounds that
+            # measured it, and says how many in ``rounds``)
+            skipped.append(
+                base | {"reason": f"{type(err).__name__}: {msg}"} | ({} if first else {"round": r})
+            )
+            say(f"{shape.model} {op} {dt} tokens={tokens}: failed, {type(err).__name__}")
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 break
             continue
@@ -892,7 +904,9 @@ def _run_series(
             f"{shape.model} {op} {dt} tokens={tokens}: median {med:,.1f} µs "
             f"({len(times)} runs, round {round_index + 1}/{rounds})"
         )
-        fastest = float(times.min())  # a stall of the machine does not cut a series
+        # the fastest call, warm-up included, decides (a point of a slow series times one
+        # call per round, and a stall of the machine then must not cut the series)
+        fastest = min(float(times.min()), fastest_warm)
         if first and fastest > cfg.max_call_us:
             rest = tokens_list[i + 1 :]
             if rest:
@@ -987,6 +1001,7 @@ def _meta(
             "dtypes": list(cfg.dtypes),
             "tokens": list(cfg.tokens),
             "warmup": cfg.warmup,
+            "rounds": cfg.rounds,
             "min_repeats": cfg.min_repeats,
             "max_repeats": cfg.max_repeats,
             "budget_s": cfg.budget_s,

@@ -71,7 +71,9 @@ def assign_nodes_kernel(  # pragma: no cover - compiled; tested through planners
                     best = v
                     pick = nd
             node_of[i, layer] = pick
-        # every layer's pick is made before any layer's state changes (as in numpy)
+        # every layer's pick is made before any layer's state changes, and the affinity
+        # sums are added in numpy's order (all co-activation rows, then all cross-layer
+        # rows), so that float32 rounding, and hence every tie, is the same
         for layer in range(num_layers):
             pick = node_of[i, layer]
             at = layer * e + exp_t[i, layer]
@@ -83,9 +85,12 @@ def assign_nodes_kernel(  # pragma: no cover - compiled; tested through planners
             if has_co:
                 for j in range(e):
                     aff[r, j] += co[at, j]
-            if has_x and layer < num_layers - 1:
+        if has_x:
+            for layer in range(num_layers - 1):
+                at = layer * e + exp_t[i, layer]
+                r = (layer + 1) * nodes + node_of[i, layer]
                 for j in range(e):
-                    aff[r + nodes, j] += cross_weight * x[at, j]
+                    aff[r, j] += cross_weight * x[at, j]
     return node_of
 
 
