@@ -106,13 +106,15 @@ def predict_us(
     width: np.ndarray | float = np.inf,
 ) -> np.ndarray:
     """Roofline time of calls with the given work and tokens (arrays broadcast); ``width``:
-    the GEMM's narrow width (:func:`gemm_width`), below ``f.tile_width`` the compute time
-    is that of ``tile_width`` columns."""
+    the GEMM's narrow width (:func:`gemm_width`), below ``f.tile_width`` the arithmetic is
+    that of ``tile_width`` columns."""
     tokens = np.maximum(np.asarray(tokens, dtype=np.float64), 1e-9)
     nbytes = np.asarray(nbytes, float)
     pad = np.maximum(1.0, f.tile_width / np.maximum(np.asarray(width, dtype=np.float64), 1.0))
+    # the tile pads the GEMM's arithmetic, not its per-call cost (the small-batch term,
+    # weight packing and streaming, scales with the real width)
     compute = (
-        np.asarray(flops, float) * pad * (tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
+        np.asarray(flops, float) * (pad * tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
     )
     bw: np.ndarray | float = f.bytes_per_us
     if f.cache_bytes_per_us is not None:
