@@ -391,3 +391,21 @@ def test_compiled_device_packing_equals_its_numpy_spec(seed):
     args = (exp, share, node_of, replicated, nodes, g, s, e)
     for got, want in zip(_pack_connected(*args), _pack_connected_reference(*args), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_ready_loads_the_compiled_kernels_for_the_types_plans_use():
+    """After ``ready``, a plan finds its kernels compiled for exactly the argument types it
+    passes (no compile or cache load inside a timed plan)."""
+    from moesim.placement._compiled import assign_nodes_kernel, pack_connected_kernel
+    from moesim.placement.planners import ready
+
+    ready("greedy")  # nothing to load
+    ready("affinity")
+    kernels = (assign_nodes_kernel, pack_connected_kernel)
+    before = [list(k.signatures) for k in kernels]
+    assert all(before)
+    w = np.random.default_rng(0).random((2, 16))
+    plan(w, "affinity", nodes=2, devices_per_node=2, redundant=4)
+    co = np.ones((2, 16, 16))
+    plan(w, "affinity", nodes=2, devices_per_node=2, redundant=4, coactivation=co)
+    assert [list(k.signatures) for k in kernels] == before

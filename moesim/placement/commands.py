@@ -158,7 +158,7 @@ def place_cmd(
     """
     from moesim.placement.io import placement_dict, write_placement
     from moesim.placement.metrics import expert_loads, planned_balance, score_window
-    from moesim.placement.planners import STRATEGIES, plan
+    from moesim.placement.planners import STRATEGIES, plan, ready
     from moesim.sim.routing import REPLICA_CHOICES
 
     if (trace is None) == (loads is None):
@@ -214,6 +214,7 @@ def place_cmd(
         from moesim.placement.affinity import coactivation
 
         co, cross = coactivation(ids, w.shape[1])
+    ready(strategy)
     t0 = time.perf_counter()
     p = plan(
         w,

@@ -475,6 +475,15 @@ def _pack_rest(
 # ----- entry point ---------------------------------------------------------------------------
 
 
+def ready(strategy: str) -> None:
+    """Load what ``strategy`` needs before a plan is timed: the affinity planner's compiled
+    kernels (see :func:`moesim.placement._compiled.load_kernels`); nothing for the others."""
+    if strategy == "affinity":
+        from moesim.placement._compiled import load_kernels
+
+        load_kernels()
+
+
 def plan(
     loads: np.ndarray,
     strategy: str,
