@@ -72,37 +72,20 @@ def _maxmin(
     (at least one link each); ``weight`` (F,) identical flows per column; (L,) capacity.
 
     Each round raises the level to the next saturation; links saturating within
-    ``rel_tol`` of that level saturate with it. Frozen flows are dropped from the arrays
-    once they are half of them, so later rounds cost only what is still unfrozen.
+    ``rel_tol`` of that level saturate with it. Compiled
+    (:func:`moesim.sim._compiled.maxmin_kernel`); its numpy specification is in
+    ``tests/test_topology_flows.py``.
     """
-    n_links = capacity.size
-    rate = np.empty(weight.size)
-    remaining = np.asarray(capacity, dtype=np.float64).copy()
-    flows = np.arange(weight.size)
-    w = np.repeat(weight, np.diff(ptr))  # (nnz,) weight of each flow on each of its links
-    live = flows.size
-    level = 0.0
-    tol = 1 + max(rel_tol, _TIE)
-    while live:
-        load = np.bincount(links, weights=w, minlength=n_links)
-        used = np.flatnonzero(load > 0)
-        share = remaining[used] / load[used]
-        inc = float(share.min())
-        remaining[used] -= inc * load[used]
-        saturated = np.zeros(n_links, dtype=bool)
-        saturated[used[level + share <= (level + inc) * tol + 1e-300]] = True
-        level += inc
-        hit = np.maximum.reduceat(saturated[links], ptr[:-1]) & (w[ptr[:-1]] > 0)
-        rate[flows[hit]] = level
-        live -= int(hit.sum())
-        if live * 2 <= flows.size:  # compact
-            keep = np.flatnonzero(~hit & (w[ptr[:-1]] > 0))
-            flows = flows[keep]
-            ptr, links = _sub_paths(ptr, links, keep)
-            w = np.repeat(weight[flows], np.diff(ptr))
-        else:
-            w[np.repeat(hit, np.diff(ptr))] = 0.0
-    return rate
+    from moesim.sim._compiled import maxmin_kernel
+
+    return maxmin_kernel(
+        np.ascontiguousarray(ptr, dtype=np.int64),
+        np.ascontiguousarray(links, dtype=np.int64),
+        np.ascontiguousarray(weight, dtype=np.float64),
+        np.ascontiguousarray(capacity, dtype=np.float64),
+        float(rel_tol),
+        np.arange(weight.size, dtype=np.int64),
+    )
 
 
 @dataclass(frozen=True)
@@ -134,6 +117,8 @@ def simulate_flows(
     the sum of its links' latencies. Drain times are linear in the bytes: scaling every
     flow by c scales every ``drain_us`` by c exactly.
     """
+    from moesim.sim._compiled import drain_kernel
+
     f = routes.num_flows
     nbytes = np.asarray(nbytes, dtype=np.float64)
     hops = routes.hops()
@@ -162,26 +147,9 @@ def simulate_flows(
     np.cumsum(valid.sum(axis=1), out=ptr[1:])
     links = uniq[:, :width][valid]
     cap = np.asarray(capacity_gbps, dtype=np.float64) * 1e3  # bytes/µs
-    tie = max(rel_tol, _TIE)
-    remaining = size.copy()
-    done_at = np.zeros(size.size)
-    act = np.arange(size.size)  # unfinished flows
-    act_ptr, act_links = ptr, links
-    now = 0.0
-    events = 0
-    while act.size:
-        rate = _maxmin(act_ptr, act_links, weight[act], cap, rel_tol)
-        ttf = remaining[act] / rate  # time to finish at the current rates
-        first = float(ttf.min())
-        ends = now + ttf <= (now + first) * (1 + tie)
-        dt = float(ttf[ends].max())
-        done_at[act[ends]] = now + ttf[ends]
-        now += dt
-        keep = np.flatnonzero(~ends)
-        act = act[keep]
-        remaining[act] -= rate[keep] * dt
-        act_ptr, act_links = _sub_paths(act_ptr, act_links, keep)
-        events += 1
+    done_at, events = drain_kernel(
+        ptr.astype(np.int64), links.astype(np.int64), weight, size, cap, float(rel_tol)
+    )
     drain[live] = done_at[group]
     return FlowResult(drain_us=drain, latency_us=lat, events=events)
 
