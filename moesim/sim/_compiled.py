@@ -34,6 +34,7 @@ def maxmin_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flo
     rate = np.empty(n)
     remaining = capacity.astype(np.float64).copy()
     alive = np.ones(n, dtype=np.bool_)
+    order = np.arange(n)  # the unfrozen flows (positions in act), in order
     load = np.zeros(n_links)
     saturated = np.zeros(n_links, dtype=np.bool_)
     live = n
@@ -41,11 +42,10 @@ def maxmin_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flo
     tol = 1.0 + max(rel_tol, _TIE)
     while live:
         load[:] = 0.0
-        for i in range(n):
-            if alive[i]:
-                f = act[i]
-                for j in range(ptr[f], ptr[f + 1]):
-                    load[links[j]] += weight[f]
+        for i in order[:live]:
+            f = act[i]
+            for j in range(ptr[f], ptr[f + 1]):
+                load[links[j]] += weight[f]
         inc = np.inf
         for link in range(n_links):
             if load[link] > 0:
@@ -60,15 +60,18 @@ def maxmin_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flo
                 remaining[link] -= inc * load[link]
                 saturated[link] = level + share <= limit
         level += inc
-        for i in range(n):
+        k = 0
+        for i in order[:live]:
+            f = act[i]
+            for j in range(ptr[f], ptr[f + 1]):
+                if saturated[links[j]]:
+                    rate[i] = level
+                    alive[i] = False
+                    break
             if alive[i]:
-                f = act[i]
-                for j in range(ptr[f], ptr[f + 1]):
-                    if saturated[links[j]]:
-                        rate[i] = level
-                        alive[i] = False
-                        live -= 1
-                        break
+                order[k] = i
+                k += 1
+        live = k
     return rate
 
 
