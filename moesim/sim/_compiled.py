@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["drain_kernel", "maxmin_kernel"]
+from moesim.sim.flows import _TIE
 
-_TIE = 1e-9  # as moesim.sim.flows._TIE
+__all__ = ["drain_kernel", "maxmin_kernel"]
 
 
 @njit(cache=True)
