@@ -380,7 +380,8 @@ def _pack_connected_reference(exp, share, node_of, replicated, nodes, g, s, num_
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_compiled_device_packing_equals_its_numpy_spec(seed):
-    from moesim.placement.planners import _assign_nodes, _pack_connected
+    from moesim.placement._compiled import pack_connected_kernel
+    from moesim.placement.planners import _assign_nodes
 
     rng = np.random.default_rng(seed)
     num_layers, e, nodes, g, s = 6, 32, 4, 2, 5
@@ -389,8 +390,9 @@ def test_compiled_device_packing_equals_its_numpy_spec(seed):
     replicated = np.take_along_axis(count, exp, axis=1) > 1
     assert replicated.any()
     args = (exp, share, node_of, replicated, nodes, g, s, e)
-    for got, want in zip(_pack_connected(*args), _pack_connected_reference(*args), strict=True):
-        np.testing.assert_array_equal(got, want)
+    got, want = pack_connected_kernel(*args), _pack_connected_reference(*args)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_ready_loads_the_compiled_kernels_for_the_types_plans_use():

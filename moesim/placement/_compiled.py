@@ -105,10 +105,19 @@ def pack_connected_kernel(  # pragma: no cover - compiled; tested through planne
     s: int,
     num_experts: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Replicas onto devices of their node; see
-    :func:`moesim.placement.planners._pack_connected` (same arguments and results, and the
-    same arithmetic and ties as its numpy specification in the tests). Layers are
-    independent, so this runs them one after the other."""
+    """Replicas onto devices of their node, LPT, joining flex components (see
+    :func:`moesim.placement.planners._affinity`): a replica of an expert whose first
+    replica is already placed prefers the least-loaded device of its node outside that
+    replica's component; the two components then merge. Layers are independent, so they
+    run one after the other; the numpy specification (all layers at once) is in the tests.
+
+    Args:
+        exp, share, node_of: (L, M) replicas, heaviest first, and their nodes (int64,
+            float64, int64); replicated: (L, M) bool, the replica's expert has more than one.
+    Returns:
+        out: (L, D, S) experts placed (unfilled slots -1); fill: (L, D) slots used;
+        load: (L, D) load placed.
+    """
     num_layers, m = exp.shape
     d = nodes * g
     load = np.zeros((num_layers, d))

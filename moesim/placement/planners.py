@@ -326,43 +326,6 @@ def _assign_nodes(
     return np.ascontiguousarray(node_of.T)
 
 
-def _pack_connected(
-    exp: np.ndarray,
-    share: np.ndarray,
-    node_of: np.ndarray,
-    replicated: np.ndarray,
-    nodes: int,
-    g: int,
-    s: int,
-    num_experts: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Replicas onto devices of their node, LPT, all layers at once, joining flex
-    components (see :func:`_affinity`): a replica of an expert whose first replica is
-    already placed prefers the least-loaded device of its node outside that replica's
-    component; the two components then merge.
-
-    Args:
-        exp, share, node_of: (L, M) replicas, heaviest first, and their nodes.
-        replicated: (L, M) bool, the replica's expert has more than one.
-    Returns:
-        out: (L, D, S) experts placed (unfilled slots -1); fill: (L, D) slots used;
-        load: (L, D) load placed.
-    """
-    from moesim.placement._compiled import pack_connected_kernel
-
-    out, fill, load = pack_connected_kernel(
-        np.ascontiguousarray(exp, dtype=np.int64),
-        np.ascontiguousarray(share, dtype=np.float64),
-        np.ascontiguousarray(node_of, dtype=np.int64),
-        np.ascontiguousarray(replicated, dtype=np.bool_),
-        nodes,
-        g,
-        s,
-        num_experts,
-    )
-    return out, fill, load
-
-
 def _affinity(
     w: np.ndarray,
     nodes: int,
@@ -386,7 +349,8 @@ def _affinity(
     ties go to the least-loaded node.
 
     Devices: the replicas of replicated experts are packed first, LPT onto their node's
-    devices, joining *flex components* (:func:`_pack_connected`): devices
+    devices, joining *flex components*
+    (:func:`moesim.placement._compiled.pack_connected_kernel`): devices
     sharing a replicated expert form a component, within which a load-aware replica choice
     (``batch-split``) can shift a batch's load; ``D - 1`` redundant slots can join all
     devices into one, so that it absorbs a batch's deviations from the planned loads
@@ -402,8 +366,17 @@ def _affinity(
     replicated = np.take_along_axis(count, exp, axis=1) > 1  # (L, N)
     cols = np.flatnonzero(replicated.any(axis=0))
     m = int(cols[-1]) + 1 if cols.size else 0  # up to the last replicated one
-    out, fill, load = _pack_connected(
-        exp[:, :m], share[:, :m], node_of[:, :m], replicated[:, :m], nodes, g, s, e
+    from moesim.placement._compiled import pack_connected_kernel
+
+    out, fill, load = pack_connected_kernel(
+        np.ascontiguousarray(exp[:, :m], dtype=np.int64),
+        np.ascontiguousarray(share[:, :m], dtype=np.float64),
+        np.ascontiguousarray(node_of[:, :m], dtype=np.int64),
+        np.ascontiguousarray(replicated[:, :m], dtype=np.bool_),
+        nodes,
+        g,
+        s,
+        e,
     )
     if m < n:
         # the rest, per (layer, node) row: its items heaviest first, padded to equal length

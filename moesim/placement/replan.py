@@ -220,7 +220,7 @@ def _sticky_pack(
     it while one exists, whose load exceeds the least-loaded such device's by at most
     ``tolerance`` times the replica's load; among those, preferably (1) outside the flex
     component of the expert's first replica (as the affinity planner joins devices,
-    :func:`moesim.placement.planners._pack_connected`), then (2) a device that held the
+    :func:`moesim.placement._compiled.pack_connected_kernel`), then (2) a device that held the
     expert in ``previous`` (no move), then the least loaded. Tolerance 0 is LPT; a large
     one keeps experts where they were.
 
