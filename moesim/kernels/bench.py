@@ -82,6 +82,7 @@ __all__ = [
     "BenchShape",
     "default_config",
     "device_name",
+    "measured_dir",
     "op_work",
     "run_bench",
     "supported",
@@ -1018,9 +1019,19 @@ def _meta(
     return meta
 
 
+def measured_dir(device: Device = "cpu", out: str | Path | None = None) -> Path:
+    """This machine's table folder for ``device``: ``<out>/<device-slug>`` (default
+    ``out``: the repository's ``kernels/measured``)."""
+    if out is None:
+        from moesim.paths import repo_root
+
+        out = repo_root() / "kernels" / "measured"
+    return Path(out) / device_slug(device_name(device))
+
+
 def check_existing(out: str | Path, device: Device) -> Path:
     """The device folder under ``out``; validates tables already there (before a long run)."""
-    folder = Path(out) / device_slug(device_name(device))
+    folder = measured_dir(device, out)
     if folder.is_dir() and any(folder.glob("*.csv")):
         load_table(folder)
     return folder
