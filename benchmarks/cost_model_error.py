@@ -145,29 +145,15 @@ def main() -> None:
     errs = held_out_errors(table)
     if errs.empty:
         sys.exit(f"{device_dir}: no op has two or more shapes to hold out")
-    per_op = errs.groupby(["op", "dtype"])["err"].agg(["median", "max", "count"]).reset_index()
     worst = errs.loc[errs["err"].idxmax()]
     fig = {
         "device_dir": str(
             device_dir.relative_to(REPO) if device_dir.is_relative_to(REPO) else device_dir
         ),
         "threads": sorted(int(x) for x in table["threads"].unique()),
-        "median_err": round(float(errs["err"].median()), 4),
-        "p90_err": round(float(np.quantile(errs["err"], 0.9)), 4),
-        "max_err": round(float(errs["err"].max()), 4),
+        **kernel_resit.summary(errs),
         "shapes": int(errs.groupby(["op", "dtype", "model"]).ngroups),
-        "points": len(errs),
         "worst": {k: (v if isinstance(v, str) else float(v)) for k, v in worst.items()},
-        "per_op": [
-            {
-                "op": r.op,
-                "dtype": r.dtype,
-                "median_err": round(r.median, 4),
-                "max_err": round(r.max, 4),
-                "points": int(r.count),
-            }
-            for r in per_op.itertuples()
-        ],
         "targets": {"median_err": 0.10, "max_err": 0.25},
     }
     pts = held_out_point_errors(table)
@@ -199,11 +185,7 @@ def main() -> None:
         f"shapes: median {fig['median_err']:.1%}, p90 {fig['p90_err']:.1%}, "
         f"max {fig['max_err']:.1%} (targets: median <= 10%, max <= 25%)"
     )
-    for r in fig["per_op"]:
-        print(
-            f"  {r['op']:20s} {r['dtype']:5s} median {r['median_err']:6.1%}  max "
-            f"{r['max_err']:6.1%}  ({r['points']} points)"
-        )
+    kernel_resit.print_per_op(fig)
     hp = fig["held_out_points"]
     print(
         f"held-out points ({hp['points']}, a random quarter, predicted as the simulator does): "

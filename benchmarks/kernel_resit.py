@@ -82,7 +82,7 @@ def compare(table: pd.DataFrame, again: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(pairs: pd.DataFrame) -> dict:
-    """Median, p90 and max error, overall and per (op, dtype)."""
+    """Median, p90 and max of ``err``, overall and per (op, dtype), and the point count."""
     per = pairs.groupby(["op", "dtype"])["err"].agg(["median", "max", "count"]).reset_index()
     return {
         "points": len(pairs),
@@ -100,6 +100,15 @@ def summary(pairs: pd.DataFrame) -> dict:
             for r in per.itertuples()
         ],
     }
+
+
+def print_per_op(fig: dict) -> None:
+    """One line per (op, dtype) of a :func:`summary`."""
+    for r in fig["per_op"]:
+        print(
+            f"  {r['op']:20s} {r['dtype']:5s} median {r['median_err']:6.1%}  max "
+            f"{r['max_err']:6.1%}  ({r['points']} points)"
+        )
 
 
 def measure(
@@ -159,11 +168,7 @@ def main() -> None:
         f"{fig['points']} points measured again: |again / table - 1| median "
         f"{fig['median_err']:.1%}, p90 {fig['p90_err']:.1%}, max {fig['max_err']:.1%}"
     )
-    for r in fig["per_op"]:
-        print(
-            f"  {r['op']:20s} {r['dtype']:5s} median {r['median_err']:6.1%}  max "
-            f"{r['max_err']:6.1%}  ({r['points']} points)"
-        )
+    print_per_op(fig)
     cols = [*KEY, "median_us_table", "median_us_again", "err"]
     print("worst points:")
     print(pairs.nlargest(8, "err")[cols].to_string(index=False, float_format="%.3g"))

@@ -36,6 +36,21 @@ def flame_dict() -> dict:
     return data
 
 
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module (its folder on ``sys.path``, for the
+    scripts that import each other)."""
+    import importlib.util
+
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_moesim(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the ``moesim`` command line in a fresh process, as a user would."""
     return subprocess.run(

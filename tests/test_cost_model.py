@@ -320,17 +320,9 @@ def test_memory_curve_predicts_a_shape_beyond_the_measured_working_sets():
 
 
 def _benchmark_module():
-    import importlib.util
+    from tests.conftest import load_benchmark
 
-    from tests.conftest import REPO
-
-    spec = importlib.util.spec_from_file_location(
-        "cost_model_error", REPO / "benchmarks" / "cost_model_error.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("cost_model_error")
 
 
 def test_repeat_floor_pairs_equal_calls_of_two_shapes():

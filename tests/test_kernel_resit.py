@@ -3,7 +3,6 @@ cost_model_error.py reports from saved resits."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,21 +14,14 @@ import pytest
 from moesim.kernels.bench import BenchShape, op_work, table_widths
 from moesim.kernels.tables import load_table, write_op_table
 from moesim.model.shapes import get_preset
-from tests.conftest import REPO
+from tests.conftest import REPO, load_benchmark
 
 MODELS = ["FLAME-MoE-290M", "OLMoE-1B-7B", "Mixtral-8x7B"]
 TOKENS = [1, 4, 16, 64, 256, 1024]
 
 
 def _module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "kernel_resit", REPO / "benchmarks" / "kernel_resit.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("kernel_resit")
 
 
 def _rows(models: list[str], scale: float = 1.0) -> pd.DataFrame:
