@@ -2,6 +2,7 @@
 
     python benchmarks/engine_scale.py --devices N [--network flow|analytic]
         [--tokens-per-device T] [--json]
+    python benchmarks/engine_scale.py --devices N --one-exchange [--json]
 
 58 MoE layers of 256 routed experts, top-8, hidden 7168 (the DeepSeek-V3 preset) on H800
 nodes of 8, zipf:0.8-skewed synthetic routing at count level (each device's per-expert
@@ -13,6 +14,13 @@ op and stream), events per second, the flow tier's max-min rate recomputations, 
 RSS. Issue 5 targets, at 2,048 devices
 and 4,096 tokens per device: <= 60 s with the flow tier, <= 5 s analytic, and growth from
 64 to 2,048 devices about linear in devices x layers.
+
+``--one-exchange`` times a single flow-tier exchange instead of the step: the first MoE
+layer's dispatch of the same scenario, its flows (one per device pair with traffic), the
+max-min rate recomputations and the wall time, and what a step would take at that rate
+(``step_projection_s``: the training step simulates two flow exchanges per MoE layer,
+dispatch and combine; the backward ones are rescaled). It shows where the flow tier's
+time goes at sizes whose whole step takes too long to run.
 """
 
 from __future__ import annotations
@@ -77,15 +85,58 @@ def _child(devices: int, tokens: int, network: str, level: str) -> dict:
     }
 
 
+def _child_exchange(devices: int, tokens: int) -> dict:
+    """One flow-tier exchange of the scale scenario: the first MoE layer's dispatch."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from moesim.scenario import load_scenario
+    from moesim.sim.exchange import exchange_times
+    from moesim.sim.program import bytes_per_assignment
+    from moesim.sim.simulate import prepare, route_layer_at
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.yaml"
+        path.write_text(_scenario(devices, tokens, "flow"))
+        sc, base = load_scenario(path)
+        prep = prepare(sc, base)
+    copies = route_layer_at(prep, 0, 0).copies
+    assert copies is not None
+    topo, hw = prep.cluster.topology, prep.hw
+    exchange_times(np.ones((8, 8)), topo, hw, "flow")  # compiled kernels loaded first
+    scale = bytes_per_assignment(prep.shape.d_model, sc.dispatch_dtype)
+    t0 = time.perf_counter()
+    res = exchange_times(copies, topo, hw, "flow", scale=scale, rel_tol=sc.network.flow_rel_tol)
+    wall = time.perf_counter() - t0
+    per_step = 2 * len(prep.moe_layers)
+    return {
+        "devices": devices,
+        "network": "flow",
+        "tokens_per_device": tokens,
+        "exchange_flows": int(np.count_nonzero(copies) - np.count_nonzero(np.diagonal(copies))),
+        "exchange_recomputations": res.events,
+        "exchange_wall_s": round(wall, 3),
+        "flow_exchanges_per_step": per_step,
+        "step_projection_s": round(wall * per_step, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--devices", type=int, nargs="+", default=[64])
     ap.add_argument("--network", choices=["analytic", "flow"], default="analytic")
     ap.add_argument("--tokens-per-device", type=int, default=4096)
     ap.add_argument("--level", choices=["count", "token"], default="count")
+    ap.add_argument(
+        "--one-exchange", action="store_true", help="time one flow-tier exchange (see above)"
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.one_exchange:
+        print(json.dumps(_child_exchange(args.devices[0], args.tokens_per_device)))
+        return
     if args.child:
         print(json.dumps(_child(args.devices[0], args.tokens_per_device, args.network, args.level)))
         return
@@ -106,6 +157,7 @@ def main() -> None:
                 str(args.tokens_per_device),
                 "--level",
                 args.level,
+                *(["--one-exchange"] if args.one_exchange else []),
             ],
             capture_output=True,
             text=True,
@@ -117,6 +169,15 @@ def main() -> None:
         print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
         return
     for r in rows:
+        if args.one_exchange:
+            print(
+                f"{r['devices']:5d} devices, one flow exchange: {r['exchange_flows']:,} flows, "
+                f"{r['exchange_recomputations']:,} rate recomputations, "
+                f"{r['exchange_wall_s']:.2f} s; a step ({r['flow_exchanges_per_step']} such "
+                f"exchanges) would take about {r['step_projection_s']:,.0f} s; "
+                f"peak RSS {r['peak_rss_mb']} MB"
+            )
+            continue
         print(
             f"{r['devices']:5d} devices, {r['network']:8s}: {r['wall_s']:8.2f} s "
             f"(CPU {r['cpu_s']:.2f} s) "

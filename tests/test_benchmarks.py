@@ -59,3 +59,12 @@ def test_engine_scale_prints_its_figures():
     for r in rows:
         assert {"wall_s", "events", "events_per_s", "peak_rss_mb"} <= set(r)
         assert r["events"] > 0 and r["step_time_us"] > 0
+
+
+def test_engine_scale_one_exchange_counts_the_flow_tiers_work():
+    """--one-exchange: a dense skewed dispatch on 16 devices is 16 x 15 flows, re-rated at
+    least once, and the step projection is its time times the step's 2 x 58 exchanges."""
+    r = _run_json("engine_scale.py", "--devices", "16", "--one-exchange")
+    assert r["exchange_flows"] == 16 * 15 and r["exchange_recomputations"] >= 1
+    assert r["flow_exchanges_per_step"] == 2 * 58
+    assert r["step_projection_s"] == pytest.approx(r["exchange_wall_s"] * 116, abs=0.06)
