@@ -11,10 +11,12 @@ import pytest
 from moesim.costs.model import (
     CostModel,
     OpFactors,
+    bandwidth,
     calibrate,
     fit_memory_curve,
     fit_token_correction,
     gemm_width,
+    op_elements,
     predict_us,
     profile_factors,
 )
@@ -433,3 +435,70 @@ def test_router_tile_width_hand_checked_and_recovered():
     assert calibrate(table).tile_width == 1.0  # no widths given: no tile term
     pred = predict_us(fit, table["flops"], table["bytes"], table["tokens"], width)
     np.testing.assert_allclose(pred, table["median_us"], rtol=0.02)
+
+
+def test_two_cache_levels_from_memcpy_rows():
+    """A device with a near cache inside its last-level cache (a CPU's L2 in its L3):
+    memcpy rows made from that curve give it back, both steps where they are."""
+    curve = replace(
+        CURVE,
+        cache_bytes=5e7,
+        near_bytes_per_us=4e5,  # 400 GB/s below ~2 MB
+        near_bytes=2e6,
+        near_sharpness=4.0,
+    )
+    rows = _memcpy_rows(["FLAME-MoE-290M", "OLMoE-1B-7B", "Qwen2-57B-A14B", "DeepSeek-V3"], curve)
+    got = fit_memory_curve(rows)
+    assert got is not None and got.near_bytes_per_us is not None
+    b = np.geomspace(1e4, 1e9, 31)
+    np.testing.assert_allclose(bandwidth(got, b), bandwidth(curve, b), rtol=0.05)
+    assert got.near_bytes == pytest.approx(2e6, rel=0.2)
+    assert got.cache_bytes == pytest.approx(5e7, rel=0.2)
+    # the bandwidth of a call is that of the level its bytes fit in
+    assert bandwidth(curve, 1e5) == pytest.approx(4e5, rel=0.01)
+    assert bandwidth(curve, 1e7) == pytest.approx(1e5, rel=0.02)
+    assert bandwidth(curve, 1e9) == pytest.approx(2e4, rel=0.01)
+
+
+def test_op_elements_hand_checked():
+    """The router scores every (token, expert) pair, permute sorts every (token, choice)."""
+    np.testing.assert_array_equal(op_elements("router", np.array([1.0, 16.0]), 64, 6), [64, 1024])
+    np.testing.assert_array_equal(op_elements("permute", np.array([1.0, 16.0]), 64, 6), [6, 96])
+    assert op_elements("expert_ffn_bmm", np.array([4.0]), 4, 0).tolist() == [0.0]
+    f = OpFactors(launch_us=1.0, peak_flop_per_us=1.0, bytes_per_us=1e12, element_us=0.5)
+    # 1 µs launch + 10 flops at 1 flop/µs (smooth max with ~0 memory time) + 4 x 0.5 µs
+    assert predict_us(f, np.array([10.0]), np.array([0.0]), np.array([1.0]), elements=4.0)[
+        0
+    ] == pytest.approx(13.0)
+
+
+def test_router_epilogue_is_fitted_and_carries_to_an_unseen_shape():
+    """Router rows whose time is a GEMM plus a per-(token, expert) epilogue: the fit finds
+    the epilogue's cost, and a held-out shape with another d_model and expert count is
+    predicted from it (a GEMM-only roofline cannot: its time per token would follow
+    d_model x experts, not the experts alone)."""
+    true = replace(CURVE, peak_flop_per_us=2e5, element_us=0.01)
+
+    def rows(models: list[str]) -> pd.DataFrame:
+        out = []
+        for m in models:
+            s = BenchShape.from_model(get_preset(m), local_experts=1)
+            for t in TOKENS:
+                fl, by, _ = op_work("router", s, t, "fp32")
+                el = op_elements("router", t, s.num_experts, s.top_k)
+                us = float(predict_us(true, fl, by, t, np.inf, el))
+                out.append(
+                    {"op": "router", "dtype": "fp32", "tokens": t, **table_widths("router", s)}
+                    | {"flops": fl, "bytes": by, "median_us": us, "model": m}
+                )
+        return pd.DataFrame(out)
+
+    train = rows(["FLAME-MoE-290M", "Qwen2-57B-A14B", "DeepSeek-V3"])
+    el = op_elements("router", train["tokens"], train["num_experts"], train["top_k"])
+    fit = calibrate(train, memory=CURVE, elements=el)
+    assert fit.element_us == pytest.approx(0.01, rel=0.05)
+    held = rows(["DeepSeek-V2"])
+    cm = CostModel.from_table(pd.concat([train, _memcpy_rows(["OLMoE-1B-7B"])]))
+    s = BenchShape.from_model(get_preset("DeepSeek-V2"), local_experts=1)
+    pred = cm.roofline_us("router", s, held["tokens"].to_numpy(float), "fp32")
+    np.testing.assert_allclose(pred, held["median_us"], rtol=0.05)

@@ -55,12 +55,14 @@ __all__ = [
     "CostModel",
     "OpFactors",
     "TokenCorrection",
+    "bandwidth",
     "calibrate",
     "cost_model_for",
     "fit_memory_curve",
     "fit_token_correction",
     "gemm_width",
     "load_cost_model",
+    "op_elements",
     "predict_us",
     "profile_factors",
 ]
@@ -80,7 +82,12 @@ class OpFactors:
     cache_bytes_per_us: float | None = None  # None: no cache step
     cache_bytes: float = 1.0
     cache_sharpness: float = 1.0
+    # a nearer, faster cache level inside that one (a CPU's L2 inside its L3); None: none
+    near_bytes_per_us: float | None = None
+    near_bytes: float = 1.0
+    near_sharpness: float = 1.0
     tile_width: float = 1.0  # GEMM width below which a call costs no less (see gemm_width)
+    element_us: float = 0.0  # per scalar element of an op's epilogue (see op_elements)
 
     def to_dict(self) -> dict[str, float | None]:
         return dict(self.__dict__)
@@ -98,16 +105,35 @@ def gemm_width(op: str, num_experts: np.ndarray | float) -> np.ndarray:
     return np.full(np.shape(num_experts), np.inf)
 
 
+def op_elements(
+    op: str, tokens: np.ndarray | float, num_experts: np.ndarray | float, top_k: np.ndarray | float
+) -> np.ndarray:
+    """Scalar elements of an op's epilogue, work that runs at vector (not GEMM) speed and
+    apart from its GEMM: the router's score of every (token, expert) pair through softmax
+    or sigmoid and the top-k selection over them, T x E; permute's sort and bookkeeping of
+    the T x k expert ids. Other ops: 0. On this project's CPU the router's epilogue is most
+    of a small model's router time (FLAME-MoE-290M, bf16: about 0.6 of 0.8 µs per token),
+    so its time per token grows with the experts, not with d_model."""
+    t = np.asarray(tokens, dtype=np.float64)
+    if op == "router":
+        return t * np.asarray(num_experts, dtype=np.float64)
+    if op == "permute":
+        return t * np.asarray(top_k, dtype=np.float64)
+    return np.zeros(np.broadcast(t, np.asarray(num_experts)).shape)
+
+
 def predict_us(
     f: OpFactors,
     flops: np.ndarray,
     nbytes: np.ndarray,
     tokens: np.ndarray,
     width: np.ndarray | float = np.inf,
+    elements: np.ndarray | float = 0.0,
 ) -> np.ndarray:
     """Roofline time of calls with the given work and tokens (arrays broadcast); ``width``:
     the GEMM's narrow width (:func:`gemm_width`), below ``f.tile_width`` the arithmetic is
-    that of ``tile_width`` columns."""
+    that of ``tile_width`` columns; ``elements`` (:func:`op_elements`) add ``element_us``
+    each, after the roofline part (a kernel of their own)."""
     tokens = np.maximum(np.asarray(tokens, dtype=np.float64), 1e-9)
     nbytes = np.asarray(nbytes, float)
     pad = np.maximum(1.0, f.tile_width / np.maximum(np.asarray(width, dtype=np.float64), 1.0))
@@ -116,13 +142,24 @@ def predict_us(
     compute = (
         np.asarray(flops, float) * (pad * tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
     )
-    bw: np.ndarray | float = f.bytes_per_us
-    if f.cache_bytes_per_us is not None:
-        step = 1 + (np.maximum(nbytes, 1.0) / f.cache_bytes) ** f.cache_sharpness
-        bw = f.bytes_per_us + (f.cache_bytes_per_us - f.bytes_per_us) / step
-    memory = nbytes / bw
+    memory = nbytes / bandwidth(f, nbytes)
     p = _SMOOTH_P
-    return f.launch_us + (compute**p + memory**p) ** (1 / p)
+    epilogue = f.element_us * np.asarray(elements, dtype=np.float64)
+    return f.launch_us + (compute**p + memory**p) ** (1 / p) + epilogue
+
+
+def bandwidth(f: OpFactors, nbytes: np.ndarray | float) -> np.ndarray | float:
+    """Memory bandwidth (bytes/µs) of a call moving ``nbytes``: memory speed, stepping up
+    to the cache's below ``cache_bytes`` and to the near cache's below ``near_bytes``."""
+    bw: np.ndarray | float = f.bytes_per_us
+    b = np.maximum(nbytes, 1.0)
+    if f.cache_bytes_per_us is not None:
+        step = 1 + (b / f.cache_bytes) ** f.cache_sharpness
+        bw = bw + (f.cache_bytes_per_us - f.bytes_per_us) / step
+        if f.near_bytes_per_us is not None:
+            near = 1 + (b / f.near_bytes) ** f.near_sharpness
+            bw = bw + (f.near_bytes_per_us - f.cache_bytes_per_us) / near
+    return bw
 
 
 def profile_factors(hw: HardwareProfile, dtype: str) -> OpFactors:
@@ -139,21 +176,26 @@ def calibrate(
     start: OpFactors | None = None,
     memory: OpFactors | None = None,
     width: np.ndarray | None = None,
+    *,
+    cache_levels: int = 1,
+    elements: np.ndarray | None = None,
 ) -> OpFactors:
     """Fit one op's factors to measured rows (columns flops, bytes, tokens, median_us).
 
     Least squares on log(predicted / measured), so every size counts alike. Without
-    ``memory`` every factor is free. With ``memory`` (the device's memory curve, see
-    :func:`fit_memory_curve`) the cache step is the device's (its size and sharpness, and
-    the ratio of cache to memory bandwidth), and the op fits only a launch overhead, its
-    compute peak, ``half_tokens`` and one traffic factor dividing both bandwidths: how
-    many times its kernels move the bytes :func:`~moesim.kernels.bench.op_work` counts
-    (a GEMM library packing a weight matrix reads and writes it again). Memory speed is
-    a property of the device, not of an op, so a shape beyond an op's measured working
-    sets is predicted at the device's memory speed, not at a bandwidth fitted to few points.
+    ``memory`` every factor is free, with ``cache_levels`` (1 or 2) cache steps. With
+    ``memory`` (the device's memory curve, see :func:`fit_memory_curve`) the cache steps
+    are the device's (their sizes and sharpness, and the ratios of their bandwidths to
+    memory's), and the op fits only a launch overhead, its compute peak, ``half_tokens``
+    and one traffic factor dividing every bandwidth: how many times its kernels move the
+    bytes :func:`~moesim.kernels.bench.op_work` counts (a GEMM library packing a weight
+    matrix reads and writes it again). Memory speed is a property of the device, not of
+    an op, so a shape beyond an op's measured working sets is predicted at the device's
+    memory speed, not at a bandwidth fitted to few points.
 
     ``width`` (one per row, :func:`gemm_width`): where the rows have two or more finite
-    widths, ``tile_width`` is fitted too.
+    widths, ``tile_width`` is fitted too. ``elements`` (one per row, :func:`op_elements`):
+    where any is positive, ``element_us`` is fitted too.
     """
     fl = rows["flops"].to_numpy(float)
     by = rows["bytes"].to_numpy(float)
@@ -161,57 +203,98 @@ def calibrate(
     t = rows["median_us"].to_numpy(float)
     w = np.full(t.size, np.inf) if width is None else np.asarray(width, dtype=np.float64)
     fit_tile = np.unique(w[np.isfinite(w)]).size >= 2
+    el = np.zeros(t.size) if elements is None else np.asarray(elements, dtype=np.float64)
     big = t > np.median(t)
     peak = float(np.max(fl[big] / t[big])) if (fl[big] > 0).any() else 1.0
+    # the fitted factors, by name: (start, low, high), all in log space
+    p: dict[str, tuple[float, float, float]] = {
+        "launch": (max(t.min() * 0.5, 0.05), 1e-3, 1e6),
+        "peak": (max(peak, 1.0), 1e-3, 1e12),
+        "half_tokens": (8.0, 1e-3, 1e6),
+    }
     if memory is not None:
-        # x: log of launch, peak, half_tokens, traffic
-        x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), 8.0, 1.0])
-        lo = np.log([1e-3, 1e-3, 1e-3, TRAFFIC_BOUNDS[0]])
-        hi = np.log([1e6, 1e12, 1e6, TRAFFIC_BOUNDS[1]])
-        mem = memory
-        cache_bw = mem.bytes_per_us if mem.cache_bytes_per_us is None else mem.cache_bytes_per_us
-
-        def unpack(x: np.ndarray) -> OpFactors:
-            v = np.exp(x)
-            return OpFactors(
-                launch_us=float(v[0]),
-                peak_flop_per_us=float(v[1]),
-                bytes_per_us=float(mem.bytes_per_us / v[3]),
-                half_tokens=float(v[2]),
-                cache_bytes_per_us=float(cache_bw / v[3]),
-                cache_bytes=mem.cache_bytes,
-                cache_sharpness=mem.cache_sharpness,
-                tile_width=float(v[4]) if fit_tile else 1.0,
-            )
-
+        p["traffic"] = (1.0, *TRAFFIC_BOUNDS)
     else:
         bw = float(np.median(by / t))
-        # x: log of launch, peak, memory bandwidth, half_tokens, cache / memory bandwidth
-        # (>= 1: a cache is never slower than memory), cache_bytes, sharpness
-        x0 = np.log([max(t.min() * 0.5, 0.05), max(peak, 1.0), max(bw, 1.0), 8.0, 4.0, 4e6, 2.0])
-        if start is not None:
-            x0[:3] = np.log([start.launch_us, start.peak_flop_per_us, start.bytes_per_us])
-        lo = np.log([1e-3, 1e-3, 1e-3, 1e-3, 1.0, 1e3, 0.3])
-        hi = np.log([1e6, 1e12, 1e12, 1e6, 1e4, 1e11, 8.0])
+        p["memory"] = (max(bw, 1.0), 1e-3, 1e12)
+        # cache / memory bandwidth (>= 1: a cache is never slower than memory), its size
+        # and sharpness; a near cache: its bandwidth / the cache's, size / the cache's
+        p["cache_ratio"] = (4.0, 1.0, 1e4)
+        p["cache_bytes"] = (4e6, 1e3, 1e11)
+        p["cache_sharpness"] = (2.0, 0.3, 8.0)
+        if cache_levels == 2:
+            p["near_ratio"] = (3.0, 1.0, 1e3)
+            p["near_share"] = (0.05, 1e-5, 1.0)
+            p["near_sharpness"] = (2.0, 0.3, 8.0)
+        if start is not None:  # start from its figures where it has them
+            given = {
+                "launch": start.launch_us,
+                "peak": start.peak_flop_per_us,
+                "memory": start.bytes_per_us,
+            }
+            if start.cache_bytes_per_us is not None:
+                given |= {
+                    "cache_ratio": start.cache_bytes_per_us / start.bytes_per_us,
+                    "cache_bytes": start.cache_bytes,
+                    "cache_sharpness": start.cache_sharpness,
+                }
+            if start.near_bytes_per_us is not None and start.cache_bytes_per_us is not None:
+                given |= {
+                    "near_ratio": start.near_bytes_per_us / start.cache_bytes_per_us,
+                    "near_share": start.near_bytes / start.cache_bytes,
+                    "near_sharpness": start.near_sharpness,
+                }
+            for name, value in given.items():
+                if name in p:
+                    p[name] = (value, *p[name][1:])
+    if fit_tile:  # the tile width, 1 to 1,024 columns
+        p["tile"] = (16.0, 1.0, 1024.0)
+    if (el > 0).any():  # µs per epilogue element
+        p["element"] = (1e-3, 1e-7, 10.0)
+    names = list(p)
+    lo = np.log([p[n][1] for n in names])
+    hi = np.log([p[n][2] for n in names])
+    x0 = np.clip(np.log([p[n][0] for n in names]), lo + 1e-9, hi - 1e-9)
 
-        def unpack(x: np.ndarray) -> OpFactors:
-            v = np.exp(x)
+    def unpack(x: np.ndarray) -> OpFactors:
+        v = dict(zip(names, np.exp(x).tolist(), strict=True))
+        common = {
+            "launch_us": v["launch"],
+            "peak_flop_per_us": v["peak"],
+            "half_tokens": v["half_tokens"],
+            "tile_width": v.get("tile", 1.0),
+            "element_us": v.get("element", 0.0),
+        }
+        if memory is not None:
+            tr, mem = v["traffic"], memory
             return OpFactors(
-                launch_us=float(v[0]),
-                peak_flop_per_us=float(v[1]),
-                bytes_per_us=float(v[2]),
-                half_tokens=float(v[3]),
-                cache_bytes_per_us=float(v[4] * v[2]),
-                cache_bytes=float(v[5]),
-                cache_sharpness=float(v[6]),
-                tile_width=float(v[7]) if fit_tile else 1.0,
+                **common,
+                bytes_per_us=mem.bytes_per_us / tr,
+                cache_bytes_per_us=(mem.cache_bytes_per_us or mem.bytes_per_us) / tr,
+                cache_bytes=mem.cache_bytes,
+                cache_sharpness=mem.cache_sharpness,
+                near_bytes_per_us=(
+                    None if mem.near_bytes_per_us is None else mem.near_bytes_per_us / tr
+                ),
+                near_bytes=mem.near_bytes,
+                near_sharpness=mem.near_sharpness,
             )
-
-    if fit_tile:  # one more factor: the tile width, 1 to 1,024 columns
-        x0 = np.append(x0, np.log(16.0))
-        lo = np.append(lo, 0.0)
-        hi = np.append(hi, np.log(1024.0))
-    x0 = np.clip(x0, lo + 1e-9, hi - 1e-9)
+        cache_bw = v["cache_ratio"] * v["memory"]
+        near = {}
+        if cache_levels == 2:
+            near = {
+                "near_bytes_per_us": v["near_ratio"] * cache_bw,
+                "near_bytes": v["near_share"] * v["cache_bytes"],
+                "near_sharpness": v["near_sharpness"],
+            }
+        return OpFactors(
+            **common,
+            bytes_per_us=v["memory"],
+            cache_bytes_per_us=cache_bw,
+            cache_bytes=v["cache_bytes"],
+            cache_sharpness=v["cache_sharpness"],
+            **near,
+        )
 
     # a weak pull of the launch overhead towards the device's own (the memory curve's):
     # where no measured shape is small enough to show it, it is otherwise free to absorb
@@ -220,7 +303,7 @@ def calibrate(
     pull = LAUNCH_PRIOR * math.sqrt(t.size)
 
     def resid(x: np.ndarray) -> np.ndarray:
-        r = np.log(predict_us(unpack(x), fl, by, tok, w)) - np.log(t)
+        r = np.log(predict_us(unpack(x), fl, by, tok, w, el)) - np.log(t)
         return r if prior is None else np.append(r, pull * (x[0] - prior))
 
     fit = unpack(least_squares(resid, x0, bounds=(lo, hi)).x)
@@ -244,12 +327,42 @@ MEMORY_OP = "memcpy"
 
 def fit_memory_curve(table: pd.DataFrame) -> OpFactors | None:
     """The device's memory curve: :func:`calibrate` on every ``memcpy`` row (all dtypes:
-    a byte is a byte), of which the bandwidths and the cache step are kept. ``None`` when
-    the table has fewer than four ``memcpy`` rows."""
+    a byte is a byte), of which the bandwidths and the cache steps are kept. ``None`` when
+    the table has fewer than four ``memcpy`` rows.
+
+    Two cache levels are fitted (a CPU's L2 and L3, a GPU's L2 and, where measured, its
+    shared memory), from a few starting sizes of the outer one, and the best fit kept;
+    where a second level does not improve the fit, its step is negligible there.
+    """
     rows = table[table["op"] == MEMORY_OP]
     if len(rows) < 4:
         return None
-    return calibrate(rows)
+    one = calibrate(rows)
+    best, best_cost = one, _log_cost(one, rows)
+    for outer in (3e6, 3e7, 3e8):
+        start = replace(
+            one,
+            cache_bytes=outer,
+            near_bytes_per_us=(one.cache_bytes_per_us or one.bytes_per_us) * 3.0,
+            near_bytes=outer * 0.05,
+            near_sharpness=2.0,
+        )
+        two = calibrate(rows, start, cache_levels=2)
+        cost = _log_cost(two, rows)
+        if cost < best_cost:
+            best, best_cost = two, cost
+    return best
+
+
+def _log_cost(f: OpFactors, rows: pd.DataFrame) -> float:
+    """Sum of squared log errors of ``f`` on measured rows."""
+    pred = predict_us(
+        f,
+        rows["flops"].to_numpy(float),
+        rows["bytes"].to_numpy(float),
+        rows["tokens"].to_numpy(float),
+    )
+    return float((np.log(pred / rows["median_us"].to_numpy(float)) ** 2).sum())
 
 
 @dataclass(frozen=True)
@@ -290,6 +403,7 @@ def fit_token_correction(
     f: OpFactors,
     ridge: float = SLOPE_RIDGE,
     width: np.ndarray | float = np.inf,
+    elements: np.ndarray | float = 0.0,
 ) -> TokenCorrection:
     """Fit :class:`TokenCorrection` of factors ``f`` to one op's measured rows.
 
@@ -299,7 +413,7 @@ def fit_token_correction(
     """
     tok = rows["tokens"].to_numpy(float)
     fl, by = rows["flops"].to_numpy(float), rows["bytes"].to_numpy(float)
-    x = np.log(predict_us(f, fl, by, tok, width))
+    x = np.log(predict_us(f, fl, by, tok, width, elements))
     y = np.log(rows["median_us"].to_numpy(float))
     levels = np.unique(tok)
     offset = np.empty(levels.size)
@@ -346,8 +460,14 @@ class CostModel:
             start = profile_factors(hw, str(dtype)) if hw is not None else None
             key = (str(op), str(dtype))
             width = gemm_width(str(op), rows["num_experts"].to_numpy(float))
-            factors[key] = calibrate(rows, start, memory, width)
-            corrections[key] = fit_token_correction(rows, factors[key], width=width)
+            el = op_elements(
+                str(op),
+                rows["tokens"].to_numpy(float),
+                rows["num_experts"].to_numpy(float),
+                rows["top_k"].to_numpy(float),
+            )
+            factors[key] = calibrate(rows, start, memory, width, elements=el)
+            corrections[key] = fit_token_correction(rows, factors[key], width=width, elements=el)
         return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
     def op_factors(self, op: str, dtype: str) -> OpFactors:
@@ -368,6 +488,7 @@ class CostModel:
             moved * scale,
             np.maximum(tokens, 1),
             gemm_width(op, float(shape.num_experts)),
+            op_elements(op, tokens, float(shape.num_experts), float(shape.top_k)),
         )
         corr = self.corrections.get((op, dtype))
         return t if corr is None else corr.apply(np.maximum(tokens, 1), t)
