@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,20 +54,27 @@ dispatch_dtype: fp8
 """
 
 
-def _child(devices: int, tokens: int, network: str, level: str) -> dict:
+def _prepare(devices: int, tokens: int, network: str, level: str = "count") -> Any:
+    """The scale scenario loaded and prepared (synthetic routing generated)."""
     sys.path.insert(0, str(REPO))
     from moesim.scenario import load_scenario
-    from moesim.sim.simulate import prepare, simulate_mode
+    from moesim.sim.simulate import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
         path.write_text(_scenario(devices, tokens, network, level))
-        t0, c0 = time.perf_counter(), time.process_time()
         sc, base = load_scenario(path)
-        prep = prepare(sc, base)  # includes generating the synthetic routing
-        t1 = time.perf_counter()
-        run = simulate_mode(prep, "training")
-        t2, c2 = time.perf_counter(), time.process_time()
+        return prepare(sc, base)
+
+
+def _child(devices: int, tokens: int, network: str, level: str) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time()
+    prep = _prepare(devices, tokens, network, level)
+    t1 = time.perf_counter()
+    from moesim.sim.simulate import simulate_mode
+
+    run = simulate_mode(prep, "training")
+    t2, c2 = time.perf_counter(), time.process_time()
     events = run.summary["events"]
     return {
         "devices": devices,
@@ -87,19 +95,14 @@ def _child(devices: int, tokens: int, network: str, level: str) -> dict:
 
 def _child_exchange(devices: int, tokens: int) -> dict:
     """One flow-tier exchange of the scale scenario: the first MoE layer's dispatch."""
-    sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from moesim.scenario import load_scenario
+    prep = _prepare(devices, tokens, "flow")
     from moesim.sim.exchange import exchange_times
     from moesim.sim.program import bytes_per_assignment
-    from moesim.sim.simulate import prepare, route_layer_at
+    from moesim.sim.simulate import route_layer_at
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, tokens, "flow"))
-        sc, base = load_scenario(path)
-        prep = prepare(sc, base)
+    sc = prep.scenario
     copies = route_layer_at(prep, 0, 0).copies
     assert copies is not None
     topo, hw = prep.cluster.topology, prep.hw
