@@ -32,9 +32,20 @@ def test_demo_speed_benchmark_prints_figures():
 
 
 def test_placement_eval_quick_runs_and_checks_targets():
-    out = _run_json("placement_eval.py", "--quick", "--score-layers", "2")
+    out = _run_json("placement_eval.py", "--quick", "--score-layers", "2", "--seeds", "1,2")
     planners = {r["planner"] for r in out["rows"]}
-    assert {"eplb-global", "eplb-hierarchical", "affinity", "oracle"} <= planners
+    assert {"eplb-global", "eplb-hierarchical", "affinity", "oracle", "affinity-law"} <= planners
+    # the synthetic data is drawn per seed, the others once; the law plan only where a
+    # generator's law exists
+    assert {r["seed"] for r in out["rows"] if r["dataset"].startswith("dsv3")} == {1, 2}
+    assert {r["seed"] for r in out["rows"] if not r["dataset"].startswith("dsv3")} == {None}
+    assert all(
+        r["dataset"].startswith("dsv3") for r in out["rows"] if r["planner"] == "affinity-law"
+    )
+    drift = [c for c in out["targets"]["cases"] if "drift_gap_closed" in c]
+    assert drift and all(
+        len(c["drift_gap_closed_per_seed"]) == 2 and "law_plan_gap_closed" in c for c in drift
+    )
     assert {r["dataset"] for r in out["rows"]} >= {"flame-290m", "dsv3-zipf1.0"}
     assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
     assert out["targets"]["cases"] and "balance_le_global" in out["targets"]["cases"][0]

@@ -251,23 +251,34 @@ def test_place_incremental_from_previous(tmp_path):
 # ----- re-planning and refinement ---------------------------------------------------------------
 
 
-def test_forecast_loads_averages_noise_and_extrapolates_trends():
-    # no trend beyond counting noise: the two windows averaged
+def test_forecast_loads_averages_noise_shrinks_it_and_extrapolates_trends():
+    # no trend and no skew beyond counting noise: the windows are averaged (a = 1/2) and
+    # the differences between experts, all within noise, shrunk to the layer's mean
     prev = np.array([[100.0, 104.0, 98.0, 102.0]])
     last = np.array([[102.0, 100.0, 101.0, 99.0]])
-    assert forecast_loads(prev, last) == pytest.approx((prev + last) / 2)
+    assert forecast_loads(prev, last) == pytest.approx(np.full((1, 4), 100.75))
+    # skew far above noise, no trend: averaged, and barely shrunk. Estimates 401, 99,
+    # 100.5, 399.5 (mean 250); noise a^2 last + (1 - a)^2 prev + 0.5 = 201, 50, 50.75,
+    # 200.25 (mean 125.5); spread 22575.625 - 125.5 = 22450.125; 401 -> 250 + 151 x
+    # 22450.125 / (22450.125 + 201) = 399.66
+    prev = np.array([[400.0, 100.0, 100.0, 400.0]])
+    last = np.array([[402.0, 98.0, 101.0, 399.0]])
+    got = forecast_loads(prev, last)
+    assert got[0, 0] == pytest.approx(399.66, abs=0.01) and got[0, 1] == pytest.approx(
+        99.34, abs=0.01
+    )
     # a trend far above noise: nearly linear extrapolation. V = 100 + 0.5 = 100.5,
     # mean squared change 100^2 = 10000, D = 10000 - 201 = 9799,
-    # a = (2 D + V) / (D + 2 V) = 19698.5 / 10000; falling loads stop at zero
+    # a = (2 D + V) / (D + 2 V) = 19698.5 / 10000 = 1.96985: estimates 246.985 and
+    # -46.985 (mean 100), noise 629.58 and 335.61, spread 21604.6 - 482.6 = 21122.0,
+    # 246.985 -> 100 + 146.985 x 21122.0 / 21751.6 = 242.73; falling loads stop at zero
     prev = np.array([[50.0, 150.0, 50.0, 150.0]])
     last = np.array([[150.0, 50.0, 150.0, 50.0]])
-    a = 1.96985
-    want = np.maximum(a * last + (1 - a) * prev, 0)
-    assert forecast_loads(prev, last) == pytest.approx(want)
-    assert want[0, 0] == pytest.approx(246.985) and want[0, 1] == 0
-    # each layer has its own weight; never negative
+    assert forecast_loads(prev, last) == pytest.approx(np.array([[242.73, 0, 242.73, 0]]), abs=0.01)
+    # each layer has its own weight and shrinkage; never negative
     two = forecast_loads(np.vstack([prev, prev * 0 + 100]), np.vstack([last, last * 0 + 100]))
     assert two[1] == pytest.approx(100.0)
+    assert two[0] == pytest.approx(np.array([242.73, 0, 242.73, 0]), abs=0.01)
     assert (forecast_loads(np.array([[500.0, 0.0]]), np.array([[10.0, 0.0]])) >= 0).all()
 
 

@@ -67,7 +67,14 @@ def forecast_loads(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
     beyond counting noise). Without a trend (``D = 0``) this averages the two windows
     (``a = 1/2``, half the noise of either); with a trend far above noise it extrapolates
     (``a -> 2``). Pooling over the layer's experts keeps the weight itself free of noise.
-    The result is clipped at zero.
+
+    The weighted estimate still carries each expert's counting noise, variance
+    ``n_i = a^2 last_i + (1 - a)^2 previous_i``, which a planner would read as real skew.
+    It is therefore shrunk towards the layer's mean ``m`` by the empirical-Bayes (James-Stein)
+    factor ``s^2 / (s^2 + n_i)``, with ``s^2`` the spread of the estimates across the
+    layer's experts beyond their mean noise: where the loads barely differ, little of the
+    measured difference is believed; where they differ far beyond noise, nearly all. The
+    result is clipped at zero.
 
     Args:
         previous, last: (L, E) loads of two consecutive windows of equal length.
@@ -80,7 +87,12 @@ def forecast_loads(previous: np.ndarray, last: np.ndarray) -> np.ndarray:
     var = ((cur + prev) / 2).mean(axis=1, keepdims=True) + 0.5  # (L, 1)
     trend = np.maximum((change**2).mean(axis=1, keepdims=True) - 2 * var, 0.0)
     a = (2 * trend + var) / (trend + 2 * var)
-    return np.maximum(a * cur + (1 - a) * prev, 0.0)
+    est = a * cur + (1 - a) * prev
+    noise = a**2 * cur + (1 - a) ** 2 * prev + 0.5  # (L, E)
+    mean = est.mean(axis=1, keepdims=True)
+    spread = ((est - mean) ** 2).mean(axis=1, keepdims=True) - noise.mean(axis=1, keepdims=True)
+    spread = np.maximum(spread, 0.0)
+    return np.maximum(mean + spread / (spread + noise) * (est - mean), 0.0)
 
 
 def _device_loads(slots: np.ndarray, share: np.ndarray) -> np.ndarray:
