@@ -502,3 +502,50 @@ def test_router_epilogue_is_fitted_and_carries_to_an_unseen_shape():
     s = BenchShape.from_model(get_preset("DeepSeek-V2"), local_experts=1)
     pred = cm.roofline_us("router", s, held["tokens"].to_numpy(float), "fp32")
     np.testing.assert_allclose(pred, held["median_us"], rtol=0.05)
+
+
+def test_small_batch_term_as_weight_traffic_hand_checked():
+    """half_cache 1: the small-batch term runs at the memory curve's speed for the call's
+    bytes. 1 kB sits far inside a 1 MB cache of 4x memory speed: half_tokens 9 -> 9 x 10 /
+    40 = 2.25; at 1 token, 1e5 FLOP at 1e3 FLOP/µs: 1e5 x 3.25 / 1e3 = 325 µs of
+    arithmetic against 25 µs of memory (the smooth maximum adds 0.003 µs); half_cache 0:
+    1e5 x 10 / 1e3 = 1000 µs."""
+    f = OpFactors(
+        launch_us=0.0,
+        peak_flop_per_us=1e3,
+        bytes_per_us=10.0,
+        half_tokens=9.0,
+        cache_bytes_per_us=40.0,
+        cache_bytes=1e6,
+        cache_sharpness=8.0,
+        half_cache=1.0,
+    )
+    one = np.array([1.0])
+    assert predict_us(f, one * 1e5, one * 1e3, one)[0] == pytest.approx(325.0, abs=0.01)
+    fixed = replace(f, half_cache=0.0)
+    assert predict_us(fixed, one * 1e5, one * 1e3, one)[0] == pytest.approx(1000.0, abs=0.01)
+    # beyond the cache both forms agree: the term runs at memory speed either way
+    big = one * 1e9
+    assert predict_us(f, one * 1e12, big, one)[0] == pytest.approx(
+        predict_us(fixed, one * 1e12, big, one)[0], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("half_cache", [0.0, 1.0])
+def test_the_small_batch_terms_form_is_chosen_by_held_out_shapes(half_cache):
+    """Tables timed with either form of the small-batch term, FLAME-MoE-290M's weights
+    (17 MB at 2 experts) inside the curve's 20 MB cache and the others' beyond: the
+    leave-one-shape-out choice finds the form that made them, and the shape inside the
+    cache is then predicted from the others within 2 %."""
+    op = replace(CURVE, launch_us=1.0, peak_flop_per_us=5e4, half_tokens=30.0)
+    op = replace(op, half_cache=half_cache)
+    models = ["FLAME-MoE-290M", "OLMoE-1B-7B", "DeepSeekMoE-16B", "Mixtral-8x7B", "DeepSeek-V3"]
+    memcpy = _memcpy_rows(["FLAME-MoE-290M", "DeepSeek-V3"])
+    table = pd.concat([_table(models, factors=op), memcpy], ignore_index=True)
+    cm = CostModel.from_table(table)
+    assert cm.factors[("expert_ffn_bmm", "fp32")].half_cache == half_cache
+    train = table[table["model"] != "FLAME-MoE-290M"]
+    held = CostModel.from_table(pd.concat([train, memcpy], ignore_index=True))
+    rows = table[(table["model"] == "FLAME-MoE-290M") & (table["op"] == "expert_ffn_bmm")]
+    pred = held.roofline_us("expert_ffn_bmm", _shape("FLAME-MoE-290M"), rows["tokens"], "fp32")
+    assert np.abs(pred / rows["median_us"] - 1).max() < 0.02

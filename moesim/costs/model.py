@@ -9,14 +9,18 @@
    table at its edge.
 2. Otherwise the time is a roofline with per-op factors::
 
-       t = launch_us + smoothmax(flops * (tokens + half_tokens) / (tokens * peak),
+       t = launch_us + smoothmax(flops * (tokens + half) / (tokens * peak),
                                  bytes / bandwidth(bytes))
        bandwidth(b) = dram + (cache - dram) / (1 + (b / cache_bytes) ** sharpness)
+       half = half_tokens * (dram / bandwidth(bytes)) ** half_cache
 
    ``peak`` (FLOP/µs) and the bandwidths (bytes/µs) are achievable rates; ``half_tokens``
    is the batch at which a GEMM reaches half its peak (the small-batch inefficiency);
    the bandwidth steps from cache speed down to memory speed around a working set of
-   ``cache_bytes`` — the same caches serve every shape, so this carries across shapes.
+   ``cache_bytes`` — the same caches serve every shape, so this carries across shapes
+   (a second, nearer level is fitted the same way where it helps); ``half_cache`` (0 or 1,
+   chosen per op by :func:`_choose_half_cache`) says whether that small-batch cost is
+   weight traffic, which a cache speeds up as well.
    Without a table the factors come from the hardware profile (peak × gemm efficiency,
    HBM × hbm efficiency, its launch overhead, no small-batch or cache term); with a
    table, :func:`fit_memory_curve` first fits the device's memory curve (memory and
@@ -88,6 +92,7 @@ class OpFactors:
     near_sharpness: float = 1.0
     tile_width: float = 1.0  # GEMM width below which a call costs no less (see gemm_width)
     element_us: float = 0.0  # per scalar element of an op's epilogue (see op_elements)
+    half_cache: float = 0.0  # 1: half_tokens is weight traffic, sped up by the caches
 
     def to_dict(self) -> dict[str, float | None]:
         return dict(self.__dict__)
@@ -139,10 +144,12 @@ def predict_us(
     pad = np.maximum(1.0, f.tile_width / np.maximum(np.asarray(width, dtype=np.float64), 1.0))
     # the tile pads the GEMM's arithmetic, not its per-call cost (the small-batch term,
     # weight packing and streaming, scales with the real width)
-    compute = (
-        np.asarray(flops, float) * (pad * tokens + f.half_tokens) / (tokens * f.peak_flop_per_us)
-    )
-    memory = nbytes / bandwidth(f, nbytes)
+    bw = bandwidth(f, nbytes)
+    # the small-batch term: a fixed cost per call in units of tokens of arithmetic, which
+    # where it is weight traffic (half_cache 1) speeds up as the weights fit a cache
+    half = f.half_tokens * (f.bytes_per_us / bw) ** f.half_cache
+    compute = np.asarray(flops, float) * (pad * tokens + half) / (tokens * f.peak_flop_per_us)
+    memory = nbytes / bw
     p = _SMOOTH_P
     epilogue = f.element_us * np.asarray(elements, dtype=np.float64)
     return f.launch_us + (compute**p + memory**p) ** (1 / p) + epilogue
@@ -179,6 +186,7 @@ def calibrate(
     *,
     cache_levels: int = 1,
     elements: np.ndarray | None = None,
+    half_cache: float = 0.0,
 ) -> OpFactors:
     """Fit one op's factors to measured rows (columns flops, bytes, tokens, median_us).
 
@@ -195,7 +203,8 @@ def calibrate(
 
     ``width`` (one per row, :func:`gemm_width`): where the rows have two or more finite
     widths, ``tile_width`` is fitted too. ``elements`` (one per row, :func:`op_elements`):
-    where any is positive, ``element_us`` is fitted too.
+    where any is positive, ``element_us`` is fitted too. ``half_cache`` is taken as given
+    (see :data:`HALF_CACHE_CHOICES`).
     """
     fl = rows["flops"].to_numpy(float)
     by = rows["bytes"].to_numpy(float)
@@ -264,6 +273,7 @@ def calibrate(
             "half_tokens": v["half_tokens"],
             "tile_width": v.get("tile", 1.0),
             "element_us": v.get("element", 0.0),
+            "half_cache": half_cache,
         }
         if memory is not None:
             tr, mem = v["traffic"], memory
@@ -430,6 +440,66 @@ def fit_token_correction(
     )
 
 
+def _row_terms(op: str, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``op``: its GEMM width (:func:`gemm_width`) and epilogue elements
+    (:func:`op_elements`)."""
+    experts = rows["num_experts"].to_numpy(float)
+    return gemm_width(op, experts), op_elements(
+        op, rows["tokens"].to_numpy(float), experts, rows["top_k"].to_numpy(float)
+    )
+
+
+def _fit_op(
+    rows: pd.DataFrame, start: OpFactors | None, memory: OpFactors | None, half_cache: float
+) -> tuple[OpFactors, TokenCorrection]:
+    """One op's factors (:func:`calibrate`) and token correction from its rows."""
+    width, el = _row_terms(str(rows["op"].iloc[0]), rows)
+    f = calibrate(rows, start, memory, width, elements=el, half_cache=half_cache)
+    return f, fit_token_correction(rows, f, width=width, elements=el)
+
+
+HALF_CACHE_CHOICES = (0.0, 1.0)
+"""What the small-batch term of an op can be (``OpFactors.half_cache``): 0, a fixed cost
+in arithmetic (a library's blocking and loop overheads), or 1, weight traffic that runs at
+the memory curve's speed for the call's working set (streaming or packing a weight matrix:
+the fp32 expert FFN of this project's CPU at 1-16 tokens runs at 26 GB/s where its 35 MB
+of weights fit the L3 and 16 GB/s where they do not)."""
+
+
+def _choose_half_cache(
+    rows: pd.DataFrame, start: OpFactors | None, memory: OpFactors | None
+) -> float:
+    """The :data:`HALF_CACHE_CHOICES` entry under which one op's measured shapes predict
+    each other best: each model shape in turn is left out, the op fitted on the others
+    (factors and token correction) and the left-out rows predicted; the mean squared log
+    error over all of them decides. The first choice where nothing can decide it: no
+    memory curve with a cache step, no arithmetic, or fewer than three shapes."""
+    op = str(rows["op"].iloc[0])
+    models = list(rows["model"].unique()) if "model" in rows.columns else []
+    if (
+        memory is None
+        or memory.cache_bytes_per_us is None
+        or not (rows["flops"] > 0).any()
+        or len(models) < 3
+    ):
+        return HALF_CACHE_CHOICES[0]
+    best, best_err = HALF_CACHE_CHOICES[0], math.inf
+    for choice in HALF_CACHE_CHOICES:
+        sq = []
+        for model in models:
+            train, test = rows[rows["model"] != model], rows[rows["model"] == model]
+            f, corr = _fit_op(train, start, memory, choice)
+            width, el = _row_terms(op, test)
+            tok = test["tokens"].to_numpy(float)
+            fl, by = test["flops"].to_numpy(float), test["bytes"].to_numpy(float)
+            pred = corr.apply(tok, predict_us(f, fl, by, tok, width, el))
+            sq.append(np.log(pred / test["median_us"].to_numpy(float)) ** 2)
+        err = float(np.mean(np.concatenate(sq)))
+        if err < best_err:
+            best, best_err = choice, err
+    return best
+
+
 @dataclass
 class CostModel:
     """Op times for one device: a hardware profile, plus its measured table if it has one."""
@@ -459,15 +529,8 @@ class CostModel:
         for (op, dtype), rows in table.groupby(["op", "dtype"], sort=True):
             start = profile_factors(hw, str(dtype)) if hw is not None else None
             key = (str(op), str(dtype))
-            width = gemm_width(str(op), rows["num_experts"].to_numpy(float))
-            el = op_elements(
-                str(op),
-                rows["tokens"].to_numpy(float),
-                rows["num_experts"].to_numpy(float),
-                rows["top_k"].to_numpy(float),
-            )
-            factors[key] = calibrate(rows, start, memory, width, elements=el)
-            corrections[key] = fit_token_correction(rows, factors[key], width=width, elements=el)
+            half = _choose_half_cache(rows, start, memory)
+            factors[key], corrections[key] = _fit_op(rows, start, memory, half)
         return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
     def op_factors(self, op: str, dtype: str) -> OpFactors:
