@@ -112,16 +112,24 @@ def print_per_op(fig: dict) -> None:
 
 
 def measure(
+    device: Path,
     table: pd.DataFrame,
     ops: list[str],
     models: list[str],
     dtypes: list[str],
     tokens: list[int],
 ) -> BenchResult:
-    """Measure the table's points of the selection again, with the table's method."""
+    """Measure the table's points of the selection again, with the table's method
+    (``device``: the table's folder, for the error message). A table mixing thread counts
+    is a one-line error, exit 2."""
     threads = sorted(int(x) for x in table["threads"].unique())
     if len(threads) != 1:
-        sys.exit(f"the table mixes thread counts {threads}; nothing to compare with")
+        print(
+            f"{device}: field threads: the table mixes thread counts "
+            f"{', '.join(map(str, threads))}; keep one run's rows to measure them again",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     cfg = default_config("cpu", models=models, threads=threads[0])
     measured = set(table["tokens"].astype(int))
     cfg = dataclasses.replace(
@@ -150,7 +158,7 @@ def main() -> None:
         again = load_table(device_dir / "resits" / args.compare)
     else:
         models = args.models or sorted(table["model"].unique())
-        result = measure(table, args.ops, models, args.dtypes, args.tokens)
+        result = measure(device_dir, table, args.ops, models, args.dtypes, args.tokens)
         again = result.rows
         if args.save:
             folder = device_dir / "resits" / args.save

@@ -128,3 +128,15 @@ def test_no_tables_for_this_machine_is_a_one_line_error(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "this-cpu" in err and "measured: other-cpu" in err
     assert rs.table_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_table_mixing_thread_counts_is_a_one_line_error(tmp_path, capsys):
+    """Nothing is measured for a table whose rows come from runs with different thread
+    counts: one line naming the folder, the field and the counts, exit 2."""
+    rs = _module()
+    mixed = pd.concat([_rows(["FLAME-MoE-290M"]), _rows(["OLMoE-1B-7B"]).assign(threads=2)])
+    with pytest.raises(SystemExit) as ex:
+        rs.measure(tmp_path / "dev", mixed, ["memcpy"], ["FLAME-MoE-290M"], ["fp32"], [1])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dev" in err and "threads" in err and "1, 2" in err
