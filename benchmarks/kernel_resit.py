@@ -35,6 +35,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from moesim.errors import InputError  # noqa: E402
 from moesim.kernels.bench import (  # noqa: E402
     OPS,
     BenchResult,
@@ -42,7 +43,12 @@ from moesim.kernels.bench import (  # noqa: E402
     measured_dir,
     run_bench,
 )
-from moesim.kernels.tables import load_table, write_meta, write_op_table  # noqa: E402
+from moesim.kernels.tables import (  # noqa: E402
+    load_table,
+    thread_count,
+    write_meta,
+    write_op_table,
+)
 
 DEFAULT_TOKENS = (1, 16, 256, 4096)
 KEY = ["op", "model", "dtype", "tokens"]
@@ -122,15 +128,12 @@ def measure(
     """Measure the table's points of the selection again, with the table's method
     (``device``: the table's folder, for the error message). A table mixing thread counts
     is a one-line error, exit 2."""
-    threads = sorted(int(x) for x in table["threads"].unique())
-    if len(threads) != 1:
-        print(
-            f"{device}: field threads: the table mixes thread counts "
-            f"{', '.join(map(str, threads))}; keep one run's rows to measure them again",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    cfg = default_config("cpu", models=models, threads=threads[0])
+    try:
+        threads = thread_count(table, file=device)
+    except InputError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from None
+    cfg = default_config("cpu", models=models, threads=threads)
     measured = set(table["tokens"].astype(int))
     cfg = dataclasses.replace(
         cfg,

@@ -58,8 +58,7 @@ from moesim.placement.replan import forecast_loads, replay
 from moesim.sim.program import bytes_per_assignment
 from moesim.traces.importers import counts_to_assignments, load_counts_json
 from moesim.traces.store import read_trace
-from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
-from moesim.traces.synthetic import _sample as sample_topk  # the generator's own sampler
+from moesim.traces.synthetic import Popularity, parse_distribution, sample_experts, synthesize
 
 CLUSTERS = {"EP32": (4, 8, 32), "EP64": (8, 8, 64)}
 COUNTS = repo_root().parent / "shared" / "data" / "olmoe_mixtral_expert_counts_L0_7_15.json"
@@ -180,7 +179,7 @@ def law_loads(distribution: str, layers: int, step: int, seed: int, tokens: int)
     pop = Popularity(parse_distribution(distribution), 256, layers, seed)
     rng = np.random.default_rng([seed, 0x1A3, step])
     draws = 16 * tokens
-    ids = np.stack([sample_topk(pop(la, step), draws, 8, rng)[0] for la in range(layers)])
+    ids = np.stack([sample_experts(pop(la, step), draws, 8, rng)[0] for la in range(layers)])
     return expert_loads(ids, 256) / 16.0
 
 

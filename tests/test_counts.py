@@ -8,7 +8,7 @@ import pytest
 from moesim.placement.base import Placement, contiguous
 from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.routing import route_layer
-from moesim.traces.synthetic import _sample
+from moesim.traces.synthetic import sample_experts
 
 
 def _enumerate(p: np.ndarray, k: int) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_token_sampler_matches_the_inclusion_law(e, k, s):
     count-level law agree: every expert's frequency within 5 standard errors."""
     logp = -s * np.log(np.arange(1, e + 1.0))
     n = 200_000
-    ids, _ = _sample(logp, n, k, np.random.default_rng(3))
+    ids, _ = sample_experts(logp, n, k, np.random.default_rng(3))
     freq = np.bincount(ids.ravel(), minlength=e) / n
     pi = inclusion_probabilities(logp, k)
     z = (freq - pi) / np.sqrt(np.maximum(pi * (1 - pi), 1e-12) / n)

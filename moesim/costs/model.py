@@ -51,9 +51,9 @@ import pandas as pd
 from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
-from moesim.errors import InputError
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape, op_work_array, table_widths
+from moesim.kernels.tables import thread_count
 
 __all__ = [
     "CostModel",
@@ -364,14 +364,20 @@ def fit_memory_curve(table: pd.DataFrame) -> OpFactors | None:
     return best
 
 
-def _log_cost(f: OpFactors, rows: pd.DataFrame) -> float:
-    """Sum of squared log errors of ``f`` on measured rows."""
-    pred = predict_us(
-        f,
-        rows["flops"].to_numpy(float),
-        rows["bytes"].to_numpy(float),
-        rows["tokens"].to_numpy(float),
-    )
+def _log_cost(
+    f: OpFactors,
+    rows: pd.DataFrame,
+    width: np.ndarray | float = np.inf,
+    elements: np.ndarray | float = 0.0,
+    correction: TokenCorrection | None = None,
+) -> float:
+    """Sum of squared log errors of ``f`` (and its token ``correction``, if given) on
+    measured rows; ``width`` and ``elements`` as :func:`predict_us` takes them."""
+    tok = rows["tokens"].to_numpy(float)
+    fl, by = rows["flops"].to_numpy(float), rows["bytes"].to_numpy(float)
+    pred = predict_us(f, fl, by, tok, width, elements)
+    if correction is not None:
+        pred = correction.apply(tok, pred)
     return float((np.log(pred / rows["median_us"].to_numpy(float)) ** 2).sum())
 
 
@@ -471,8 +477,8 @@ def _choose_half_cache(
 ) -> float:
     """The :data:`HALF_CACHE_CHOICES` entry under which one op's measured shapes predict
     each other best: each model shape in turn is left out, the op fitted on the others
-    (factors and token correction) and the left-out rows predicted; the mean squared log
-    error over all of them decides. The first choice where nothing can decide it: no
+    (factors and token correction) and the left-out rows predicted; the sum of squared
+    log errors over all of them decides. The first choice where nothing can decide it: no
     memory curve with a cache step, no arithmetic, or fewer than three shapes."""
     op = str(rows["op"].iloc[0])
     models = list(rows["model"].unique()) if "model" in rows.columns else []
@@ -485,16 +491,11 @@ def _choose_half_cache(
         return HALF_CACHE_CHOICES[0]
     best, best_err = HALF_CACHE_CHOICES[0], math.inf
     for choice in HALF_CACHE_CHOICES:
-        sq = []
+        err = 0.0
         for model in models:
             train, test = rows[rows["model"] != model], rows[rows["model"] == model]
             f, corr = _fit_op(train, start, memory, choice)
-            width, el = _row_terms(op, test)
-            tok = test["tokens"].to_numpy(float)
-            fl, by = test["flops"].to_numpy(float), test["bytes"].to_numpy(float)
-            pred = corr.apply(tok, predict_us(f, fl, by, tok, width, el))
-            sq.append(np.log(pred / test["median_us"].to_numpy(float)) ** 2)
-        err = float(np.mean(np.concatenate(sq)))
+            err += _log_cost(f, test, *_row_terms(op, test), correction=corr)
         if err < best_err:
             best, best_err = choice, err
     return best
@@ -517,12 +518,7 @@ class CostModel:
         device folder must describe one configuration: merge runs with the same
         ``--threads``).
         """
-        if "threads" in table.columns and table["threads"].nunique() > 1:
-            raise InputError(
-                "the table mixes runs with different thread counts; keep one",
-                field="threads",
-                value=", ".join(str(int(x)) for x in sorted(table["threads"].unique())),
-            )
+        thread_count(table)
         factors = {}
         corrections = {}
         memory = fit_memory_curve(table)

@@ -34,6 +34,7 @@ __all__ = [
     "device_slug",
     "load_table",
     "merge_rows",
+    "thread_count",
     "write_meta",
     "write_op_table",
 ]
@@ -242,3 +243,21 @@ def load_table(device_dir: str | Path, ops: Sequence[str] | None = None) -> pd.D
                 raise InputError("table not found", file=p)
     frames = [_validate(_read_csv(p), p) for p in paths]
     return pd.concat(frames, ignore_index=True)
+
+
+def thread_count(table: pd.DataFrame, file: str | Path | None = None) -> int | None:
+    """The one thread count a table's rows were measured with (``None`` without a
+    ``threads`` column). Raises :class:`~moesim.errors.InputError` (naming ``file``) if the
+    table mixes thread counts: one device folder must describe one configuration, so merge
+    runs with the same ``--threads``."""
+    if "threads" not in table.columns:
+        return None
+    counts = sorted(int(x) for x in table["threads"].unique())
+    if len(counts) > 1:
+        raise InputError(
+            "the table mixes runs with different thread counts; keep one",
+            file=file,
+            field="threads",
+            value=", ".join(map(str, counts)),
+        )
+    return counts[0] if counts else None

@@ -30,7 +30,14 @@ import numpy as np
 from moesim.errors import InputError
 from moesim.traces.store import RoutingTrace, TraceWriter
 
-__all__ = ["Distribution", "Popularity", "parse_distribution", "synth_to_store", "synthesize"]
+__all__ = [
+    "Distribution",
+    "Popularity",
+    "parse_distribution",
+    "sample_experts",
+    "synth_to_store",
+    "synthesize",
+]
 
 CHUNK_TOKENS = 1 << 15  # fixed, so results do not depend on memory settings
 
@@ -136,7 +143,7 @@ def _gumbel_topk(
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(picked, order, axis=1)
 
 
-def _sample(
+def sample_experts(
     logp: np.ndarray, n: int, k: int, rng: np.random.Generator, draws_per_pick: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, k) distinct experts drawn without replacement in proportion to exp(logp), and
@@ -206,7 +213,7 @@ def _chunks(
             stop = min(start + CHUNK_TOKENS, int(bounds[step + 1]))
             rng = np.random.default_rng([seed, step, start])
             per_layer = [
-                _sample(pop(la, step), stop - start, top_k, rng) for la in range(num_layers)
+                sample_experts(pop(la, step), stop - start, top_k, rng) for la in range(num_layers)
             ]
             yield step, start, np.arange(start, stop, dtype=np.int64), per_layer
 
