@@ -1,6 +1,7 @@
 """Placement planners judged on held-out traffic: plan from one window, score on the next.
 
     python benchmarks/placement_eval.py [--json] [--quick] [--policies nearest,batch-split]
+        [--seeds 1,2,3] [--window-tokens 8192] [--zipfs 0.2,...] [--only-synthetic]
 
 Datasets:
 
@@ -25,15 +26,20 @@ load, planning time. ``oracle`` is EPLB's global policy planned on the scored wi
 itself (it knows the future, counting noise included). ``affinity-law`` (synthetic data)
 is ``affinity`` planned from the scored window's expected loads, the generator's law for
 that step (it knows the drift but not the noise): the most any forecast of the loads
-could give ``affinity``. ``affinity`` is what ``moesim place`` and re-planning do by
-default: plan from ``forecast_loads`` of the two windows before the scored one where there
-are two (synthetic data; the others have no earlier window, so it plans from the one);
+could give ``affinity``. ``affinity-fit`` (synthetic data) plans from the weighting
+``a * last + b * previous + c`` of the two windows before the scored one, with a, b, c
+fitted per layer by least squares to those expected loads: the weighting of the windows
+closest to the answer, a yardstick for any forecast that weighs the two windows (ours, or
+EPLB's last window).
+``affinity`` is what ``moesim place`` and re-planning do by default: plan from
+``forecast_loads`` of the two windows before the scored one where there are two (synthetic
+data; the others have no earlier window, so it plans from the one);
 ``affinity-last-window`` plans from the last window alone, as the EPLB-style planners do.
-Synthetic data has three windows (one drift step each): history, plan, score, and is drawn
-for each of ``--seeds`` (default 1, 2, 3). The targets are judged on the mean over seeds
-of each planner's figures: the oracle's gap at Zipf 0.2 is a few hundredths of balance,
-near the spread between seeds, so one seed's verdict there can flip (the gap closed per
-seed is printed beside it).
+Synthetic data has three windows (one drift step each, ``--window-tokens`` tokens each):
+history, plan, score, and is drawn for each of ``--seeds`` (default 1, 2, 3). The targets
+are judged on the mean over seeds of each planner's figures: the oracle's gap at Zipf 0.2
+is a few hundredths of balance, near the spread between seeds, so one seed's verdict there
+can flip (the gap closed per seed is printed beside it).
 Re-planning (drifting Zipf 0.6, EP32): a replay over windows, re-planning each window,
 full re-plans against re-plans limited to 20 % of slots.
 """
@@ -77,14 +83,18 @@ def _plan(
     """Plan from window ``ids`` (L, n, K); ``affinity`` also uses the window before
     (``history``) through :func:`forecast_loads` where there is one (its default),
     ``affinity-last-window`` does not; ``affinity-law`` plans from ``law`` (L, E), the
-    scored window's expected loads, instead of a forecast."""
+    scored window's expected loads, instead of a forecast; ``affinity-fit`` from the
+    weighting of the two windows closest to ``law`` (:func:`best_weighting`)."""
     loads = expert_loads(ids, e)
     if strategy == "affinity" and history is not None:
         loads = forecast_loads(expert_loads(history, e), loads)
     if strategy == "affinity-law":
         assert law is not None
         loads = law
-    if strategy in ("affinity-last-window", "affinity-law"):
+    if strategy == "affinity-fit":
+        assert law is not None and history is not None
+        loads = best_weighting(expert_loads(history, e), loads, law)
+    if strategy in ("affinity-last-window", "affinity-law", "affinity-fit"):
         strategy = "affinity"
     co = cross = None
     if strategy == "affinity":
@@ -102,7 +112,19 @@ def _plan(
     return p, (time.perf_counter() - t0) * 1e3
 
 
-PLANNERS = (*STRATEGIES, "affinity-last-window", "oracle", "affinity-law")
+def best_weighting(previous: np.ndarray, last: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(L, E) ``a * last + b * previous + c`` with (a, b, c) fitted per layer by least
+    squares to ``target`` (L, E), clipped at zero: the weighting of the two windows closest
+    to the target (fitted on the answer: a yardstick for forecasts, not one itself)."""
+    out = np.empty(target.shape)
+    for li in range(target.shape[0]):
+        x = np.stack([last[li], previous[li], np.ones(target.shape[1])], axis=1)
+        coef, *_ = np.linalg.lstsq(x.astype(np.float64), target[li], rcond=None)
+        out[li] = x @ coef
+    return np.maximum(out, 0.0)
+
+
+PLANNERS = (*STRATEGIES, "affinity-last-window", "oracle", "affinity-law", "affinity-fit")
 
 
 @dataclass(frozen=True)
@@ -136,7 +158,7 @@ def evaluate(
         if (e + redundant) % d:
             redundant = d - e % d if e < d else redundant
         for strategy in PLANNERS:
-            if strategy == "affinity-law" and ds.law is None:
+            if strategy in ("affinity-law", "affinity-fit") and ds.law is None:
                 continue
             if strategy == "oracle":
                 p, ms = _plan("eplb-global", score_ids, e, nodes, g, redundant)
@@ -183,34 +205,23 @@ def law_loads(distribution: str, layers: int, step: int, seed: int, tokens: int)
     return expert_loads(ids, 256) / 16.0
 
 
-def datasets(quick: bool, score_layers: int, seeds: list[int]) -> list[Dataset]:
-    """Every dataset; the synthetic ones once per seed."""
+def datasets(
+    quick: bool,
+    score_layers: int,
+    seeds: list[int],
+    window_tokens: int | None = None,
+    zipfs: list[float] | None = None,
+    real: bool = True,
+) -> list[Dataset]:
+    """Every dataset (without FLAME, OLMoE and Mixtral unless ``real``); the synthetic ones
+    once per seed, ``window_tokens`` tokens per window (default 8,192; quick 4,096) at Zipf
+    exponents ``zipfs`` (default 0.2 ... 1.0; quick 0.6, 1.0)."""
     out = []
-    flame = read_trace(scenarios_dir() / "traces" / "flame-moe-290m")
-    half = flame.num_tokens // 2
-    out.append(
-        Dataset(
-            "flame-290m",
-            None,
-            None,
-            flame.expert_ids[:, :half],
-            flame.expert_ids[:, half:],
-            flame.num_experts,
-            get_preset("FLAME-MoE-290M").d_model,
-        )
-    )
-    if COUNTS.is_file():
-        for key, preset, k in (("olmoe", "OLMoE-1B-7B", 8), ("mistral", "Mixtral-8x7B", 2)):
-            _, counts = load_counts_json(COUNTS, model=key, domain="c4")
-            rng = np.random.default_rng(0)
-            n = 4096 if quick else 16384
-            ids = np.stack([counts_to_assignments(c, k, rng)[: 2 * n] for c in counts])
-            d_model = get_preset(preset).d_model
-            out.append(
-                Dataset(f"{key}-c4", None, None, ids[:, :n], ids[:, n:], counts.shape[1], d_model)
-            )
-    n = 4096 if quick else 8192
-    zipfs = [0.6, 1.0] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
+    if real:
+        out += _real_datasets(quick)
+    n = window_tokens or (4096 if quick else 8192)
+    if zipfs is None:
+        zipfs = [0.6, 1.0] if quick else [0.2, 0.4, 0.6, 0.8, 1.0]
     for s in zipfs:
         for drift, seed in ((d, sd) for d in (False, True) for sd in seeds):
             dist = f"drift:s={s},speed=0.2" if drift else f"zipf:{s}"
@@ -234,6 +245,35 @@ def datasets(quick: bool, score_layers: int, seeds: list[int]) -> list[Dataset]:
                     get_preset("DeepSeek-V3").d_model,
                     law_loads(dist, score_layers, 2, seed, n),
                 )
+            )
+    return out
+
+
+def _real_datasets(quick: bool) -> list[Dataset]:
+    """FLAME-MoE-290M's bundled trace, and OLMoE and Mixtral counts where ../shared has them."""
+    out = []
+    flame = read_trace(scenarios_dir() / "traces" / "flame-moe-290m")
+    half = flame.num_tokens // 2
+    out.append(
+        Dataset(
+            "flame-290m",
+            None,
+            None,
+            flame.expert_ids[:, :half],
+            flame.expert_ids[:, half:],
+            flame.num_experts,
+            get_preset("FLAME-MoE-290M").d_model,
+        )
+    )
+    if COUNTS.is_file():
+        for key, preset, k in (("olmoe", "OLMoE-1B-7B", 8), ("mistral", "Mixtral-8x7B", 2)):
+            _, counts = load_counts_json(COUNTS, model=key, domain="c4")
+            rng = np.random.default_rng(0)
+            n = 4096 if quick else 16384
+            ids = np.stack([counts_to_assignments(c, k, rng)[: 2 * n] for c in counts])
+            d_model = get_preset(preset).d_model
+            out.append(
+                Dataset(f"{key}-c4", None, None, ids[:, :n], ids[:, n:], counts.shape[1], d_model)
             )
     return out
 
@@ -388,6 +428,9 @@ def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: di
                 law = by.get((ds, cl, pol, "affinity-law"))
                 if law is not None:  # what a perfect forecast of the loads would close
                     entry["law_plan_gap_closed"] = round(_gap_closed(glob, orac, law), 3)
+                fit = by.get((ds, cl, pol, "affinity-fit"))
+                if fit is not None:  # what the best weighting of the two windows closes
+                    entry["fit_plan_gap_closed"] = round(_gap_closed(glob, orac, fit), 3)
                 per_seed = [
                     _gap_closed(g, o, u)
                     for g, o, u in zip(
@@ -454,6 +497,17 @@ def main() -> None:
     ap.add_argument("--policies", default="nearest,batch-split")
     ap.add_argument("--score-layers", type=int, default=8)
     ap.add_argument("--seeds", default=None, help="seeds of the synthetic data (1,2,3; quick: 1)")
+    ap.add_argument(
+        "--window-tokens",
+        type=int,
+        default=None,
+        help="tokens per window of the synthetic data (8192; quick: 4096); the drift per "
+        "window stays one step, so longer windows mean less counting noise per step of drift",
+    )
+    ap.add_argument(
+        "--zipfs", default=None, help="Zipf exponents of the synthetic data (0.2,...,1.0)"
+    )
+    ap.add_argument("--only-synthetic", action="store_true", help="skip FLAME, OLMoE and Mixtral")
     args = ap.parse_args()
     policies = [p for p in args.policies.split(",") if p]
     seeds = [int(x) for x in (args.seeds or ("1" if args.quick else "1,2,3")).split(",") if x]
@@ -461,7 +515,13 @@ def main() -> None:
     ready("affinity")  # its compiled kernels load once, before any plan is timed
     clusters = {"EP32": CLUSTERS["EP32"]} if args.quick else CLUSTERS
     rows: list[dict[str, Any]] = []
-    for ds in datasets(args.quick, args.score_layers, seeds):
+    if args.window_tokens is not None and args.window_tokens < 2048:
+        ap.error(f"--window-tokens must be at least 2048 (one batch), got {args.window_tokens}")
+    zipfs = [float(x) for x in args.zipfs.split(",") if x] if args.zipfs else None
+    sets = datasets(
+        args.quick, args.score_layers, seeds, args.window_tokens, zipfs, not args.only_synthetic
+    )
+    for ds in sets:
         tpb = min(1024 if ds.experts < 256 else 2048, ds.score_ids.shape[1])
         rows += evaluate(ds, policies, tpb, clusters)
     times = planning_time(1 if args.quick else 3)

@@ -6,9 +6,10 @@ import subprocess
 import sys
 from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_benchmark
 
 
 def _run_json(script: str, *args: str) -> Any:
@@ -34,17 +35,28 @@ def test_demo_speed_benchmark_prints_figures():
 def test_placement_eval_quick_runs_and_checks_targets():
     out = _run_json("placement_eval.py", "--quick", "--score-layers", "2", "--seeds", "1,2")
     planners = {r["planner"] for r in out["rows"]}
-    assert {"eplb-global", "eplb-hierarchical", "affinity", "oracle", "affinity-law"} <= planners
+    assert {
+        "eplb-global",
+        "eplb-hierarchical",
+        "affinity",
+        "oracle",
+        "affinity-law",
+        "affinity-fit",
+    } <= planners
     # the synthetic data is drawn per seed, the others once; the law plan only where a
     # generator's law exists
     assert {r["seed"] for r in out["rows"] if r["dataset"].startswith("dsv3")} == {1, 2}
     assert {r["seed"] for r in out["rows"] if not r["dataset"].startswith("dsv3")} == {None}
     assert all(
-        r["dataset"].startswith("dsv3") for r in out["rows"] if r["planner"] == "affinity-law"
+        r["dataset"].startswith("dsv3")
+        for r in out["rows"]
+        if r["planner"] in ("affinity-law", "affinity-fit")
     )
     drift = [c for c in out["targets"]["cases"] if "drift_gap_closed" in c]
     assert drift and all(
-        len(c["drift_gap_closed_per_seed"]) == 2 and "law_plan_gap_closed" in c for c in drift
+        len(c["drift_gap_closed_per_seed"]) == 2
+        and {"law_plan_gap_closed", "fit_plan_gap_closed"} <= set(c)
+        for c in drift
     )
     assert {r["dataset"] for r in out["rows"]} >= {"flame-290m", "dsv3-zipf1.0"}
     assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
@@ -80,3 +92,18 @@ def test_engine_scale_one_exchange_counts_the_flow_tiers_work():
     assert r["flow_exchanges_per_step"] == 2 * 58
     # both figures are rounded (wall to 1 ms, projection to 0.1 s): 116 x 0.5 ms + 0.05 s
     assert r["step_projection_s"] == pytest.approx(r["exchange_wall_s"] * 116, abs=0.11)
+
+
+def test_best_weighting_recovers_a_linear_forecast_and_fits_per_layer():
+    """The bound row's weighting: where the target is exactly a linear combination of the
+    two windows (layer 0: the trend ``2 last - previous``; layer 1: the mean of the two plus
+    3), it is found; a target no weighting reaches gets the least-squares one, clipped."""
+    pe = load_benchmark("placement_eval")
+    prev = np.array([[10.0, 20.0, 30.0, 40.0], [5.0, 1.0, 4.0, 2.0]])
+    last = np.array([[12.0, 18.0, 33.0, 37.0], [3.0, 3.0, 2.0, 8.0]])
+    target = np.stack([2 * last[0] - prev[0], (last[1] + prev[1]) / 2 + 3])
+    np.testing.assert_allclose(pe.best_weighting(prev, last, target), target, atol=1e-9)
+    # one layer, two experts equal in both windows but not in the target: their mean
+    got = pe.best_weighting(np.array([[1.0, 1.0, 2.0]]), np.array([[1.0, 1.0, 3.0]]),
+                            np.array([[0.0, 4.0, 5.0]]))  # fmt: skip
+    np.testing.assert_allclose(got, [[2.0, 2.0, 5.0]], atol=1e-9)
