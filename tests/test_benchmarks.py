@@ -107,3 +107,16 @@ def test_best_weighting_recovers_a_linear_forecast_and_fits_per_layer():
     got = pe.best_weighting(np.array([[1.0, 1.0, 2.0]]), np.array([[1.0, 1.0, 3.0]]),
                             np.array([[0.0, 4.0, 5.0]]))  # fmt: skip
     np.testing.assert_allclose(got, [[2.0, 2.0, 5.0]], atol=1e-9)
+
+
+def test_placement_eval_datasets_follow_window_tokens_zipfs_and_only_synthetic():
+    """``--window-tokens``, ``--zipfs`` and ``--only-synthetic`` reach the datasets: three
+    windows of the asked length per (Zipf, static or drifting, seed), nothing else."""
+    pe = load_benchmark("placement_eval")
+    sets = pe.datasets(False, 2, [1], window_tokens=2048, zipfs=[0.3], real=False)
+    assert [ds.name for ds in sets] == ["dsv3-zipf0.3", "dsv3-drift0.3"]
+    for ds in sets:
+        assert ds.seed == 1 and ds.history is not None and ds.law is not None
+        assert ds.history.shape == ds.plan_ids.shape == ds.score_ids.shape == (2, 2048, 8)
+        assert ds.law.shape == (2, 256)
+    assert {ds.name for ds in pe.datasets(True, 2, [1], 2048, [0.3])} >= {"flame-290m"}
