@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from moesim.errors import InputError
+
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "normal_permissions"]
 
 
@@ -19,9 +21,15 @@ def normal_permissions(path: Path) -> None:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``; on error nothing changes."""
+    """Call ``write(tmp_path)`` and rename the result onto ``path``; on error nothing changes.
+    A ``path`` that is a folder, or under a file, is an :class:`InputError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError("is a folder; expected a file name", file=path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError("its folder is a file", file=path) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -13,7 +13,7 @@ from moesim.placement.metrics import (
     planned_device_loads,
     score_window,
 )
-from moesim.placement.planners import STRATEGIES, plan, replicate_by_load
+from moesim.placement.planners import STRATEGIES, plan, replicate_by_load, separate_replicas
 from moesim.sim.routing import choose_replicas
 
 
@@ -141,6 +141,39 @@ def test_every_planner_fills_every_slot_and_homes_every_expert(strategy):
     for layer in range(3):
         _, count = p.replicas(layer)  # raises if an expert is homeless
         assert count.sum() == 24 and count.max() <= 4
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_no_planner_puts_an_expert_twice_on_a_device_when_slots_are_crowded(strategy):
+    """Many slots per expert under a replica cap: packing can run out of devices that lack
+    an expert while it still has replicas to place (greedy, EPLB and affinity all did)."""
+    rng = np.random.default_rng(0)
+    cases = [(64, 2, 8, 64, 3), (32, 2, 8, 48, 3), (32, 2, 4, 56, 3), (16, 1, 8, 24, 4),
+             (32, 2, 4, 48, 4)]  # fmt: skip
+    for e, nodes, g, redundant, cap in cases:
+        for loads in (rng.zipf(1.3, size=(3, e)).astype(float), rng.random((3, e)) ** 4 * 100):
+            p = plan(loads, strategy, nodes=nodes, devices_per_node=g, redundant=redundant,
+                     max_replicas=cap)  # fmt: skip
+            for layer in range(3):
+                for dev in p.slots[layer]:
+                    assert len(set(dev.tolist())) == len(dev), (e, redundant, layer, dev)
+                _, count = p.replicas(layer)
+                assert count.sum() == e + redundant and count.max() <= cap
+
+
+def test_separate_replicas_swaps_a_second_copy_within_the_node_first():
+    # 2 nodes x 2 devices, 2 slots. Loads per replica: expert 0 8/3, 1 9, 2 3, 3 1, 4 2/2.
+    # Device 0 holds 0 twice; devices lacking 0 are 1 (experts 1, 2; node 0) and 3
+    # (4, 4; node 1): device 1 (same node), and there expert 2 (3 is closer to 8/3 than 9).
+    # Then device 3 holds 4 twice; on its node, device 2 lacks 4 and holds 0 and 3: expert
+    # 3 (load 1, equal to 4's) moves, and 4 takes its slot.
+    slots = np.array([[[0, 0], [1, 2], [0, 3], [4, 4]]])
+    loads = np.array([[8.0, 9.0, 3.0, 1.0, 2.0]])
+    out = separate_replicas(slots, loads, devices_per_node=2)
+    assert out[0].tolist() == [[0, 2], [1, 0], [0, 4], [4, 3]]
+    assert slots[0, 0].tolist() == [0, 0]  # the input is not changed
+    clean = np.array([[[0, 1], [2, 3]]])
+    assert separate_replicas(clean, np.ones((1, 4)), 2) is clean  # nothing to do: as it was
 
 
 def test_balance_aware_planners_beat_contiguous_on_skew():
@@ -356,6 +389,7 @@ def _pack_connected_reference(exp, share, node_of, replicated, nodes, g, s, num_
         ei, sh, nd = exp[:, i], share[:, i], node_of[:, i]
         at = base + ei
         key = np.where(hosted_node[at, nd], np.inf, key_node[rows, nd])
+        key = np.where(np.isinf(key).all(axis=1, keepdims=True), key_node[rows, nd], key)
         f = first[at]
         joins = replicated[:, i] & (f >= 0)
         if joins.any():
@@ -378,14 +412,20 @@ def _pack_connected_reference(exp, share, node_of, replicated, nodes, g, s, num_
     return out, fill, load
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_compiled_device_packing_equals_its_numpy_spec(seed):
+@pytest.mark.parametrize(
+    "seed, e, s, zipf",
+    [(0, 32, 5, 1.3), (1, 32, 5, 1.3), (2, 32, 5, 1.3), (3, 16, 12, 1.2)],
+)
+def test_compiled_device_packing_equals_its_numpy_spec(seed, e, s, zipf):
+    """The last case has 6 slots per expert: there a node's devices with a free slot all
+    host a replica's expert already, and it takes the least-loaded of them (a second copy,
+    which ``separate_replicas`` later moves)."""
     from moesim.placement._compiled import pack_connected_kernel
     from moesim.placement.planners import _assign_nodes
 
     rng = np.random.default_rng(seed)
-    num_layers, e, nodes, g, s = 6, 32, 4, 2, 5
-    count, exp, share = _skewed_items(rng, num_layers, e, nodes * g * s, nodes * g, 1.3)
+    num_layers, nodes, g = 6, 4, 2
+    count, exp, share = _skewed_items(rng, num_layers, e, nodes * g * s, nodes * g, zipf)
     node_of = _assign_nodes(exp, share, nodes, g * s, e, None, None, 0.5, 0.5)
     replicated = np.take_along_axis(count, exp, axis=1) > 1
     assert replicated.any()
@@ -393,6 +433,8 @@ def test_compiled_device_packing_equals_its_numpy_spec(seed):
     got, want = pack_connected_kernel(*args), _pack_connected_reference(*args)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+    second_copies = sum(len(set(dev.tolist())) < len(dev) for dev in got[0].reshape(-1, s))
+    assert (second_copies > 0) == (e == 16)
 
 
 def test_ready_loads_the_compiled_kernels_for_the_types_plans_use():

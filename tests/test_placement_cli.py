@@ -4,6 +4,7 @@ simulator-in-the-loop refinement."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,23 @@ def test_simulate_rejects_bad_placement_file_in_one_line(tmp_path, case, write_s
     assert not (tmp_path / "out").exists()
 
 
+def test_placement_file_node_layout_and_redundancy_must_match_the_cluster(tmp_path):
+    """A plan for 1 node x 4 devices is not one for 2 x 2 (replicas on distinct nodes,
+    traffic within nodes); a scenario that states redundant slots must agree with its file."""
+    p = Placement(np.array([[[0, 1], [2, 3], [0, 1], [2, 3]]] * 2, np.int32), 4)
+    write_placement(tmp_path / "p.yaml", p, nodes=1, devices_per_node=4)
+    with pytest.raises(InputError, match="2 devices per node") as err:
+        read_placement(tmp_path / "p.yaml", num_devices=4, devices_per_node=2)
+    assert (err.value.field, err.value.value) == ("devices_per_node", 4)
+    write_placement(tmp_path / "p.yaml", p, nodes=2, devices_per_node=2)
+    ok = Scenario.model_validate(_tiny_scenario(tmp_path, placement="p.yaml", redundant_slots=4))
+    assert prepare(ok, tmp_path).placement.slots.shape == (2, 4, 2)
+    bad = Scenario.model_validate(_tiny_scenario(tmp_path, placement="p.yaml", redundant_slots=8))
+    with pytest.raises(InputError, match="has 4 redundant slots") as err:
+        prepare(bad, tmp_path, source="s.yaml")
+    assert (err.value.file, err.value.field, err.value.value) == ("s.yaml", "redundant_slots", 8)
+
+
 # ----- scenarios with planners and replica choice --------------------------------------------
 
 
@@ -214,6 +232,51 @@ def test_place_from_counts_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert len(data["layers"]) == 3 and data["metrics"]["slots_per_device"] == 3
+    assert [entry["layer"] for entry in data["layers"]] == [0, 7, 15]  # the model's layers
+
+
+@pytest.mark.skipif(not COUNTS.is_file(), reason="needs ../shared/data")
+def test_load_loads_counts_json_names_layers_and_valid_models():
+    from moesim.placement.commands import load_loads
+
+    w, layers = load_loads(COUNTS, model="olmoe", domain="c4")
+    assert w.shape == (3, 64) and layers == [0, 7, 15]
+    with pytest.raises(InputError, match="valid: mistral, olmoe") as err:
+        load_loads(COUNTS, model="deepseek")
+    assert err.value.field == "model" and err.value.value == "deepseek"
+
+
+def test_load_loads_rejects_what_is_not_a_load_and_names_the_entry(tmp_path):
+    from moesim.placement.commands import load_loads
+
+    np.save(tmp_path / "s.npy", np.array([["a", "b"]]))
+    np.save(tmp_path / "c.npy", np.array([[1 + 2j, 3.0]]))
+    for name in ("s.npy", "c.npy"):
+        with pytest.raises(InputError, match="integer or float array"):
+            load_loads(tmp_path / name)
+    bad = np.ones((2, 4))
+    bad[1, 2] = -3.0
+    np.save(tmp_path / "neg.npy", bad)
+    with pytest.raises(InputError, match="finite and >= 0") as err:
+        load_loads(tmp_path / "neg.npy")
+    assert (err.value.field, err.value.value) == ("layer 1, expert 2", -3.0)
+    (tmp_path / "empty.csv").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning printed before the error line
+        with pytest.raises(InputError, match="layers x experts"):
+            load_loads(tmp_path / "empty.csv")
+    np.save(tmp_path / "ok.npy", np.array([[1, 2]]))  # integers are loads too
+    w, layers = load_loads(tmp_path / "ok.npy")
+    assert w.tolist() == [[1.0, 2.0]] and layers is None
+
+
+def test_place_out_folder_and_counts_options_with_trace_are_one_line(tmp_path):
+    base = ["place", "--trace", str(FLAME_TRACE), "--nodes", "2", "--gpus-per-node", "8"]
+    proc = moesim(*base, "--out", str(tmp_path))
+    assert_one_line_error(proc, str(tmp_path), "folder")
+    proc = moesim(*base, "--counts-model", "olmoe", "--out", str(tmp_path / "p.yaml"))
+    assert_one_line_error(proc, "--counts-model")
+    assert not (tmp_path / "p.yaml").exists()
 
 
 @pytest.mark.parametrize(

@@ -324,3 +324,19 @@ def test_outputs_get_normal_permissions(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "t").stat().st_mode) == 0o755
+
+
+def test_atomic_write_to_a_folder_or_under_a_file_is_an_input_error(tmp_path):
+    """``--out`` naming a folder (or a path under a file) is a one-line input error, and
+    nothing is left behind."""
+    from moesim.errors import InputError
+    from moesim.fileio import atomic_write_text
+
+    with pytest.raises(InputError, match="is a folder") as err:
+        atomic_write_text(tmp_path, "x")
+    assert err.value.file == str(tmp_path)
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(InputError, match="its folder is a file"):
+        atomic_write_text(tmp_path / "f" / "a.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+    assert (tmp_path / "f").read_text() == "keep"

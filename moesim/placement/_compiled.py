@@ -139,8 +139,13 @@ def pack_connected_kernel(  # pragma: no cover - compiled; tested through planne
             ei = exp[layer, i]
             sh = share[layer, i]
             lo = node_of[layer, i] * g
+            any_free = False
             for j in range(g):
                 key[j] = np.inf if hosted[ei, lo + j] else key_load[lo + j]
+                any_free = any_free or key[j] < np.inf
+            if not any_free:  # the node's devices with a free slot all host it: a second
+                for j in range(g):  # copy, which planners.separate_replicas moves later
+                    key[j] = key_load[lo + j]
             f = first[ei]
             joins = replicated[layer, i] and f >= 0
             fc = -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,20 +32,28 @@ def parse_window(text: str, num_tokens: int) -> tuple[int, int]:
     return start, end
 
 
-def load_loads(path: Path, *, model: str | None = None, domain: str | None = None) -> np.ndarray:
+def load_loads(
+    path: Path, *, model: str | None = None, domain: str | None = None
+) -> tuple[np.ndarray, list[int] | None]:
     """(L, E) expert loads from a .npy or .csv array, or a counts JSON (``model``: its first
-    model by default; ``domain``: all domains summed by default)."""
+    model by default; ``domain``: all domains summed by default), and the model layer of
+    each row where the file names them (a counts JSON), else None."""
     if not path.is_file():
         raise InputError("file not found", file=path)
     suffix = path.suffix.lower()
+    layers: list[int] | None = None
     if suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise InputError(f"not a .npy array ({exc})", file=path) from None
+        if arr.dtype.kind not in "iuf":
+            raise InputError("expected an integer or float array", file=path, value=str(arr.dtype))
     elif suffix == ".csv":
         try:
-            arr = np.loadtxt(path, delimiter=",", ndmin=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an empty file: the size check below says so
+                arr = np.loadtxt(path, delimiter=",", ndmin=2)
         except ValueError as exc:
             raise InputError(f"not a numeric CSV ({exc})", file=path) from None
     elif suffix == ".json":
@@ -57,14 +66,23 @@ def load_loads(path: Path, *, model: str | None = None, domain: str | None = Non
         models = [k for k in data if not k.startswith("_")] if isinstance(data, dict) else []
         if not models:
             raise InputError("no model in the counts file", file=path)
+        if model is not None and model not in models:
+            raise InputError(
+                f"not in file; valid: {', '.join(models)}", file=path, field="model", value=model
+            )
         model = model or models[0]
         kinds = data.get(model, {}) if isinstance(data.get(model), dict) else {}
         domains = [domain] if domain else sorted(kinds.get("expert_counts", {}))
         if not domains:
             raise InputError("no expert_counts in file", file=path, field="model", value=model)
-        arrays = [load_counts_json(path, model=model, domain=d)[1] for d in domains]
-        e = max(a.shape[1] for a in arrays)
-        arr = sum(np.pad(a, ((0, 0), (0, e - a.shape[1]))) for a in arrays)
+        tables = [load_counts_json(path, model=model, domain=d) for d in domains]
+        if len({tuple(t[0]) for t in tables}) > 1:
+            raise InputError(
+                "domains list different layers; pick one with --domain", file=path, field="domain"
+            )
+        layers = list(tables[0][0])
+        e = max(t[1].shape[1] for t in tables)
+        arr = sum(np.pad(t[1], ((0, 0), (0, e - t[1].shape[1]))) for t in tables)
     else:
         raise InputError("expected a .npy, .csv or counts .json file", file=path)
     arr = np.asarray(arr, dtype=np.float64)
@@ -72,9 +90,16 @@ def load_loads(path: Path, *, model: str | None = None, domain: str | None = Non
         arr = arr[None, :]
     if arr.ndim != 2 or arr.size == 0:
         raise InputError("expected a layers x experts array", file=path, value=list(arr.shape))
-    if not np.isfinite(arr).all() or (arr < 0).any():
-        raise InputError("loads must be finite and >= 0", file=path)
-    return arr
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        li, ei = (int(x) for x in np.argwhere(bad)[0])
+        raise InputError(
+            "loads must be finite and >= 0",
+            file=path,
+            field=f"layer {li}, expert {ei}",
+            value=float(arr[li, ei]),
+        )
+    return arr, layers
 
 
 def place_cmd(
@@ -111,7 +136,9 @@ def place_cmd(
     hardware: Annotated[str, typer.Option(help="Hardware profile for the memory check.")] = (
         "H100-SXM"
     ),
-    precision: Annotated[str, typer.Option(help="Expert weight precision: bf16 | fp8.")] = "bf16",
+    precision: Annotated[
+        str, typer.Option(help="Expert weight precision: bf16 | fp8 | int4.")
+    ] = "bf16",
     replica_choice: Annotated[
         str,
         typer.Option(help="nearest | round-robin | least-loaded | batch-split (trace metrics)."),
@@ -163,6 +190,10 @@ def place_cmd(
 
     if (trace is None) == (loads is None):
         raise InputError("give exactly one of --trace or --loads", field="trace")
+    if trace is not None and (counts_model or domain):
+        raise InputError(
+            "--counts-model and --domain read a counts JSON given as --loads", field="trace"
+        )
     if strategy not in STRATEGIES:
         raise InputError(
             f"unknown strategy; valid: {', '.join(STRATEGIES)}", field="strategy", value=strategy
@@ -194,7 +225,7 @@ def place_cmd(
         assert loads is not None
         if window:
             raise InputError("--window needs --trace", field="window", value=window)
-        w = load_loads(loads, model=counts_model, domain=domain)
+        w, layer_names = load_loads(loads, model=counts_model, domain=domain)
     mem = None
     if model is not None:
         from moesim.hardware import get_profile
@@ -237,6 +268,7 @@ def place_cmd(
             num_layers=w.shape[0],
             num_devices=p.num_devices,
             max_slots_per_device=mem,
+            devices_per_node=gpus_per_node,
         )
         if old.slots.shape != p.slots.shape:
             raise InputError(

@@ -85,12 +85,14 @@ def read_placement(
     num_layers: int | None = None,
     num_devices: int | None = None,
     max_slots_per_device: int | None = None,
+    devices_per_node: int | None = None,
 ) -> tuple[Placement, list[int]]:
     """Read and validate a placement file; returns it and each entry's layer index.
 
     The keyword arguments are what the cluster and model require; a file that disagrees
-    (an expert or device out of range, another number of layers, more slots than fit in
-    device memory) is an :class:`InputError` naming the file, field and value.
+    (an expert or device out of range, another number of layers, another node layout,
+    more slots than fit in device memory) is an :class:`InputError` naming the file, field
+    and value.
     """
     path = Path(path)
     data = load_yaml(path)
@@ -113,6 +115,14 @@ def read_placement(
         if num_devices is not None and nd != num_devices:
             raise InputError(
                 f"the cluster has {num_devices} devices", file=path, field="nodes", value=nd
+            )
+        g = data["devices_per_node"]
+        if devices_per_node is not None and g != devices_per_node:
+            raise InputError(
+                f"the cluster has {devices_per_node} devices per node",
+                file=path,
+                field="devices_per_node",
+                value=g,
             )
         num_devices = nd if num_devices is None else num_devices
     layers = data.get("layers")

@@ -56,6 +56,7 @@ __all__ = [
     "lpt_pack",
     "plan",
     "replicate_by_load",
+    "separate_replicas",
     "slot_layout",
 ]
 
@@ -183,6 +184,50 @@ def _sequence_deal(
         fresh = [d for d in free if e not in slots[d]]
         slots[(fresh or free)[0]].append(e)
     return np.array(slots, dtype=np.int32)
+
+
+def separate_replicas(slots: np.ndarray, weight: np.ndarray, devices_per_node: int) -> np.ndarray:
+    """``slots`` with no expert twice on one device (a second copy there serves nothing).
+
+    Packing with equal slot counts can run out of devices that lack an expert while it
+    still has replicas to place. Each second copy of expert ``x`` on device ``a`` is
+    swapped with an expert ``y`` of another device ``b`` that lacks ``x``, where ``a``
+    lacks ``y``: among those, ``b`` on ``a``'s node first (the node's experts stay the
+    same), then the ``y`` whose load per replica is closest to ``x``'s (device loads
+    barely move). Each swap removes a duplicate and adds none, and such a ``b`` exists
+    while no expert has more replicas than there are devices.
+
+    Args:
+        slots: (L, D, S) expert ids; weight: (L, E) expert loads.
+    Returns:
+        (L, D, S) slots; the input itself where it has no duplicate.
+    """
+    ordered = np.sort(slots, axis=2)
+    dup = (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=2)  # (L, D)
+    if not dup.any():
+        return slots
+    out = slots.copy()
+    e = weight.shape[1]
+    node = np.arange(slots.shape[1]) // devices_per_node
+    for li in np.flatnonzero(dup.any(axis=1)):
+        count = np.bincount(out[li].ravel(), minlength=e)
+        per = np.divide(weight[li], count, out=np.zeros(e), where=count > 0)
+        for a in np.flatnonzero(dup[li]):
+            while True:
+                values, times = np.unique(out[li, a], return_counts=True)
+                if not (times > 1).any():
+                    break
+                x = int(values[np.argmax(times > 1)])
+                lacks_x = ~(out[li] == x).any(axis=1)  # (D,)
+                free = lacks_x[:, None] & ~np.isin(out[li], out[li, a])  # (D, S) swappable y
+                if not free.any():
+                    break  # impossible while replicas <= devices; leave the copy
+                bs, ss = np.nonzero(free)
+                key = np.lexsort((np.abs(per[out[li, bs, ss]] - per[x]), node[bs] != node[a]))
+                b, sb = int(bs[key[0]]), int(ss[key[0]])
+                sa = int(np.flatnonzero(out[li, a] == x)[1])
+                out[li, a, sa], out[li, b, sb] = out[li, b, sb], x
+    return out
 
 
 # ----- planners -----------------------------------------------------------------------------
@@ -516,9 +561,10 @@ def plan(
     max_rep = d if max_replicas is None else max(1, min(max_replicas, d))
     if e * max_rep < d * s:
         raise InputError(
-            f"{d * s} slots cannot be filled with at most {max_rep} replicas of {e} experts",
-            field="max_replicas",
-            value=max_replicas,
+            f"{d * s} slots cannot be filled with at most {max_rep} replicas of {e} experts"
+            + ("" if max_replicas is not None else " (one per device)"),
+            field="max_replicas" if max_replicas is not None else "redundant",
+            value=max_replicas if max_replicas is not None else redundant,
         )
     w = w + 1e-12 * (w.sum(axis=1, keepdims=True) == 0)  # an all-zero layer: even weights
     if strategy == "contiguous":
@@ -551,4 +597,5 @@ def plan(
             cross_weight,
             tolerance,
         )
+    slots = separate_replicas(np.asarray(slots), w, devices_per_node)
     return Placement(slots=np.ascontiguousarray(slots, dtype=np.int32), num_experts=e)

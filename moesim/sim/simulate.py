@@ -177,6 +177,14 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         raise InputError(
             err.message, file=source, field="placement", value=scenario.placement
         ) from None
+    in_file = placement.num_devices * placement.slots.shape[2] - shape.num_experts
+    if "redundant_slots" in scenario.model_fields_set and scenario.redundant_slots != in_file:
+        raise InputError(  # a placement file brings its own redundancy
+            f"placement {scenario.placement} has {in_file} redundant slots per layer",
+            file=source,
+            field="redundant_slots",
+            value=scenario.redundant_slots,
+        )
     net = scenario.network
     try:
         topology = build_topology(
@@ -276,6 +284,7 @@ def _placement(
         num_layers=num_layers,
         num_devices=cl.num_devices,
         max_slots_per_device=mem,
+        devices_per_node=cl.devices_per_node,
     )
     return placement
 
