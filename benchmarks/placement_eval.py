@@ -60,7 +60,7 @@ from moesim.placement.affinity import coactivation
 from moesim.placement.memory import expert_bytes
 from moesim.placement.metrics import expert_loads, planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan, ready
-from moesim.placement.replan import forecast_loads, replay
+from moesim.placement.replan import forecast_loads, planner_for, replay
 from moesim.sim.program import bytes_per_assignment
 from moesim.traces.importers import counts_to_assignments, load_counts_json
 from moesim.traces.store import read_trace
@@ -338,19 +338,12 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
         if not (strategy == "affinity-last-window" and mode == "static")
     ]
     for policy, strategy, mode, share in runs:
-
-        def planner(loads: np.ndarray, ids: np.ndarray, _s: str = strategy) -> Any:
-            co, cross = coactivation(ids, 256) if _s != "eplb-global" else (None, None)
-            return plan(
-                loads,
-                "affinity" if _s.startswith("affinity") else _s,
-                nodes=nodes,
-                devices_per_node=g,
-                redundant=redundant,
-                coactivation=co,
-                cross_layer=cross,
-            )
-
+        planner = planner_for(
+            "affinity" if strategy.startswith("affinity") else strategy,
+            nodes=nodes,
+            devices_per_node=g,
+            redundant=redundant,
+        )
         res = replay(
             tr.expert_ids,
             n,

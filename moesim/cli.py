@@ -230,9 +230,10 @@ app.command("capture")(capture_cmd)
 
 # ----- placement (moesim.placement) ---------------------------------------------------------
 # (commands: place)
-from moesim.placement.commands import place_cmd  # noqa: E402
+from moesim.placement.commands import place_cmd, replan_cmd  # noqa: E402
 
 app.command("place")(place_cmd)
+app.command("replan")(replan_cmd)
 
 
 # ----- kernels (moesim.kernels) -------------------------------------------------------------

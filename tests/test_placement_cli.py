@@ -441,3 +441,61 @@ def test_place_forecasts_from_the_preceding_window(tmp_path):
     m_on, m_off = json.loads(on.stdout)["metrics"], json.loads(off.stdout)["metrics"]
     assert m_on["forecast_from_window"] == "0:1024" and "forecast_from_window" not in m_off
     assert json.loads(on.stdout)["layers"] != json.loads(off.stdout)["layers"]
+
+
+# ----- moesim replan ---------------------------------------------------------------------------
+
+
+def test_replan_command_reports_static_full_and_limited_replans(tmp_path):
+    from moesim.model.shapes import get_preset
+    from moesim.placement.memory import expert_bytes
+    from moesim.placement.replan import planner_for
+    from moesim.traces.store import read_trace
+
+    proc = moesim(
+        "replan", "--trace", str(FLAME_TRACE), "--window-tokens", "512", "--nodes", "2",
+        "--gpus-per-node", "8", "--redundant", "16", "--strategy", "affinity",
+        "--max-moved-share", "0.2", "--model", "FLAME-MoE-290M", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    rows = out["windows"]
+    assert {(r["mode"], r["window"]) for r in rows} == {
+        (m, w) for m in ("static", "full", "limit-0.2") for w in (1, 2, 3)
+    }
+    by = {(r["mode"], r["window"]): r for r in rows}
+    slots = 8 * 16 * 5  # layers x devices x slots per device: 64 experts + 16 redundant
+    eb = expert_bytes(get_preset("FLAME-MoE-290M"), "bf16")
+    for w in (2, 3):
+        assert by[("static", w)]["moved_share"] == 0.0
+        assert by[("full", w)]["moved_share"] > 0.5
+        assert 0 < by[("limit-0.2", w)]["moved_share"] <= 0.2
+        for m in ("full", "limit-0.2"):
+            r = by[(m, w)]
+            assert r["migration_bytes"] == pytest.approx(r["moved_share"] * slots * eb, rel=1e-4)
+    # the same figures as the replay API (window 1 is planned from window 0 alone)
+    tr = read_trace(FLAME_TRACE)
+    api = replay(
+        tr.expert_ids, 512,
+        planner_for("affinity", nodes=2, devices_per_node=8, redundant=16),
+        devices_per_node=8, tokens_per_batch=512,
+    )  # fmt: skip
+    assert [by[("full", w)]["balance_mean"] for w in (1, 2, 3)] == [
+        round(r.score["balance_mean"], 6) for r in api
+    ]
+    assert out["mean"]["limit-0.2"]["moved_share"] <= 0.2
+    assert out["mean"]["static"]["moved_share"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--window-tokens", "1500"], ["window-tokens", "fewer than two windows"]),
+        (["--window-tokens", "256", "--tokens-per-batch", "512"], ["tokens-per-batch", "512"]),
+        (["--window-tokens", "256", "--strategy", "magic"], ["strategy", "magic"]),
+        (["--window-tokens", "256", "--model", "Mixtral-8x7B"], ["model", "experts"]),
+    ],
+)
+def test_replan_command_bad_input_is_one_line(args, needles):
+    base = ["replan", "--trace", str(FLAME_TRACE), "--nodes", "2", "--gpus-per-node", "8"]
+    assert_one_line_error(moesim(*base, "--redundant", "16", *args), *needles)

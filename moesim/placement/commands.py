@@ -7,14 +7,65 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from moesim.errors import InputError
 
-__all__ = ["load_loads", "parse_window", "place_cmd"]
+if TYPE_CHECKING:
+    from moesim.model.shapes import ModelShape
+
+__all__ = ["load_loads", "parse_window", "place_cmd", "replan_cmd"]
+
+# options `moesim place` and `moesim replan` share
+NodesOpt = Annotated[int, typer.Option(help="Nodes.", min=1)]
+GpusPerNodeOpt = Annotated[int, typer.Option(help="Devices per node.", min=1)]
+RedundantOpt = Annotated[int, typer.Option(help="Extra expert slots per layer.", min=0)]
+StrategyOpt = Annotated[
+    str,
+    typer.Option(
+        help="contiguous | round-robin | greedy | eplb-hierarchical | eplb-global | "
+        "shadow | affinity."
+    ),
+]
+HardwareOpt = Annotated[str, typer.Option(help="Hardware profile for the memory check.")]
+PrecisionOpt = Annotated[str, typer.Option(help="Expert weight precision: bf16 | fp8 | int4.")]
+
+
+def _check_choices(strategy: str, replica_choice: str) -> None:
+    """A one-line error for an unknown planner or replica choice."""
+    from moesim.placement.planners import STRATEGIES
+    from moesim.sim.routing import REPLICA_CHOICES
+
+    if strategy not in STRATEGIES:
+        raise InputError(
+            f"unknown strategy; valid: {', '.join(STRATEGIES)}", field="strategy", value=strategy
+        )
+    if replica_choice not in REPLICA_CHOICES:
+        raise InputError(
+            f"valid: {', '.join(REPLICA_CHOICES)}", field="replica-choice", value=replica_choice
+        )
+
+
+def _model_slots(
+    model: str, hardware: str, precision: str, num_experts: int
+) -> tuple[ModelShape, int]:
+    """The preset ``model`` (its expert count checked against the data's) and the expert
+    slots per device that fit ``hardware``'s memory."""
+    from moesim.hardware import get_profile
+    from moesim.model.shapes import get_preset
+    from moesim.placement.memory import max_expert_slots
+
+    shape = get_preset(model)
+    if shape.num_experts != num_experts:
+        raise InputError(
+            f"the loads have {num_experts} experts, {shape.name} has {shape.num_experts}",
+            field="model",
+            value=model,
+        )
+    return shape, max_expert_slots(shape, get_profile(hardware), precision)
 
 
 def parse_window(text: str, num_tokens: int) -> tuple[int, int]:
@@ -119,26 +170,16 @@ def place_cmd(
     domain: Annotated[
         str | None, typer.Option(help="Domain in a counts JSON (default: all, summed).")
     ] = None,
-    nodes: Annotated[int, typer.Option(help="Nodes.", min=1)] = 1,
-    gpus_per_node: Annotated[int, typer.Option(help="Devices per node.", min=1)] = 8,
-    redundant: Annotated[int, typer.Option(help="Extra expert slots per layer.", min=0)] = 0,
-    strategy: Annotated[
-        str,
-        typer.Option(
-            help="contiguous | round-robin | greedy | eplb-hierarchical | eplb-global | "
-            "shadow | affinity."
-        ),
-    ] = "eplb-global",
+    nodes: NodesOpt = 1,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    redundant: RedundantOpt = 0,
+    strategy: StrategyOpt = "eplb-global",
     model: Annotated[
         str | None,
         typer.Option(help="Model preset: checks that the slots fit device memory."),
     ] = None,
-    hardware: Annotated[str, typer.Option(help="Hardware profile for the memory check.")] = (
-        "H100-SXM"
-    ),
-    precision: Annotated[
-        str, typer.Option(help="Expert weight precision: bf16 | fp8 | int4.")
-    ] = "bf16",
+    hardware: HardwareOpt = "H100-SXM",
+    precision: PrecisionOpt = "bf16",
     replica_choice: Annotated[
         str,
         typer.Option(help="nearest | round-robin | least-loaded | batch-split (trace metrics)."),
@@ -185,8 +226,7 @@ def place_cmd(
     """
     from moesim.placement.io import placement_dict, write_placement
     from moesim.placement.metrics import expert_loads, planned_balance, score_window
-    from moesim.placement.planners import STRATEGIES, plan, ready
-    from moesim.sim.routing import REPLICA_CHOICES
+    from moesim.placement.planners import plan, ready
 
     if (trace is None) == (loads is None):
         raise InputError("give exactly one of --trace or --loads", field="trace")
@@ -194,14 +234,7 @@ def place_cmd(
         raise InputError(
             "--counts-model and --domain read a counts JSON given as --loads", field="trace"
         )
-    if strategy not in STRATEGIES:
-        raise InputError(
-            f"unknown strategy; valid: {', '.join(STRATEGIES)}", field="strategy", value=strategy
-        )
-    if replica_choice not in REPLICA_CHOICES:
-        raise InputError(
-            f"valid: {', '.join(REPLICA_CHOICES)}", field="replica-choice", value=replica_choice
-        )
+    _check_choices(strategy, replica_choice)
     ids = None
     before: tuple[int, int] | None = None
     layer_names: list[int] | None = None
@@ -228,18 +261,7 @@ def place_cmd(
         w, layer_names = load_loads(loads, model=counts_model, domain=domain)
     mem = None
     if model is not None:
-        from moesim.hardware import get_profile
-        from moesim.model.shapes import get_preset
-        from moesim.placement.memory import max_expert_slots
-
-        shape = get_preset(model)
-        if shape.num_experts != w.shape[1]:
-            raise InputError(
-                f"loads have {w.shape[1]} experts, {shape.name} has {shape.num_experts}",
-                field="model",
-                value=model,
-            )
-        mem = max_expert_slots(shape, get_profile(hardware), precision)
+        _, mem = _model_slots(model, hardware, precision, w.shape[1])
     co = cross = None
     if strategy == "affinity" and ids is not None:
         from moesim.placement.affinity import coactivation
@@ -346,3 +368,168 @@ def place_cmd(
     for k, v in metrics.items():
         sys.stdout.write(f"{k:<{width}}  {v}\n")
     sys.stdout.write(f"wrote {out}\n")
+
+
+def replan_cmd(
+    trace: Annotated[Path, typer.Option("--trace", help="Trace folder to replay.")],
+    window_tokens: Annotated[
+        int, typer.Option(help="Tokens per window: a plan is made after each window.", min=1)
+    ],
+    nodes: NodesOpt = 1,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    redundant: RedundantOpt = 0,
+    strategy: StrategyOpt = "eplb-global",
+    max_moved_share: Annotated[
+        float | None,
+        typer.Option(help="Also replay re-plans moving at most this share of slots.", min=0, max=1),
+    ] = None,
+    replica_choice: Annotated[
+        str, typer.Option(help="nearest | round-robin | least-loaded | batch-split.")
+    ] = "nearest",
+    tokens_per_batch: Annotated[
+        int | None,
+        typer.Option(help="Tokens per scored batch (default: the window, at most 2,048).", min=1),
+    ] = None,
+    forecast: Annotated[
+        bool,
+        typer.Option(
+            "--forecast/--no-forecast",
+            help="Plan from the load forecast of the last two windows (from the second "
+            "re-plan on), else from the last window alone.",
+        ),
+    ] = True,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model preset: migration bytes (expert weights moved), inter-node bytes, "
+            "and the check that the slots fit device memory."
+        ),
+    ] = None,
+    hardware: HardwareOpt = "H100-SXM",
+    precision: PrecisionOpt = "bf16",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the windows as JSON.")] = False,
+) -> None:
+    """Replay a trace in windows: plan from each window, score on the next, against a
+    static plan made from the first window.
+
+    Per scored window and mode (static, full re-plan, and with --max-moved-share re-plans
+    that move at most that share of slots): balance (max / mean device load per batch,
+    mean and p99), remote nodes per token, share of slots moved and, with --model, the
+    expert weight bytes moved and the inter-node bytes per batch.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from moesim.placement.replan import planner_for, replay
+    from moesim.traces.store import read_trace
+
+    _check_choices(strategy, replica_choice)
+    tr = read_trace(trace)
+    if tr.num_tokens < 2 * window_tokens:
+        raise InputError(
+            f"the trace has {tr.num_tokens} tokens: fewer than two windows",
+            field="window-tokens",
+            value=window_tokens,
+        )
+    batch = tokens_per_batch or min(window_tokens, 2048)
+    if batch > window_tokens:
+        raise InputError(
+            f"more than a window ({window_tokens} tokens)",
+            field="tokens-per-batch",
+            value=tokens_per_batch,
+        )
+    mem = None
+    moved_bytes = wire_bytes = 0.0
+    if model is not None:
+        from moesim.placement.memory import expert_bytes
+        from moesim.sim.program import bytes_per_assignment
+
+        shape, mem = _model_slots(model, hardware, precision, tr.num_experts)
+        moved_bytes = expert_bytes(shape, precision)
+        wire_bytes = 2 * bytes_per_assignment(shape.d_model, "bf16")  # dispatch + combine
+    planner = planner_for(
+        strategy,
+        nodes=nodes,
+        devices_per_node=gpus_per_node,
+        redundant=redundant,
+        max_slots_per_device=mem,
+    )
+    modes: list[tuple[str, bool, float | None]] = [("static", True, None), ("full", False, None)]
+    if max_moved_share is not None:
+        modes.append((f"limit-{max_moved_share:g}", False, max_moved_share))
+    rows: list[dict[str, Any]] = []
+    for mode, static, share in modes:
+        for r in replay(
+            tr.expert_ids,
+            window_tokens,
+            planner,
+            devices_per_node=gpus_per_node,
+            tokens_per_batch=batch,
+            replica_choice=replica_choice,  # type: ignore[arg-type]
+            expert_bytes=moved_bytes,
+            bytes_per_assignment=wire_bytes,
+            max_moved_share=share,
+            static=static,
+            forecast=forecast,
+        ):
+            row: dict[str, Any] = {
+                "window": r.window,
+                "tokens": f"{r.window * window_tokens}:{(r.window + 1) * window_tokens}",
+                "mode": mode,
+                "balance_mean": round(r.score["balance_mean"], 6),
+                "balance_p99": round(r.score["balance_p99"], 6),
+                "remote_nodes_per_token": round(r.score["remote_nodes_per_token"], 6),
+                "moved_share": round(r.moved_share, 6),
+            }
+            if model is not None:
+                row["migration_bytes"] = round(r.migration_bytes)
+                row["inter_node_bytes_per_batch"] = round(r.score["inter_node_bytes_per_batch"])
+            rows.append(row)
+    moves = ("moved_share", "migration_bytes")  # per re-plan: the first window only plans
+
+    def mean(mode: str, key: str) -> float:
+        first = 2 if key in moves and tr.num_tokens // window_tokens > 2 else 1
+        vals = [r[key] for r in rows if r["mode"] == mode and r["window"] >= first]
+        return round(float(np.mean(vals)), 6)
+
+    keys = [k for k in rows[0] if k not in ("window", "tokens", "mode")]
+    summary = {mode: {k: mean(mode, k) for k in keys} for mode, _, _ in modes}
+    if as_json:
+        sys.stdout.write(json.dumps({"windows": rows, "mean": summary}, indent=1) + "\n")
+        return
+    console = Console()
+    console.print(
+        f"{trace}: {tr.num_tokens // window_tokens} windows of {window_tokens} tokens, "
+        f"{strategy} on {nodes} x {gpus_per_node} devices ({redundant} redundant slots), "
+        f"{replica_choice} replicas, batches of {batch} tokens"
+    )
+    table = Table(
+        "window",
+        "tokens",
+        *(m for m, _, _ in modes),
+        title="balance per batch, mean / p99 (share of slots moved)",
+    )
+    for w in sorted({r["window"] for r in rows}):
+        cells = {r["mode"]: r for r in rows if r["window"] == w}
+        first = next(iter(cells.values()))
+        table.add_row(
+            str(w),
+            first["tokens"],
+            *(
+                f"{cells[m]['balance_mean']:.3f} / {cells[m]['balance_p99']:.3f}"
+                + (f" ({cells[m]['moved_share']:.0%})" if cells[m]["moved_share"] else "")
+                for m, _, _ in modes
+            ),
+        )
+    console.print(table)
+    for mode, means in summary.items():
+        extra = (
+            f", migration {means['migration_bytes'] / 1e9:.2f} GB per re-plan"
+            if "migration_bytes" in means
+            else ""
+        )
+        console.print(
+            f"{mode}: balance {means['balance_mean']:.3f} (p99 {means['balance_p99']:.3f}), "
+            f"remote nodes/token {means['remote_nodes_per_token']:.3f}, "
+            f"moved {means['moved_share']:.1%} of slots per re-plan{extra}"
+        )

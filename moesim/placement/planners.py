@@ -20,8 +20,10 @@ strategy               what it does
 ``eplb-hierarchical``  DeepSeek EPLB's hierarchical policy: expert groups packed onto nodes
                        (balanced), replicas made within each node, packed onto its devices
 ``shadow``             FasterMoE-style shadowing: the hottest experts are copied onto every
-                       device (``D - 1`` extra slots each) while the budget lasts; the rest
-                       of the budget replicates by load per replica; LPT packing
+                       device (``D - 1`` extra slots each) while the budget lasts and their
+                       load exceeds a device's mean load; the rest of the budget replicates
+                       by load per replica; LPT packing (with no expert that hot, the
+                       plan is ``eplb-global``'s)
 ``affinity``           replicas by load per replica, spread over distinct nodes; experts
                        assigned to nodes heaviest first, each to the node whose experts it is
                        most co-activated with (within tokens, and across consecutive layers)

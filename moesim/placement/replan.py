@@ -21,7 +21,14 @@ from moesim.placement.metrics import expert_loads, moved_slots, planned_balance,
 from moesim.placement.planners import _items, replicate_by_load
 from moesim.sim.routing import ReplicaChoice
 
-__all__ = ["WindowResult", "align_devices", "forecast_loads", "incremental", "replay"]
+__all__ = [
+    "WindowResult",
+    "align_devices",
+    "forecast_loads",
+    "incremental",
+    "planner_for",
+    "replay",
+]
 
 
 def _overlap(a: np.ndarray, b: np.ndarray, e: int) -> np.ndarray:
@@ -371,6 +378,40 @@ class WindowResult:
     migration_bytes: float
     planned_balance: float
     score: dict[str, float] = field(default_factory=dict)
+
+
+def planner_for(
+    strategy: str,
+    *,
+    nodes: int,
+    devices_per_node: int,
+    redundant: int,
+    max_slots_per_device: int | None = None,
+) -> Callable[[np.ndarray, np.ndarray], Placement]:
+    """``planner(loads (L, E), window ids (L, n, K)) -> Placement`` for :func:`replay`:
+    :func:`moesim.placement.planners.plan` with ``strategy`` on this cluster; ``affinity``
+    also counts the window's co-activation and cross-layer affinity."""
+    from moesim.placement.affinity import coactivation
+    from moesim.placement.planners import plan, ready
+
+    ready(strategy)
+
+    def planner(loads: np.ndarray, ids: np.ndarray) -> Placement:
+        co = cross = None
+        if strategy == "affinity":
+            co, cross = coactivation(ids, loads.shape[1])
+        return plan(
+            loads,
+            strategy,
+            nodes=nodes,
+            devices_per_node=devices_per_node,
+            redundant=redundant,
+            max_slots_per_device=max_slots_per_device,
+            coactivation=co,
+            cross_layer=cross,
+        )
+
+    return planner
 
 
 def replay(
