@@ -510,7 +510,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if args.window_tokens is not None and args.window_tokens < 2048:
         ap.error(f"--window-tokens must be at least 2048 (one batch), got {args.window_tokens}")
-    zipfs = [float(x) for x in args.zipfs.split(",") if x] if args.zipfs else None
+    try:
+        zipfs = [float(x) for x in args.zipfs.split(",") if x] if args.zipfs else None
+    except ValueError:
+        ap.error(f"--zipfs takes numbers separated by commas, got {args.zipfs}")
     sets = datasets(
         args.quick, args.score_layers, seeds, args.window_tokens, zipfs, not args.only_synthetic
     )

@@ -28,9 +28,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise InputError("is a folder; expected a file name", file=path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except (FileExistsError, NotADirectoryError):
         raise InputError("its folder is a file", file=path) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write there ({exc.strerror})", file=path) from None
     os.close(fd)
     try:
         write(Path(tmp))

@@ -161,6 +161,31 @@ def test_no_planner_puts_an_expert_twice_on_a_device_when_slots_are_crowded(stra
                 assert count.sum() == e + redundant and count.max() <= cap
 
 
+def test_separate_replicas_repeats_passes_until_no_copy_can_move():
+    # device 2's second 3 cannot move on the first pass (the devices lacking 3, only
+    # device 3, hold only 2s, which device 2 has); device 3's swaps then free it
+    slots = np.array([[[1, 1, 3], [3, 0, 0], [2, 3, 3], [2, 2, 2]]])
+    out = separate_replicas(slots, np.ones((1, 4)), devices_per_node=4)
+    assert all(len(set(dev)) == 3 for dev in out[0].tolist())
+    assert np.bincount(out[0].ravel()).tolist() == np.bincount(slots[0].ravel()).tolist()
+
+
+def test_eplb_hierarchical_falls_back_to_global_when_a_node_cannot_fill_its_slots():
+    """With one replica per device of a node at most, a node's 2 (or 4) experts cannot
+    fill 4 (or 24) slots: EPLB's global policy plans instead, within the replica cap."""
+    p = plan(np.ones((1, 4)), "eplb-hierarchical", nodes=2, devices_per_node=1, redundant=4)
+    assert (
+        p.slots[0].tolist()
+        == plan(np.ones((1, 4)), "eplb-global", nodes=2, devices_per_node=1, redundant=4)
+        .slots[0]
+        .tolist()
+    )
+    p = plan(np.ones((1, 8)), "eplb-hierarchical", nodes=2, devices_per_node=4, redundant=40,
+             max_replicas=8)  # fmt: skip
+    assert np.bincount(p.slots[0].ravel()).max() <= 8
+    assert all(len(set(dev)) == len(dev) for dev in p.slots[0].tolist())
+
+
 def test_separate_replicas_swaps_a_second_copy_within_the_node_first():
     # 2 nodes x 2 devices, 2 slots. Loads per replica: expert 0 8/3, 1 9, 2 3, 3 1, 4 2/2.
     # Device 0 holds 0 twice; devices lacking 0 are 1 (experts 1, 2; node 0) and 3

@@ -148,6 +148,11 @@ def test_placement_file_node_layout_and_redundancy_must_match_the_cluster(tmp_pa
     write_placement(tmp_path / "p.yaml", p, nodes=2, devices_per_node=2)
     ok = Scenario.model_validate(_tiny_scenario(tmp_path, placement="p.yaml", redundant_slots=4))
     assert prepare(ok, tmp_path).placement.slots.shape == (2, 4, 2)
+    # a sweep case is the scenario dumped and validated again: redundant_slots 0 is then
+    # "set", and still means "the file's"
+    plain = Scenario.model_validate(_tiny_scenario(tmp_path, placement="p.yaml"))
+    again = Scenario.model_validate(plain.model_dump())
+    assert prepare(again, tmp_path).placement.slots.shape == (2, 4, 2)
     bad = Scenario.model_validate(_tiny_scenario(tmp_path, placement="p.yaml", redundant_slots=8))
     with pytest.raises(InputError, match="has 4 redundant slots") as err:
         prepare(bad, tmp_path, source="s.yaml")
@@ -265,6 +270,10 @@ def test_load_loads_rejects_what_is_not_a_load_and_names_the_entry(tmp_path):
         warnings.simplefilter("error")  # no numpy warning printed before the error line
         with pytest.raises(InputError, match="layers x experts"):
             load_loads(tmp_path / "empty.csv")
+    (tmp_path / "flat.json").write_text('{"m": {"expert_counts": [1, 2]}}')  # no domain level
+    with pytest.raises(InputError, match="domain") as err:
+        load_loads(tmp_path / "flat.json")
+    assert err.value.field == "m.expert_counts"
     np.save(tmp_path / "ok.npy", np.array([[1, 2]]))  # integers are loads too
     w, layers = load_loads(tmp_path / "ok.npy")
     assert w.tolist() == [[1.0, 2.0]] and layers is None
@@ -499,3 +508,26 @@ def test_replan_command_reports_static_full_and_limited_replans(tmp_path):
 def test_replan_command_bad_input_is_one_line(args, needles):
     base = ["replan", "--trace", str(FLAME_TRACE), "--nodes", "2", "--gpus-per-node", "8"]
     assert_one_line_error(moesim(*base, "--redundant", "16", *args), *needles)
+
+
+def test_replan_command_plans_every_expert_of_the_trace_and_rounds_its_batches(tmp_path):
+    """An expert no token chose still has a home (the trace says how many experts there
+    are), and the default batch is the window rounded down to a multiple of the devices."""
+    ids = np.array([[[0, 1], [1, 2], [2, 0], [0, 2]] * 16] * 2, np.int32)  # expert 3 unused
+    write_trace(
+        RoutingTrace(
+            expert_ids=ids,
+            gate_weights=np.full(ids.shape, 0.5, np.float32),
+            steps=np.zeros(64, np.int32),
+            layers=(0, 1),
+            num_experts=4,
+        ),
+        tmp_path / "tr",
+    )
+    base = ["replan", "--trace", str(tmp_path / "tr"), "--nodes", "2", "--gpus-per-node", "2"]
+    proc = moesim(*base, "--window-tokens", "18", "--strategy", "greedy", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["windows"]
+    assert [r["window"] for r in rows if r["mode"] == "full"] == [1, 2]  # 3 windows of 18
+    proc = moesim(*base, "--window-tokens", "18", "--tokens-per-batch", "10")
+    assert_one_line_error(proc, "tokens-per-batch", "multiple of the 4 devices")

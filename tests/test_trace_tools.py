@@ -340,3 +340,17 @@ def test_atomic_write_to_a_folder_or_under_a_file_is_an_input_error(tmp_path):
         atomic_write_text(tmp_path / "f" / "a.txt", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
     assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_atomic_write_where_the_system_refuses_is_an_input_error(tmp_path, monkeypatch):
+    import tempfile
+
+    from moesim.errors import InputError
+    from moesim.fileio import atomic_write_text
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(InputError, match="cannot write there"):
+        atomic_write_text(tmp_path / "a.txt", "x")

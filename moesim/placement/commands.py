@@ -123,7 +123,15 @@ def load_loads(
             )
         model = model or models[0]
         kinds = data.get(model, {}) if isinstance(data.get(model), dict) else {}
-        domains = [domain] if domain else sorted(kinds.get("expert_counts", {}))
+        tables = kinds.get("expert_counts", {})
+        if not isinstance(tables, dict):
+            raise InputError(
+                "expected {domain: [per-layer counts]}",
+                file=path,
+                field=f"{model}.expert_counts",
+                value=type(tables).__name__,
+            )
+        domains = [domain] if domain else sorted(tables)
         if not domains:
             raise InputError("no expert_counts in file", file=path, field="model", value=model)
         tables = [load_counts_json(path, model=model, domain=d) for d in domains]
@@ -388,7 +396,11 @@ def replan_cmd(
     ] = "nearest",
     tokens_per_batch: Annotated[
         int | None,
-        typer.Option(help="Tokens per scored batch (default: the window, at most 2,048).", min=1),
+        typer.Option(
+            help="Tokens per scored batch, a multiple of the devices (default: the window, "
+            "at most 2,048, rounded down to one); tokens beyond whole batches are not scored.",
+            min=1,
+        ),
     ] = None,
     forecast: Annotated[
         bool,
@@ -431,12 +443,13 @@ def replan_cmd(
             field="window-tokens",
             value=window_tokens,
         )
-    batch = tokens_per_batch or min(window_tokens, 2048)
-    if batch > window_tokens:
+    d = nodes * gpus_per_node
+    batch = tokens_per_batch or min(window_tokens, 2048) // d * d
+    if batch > window_tokens or batch < d or batch % d:
         raise InputError(
-            f"more than a window ({window_tokens} tokens)",
-            field="tokens-per-batch",
-            value=tokens_per_batch,
+            f"need a multiple of the {d} devices, at most a window ({window_tokens} tokens)",
+            field="tokens-per-batch" if tokens_per_batch else "window-tokens",
+            value=tokens_per_batch or window_tokens,
         )
     mem = None
     moved_bytes = wire_bytes = 0.0
@@ -471,6 +484,7 @@ def replan_cmd(
             max_moved_share=share,
             static=static,
             forecast=forecast,
+            num_experts=tr.num_experts,
         ):
             row: dict[str, Any] = {
                 "window": r.window,

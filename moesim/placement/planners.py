@@ -196,8 +196,9 @@ def separate_replicas(slots: np.ndarray, weight: np.ndarray, devices_per_node: i
     swapped with an expert ``y`` of another device ``b`` that lacks ``x``, where ``a``
     lacks ``y``: among those, ``b`` on ``a``'s node first (the node's experts stay the
     same), then the ``y`` whose load per replica is closest to ``x``'s (device loads
-    barely move). Each swap removes a duplicate and adds none, and such a ``b`` exists
-    while no expert has more replicas than there are devices.
+    barely move). Each swap removes a duplicate and adds none; passes over the devices
+    repeat until no copy can move (a device stuck on one pass may be freed by a later
+    swap).
 
     Args:
         slots: (L, D, S) expert ids; weight: (L, E) expert loads.
@@ -214,22 +215,31 @@ def separate_replicas(slots: np.ndarray, weight: np.ndarray, devices_per_node: i
     for li in np.flatnonzero(dup.any(axis=1)):
         count = np.bincount(out[li].ravel(), minlength=e)
         per = np.divide(weight[li], count, out=np.zeros(e), where=count > 0)
-        for a in np.flatnonzero(dup[li]):
-            while True:
-                values, times = np.unique(out[li, a], return_counts=True)
-                if not (times > 1).any():
-                    break
-                x = int(values[np.argmax(times > 1)])
-                lacks_x = ~(out[li] == x).any(axis=1)  # (D,)
-                free = lacks_x[:, None] & ~np.isin(out[li], out[li, a])  # (D, S) swappable y
-                if not free.any():
-                    break  # impossible while replicas <= devices; leave the copy
-                bs, ss = np.nonzero(free)
-                key = np.lexsort((np.abs(per[out[li, bs, ss]] - per[x]), node[bs] != node[a]))
-                b, sb = int(bs[key[0]]), int(ss[key[0]])
-                sa = int(np.flatnonzero(out[li, a] == x)[1])
-                out[li, a, sa], out[li, b, sb] = out[li, b, sb], x
+        swapped = True
+        while swapped:  # until no device has a copy it can give away
+            swapped = False
+            for a in range(out.shape[1]):
+                while _swap_second_copy(out[li], a, per, node):
+                    swapped = True
     return out
+
+
+def _swap_second_copy(slots: np.ndarray, a: int, per: np.ndarray, node: np.ndarray) -> bool:
+    """Swap one second copy on device ``a`` of (D, S) ``slots`` in place (see
+    :func:`separate_replicas`); False when ``a`` has none, or none that can move now."""
+    values, times = np.unique(slots[a], return_counts=True)
+    for x in values[times > 1].tolist():
+        lacks_x = ~(slots == x).any(axis=1)  # (D,)
+        free = lacks_x[:, None] & ~np.isin(slots, slots[a])  # (D, S): swappable experts
+        if not free.any():
+            continue
+        bs, ss = np.nonzero(free)
+        key = np.lexsort((np.abs(per[slots[bs, ss]] - per[x]), node[bs] != node[a]))
+        b, sb = int(bs[key[0]]), int(ss[key[0]])
+        sa = int(np.flatnonzero(slots[a] == x)[1])
+        slots[a, sa], slots[b, sb] = slots[b, sb], x
+        return True
+    return False
 
 
 # ----- planners -----------------------------------------------------------------------------
@@ -277,10 +287,13 @@ def _eplb_hierarchical(
     then within each node replicas by load per replica and LPT onto its ``g`` devices.
 
     Falls back to the global policy when the groups do not divide evenly over the nodes
-    (as EPLB does).
+    (as EPLB does), or when a node's experts cannot fill its slots with at most
+    ``min(max_rep, g)`` replicas each (one per device of the node).
     """
     num_layers, e = w.shape
     if groups % nodes or e % groups or (s * g * nodes - e) % nodes:
+        return _eplb_global(w, nodes * g, s, max_rep)
+    if (e // nodes) * min(max_rep, g) < g * s:
         return _eplb_global(w, nodes * g, s, max_rep)
     per_group = e // groups
     gw = w.reshape(num_layers, groups, per_group).sum(axis=2)  # (L, groups)

@@ -427,6 +427,7 @@ def replay(
     max_moved_share: float | None = None,
     static: bool = False,
     forecast: bool = True,
+    num_experts: int | None = None,
 ) -> list[WindowResult]:
     """Replay a trace in windows of ``window_tokens`` tokens: re-plan after each window from
     that window's loads, score the plan on the next window.
@@ -439,6 +440,7 @@ def replay(
         static: plan once from the first window and keep that plan.
         forecast: plan from :func:`forecast_loads` of the last two windows (from the
             second re-plan on; the default), else from the last window alone.
+        num_experts: E (default: the largest expert id routed, plus one).
     Returns:
         one :class:`WindowResult` per scored window (windows 1, 2, ...).
     """
@@ -448,7 +450,10 @@ def replay(
         raise InputError(
             f"need at least two windows of {window_tokens} tokens", field="window", value=n
         )
-    e = int(expert_ids.max()) + 1
+    top = int(expert_ids.max()) + 1
+    e = top if num_experts is None else num_experts
+    if top > e:
+        raise InputError(f"expert id beyond {e} experts", field="expert_ids", value=top - 1)
     out: list[WindowResult] = []
     current: Placement | None = None
     for wi in range(1, windows):

@@ -178,8 +178,8 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             err.message, file=source, field="placement", value=scenario.placement
         ) from None
     in_file = placement.num_devices * placement.slots.shape[2] - shape.num_experts
-    if "redundant_slots" in scenario.model_fields_set and scenario.redundant_slots != in_file:
-        raise InputError(  # a placement file brings its own redundancy
+    if scenario.redundant_slots and scenario.redundant_slots != in_file:
+        raise InputError(  # a placement file brings its own redundancy (0: take the file's)
             f"placement {scenario.placement} has {in_file} redundant slots per layer",
             file=source,
             field="redundant_slots",
