@@ -60,7 +60,7 @@ from moesim.placement.affinity import coactivation
 from moesim.placement.memory import expert_bytes
 from moesim.placement.metrics import expert_loads, planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan, ready
-from moesim.placement.replan import forecast_loads, planner_for, replay
+from moesim.placement.replan import forecast_loads, planner_for, replay, replay_means
 from moesim.sim.program import bytes_per_assignment
 from moesim.traces.importers import counts_to_assignments, load_counts_json
 from moesim.traces.store import read_trace
@@ -356,28 +356,17 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
             static=mode == "static",
             forecast=strategy == "affinity",
         )
-        later = res[1:]  # re-plans (the first window only plans)
-
-        def mean(values: list[float]) -> float:
-            return float(np.mean(values)) if values else 0.0
-
+        means = replay_means(res)
         rows.append(
             {
                 "replica_choice": policy,
                 "planner": strategy,
                 "mode": mode,
-                "balance_mean": round(float(np.mean([r.score["balance_mean"] for r in res])), 4),
-                "remote_nodes_per_token": round(
-                    float(np.mean([r.score["remote_nodes_per_token"] for r in res])), 4
-                ),
-                "moved_share_per_replan": round(
-                    float(np.mean([r.moved_share for r in later])) if later else 0.0, 4
-                ),
-                "migration_gb_per_replan": round(
-                    float(np.mean([r.migration_bytes for r in later])) / 1e9 if later else 0.0,
-                    3,
-                ),
-                "replan_ms": round(float(np.mean([r.plan_ms for r in later])), 1) if later else 0.0,
+                "balance_mean": round(means["balance_mean"], 4),
+                "remote_nodes_per_token": round(means["remote_nodes_per_token"], 4),
+                "moved_share_per_replan": round(means["moved_share"], 4),
+                "migration_gb_per_replan": round(means["migration_bytes"] / 1e9, 3),
+                "replan_ms": round(means["plan_ms"], 1),
             }
         )
     return rows

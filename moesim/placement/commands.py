@@ -110,38 +110,7 @@ def load_loads(
     elif suffix == ".json":
         from moesim.traces.importers import load_counts_json
 
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"not JSON ({exc.__class__.__name__})", file=path) from None
-        models = [k for k in data if not k.startswith("_")] if isinstance(data, dict) else []
-        if not models:
-            raise InputError("no model in the counts file", file=path)
-        if model is not None and model not in models:
-            raise InputError(
-                f"not in file; valid: {', '.join(models)}", file=path, field="model", value=model
-            )
-        model = model or models[0]
-        kinds = data.get(model, {}) if isinstance(data.get(model), dict) else {}
-        tables = kinds.get("expert_counts", {})
-        if not isinstance(tables, dict):
-            raise InputError(
-                "expected {domain: [per-layer counts]}",
-                file=path,
-                field=f"{model}.expert_counts",
-                value=type(tables).__name__,
-            )
-        domains = [domain] if domain else sorted(tables)
-        if not domains:
-            raise InputError("no expert_counts in file", file=path, field="model", value=model)
-        tables = [load_counts_json(path, model=model, domain=d) for d in domains]
-        if len({tuple(t[0]) for t in tables}) > 1:
-            raise InputError(
-                "domains list different layers; pick one with --domain", file=path, field="domain"
-            )
-        layers = list(tables[0][0])
-        e = max(t[1].shape[1] for t in tables)
-        arr = sum(np.pad(t[1], ((0, 0), (0, e - t[1].shape[1]))) for t in tables)
+        layers, arr = load_counts_json(path, model=model, domain=domain)
     else:
         raise InputError("expected a .npy, .csv or counts .json file", file=path)
     arr = np.asarray(arr, dtype=np.float64)
@@ -432,7 +401,7 @@ def replan_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from moesim.placement.replan import planner_for, replay
+    from moesim.placement.replan import planner_for, replay, replay_means
     from moesim.traces.store import read_trace
 
     _check_choices(strategy, replica_choice)
@@ -471,8 +440,13 @@ def replan_cmd(
     if max_moved_share is not None:
         modes.append((f"limit-{max_moved_share:g}", False, max_moved_share))
     rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, float]] = {}
+    keys = ["balance_mean", "balance_p99", "remote_nodes_per_token", "moved_share"]
+    whole = ("migration_bytes", "inter_node_bytes_per_batch")  # bytes: whole numbers per row
+    if model is not None:
+        keys += whole
     for mode, static, share in modes:
-        for r in replay(
+        results = replay(
             tr.expert_ids,
             window_tokens,
             planner,
@@ -485,29 +459,19 @@ def replan_cmd(
             static=static,
             forecast=forecast,
             num_experts=tr.num_experts,
-        ):
-            row: dict[str, Any] = {
-                "window": r.window,
-                "tokens": f"{r.window * window_tokens}:{(r.window + 1) * window_tokens}",
-                "mode": mode,
-                "balance_mean": round(r.score["balance_mean"], 6),
-                "balance_p99": round(r.score["balance_p99"], 6),
-                "remote_nodes_per_token": round(r.score["remote_nodes_per_token"], 6),
-                "moved_share": round(r.moved_share, 6),
-            }
-            if model is not None:
-                row["migration_bytes"] = round(r.migration_bytes)
-                row["inter_node_bytes_per_batch"] = round(r.score["inter_node_bytes_per_batch"])
-            rows.append(row)
-    moves = ("moved_share", "migration_bytes")  # per re-plan: the first window only plans
-
-    def mean(mode: str, key: str) -> float:
-        first = 2 if key in moves and tr.num_tokens // window_tokens > 2 else 1
-        vals = [r[key] for r in rows if r["mode"] == mode and r["window"] >= first]
-        return round(float(np.mean(vals)), 6)
-
-    keys = [k for k in rows[0] if k not in ("window", "tokens", "mode")]
-    summary = {mode: {k: mean(mode, k) for k in keys} for mode, _, _ in modes}
+        )
+        for r in results:
+            figures = r.score | {"moved_share": r.moved_share, "migration_bytes": r.migration_bytes}
+            rows.append(
+                {
+                    "window": r.window,
+                    "tokens": f"{r.window * window_tokens}:{(r.window + 1) * window_tokens}",
+                    "mode": mode,
+                }
+                | {k: round(figures[k], None if k in whole else 6) for k in keys}
+            )
+        means = replay_means(results)
+        summary[mode] = {k: round(means[k], 6) for k in keys}
     if as_json:
         sys.stdout.write(json.dumps({"windows": rows, "mean": summary}, indent=1) + "\n")
         return

@@ -28,6 +28,7 @@ __all__ = [
     "incremental",
     "planner_for",
     "replay",
+    "replay_means",
 ]
 
 
@@ -378,6 +379,17 @@ class WindowResult:
     migration_bytes: float
     planned_balance: float
     score: dict[str, float] = field(default_factory=dict)
+
+
+def replay_means(results: list[WindowResult]) -> dict[str, float]:
+    """Means over one :func:`replay`: every score (balance, remote nodes, inter-node bytes,
+    ...) over all scored windows; ``moved_share``, ``migration_bytes`` and ``plan_ms`` over
+    the re-plans, every window after the first (which only plans), 0 where there is none."""
+    later = results[1:]
+    out = {k: float(np.mean([r.score[k] for r in results])) for k in results[0].score}
+    for k in ("moved_share", "migration_bytes", "plan_ms"):
+        out[k] = float(np.mean([getattr(r, k) for r in later])) if later else 0.0
+    return out
 
 
 def planner_for(

@@ -192,12 +192,13 @@ def _layers_from_meta(data: dict[str, object], n: int) -> list[int]:
 def load_counts_json(
     path: str | Path,
     *,
-    model: str,
-    domain: str,
+    model: str | None = None,
+    domain: str | None = None,
     kind: str = "expert_counts",
     num_experts: int | None = None,
 ) -> tuple[list[int], np.ndarray]:
-    """Per-layer expert counts from a counts JSON ``{model: {kind: {domain: [{id: n}, ...]}}}``.
+    """Per-layer expert counts from a counts JSON ``{model: {kind: {domain: [{id: n}, ...]}}}``
+    (``model``: the file's first by default; ``domain``: all of them summed by default).
 
     Returns the model layer of each list entry and the (L, E) int64 counts.
     """
@@ -208,36 +209,65 @@ def load_counts_json(
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"not JSON ({exc.__class__.__name__})", file=path) from None
+    if model is None:
+        models = [k for k in data if not k.startswith("_")] if isinstance(data, dict) else []
+        if not models:
+            raise InputError("no model in the counts file", file=path)
+        model = models[0]
     node: object = data
-    for field_name, key in (("model", model), ("kind", kind), ("domain", domain)):
-        if not isinstance(node, dict) or key not in node:
-            valid = (
-                ", ".join(k for k in node if not k.startswith("_"))
-                if isinstance(node, dict)
-                else ""
-            )
-            raise InputError(f"not in file; valid: {valid}", file=path, field=field_name, value=key)
-        node = node[key]
+    for field_name, key in (("model", model), ("kind", kind)):
+        node = _child(node, key, path, field_name)
+    if not isinstance(node, dict) or not node:
+        raise InputError(
+            "expected {domain: [per-layer counts]}",
+            file=path,
+            field=f"{model}.{kind}",
+            value=type(node).__name__,
+        )
+    domains = [domain] if domain is not None else sorted(node)
+    per_domain = [_count_tables(_child(node, d, path, "domain"), path, d) for d in domains]
+    if len({len(t) for t in per_domain}) > 1:
+        raise InputError(
+            "the domains list different numbers of layers; choose one", file=path, field="domain"
+        )
+    e = num_experts or 1 + max(max(t) for tables in per_domain for t in tables if t)
+    counts = np.zeros((len(per_domain[0]), e), dtype=np.int64)
+    for tables in per_domain:
+        for li, t in enumerate(tables):
+            for ex, c in t.items():
+                if not 0 <= ex < e:
+                    raise InputError(
+                        f"expert id out of range 0..{e - 1}",
+                        file=path,
+                        field="expert_id",
+                        value=ex,
+                    )
+                if c < 0:
+                    raise InputError("negative count", file=path, field=f"expert {ex}", value=c)
+                counts[li, ex] += c
+    return _layers_from_meta(data, len(counts)), counts
+
+
+def _child(node: object, key: str, path: Path, field_name: str) -> object:
+    """``node[key]``, or an :class:`InputError` listing the keys the file has there."""
+    if not isinstance(node, dict) or key not in node:
+        valid = (
+            ", ".join(k for k in node if not k.startswith("_")) if isinstance(node, dict) else ""
+        )
+        raise InputError(f"not in file; valid: {valid}", file=path, field=field_name, value=key)
+    return node[key]
+
+
+def _count_tables(node: object, path: Path, domain: str) -> list[dict[int, int]]:
+    """One domain's per-layer ``{expert id: count}`` tables, as integers."""
     if not isinstance(node, list) or not node or not all(isinstance(x, dict) for x in node):
         raise InputError("expected a list of {expert_id: count} tables", file=path, field=domain)
     try:
-        tables = [{int(k): int(v) for k, v in t.items()} for t in node]
+        return [{int(k): int(v) for k, v in t.items()} for t in node]
     except (TypeError, ValueError):
         raise InputError(
             "expert ids and counts must be integers", file=path, field=domain
         ) from None
-    e = num_experts or 1 + max(max(t) for t in tables if t)
-    counts = np.zeros((len(tables), e), dtype=np.int64)
-    for li, t in enumerate(tables):
-        for ex, c in t.items():
-            if not 0 <= ex < e:
-                raise InputError(
-                    f"expert id out of range 0..{e - 1}", file=path, field="expert_id", value=ex
-                )
-            if c < 0:
-                raise InputError("negative count", file=path, field=f"expert {ex}", value=c)
-            counts[li, ex] = c
-    return _layers_from_meta(data, len(tables)), counts
 
 
 def counts_to_assignments(counts: np.ndarray, top_k: int, rng: np.random.Generator) -> np.ndarray:
