@@ -176,6 +176,11 @@ def route_counts(
     """
     d, e = counts.shape
     kept = counts
+    unlimited = (
+        route_counts(counts, slots, table, count, devices_per_node=devices_per_node, capacity=2**62)
+        if (counts.sum(axis=0) > capacity).any()
+        else None
+    )
     dropped = np.zeros(d, dtype=np.int64)
     over = np.flatnonzero(counts.sum(axis=0) > capacity)  # experts that overflow
     if over.size:
@@ -214,9 +219,16 @@ def route_counts(
     np.add.at(dispatch, (s_idx, dst), amount)
     np.add.at(per_dev_exp, (dst, e_idx), amount)
     rows = dev[:, None]
+    slot_load = per_dev_exp[rows, slots] / hosts[rows, slots]
+    mean_slot = counts.sum() / slots.size
     return LayerRouting(
+        expert_load=counts.sum(axis=0),
+        routed_load=dispatch.sum(axis=0) if unlimited is None else unlimited.routed_load,
+        dropless_capacity_factor=float(slot_load.max() / mean_slot)
+        if unlimited is None
+        else unlimited.dropless_capacity_factor,
         device_load=dispatch.sum(axis=0),
-        expert_tokens=per_dev_exp[rows, slots] / hosts[rows, slots],
+        expert_tokens=slot_load,
         dispatch=dispatch,
         copies=dispatch,
         dropped=dropped,

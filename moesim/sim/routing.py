@@ -285,6 +285,11 @@ class LayerRouting:
             (set by ``compact``).
         busiest_link: (link index, copies) of the fabric link the most copies cross (set by
             ``compact`` given a topology, for clusters small enough to route every pair).
+        expert_load: (E,) assignments each logical expert was routed, before capacity.
+        routed_load: (D,) assignments each device was routed (after replica choice), before
+            capacity; equals ``device_load`` in a dropless run.
+        dropless_capacity_factor: the smallest capacity factor that drops nothing: the
+            largest routed slot load over the mean slot load (assignments / physical slots).
     """
 
     device_load: np.ndarray
@@ -297,6 +302,9 @@ class LayerRouting:
     cross_node_copies: float | None = None
     busiest_flow: tuple[int, int, float] | None = None
     busiest_link: tuple[int, float] | None = None
+    expert_load: np.ndarray | None = None
+    routed_load: np.ndarray | None = None
+    dropless_capacity_factor: float = 1.0
 
     def compact(self, devices_per_node: int, topology: Any = None) -> LayerRouting:
         """The same routing without its (D, D) matrices, keeping what is read of them
@@ -390,7 +398,23 @@ def route_layer(
     np.add.at(dup, (np.repeat(np.arange(d), slots.shape[1]), slots.reshape(-1)), 1)
     expert_tokens = per_dev_exp[np.arange(d)[:, None], slots] / dup[np.arange(d)[:, None], slots]
     dispatch = traffic_matrix(src[kept], dst, d)
+    expert_load = np.bincount(ids.reshape(-1), minlength=num_experts)
+    if kept.all():
+        routed_dst, routed_exp = dst, exp
+    else:  # where the assignments would have gone without a capacity limit
+        routed_exp = ids.reshape(-1)
+        routed_dst = choose_replicas(
+            routed_exp, src, tok, table, count, devices_per_node, replica_choice, d
+        )
+    routed_dev_exp = np.bincount(
+        routed_dst.astype(np.int64) * num_experts + routed_exp, minlength=d * num_experts
+    ).reshape(d, num_experts)
+    routed_slots = routed_dev_exp[np.arange(d)[:, None], slots] / dup[np.arange(d)[:, None], slots]
+    mean_slot = t * k / slots.size
     return LayerRouting(
+        expert_load=expert_load,
+        routed_load=np.bincount(routed_dst, minlength=d),
+        dropless_capacity_factor=float(routed_slots.max() / mean_slot) if mean_slot else 1.0,
         device_load=device_load,
         expert_tokens=expert_tokens,
         dispatch=dispatch,
@@ -430,4 +454,7 @@ def merge_routing(parts: list[LayerRouting]) -> LayerRouting:
         cross_node_copies=total([p.cross_node_copies for p in parts]),
         busiest_flow=max(flows, key=lambda f: f[2]) if len(flows) == len(parts) else None,
         busiest_link=max(links, key=lambda f: f[1]) if len(links) == len(parts) else None,
+        expert_load=total([p.expert_load for p in parts]),
+        routed_load=total([p.routed_load for p in parts]),
+        dropless_capacity_factor=max(p.dropless_capacity_factor for p in parts),
     )
