@@ -98,8 +98,8 @@ def _child_exchange(devices: int, tokens: int) -> dict:
     import numpy as np
 
     prep = _prepare(devices, tokens, "flow")
+    from moesim.costs.roofline import bytes_per_assignment
     from moesim.sim.exchange import exchange_times
-    from moesim.sim.program import bytes_per_assignment
     from moesim.sim.simulate import route_layer_at
 
     sc = prep.scenario

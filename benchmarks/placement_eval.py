@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.costs.roofline import bytes_per_assignment
 from moesim.model.shapes import get_preset
 from moesim.paths import repo_root, scenarios_dir
 from moesim.placement.affinity import coactivation
@@ -61,7 +62,6 @@ from moesim.placement.memory import expert_bytes
 from moesim.placement.metrics import expert_loads, planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan, ready
 from moesim.placement.replan import forecast_loads, planner_for, replay, replay_means
-from moesim.sim.program import bytes_per_assignment
 from moesim.traces.importers import counts_to_assignments, load_counts_json
 from moesim.traces.store import read_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, sample_experts, synthesize

@@ -62,8 +62,29 @@ def test_draw_counts_mean_and_bounds():
     assert c.shape == (4000, 64)
     assert c.min() >= 0 and c.max() <= 1000
     np.testing.assert_allclose(c.mean(axis=0), 1000 * pi, rtol=0.02, atol=0.2)
-    var = 1000 * pi * (1 - pi / 6)
+    var = 1000 * pi * (1 - pi)  # binomial: a token picks an expert at most once
     np.testing.assert_allclose(c.var(axis=0), var, rtol=0.15, atol=0.5)
+
+
+def test_count_and_token_level_draw_the_same_variance():
+    """Zipf 0.8 over 64 experts, top-6: each device's count of the hottest expert has the
+    same variance whether drawn per token or per count (binomial, T pi (1 - pi)); the old
+    multinomial reading, T pi (1 - pi / k), overstated it 2.4x."""
+    logp = -0.8 * np.log(np.arange(1, 65.0))
+    pi = inclusion_probabilities(logp, 6)
+    hot = int(np.argmax(pi))
+    t, d = 256, 3000
+    ids, _ = sample_experts(logp, t * d, 6, np.random.default_rng(5))
+    per_dev = (ids.reshape(d, t, 6) == hot).sum(axis=(1, 2))  # (D,) token level
+    counts = draw_counts(pi, t, d, 6, np.random.default_rng(6))[:, hot]  # count level
+    binomial = t * pi[hot] * (1 - pi[hot])
+    assert per_dev.var() == pytest.approx(binomial, rel=0.1)
+    assert counts.var() == pytest.approx(binomial, rel=0.1)
+    assert counts.var() / per_dev.var() == pytest.approx(1.0, abs=0.15)
+    # the hottest expert is in 62.76 % of tokens' top-6, so the old reading's variance was
+    # (1 - 0.6276 / 6) / (1 - 0.6276) = 2.40 times the binomial one
+    assert pi[hot] == pytest.approx(0.6276, abs=1e-4)
+    assert (1 - pi[hot] / 6) / (1 - pi[hot]) == pytest.approx(2.40, abs=0.01)
 
 
 def _tokens_of(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +109,7 @@ def test_route_counts_equals_token_routing(placement):
     table, count = placement.replicas(0)
     counts = rng.poisson(24, (placement.num_devices, placement.num_experts)) * 4
     ids, origin = _tokens_of(counts)
-    kw = {"devices_per_node": 4, "capacity": 10**9}
+    kw = {"devices_per_node": 4}
     tok = route_layer(
         ids, origin, placement.slots[0], table, count, num_experts=placement.num_experts, **kw
     )
@@ -99,11 +120,36 @@ def test_route_counts_equals_token_routing(placement):
     assert cnt.assignments == tok.assignments
 
 
-def test_route_counts_drops_overflow_in_device_order():
+def test_route_counts_drops_the_same_share_of_every_sender():
     counts = np.array([[5, 1], [4, 1], [3, 0]])
     placement = Placement(np.array([[[0], [1], [1]]]), 2)
     table, count = placement.replicas(0)
-    r = route_counts(counts, placement.slots[0], table, count, devices_per_node=3, capacity=7)
-    # expert 0: 5 + 4 + 3 = 12 > 7, devices 0 and 1 keep 5 and 2, device 2 drops all 3
-    np.testing.assert_array_equal(r.dropped, [0, 2, 3])
-    assert r.dispatch[:, 0].sum() == 7
+    r = route_counts(counts, placement.slots[0], table, count, devices_per_node=3, capacity=6)
+    # expert 0's one slot is routed 5 + 4 + 3 = 12 > 6: each sender keeps half; expert 1's
+    # two slots (devices 1, 2) get device 1's own assignment and device 0's (to the first
+    # replica on its node... all three devices are one node: device 0 splits 1/2, 1/2)
+    np.testing.assert_allclose(r.dropped, [2.5, 2.0, 1.5])
+    np.testing.assert_allclose(r.dispatch[:, 0], [2.5, 2.0, 1.5])
+    np.testing.assert_allclose(r.routed_load, [12, 1.5, 0.5])
+    np.testing.assert_allclose(r.device_load, [6, 1.5, 0.5])
+    assert r.dropless_capacity_factor == pytest.approx(12 / (14 / 3))  # max slot / mean slot
+
+
+@pytest.mark.parametrize("policy", ["nearest", "round-robin", "least-loaded", "batch-split"])
+def test_route_counts_balances_devices_as_token_routing_does(policy):
+    """Every replica choice at count level loads devices as the token level does (the
+    counts are multiples of 12, so even splits are whole)."""
+    placement = Placement(
+        np.array([[[0, 1], [2, 3], [0, 4], [5, 6], [7, 0], [1, 2], [3, 3], [4, 5]]]), 8
+    )
+    rng = np.random.default_rng(2)
+    table, count = placement.replicas(0)
+    counts = rng.poisson(8, (8, 8)) * 12
+    ids, origin = _tokens_of(counts)
+    kw = {"devices_per_node": 4, "replica_choice": policy}
+    tok = route_layer(ids, origin, placement.slots[0], table, count, num_experts=8, **kw)
+    cnt = route_counts(counts, placement.slots[0], table, count, **kw)
+    np.testing.assert_allclose(cnt.device_load, tok.device_load)
+    np.testing.assert_allclose(cnt.expert_tokens.sum(), tok.expert_tokens.sum())
+    if policy == "nearest":
+        np.testing.assert_allclose(cnt.dispatch, tok.dispatch)

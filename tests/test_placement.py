@@ -7,6 +7,7 @@ import pytest
 
 from moesim.errors import InputError
 from moesim.placement import Placement
+from moesim.placement.choice import choose_replicas
 from moesim.placement.metrics import (
     moved_slots,
     planned_balance,
@@ -14,7 +15,6 @@ from moesim.placement.metrics import (
     score_window,
 )
 from moesim.placement.planners import STRATEGIES, plan, replicate_by_load, separate_replicas
-from moesim.sim.routing import choose_replicas
 
 
 def _slots(p: Placement) -> list:

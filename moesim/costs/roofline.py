@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BYTES_PER_ELEMENT",
     "LayerCosts",
+    "bytes_per_assignment",
     "expert_ffn_time_us",
     "gemm_time_us",
     "layer_costs",
@@ -197,3 +198,10 @@ def _measured_parts(
     return LayerCosts(
         attention_us=attention, router_us=router, shared_us=shared, dense_ffn_us=dense_ffn
     )
+
+
+def bytes_per_assignment(d_model: int, dtype: str) -> float:
+    """Bytes one token copy takes on the wire: its hidden vector, plus for fp8 one fp32
+    scale per 128 channels (DeepSeek-V3's fine-grained quantisation)."""
+    b = d_model * BYTES_PER_ELEMENT[dtype]
+    return b + (d_model / 128) * 4 if dtype == "fp8" else b

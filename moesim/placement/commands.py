@@ -36,8 +36,8 @@ PrecisionOpt = Annotated[str, typer.Option(help="Expert weight precision: bf16 |
 
 def _check_choices(strategy: str, replica_choice: str) -> None:
     """A one-line error for an unknown planner or replica choice."""
+    from moesim.placement.choice import REPLICA_CHOICES
     from moesim.placement.planners import STRATEGIES
-    from moesim.sim.routing import REPLICA_CHOICES
 
     if strategy not in STRATEGIES:
         raise InputError(
@@ -289,7 +289,7 @@ def place_cmd(
     plan_ms = (time.perf_counter() - t0) * 1e3
     refined = None
     if refine_scenario is not None:
-        from moesim.placement.refine import refine_for_scenario
+        from moesim.sim.refine import refine_for_scenario
 
         refined = refine_for_scenario(p, refine_scenario, iterations=refine_steps, seed=seed)
         p = refined.placement
@@ -423,8 +423,8 @@ def replan_cmd(
     mem = None
     moved_bytes = wire_bytes = 0.0
     if model is not None:
+        from moesim.costs.roofline import bytes_per_assignment
         from moesim.placement.memory import expert_bytes
-        from moesim.sim.program import bytes_per_assignment
 
         shape, mem = _model_slots(model, hardware, precision, tr.num_experts)
         moved_bytes = expert_bytes(shape, precision)

@@ -3,19 +3,20 @@ bytes, dropped assignments and slots moved between two placements. Pure function
 
 Tokens of a batch are spread over devices the way the simulator does it
 (:func:`moesim.sim.simulate.route_step`): batch token ``t`` of ``T`` lives on device
-``t // (T / D)``.
+``t // (T / D)``. Replica choice and capacity are the simulator's own
+(:mod:`moesim.placement.choice`, :mod:`moesim.placement.capacity`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from moesim.errors import InputError
 from moesim.placement.base import Placement
-from moesim.sim.routing import ReplicaChoice, choose_replicas
+from moesim.placement.capacity import apply_slot_capacity, slot_capacity
+from moesim.placement.choice import ReplicaChoice, choose_replicas
 
 __all__ = [
     "WindowScore",
@@ -100,8 +101,8 @@ class WindowScore:
         remote_nodes: (B, L) mean over tokens of the distinct other nodes serving the
             token's experts.
         inter_node_assignments: (B, L) assignments served on another node than the token's.
-        dropped_share: (B, L) share of assignments beyond a device capacity of
-            ``ceil(capacity_factor * assignments / D)``.
+        dropped_share: (B, L) share of assignments dropped at the per-slot capacity of
+            ``capacity_factor`` (0 when dropless, the default).
         assignments: (B, L) assignments routed.
     """
 
@@ -135,7 +136,7 @@ def score_window(
     devices_per_node: int,
     tokens_per_batch: int,
     replica_choice: ReplicaChoice = "nearest",
-    capacity_factor: float = 1.25,
+    capacity_factor: float | None = None,
 ) -> WindowScore:
     """Route a window of tokens batch by batch and measure what the placement achieves.
 
@@ -172,7 +173,7 @@ def score_window(
     src_node = src // devices_per_node
     shape = (batches, num_layers)
     bal, remote, inter, drop = (np.zeros(shape) for _ in range(4))
-    cap = math.ceil(capacity_factor * t * k / d)
+    cap = slot_capacity(capacity_factor, t * k, placement.slots[0].size)
     tables = [placement.replicas(li) for li in range(num_layers)]
     for b in range(batches):
         for li in range(num_layers):
@@ -181,13 +182,16 @@ def score_window(
             dst = choose_replicas(exp, src, tok, table, count, devices_per_node, replica_choice, d)
             load = np.bincount(dst, minlength=d)
             bal[b, li] = load.max() / load.mean()
+            if cap is not None:
+                ids = exp.reshape(t, k)
+                kept = apply_slot_capacity(ids, dst.reshape(t, k), table, cap)[0] >= 0
+                drop[b, li] = 1.0 - kept.mean()
             node = (dst // devices_per_node).reshape(t, k)
             far = node != src_node.reshape(t, k)
             inter[b, li] = far.sum()
             srt = np.sort(np.where(far, node, -1), axis=1)
             distinct = (srt[:, 1:] != srt[:, :-1]) & (srt[:, 1:] >= 0)
             remote[b, li] = (distinct.sum(axis=1) + (srt[:, 0] >= 0)).mean()
-            drop[b, li] = np.maximum(load - cap, 0).sum() / exp.size
     return WindowScore(
         balance=bal,
         remote_nodes=remote,

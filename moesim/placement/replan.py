@@ -17,9 +17,9 @@ from scipy.optimize import linear_sum_assignment
 
 from moesim.errors import InputError
 from moesim.placement.base import Placement
+from moesim.placement.choice import ReplicaChoice
 from moesim.placement.metrics import expert_loads, moved_slots, planned_balance, score_window
 from moesim.placement.planners import _items, replicate_by_load
-from moesim.sim.routing import ReplicaChoice
 
 __all__ = [
     "WindowResult",

@@ -1,8 +1,9 @@
 """The all-to-all microbenchmark behind ``moesim a2a``: one dispatch and one combine.
 
 T tokens per rank pick top-k experts (uniformly at random, or from a trace); E experts
-are placed contiguously over N ranks; dispatch and combine copies follow the chosen
-de-duplication policy; both exchanges are timed in the chosen network tier.
+are placed contiguously over N ranks and routed by the simulator's own routing step
+(:func:`moesim.sim.routing.route_layer`, dropless); dispatch and combine copies follow the
+chosen de-duplication policy; both exchanges are timed in the chosen network tier.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from moesim.costs.roofline import bytes_per_assignment
 from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.placement.base import contiguous
 from moesim.sim.exchange import Tier, exchange_times
 from moesim.sim.flows import FLOW_REL_TOL
-from moesim.sim.program import bytes_per_assignment
-from moesim.sim.routing import choose_replicas
-from moesim.sim.traffic import Dedup, copy_matrix
+from moesim.sim.routing import route_layer
+from moesim.sim.traffic import Dedup
 from moesim.topology import build_topology
 from moesim.traces.store import read_trace
 from moesim.traces.synthetic import synthesize
@@ -80,10 +81,18 @@ def run_a2a(
         ids = routed.expert_ids[0][np.arange(n_tok) % routed.num_tokens]
     placement = contiguous(num_experts, ep, 1)
     table, count = placement.replicas(0)
-    token = np.repeat(np.arange(n_tok), topk)
-    origin = token // tokens_per_rank
-    dest = choose_replicas(ids.reshape(-1), origin, token, table, count, per_node)
-    copies = copy_matrix(token, origin, dest, ep, per_node, dedup)
+    routed = route_layer(
+        ids,
+        np.arange(n_tok) // tokens_per_rank,
+        placement.slots[0],
+        table,
+        count,
+        num_experts=num_experts,
+        devices_per_node=per_node,
+        dedup=dedup,
+    )
+    copies = routed.copies
+    assert copies is not None
     topo = build_topology(hw, ep, per_node)
     out: dict[str, Any] = {
         "hardware": hw.name,

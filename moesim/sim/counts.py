@@ -8,15 +8,19 @@ drawn directly:
 1. :func:`inclusion_probabilities` — the exact probability ``pi[e]`` that a token's top-k
    (drawn without replacement in proportion to popularity, the Plackett-Luce law of
    :mod:`moesim.traces.synthetic`) contains expert ``e``; ``sum(pi) = k``.
-2. :func:`draw_counts` — each device's counts, mean ``T * pi[e]`` and the multinomial
-   variance ``T * pi[e] * (1 - pi[e] / k)``: Poisson for small means, normal above.
-3. :func:`route_counts` — capacity, replica choice, loads and traffic from the counts,
-   the count-level twin of :func:`moesim.sim.routing.route_layer`.
+2. :func:`draw_counts` — each device's counts: a token picks an expert at most once, so a
+   device's count of expert ``e`` is binomial, mean ``T * pi[e]`` and variance
+   ``T * pi[e] * (1 - pi[e])``, as token-level routing draws it: exact binomial draws
+   for small means, normal above.
+3. :func:`route_counts` — replica choice (every policy), per-slot capacity, loads and
+   traffic from the counts, the count-level twin of :func:`moesim.sim.routing.route_layer`.
 
-What is lost against per-token routing: which of a token's k choices is which (so capacity
-drops by device order rather than GShard's rank-then-token order, there is no reroute
-policy, and no per-token de-duplication), and the correlation of one token's choices
-across layers.
+What is lost against per-token routing: which of a token's k choices is which (so a slot
+over capacity drops the same fraction of every sender's assignments rather than GShard's
+rank-then-token order, and there is no reroute policy), which assignments share a token
+(so no de-duplication of copies), and the correlation of one token's choices across
+layers. The simulator refuses ``capacity.overflow: reroute`` and ``network.dedup`` other
+than ``none`` at count level with a one-line error.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from moesim.placement.choice import ReplicaChoice, rank_in_group, replica_shares
 from moesim.sim.routing import LayerRouting
 
 __all__ = ["draw_counts", "inclusion_probabilities", "route_counts"]
 
 _GRID = 513  # quadrature points in log-time (odd, for Simpson's rule)
-_POISSON_BELOW = 10.0  # mean count under which draws are Poisson, above normal
+_EXACT_BELOW = 10.0  # mean count under which draws are binomial, above normal
 
 
 def inclusion_probabilities(logp: np.ndarray, k: int) -> np.ndarray:
@@ -102,21 +107,25 @@ def draw_counts(
 ) -> np.ndarray:
     """(D, E) int64 assignments of each device's ``tokens`` tokens to each expert.
 
-    Mean ``tokens * pi``, variance as the multinomial of ``tokens * k`` draws over
-    ``pi / k``; Poisson where the mean is below 10 (keeps the skew of rare experts),
-    rounded normal elsewhere, clipped to ``[0, tokens]``.
+    Each of the ``tokens`` tokens includes expert ``e`` with probability ``pi[e]`` (once at
+    most), so the count is binomial: mean ``tokens * pi[e]``, variance
+    ``tokens * pi[e] * (1 - pi[e])``. Drawn exactly (binomial) where the mean is below 10
+    (keeps the skew of rare experts), rounded normal elsewhere (a tenth of the cost),
+    clipped to ``[0, tokens]``.
     """
-    mean = tokens * np.asarray(pi, dtype=np.float64)  # (E,)
-    small = mean < _POISSON_BELOW
+    del k  # the law of one expert's count does not depend on the other picks
+    pi = np.asarray(pi, dtype=np.float64)
+    mean = tokens * pi  # (E,)
+    small = mean < _EXACT_BELOW
     big = ~small
-    sd = np.sqrt(mean * np.maximum(1 - pi / k, 0.0))
+    sd = np.sqrt(mean * np.maximum(1 - pi, 0.0))
     if big.all():  # one block of normal draws
         z = rng.standard_normal((num_devices, mean.size), dtype=np.float32)
         out = np.rint(mean + sd * z).astype(np.int64)
     else:
         out = np.empty((num_devices, mean.size), dtype=np.int64)
         if small.any():
-            out[:, small] = rng.poisson(mean[small], size=(num_devices, int(small.sum())))
+            out[:, small] = rng.binomial(tokens, pi[small], size=(num_devices, int(small.sum())))
         if big.any():
             z = rng.standard_normal((num_devices, int(big.sum())), dtype=np.float32)
             out[:, big] = np.rint(mean[big] + sd[big] * z)
@@ -124,33 +133,39 @@ def draw_counts(
     return out
 
 
+def _slot_replica(slots: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(D, S) column of ``table`` that each physical slot is: a device hosting an expert
+    twice holds its consecutive table entries in slot order."""
+    d, s = slots.shape
+    e = table.shape[0]
+    dev = np.repeat(np.arange(d), s)
+    exp = slots.reshape(-1).astype(np.int64)
+    occ = rank_in_group(dev * e + exp)  # j-th copy of the expert on this device
+    first = np.argmax(table[exp] == dev[:, None], axis=1)
+    return (first + occ).reshape(d, s)
+
+
 @lru_cache(maxsize=8)
-def _replica_maps(
+def _fixed_shares(
     slots_bytes: bytes,
     slots_shape: tuple[int, int],
     table_bytes: bytes,
     table_shape: tuple[int, int],
-    e: int,
     devices_per_node: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What replica choice needs of a placement, (D, E) each: copies of expert e on device
-    d; the first replica on d's node (D where none); d's share of e's far traffic."""
+    policy: str,
+) -> np.ndarray:
+    """(D, D*S) share of device s's assignments to slot c's expert that slot c serves, for
+    the policies whose shares do not depend on the counts (cached per placement layer)."""
     slots = np.frombuffer(slots_bytes, dtype=np.int32).reshape(slots_shape)
     table = np.frombuffer(table_bytes, dtype=np.int32).reshape(table_shape)
+    count = (table >= 0).sum(axis=1)
     d = slots.shape[0]
-    dev = np.arange(d)
-    hosts = np.zeros((d, e), dtype=np.int64)
-    np.add.at(hosts, (np.repeat(dev, slots.shape[1]), slots.reshape(-1)), 1)
-    node = dev // devices_per_node
-    rep_dev = table.reshape(-1).astype(np.int64)
-    rep_exp = np.repeat(np.arange(e), table.shape[1])
-    ok = rep_dev >= 0
-    first_on_node = np.full((int(node[-1]) + 1, e), d, dtype=np.int64)  # (N, E)
-    np.minimum.at(first_on_node, (node[rep_dev[ok]], rep_exp[ok]), rep_dev[ok])
-    share = hosts / np.maximum(hosts.sum(axis=0), 1)[None, :]
-    for a in (hosts, first_on_node, share):
-        a.setflags(write=False)
-    return hosts, first_on_node[node], share
+    w = replica_shares(
+        np.ones((d, table.shape[0]), dtype=np.int64), table, count, devices_per_node, policy
+    )  # type: ignore[arg-type]
+    out = w[:, slots.reshape(-1), _slot_replica(slots, table).reshape(-1)]
+    out.setflags(write=False)
+    return out
 
 
 def route_counts(
@@ -160,78 +175,61 @@ def route_counts(
     count: np.ndarray,
     *,
     devices_per_node: int,
-    capacity: int,
+    capacity: int | None = None,
+    replica_choice: ReplicaChoice = "nearest",
 ) -> LayerRouting:
-    """Route one layer step given per (device, expert) counts.
+    """Route one layer step given per (device, expert) counts: the count-level twin of
+    :func:`moesim.sim.routing.route_layer`.
 
-    Capacity keeps each expert's first ``capacity`` assignments in device order (the
-    count-level reading of token order) and drops the rest. Replica choice follows
-    :func:`moesim.sim.routing.choose_replicas`: the device itself if it hosts the expert,
-    else the first replica on its node, else an even split over the replicas (the
-    expected counts of ``token mod replicas``, so loads and traffic may be fractional).
+    Replica choice gives each (device, expert) count's shares over the expert's replicas
+    (:func:`moesim.placement.choice.replica_shares`: the expected shares of the token-level
+    choice, so loads and traffic may be fractional). Capacity is per physical slot, as at
+    token level; a slot over it keeps the same fraction of every sender's assignments (the
+    expectation over token order) and drops the rest.
 
     Args:
         counts: (D, E) assignments; slots: (D, S) hosted experts; table: (E, R) replicas
-        padded with -1; count: (E,) replicas per expert.
+        padded with -1; count: (E,) replicas per expert; capacity: assignments per
+        physical slot, None for dropless.
     """
-    d, e = counts.shape
-    kept = counts
-    unlimited = (
-        route_counts(counts, slots, table, count, devices_per_node=devices_per_node, capacity=2**62)
-        if (counts.sum(axis=0) > capacity).any()
-        else None
-    )
-    dropped = np.zeros(d, dtype=np.int64)
-    over = np.flatnonzero(counts.sum(axis=0) > capacity)  # experts that overflow
-    if over.size:
-        part = counts[:, over]
-        before = np.cumsum(part, axis=0) - part  # (D, O) assignments of earlier devices
-        kept_part = np.clip(capacity - before, 0, part)
-        dropped = (part - kept_part).sum(axis=1)
-        kept = counts.copy()
-        kept[:, over] = kept_part
-    dev = np.arange(d)
+    d = counts.shape[0]
     slots = np.ascontiguousarray(slots, dtype=np.int32)
     table = np.ascontiguousarray(table, dtype=np.int32)
-    # hosts / target / share (D, E): copies of e on d, the first replica of e on d's node
-    # (D where none), d's share of e's far traffic
-    hosts, target, share = _replica_maps(
-        slots.tobytes(), slots.shape, table.tobytes(), table.shape, e, devices_per_node
-    )
-    local = (hosts > 0) & (kept > 0)
-    near = ~local & (target < d) & (kept > 0)
-    far = np.where(local | near, 0, kept).astype(np.float64)  # (D, E)
-    inv = (1.0 / count).astype(np.float32)
-    far32 = far.astype(np.float32)  # counts stay exact below 2^24
-    # far assignments spread over the replicas, slot by slot: (D, D)
-    dispatch = np.take(far32, slots[:, 0], axis=1)
-    dispatch *= inv[slots[:, 0]][None, :]
-    for j in range(1, slots.shape[1]):
-        part = np.take(far32, slots[:, j], axis=1)
-        part *= inv[slots[:, j]][None, :]
-        dispatch += part
-    per_dev_exp = share * far.sum(axis=0)[None, :]  # (D, E)
-    s_idx, e_idx = np.nonzero(local)  # to the sender itself
-    dispatch[dev, dev] += np.bincount(s_idx, weights=kept[s_idx, e_idx], minlength=d)
-    per_dev_exp[s_idx, e_idx] += kept[s_idx, e_idx]
-    s_idx, e_idx = np.nonzero(near)  # to the first replica on the sender's node
-    dst, amount = target[s_idx, e_idx], kept[s_idx, e_idx]
-    np.add.at(dispatch, (s_idx, dst), amount)
-    np.add.at(per_dev_exp, (dst, e_idx), amount)
-    rows = dev[:, None]
-    slot_load = per_dev_exp[rows, slots] / hosts[rows, slots]
-    mean_slot = counts.sum() / slots.size
+    cols = slots.reshape(-1)  # (C,) expert of each physical slot, C = D * S
+    if replica_choice in ("nearest", "round-robin"):
+        share = _fixed_shares(
+            slots.tobytes(),
+            slots.shape,
+            table.tobytes(),
+            table.shape,
+            devices_per_node,
+            replica_choice,
+        )
+    else:
+        w = replica_shares(counts, table, count, devices_per_node, replica_choice)
+        share = w[:, cols, _slot_replica(slots, table).reshape(-1)]
+    flow = counts[:, cols] * share  # (D, C) assignments of each sender to each slot
+    routed = flow.sum(axis=0)  # (C,)
+    dropped = np.zeros(d)
+    kept = flow
+    served = routed
+    if capacity is not None and (routed > capacity).any():
+        keep = np.minimum(1.0, capacity / np.maximum(routed, 1e-300))
+        kept = flow * keep[None, :]
+        dropped = flow.sum(axis=1) - kept.sum(axis=1)
+        served = routed * keep
+    dispatch = kept.reshape(d, d, -1).sum(axis=2)
+    total = float(counts.sum())
+    mean_slot = total / cols.size
     return LayerRouting(
-        expert_load=counts.sum(axis=0),
-        routed_load=dispatch.sum(axis=0) if unlimited is None else unlimited.routed_load,
-        dropless_capacity_factor=float(slot_load.max() / mean_slot)
-        if unlimited is None
-        else unlimited.dropless_capacity_factor,
         device_load=dispatch.sum(axis=0),
-        expert_tokens=slot_load,
+        expert_tokens=served.reshape(d, -1),
         dispatch=dispatch,
         copies=dispatch,
         dropped=dropped,
         rerouted=0,
-        assignments=int(counts.sum()),
+        assignments=int(total),
+        expert_load=counts.sum(axis=0),
+        routed_load=routed.reshape(d, -1).sum(axis=1),
+        dropless_capacity_factor=float(routed.max() / mean_slot) if mean_slot else 1.0,
     )

@@ -22,6 +22,7 @@ from moesim.costs.model import cost_model_for
 from moesim.costs.roofline import (
     BYTES_PER_ELEMENT,
     LayerCosts,
+    bytes_per_assignment,
     gemm_time_us,
     memory_time_us,
 )
@@ -40,7 +41,6 @@ __all__ = [
     "allreduce_time_us",
     "apply_stragglers",
     "build_program",
-    "bytes_per_assignment",
     "interleave_microbatches",
 ]
 
@@ -73,13 +73,6 @@ def allreduce_time_us(nbytes: float, hw: HardwareProfile, cluster: ClusterSpec) 
     else:
         bw, lat = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out, hw.scale_out.latency_us
     return 2 * (d - 1) / d * nbytes / (bw * 1e3) + 2 * (d - 1) * lat
-
-
-def bytes_per_assignment(d_model: int, dtype: str) -> float:
-    """Bytes one token copy takes on the wire: its hidden vector, plus for fp8 one fp32
-    scale per 128 channels (DeepSeek-V3's fine-grained quantisation)."""
-    b = d_model * BYTES_PER_ELEMENT[dtype]
-    return b + (d_model / 128) * 4 if dtype == "fp8" else b
 
 
 def apply_stragglers(

@@ -1,269 +1,31 @@
-"""Routing arithmetic for one (step, layer): capacity, replica choice, loads and traffic.
+"""Routing of one (step, layer) onto devices: loads and traffic.
 
-Everything here is vectorised over assignments (token, selected expert); there is no
-per-token Python loop.
+Replica choice (:mod:`moesim.placement.choice`) and per-slot capacity
+(:mod:`moesim.placement.capacity`) are the placement's routing core; this module adds what
+the simulator needs on top: per-device and per-slot loads before and after capacity, and
+the (D, D) dispatch and wire-copy matrices under a de-duplication policy. Everything is
+vectorised over assignments (token, selected expert); there is no per-token Python loop.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_flow
 
+from moesim.placement.capacity import Overflow, apply_slot_capacity
+from moesim.placement.choice import ReplicaChoice, choose_replicas
 from moesim.sim.traffic import Dedup, copy_matrix, traffic_matrix
 
 __all__ = [
-    "REPLICA_CHOICES",
     "LayerRouting",
-    "ReplicaChoice",
-    "apply_capacity",
     "busiest_flow",
-    "choose_replicas",
     "cross_node_total",
-    "expert_capacity",
     "merge_routing",
     "route_layer",
-    "traffic_matrix",
+    "slot_loads",
 ]
-
-
-def expert_capacity(
-    capacity_factor: float | None, tokens: int, top_k: int, num_experts: int
-) -> int:
-    """``ceil(capacity_factor * tokens * top_k / num_experts)``; unlimited when factor is None."""
-    if capacity_factor is None:
-        return tokens * top_k
-    return math.ceil(capacity_factor * tokens * top_k / num_experts)
-
-
-def _rank_in_group(keys: np.ndarray) -> np.ndarray:
-    """Position of each element among equal keys, in array order.
-
-    Expert ids fit 16 bits, for which NumPy's stable argsort is a radix sort (linear).
-    """
-    small = keys.size and int(keys.min()) >= -(2**15) and int(keys.max()) < 2**15
-    k = keys.astype(np.int16) if small else keys
-    order = np.argsort(k, kind="stable")
-    sk = k[order]
-    idx = np.arange(keys.size)
-    run_start = np.ones(keys.size, dtype=bool)
-    run_start[1:] = sk[1:] != sk[:-1]
-    first = np.maximum.accumulate(np.where(run_start, idx, 0))
-    pos = np.empty_like(order)
-    pos[order] = idx - first
-    return pos
-
-
-def apply_capacity(
-    ids: np.ndarray, num_experts: int, capacity: int, overflow: str = "drop"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Enforce expert capacity on one layer step.
-
-    Priority follows GShard: all first choices (rank 0) in token order, then all second
-    choices, and so on. With ``overflow="reroute"`` an assignment over capacity moves to
-    the least-loaded expert that still has room and that the token has not chosen
-    (ties to the lower id); what finds no room is dropped.
-
-    Args:
-        ids: (T, K) expert ids.
-    Returns:
-        final: (T, K) expert ids after rerouting, -1 where the assignment was dropped.
-        rerouted: (T, K) bool, True where the assignment moved to another expert.
-    """
-    t, k = ids.shape
-    flat = ids.T.reshape(-1)  # (K*T,), rank-major priority order
-    keep = _rank_in_group(flat) < capacity
-    final = np.where(keep, flat, -1).reshape(k, t).T.copy()
-    rerouted = np.zeros_like(final, dtype=bool)
-    if overflow == "drop" or keep.all():
-        return final, rerouted
-    load = np.bincount(flat[keep], minlength=num_experts)
-    pend_t, pend_k = np.nonzero((final < 0).T)  # priority order: rank, then token
-    pend_t, pend_k = pend_k, pend_t
-    while pend_t.size and (load < capacity).any():
-        chosen = np.zeros((pend_t.size, num_experts), dtype=bool)  # (P, E)
-        np.put_along_axis(chosen, np.where(final[pend_t] < 0, ids[pend_t], final[pend_t]), True, 1)
-        np.put_along_axis(chosen, ids[pend_t], True, axis=1)
-        room = capacity - load
-        score = np.where(chosen | (room <= 0)[None, :], np.iinfo(np.int64).max, load[None, :])
-        target = np.argmin(score, axis=1)
-        ok = score[np.arange(pend_t.size), target] != np.iinfo(np.int64).max
-        # accept, per target expert, as many as it has room for, in priority order
-        accept = ok & (_rank_in_group(np.where(ok, target, -1)) < room[target])
-        # one reroute per token per round: two of a token's overflows may not pick the same
-        # expert; the later ones try again next round, seeing the new choice
-        idx = np.flatnonzero(accept)
-        _, first = np.unique(pend_t[idx], return_index=True)
-        accept[:] = False
-        accept[idx[first]] = True
-        final[pend_t[accept], pend_k[accept]] = target[accept]
-        rerouted[pend_t[accept], pend_k[accept]] = True
-        load += np.bincount(target[accept], minlength=num_experts)
-        if not accept.any():
-            break
-        pend_t, pend_k = pend_t[~accept], pend_k[~accept]
-    return final, rerouted
-
-
-ReplicaChoice = Literal["nearest", "round-robin", "least-loaded", "batch-split"]
-REPLICA_CHOICES: tuple[str, ...] = get_args(ReplicaChoice)
-
-
-def choose_replicas(
-    experts: np.ndarray,
-    origin: np.ndarray,
-    token: np.ndarray,
-    table: np.ndarray,
-    count: np.ndarray,
-    devices_per_node: int,
-    policy: ReplicaChoice = "nearest",
-    num_devices: int | None = None,
-) -> np.ndarray:
-    """Device that serves each assignment, among the replicas of its expert.
-
-    Policies:
-
-    - ``nearest``: the token's own device if it hosts the expert, else the first replica on
-      the token's node, else replica ``token mod replicas``.
-    - ``round-robin``: the j-th assignment of an expert in the batch (in order) goes to its
-      replica ``j mod replicas`` (even split, blind to locality).
-    - ``least-loaded``: replicas on the token's node if it has any, else all replicas;
-      within those, the split of the batch's assignments that makes the largest device
-      load as small as possible (locality first, then balance).
-    - ``batch-split``: any replica: the split that makes the batch's largest device load
-      as small as the placement allows (exact balance per batch, blind to locality).
-
-    Args:
-        experts: (A,) expert id of each assignment; origin: (A,) token's device;
-        token: (A,) token index; table: (E, R) replicas padded with -1; count: (E,).
-        num_devices: D, needed by the load-aware policies (default: highest device + 1).
-    Returns:
-        (A,) serving device.
-    """
-    if table.shape[1] == 1:  # one replica per expert: nothing to choose
-        return table[experts, 0].astype(np.int32)
-    if policy == "round-robin":
-        j = _rank_in_group(experts) % count[experts]
-        return table[experts, j].astype(np.int32)
-    if policy in ("least-loaded", "batch-split"):
-        d = int(table.max()) + 1 if num_devices is None else num_devices
-        return _water_filled(
-            experts, origin, table, count, devices_per_node, d, local=policy == "least-loaded"
-        )
-    cand = table[experts]  # (A, R)
-    valid = cand >= 0
-    same_dev = valid & (cand == origin[:, None])
-    same_node = valid & (cand // devices_per_node == (origin // devices_per_node)[:, None])
-    fallback = cand[np.arange(experts.size), token % count[experts]]
-    first_dev = cand[np.arange(experts.size), np.argmax(same_dev, axis=1)]
-    first_node = cand[np.arange(experts.size), np.argmax(same_node, axis=1)]
-    return np.where(
-        same_dev.any(axis=1), first_dev, np.where(same_node.any(axis=1), first_node, fallback)
-    ).astype(np.int32)
-
-
-def _split_flow(
-    sizes: np.ndarray, edges: np.ndarray, base: np.ndarray, level: int
-) -> np.ndarray | None:
-    """Assignments of each group to each allowed device so that no device exceeds
-    ``level`` (with ``base`` already on it), as a max-flow; None when impossible.
-
-    Args:
-        sizes: (G,) assignments per group; edges: (P, 2) allowed (group, device) pairs;
-        base: (D,) fixed device loads.
-    Returns:
-        (P,) assignments on each edge.
-    """
-    g, d = sizes.size, base.size
-    src, sink = g + d, g + d + 1
-    big = int(sizes.sum())
-    rows = np.concatenate([np.full(g, src), edges[:, 0], g + np.arange(d)])
-    cols = np.concatenate([np.arange(g), g + edges[:, 1], np.full(d, sink)])
-    cap = np.concatenate([sizes, np.full(len(edges), big), np.maximum(level - base, 0)])
-    graph = csr_matrix((cap.astype(np.int32), (rows, cols)), shape=(g + d + 2, g + d + 2))
-    res = maximum_flow(graph, src, sink)
-    if res.flow_value < big:
-        return None
-    flow = res.flow.tocsr()
-    return np.asarray(flow[edges[:, 0], g + edges[:, 1]]).ravel().astype(np.int64)
-
-
-def _water_filled(
-    experts: np.ndarray,
-    origin: np.ndarray,
-    table: np.ndarray,
-    count: np.ndarray,
-    devices_per_node: int,
-    num_devices: int,
-    *,
-    local: bool,
-) -> np.ndarray:
-    """Replica choice of the ``least-loaded`` (local=True) and ``batch-split`` policies.
-
-    Assignments of replicated experts are grouped by expert (and, when local, by the
-    token's node if it hosts a replica, else one group of the rest); each group may use its
-    allowed replicas. The split minimising the largest device load (on top of the loads of
-    single-replica experts) is found exactly: a binary search on that load, each step a
-    max-flow from groups to devices. Each group's assignments (in order) then take their
-    devices' shares in turn.
-    """
-    dst = np.full(experts.size, -1, dtype=np.int32)
-    single = count[experts] == 1
-    dst[single] = table[experts[single], 0]
-    base = np.bincount(dst[single], minlength=num_devices).astype(np.int64)
-    multi = np.flatnonzero(~single)
-    if not multi.size:
-        return dst
-    e_m = experts[multi]
-    nodes = (num_devices + devices_per_node - 1) // devices_per_node
-    if local:
-        rep_node = np.where(table >= 0, table // devices_per_node, -1)  # (E, R)
-        tok_node = origin[multi] // devices_per_node
-        has_local = (rep_node[e_m] == tok_node[:, None]).any(axis=1)
-        sub = np.where(has_local, tok_node, nodes)  # `nodes`: no replica on the token's node
-    else:
-        sub = np.zeros(e_m.size, dtype=np.int64)
-    key = e_m.astype(np.int64) * (nodes + 1) + sub
-    uniq, inv, sizes = np.unique(key, return_inverse=True, return_counts=True)
-    ge, gn = uniq // (nodes + 1), uniq % (nodes + 1)
-    reps = table[ge]  # (G, R)
-    allowed = reps >= 0
-    if local:
-        allowed &= (gn == nodes)[:, None] | (reps // devices_per_node == gn[:, None])
-    gi, ri = np.nonzero(allowed)
-    # one edge per (group, device), even where a device hosts the expert twice
-    edges = np.unique(np.stack([gi, reps[gi, ri]], axis=1), axis=0)  # sorted by group
-    gi = edges[:, 0]
-    total = int(sizes.sum()) + int(base.sum())
-    lo = max(int(base.max()), -(-total // num_devices))  # no split does better
-    # even split over allowed replicas: a feasible upper bound
-    nallow = np.bincount(gi, minlength=uniq.size)
-    even = base + np.bincount(
-        edges[:, 1], weights=np.ceil(sizes / nallow)[gi], minlength=num_devices
-    )
-    hi = int(even.max())
-    best = _split_flow(sizes, edges, base, hi)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        flow = _split_flow(sizes, edges, base, mid)
-        if flow is None:
-            lo = mid + 1
-        else:
-            hi, best = mid, flow
-    assert best is not None
-    # per group: cumulative shares over its edges (edges are grouped, in group order)
-    cum = np.cumsum(best)
-    first = np.searchsorted(gi, np.arange(uniq.size))  # first edge of each group
-    start = cum[first] - best[first]  # flow before the group's first edge
-    rank = _rank_in_group(inv)
-    pos = start[inv] + rank  # position in the concatenated edge shares
-    edge = np.searchsorted(cum, pos, side="right")
-    dst[multi] = edges[edge, 1]
-    return dst
 
 
 @dataclass(frozen=True)
@@ -355,6 +117,22 @@ def busiest_flow(m: np.ndarray) -> tuple[int, int, float]:
     return src, dst, float(m[src, dst])
 
 
+def slot_loads(
+    dst: np.ndarray, expert: np.ndarray, slots: np.ndarray, num_experts: int
+) -> np.ndarray:
+    """(D, S) assignments each physical slot serves: per (device, expert) from the
+    assignments' serving devices and experts, split evenly over a device's copies of one
+    expert. ``slots``: (D, S) hosted experts."""
+    d = slots.shape[0]
+    per = np.bincount(
+        dst.astype(np.int64) * num_experts + expert, minlength=d * num_experts
+    ).reshape(d, num_experts)
+    rows = np.arange(d)[:, None]
+    dup = np.zeros((d, num_experts), dtype=np.int64)
+    np.add.at(dup, (np.repeat(np.arange(d), slots.shape[1]), slots.reshape(-1)), 1)
+    return per[rows, slots] / dup[rows, slots]
+
+
 def route_layer(
     ids: np.ndarray,
     origin: np.ndarray,
@@ -364,66 +142,54 @@ def route_layer(
     *,
     num_experts: int,
     devices_per_node: int,
-    capacity: int,
-    overflow: str = "drop",
+    capacity: int | None = None,
+    overflow: Overflow = "drop",
     dedup: Dedup = "none",
     replica_choice: ReplicaChoice = "nearest",
 ) -> LayerRouting:
-    """Route one layer step: capacity, replica choice, per-device and per-slot loads, traffic.
+    """Route one layer step: replica choice, per-slot capacity (None: dropless), loads and
+    traffic.
 
     Args:
         ids: (T, K) expert ids; origin: (T,) device of each token; slots: (D, S) hosted
         experts; table/count: replicas of each expert (see ``Placement.replicas``);
-        replica_choice: see :func:`choose_replicas`.
+        capacity: assignments per physical slot (see
+        :func:`moesim.placement.capacity.slot_capacity`); replica_choice: see
+        :func:`moesim.placement.choice.choose_replicas`.
     """
     t, k = ids.shape
     d = slots.shape[0]
-    final, rerouted = apply_capacity(ids, num_experts, capacity, overflow)
     tok = np.repeat(np.arange(t), k)
-    exp = final.reshape(-1)
     src = origin[tok]
+    routed_exp = ids.reshape(-1)
+    routed_dst = choose_replicas(
+        routed_exp, src, tok, table, count, devices_per_node, replica_choice, d
+    )
+    if capacity is None:
+        exp, dst, rerouted = routed_exp, routed_dst, 0
+    else:
+        fe, fd, rr = apply_slot_capacity(ids, routed_dst.reshape(t, k), table, capacity, overflow)
+        exp, dst, rerouted = fe.reshape(-1), fd.reshape(-1), int(rr.sum())
     kept = exp >= 0
-    dst = choose_replicas(
-        exp[kept], src[kept], tok[kept], table, count, devices_per_node, replica_choice, d
+    routed_slots = slot_loads(routed_dst, routed_exp, slots, num_experts)
+    expert_tokens = (
+        routed_slots if kept.all() else slot_loads(dst[kept], exp[kept], slots, num_experts)
     )
-    device_load = np.bincount(dst, minlength=d)
-    dropped = np.bincount(src[~kept], minlength=d)
-    # tokens per (device, expert) then read out per slot; a device hosting an expert
-    # twice splits its tokens evenly over the two slots
-    per_dev_exp = np.bincount(
-        dst.astype(np.int64) * num_experts + exp[kept], minlength=d * num_experts
-    )
-    per_dev_exp = per_dev_exp.reshape(d, num_experts)
-    dup = np.zeros((d, num_experts), dtype=np.int64)
-    np.add.at(dup, (np.repeat(np.arange(d), slots.shape[1]), slots.reshape(-1)), 1)
-    expert_tokens = per_dev_exp[np.arange(d)[:, None], slots] / dup[np.arange(d)[:, None], slots]
-    dispatch = traffic_matrix(src[kept], dst, d)
-    expert_load = np.bincount(ids.reshape(-1), minlength=num_experts)
-    if kept.all():
-        routed_dst, routed_exp = dst, exp
-    else:  # where the assignments would have gone without a capacity limit
-        routed_exp = ids.reshape(-1)
-        routed_dst = choose_replicas(
-            routed_exp, src, tok, table, count, devices_per_node, replica_choice, d
-        )
-    routed_dev_exp = np.bincount(
-        routed_dst.astype(np.int64) * num_experts + routed_exp, minlength=d * num_experts
-    ).reshape(d, num_experts)
-    routed_slots = routed_dev_exp[np.arange(d)[:, None], slots] / dup[np.arange(d)[:, None], slots]
     mean_slot = t * k / slots.size
+    dispatch = traffic_matrix(src[kept], dst[kept], d)
     return LayerRouting(
-        expert_load=expert_load,
-        routed_load=np.bincount(routed_dst, minlength=d),
-        dropless_capacity_factor=float(routed_slots.max() / mean_slot) if mean_slot else 1.0,
-        device_load=device_load,
+        device_load=np.bincount(dst[kept], minlength=d),
         expert_tokens=expert_tokens,
         dispatch=dispatch,
         copies=dispatch
         if dedup == "none"
-        else copy_matrix(tok[kept], src[kept], dst, d, devices_per_node, dedup),
-        dropped=dropped,
-        rerouted=int(rerouted.sum()),
+        else copy_matrix(tok[kept], src[kept], dst[kept], d, devices_per_node, dedup),
+        dropped=np.bincount(src[~kept], minlength=d),
+        rerouted=rerouted,
         assignments=t * k,
+        expert_load=np.bincount(routed_exp, minlength=num_experts),
+        routed_load=np.bincount(routed_dst, minlength=d),
+        dropless_capacity_factor=float(routed_slots.max() / mean_slot) if mean_slot else 1.0,
     )
 
 

@@ -16,11 +16,12 @@ import pandas as pd
 
 from moesim.costs.memory import memory_per_device
 from moesim.costs.model import cost_model_for
-from moesim.costs.roofline import layer_costs
+from moesim.costs.roofline import bytes_per_assignment, layer_costs
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
+from moesim.placement.capacity import slot_capacity
 from moesim.scenario import Scenario
 from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.engine import Exchange, Op, Records, run_program
@@ -28,14 +29,12 @@ from moesim.sim.program import (
     ClusterSpec,
     apply_stragglers,
     build_program,
-    bytes_per_assignment,
     interleave_microbatches,
 )
 from moesim.sim.routing import (
     LayerRouting,
     busiest_flow,
     cross_node_total,
-    expert_capacity,
     merge_routing,
     route_layer,
 )
@@ -312,7 +311,7 @@ def route_layer_at(
     sc, shape, d = prep.scenario, prep.shape, prep.cluster.num_devices
     per_dev = sc.tokens_per_device
     mb = per_dev // microbatches
-    cap = expert_capacity(sc.capacity.factor, d * mb, shape.top_k, shape.num_experts)
+    cap = slot_capacity(sc.capacity.factor, d * mb * shape.top_k, prep.placement.slots[li].size)
     table, nrep = prep.placement.replicas(li)
     if prep.trace is None:  # count level (``routing.synthetic.level: count``)
         assert prep.popularity is not None
@@ -325,6 +324,7 @@ def route_layer_at(
             nrep,
             devices_per_node=prep.cluster.devices_per_node,
             capacity=cap,
+            replica_choice=sc.replica_choice,
         )
     idx = step_tokens(prep.trace, step, d * per_dev)
     pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
@@ -545,7 +545,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         model=cost_model_for(hw),
     )
     d = prep.cluster.num_devices
-    cap = expert_capacity(sc.capacity.factor, d * tokens, shape.top_k, shape.num_experts)
+    cap = slot_capacity(sc.capacity.factor, d * tokens * shape.top_k, prep.placement.slots[0].size)
     metrics, layers, records, step_times = [], [], [], []
     program: list[Op] = []
     flow_events = 0
@@ -650,7 +650,7 @@ def _summary(
         "tokens_per_device": sc.tokens_per_device,
         "capacity_factor": sc.capacity.factor,
         "overflow": sc.capacity.overflow,
-        "expert_capacity": int(ldf["expert_capacity"].iloc[0]),
+        "expert_capacity": None if pd.isna(cap0 := ldf["expert_capacity"].iloc[0]) else int(cap0),
         "step_time_us": step_time,
         "step_times_us": step_times,
         "critical_device": critical,
