@@ -81,7 +81,7 @@ def run_a2a(
         ids = routed.expert_ids[0][np.arange(n_tok) % routed.num_tokens]
     placement = contiguous(num_experts, ep, 1)
     table, count = placement.replicas(0)
-    routed = route_layer(
+    layer = route_layer(
         ids,
         np.arange(n_tok) // tokens_per_rank,
         placement.slots[0],
@@ -91,7 +91,7 @@ def run_a2a(
         devices_per_node=per_node,
         dedup=dedup,
     )
-    copies = routed.copies
+    copies = layer.copies
     assert copies is not None
     topo = build_topology(hw, ep, per_node)
     out: dict[str, Any] = {

@@ -152,7 +152,7 @@ def _fixed_shares(
     table_bytes: bytes,
     table_shape: tuple[int, int],
     devices_per_node: int,
-    policy: str,
+    policy: ReplicaChoice,
 ) -> np.ndarray:
     """(D, D*S) share of device s's assignments to slot c's expert that slot c serves, for
     the policies whose shares do not depend on the counts (cached per placement layer)."""
@@ -162,7 +162,7 @@ def _fixed_shares(
     d = slots.shape[0]
     w = replica_shares(
         np.ones((d, table.shape[0]), dtype=np.int64), table, count, devices_per_node, policy
-    )  # type: ignore[arg-type]
+    )
     out = w[:, slots.reshape(-1), _slot_replica(slots, table).reshape(-1)]
     out.setflags(write=False)
     return out

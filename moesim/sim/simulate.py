@@ -420,7 +420,7 @@ def _layer_frame(
     routed: dict[int, LayerRouting],
     metrics: pd.DataFrame,
     step: int,
-    cap: int,
+    cap: int | None,
     devices_per_node: int,
     wire_bytes: float,
     slots: np.ndarray | None = None,
