@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moesim.placement.base import Placement, contiguous
+from moesim.placement.choice import slot_shares
 from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.routing import route_layer
 from moesim.traces.synthetic import sample_experts
@@ -153,3 +154,17 @@ def test_route_counts_balances_devices_as_token_routing_does(policy):
     np.testing.assert_allclose(cnt.expert_tokens.sum(), tok.expert_tokens.sum())
     if policy == "nearest":
         np.testing.assert_allclose(cnt.dispatch, tok.dispatch)
+
+
+def test_slot_shares_nearest_are_the_token_choice_expected():
+    """Expert 0 on devices 1, 2 (node 0) and 5 (node 1), 4 devices per node: device 0's
+    assignments alternate over its node's two copies, device 1 keeps its own, node 1's
+    devices use device 5; round-robin spreads every sender evenly."""
+    p = Placement(np.array([[[1], [0], [0], [1], [1], [0], [1], [1]]]), 2)
+    table, count = p.replicas(0)
+    near = slot_shares(np.zeros(0), p.slots[0], table, count, 4, "nearest")
+    assert near[0, [1, 2, 5]].tolist() == [0.5, 0.5, 0.0]
+    assert near[1, [1, 2, 5]].tolist() == [1.0, 0.0, 0.0]
+    assert near[6, [1, 2, 5]].tolist() == [0.0, 0.0, 1.0]
+    rr = slot_shares(np.zeros(0), p.slots[0], table, count, 4, "round-robin")
+    np.testing.assert_allclose(rr[6, [1, 2, 5]], [1 / 3, 1 / 3, 1 / 3])

@@ -5,9 +5,9 @@ count-level routing, the placement metrics, ``moesim a2a``):
 
 * :func:`choose_replicas` — per assignment (token level): the serving device of each
   (token, expert) pair;
-* :func:`replica_shares` — per (source device, expert) (count level): the share of a
-  device's assignments to an expert that each of the expert's replicas serves. For every
-  policy these are the expected shares of the token-level choice.
+* :func:`slot_shares` — per (source device, physical slot) (count level): the share of a
+  device's assignments to an expert that each of the expert's slots serves; the expected
+  shares of the token-level choice.
 
 Policies (``replica_choice`` in a scenario):
 
@@ -39,7 +39,7 @@ __all__ = [
     "ReplicaChoice",
     "choose_replicas",
     "rank_in_group",
-    "replica_shares",
+    "slot_shares",
 ]
 
 ReplicaChoice = Literal["nearest", "round-robin", "least-loaded", "batch-split"]
@@ -230,52 +230,71 @@ class _Groups:
         return np.asarray(flow[self.edge_group, g + self.edge_device]).ravel().astype(np.int64)
 
 
-def replica_shares(
+def slot_shares(
     counts: np.ndarray,
+    slots: np.ndarray,
     table: np.ndarray,
     count: np.ndarray,
     devices_per_node: int,
     policy: ReplicaChoice = "nearest",
 ) -> np.ndarray:
-    """(D, E, R) share of device ``s``'s assignments to expert ``e`` that replica ``r``
-    (``table[e, r]``) serves: the count-level twin of :func:`choose_replicas`.
+    """(D, C) share of device ``s``'s assignments to slot ``c``'s expert that physical slot
+    ``c`` serves (slots numbered device-major, C = D * S): the count-level twin of
+    :func:`choose_replicas`.
 
     ``nearest`` and ``round-robin`` give the expected shares of the token-level choice;
-    ``least-loaded`` and ``batch-split`` solve the same max-flow as the token level on the
-    groups' summed counts and share each group's flow over its members in proportion.
-    Each (s, e) row sums to 1 (padding replicas get 0).
+    ``least-loaded`` and ``batch-split`` solve the token level's max-flow on the groups'
+    summed counts and share each group's flow over its senders in proportion. Over the
+    slots of one expert each sender's shares sum to 1.
 
     Args:
-        counts: (D, E) assignments of each device's tokens to each expert.
-        table: (E, R) replica devices padded with -1; count: (E,) replicas per expert.
+        counts: (D, E) assignments of each device's tokens to each expert (read by the
+        load-aware policies only); slots: (D, S) hosted experts; table: (E, R) replica
+        devices padded with -1; count: (E,) replicas per expert.
+    Returns:
+        (D, C) float32.
     """
-    d, e = counts.shape
-    r = table.shape[1]
-    valid = table >= 0  # (E, R)
-    if policy == "round-robin" or r == 1:
-        w = valid / count[:, None]
-        return np.broadcast_to(w[None], (d, e, r))
+    d, s = slots.shape
+    e = table.shape[0]
+    cols = slots.reshape(-1)  # (C,) expert of each slot
+    dev_c = np.repeat(np.arange(d), s)  # (C,) device of each slot
+    hosts = np.zeros((d, e), dtype=np.int64)  # copies of each expert on each device
+    np.add.at(hosts, (dev_c, cols), 1)
+    even = (1.0 / count[cols]).astype(np.float32)  # (C,)
+    if policy == "round-robin" or table.shape[1] == 1:
+        return np.ascontiguousarray(np.broadcast_to(even[None, :], (d, cols.size)))
+    src = np.arange(d)
     if policy == "nearest":
-        ok = _nearest_mask(table[None, :, :], np.arange(d)[:, None], devices_per_node)
-        return ok / ok.sum(axis=2, keepdims=True)
+        node = src // devices_per_node
+        on_node = np.zeros((int(node[-1]) + 1, e), dtype=np.int64)  # (N, E)
+        np.add.at(on_node, (node[dev_c], cols), 1)
+        near = on_node[node]  # (D, E) copies on each sender's node
+        # per (sender, expert): which replicas serve it (0 own, 1 node, 2 all), how many
+        cls = np.where(hosts > 0, 0, np.where(near > 0, 1, 2)).astype(np.int8)
+        many = np.where(hosts > 0, hosts, np.where(near > 0, near, count[None, :]))
+        inv = (1.0 / many).astype(np.float32)
+        c_cls, c_inv = cls[:, cols], inv[:, cols]  # (D, C)
+        serves = c_cls == 2
+        serves |= (c_cls == 1) & (node[dev_c][None, :] == node[:, None])
+        serves |= (c_cls == 0) & (dev_c[None, :] == src[:, None])
+        c_inv *= serves
+        return c_inv
     # load-aware: one "assignment" per (device, expert) pair, weighted by its count
-    src, exp = np.nonzero(counts)
-    weight = counts[src, exp].astype(np.int64)
-    out = np.broadcast_to((valid / count[:, None])[None], (d, e, r)).copy()
-    multi = count[exp] > 1
+    ps, pe = np.nonzero(counts)
+    multi = count[pe] > 1
+    out = np.broadcast_to(even[None, :], (d, cols.size)).copy()
     if not multi.any():
         return out
-    m_src, m_exp = src[multi], exp[multi]
-    groups = _Groups.of(m_exp, m_src, table, devices_per_node, d, policy)
+    weight = counts[ps, pe].astype(np.int64)
+    groups = _Groups.of(pe[multi], ps[multi], table, devices_per_node, d, policy)
     sizes = np.bincount(groups.inv, weights=weight[multi], minlength=groups.experts.size)
-    base = np.bincount(table[exp[~multi], 0], weights=weight[~multi], minlength=d)
-    flow = groups.split(sizes.astype(np.int64), base.astype(np.int64)).astype(np.float64)
-    # share of each group's flow per (group, device), spread over the device's copies
-    gshare = np.zeros((groups.experts.size, d))
+    base = np.bincount(table[pe[~multi], 0], weights=weight[~multi], minlength=d)
+    flow = groups.split(sizes.astype(np.int64), base.astype(np.int64))
+    gshare = np.zeros((groups.experts.size + 1, d))  # last row: pairs with no group
     gshare[groups.edge_group, groups.edge_device] = flow / sizes[groups.edge_group]
-    copies = (table[:, :, None] == table[:, None, :]).sum(axis=2)  # (E, R) copies of its device
-    rep = table[m_exp]  # (M, R)
-    out[m_src, m_exp] = np.where(
-        rep >= 0, gshare[groups.inv[:, None], np.maximum(rep, 0)] / copies[m_exp], 0.0
-    )
+    grp = np.full((d, e), groups.experts.size, dtype=np.int64)  # (D, E) group of each pair
+    grp[ps[multi], pe[multi]] = groups.inv
+    replicated = count[cols] > 1  # (C,)
+    share = gshare[grp[:, cols], dev_c[None, :]] / hosts[dev_c, cols][None, :]
+    out[:, replicated] = share[:, replicated]
     return out

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from moesim.placement.choice import ReplicaChoice, rank_in_group, replica_shares
+from moesim.placement.choice import ReplicaChoice, slot_shares
 from moesim.sim.routing import LayerRouting
 
 __all__ = ["draw_counts", "inclusion_probabilities", "route_counts"]
@@ -133,18 +133,6 @@ def draw_counts(
     return out
 
 
-def _slot_replica(slots: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """(D, S) column of ``table`` that each physical slot is: a device hosting an expert
-    twice holds its consecutive table entries in slot order."""
-    d, s = slots.shape
-    e = table.shape[0]
-    dev = np.repeat(np.arange(d), s)
-    exp = slots.reshape(-1).astype(np.int64)
-    occ = rank_in_group(dev * e + exp)  # j-th copy of the expert on this device
-    first = np.argmax(table[exp] == dev[:, None], axis=1)
-    return (first + occ).reshape(d, s)
-
-
 @lru_cache(maxsize=8)
 def _fixed_shares(
     slots_bytes: bytes,
@@ -154,16 +142,12 @@ def _fixed_shares(
     devices_per_node: int,
     policy: ReplicaChoice,
 ) -> np.ndarray:
-    """(D, D*S) share of device s's assignments to slot c's expert that slot c serves, for
-    the policies whose shares do not depend on the counts (cached per placement layer)."""
+    """:func:`moesim.placement.choice.slot_shares` of the policies whose shares do not
+    depend on the counts, cached per placement layer (read-only)."""
     slots = np.frombuffer(slots_bytes, dtype=np.int32).reshape(slots_shape)
     table = np.frombuffer(table_bytes, dtype=np.int32).reshape(table_shape)
     count = (table >= 0).sum(axis=1)
-    d = slots.shape[0]
-    w = replica_shares(
-        np.ones((d, table.shape[0]), dtype=np.int64), table, count, devices_per_node, policy
-    )
-    out = w[:, slots.reshape(-1), _slot_replica(slots, table).reshape(-1)]
+    out = slot_shares(np.zeros(0), slots, table, count, devices_per_node, policy)
     out.setflags(write=False)
     return out
 
@@ -182,7 +166,7 @@ def route_counts(
     :func:`moesim.sim.routing.route_layer`.
 
     Replica choice gives each (device, expert) count's shares over the expert's replicas
-    (:func:`moesim.placement.choice.replica_shares`: the expected shares of the token-level
+    (:func:`moesim.placement.choice.slot_shares`: the expected shares of the token-level
     choice, so loads and traffic may be fractional). Capacity is per physical slot, as at
     token level; a slot over it keeps the same fraction of every sender's assignments (the
     expectation over token order) and drops the rest.
@@ -206,23 +190,25 @@ def route_counts(
             replica_choice,
         )
     else:
-        w = replica_shares(counts, table, count, devices_per_node, replica_choice)
-        share = w[:, cols, _slot_replica(slots, table).reshape(-1)]
-    flow = counts[:, cols] * share  # (D, C) assignments of each sender to each slot
-    routed = flow.sum(axis=0)  # (C,)
+        share = slot_shares(counts, slots, table, count, devices_per_node, replica_choice)
+    # (D, C) assignments of each sender to each slot; float32 holds counts exactly below
+    # 2^24, and the (D, D*S) matrices dominate the cost at thousands of devices
+    flow = np.take(counts.astype(np.float32), cols, axis=1)
+    flow *= share
+    routed = flow.sum(axis=0, dtype=np.float64)  # (C,)
     dropped = np.zeros(d)
-    kept = flow
     served = routed
     if capacity is not None and (routed > capacity).any():
         keep = np.minimum(1.0, capacity / np.maximum(routed, 1e-300))
-        kept = flow * keep[None, :]
-        dropped = flow.sum(axis=1) - kept.sum(axis=1)
+        sent = flow.sum(axis=1, dtype=np.float64)
+        flow *= keep.astype(np.float32)[None, :]
+        dropped = sent - flow.sum(axis=1, dtype=np.float64)
         served = routed * keep
-    dispatch = kept.reshape(d, d, -1).sum(axis=2)
+    dispatch = flow if slots.shape[1] == 1 else flow.reshape(d, d, -1).sum(axis=2)
     total = float(counts.sum())
     mean_slot = total / cols.size
     return LayerRouting(
-        device_load=dispatch.sum(axis=0),
+        device_load=served.reshape(d, -1).sum(axis=1),
         expert_tokens=served.reshape(d, -1),
         dispatch=dispatch,
         copies=dispatch,
