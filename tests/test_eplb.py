@@ -38,6 +38,17 @@ def test_replicate_experts_adds_to_the_largest_load_per_replica():
     assert logcnt.tolist() == [[4, 1]]
 
 
+def test_ties_keep_the_order_of_eplbs_sort():
+    # 17 equal weights (more than the final insertion sort alone handles): the pivot (the
+    # median of places 1, 8, 16, all equal: item 8) swaps with item 0, then the Hoare
+    # partition swaps places 1<->16, 2<->15, ..., 8<->9 and stops at place 9; both parts
+    # have at most 16 items and the insertion sort moves no equal key
+    from moesim.placement.eplb import _introsort_order
+
+    order = _introsort_order([1.0] * 17)
+    assert order == [8, 16, 15, 14, 13, 12, 11, 10, 9, 0, 7, 6, 5, 4, 3, 2, 1]
+
+
 def test_rebalance_uses_the_global_policy_when_groups_do_not_divide_over_nodes():
     w = np.array([[1.0, 3.0, 4.0, 2.0]])
     glob = rebalance(w, 4, 1, 1, 2)
@@ -57,8 +68,9 @@ def _cases() -> list[dict]:
 @pytest.mark.skipif(not REFERENCE.exists(), reason=f"EPLB reference outputs absent: {REFERENCE}")
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c['name']}-{c['policy']}")
 def test_planners_reproduce_deepseek_eplb(case):
-    """Same replica counts, same per-GPU loads, and the same experts on every GPU (slots
-    GPU-major) as DeepSeek's ``rebalance_experts`` on the reference inputs."""
+    """Same replica counts, same per-GPU loads, and the same physical slots (GPU-major, in
+    the same order within each GPU) as DeepSeek's ``rebalance_experts`` on the reference
+    inputs."""
     w = np.array(case["weight"], dtype=np.float64)  # (L, E)
     ref = np.array(case["phy2log"])  # (L, P)
     logcnt = np.array(case["logcnt"])  # (L, E)
@@ -81,3 +93,4 @@ def test_planners_reproduce_deepseek_eplb(case):
     ref_slots = ref.reshape(num_layers, d, s)
     assert np.abs(gpu_loads(p.slots) - gpu_loads(ref_slots)).max() <= 1e-6
     assert (np.sort(p.slots, axis=2) == np.sort(ref_slots, axis=2)).all()
+    assert (p.slots.reshape(num_layers, -1) == ref).all()

@@ -177,8 +177,9 @@ def test_every_planner_fills_every_slot_and_homes_every_expert(strategy):
 
 @pytest.mark.parametrize("strategy", CAPPED)
 def test_no_planner_puts_an_expert_twice_on_a_device_when_slots_are_crowded(strategy):
-    """(EPLB's own policies excepted.) Many slots per expert under a replica cap: packing can run out of devices that lack
-    an expert while it still has replicas to place (greedy, EPLB and affinity all did)."""
+    """Many slots per expert under a replica cap: packing can run out of devices that lack
+    an expert while it still has replicas to place (greedy, balanced-* and affinity all
+    did). EPLB's own policies allow a second copy on a device, as EPLB does."""
     rng = np.random.default_rng(0)
     cases = [(64, 2, 8, 64, 3), (32, 2, 8, 48, 3), (32, 2, 4, 56, 3), (16, 1, 8, 24, 4),
              (32, 2, 4, 48, 4)]  # fmt: skip

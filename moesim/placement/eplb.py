@@ -6,7 +6,8 @@ Implemented from the algorithm DeepSeek published (github.com/deepseek-ai/EPLB, 
 DeepSeek's own code on eight inputs (``tests/test_eplb.py``). Its choices, kept here:
 
 - arithmetic in float32 (EPLB casts the weights to float32);
-- :func:`balanced_packing` sorts items heaviest first (ties: lower index first) and puts
+- :func:`balanced_packing` sorts items heaviest first (equal weights in the order EPLB's
+  unstable sort leaves them, :func:`_introsort_order`) and puts
   each on the least-loaded pack (ties: lower pack) among packs with a free place; it has
   no rule against two copies of one expert in one pack, and with one item per pack it
   keeps the items in order (item ``i`` to pack ``i``);
@@ -33,11 +34,85 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
+_SMALL = 16  # ranges of at most this many items are left to the final insertion sort
+
+
+def _introsort_order(keys: list[float]) -> list[int]:
+    """Indices of ``keys`` heaviest first, equal keys in the order an introsort leaves them:
+    median-of-three pivot moved to the front, Hoare partition, the larger-index part
+    sorted first, then one insertion sort over the whole (the first 16 items guarded).
+
+    This is the tie order of EPLB's (unstable) descending sort on CPU, checked against
+    its outputs. Past the introsort's depth limit (2 log2 N levels, not reached by the
+    inputs at hand) a range is ordered stably instead, which can only move equal keys:
+    the loads packed are the same.
+    """
+    a = list(range(len(keys)))
+
+    def before(x: int, y: int) -> bool:  # x sorts before y
+        return keys[x] > keys[y]
+
+    def partition(lo: int, hi: int) -> int:
+        """Partition a[lo+1:hi] around the pivot a[lo]; the start of the right part."""
+        i, j = lo + 1, hi
+        while True:
+            while before(a[i], a[lo]):
+                i += 1
+            j -= 1
+            while before(a[lo], a[j]):
+                j -= 1
+            if i >= j:
+                return i
+            a[i], a[j] = a[j], a[i]
+            i += 1
+
+    def pivot_to_front(lo: int, hi: int) -> None:
+        x, y, z = lo + 1, lo + (hi - lo) // 2, hi - 1
+        if before(a[x], a[y]):
+            m = y if before(a[y], a[z]) else (z if before(a[x], a[z]) else x)
+        else:
+            m = x if before(a[x], a[z]) else (z if before(a[y], a[z]) else y)
+        a[lo], a[m] = a[m], a[lo]
+
+    def introsort(lo: int, hi: int, depth: int) -> None:
+        while hi - lo > _SMALL:
+            if depth == 0:
+                a[lo:hi] = sorted(a[lo:hi], key=lambda i: (-keys[i], i))
+                return
+            depth -= 1
+            pivot_to_front(lo, hi)
+            cut = partition(lo, hi)
+            introsort(cut, hi, depth)
+            hi = cut
+
+    n = len(a)
+    introsort(0, n, 2 * (n.bit_length() - 1))
+    for i in range(1, n):  # insertion sort: each item moves left past heavier-keyed ones
+        v, j = a[i], i
+        while j > 0 and before(v, a[j - 1]):
+            a[j] = a[j - 1]
+            j -= 1
+        a[j] = v
+    return a
+
+
+def _descending(weight: np.ndarray) -> np.ndarray:
+    """(B, N) item order of each row, heaviest first, ties as EPLB's sort leaves them
+    (:func:`_introsort_order`; rows without ties, or short ones, in stable order)."""
+    order = np.argsort(-weight, axis=1, kind="stable")
+    if weight.shape[1] <= _SMALL:
+        return order
+    ordered = np.take_along_axis(weight, order, axis=1)
+    for r in np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1)).tolist():
+        order[r] = _introsort_order(weight[r].tolist())
+    return order
+
+
 def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
     """Pack N items into ``num_packs`` packs of N / num_packs items each, balancing loads.
 
-    Items go heaviest first (ties: lower index first), each to the least-loaded pack
-    (ties: lower pack) that has a free place.
+    Items go heaviest first (equal weights in the order of EPLB's sort, see
+    :func:`_descending`), each to the least-loaded pack (ties: lower pack) with a free place.
 
     Args:
         weight: (B, N) float32 item weights, B independent rows; N a multiple of num_packs.
@@ -50,7 +125,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     if per_pack == 1:
         return np.tile(np.arange(n), (b, 1)), np.zeros((b, n), dtype=np.int64)
     rows = np.arange(b)
-    order = np.argsort(-weight, axis=1, kind="stable")  # (B, N) heaviest first
+    order = _descending(weight)  # (B, N) heaviest first
     load = np.zeros((b, num_packs), dtype=np.float32)
     fill = np.zeros((b, num_packs), dtype=np.int64)
     pack = np.empty((b, n), dtype=np.int64)
