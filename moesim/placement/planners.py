@@ -118,7 +118,8 @@ def replicate_by_load(
     start: np.ndarray | None = None,
 ) -> np.ndarray:
     """Replica counts: start at one each (or at ``start``), then add replicas one at a time
-    to the expert with the largest load per replica (EPLB's ``replicate_experts``).
+    to the expert with the largest load per replica (EPLB's rule, here under a cap and in
+    float64; :func:`moesim.placement.eplb.replicate_experts` is EPLB's own).
 
     Args:
         weight: (B, M) load of each of M logical experts, B independent rows.
@@ -160,9 +161,11 @@ def lpt_pack(
     num_experts: int,
     init_load: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Longest-processing-time packing with equal slot counts (EPLB's ``balanced_packing``):
-    items in the given order (heaviest first), each to the least-loaded bin that has a free
-    slot and does not hold the same expert yet (else to the least-loaded bin with a free slot).
+    """Longest-processing-time packing with equal slot counts (EPLB's packing rule plus
+    moesim's no-duplicate rule; :func:`moesim.placement.eplb.balanced_packing` is EPLB's
+    own): items in the given order (heaviest first), each to the least-loaded bin that has
+    a free slot and does not hold the same expert yet (else to the least-loaded bin with a
+    free slot).
 
     Args:
         exp: (B, N) expert id of each item; share: (B, N) its load; N = num_bins * per_bin.
