@@ -19,6 +19,13 @@ Datasets:
 
 Clusters: EP32 = 4 nodes x 8 devices with 32 redundant slots, EP64 = 8 x 8 with 64.
 
+Planners: every ``moesim place`` strategy (``eplb-global`` and ``eplb-hierarchical`` are
+DeepSeek EPLB as published, the hierarchical one with one expert group per node;
+``balanced-global`` and ``balanced-hierarchical`` moesim's variant, replicas on distinct
+devices), and ``contiguous-no-redundant``, the baseline every target is also judged
+against: experts in id order in equal blocks, no redundant slots (Megatron's default;
+Mixtral's 8 experts each on D / 8 consecutive devices).
+
 Per (dataset, cluster, planner, replica choice): max/mean device load per batch (mean over
 layers; mean and p99 over batches), remote nodes per token, inter-node bytes per batch
 (dispatch + combine, bf16), dropped share at a device capacity of 1.25 x the mean device
@@ -58,6 +65,7 @@ from moesim.costs.roofline import bytes_per_assignment
 from moesim.model.shapes import get_preset
 from moesim.paths import repo_root, scenarios_dir
 from moesim.placement.affinity import coactivation
+from moesim.placement.base import contiguous
 from moesim.placement.memory import expert_bytes
 from moesim.placement.metrics import expert_loads, planned_balance, score_window
 from moesim.placement.planners import STRATEGIES, plan, ready
@@ -124,7 +132,15 @@ def best_weighting(previous: np.ndarray, last: np.ndarray, target: np.ndarray) -
     return np.maximum(out, 0.0)
 
 
-PLANNERS = (*STRATEGIES, "affinity-last-window", "oracle", "affinity-law", "affinity-fit")
+BASELINE = "contiguous-no-redundant"
+PLANNERS = (
+    BASELINE,
+    *STRATEGIES,
+    "affinity-last-window",
+    "oracle",
+    "affinity-law",
+    "affinity-fit",
+)
 
 
 @dataclass(frozen=True)
@@ -160,7 +176,11 @@ def evaluate(
         for strategy in PLANNERS:
             if strategy in ("affinity-law", "affinity-fit") and ds.law is None:
                 continue
-            if strategy == "oracle":
+            if strategy == BASELINE:
+                t0 = time.perf_counter()
+                p = contiguous(e, d, score_ids.shape[0])
+                ms = (time.perf_counter() - t0) * 1e3
+            elif strategy == "oracle":
                 p, ms = _plan("eplb-global", score_ids, e, nodes, g, redundant)
             else:
                 p, ms = _plan(strategy, ds.plan_ids, e, nodes, g, redundant, ds.history, ds.law)
@@ -178,7 +198,7 @@ def evaluate(
                         "dataset": ds.name,
                         "seed": ds.seed,
                         "cluster": cname,
-                        "redundant": redundant,
+                        "redundant": p.slots.shape[1] * p.slots.shape[2] - e,
                         "planner": strategy,
                         "replica_choice": policy,
                         "planned_balance_fresh": round(float(fresh), 4),
@@ -375,7 +395,9 @@ def replan_study(quick: bool, score_layers: int, policies: list[str]) -> list[di
 def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: dict) -> dict:
     """The issue's targets, checked per (dataset, cluster, replica choice) for ``affinity``
     and ``affinity-last-window`` on the mean over seeds of each planner's balance and
-    remote nodes, plus re-planning and planning-time targets."""
+    remote nodes, against EPLB (``eplb-global``'s balance, ``eplb-hierarchical``'s remote
+    nodes) and against ``contiguous-no-redundant`` (balance below it, remote nodes at most
+    its), plus re-planning and planning-time targets."""
     runs: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         runs.setdefault((r["dataset"], r["cluster"], r["replica_choice"], r["planner"]), []).append(
@@ -391,7 +413,7 @@ def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: di
     per_case = []
     for ds, cl, pol in keys:
         glob, hier = by[(ds, cl, pol, "eplb-global")], by[(ds, cl, pol, "eplb-hierarchical")]
-        orac = by[(ds, cl, pol, "oracle")]
+        orac, base = by[(ds, cl, pol, "oracle")], by[(ds, cl, pol, BASELINE)]
         for ours_name in ("affinity", "affinity-last-window"):
             ours = by[(ds, cl, pol, ours_name)]
             entry: dict[str, Any] = {
@@ -402,6 +424,9 @@ def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: di
                 "balance_le_global": ours["balance_mean"] <= glob["balance_mean"] + 1e-9,
                 "remote_le_hierarchical": ours["remote_nodes_per_token"]
                 <= hier["remote_nodes_per_token"] + 1e-9,
+                "balance_lt_contiguous": ours["balance_mean"] < base["balance_mean"] - 1e-9,
+                "remote_le_contiguous": ours["remote_nodes_per_token"]
+                <= base["remote_nodes_per_token"] + 1e-9,
             }
             if "drift" in ds:
                 closed = _gap_closed(glob, orac, ours)
@@ -453,9 +478,12 @@ def targets(rows: list[dict[str, Any]], replans: list[dict[str, Any]], times: di
         for pol in sorted({c["replica_choice"] for c in per_case}):
             mine = [c for c in per_case if c["planner"] == name and c["replica_choice"] == pol]
             both = sum(c["balance_le_global"] and c["remote_le_hierarchical"] for c in mine)
+            contig = sum(c["balance_lt_contiguous"] and c["remote_le_contiguous"] for c in mine)
             drift = [c["drift_half_gap_closed"] for c in mine if "drift_half_gap_closed" in c]
             met.setdefault(name, {})[pol] = (
-                f"balance+traffic {both}/{len(mine)}, drift half gap {sum(drift)}/{len(drift)}"
+                f"balance+traffic vs EPLB {both}/{len(mine)}, "
+                f"balance+traffic vs contiguous {contig}/{len(mine)}, "
+                f"drift half gap {sum(drift)}/{len(drift)}"
             )
     return {
         "cases": per_case,
@@ -523,7 +551,7 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     cols = [
-        ("dataset", 16), ("seed", 4), ("cluster", 5), ("planner", 17), ("replica_choice", 12),
+        ("dataset", 16), ("seed", 4), ("cluster", 5), ("planner", 23), ("replica_choice", 12),
         ("balance_mean", 8), ("balance_p99", 8), ("remote_nodes_per_token", 8),
         ("inter_node_mb_per_batch", 9), ("dropped_pct", 7), ("plan_ms", 8),
     ]  # fmt: skip
@@ -538,7 +566,7 @@ def main() -> None:
     print("\nre-planning, drifting zipf 0.6, EP32:")
     for r in replans:
         print("  " + ", ".join(f"{k} {v}" for k, v in r.items()))
-    print("\ntargets (affinity, affinity-last-window vs EPLB-style planners):")
+    print("\ntargets (affinity, affinity-last-window vs EPLB and vs contiguous-no-redundant):")
     for c in checks["cases"]:
         print("  " + ", ".join(f"{k} {v}" for k, v in c.items()))
     for name, by_policy in checks["met"].items():

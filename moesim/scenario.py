@@ -151,8 +151,9 @@ class Scenario(BaseModel):
     placement: str = Field(
         default="contiguous",
         description="a planner (contiguous | round-robin | greedy | eplb-hierarchical | "
-        "eplb-global | shadow | affinity), planned from the routing's loads, or a "
-        "placement YAML file",
+        "eplb-global | balanced-hierarchical | balanced-global | shadow | affinity), planned "
+        "from the routing's loads (the hierarchical ones with one expert group per node), "
+        "or a placement YAML file",
     )
     redundant_slots: int = Field(default=0, ge=0, description="extra expert slots per layer")
     replica_choice: Literal["nearest", "round-robin", "least-loaded", "batch-split"] = "nearest"

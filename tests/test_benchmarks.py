@@ -36,8 +36,11 @@ def test_placement_eval_quick_runs_and_checks_targets():
     out = _run_json("placement_eval.py", "--quick", "--score-layers", "2", "--seeds", "1,2")
     planners = {r["planner"] for r in out["rows"]}
     assert {
+        "contiguous-no-redundant",
         "eplb-global",
         "eplb-hierarchical",
+        "balanced-global",
+        "balanced-hierarchical",
         "affinity",
         "oracle",
         "affinity-law",
@@ -60,7 +63,14 @@ def test_placement_eval_quick_runs_and_checks_targets():
     )
     assert {r["dataset"] for r in out["rows"]} >= {"flame-290m", "dsv3-zipf1.0"}
     assert all(r["balance_mean"] >= 1.0 for r in out["rows"])
-    assert out["targets"]["cases"] and "balance_le_global" in out["targets"]["cases"][0]
+    assert out["targets"]["cases"] and {
+        "balance_le_global",
+        "remote_le_hierarchical",
+        "balance_lt_contiguous",
+        "remote_le_contiguous",
+    } <= set(out["targets"]["cases"][0])
+    base = [r for r in out["rows"] if r["planner"] == "contiguous-no-redundant"]
+    assert base and all(r["redundant"] == 0 for r in base if r["dataset"] != "mistral-c4")
     assert {r["mode"] for r in out["replan"]} == {"static", "full", "limit-20%"}
     assert len(out["targets"]["replan"]) == 6  # 3 planners x 2 replica choices
     assert set(out["targets"]["met"]) == {"affinity", "affinity-last-window"}

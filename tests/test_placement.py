@@ -48,16 +48,44 @@ def test_greedy_gives_each_heavy_expert_one_replica_then_lpt():
 
 
 def test_eplb_global_replicates_by_load_per_replica():
-    # replicas: 0 (12->6), 0 (6->4), 0 (tie 4 vs 4 -> lower id), 1: counts 4 2 1 1
+    # replicas: 0 (12->6), 0 (6->4), 0 (tie 4 vs 4 -> lower id), 1: counts 4 2 1 1.
+    # Physical experts 0 1 2 3 0 0 0 1, shares 3 2 2 2 3 3 3 2; heaviest first (ties in
+    # slot order): the four 0s to devices 0-3, then 1, 2, 3, 1 to devices 0-3
     p = plan(LOADS, "eplb-global", nodes=2, devices_per_node=2, redundant=4)
+    assert _slots(p) == [[0, 1], [0, 2], [0, 3], [0, 1]]
+    assert planned_device_loads(p, LOADS)[0].tolist() == [5, 5, 5, 5]
+
+
+def test_balanced_global_keeps_replicas_on_distinct_devices():
+    # the same counts 4 2 1 1; LPT over shares 3 3 3 3 2 2 2 2 avoiding a second copy
+    p = plan(LOADS, "balanced-global", nodes=2, devices_per_node=2, redundant=4)
     assert _slots(p) == [[0, 1], [0, 1], [0, 2], [0, 3]]
     assert planned_device_loads(p, LOADS)[0].tolist() == [5, 5, 5, 5]
 
 
-def test_eplb_hierarchical_keeps_groups_and_replicas_within_nodes():
+def test_eplb_hierarchical_places_group_i_on_node_i_and_allows_two_copies_on_a_device():
+    # groups {0,1} (16) and {2,3} (4), one per node: EPLB keeps group i on node i.
+    # Node 0: 4 slots for loads 12, 4: replicas 0 (12->6), 0 (6->4), counts 3 1; physical
+    # experts 0 1 0 0, shares 4 each: in slot order to devices 0, 1, 0, 1 -> [0, 0], [1, 0].
+    # Node 1: loads 2, 2: replicas 2 then 3, shares 1 each -> [2, 2], [3, 3]
+    p = plan(LOADS, "eplb-hierarchical", nodes=2, devices_per_node=2, redundant=4)
+    assert _slots(p) == [[0, 0], [1, 0], [2, 2], [3, 3]]
+    assert planned_device_loads(p, LOADS)[0].tolist() == [8, 8, 2, 2]
+    # four groups of one expert, two per node, heaviest first to the least-loaded node:
+    # 2 (4) -> node 0, 1 (3) -> node 1, 3 (2) -> node 1 (3 < 4), 0 (1) -> node 0; each
+    # device's slots heaviest first
+    loads = np.array([[1.0, 3.0, 4.0, 2.0]])
+    q = plan(loads, "eplb-hierarchical", nodes=2, devices_per_node=1, groups=4)
+    assert _slots(q) == [[2, 0], [1, 3]]
+    # two groups on two nodes: group i on node i, whatever the loads
+    q = plan(loads, "eplb-hierarchical", nodes=2, devices_per_node=1, groups=2)
+    assert _slots(q) == [[1, 0], [2, 3]]
+
+
+def test_balanced_hierarchical_keeps_groups_and_replicas_within_nodes():
     # groups {0,1} (16) and {2,3} (4), one per node; within node 0 experts 0,1 get two
     # replicas each (cap: 2 devices), likewise 2,3 in node 1
-    p = plan(LOADS, "eplb-hierarchical", nodes=2, devices_per_node=2, redundant=4)
+    p = plan(LOADS, "balanced-hierarchical", nodes=2, devices_per_node=2, redundant=4)
     assert _slots(p) == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert planned_balance(p, LOADS)[0] == pytest.approx(8 / 5)
 
@@ -132,21 +160,26 @@ def test_affinity_joins_devices_through_replicas():
             assert len(set(table[ex, :2] // 4)) == 2
 
 
+CAPPED = [s for s in STRATEGIES if not s.startswith("eplb-")]  # the planners with a cap
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_planner_fills_every_slot_and_homes_every_expert(strategy):
     rng = np.random.default_rng(1)
     loads = rng.zipf(1.5, size=(3, 16)).astype(float)
-    p = plan(loads, strategy, nodes=2, devices_per_node=4, redundant=8, max_replicas=4)
+    cap = 4 if strategy in CAPPED else None
+    p = plan(loads, strategy, nodes=2, devices_per_node=4, redundant=8, max_replicas=cap)
     assert p.slots.shape == (3, 8, 3)
     for layer in range(3):
         _, count = p.replicas(layer)  # raises if an expert is homeless
-        assert count.sum() == 24 and count.max() <= 4
+        assert count.sum() == 24 and count.max() <= (cap or 24)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", CAPPED)
 def test_no_planner_puts_an_expert_twice_on_a_device_when_slots_are_crowded(strategy):
     """Many slots per expert under a replica cap: packing can run out of devices that lack
-    an expert while it still has replicas to place (greedy, EPLB and affinity all did)."""
+    an expert while it still has replicas to place (greedy, balanced-* and affinity all
+    did). EPLB's own policies allow a second copy on a device, as EPLB does."""
     rng = np.random.default_rng(0)
     cases = [(64, 2, 8, 64, 3), (32, 2, 8, 48, 3), (32, 2, 4, 56, 3), (16, 1, 8, 24, 4),
              (32, 2, 4, 48, 4)]  # fmt: skip
@@ -170,17 +203,13 @@ def test_separate_replicas_repeats_passes_until_no_copy_can_move():
     assert np.bincount(out[0].ravel()).tolist() == np.bincount(slots[0].ravel()).tolist()
 
 
-def test_eplb_hierarchical_falls_back_to_global_when_a_node_cannot_fill_its_slots():
+def test_balanced_hierarchical_falls_back_to_global_when_a_node_cannot_fill_its_slots():
     """With one replica per device of a node at most, a node's 2 (or 4) experts cannot
-    fill 4 (or 24) slots: EPLB's global policy plans instead, within the replica cap."""
-    p = plan(np.ones((1, 4)), "eplb-hierarchical", nodes=2, devices_per_node=1, redundant=4)
-    assert (
-        p.slots[0].tolist()
-        == plan(np.ones((1, 4)), "eplb-global", nodes=2, devices_per_node=1, redundant=4)
-        .slots[0]
-        .tolist()
-    )
-    p = plan(np.ones((1, 8)), "eplb-hierarchical", nodes=2, devices_per_node=4, redundant=40,
+    fill 4 (or 24) slots: balanced-global plans instead, within the replica cap."""
+    kw = {"nodes": 2, "devices_per_node": 1, "redundant": 4}
+    p = plan(np.ones((1, 4)), "balanced-hierarchical", **kw)
+    assert p.slots[0].tolist() == plan(np.ones((1, 4)), "balanced-global", **kw).slots[0].tolist()
+    p = plan(np.ones((1, 8)), "balanced-hierarchical", nodes=2, devices_per_node=4, redundant=40,
              max_replicas=8)  # fmt: skip
     assert np.bincount(p.slots[0].ravel()).max() <= 8
     assert all(len(set(dev)) == len(dev) for dev in p.slots[0].tolist())
@@ -226,6 +255,12 @@ def test_plan_rejects_bad_input():
         plan(np.ones((1, 4)), "greedy", nodes=1, devices_per_node=2, max_slots_per_device=1)
     with pytest.raises(InputError, match="loads"):
         plan(-np.ones((1, 4)), "greedy", nodes=1, devices_per_node=2)
+    with pytest.raises(InputError, match="no replica cap"):
+        plan(np.ones((1, 4)), "eplb-global", nodes=1, devices_per_node=2, max_replicas=2)
+    with pytest.raises(InputError, match="divide the 4 experts"):
+        plan(np.ones((1, 4)), "eplb-hierarchical", nodes=1, devices_per_node=2, groups=3)
+    with pytest.raises(InputError, match="groups are for"):
+        plan(np.ones((1, 4)), "eplb-global", nodes=1, devices_per_node=2, groups=2)
 
 
 # ----- replica choice -------------------------------------------------------------------------

@@ -27,15 +27,24 @@ StrategyOpt = Annotated[
     str,
     typer.Option(
         help="contiguous | round-robin | greedy | eplb-hierarchical | eplb-global | "
-        "shadow | affinity."
+        "balanced-hierarchical | balanced-global | shadow | affinity."
+    ),
+]
+GroupsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Contiguous expert groups for eplb-hierarchical and balanced-hierarchical "
+        "(EPLB's num_groups; default: one per node).",
+        min=1,
     ),
 ]
 HardwareOpt = Annotated[str, typer.Option(help="Hardware profile for the memory check.")]
 PrecisionOpt = Annotated[str, typer.Option(help="Expert weight precision: bf16 | fp8 | int4.")]
 
 
-def _check_choices(strategy: str, replica_choice: str) -> None:
-    """A one-line error for an unknown planner or replica choice."""
+def _check_choices(strategy: str, replica_choice: str, groups: int | None = None) -> None:
+    """A one-line error for an unknown planner or replica choice, or --groups given to a
+    planner without expert groups."""
     from moesim.placement.choice import REPLICA_CHOICES
     from moesim.placement.planners import STRATEGIES
 
@@ -46,6 +55,12 @@ def _check_choices(strategy: str, replica_choice: str) -> None:
     if replica_choice not in REPLICA_CHOICES:
         raise InputError(
             f"valid: {', '.join(REPLICA_CHOICES)}", field="replica-choice", value=replica_choice
+        )
+    if groups is not None and strategy not in ("eplb-hierarchical", "balanced-hierarchical"):
+        raise InputError(
+            f"expert groups are for eplb-hierarchical and balanced-hierarchical, not {strategy}",
+            field="groups",
+            value=groups,
         )
 
 
@@ -151,6 +166,7 @@ def place_cmd(
     gpus_per_node: GpusPerNodeOpt = 8,
     redundant: RedundantOpt = 0,
     strategy: StrategyOpt = "eplb-global",
+    groups: GroupsOpt = None,
     model: Annotated[
         str | None,
         typer.Option(help="Model preset: checks that the slots fit device memory."),
@@ -211,7 +227,7 @@ def place_cmd(
         raise InputError(
             "--counts-model and --domain read a counts JSON given as --loads", field="trace"
         )
-    _check_choices(strategy, replica_choice)
+    _check_choices(strategy, replica_choice, groups)
     ids = None
     before: tuple[int, int] | None = None
     layer_names: list[int] | None = None
@@ -253,6 +269,7 @@ def place_cmd(
         devices_per_node=gpus_per_node,
         redundant=redundant,
         max_slots_per_device=mem,
+        groups=groups,
         coactivation=co,
         cross_layer=cross,
     )
@@ -296,6 +313,7 @@ def place_cmd(
     bal = planned_balance(p, w)
     metrics: dict[str, Any] = {
         "strategy": strategy,
+        **({"groups": groups} if groups is not None else {}),
         "devices": p.num_devices,
         "slots_per_device": int(p.slots.shape[2]),
         "redundant": redundant,
@@ -356,6 +374,7 @@ def replan_cmd(
     gpus_per_node: GpusPerNodeOpt = 8,
     redundant: RedundantOpt = 0,
     strategy: StrategyOpt = "eplb-global",
+    groups: GroupsOpt = None,
     max_moved_share: Annotated[
         float | None,
         typer.Option(help="Also replay re-plans moving at most this share of slots.", min=0, max=1),
@@ -404,7 +423,7 @@ def replan_cmd(
     from moesim.placement.replan import planner_for, replay, replay_means
     from moesim.traces.store import read_trace
 
-    _check_choices(strategy, replica_choice)
+    _check_choices(strategy, replica_choice, groups)
     tr = read_trace(trace)
     if tr.num_tokens < 2 * window_tokens:
         raise InputError(
@@ -435,6 +454,7 @@ def replan_cmd(
         devices_per_node=gpus_per_node,
         redundant=redundant,
         max_slots_per_device=mem,
+        groups=groups,
     )
     modes: list[tuple[str, bool, float | None]] = [("static", True, None), ("full", False, None)]
     if max_moved_share is not None:

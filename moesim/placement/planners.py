@@ -1,43 +1,59 @@
 """Expert placement planners: pure functions from per-layer expert loads to a placement.
 
 Every planner fills exactly ``S = (E + redundant) / D`` slots on each of the ``D`` devices
-of every layer, hosts every logical expert at least once, and gives no expert more
-replicas than ``max_replicas`` (default: one per device). One public entry point,
-:func:`plan`, picks the strategy:
+of every layer and hosts every logical expert at least once. All but the two ``eplb-*``
+planners also put no expert twice on one device and give no expert more replicas than
+``max_replicas`` (default: one per device). One public entry point, :func:`plan`, picks
+the strategy:
 
-=====================  =====================================================================
-strategy               what it does
-=====================  =====================================================================
-``contiguous``         experts in id order, in blocks of ``S`` (Megatron's default); the
-                       redundant slots repeat experts 0, 1, ... (load-unaware)
-``round-robin``        expert ``i`` to device ``i mod D``; redundant slots repeat experts
-                       0, 1, ... on the next device that does not host them yet
-``greedy``             the ``redundant`` heaviest experts get one extra replica each, then
-                       longest-processing-time (LPT) packing onto devices
-``eplb-global``        DeepSeek EPLB's global policy: replicas one at a time to the expert
-                       with the largest load per replica, then balanced LPT packing of all
-                       replicas onto all devices
-``eplb-hierarchical``  DeepSeek EPLB's hierarchical policy: expert groups packed onto nodes
-                       (balanced), replicas made within each node, packed onto its devices
-``shadow``             FasterMoE-style shadowing: the hottest experts are copied onto every
-                       device (``D - 1`` extra slots each) while the budget lasts and their
-                       load exceeds a device's mean load; the rest of the budget replicates
-                       by load per replica; LPT packing (with no expert that hot, the
-                       plan is ``eplb-global``'s)
-``affinity``           replicas by load per replica, spread over distinct nodes; experts
-                       assigned to nodes heaviest first, each to the node whose experts it is
-                       most co-activated with (within tokens, and across consecutive layers)
-                       among nodes still under the balanced node load; LPT within each node,
-                       replicated experts' replicas joining all devices into one component
-                       that a load-aware replica choice can balance
-=====================  =====================================================================
+=========================  =================================================================
+strategy                   what it does
+=========================  =================================================================
+``contiguous``             experts in id order, in blocks of ``S`` (Megatron's default);
+                           the redundant slots repeat experts 0, 1, ... (load-unaware)
+``round-robin``            expert ``i`` to device ``i mod D``; redundant slots repeat
+                           experts 0, 1, ... on the next device that does not host them yet
+``greedy``                 the ``redundant`` heaviest experts get one extra replica each,
+                           then longest-processing-time (LPT) packing onto devices
+``eplb-global``            DeepSeek EPLB's global policy as published
+                           (:mod:`moesim.placement.eplb`): replicas one at a time to the
+                           expert with the largest load per replica, then balanced packing
+                           of all replicas onto all devices. No replica cap, and two copies
+                           of an expert may share a device (EPLB has no rule against it)
+``eplb-hierarchical``      DeepSeek EPLB's hierarchical policy as published: ``groups``
+                           contiguous expert groups packed onto nodes (balanced; with one
+                           group per node, group ``i`` on node ``i``), replicas made within
+                           each node, packed onto its devices; EPLB's global policy when
+                           the groups do not divide over the nodes
+``balanced-global``        moesim's variant of ``eplb-global``: the same replica rule under
+                           the replica cap, packing that avoids a second copy of an expert
+                           on a device, and :func:`separate_replicas` after it; balance can
+                           differ slightly from EPLB's, every replica serves a device
+``balanced-hierarchical``  moesim's variant of ``eplb-hierarchical``: groups LPT-packed
+                           onto nodes (also with one group per node), at most one replica
+                           per device of the node, distinct devices as above; falls back to
+                           ``balanced-global`` when a node cannot fill its slots so
+``shadow``                 FasterMoE-style shadowing: the hottest experts are copied onto
+                           every device (``D - 1`` extra slots each) while the budget lasts
+                           and their load exceeds a device's mean load; the rest of the
+                           budget replicates by load per replica; LPT packing (with no
+                           expert that hot, the plan is ``balanced-global``'s)
+``affinity``               replicas by load per replica, spread over distinct nodes;
+                           experts assigned to nodes heaviest first, each to the node whose
+                           experts it is most co-activated with (within tokens, and across
+                           consecutive layers) among nodes still under the balanced node
+                           load; LPT within each node, replicated experts' replicas joining
+                           all devices into one component that a load-aware replica choice
+                           can balance
+=========================  =================================================================
 
-EPLB's algorithm is implemented here from its published description (DeepSeek,
-github.com/deepseek-ai/EPLB, README: "hierarchical load balancing ... pack expert groups
-to nodes ... replicate experts within each node ... pack the replicated experts to
-individual GPUs"; "global load balancing ... replicate the experts globally ... pack the
-replicated experts to individual GPUs"); FasterMoE's shadowing from He et al., PPoPP'22
-(sec. 4: hot experts' parameters broadcast to all workers).
+EPLB's algorithm is implemented in :mod:`moesim.placement.eplb` from its published
+description (DeepSeek, github.com/deepseek-ai/EPLB: "hierarchical load balancing ... pack
+expert groups to nodes ... replicate experts within each node ... pack the replicated
+experts to individual GPUs"; "global load balancing ... replicate the experts globally ...
+pack the replicated experts to individual GPUs") and checked against its outputs;
+FasterMoE's shadowing from He et al., PPoPP'22 (sec. 4: hot experts' parameters broadcast
+to all workers).
 
 Planners work on all layers at once: the per-item greedy loops run over item rank with
 numpy operations across layers, so planning 58 layers x 256 experts takes milliseconds.
@@ -68,6 +84,8 @@ Strategy = Literal[
     "greedy",
     "eplb-hierarchical",
     "eplb-global",
+    "balanced-hierarchical",
+    "balanced-global",
     "shadow",
     "affinity",
 ]
@@ -100,7 +118,8 @@ def replicate_by_load(
     start: np.ndarray | None = None,
 ) -> np.ndarray:
     """Replica counts: start at one each (or at ``start``), then add replicas one at a time
-    to the expert with the largest load per replica (EPLB's ``replicate_experts``).
+    to the expert with the largest load per replica (EPLB's rule, here under a cap and in
+    float64; :func:`moesim.placement.eplb.replicate_experts` is EPLB's own).
 
     Args:
         weight: (B, M) load of each of M logical experts, B independent rows.
@@ -142,9 +161,11 @@ def lpt_pack(
     num_experts: int,
     init_load: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Longest-processing-time packing with equal slot counts (EPLB's ``balanced_packing``):
-    items in the given order (heaviest first), each to the least-loaded bin that has a free
-    slot and does not hold the same expert yet (else to the least-loaded bin with a free slot).
+    """Longest-processing-time packing with equal slot counts (EPLB's packing rule plus
+    moesim's no-duplicate rule; :func:`moesim.placement.eplb.balanced_packing` is EPLB's
+    own): items in the given order (heaviest first), each to the least-loaded bin that has
+    a free slot and does not hold the same expert yet (else to the least-loaded bin with a
+    free slot).
 
     Args:
         exp: (B, N) expert id of each item; share: (B, N) its load; N = num_bins * per_bin.
@@ -272,29 +293,39 @@ def _greedy(w: np.ndarray, d: int, s: int) -> np.ndarray:
     return lpt_pack(exp, share, d, s, e)
 
 
-def _eplb_global(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
-    """(L, D, S): replicas by load per replica, then balanced packing onto all devices."""
+def _eplb(w: np.ndarray, nodes: int, g: int, s: int, groups: int) -> np.ndarray:
+    """(L, D, S): DeepSeek EPLB's :func:`moesim.placement.eplb.rebalance` (hierarchical when
+    ``groups`` is a multiple of ``nodes``, else global), its slots GPU-major."""
+    from moesim.placement.eplb import rebalance
+
+    phy2log, _ = rebalance(w, nodes * g * s, groups, nodes, nodes * g)
+    return phy2log.reshape(w.shape[0], nodes * g, s).astype(np.int32)
+
+
+def _balanced_global(w: np.ndarray, d: int, s: int, max_rep: int) -> np.ndarray:
+    """(L, D, S): replicas by load per replica under the cap, then LPT packing onto all
+    devices avoiding a second copy of an expert on a device."""
     e = w.shape[1]
     count = replicate_by_load(w, d * s, max_rep)
     exp, share = _items(count, w)
     return lpt_pack(exp, share, d, s, e)
 
 
-def _eplb_hierarchical(
+def _balanced_hierarchical(
     w: np.ndarray, nodes: int, g: int, s: int, groups: int, max_rep: int
 ) -> np.ndarray:
     """(L, D, S): contiguous expert groups packed onto nodes (balanced, equal group counts),
     then within each node replicas by load per replica and LPT onto its ``g`` devices.
 
-    Falls back to the global policy when the groups do not divide evenly over the nodes
+    Falls back to ``balanced-global`` when the groups do not divide evenly over the nodes
     (as EPLB does), or when a node's experts cannot fill its slots with at most
     ``min(max_rep, g)`` replicas each (one per device of the node).
     """
     num_layers, e = w.shape
     if groups % nodes or e % groups or (s * g * nodes - e) % nodes:
-        return _eplb_global(w, nodes * g, s, max_rep)
+        return _balanced_global(w, nodes * g, s, max_rep)
     if (e // nodes) * min(max_rep, g) < g * s:
-        return _eplb_global(w, nodes * g, s, max_rep)
+        return _balanced_global(w, nodes * g, s, max_rep)
     per_group = e // groups
     gw = w.reshape(num_layers, groups, per_group).sum(axis=2)  # (L, groups)
     gexp, gshare = _items(np.ones_like(gw, dtype=np.int64), gw)
@@ -541,8 +572,12 @@ def plan(
         redundant: extra slots in total per layer; every device gets ``(E + redundant) / D``.
         max_slots_per_device: memory bound (expert slots that fit a device's HBM, see
             :func:`moesim.placement.memory.max_expert_slots`); exceeding it is an InputError.
-        max_replicas: replicas per expert at most (default: D, one per device).
-        groups: expert groups for ``eplb-hierarchical`` (default: one per node).
+        max_replicas: replicas per expert at most (default: D, one per device); refused
+            by ``eplb-global`` and ``eplb-hierarchical``, which have no cap, as EPLB.
+        groups: contiguous expert groups for ``eplb-hierarchical`` and
+            ``balanced-hierarchical`` (EPLB's ``num_groups``; a divisor of E; default: one
+            per node, or for ``eplb-hierarchical`` the global policy when the nodes do not
+            divide E); an InputError with any other strategy.
         coactivation: (L, E, E) tokens choosing both experts i and j in a layer, symmetric
             (:func:`moesim.placement.affinity.coactivation`), for ``affinity``.
         cross_layer: (L-1, E, E) tokens choosing expert i at layer l and j at layer l+1,
@@ -573,8 +608,27 @@ def plan(
             field="redundant",
             value=redundant,
         )
+    eplb = strategy in ("eplb-global", "eplb-hierarchical")
+    if eplb and max_replicas is not None:
+        raise InputError(
+            f"{strategy} follows DeepSeek EPLB, which has no replica cap; "
+            f"balanced-{strategy[5:]} keeps one",
+            field="max_replicas",
+            value=max_replicas,
+        )
+    if groups is not None:
+        if strategy not in ("eplb-hierarchical", "balanced-hierarchical"):
+            raise InputError(
+                "expert groups are for eplb-hierarchical and balanced-hierarchical",
+                field="groups",
+                value=groups,
+            )
+        if groups < 1 or e % groups:
+            raise InputError(
+                f"expert groups must divide the {e} experts", field="groups", value=groups
+            )
     max_rep = d if max_replicas is None else max(1, min(max_replicas, d))
-    if e * max_rep < d * s:
+    if not eplb and e * max_rep < d * s:
         raise InputError(
             f"{d * s} slots cannot be filled with at most {max_rep} replicas of {e} experts"
             + ("" if max_replicas is not None else " (one per device)"),
@@ -589,9 +643,15 @@ def plan(
     elif strategy == "greedy":
         slots = _greedy(w, d, s)
     elif strategy == "eplb-global":
-        slots = _eplb_global(w, d, s, max_rep)
+        slots = _eplb(w, nodes, devices_per_node, s, 1)
     elif strategy == "eplb-hierarchical":
-        slots = _eplb_hierarchical(w, nodes, devices_per_node, s, groups or nodes, max_rep)
+        # without groups: one per node, or the global policy where that does not divide E
+        n_groups = groups or (nodes if e % nodes == 0 else 1)
+        slots = _eplb(w, nodes, devices_per_node, s, n_groups)
+    elif strategy == "balanced-global":
+        slots = _balanced_global(w, d, s, max_rep)
+    elif strategy == "balanced-hierarchical":
+        slots = _balanced_hierarchical(w, nodes, devices_per_node, s, groups or nodes, max_rep)
     elif strategy == "shadow":
         slots = _shadow(w, d, s, max_rep)
     else:
@@ -612,5 +672,6 @@ def plan(
             cross_weight,
             tolerance,
         )
-    slots = separate_replicas(np.asarray(slots), w, devices_per_node)
+    if not eplb:
+        slots = separate_replicas(np.asarray(slots), w, devices_per_node)
     return Placement(slots=np.ascontiguousarray(slots, dtype=np.int32), num_experts=e)

@@ -399,10 +399,12 @@ def planner_for(
     devices_per_node: int,
     redundant: int,
     max_slots_per_device: int | None = None,
+    groups: int | None = None,
 ) -> Callable[[np.ndarray, np.ndarray], Placement]:
     """``planner(loads (L, E), window ids (L, n, K)) -> Placement`` for :func:`replay`:
-    :func:`moesim.placement.planners.plan` with ``strategy`` on this cluster; ``affinity``
-    also counts the window's co-activation and cross-layer affinity."""
+    :func:`moesim.placement.planners.plan` with ``strategy`` on this cluster (``groups``:
+    expert groups of the hierarchical planners); ``affinity`` also counts the window's
+    co-activation and cross-layer affinity."""
     from moesim.placement.affinity import coactivation
     from moesim.placement.planners import plan, ready
 
@@ -419,6 +421,7 @@ def planner_for(
             devices_per_node=devices_per_node,
             redundant=redundant,
             max_slots_per_device=max_slots_per_device,
+            groups=groups,
             coactivation=co,
             cross_layer=cross,
         )
