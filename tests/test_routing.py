@@ -198,11 +198,21 @@ def test_contiguous_rejects_uneven_split():
 
 
 def test_contiguous_replicates_when_more_devices_than_experts():
+    # expert-data parallelism: each group of E consecutive devices holds every expert
     p = contiguous(2, 4, 1)
-    assert p.slots[0, :, 0].tolist() == [0, 0, 1, 1]
+    assert p.slots[0, :, 0].tolist() == [0, 1, 0, 1]
     table, count = p.replicas(0)
-    assert table.tolist() == [[0, 1], [2, 3]]
+    assert table.tolist() == [[0, 2], [1, 3]]
     assert count.tolist() == [2, 2]
+
+
+def test_contiguous_is_one_placement_for_the_simulator_and_the_planner():
+    from moesim.placement import plan
+
+    for e, d, r in ((8, 4, 0), (4, 2, 2), (2, 4, 2)):
+        planned = plan(np.ones((3, e)), "contiguous", nodes=1, devices_per_node=d, redundant=r)
+        np.testing.assert_array_equal(planned.slots, contiguous(e, d, 3, redundant=r).slots)
+    np.testing.assert_array_equal(contiguous(2, 4, 1).slots, contiguous(2, 4, 1, 2).slots)
 
 
 def test_reroute_never_gives_a_token_the_same_expert_twice():

@@ -8,7 +8,7 @@ import numpy as np
 
 from moesim.errors import InputError
 
-__all__ = ["Placement", "contiguous"]
+__all__ = ["Placement", "contiguous", "sequence_deal"]
 
 
 @dataclass(frozen=True)
@@ -59,24 +59,53 @@ class Placement:
         return table, count
 
 
-def contiguous(num_experts: int, num_devices: int, num_layers: int) -> Placement:
-    """Experts in id order, in equal contiguous blocks (Megatron's expert-parallel default).
+def sequence_deal(seq: np.ndarray, num_devices: int, per_dev: int, start: np.ndarray) -> np.ndarray:
+    """Deal experts ``seq`` (N,) in order: item i goes to the first device from ``start[i]``
+    on (cyclically) with a free slot that does not host it yet (else any with a free slot).
 
-    With more devices than experts, each expert is replicated on ``D / E`` consecutive
-    devices. Returns slots of shape (L, D, max(E // D, 1)).
+    Returns (D, S) int32. Load-unaware, so done once and shared by every layer.
+    """
+    slots: list[list[int]] = [[] for _ in range(num_devices)]
+    for e, s in zip(seq.tolist(), start.tolist(), strict=True):
+        order = [(s + j) % num_devices for j in range(num_devices)]
+        free = [d for d in order if len(slots[d]) < per_dev]
+        fresh = [d for d in free if e not in slots[d]]
+        slots[(fresh or free)[0]].append(e)
+    return np.array(slots, dtype=np.int32)
+
+
+def contiguous(
+    num_experts: int, num_devices: int, num_layers: int, redundant: int | None = None
+) -> Placement:
+    """Experts in id order, in equal contiguous blocks (Megatron's expert-parallel default):
+    slot ``p`` of the sequence 0, 1, ..., E-1, 0, 1, ... on device ``p // S``, with
+    ``S = (E + redundant) / D`` slots per device; a repeated expert skips a device that
+    already hosts it.
+
+    The redundant slots repeat experts 0, 1, ... (load-unaware). By default there are none,
+    except with more devices than experts, where each group of ``E`` consecutive devices
+    holds every expert once (expert-data parallelism: ``D - E`` redundant slots).
+
+    Returns slots of shape (L, D, S).
     """
     e, d = num_experts, num_devices
-    if e % d == 0:
-        per_dev = np.arange(e, dtype=np.int32).reshape(d, e // d)
-    elif d % e == 0:
-        per_dev = (np.arange(d, dtype=np.int32) // (d // e)).reshape(d, 1)
-    else:
+    if redundant is None:
+        if e % d and d % e:
+            raise InputError(
+                f"contiguous placement needs experts ({e}) to be a multiple of devices ({d}) "
+                "or devices a multiple of experts",
+                field="placement",
+                value="contiguous",
+            )
+        redundant = 0 if e % d == 0 else d - e
+    total = e + redundant
+    if redundant < 0 or total % d:
         raise InputError(
-            f"contiguous placement needs experts ({e}) to be a multiple of devices ({d}) "
-            "or devices a multiple of experts",
-            field="placement",
-            value="contiguous",
+            f"experts + redundant slots ({e} + {redundant}) must be a positive multiple of "
+            f"the {d} devices",
+            field="redundant",
+            value=redundant,
         )
-    return Placement(
-        slots=np.broadcast_to(per_dev, (num_layers, *per_dev.shape)).copy(), num_experts=e
-    )
+    s = total // d
+    one = sequence_deal(np.arange(d * s) % e, d, s, np.arange(d * s) // s)
+    return Placement(slots=np.broadcast_to(one, (num_layers, d, s)).copy(), num_experts=e)

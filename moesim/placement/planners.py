@@ -66,7 +66,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.placement.base import Placement
+from moesim.placement.base import Placement, contiguous, sequence_deal
 
 __all__ = [
     "STRATEGIES",
@@ -192,23 +192,6 @@ def lpt_pack(
     return out
 
 
-def _sequence_deal(
-    seq: np.ndarray, num_devices: int, per_dev: int, start: np.ndarray
-) -> np.ndarray:
-    """Deal experts ``seq`` (N,) in order: item i goes to the first device from ``start[i]``
-    on (cyclically) with a free slot that does not host it yet (else any with a free slot).
-
-    Returns (D, S) int32. Load-unaware, so done once and shared by every layer.
-    """
-    slots: list[list[int]] = [[] for _ in range(num_devices)]
-    for e, s in zip(seq.tolist(), start.tolist(), strict=True):
-        order = [(s + j) % num_devices for j in range(num_devices)]
-        free = [d for d in order if len(slots[d]) < per_dev]
-        fresh = [d for d in free if e not in slots[d]]
-        slots[(fresh or free)[0]].append(e)
-    return np.array(slots, dtype=np.int32)
-
-
 def separate_replicas(slots: np.ndarray, weight: np.ndarray, devices_per_node: int) -> np.ndarray:
     """``slots`` with no expert twice on one device (a second copy there serves nothing).
 
@@ -266,17 +249,10 @@ def _swap_second_copy(slots: np.ndarray, a: int, per: np.ndarray, node: np.ndarr
 # ----- planners -----------------------------------------------------------------------------
 
 
-def _contiguous(num_layers: int, e: int, d: int, s: int) -> np.ndarray:
-    """(L, D, S): slot p of the sequence 0, 1, ..., E-1, 0, 1, ... on device p // S."""
-    seq = np.arange(d * s) % e
-    one = _sequence_deal(seq, d, s, np.arange(d * s) // s)
-    return np.broadcast_to(one, (num_layers, d, s)).copy()
-
-
 def _round_robin(num_layers: int, e: int, d: int, s: int) -> np.ndarray:
     """(L, D, S): slot p of the sequence 0, 1, ..., E-1, 0, 1, ... on device p mod D."""
     seq = np.arange(d * s) % e
-    one = _sequence_deal(seq, d, s, np.arange(d * s) % d)
+    one = sequence_deal(seq, d, s, np.arange(d * s) % d)
     return np.broadcast_to(one, (num_layers, d, s)).copy()
 
 
@@ -637,7 +613,7 @@ def plan(
         )
     w = w + 1e-12 * (w.sum(axis=1, keepdims=True) == 0)  # an all-zero layer: even weights
     if strategy == "contiguous":
-        slots = _contiguous(num_layers, e, d, s)
+        slots = contiguous(e, d, num_layers, redundant=redundant).slots
     elif strategy == "round-robin":
         slots = _round_robin(num_layers, e, d, s)
     elif strategy == "greedy":
