@@ -489,6 +489,7 @@ def _layer_frame(
                 "straggler_cause": strag.cause,
                 "straggler_phase": strag.phase,
                 "straggler_penalty": straggler_penalty(m[f"{strag.phase}_us"].to_numpy()),
+                "straggler_op": program[strag.op].name if strag.op >= 0 else "",
                 "straggler_excess_us": strag.excess_us,
                 "last_device": strag.gate_device,
                 "max_device_load": int(load.max()),
