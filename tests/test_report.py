@@ -78,7 +78,7 @@ def test_simulate_folder_report_matches_simulate(tmp_path, flame_dict, write_sce
     lay = pq.read_table(sim / "layers.parquet").to_pandas()
     lay = lay[(lay["mode"] == "training") & (lay["step"] == lay["step"].max())]
     for r in lay.sort_values("layer").to_dict("records"):  # device and cause of each row
-        assert f"<td>{r['straggler_device']}</td><td class=\"l\">{r['straggler_cause']}</td>" in table
+        assert f'<td>{r["straggler_device"]}</td><td class="l">{r["straggler_cause"]}</td>' in table
     heat = html[html.index('id="heatmap"') : html.index('id="stragglers"')]
     assert "capacity factor needed to drop nothing" in heat
     assert heat.count("<tr>") == 1 + 8

@@ -347,7 +347,7 @@ def _heatmap(run: RunData) -> Section:
     return Section("heatmap", html, md)
 
 
-def _behind(r: dict[str, Any], dpn: int) -> str:
+def _behind(r: dict[Any, Any], dpn: int) -> str:
     """What lies behind a layer's straggler, by its cause."""
     dev, cause = int(r["straggler_device"]), str(r["straggler_cause"])
     if cause in ("sending", "receiving", "slow NIC or link"):
@@ -504,8 +504,8 @@ def _timeline(run: RunData) -> Section:
         f"MoE layer {layer} (the straggler adding the most time), forward pass of step 0, "
         f"{run.first_mode}; devices {', '.join(map(str, shown[:4]))}"
         f"{'…' if len(shown) > 4 else ''} ({len(shown)} of {len(devices)}), straggler device "
-        f"{strag} ({worst['straggler_cause']}). `moesim simulate` writes the full timeline as timeline.json (open it in "
-        "Perfetto or chrome://tracing)."
+        f"{strag} ({worst['straggler_cause']}). `moesim simulate` writes the full timeline as "
+        "timeline.json (open it in Perfetto or chrome://tracing)."
     )
     md = cap
     return Section("timeline", figure(timeline_svg(ph), cap), md)

@@ -718,9 +718,7 @@ def _summary(
         "processed_balance": [round(float(x), 6) for x in lastl["processed_balance"]],
         # the sweep's results read this key: the processed balance, as before
         "balance_ratio": [round(float(x), 6) for x in lastl["processed_balance"]],
-        "dropless_capacity_factor": [
-            round(float(x), 6) for x in lastl["dropless_capacity_factor"]
-        ],
+        "dropless_capacity_factor": [round(float(x), 6) for x in lastl["dropless_capacity_factor"]],
         "straggler_device": [int(x) for x in lastl["straggler_device"]],
         "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
         "straggler_phase": [str(x) for x in lastl["straggler_phase"]],

@@ -130,9 +130,7 @@ def critical_path(
             senders = (
                 np.arange(end.shape[1]) if o.senders is None else np.flatnonzero(o.senders[:, d])
             )
-            ready = np.array(
-                [max((float(end[j, s]) for j in deps), default=0.0) for s in senders]
-            )
+            ready = np.array([max((float(end[j, s]) for j in deps), default=0.0) for s in senders])
             nxt_dev = int(senders[int(np.argmax(ready))])  # argmax: the lowest id on ties
         if not deps:
             break
@@ -170,7 +168,8 @@ def classify_cause(
     "other compute" by the op's category. An exchange is charged to "slow NIC or link"
     when the device's NIC is degraded or the op took more than :data:`SLOW_LINK_MARGIN`
     longer than the device's own ports allow (``op.port_limited_us``: a flow-tier transfer
-    slowed by another device's NIC or a shared link); otherwise to "sending" or "receiving", whichever moves more bytes on it.
+    slowed by another device's NIC or a shared link); otherwise to "sending" or
+    "receiving", whichever moves more bytes on it.
     """
     if isinstance(op, Compute):
         injected = duration_us - base_us
