@@ -347,33 +347,46 @@ def _heatmap(run: RunData) -> Section:
     return Section("heatmap", html, md)
 
 
-def _behind(r: dict[Any, Any], dpn: int) -> str:
-    """What lies behind a layer's straggler, by its cause."""
+def _behind(r: dict[Any, Any], op: pd.DataFrame) -> str:
+    """What lies behind a layer's straggler: its time on the op that added the most against
+    that op's mean, with the op's bytes for a transfer, and its most loaded expert.
+    ``op``: that op's phases rows (one per device), indexed by device; empty: none."""
     dev, cause = int(r["straggler_device"]), str(r["straggler_cause"])
-    if cause in ("sending", "receiving", "slow NIC or link"):
-        a, b = int(r["busiest_pair_src"]), int(r["busiest_pair_dst"])
-        where = "cross-node" if a // dpn != b // dpn else "same node"
-        return (
-            f"busiest flow device {a} → device {b} ({where}), "
-            f"{fmt_bytes(float(r['busiest_pair_bytes']))}; device {dev} processes "
-            f"{int(r['straggler_load']):,} assignments (mean {r['mean_device_load']:,.1f})"
+    load = f"{int(r['straggler_load']):,} assignments (mean {r['mean_device_load']:,.1f})"
+    if cause == "none" or dev not in op.index:
+        return f"device {dev} processes {load}"
+    name = str(op.loc[dev, "phase"])
+    text = (
+        f"its {name} takes {fmt_us(float(op.loc[dev, 'duration_us']))} "
+        f"(mean {fmt_us(float(op['duration_us'].mean()))})"
+    )
+    if str(op.loc[dev, "category"]) in ("dispatch", "combine"):
+        text += (
+            f", sending {fmt_bytes(float(op.loc[dev, 'bytes_sent']))} (mean "
+            f"{fmt_bytes(float(op['bytes_sent'].mean()))}) and receiving "
+            f"{fmt_bytes(float(op.loc[dev, 'bytes_recv']))} (mean "
+            f"{fmt_bytes(float(op['bytes_recv'].mean()))})"
         )
-    if r["straggler_expert"] >= 0 and cause != "none":
-        return (
-            f"expert {int(r['straggler_expert'])}: {r['straggler_expert_tokens']:,.0f} "
-            f"assignments on device {dev} ({int(r['straggler_load']):,} in all, mean "
-            f"{r['mean_device_load']:,.1f})"
+    if r["straggler_expert"] >= 0:
+        text += (
+            f"; its busiest expert {int(r['straggler_expert'])} has "
+            f"{r['straggler_expert_tokens']:,.0f} of its {int(r['straggler_load']):,} "
+            f"assignments (mean per device {r['mean_device_load']:,.1f})"
         )
-    return f"{int(r['straggler_load']):,} assignments on the device"
+    return text
 
 
 def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
     """Per MoE layer: the straggler on the critical path, its cause, the time it adds, the
     device that finishes the layer last, the penalty of the cause's phase and what lies
-    behind it (the straggler's most loaded expert, or the busiest device pair)."""
-    dpn = int(run.info["devices_per_node"])
+    behind it (the straggler's time and bytes on its costliest op, its busiest expert)."""
+    lay = run.last_layers()
+    ph = run.phases[(run.phases["mode"] == run.first_mode) & (run.phases["pass"] == "forward")]
+    ph = ph[ph["step"] == lay["step"].max()] if not lay.empty else ph
     rows: list[tuple[object, ...]] = []
-    for r in run.last_layers().to_dict("records"):
+    for r in lay.to_dict("records"):
+        name = str(r["straggler_op"]).split(" ", 1)[-1]  # the phases' name of the op
+        op = ph[(ph["layer"] == r["layer"]) & (ph["phase"] == name)].set_index("device")
         phase = PHASE_NAMES.get(str(r["straggler_phase"]), str(r["straggler_phase"]))
         rows.append(
             (
@@ -383,7 +396,7 @@ def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
                 fmt_us(float(r["straggler_excess_us"])),
                 int(r["last_device"]),
                 f"{100 * r['straggler_penalty']:.1f}% ({phase})",
-                _behind(r, dpn),
+                _behind(r, op),
             )
         )
     return rows
