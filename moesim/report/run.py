@@ -355,16 +355,17 @@ def _behind(r: dict[Any, Any], op: pd.DataFrame) -> str:
     load = f"{int(r['straggler_load']):,} assignments (mean {r['mean_device_load']:,.1f})"
     if cause == "none" or dev not in op.index:
         return f"device {dev} processes {load}"
-    name = str(op.loc[dev, "phase"])
+    row: dict[Any, Any] = op.loc[dev].to_dict()
+    name = str(row["phase"])
     text = (
-        f"its {name} takes {fmt_us(float(op.loc[dev, 'duration_us']))} "
+        f"its {name} takes {fmt_us(float(row['duration_us']))} "
         f"(mean {fmt_us(float(op['duration_us'].mean()))})"
     )
-    if str(op.loc[dev, "category"]) in ("dispatch", "combine"):
+    if str(row["category"]) in ("dispatch", "combine"):
         text += (
-            f", sending {fmt_bytes(float(op.loc[dev, 'bytes_sent']))} (mean "
+            f", sending {fmt_bytes(float(row['bytes_sent']))} (mean "
             f"{fmt_bytes(float(op['bytes_sent'].mean()))}) and receiving "
-            f"{fmt_bytes(float(op.loc[dev, 'bytes_recv']))} (mean "
+            f"{fmt_bytes(float(row['bytes_recv']))} (mean "
             f"{fmt_bytes(float(op['bytes_recv'].mean()))})"
         )
     if r["straggler_expert"] >= 0:
