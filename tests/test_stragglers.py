@@ -241,7 +241,7 @@ def test_classify_cause():
     )
     rev = Exchange("c", "combine", np.ones(2), None, np.array([1.0, 1.0]), np.array([1.0, 3.0]))
     assert classify_cause(rev, 1, 1.0, 1.0, 1.0, **kw) == "receiving"
-    # a flow-tier time 5 % or more above what the device's own ports allow
+    # flow tier: 5 % or more above what every device's ports allow (a slow shared link)
     lim = Exchange(
         "f", "dispatch", np.array([2.0, 2.2]), None, np.ones(2), np.ones(2),
         port_limited_us=np.array([2.0, 2.0]),
@@ -249,6 +249,16 @@ def test_classify_cause():
     assert classify_cause(lim, 1, 2.2, 2.2, 2.1, **kw) == "slow NIC or link"
     assert classify_cause(lim, 0, 2.0, 2.0, 2.1, **kw) == "sending"
     assert classify_cause(lim, 1, 2.09, 2.09, 2.1, **kw) == "sending"
+    # device 0 takes 2.9 against its own ports' 2.0: device 1's ports (3.0) explain it, a
+    # busy peer unless device 1's NIC is degraded
+    peer = Exchange(
+        "f", "dispatch", np.array([2.9, 3.0, 2.0]), None, np.ones(3), np.full(3, 2.0),
+        port_limited_us=np.array([2.0, 3.0, 2.0]),
+    )  # fmt: skip
+    assert classify_cause(peer, 0, 2.9, 2.9, 2.6, **kw) == "receiving"
+    assert classify_cause(peer, 0, 2.9, 2.9, 2.6, **kw | {"degraded_nics": {1: 0.5}}) == (
+        "slow NIC or link"
+    )
 
 
 def test_straggler_penalty_and_balance_ratio():
@@ -325,3 +335,13 @@ def test_slow_device_is_named_and_the_timeline_agrees(tmp_path):
             (3, f"straggler of layer {layer}: slow device")
         ]
     assert "injected: device 3 compute x1.5" in console_summary(result)
+
+
+def test_degraded_nic_in_the_flow_tier(tmp_path):
+    # the flow tier slows device 5's peers too: each layer's straggler is device 5 or a
+    # device whose transfers with it took as long as device 5's ports allow
+    run = simulate(
+        _demo_like(network={"tier": "flow"}, stragglers={"degraded_nics": {5: 0.5}}), tmp_path
+    ).runs[0]
+    assert run.summary["straggler_cause"] == ["slow NIC or link"] * 4
+    assert run.summary["straggler_device"] == [14, 5, 5, 5]

@@ -130,7 +130,7 @@ def critical_path(
             senders = (
                 np.arange(end.shape[1]) if o.senders is None else np.flatnonzero(o.senders[:, d])
             )
-            ready = np.array([max((float(end[j, s]) for j in deps), default=0.0) for s in senders])
+            ready = end[list(deps)][:, senders].max(axis=0) if deps else np.zeros(senders.size)
             nxt_dev = int(senders[int(np.argmax(ready))])  # argmax: the lowest id on ties
         if not deps:
             break
@@ -166,10 +166,12 @@ def classify_cause(
     work exceeds the mean (``duration - base > base - mean_base``): "slow device" when the
     device is listed in ``slow_devices``, "jitter" otherwise; else to "expert compute" or
     "other compute" by the op's category. An exchange is charged to "slow NIC or link"
-    when the device's NIC is degraded or the op took more than :data:`SLOW_LINK_MARGIN`
-    longer than the device's own ports allow (``op.port_limited_us``: a flow-tier transfer
-    slowed by another device's NIC or a shared link); otherwise to "sending" or
-    "receiving", whichever moves more bytes on it.
+    when the device's NIC is degraded, or when the op took more than
+    :data:`SLOW_LINK_MARGIN` longer than the device's own ports allow
+    (``op.port_limited_us``, a flow-tier transfer) and either longer than every device's
+    ports allow (a slow shared link) or about as long as a degraded NIC's ports allow (its
+    transfers with that device); otherwise (its own bytes, or a busy peer's) to "sending"
+    or "receiving", whichever moves more bytes on it.
     """
     if isinstance(op, Compute):
         injected = duration_us - base_us
@@ -182,8 +184,15 @@ def classify_cause(
     if degraded_nics.get(device, 1.0) != 1.0:
         return "slow NIC or link"
     lim = op.port_limited_us
-    if lim is not None and duration_us > lim[device] * (1 + SLOW_LINK_MARGIN):
-        return "slow NIC or link"
+    slow = 1 + SLOW_LINK_MARGIN
+    if lim is not None and duration_us > lim[device] * slow:
+        # slower than its own ports allow: a link slower than every port (oversubscription)
+        # or a degraded NIC elsewhere explains it; a busy peer's healthy port does not
+        if duration_us > float(lim.max()) * slow:
+            return "slow NIC or link"
+        degraded = [d for d, f in degraded_nics.items() if f != 1.0]
+        if degraded and float(lim[degraded].max()) * slow >= duration_us:
+            return "slow NIC or link"
     sent = float(op.sent_bytes[device]) if op.sent_bytes.size else 0.0
     recv = float(op.recv_bytes[device]) if op.recv_bytes.size else 0.0
     return "sending" if sent >= recv else "receiving"
