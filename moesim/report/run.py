@@ -410,8 +410,8 @@ STRAGGLER_NOTE = (
     "its time beyond the mean of that op over all devices, and the straggler is the device "
     "charged most (time added). Cause: the kind of its most charged op: expert or other "
     "compute, sending or receiving (whichever moves more bytes), a slow NIC or link (a "
-    "degraded NIC, or a transfer slower than its own ports allow), a slow device or "
-    "jitter (injected slowness outweighing its own load); none: a balanced layer. "
+    "degraded NIC, or a flow-tier transfer slower than any healthy port allows), a slow "
+    "device or jitter (injected slowness outweighing its own load); none: a balanced layer. "
     "Penalty: (max − mean) / mean of per-device time in the phase of that op."
 )
 
