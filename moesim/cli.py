@@ -95,8 +95,9 @@ def simulate(
 ) -> None:
     """Simulate one scenario; writes report.html, summary.md, metrics.parquet and timeline.json.
 
-    With --json, prints step_time_us, balance_ratio (per MoE layer), drop_rate and
-    straggler_device (per MoE layer) of the first mode, and every mode under "runs".
+    With --json, prints step_time_us, drop_rate and, per MoE layer, expert_balance,
+    routed_balance, processed_balance, dropless_capacity_factor, straggler_device and
+    straggler_cause of the first mode, and every mode under "runs".
     """
     _run_scenario(scenario, out, as_json)
 
@@ -331,8 +332,8 @@ def trace_stats_cmd(
     top: Annotated[int, typer.Option(help="How many pairs / affinities to list.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
-    """Per layer: expert counts, balance ratio, entropy, co-activated pairs, cross-layer
-    affinities (one streaming pass)."""
+    """Per layer: expert counts, expert balance (max / mean assignments per expert), entropy,
+    co-activated pairs, cross-layer affinities (one streaming pass)."""
     from moesim.traces.stats import trace_stats
 
     stats = trace_stats(trace, top=top)
@@ -345,7 +346,7 @@ def trace_stats_cmd(
     )
     table = Table(
         "layer",
-        "balance",
+        "expert balance",
         "hot expert",
         "entropy (bits)",
         "top pair (lift)",
@@ -356,7 +357,7 @@ def trace_stats_cmd(
         aff = la.get("top_next_layer_affinities", [])[:1]
         table.add_row(
             str(la["layer"]),
-            f"{la['balance_ratio']:.3f}",
+            f"{la['expert_balance']:.3f}",
             str(la["hot_expert"]),
             f"{la['entropy_bits']:.2f} / {la['entropy_max_bits']:.2f}",
             f"{pair[0]['experts']} ({pair[0]['lift']:.1f}x)" if pair else "-",

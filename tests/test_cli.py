@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from moesim.sim.stragglers import CAUSES
 from tests.conftest import FLAME_TRACE, REPO, assert_one_line_error
 from tests.conftest import run_moesim as moesim
 
@@ -112,8 +113,18 @@ def test_simulate_json_and_byte_identical_outputs(tmp_path, flame_dict, write_sc
         runs.append(json.loads(proc.stdout))
     data = runs[0]
     assert data["step_time_us"] > 0
-    assert len(data["balance_ratio"]) == 8 and all(b >= 1.0 for b in data["balance_ratio"])
-    assert len(data["straggler_device"]) == 8
+    # the per-layer figures are the last step's rows of layers.parquet, under the same names
+    lay = pq.read_table(tmp_path / "a" / "layers.parquet").to_pandas()
+    lay = lay[lay["step"] == lay["step"].max()].sort_values("layer")
+    assert len(lay) == 8 and "balance_ratio" not in lay
+    for key in ("expert_balance", "routed_balance", "processed_balance"):
+        assert data[key] == [round(float(x), 6) for x in lay[key]], key
+    assert data["dropless_capacity_factor"] == [
+        round(float(x), 6) for x in lay["dropless_capacity_factor"]
+    ]
+    assert data["straggler_device"] == lay["straggler_device"].tolist()
+    assert data["straggler_cause"] == lay["straggler_cause"].tolist()
+    assert set(data["straggler_cause"]) <= set(CAUSES)
     assert 0 <= data["drop_rate"] < 1
     for name in OUTPUTS:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

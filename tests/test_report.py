@@ -75,7 +75,13 @@ def test_simulate_folder_report_matches_simulate(tmp_path, flame_dict, write_sce
     assert html.count("<svg") == 6
     table = html[html.index('id="stragglers"') : html.index('id="drops"')]
     assert table.count("<tr>") == 1 + 8  # header + one row per MoE layer
-    assert "compute" in table or "network" in table
+    lay = pq.read_table(sim / "layers.parquet").to_pandas()
+    lay = lay[(lay["mode"] == "training") & (lay["step"] == lay["step"].max())]
+    for r in lay.sort_values("layer").to_dict("records"):  # device and cause of each row
+        assert f'<td>{r["straggler_device"]}</td><td class="l">{r["straggler_cause"]}</td>' in table
+    heat = html[html.index('id="heatmap"') : html.index('id="stragglers"')]
+    assert "capacity factor needed to drop nothing" in heat
+    assert heat.count("<tr>") == 1 + 8
     assert "One capacity factor in a single run" in html
 
 

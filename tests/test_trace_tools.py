@@ -222,7 +222,7 @@ def test_stats_hand_checked(tmp_path):
     s = trace_stats(tmp_path / "t", top=3)
     a, b = s["layers"]
     assert a["expert_counts"] == [2, 2, 1, 1] and b["expert_counts"] == [1, 3, 1, 1]
-    assert a["balance_ratio"] == pytest.approx(2 / 1.5)
+    assert a["expert_balance"] == pytest.approx(2 / 1.5)  # max 2 over mean 6 / 4
     p = np.array([2, 2, 1, 1]) / 6
     assert a["entropy_bits"] == pytest.approx(float(-(p * np.log2(p)).sum()), abs=1e-6)
     assert a["top_coactivated_pairs"][0]["experts"] == [0, 1]
@@ -261,7 +261,7 @@ def test_cli_synth_stats_import(tmp_path):
     stats = json.loads(moesim("trace", "stats", str(tmp_path / "s"), "--json").stdout)
     assert stats["num_experts"] == 16 and stats["top_k"] == 2 and len(stats["layers"]) == 3
     assert all(len(la["expert_counts"]) == 16 for la in stats["layers"])
-    assert all(la["balance_ratio"] > 1 for la in stats["layers"])
+    assert all(la["expert_balance"] > 1 for la in stats["layers"])
 
 
 def test_cli_unknown_format_and_missing_file(tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.balance import balance_ratio
 from moesim.errors import InputError
 from moesim.placement.base import Placement
 from moesim.placement.capacity import apply_slot_capacity, slot_capacity
@@ -181,7 +182,7 @@ def score_window(
             table, count = tables[li]
             dst = choose_replicas(exp, src, tok, table, count, devices_per_node, replica_choice, d)
             load = np.bincount(dst, minlength=d)
-            bal[b, li] = load.max() / load.mean()
+            bal[b, li] = balance_ratio(load)
             if cap is not None:
                 ids = exp.reshape(t, k)
                 kept = apply_slot_capacity(ids, dst.reshape(t, k), table, cap)[0] >= 0

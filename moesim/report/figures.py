@@ -91,17 +91,32 @@ def breakdown_rows_svg(labels: list[str], breakdowns: list[dict[str, float]]) ->
     return _svg(fig)
 
 
+#: the balance figures of a layer (``layers`` columns), as the report names them
+BALANCE_SERIES = (
+    ("expert_balance", "experts, before capacity", "#DD8452"),
+    ("routed_balance", "devices, before capacity", "#4C72B0"),
+    ("processed_balance", "devices, after drops", "#55A868"),
+)
+
+
 def balance_svg(layers: pd.DataFrame) -> str:
-    """Balance ratio (max/mean device load) per MoE layer."""
+    """Balance (max / mean load) per MoE layer: of logical experts and of devices before
+    capacity, and of devices after drops, side by side."""
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
     x = np.arange(len(layers))
-    ax.bar(x, layers["balance_ratio"].to_numpy(), color="#4C72B0")
+    width = 0.8 / len(BALANCE_SERIES)
+    top = 1.1
+    for k, (col, label, color) in enumerate(BALANCE_SERIES):
+        vals = layers[col].to_numpy(dtype=float)
+        ax.bar(x + (k - 1) * width, vals, width, color=color, label=label)
+        top = max(top, float(vals.max()) * 1.05) if vals.size else top
     step = -(-len(layers) // 16)  # at most 16 labels
     ax.set_xticks(x[::step], [str(v) for v in layers["layer"].to_numpy()[::step]])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xlabel("MoE layer (model layer index)")
-    ax.set_ylabel("balance ratio (max / mean)")
-    ax.set_ylim(0.9, max(1.1, float(layers["balance_ratio"].max()) * 1.05))
+    ax.set_ylabel("balance (max / mean load)")
+    ax.set_ylim(0.9, top)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", ncols=3)
     ax.spines[["top", "right"]].set_visible(False)
     return _svg(fig)
 

@@ -27,7 +27,7 @@ from moesim.report.figures import (
     timeline_svg,
 )
 from moesim.report.page import Section, figure, html_table, md_table, missing
-from moesim.report.summary import PARTS, fmt_us, header_line
+from moesim.report.summary import PARTS, PHASE_NAMES, fmt_us, header_line, injected_faults
 from moesim.sim.simulate import SimResult
 
 __all__ = ["RunData", "fmt_bytes", "run_info", "run_sections"]
@@ -87,6 +87,7 @@ def run_info(result: SimResult) -> dict[str, Any]:
             f"{sc.precision} weights"
         ),
         "devices_per_node": sc.cluster.devices_per_node,
+        "injected": injected_faults(result),
     }
 
 
@@ -160,7 +161,8 @@ def _answer(run: RunData) -> Section:
     paras, md = [], []
     for s in run.summaries:
         b = s["breakdown_us"]
-        worst = int(np.argmax(s["balance_ratio"])) if s["balance_ratio"] else 0
+        routed = s["routed_balance"]
+        worst = int(np.argmax(routed)) if routed else 0
         parts = ", ".join(
             f"{name} {fmt_us(b[k])}"
             for name, k in PARTS
@@ -173,9 +175,10 @@ def _answer(run: RunData) -> Section:
         )
         if s["layers"]:
             text += (
-                f"The worst MoE layer is {s['layers'][worst]} with balance ratio "
-                f"{s['balance_ratio'][worst]:.3f} "
-                f"(straggler: device {s['straggler_device'][worst]}); "
+                f"The worst MoE layer is {s['layers'][worst]}: its busiest device is routed "
+                f"{routed[worst]:.3f}x the mean load ({s['processed_balance'][worst]:.3f}x "
+                f"after drops); straggler device {s['straggler_device'][worst]} "
+                f"({s['straggler_cause'][worst]}); "
             )
         text += (
             f"{100 * s['drop_rate']:.3f}% of assignments are dropped at capacity factor "
@@ -202,6 +205,8 @@ def _cluster(run: RunData) -> Section:
         ("cluster", run.info["cluster"]),
         ("routing", run.info["routing"]),
     ]
+    if run.info.get("injected"):
+        rows.append(("injected slowness", run.info["injected"]))
     return Section("cluster", html_table(None, rows, left=2), md_table(None, rows, left=2))
 
 
@@ -281,95 +286,156 @@ def _breakdown(run: RunData) -> Section:
     )
 
 
+BALANCE_NOTE = (
+    "Balance: max / mean load (1.0 is perfect). Experts: assignments routed to each "
+    "logical expert; routed: to each device, after placement and replica choice, before "
+    "capacity; processed: what each device processes after capacity drops. Capacity factor "
+    "needed to drop nothing: the busiest expert slot's routed load over the mean slot load."
+)
+
+
+def balance_rows(run: RunData) -> list[tuple[object, ...]]:
+    """Per MoE layer: expert, routed and processed balance, and the capacity factor that
+    drops nothing."""
+    return [
+        (
+            int(r["layer"]),
+            f"{r['expert_balance']:.3f}",
+            f"{r['routed_balance']:.3f}",
+            f"{r['processed_balance']:.3f}",
+            f"{r['dropless_capacity_factor']:.3f}",
+            f"{int(r['max_device_load']):,} / {r['mean_device_load']:,.1f}",
+            f"{int(r['dropped']):,}",
+        )
+        for r in run.last_layers().to_dict("records")
+    ]
+
+
 def _heatmap(run: RunData) -> Section:
     m = run.metrics[run.metrics["mode"] == run.first_mode]
     fwd = m[(m["pass"] == "forward") & (m["step"] == 0) & (m["device_load"] > 0)]
     if fwd.empty:
         return missing("heatmap", "No MoE layer processed any assignment.")
     lay = run.last_layers()
-    html = figure(
-        load_heatmap_svg(m),
-        f"Assignments processed by each device in each MoE layer ({run.first_mode}, forward "
-        "pass of step 0); circles mark the busiest device of each layer.",
-    ) + figure(
-        balance_svg(lay),
-        "Balance ratio: the busiest device's assignments over the mean (1.0 is perfect).",
+    header = (
+        "layer",
+        "expert balance",
+        "routed balance",
+        "processed balance",
+        "capacity factor needed to drop nothing",
+        "processed max / mean per device",
+        "dropped",
     )
-    worst = lay.iloc[int(np.argmax(lay["balance_ratio"].to_numpy()))]
+    rows = balance_rows(run)
+    html = (
+        figure(
+            load_heatmap_svg(m),
+            f"Assignments processed by each device in each MoE layer ({run.first_mode}, "
+            "forward pass of step 0); circles mark the busiest device of each layer.",
+        )
+        + figure(balance_svg(lay), "Balance per MoE layer, before and after capacity.")
+        + html_table(header, rows, left=0)
+        + f'<p class="muted">{BALANCE_NOTE}</p>'
+    )
+    worst = lay.iloc[int(np.argmax(lay["routed_balance"].to_numpy()))]
     md = (
-        f"Worst balance ratio {worst['balance_ratio']:.3f} in layer {int(worst['layer'])} "
-        f"(max {int(worst['max_device_load']):,} vs mean {worst['mean_device_load']:,.1f} "
-        "assignments per device); the heatmap is in report.html."
+        f"Worst routed balance {worst['routed_balance']:.3f} in layer {int(worst['layer'])} "
+        f"(processed {worst['processed_balance']:.3f}: max {int(worst['max_device_load']):,} "
+        f"vs mean {worst['mean_device_load']:,.1f} assignments per device); the heatmap is "
+        "in report.html.\n\n" + md_table(header, rows, left=0) + "\n\n" + BALANCE_NOTE
     )
     return Section("heatmap", html, md)
 
 
+def _behind(r: dict[Any, Any], op: pd.DataFrame) -> str:
+    """What lies behind a layer's straggler: its time on the op that added the most against
+    that op's mean, with the op's bytes for a transfer, and its most loaded expert.
+    ``op``: that op's phases rows (one per device), indexed by device; empty: none."""
+    dev, cause = int(r["straggler_device"]), str(r["straggler_cause"])
+    load = f"{int(r['straggler_load']):,} assignments (mean {r['mean_device_load']:,.1f})"
+    if cause == "none" or dev not in op.index:
+        return f"device {dev} processes {load}"
+    row: dict[Any, Any] = op.loc[dev].to_dict()
+    name = str(row["phase"])
+    text = (
+        f"its {name} takes {fmt_us(float(row['duration_us']))} "
+        f"(mean {fmt_us(float(op['duration_us'].mean()))})"
+    )
+    if str(row["category"]) in ("dispatch", "combine"):
+        text += (
+            f", sending {fmt_bytes(float(row['bytes_sent']))} (mean "
+            f"{fmt_bytes(float(op['bytes_sent'].mean()))}) and receiving "
+            f"{fmt_bytes(float(row['bytes_recv']))} (mean "
+            f"{fmt_bytes(float(op['bytes_recv'].mean()))})"
+        )
+    if r["straggler_expert"] >= 0:
+        text += (
+            f"; its busiest expert {int(r['straggler_expert'])} has "
+            f"{r['straggler_expert_tokens']:,.0f} of its {int(r['straggler_load']):,} "
+            f"assignments (mean per device {r['mean_device_load']:,.1f})"
+        )
+    return text
+
+
 def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
-    """Per MoE layer: straggler device, penalty, cause (compute or network) and what lies
-    behind it (the straggler's most loaded expert, or the busiest device pair)."""
+    """Per MoE layer: the straggler on the critical path, its cause, the time it adds, the
+    device that finishes the layer last, the penalty of the cause's phase and what lies
+    behind it (the straggler's time and bytes on its costliest op, its busiest expert)."""
     lay = run.last_layers()
-    fwd = run.last_metrics("forward")
-    dpn = int(run.info["devices_per_node"])
+    ph = run.phases[(run.phases["mode"] == run.first_mode) & (run.phases["pass"] == "forward")]
+    ph = ph[ph["step"] == lay["step"].max()] if not lay.empty else ph
     rows: list[tuple[object, ...]] = []
     for r in lay.to_dict("records"):
-        m = fwd[fwd["layer"] == r["layer"]].sort_values("device")
-        exp = m["expert_us"].to_numpy()
-        net = (m["dispatch_us"] + m["combine_us"]).to_numpy()
-        compute_spread = float(exp.max() - exp.mean()) if exp.size else 0.0
-        net_spread = float(net.max() - net.mean()) if net.size else 0.0
-        if compute_spread >= net_spread:
-            cause = "compute"
-            behind = (
-                f"expert {int(r['straggler_expert'])}: "
-                f"{r['straggler_expert_tokens']:,.0f} assignments on device "
-                f"{int(r['straggler_device'])}"
-                if "straggler_expert" in r and r["straggler_expert"] >= 0
-                else f"{int(r['max_device_load']):,} assignments on the device"
-            )
-        else:
-            cause = "network"
-            a, b = int(r.get("busiest_pair_src", 0)), int(r.get("busiest_pair_dst", 0))
-            where = "cross-node" if a // dpn != b // dpn else "same node"
-            behind = (
-                f"slowest transfers on device {int(np.argmax(net))}; busiest flow device {a} → "
-                f"device {b} ({where}), {fmt_bytes(float(r.get('busiest_pair_bytes', 0.0)))}"
-            )
+        name = str(r["straggler_op"]).split(" ", 1)[-1]  # the phases' name of the op
+        op = ph[(ph["layer"] == r["layer"]) & (ph["phase"] == name)].set_index("device")
+        phase = PHASE_NAMES.get(str(r["straggler_phase"]), str(r["straggler_phase"]))
         rows.append(
             (
                 int(r["layer"]),
                 int(r["straggler_device"]),
-                f"{100 * r['straggler_penalty']:.1f}%",
-                f"{r['balance_ratio']:.3f}",
-                cause,
-                behind,
-                f"{int(r['dropped']):,}",
+                str(r["straggler_cause"]),
+                fmt_us(float(r["straggler_excess_us"])),
+                int(r["last_device"]),
+                f"{100 * r['straggler_penalty']:.1f}% ({phase})",
+                _behind(r, op),
             )
         )
     return rows
+
+
+STRAGGLER_NOTE = (
+    "Straggler: the device on the critical path whose late finish the next layer's start "
+    "waited for. The path is walked back from the device that finishes the layer last "
+    "(last to finish), through every wait for another device; each op on it is charged "
+    "its time beyond the mean of that op over all devices, and the straggler is the device "
+    "charged most (time added). Cause: the kind of its most charged op: expert or other "
+    "compute, sending or receiving (whichever moves more bytes), a slow NIC or link (a "
+    "degraded NIC, or a flow-tier transfer slower than any healthy port allows), a slow "
+    "device or jitter (injected slowness outweighing its own load); none: a balanced layer. "
+    "Penalty: (max − mean) / mean of per-device time in the phase of that op."
+)
 
 
 def _stragglers(run: RunData) -> Section:
     header = (
         "layer",
         "straggler device",
-        "penalty",
-        "balance ratio",
         "cause",
+        "time added",
+        "last to finish",
+        "penalty (phase)",
         "behind it",
-        "dropped",
     )
     rows = straggler_rows(run)
     if not rows:
         return missing("stragglers", "No MoE layer in this simulation.")
-    note = (
-        f"{run.first_mode}, forward pass, last step. Straggler: the device whose routed experts "
-        "finish last; penalty: (max − mean) / mean of per-device expert time. Cause: compute "
-        "when the spread of expert time across devices exceeds the spread of dispatch + combine "
-        "time, network otherwise."
-    )
+    injected = run.info.get("injected")
+    note = f"{run.first_mode}, forward pass, last step. " + STRAGGLER_NOTE
+    if injected:
+        note += f" Injected slowness: {injected}."
     return Section(
         "stragglers",
-        html_table(header, rows, left=0, text_cols=(4, 5)) + f'<p class="muted">{note}</p>',
+        html_table(header, rows, left=0, text_cols=(2, 6)) + f'<p class="muted">{note}</p>',
         md_table(header, rows, left=0) + "\n\n" + note,
     )
 
@@ -440,7 +506,7 @@ def _timeline(run: RunData) -> Section:
     lay = run.last_layers()
     if ph.empty or lay.empty:
         return missing("timeline", "No per-phase records of a MoE layer.")
-    worst = lay.iloc[int(np.argmax(lay["straggler_penalty"].to_numpy()))]
+    worst = lay.iloc[int(np.argmax(lay["straggler_excess_us"].to_numpy()))]
     layer, strag = int(worst["layer"]), int(worst["straggler_device"])
     ph = ph[ph["layer"] == layer]
     devices = sorted(ph["device"].unique())
@@ -449,11 +515,11 @@ def _timeline(run: RunData) -> Section:
         shown = [*shown[: TIMELINE_DEVICES - 1], strag]
     ph = ph[ph["device"].isin(shown)]
     cap = (
-        f"MoE layer {layer} (the largest straggler penalty), forward pass of step 0, "
+        f"MoE layer {layer} (the straggler adding the most time), forward pass of step 0, "
         f"{run.first_mode}; devices {', '.join(map(str, shown[:4]))}"
         f"{'…' if len(shown) > 4 else ''} ({len(shown)} of {len(devices)}), straggler device "
-        f"{strag}. `moesim simulate` writes the full timeline as timeline.json (open it in "
-        "Perfetto or chrome://tracing)."
+        f"{strag} ({worst['straggler_cause']}). `moesim simulate` writes the full timeline as "
+        "timeline.json (open it in Perfetto or chrome://tracing)."
     )
     md = cap
     return Section("timeline", figure(timeline_svg(ph), cap), md)

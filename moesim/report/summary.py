@@ -6,7 +6,14 @@ from typing import Any
 
 from moesim.sim.simulate import SimResult
 
-__all__ = ["PARTS", "console_summary", "fmt_us", "header_line"]
+__all__ = [
+    "PARTS",
+    "console_summary",
+    "fmt_us",
+    "header_line",
+    "injected_faults",
+    "layer_table",
+]
 
 PARTS = (
     ("expert compute", "expert_us"),
@@ -40,21 +47,57 @@ def _breakdown(s: dict[str, Any]) -> str:
     )
 
 
+def injected_faults(result: SimResult) -> str:
+    """The slowness a scenario injects, e.g. ``device 3 compute x1.5; device 5 NIC at
+    0.5x bandwidth``; empty when none."""
+    st = result.scenario.stragglers
+    parts = [f"device {d} compute x{f:g}" for d, f in sorted(st.slow_devices.items())]
+    if st.jitter:
+        parts.append(f"compute jitter {st.jitter:g} (log-normal spread)")
+    parts += [f"device {d} NIC at {f:g}x bandwidth" for d, f in sorted(st.degraded_nics.items())]
+    return "; ".join(parts)
+
+
 def header_line(result: SimResult) -> str:
     sc = result.scenario
     cf = sc.capacity.factor
+    faults = injected_faults(result)
     return (
         f"{result.shape.name} on {sc.cluster.nodes} node(s) x {sc.cluster.devices_per_node} "
         f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement, "
         f"{sc.tokens_per_device} tokens/device, capacity factor "
         f"{'unlimited' if cf is None else cf} ({sc.capacity.overflow})"
+        + (f"; injected: {faults}" if faults else "")
     )
+
+
+#: the console's name of each straggler phase (a metrics category)
+PHASE_NAMES = {"expert": "experts", "dispatch": "dispatch", "combine": "combine", "other": "other"}
+
+
+def layer_table(s: dict[str, Any]) -> list[str]:
+    """Per MoE layer of one mode's summary: balance (max / mean) of expert and device load
+    before capacity and of device load after drops, the capacity factor that drops
+    nothing, and the straggler on the critical path with its cause and penalty."""
+    lines = [
+        "MoE layer  expert balance  routed balance  processed balance  dropless cf"
+        "  straggler  cause             penalty (phase)"
+    ]
+    for i, layer in enumerate(s["layers"]):
+        phase = PHASE_NAMES.get(s["straggler_phase"][i], s["straggler_phase"][i])
+        lines.append(
+            f"{layer:>9}  {s['expert_balance'][i]:14.3f}  {s['routed_balance'][i]:14.3f}  "
+            f"{s['processed_balance'][i]:17.3f}  {s['dropless_capacity_factor'][i]:11.3f}  "
+            f"{'device ' + str(s['straggler_device'][i]):>9}  "
+            f"{s['straggler_cause'][i]:<16}  {100 * s['straggler_penalty'][i]:6.1f}% ({phase})"
+        )
+    return lines
 
 
 def console_summary(result: SimResult) -> str:
     """The short summary printed after a run: per mode the step time and its breakdown,
-    then per MoE layer the balance ratio and straggler (routing is the same in every mode;
-    the penalty is that of the first mode)."""
+    then per MoE layer the balance before and after capacity and the straggler (routing is
+    the same in every mode; the straggler is that of the first mode)."""
     lines = [header_line(result)]
     for run in result.runs:
         s = run.summary
@@ -71,9 +114,5 @@ def console_summary(result: SimResult) -> str:
             f"{s['assignments']:,} assignments; capacity {s['expert_capacity']} per expert)"
         )
     s = result.runs[0].summary
-    lines += ["", "MoE layer  balance ratio  straggler  penalty"]
-    for layer, br, dev, pen in zip(
-        s["layers"], s["balance_ratio"], s["straggler_device"], s["straggler_penalty"], strict=True
-    ):
-        lines.append(f"{layer:>9}  {br:13.3f}  {'device ' + str(dev):>9}  {100 * pen:6.1f}%")
+    lines += ["", *layer_table(s)]
     return "\n".join(lines)

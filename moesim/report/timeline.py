@@ -2,7 +2,9 @@
 
 One process per device; thread 0 is compute, thread 1 sending and thread 2 receiving
 (each transfer appears on both, with the bytes that device sends or receives; the wait
-before a transfer is on the receive track). ``ts`` and ``dur`` are in microseconds.
+before a transfer is on the receive track). ``ts`` and ``dur`` are in microseconds. An
+instant event marks each MoE layer's straggler (see :mod:`moesim.sim.stragglers`) at the
+end of its op that added the most time to the layer's critical path.
 Several modes are laid out one after another on the same device tracks.
 """
 
@@ -112,8 +114,41 @@ def timeline_events(result: SimResult) -> list[dict[str, Any]]:
                         events.append(
                             _span(op.name, op.category, start, dur, dev, COMPUTE_TID, args)
                         )
+            events += _straggler_marks(run, step, rec, offset)
             offset += float(rec.end_us.max()) + GAP_US
     return events
+
+
+def _straggler_marks(run: Any, step: int, rec: Any, offset: float) -> list[dict[str, Any]]:
+    """One instant event per MoE layer of ``step``: on the straggler's track, at the end of
+    its op that added the most time to the layer's critical path."""
+    index = {op.name: i for i, op in enumerate(run.program)}
+    lay = run.layers[run.layers["step"] == step].sort_values("layer")
+    out = []
+    for r in lay.to_dict("records"):
+        i = index.get(str(r["straggler_op"]))
+        if i is None:
+            continue
+        dev = int(r["straggler_device"])
+        tid = COMPUTE_TID if not isinstance(run.program[i], Exchange) else SEND_TID
+        out.append(
+            {
+                "name": f"straggler of layer {int(r['layer'])}: {r['straggler_cause']}",
+                "ph": "i",
+                "s": "t",
+                "ts": round(offset + float(rec.end_us[i, dev]), 3),
+                "pid": dev,
+                "tid": tid,
+                "args": {
+                    "mode": run.mode,
+                    "step": step,
+                    "layer": int(r["layer"]),
+                    "op": str(r["straggler_op"]),
+                    "time_added_us": round(float(r["straggler_excess_us"]), 3),
+                },
+            }
+        )
+    return out
 
 
 def _span(

@@ -56,6 +56,10 @@ class Exchange:
             None: every device needs every other (a dense all-to-all, an all-reduce).
         sent_bytes, recv_bytes: (D,) bytes each device sends / receives.
         flow_events: rate recomputations the flow tier spent timing it (0: analytic).
+        port_limited_us: (D,) each device's time were it limited by its own ports only
+            (the analytic tier's time, latency included); a flow-tier ``duration_us``
+            above it was slowed by another device's NIC or a shared link. None: not
+            known, or the same as ``duration_us``.
     """
 
     name: str
@@ -69,6 +73,7 @@ class Exchange:
     after: tuple[int, ...] | None = None  # None: the previous op of the program
     stream: str = "comm"
     flow_events: int = 0
+    port_limited_us: np.ndarray | None = None
 
 
 Op = Compute | Exchange

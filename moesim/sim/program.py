@@ -159,10 +159,18 @@ def _moe_ops(
     # the other exchanges are the same traffic rescaled (exact in both tiers) and, for the
     # combine, reversed (the flow tier simulates that one: reverse paths may differ)
     gdisp = disp.scaled(b_comb / b_disp)
+    ports: dict[str, np.ndarray | None] = {"disp": None, "comb": None, "gdisp": None}
     if tier == "analytic":
         comb = disp.scaled(b_comb / b_disp, reverse=True)
     else:
         comb = exchange_times(copies.T, topo, hw, tier, scale=b_comb, rel_tol=tol)
+        # what each device's own ports allow: a flow time above it shows a slow NIC or link
+        alone = exchange_times(copies, topo, hw, "analytic", scale=b_disp)
+        ports = {
+            "disp": alone.time_us,
+            "comb": alone.scaled(b_comb / b_disp, reverse=True).time_us,
+            "gdisp": alone.scaled(b_comb / b_disp).time_us,
+        }
     # [s, d]: d receives token copies from s; None when every device hears from every other
     off_diag_zeros = d * d - np.count_nonzero(copies) - int((np.diagonal(copies) == 0).sum())
     needs_disp = None
@@ -182,6 +190,7 @@ def _moe_ops(
             disp.recv_bytes,
             layer,
             flow_events=disp.events,
+            port_limited_us=ports["disp"],
         ),
     ]
     if costs.shared_us:
@@ -197,6 +206,7 @@ def _moe_ops(
             comb.recv_bytes,
             layer,
             flow_events=comb.events,
+            port_limited_us=ports["comb"],
         ),
         Compute(f"L{layer} unpermute", "other", unpermute, layer),
     ]
@@ -214,6 +224,7 @@ def _moe_ops(
                 gdisp.recv_bytes,
                 layer,
                 "backward",
+                port_limited_us=ports["gdisp"],
             ),
             Compute(f"L{layer} experts bwd", "expert", k * experts, layer, "backward"),
         ]
@@ -237,6 +248,7 @@ def _moe_ops(
                 comb.recv_bytes,
                 layer,
                 "backward",
+                port_limited_us=ports["comb"],
             ),
             Compute(
                 f"L{layer} router+permute bwd",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.balance import balance_ratio
 from moesim.costs.memory import memory_per_device
 from moesim.costs.model import cost_model_for
 from moesim.costs.roofline import bytes_per_assignment, layer_costs
@@ -22,7 +23,7 @@ from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
 from moesim.placement.capacity import slot_capacity
-from moesim.scenario import Scenario
+from moesim.scenario import Scenario, Stragglers
 from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
 from moesim.sim.engine import Exchange, Op, Records, run_program
 from moesim.sim.program import (
@@ -38,6 +39,7 @@ from moesim.sim.routing import (
     merge_routing,
     route_layer,
 )
+from moesim.sim.stragglers import layer_straggler, straggler_penalty
 from moesim.topology import build_topology
 from moesim.topology.build import Topology
 from moesim.traces.store import RoutingTrace, read_trace
@@ -66,8 +68,9 @@ class ModeResult:
 
     Attributes:
         metrics: one row per (step, pass, layer, device) of MoE and dense layers.
-        layers: one row per (step, MoE layer) of the forward pass: balance ratio,
-            straggler device and penalty, drops.
+        layers: one row per (step, MoE layer) of the forward pass: expert, routed and
+            processed balance, the straggler on the critical path with its cause and
+            penalty, drops (see ``_layer_frame``).
         summary: step time, breakdown and headline figures (JSON-ready).
         program / records: the engine's input and output, for the timeline.
     """
@@ -379,7 +382,8 @@ def _metrics_frame(
     step: int,
     devices_per_node: int,
 ) -> pd.DataFrame:
-    """One row per (pass, layer, device): time per category, wait, bytes, loads."""
+    """One row per (pass, layer, device): time per category, wait, bytes, loads (routed:
+    before capacity; device: processed, after drops)."""
     n_dev = rec.start_us.shape[1]
     rows: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     cats = ("expert_us", "dispatch_us", "combine_us", "other_us", "allreduce_us")
@@ -406,6 +410,9 @@ def _metrics_frame(
             "layer": np.full(n_dev, layer),
             "device": dev,
             "node": dev // devices_per_node,
+            "routed_load": lr.routed_load
+            if lr is not None and lr.routed_load is not None
+            else np.zeros(n_dev, np.int64),
             "device_load": lr.device_load if lr is not None else np.zeros(n_dev, np.int64),
             "dropped": lr.dropped if lr is not None else np.zeros(n_dev, np.int64),
             **cols,
@@ -424,31 +431,67 @@ def _layer_frame(
     devices_per_node: int,
     wire_bytes: float,
     slots: np.ndarray | None = None,
+    *,
+    program: list[Op],
+    rec: Records,
+    base_us: np.ndarray | None = None,
+    stragglers: Stragglers | None = None,
 ) -> pd.DataFrame:
-    """Per MoE layer (forward): balance ratio, straggler device and penalty, drops, traffic,
-    and what lies behind the straggler (see :func:`_attribution`).
+    """Per MoE layer (forward): balance before and after capacity, the straggler on the
+    critical path with its cause and penalty, drops, traffic, and what lies behind the
+    straggler (see :func:`_attribution`).
+
+    Balance (:mod:`moesim.balance`): ``expert_balance`` (logical experts, before
+    capacity), ``routed_balance`` (devices, before capacity), ``processed_balance``
+    (devices, after drops), and ``dropless_capacity_factor``, the smallest capacity factor
+    that drops nothing. Straggler (:mod:`moesim.sim.stragglers`): ``straggler_device``,
+    ``straggler_cause``, ``straggler_phase`` and ``straggler_penalty`` of that phase
+    ((max − mean) / mean of per-device time in it).
 
     ``wire_bytes``: bytes of one assignment's dispatch plus its combine; ``slots``: (L, D, S)
-    experts hosted per device, per MoE layer (the placement).
+    experts hosted per device, per MoE layer (the placement); ``program`` / ``rec``: the
+    step's ops and records; ``base_us``: (num_ops, D) op times before injected slowness.
     """
+    st = stragglers or Stragglers()
     out = []
     fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
+    layer_ops: dict[int, list[int]] = {}
+    for i, op in enumerate(program):
+        if op.pass_ == "forward" and op.layer in routed:
+            layer_ops.setdefault(op.layer, []).append(i)
     for li, (layer, lr) in enumerate(routed.items()):
-        exp_us = fwd[fwd["layer"] == layer].sort_values("device")["expert_us"].to_numpy()
+        m = fwd[fwd["layer"] == layer].sort_values("device")
         load = lr.device_load
+        assert lr.expert_load is not None and lr.routed_load is not None
         cross = lr.cross_node_copies
         if cross is None:
             assert lr.copies is not None
             cross = cross_node_total(lr.copies, devices_per_node)
-        mean_t = exp_us.mean()
         hosted = None if slots is None else slots[li]
+        strag = layer_straggler(
+            program,
+            rec,
+            layer_ops[layer],
+            base_us=base_us,
+            slow_devices=st.slow_devices,
+            jitter=st.jitter,
+            degraded_nics=st.degraded_nics,
+        )
         out.append(
             {
                 "step": step,
                 "layer": layer,
-                "balance_ratio": float(load.max() / load.mean()) if load.mean() > 0 else 1.0,
-                "straggler_device": int(np.argmax(exp_us)),
-                "straggler_penalty": float((exp_us.max() - mean_t) / mean_t) if mean_t > 0 else 0.0,
+                "expert_balance": balance_ratio(lr.expert_load),
+                "routed_balance": balance_ratio(lr.routed_load),
+                "processed_balance": balance_ratio(load),
+                "dropless_capacity_factor": float(lr.dropless_capacity_factor),
+                "straggler_device": strag.device,
+                "straggler_cause": strag.cause,
+                "straggler_phase": strag.phase,
+                "straggler_penalty": straggler_penalty(m[f"{strag.phase}_us"].to_numpy()),
+                "straggler_op": program[strag.op].name if strag.op >= 0 else "",
+                "straggler_excess_us": strag.excess_us,
+                "last_device": strag.gate_device,
                 "max_device_load": int(load.max()),
                 "mean_device_load": float(load.mean()),
                 "dropped": int(lr.dropped.sum()),
@@ -459,7 +502,7 @@ def _layer_frame(
                 "cross_node_copies": int(cross),
                 "cross_node_bytes": float(cross * wire_bytes),
             }
-            | _attribution(lr, hosted, int(np.argmax(exp_us)), wire_bytes)
+            | _attribution(lr, hosted, strag.device, wire_bytes)
         )
     return pd.DataFrame(out)
 
@@ -483,6 +526,7 @@ def _attribution(
     return {
         "straggler_expert": int(slots[straggler, hot]) if slots is not None else -1,
         "straggler_expert_tokens": float(per_slot[hot]) if per_slot.size else 0.0,
+        "straggler_load": int(lr.device_load[straggler]),
         "busiest_pair_src": int(src),
         "busiest_pair_dst": int(dst),
         "busiest_pair_bytes": float(copies * wire_bytes),
@@ -569,7 +613,9 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         program = programs[0] if n_mb == 1 else interleave_microbatches(programs)
         routed = {la: merge_routing([r[la] for r in per_mb]) for la in prep.moe_layers}
         st = sc.stragglers
+        base_us = None  # op times before injected slowness, to tell it from load
         if st.slow_devices or st.jitter:
+            base_us = np.array([op.duration_us for op in program])
             slow = np.ones(d)
             for dev, factor in st.slow_devices.items():
                 slow[dev] = factor
@@ -584,7 +630,17 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             shape.d_model, sc.combine_dtype
         )
         frame = _layer_frame(
-            routed, m, step, cap, prep.cluster.devices_per_node, wire, prep.placement.slots
+            routed,
+            m,
+            step,
+            cap,
+            prep.cluster.devices_per_node,
+            wire,
+            prep.placement.slots,
+            program=program,
+            rec=rec,
+            base_us=base_us,
+            stragglers=st,
         )
         disp = bytes_per_assignment(shape.d_model, sc.dispatch_dtype)
         layers.append(frame.assign(**_link_columns(routed, prep.cluster.topology, disp)))
@@ -657,9 +713,17 @@ def _summary(
         "breakdown_us": breakdown,
         "tokens_per_s": tokens / (step_time * 1e-6) if step_time > 0 else 0.0,
         "layers": [int(x) for x in lastl["layer"]],
-        "balance_ratio": [round(float(x), 6) for x in lastl["balance_ratio"]],
+        "expert_balance": [round(float(x), 6) for x in lastl["expert_balance"]],
+        "routed_balance": [round(float(x), 6) for x in lastl["routed_balance"]],
+        "processed_balance": [round(float(x), 6) for x in lastl["processed_balance"]],
+        # the sweep's results read this key: the processed balance, as before
+        "balance_ratio": [round(float(x), 6) for x in lastl["processed_balance"]],
+        "dropless_capacity_factor": [round(float(x), 6) for x in lastl["dropless_capacity_factor"]],
         "straggler_device": [int(x) for x in lastl["straggler_device"]],
+        "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
+        "straggler_phase": [str(x) for x in lastl["straggler_phase"]],
         "straggler_penalty": [round(float(x), 6) for x in lastl["straggler_penalty"]],
+        "injected": _injected(sc.stragglers),
         "drop_rate": float(ldf["dropped"].sum() / assignments) if assignments else 0.0,
         "dropped": int(ldf["dropped"].sum()),
         "rerouted": int(ldf["rerouted"].sum()),
@@ -667,6 +731,18 @@ def _summary(
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
     } | _memory_summary(prep, mode)
+
+
+def _injected(st: Stragglers) -> dict[str, Any]:
+    """The faults a scenario injects (JSON-ready, devices as strings); empty when none."""
+    out: dict[str, Any] = {}
+    if st.slow_devices:
+        out["slow_devices"] = {str(k): v for k, v in sorted(st.slow_devices.items())}
+    if st.jitter:
+        out["jitter"] = st.jitter
+    if st.degraded_nics:
+        out["degraded_nics"] = {str(k): v for k, v in sorted(st.degraded_nics.items())}
+    return out
 
 
 def _memory_summary(prep: Prepared, mode: str) -> dict[str, Any]:

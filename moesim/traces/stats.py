@@ -1,6 +1,8 @@
 """Statistics of a routing trace, computed in one streaming pass.
 
-Per layer: expert counts, balance ratio (max / mean expert load), entropy of the load
+Per layer: expert counts, ``expert_balance`` (max / mean assignments per logical expert:
+the same figure ``moesim simulate`` reports under that name, see
+:mod:`moesim.balance`), entropy of the load
 distribution, the most co-activated expert pairs within tokens; per pair of consecutive
 trace layers: the strongest expert affinities (expert i at layer a and expert j at the
 next layer chosen by the same token).
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from moesim.balance import balance_ratio
 from moesim.traces.store import iter_batches, open_trace
 
 T = TypeVar("T")
@@ -151,7 +154,7 @@ def trace_stats(path: str | Path, *, top: int = 10, batch_rows: int = 1 << 17) -
             "layer": la,
             "assignments": total,
             "expert_counts": c.tolist(),
-            "balance_ratio": round(float(c.max() / c.mean()), 6) if total else 1.0,
+            "expert_balance": round(balance_ratio(c), 6),
             "hot_expert": int(c.argmax()),
             "cold_expert": int(c.argmin()),
             "entropy_bits": round(entropy, 6),
