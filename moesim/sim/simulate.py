@@ -655,7 +655,7 @@ def _summary(
         "step_times_us": step_times,
         "critical_device": critical,
         "breakdown_us": breakdown,
-        "tokens_per_s": tokens / (step_time * 1e-6) if step_time > 0 else 0.0,
+        "tokens_per_s": _processed_tokens_per_s(tokens, ldf, step_time),
         "layers": [int(x) for x in lastl["layer"]],
         "balance_ratio": [round(float(x), 6) for x in lastl["balance_ratio"]],
         "straggler_device": [int(x) for x in lastl["straggler_device"]],
@@ -667,6 +667,18 @@ def _summary(
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
     } | _memory_summary(prep, mode)
+
+
+def _processed_tokens_per_s(tokens: int, ldf: pd.DataFrame, step_time_us: float) -> float:
+    """Throughput counting processed assignments only: ``tokens × (processed assignments /
+    all assignments) / step time``, the assignments summed over every layer and step (a
+    dropless run processes them all)."""
+    if step_time_us <= 0:
+        return 0.0
+    assignments = int(ldf["assignments"].sum())
+    processed = assignments - int(ldf["dropped"].sum())
+    share = processed / assignments if assignments else 1.0
+    return tokens * share / (step_time_us * 1e-6)
 
 
 def _memory_summary(prep: Prepared, mode: str) -> dict[str, Any]:

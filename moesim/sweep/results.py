@@ -3,7 +3,7 @@
 The format is a contract with the report writer::
 
     DIR/sweep.yaml        the sweep spec as given (copied on the first run)
-    DIR/sweep.json        {"sweep_id", "cases", "created_by": "moesim sweep"}
+    DIR/sweep.json        {"sweep_id", "cases", "created_by": "moesim sweep", "max_drop_rate"}
     DIR/results.parquet   one row per finished case (ok or error), sorted by case_index
     DIR/timings.parquet   (case_id, elapsed_s): wall time per case
 
@@ -292,7 +292,12 @@ class ResultsFolder:
                 tmp.unlink(missing_ok=True)
         if not (folder / "sweep.json").exists():
             atomic_write_bytes(folder / "sweep.yaml", sweep.path.read_bytes())
-            meta = {"sweep_id": sweep.sweep_id, "cases": len(sweep.cases), "created_by": CREATED_BY}
+            meta = {
+                "sweep_id": sweep.sweep_id,
+                "cases": len(sweep.cases),
+                "created_by": CREATED_BY,
+                "max_drop_rate": sweep.spec.max_drop_rate,
+            }
             atomic_write_text(folder / "sweep.json", json.dumps(meta, indent=2) + "\n")
 
     def _read_existing(self) -> None:
