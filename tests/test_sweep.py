@@ -174,6 +174,25 @@ def test_bad_sweep_files_name_file_field_value(tmp_path, spec, needles):
 # ----- case ids ---------------------------------------------------------------------------
 
 
+def test_drop_budget_of_a_sweep(tmp_path):
+    axes = {"capacity.factor": [None, 1.0]}
+    plain = load_sweep(write_sweep(tmp_path, "a.yaml", axes=axes))
+    assert plain.spec.max_drop_rate == 0.0
+    # the default budget leaves the sweep id as it was before sweeps had one
+    base = yaml.safe_load(DEMO.read_text())
+    spec = {"name": "t", "base": str(DEMO), "axes": axes, "grid": True, "cases": None}
+    text = canonical_json(spec | {"base": base})
+    assert plain.sweep_id == hashlib.sha256(text.encode()).hexdigest()
+    budget = load_sweep(write_sweep(tmp_path, "b.yaml", axes=axes, max_drop_rate=0.01))
+    assert budget.spec.max_drop_rate == 0.01 and budget.sweep_id != plain.sweep_id
+    assert [c.case_id for c in budget.cases] == [c.case_id for c in plain.cases]
+    assert_one_line_error(
+        moesim("sweep", str(write_sweep(tmp_path, "c.yaml", axes=axes, max_drop_rate=1.5)),
+                   "--out", str(tmp_path / "o")),
+        "field 'max_drop_rate'", "1.5",
+    )  # fmt: skip
+
+
 def test_case_id_is_hash_of_the_full_canonical_scenario(tmp_path):
     one = load_sweep(write_sweep(tmp_path, "a.yaml", axes={"capacity.factor": [1], "seed": [7]}))
     # other spelling (1.0 for 1, other key order), other file and folder: same cases
@@ -251,7 +270,12 @@ def test_results_table_follows_the_schema(tmp_path):
     out = tmp_path / "out"
     assert (out / "sweep.yaml").read_bytes() == path.read_bytes()
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta == {"sweep_id": load_sweep(path).sweep_id, "cases": 4, "created_by": "moesim sweep"}
+    assert meta == {
+        "sweep_id": load_sweep(path).sweep_id,
+        "cases": 4,
+        "created_by": "moesim sweep",
+        "max_drop_rate": 0.0,
+    }
     table = pq.read_table(out / "results.parquet")
     names = table.schema.names
     assert names[:5] == ["case_id", "case_index", "status", "error", "axes"]

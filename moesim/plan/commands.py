@@ -126,8 +126,9 @@ def plan_capacity_cmd(
     if trace is not None and not trace.exists():
         raise InputError("trace not found", field="trace", value=str(trace))
     if tokens_per_s is None and nodes is None:
-        raise InputError("give a throughput target, or --nodes to fix the cluster size",
-                         field="tokens-per-s")
+        raise InputError(
+            "give a throughput target, or --nodes to fix the cluster size", field="tokens-per-s"
+        )
     request = PlanRequest(
         model=model,
         hardware=tuple(names),

@@ -157,8 +157,12 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
         if request.latency_slo_ms is not None
         else ""
     )
-    intro = f"{request.model}, {request.mode}, target {target}." if request.tokens_per_s else (
-        f"{request.model}, {request.mode}, on {request.nodes} node(s): what fits and how fast."
+    intro = (
+        f"{request.model}, {request.mode}, target {target}."
+        if request.tokens_per_s
+        else (
+            f"{request.model}, {request.mode}, on {request.nodes} node(s): what fits and how fast."
+        )
     )
     html = (
         f"<p>{html_lib.escape(intro)}</p>"
@@ -259,9 +263,7 @@ def plan_sections(plans: list[HardwarePlan], request: PlanRequest) -> list[Secti
             f"need to drop nothing (largest slot load / mean slot load): {pads}.",
         )
     else:
-        drops = drops.assign(
-            setting=drops["hardware"] + " ×" + drops["num_devices"].astype(str)
-        )
+        drops = drops.assign(setting=drops["hardware"] + " ×" + drops["num_devices"].astype(str))
         sections["drops"] = drops_section(
             drops,
             "setting",

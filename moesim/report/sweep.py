@@ -92,12 +92,20 @@ def _axes(row: pd.Series) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _axis_text(key: str, value: Any) -> str:
+    if value is None:
+        return "dropless" if key in _CF_KEYS else "null"
+    return str(value)
+
+
 def case_labels(df: pd.DataFrame, drop: tuple[str, ...] = ()) -> list[str]:
     """A short label per case: its axis values (``key=value``, last part of the dotted path)."""
     out = []
     for _, row in df.iterrows():
         axes = {k: v for k, v in _axes(row).items() if k not in drop}
-        text = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(axes.items()))
+        text = ", ".join(
+            f"{k.rsplit('.', 1)[-1]}={_axis_text(k, v)}" for k, v in sorted(axes.items())
+        )
         out.append(text or f"case {int(row['case_index'])}")
     return out
 
