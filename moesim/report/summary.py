@@ -59,7 +59,9 @@ def tokens_per_device_text(tokens_per_device: int, modes: list[str]) -> str:
 
 def _fmt_gb(n: float) -> str:
     """Bytes with a decimal unit (MB below 1 GB)."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 or n == 0 else f"{n / 1e6:.1f} MB"
+    if n == 0:
+        return "0 B"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def memory_line(s: dict[str, Any]) -> str:
