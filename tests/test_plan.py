@@ -281,7 +281,9 @@ def test_cli_fixed_nodes_prints_the_drop_rate_beside_tokens_per_s(tmp_path):
     assert f"{plan['tokens_per_s']:,.0f} tokens/s at 0.000% dropped" in line
     assert f"would need capacity factor {plan['padding_factor']:.3f}" in line
     md = (tmp_path / "p" / "summary.md").read_text()
-    assert "| drop rate |" in md and "padded kernel: factor" in md
+    assert "| tokens/s (dropped) |" in md and f"{plan['tokens_per_s']:,.0f} (0.000%)" in md
+    padded = f"would need capacity factor {plan['padding_factor']:.3f} to drop nothing"
+    assert padded in md
 
 
 def test_plan_outputs_are_byte_identical(tmp_path):

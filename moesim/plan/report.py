@@ -97,12 +97,9 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
         "min devices (latency)",
         "capacity factor",
         "placement",
-        "tokens/s",
-        "drop rate",
+        "tokens/s (dropped)",
         "step time",
         "memory / device",
-        "padded kernel: factor",
-        "padded kernel: memory / device",
         "$ per M tokens",
     )
     rows = []
@@ -118,12 +115,9 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
                 a["min_devices_slo"] or "-" if request.latency_slo_ms is not None else "n/a",
                 _factor(rec),
                 _placement_text(rec),
-                f"{a['tokens_per_s']:,.0f}" if rec else "-",
-                f"{100 * a['drop_rate']:.3f}%" if rec else "-",
+                f"{a['tokens_per_s']:,.0f} ({100 * a['drop_rate']:.3f}%)" if rec else "-",
                 fmt_us(a["step_time_us"]) if rec else "-",
                 fmt_bytes(a["memory_per_device_bytes"]) if rec else "-",
-                f"{a['padding_factor']:.3f}" if rec else "-",
-                fmt_bytes(a["padded_memory_per_device_bytes"]) if rec else "-",
                 f"{a['cost_per_million_tokens']:.3f}"
                 if a["cost_per_million_tokens"] is not None
                 else "-",
