@@ -27,7 +27,7 @@ simulated and the fastest kept; tokens/s counts processed assignments only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,13 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.scenario import Scenario
+from moesim.sim.routing import LayerRouting
 from moesim.sim.simulate import (
     ModeResult,
     Prepared,
     SimResult,
     prepare,
-    route_step,
+    route_layer_at,
     simulate_mode,
 )
 from moesim.sweep.results import metric_values
@@ -236,7 +237,7 @@ def _accepts(num_experts: int, d: int, redundant: int) -> bool:
     return num_experts % d == 0 or d % num_experts == 0
 
 
-def padding_factor(expert_tokens: Sequence[np.ndarray]) -> float:
+def padding_factor(expert_tokens: Iterable[np.ndarray]) -> float:
     """The capacity factor a padded (non-dropless) kernel needs to drop nothing.
 
     Capacity is per physical slot, ``ceil(factor * assignments / slots)``, so a layer drops
@@ -293,24 +294,26 @@ def _sim_precision(precision: str) -> str:
     return "fp8" if precision == "int4" else precision
 
 
+def _routed_layers(prep: Prepared, steps: int) -> Iterator[LayerRouting]:
+    """Every (step, MoE layer) routing of :func:`route_step`, one layer at a time (a layer's
+    (D, D) matrices are let go before the next is routed: large clusters stay in memory)."""
+    for step in range(steps):
+        for li in range(len(prep.moe_layers)):
+            yield route_layer_at(prep, step, li)
+
+
 def _drop_rate(prep: Prepared, steps: int) -> float:
     dropped = assignments = 0
-    for step in range(steps):
-        for lr in route_step(prep, step).values():
-            dropped += int(lr.dropped.sum())
-            assignments += lr.assignments
+    for lr in _routed_layers(prep, steps):
+        dropped += int(lr.dropped.sum())
+        assignments += lr.assignments
     return dropped / assignments if assignments else 0.0
 
 
 def _dropless_padding(prep: Prepared, steps: int) -> float:
     """:func:`padding_factor` of the dropless routing of every step."""
-    sc = prep.scenario.model_copy(
-        update={"capacity": prep.scenario.capacity.model_copy(update={"factor": None})}
-    )
-    dropless = replace(prep, scenario=sc)
-    return padding_factor(
-        [lr.expert_tokens for step in range(steps) for lr in route_step(dropless, step).values()]
-    )
+    dropless = replace(prep, scenario=_with_factor(prep.scenario, None))
+    return padding_factor(lr.expert_tokens for lr in _routed_layers(dropless, steps))
 
 
 def _with_factor(sc: Scenario, factor: float | None) -> Scenario:
