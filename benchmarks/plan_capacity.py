@@ -51,8 +51,9 @@ def main() -> None:
             print(
                 f"  {hw:9s} memory {a['min_devices_memory']}, throughput "
                 f"{a['min_devices_throughput']}, latency {a['min_devices_slo']} devices; "
-                f"capacity factor {a['recommended_capacity_factor']}, "
-                f"{a['tokens_per_s']:,.0f} tokens/s"
+                f"capacity factor {a['recommended_capacity_factor'] or 'dropless'}, "
+                f"{a['tokens_per_s'] or 0:,.0f} tokens/s at {100 * (a['drop_rate'] or 0):.3f}% "
+                f"dropped"
             )
 
 

@@ -54,7 +54,9 @@ def _display_path(path: Path) -> Path:
         return path
 
 
-def _run_scenario(path: Path, out: Path, as_json: bool, quiet: bool = False) -> None:
+def _run_scenario(
+    path: Path, out: Path, as_json: bool, quiet: bool = False, strict: bool = False
+) -> None:
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
     from moesim.scenario import load_scenario
@@ -67,13 +69,59 @@ def _run_scenario(path: Path, out: Path, as_json: bool, quiet: bool = False) -> 
     if as_json:
         runs = [r.summary for r in result.runs]
         _print_json(runs[0] | {"runs": runs, "outputs": {k: str(v) for k, v in files.items()}})
-        return
-    if not quiet:
+    elif not quiet:
         console.print(console_summary(result), markup=False)
         console.print(
             f"\nwrote {', '.join(str(p) for p in files.values())} "
             f"in {time.perf_counter() - t0:.1f} s"
         )
+    if strict:
+        _check_fits(result, _display_path(path), out)
+
+
+def _check_fits(result: Any, source: Path, out: Path) -> None:
+    """``--strict``: a mode whose memory per device exceeds HBM is an error (exit 2); the
+    outputs, already written whole, stay for inspection."""
+    for run in result.runs:
+        s = run.summary
+        if not s.get("memory_fits", True):
+            raise InputError(
+                f"{s['mode']} needs {s['memory_per_device_bytes'] / 1e9:.1f} GB per device, "
+                f"more than the {s['hbm_bytes'] / 1e9:.1f} GB of HBM (--strict; outputs "
+                f"written to {out})",
+                file=source,
+                field="hardware",
+                value=result.scenario.hardware,
+            )
+
+
+def _demo_baseline(scenario: Any) -> Any:
+    """The demo's comparison: the same scenario with Megatron's contiguous placement."""
+    return scenario.model_copy(update={"placement": "contiguous", "redundant_slots": 0})
+
+
+def demo_comparison(planned: Any, baseline: Any) -> list[str]:
+    """The demo's side-by-side lines: per mode, both step times and the difference, then
+    each placement's worst-layer routed balance and straggler with its cause."""
+    sc = planned.scenario
+    name = f"{sc.placement}" + (f" + {sc.redundant_slots} redundant" if sc.redundant_slots else "")
+    lines = [f"Placement: contiguous (Megatron default) vs {name} (planned from the trace)"]
+    for b, p in zip(baseline.runs, planned.runs, strict=True):
+        tb, tp = b.summary["step_time_us"], p.summary["step_time_us"]
+        lines.append(
+            f"  [{p.mode}] step time {tb / 1e3:.3f} ms -> {tp / 1e3:.3f} ms "
+            f"({tp - tb:+.1f} µs, {100 * (tp - tb) / tb:+.1f}%)"
+        )
+    for label, res in (("contiguous", baseline), (name, planned)):
+        s = res.runs[0].summary
+        worst = max(range(len(s["layers"])), key=lambda i: s["routed_balance"][i])
+        lines.append(
+            f"  {label}: worst routed balance {s['routed_balance'][worst]:.3f} (layer "
+            f"{s['layers'][worst]}), straggler device {s['straggler_device'][worst]} "
+            f"({s['straggler_cause'][worst]}, +{100 * s['straggler_penalty'][worst]:.1f}% "
+            f"over the mean {s['straggler_phase'][worst]} time)"
+        )
+    return lines
 
 
 @app.command()
@@ -81,10 +129,41 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/demo"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Run the bundled default scenario (real FLAME-MoE-290M routing on 2 x 8 H100)."""
+    """Run the bundled scenario (real routing of moesim's reference MoE on 2 x 8 H100,
+    dropless) with a placement planned from the trace, and again with contiguous placement:
+    both step times, the difference, each one's balance and straggler. Writes the planned
+    run's report to OUT and the contiguous one's to OUT/contiguous."""
     from moesim.paths import scenarios_dir
+    from moesim.report import write_outputs
+    from moesim.report.summary import console_summary
+    from moesim.scenario import load_scenario
+    from moesim.sim.simulate import simulate
 
-    _run_scenario(scenarios_dir() / "demo.yaml", out, as_json)
+    t0 = time.perf_counter()
+    path = scenarios_dir() / "demo.yaml"
+    scenario, base = load_scenario(path)
+    source = _display_path(path)
+    planned = simulate(scenario, base, source=source)
+    baseline = simulate(_demo_baseline(scenario), base, source=source)
+    files = write_outputs(planned, out)
+    base_files = write_outputs(baseline, out / "contiguous")
+    if as_json:
+        runs = [r.summary for r in planned.runs]
+        _print_json(
+            runs[0]
+            | {
+                "runs": runs,
+                "contiguous_runs": [r.summary for r in baseline.runs],
+                "outputs": {k: str(v) for k, v in files.items()},
+            }
+        )
+        return
+    console.print(console_summary(planned), markup=False)
+    console.print("\n" + "\n".join(demo_comparison(planned, baseline)), markup=False)
+    console.print(
+        f"\nwrote {', '.join(str(p) for p in files.values())} (contiguous: "
+        f"{base_files['report.html'].parent}) in {time.perf_counter() - t0:.1f} s"
+    )
 
 
 @app.command()
@@ -92,14 +171,22 @@ def simulate(
     scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Exit 2 when a mode does not fit in HBM (outputs are written first).",
+        ),
+    ] = False,
 ) -> None:
     """Simulate one scenario; writes report.html, summary.md, metrics.parquet and timeline.json.
 
     With --json, prints step_time_us, drop_rate and, per MoE layer, expert_balance,
     routed_balance, processed_balance, dropless_capacity_factor, straggler_device and
-    straggler_cause of the first mode, and every mode under "runs".
+    straggler_cause of the first mode, and every mode under "runs". A run that does not
+    fit in HBM is a warning, or with --strict an error (exit 2).
     """
-    _run_scenario(scenario, out, as_json)
+    _run_scenario(scenario, out, as_json, strict=strict)
 
 
 @app.command()

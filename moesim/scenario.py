@@ -5,12 +5,13 @@ Example (``scenarios/demo.yaml``)::
     name: demo
     hardware: H100-SXM
     cluster: {nodes: 2, devices_per_node: 8}
-    model: FLAME-MoE-290M
-    routing: {trace: traces/flame-moe-290m}
-    placement: contiguous
-    capacity: {factor: 1.25, overflow: drop}
+    model: moesim-reference
+    routing: {trace: traces/moesim-reference}
+    placement: greedy
+    redundant_slots: 16
+    capacity: {factor: null}       # dropless (the default): unlimited expert capacity
     mode: [training, prefill]
-    tokens_per_device: 128
+    tokens_per_device: 2048        # decode: sequences per device, one new token each
     seed: 0
 
 Relative paths are resolved against the scenario file's folder.
@@ -165,7 +166,12 @@ class Scenario(BaseModel):
         description="two microbatches per step, one's transfers overlapping the other's compute",
     )
     mode: Mode | list[Mode] = "training"
-    tokens_per_device: int = Field(gt=0, description="Tokens each device feeds into a layer")
+    tokens_per_device: int = Field(
+        gt=0,
+        description="Tokens each device feeds into a layer per step. In decode: sequences "
+        "per device (a decode step adds one new token to each, so also tokens per step), "
+        "each holding sequence_length tokens of KV cache",
+    )
     sequence_length: int = Field(default=4096, gt=0, description="Tokens per sequence")
     precision: Precision = "bf16"
     dispatch_dtype: Precision = "bf16"

@@ -17,11 +17,11 @@ from moesim.sim.simulate import simulate
 from moesim.sweep.results import METRIC_COLUMNS
 
 NODES = (1, 2)
-FACTORS = (1.0, 1.25, 2.0)
+FACTORS: tuple[float | None, ...] = (None, 1.0, 1.25, 2.0)  # None: dropless
 METRICS = METRIC_COLUMNS
 
 
-def _scenario(nodes: int, factor: float) -> Scenario:
+def _scenario(nodes: int, factor: float | None) -> Scenario:
     return Scenario(
         name="fixture",
         hardware="H100-SXM",
@@ -36,8 +36,11 @@ def _scenario(nodes: int, factor: float) -> Scenario:
     )
 
 
-def write_sweep_fixture(folder: Path, with_error: bool = True) -> Path:
-    """results.parquet (and sweep.json) for a grid nodes × capacity factor."""
+def write_sweep_fixture(
+    folder: Path, with_error: bool = True, max_drop_rate: float | None = None
+) -> Path:
+    """results.parquet (and sweep.json, with ``max_drop_rate`` when given) for a grid
+    nodes × capacity factor (dropless and three factors)."""
     rows = []
     for nodes in NODES:
         for factor in FACTORS:
@@ -48,8 +51,9 @@ def write_sweep_fixture(folder: Path, with_error: bool = True) -> Path:
                 k: float(s[k]) if k in s and not isinstance(s[k], list) else b.get(k)
                 for k in METRICS
             }
-            metrics["balance_ratio"] = float(np.max(s["balance_ratio"]))
-            metrics["balance_ratio_mean"] = float(np.mean(s["balance_ratio"]))
+            metrics["routed_balance"] = float(np.max(s["routed_balance"]))
+            metrics["routed_balance_mean"] = float(np.mean(s["routed_balance"]))
+            metrics["processed_balance"] = float(np.max(s["processed_balance"]))
             metrics["straggler_penalty"] = float(np.max(s["straggler_penalty"]))
             rows.append(
                 {
@@ -109,7 +113,8 @@ def write_sweep_fixture(folder: Path, with_error: bool = True) -> Path:
     )
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "results.parquet")
-    (folder / "sweep.json").write_text(
-        json.dumps({"sweep_id": "f" * 64, "cases": len(rows), "created_by": "moesim sweep"})
-    )
+    meta = {"sweep_id": "f" * 64, "cases": len(rows), "created_by": "moesim sweep"}
+    if max_drop_rate is not None:
+        meta["max_drop_rate"] = max_drop_rate
+    (folder / "sweep.json").write_text(json.dumps(meta))
     return folder

@@ -55,6 +55,7 @@ def test_plan_report_in_chromium(tmp_path):
         tokens_per_s=30_000,
         latency_slo_ms=25,
         prices_per_device_hour=(3.0, 6.0),
+        max_drop_rate=0.001,  # a drop budget: capacity factors tried, drops figure drawn
     )
     write_plan(plan_capacity(req), req, tmp_path / "plan")
     _assert_good_page(

@@ -56,11 +56,15 @@ def test_demo_writes_four_files_and_summary(tmp_path):
         "expert compute",
         "dispatch",
         "combine",
-        "drop rate",
+        "dropless: all 524,288 assignments processed",  # 32,768 tokens × top-4 × 4 layers
+        "memory per device",
+        "of 80.0 GB HBM: fits",
         "balance",
         "straggler",
+        "Placement: contiguous (Megatron default) vs greedy + 16 redundant",
     ):
         assert needle in out
+    assert (tmp_path / "demo" / "contiguous" / "report.html").is_file()
     timeline = json.loads((tmp_path / "demo" / "timeline.json").read_text())
     events = timeline["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]
@@ -102,6 +106,70 @@ def test_demo_writes_four_files_and_summary(tmp_path):
     assert html.count("<svg") >= 3
     for external in ('src="http', "src='http", 'href="http', "<link", "<script src"):
         assert external not in html  # self-contained: nothing fetched from the network
+
+
+def test_demo_compares_planned_and_contiguous_placement(tmp_path):
+    proc = moesim("demo", "--out", str(tmp_path / "demo"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    planned = {r["mode"]: r for r in data["runs"]}
+    contiguous = {r["mode"]: r for r in data["contiguous_runs"]}
+    assert set(planned) == set(contiguous) == {"training", "prefill"}
+    for mode in planned:
+        assert planned[mode]["capacity_factor"] is None and planned[mode]["drop_rate"] == 0.0
+        assert contiguous[mode]["drop_rate"] == 0.0
+    text = moesim("demo", "--out", str(tmp_path / "again")).stdout
+    for mode in ("training", "prefill"):
+        tb, tp = contiguous[mode]["step_time_us"], planned[mode]["step_time_us"]
+        line = (
+            f"[{mode}] step time {tb / 1e3:.3f} ms -> {tp / 1e3:.3f} ms "
+            f"({tp - tb:+.1f} µs, {100 * (tp - tb) / tb:+.1f}%)"
+        )
+        assert line in text
+    for label, runs in (("contiguous", contiguous), ("greedy + 16 redundant", planned)):
+        s = runs["training"]
+        worst = s["routed_balance"].index(max(s["routed_balance"]))
+        assert (
+            f"{label}: worst routed balance {s['routed_balance'][worst]:.3f} (layer "
+            f"{s['layers'][worst]}), straggler device {s['straggler_device'][worst]} "
+            f"({s['straggler_cause'][worst]}, +{100 * s['straggler_penalty'][worst]:.1f}% "
+            f"over the mean {s['straggler_phase'][worst]} time)"
+        ) in text
+
+
+def test_strict_exits_2_when_memory_does_not_fit(tmp_path, write_scenario):
+    # Mixtral-8x7B decoding 64 sequences of 4,096 tokens on 2 H100s: 4 experts of each of
+    # 32 MoE layers (45.1 GB) and 64 × 4,096 tokens of KV cache (34.4 GB) per device, with
+    # 3.2 GB of dense weights: over 80 GB
+    data = {
+        "name": "too-big",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 2},
+        "model": "Mixtral-8x7B",
+        "routing": {"synthetic": {"distribution": "uniform"}},
+        "mode": "decode",
+        "tokens_per_device": 64,
+        "sequence_length": 4096,
+    }
+    scenario = write_scenario(data)
+    loose = moesim("simulate", str(scenario), "--out", str(tmp_path / "loose"))
+    assert loose.returncode == 0, loose.stderr
+    out = loose.stdout
+    assert "64 tokens/device (decode: 64 sequences/device, one new token each)" in out
+    assert "of 80.0 GB HBM: does NOT fit (dense weights 3.2 GB, expert slots 45.1 GB" in out
+    assert "KV cache 34.4 GB" in out and "WARNING: decode does not fit in HBM" in out
+    summary = (tmp_path / "loose" / "summary.md").read_text()
+    assert "**WARNING: decode does not fit in HBM" in summary
+    proc = moesim("simulate", str(scenario), "--out", str(tmp_path / "strict"), "--strict")
+    err = assert_one_line_error(proc, "scenario.yaml", "field 'hardware'", "'H100-SXM'", "--strict")
+    assert "80.0 GB of HBM" in err
+    # outputs were written whole before the error
+    assert (tmp_path / "strict" / "report.html").read_bytes() == (
+        tmp_path / "loose" / "report.html"
+    ).read_bytes()
+    fits = write_scenario(data | {"cluster": {"nodes": 1, "devices_per_node": 8}}, "fits.yaml")
+    ok = moesim("simulate", str(fits), "--out", str(tmp_path / "fits"), "--strict")
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_simulate_json_and_byte_identical_outputs(tmp_path, flame_dict, write_scenario):

@@ -36,7 +36,7 @@ def test_sweep_report_has_every_section_in_order(sweep_dir, tmp_path):
     assert "Fewer than two placement strategies" in html
     # the answer comes first and names the fastest case and the failed one
     answer = html[html.index('id="answer"') : html.index('id="cluster"')]
-    assert "highest throughput" in answer and "1 failed" in answer and "case 6" in answer
+    assert "highest throughput" in answer and "1 failed" in answer and "case 8" in answer
     md = files["summary.md"].read_text()
     assert md.index("## Answer") < md.index("## Drop rate versus capacity factor")
     # nothing fetched from the network, no script
@@ -51,6 +51,30 @@ def test_sweep_report_is_byte_identical_and_cli_works(sweep_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for name in ("report.html", "summary.md"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def _answer_md(folder, out) -> str:
+    md = write_sweep_report(folder, out)["summary.md"].read_text()
+    return md[md.index("## Answer") : md.index("## Model and cluster")]
+
+
+def test_sweep_answer_keeps_to_the_drop_budget(sweep_dir, tmp_path):
+    df = pq.read_table(sweep_dir / "results.parquet").to_pandas()
+    ok = df[df["status"] == "ok"]
+    dropless = ok[ok["capacity_factor"].isna()]
+    # no budget in sweep.json: the best answer is the fastest dropless case
+    answer = _answer_md(sweep_dir, tmp_path / "a")
+    best = dropless.loc[dropless["tokens_per_s"].idxmax()]
+    assert f"{best['tokens_per_s']:,.0f} tokens/s at 0.000% dropped" in answer
+    assert "factor=dropless, nodes=2" in answer
+    assert "dropless cases only" in answer and "6 case(s) over the drop budget" in answer
+    # a budget of 50 % admits every case: the fastest of all, with its drop rate beside it
+    wide = write_sweep_fixture(tmp_path / "wide", max_drop_rate=0.5)
+    answer = _answer_md(wide, tmp_path / "b")
+    top = ok.loc[ok["tokens_per_s"].idxmax()]
+    assert top["drop_rate"] > 0
+    assert f"{top['tokens_per_s']:,.0f} tokens/s at {100 * top['drop_rate']:.3f}% dropped" in answer
+    assert "at most 50% of assignments" in answer and "left out" not in answer
 
 
 def test_drop_rate_falls_with_capacity_factor_in_the_table(sweep_dir):

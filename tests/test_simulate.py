@@ -68,13 +68,18 @@ def _check_counts(data: dict, trace_dir, tmp_path) -> None:
     assert result.runs[0].summary["processed_balance"] == pytest.approx(br.tolist(), abs=1e-6)
 
 
+CAPACITY_125 = {"factor": 1.25, "overflow": "drop"}  # these checks are about drops
+
+
 def test_flame_device_counts_match_independent_count(flame_dict, tmp_path):
-    _check_counts(flame_dict, FLAME_TRACE, tmp_path)
+    _check_counts(flame_dict | {"capacity": CAPACITY_125}, FLAME_TRACE, tmp_path)
 
 
 def test_demo_device_counts_match_independent_count(tmp_path):
     data = yaml.safe_load((scenarios_dir() / "demo.yaml").read_text())
     data["routing"] = {"trace": str(REFERENCE_TRACE)}
+    # the independent count places experts contiguously and applies a capacity of 1.25
+    data |= {"placement": "contiguous", "redundant_slots": 0, "capacity": CAPACITY_125}
     _check_counts(data, REFERENCE_TRACE, tmp_path)
 
 
@@ -127,6 +132,24 @@ def test_device_given_twice_the_tokens_is_the_straggler(tmp_path):
     assert exp_us.argmax() == 2 and exp_us[2] > exp_us[[0, 1, 3]].max()
 
 
+def test_tokens_per_s_counts_processed_assignments_only(tmp_path):
+    # 4 devices x 8 tokens, top-1, capacity factor 1: ceil(1.0 * 32 / 4) = 8 per slot.
+    # Layer 0 is even (8 each, nothing dropped); layer 1 sends 12 to expert 2, which keeps 8
+    # and drops 4. Processed: (32 + 28) of 64 assignments, so 32 × 60/64 = 30 tokens a step.
+    t = 32
+    even = np.tile(np.arange(4), t // 4)
+    skew = np.array([0] * 6 + [1] * 6 + [2] * 12 + [3] * 8)
+    write_trace(_trace(np.stack([even, skew])[:, :, None], 4), tmp_path / "tr")
+    sc = _scenario(tmp_path / "tr", 8, capacity={"factor": 1.0})
+    s = simulate(sc, tmp_path).runs[0].summary
+    assert (s["assignments"], s["dropped"], s["slot_capacity"]) == (64, 4, 8)
+    assert s["tokens_per_s"] == pytest.approx(30 / (s["step_time_us"] * 1e-6), rel=1e-12)
+    dropless = simulate(_scenario(tmp_path / "tr", 8), tmp_path).runs[0].summary
+    assert dropless["tokens_per_s"] == pytest.approx(
+        32 / (dropless["step_time_us"] * 1e-6), rel=1e-12
+    )
+
+
 def test_uniform_routing_gives_closed_form_dispatch(tmp_path):
     # each device's 4 tokens go one to each expert (one expert per device), so every
     # device sends exactly one token to every other device
@@ -158,10 +181,15 @@ def test_training_has_backward_and_allreduce(flame_dict, tmp_path):
 
 
 def test_capacity_drops_match_definition(flame_dict, tmp_path):
-    sc = Scenario.model_validate(flame_dict | {"mode": "prefill", "tokens_per_device": 128})
+    sc = Scenario.model_validate(
+        flame_dict | {"mode": "prefill", "tokens_per_device": 128, "capacity": CAPACITY_125}
+    )
     res = simulate(sc, tmp_path)
     s = res.runs[0].summary
-    assert s["expert_capacity"] == 240  # ceil(1.25 * 2048 * 6 / 64)
+    assert s["slot_capacity"] == 240  # ceil(1.25 * 2048 * 6 / 64 physical slots)
+    # tokens/s count processed assignments only: tokens × (1 - drop rate) / step time
+    processed = 2048 * (s["assignments"] - s["dropped"]) / s["assignments"]
+    assert s["tokens_per_s"] == pytest.approx(processed / (s["step_time_us"] * 1e-6), rel=1e-12)
 
     def variant(capacity):
         data = flame_dict | {"mode": "prefill", "tokens_per_device": 128, "capacity": capacity}

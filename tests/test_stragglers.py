@@ -272,10 +272,13 @@ def test_straggler_penalty_and_balance_ratio():
 
 
 def _demo_like(**extra) -> Scenario:
-    """The demo's cluster (2 nodes x 8 H100) and model, uniform routing, dropless."""
+    """The demo's cluster (2 nodes x 8 H100) and model, contiguous placement, uniform
+    routing, dropless."""
     data = yaml.safe_load((scenarios_dir() / "demo.yaml").read_text())
     data |= {
         "routing": {"synthetic": {"distribution": "uniform"}},
+        "placement": "contiguous",
+        "redundant_slots": 0,
         "mode": "prefill",
         "capacity": {"factor": None},
     }

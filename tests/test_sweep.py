@@ -174,6 +174,25 @@ def test_bad_sweep_files_name_file_field_value(tmp_path, spec, needles):
 # ----- case ids ---------------------------------------------------------------------------
 
 
+def test_drop_budget_of_a_sweep(tmp_path):
+    axes = {"capacity.factor": [None, 1.0]}
+    plain = load_sweep(write_sweep(tmp_path, "a.yaml", axes=axes))
+    assert plain.spec.max_drop_rate == 0.0
+    # the default budget leaves the sweep id as it was before sweeps had one
+    base = yaml.safe_load(DEMO.read_text())
+    spec = {"name": "t", "base": str(DEMO), "axes": axes, "grid": True, "cases": None}
+    text = canonical_json(spec | {"base": base})
+    assert plain.sweep_id == hashlib.sha256(text.encode()).hexdigest()
+    budget = load_sweep(write_sweep(tmp_path, "b.yaml", axes=axes, max_drop_rate=0.01))
+    assert budget.spec.max_drop_rate == 0.01 and budget.sweep_id != plain.sweep_id
+    assert [c.case_id for c in budget.cases] == [c.case_id for c in plain.cases]
+    assert_one_line_error(
+        moesim("sweep", str(write_sweep(tmp_path, "c.yaml", axes=axes, max_drop_rate=1.5)),
+                   "--out", str(tmp_path / "o")),
+        "field 'max_drop_rate'", "1.5",
+    )  # fmt: skip
+
+
 def test_case_id_is_hash_of_the_full_canonical_scenario(tmp_path):
     one = load_sweep(write_sweep(tmp_path, "a.yaml", axes={"capacity.factor": [1], "seed": [7]}))
     # other spelling (1.0 for 1, other key order), other file and folder: same cases
@@ -204,7 +223,8 @@ def test_summary_figures_map_onto_the_metric_columns():
         "step_time_us": 10.0,
         "breakdown_us": {"expert_us": 4.0, "wait_us": 1.0, "new_phase_us": 2.0},
         "tokens_per_s": 5,
-        "balance_ratio": [1.5, 2.5, 2.0],
+        "routed_balance": [1.5, 2.5, 2.0],
+        "processed_balance": [1.5, 2.0, 2.0],
         "straggler_penalty": [0.1, 0.3],
         "drop_rate": 0.0,
         "memory_per_device_bytes": 80e9,
@@ -213,7 +233,8 @@ def test_summary_figures_map_onto_the_metric_columns():
     assert list(got) == list(METRIC_COLUMNS)
     assert got["step_time_us"] == 10.0 and got["expert_us"] == 4.0 and got["wait_us"] == 1.0
     assert got["tokens_per_s"] == 5.0 and isinstance(got["tokens_per_s"], float)
-    assert (got["balance_ratio"], got["balance_ratio_mean"]) == (2.5, 2.0)
+    assert (got["routed_balance"], got["routed_balance_mean"]) == (2.5, 2.0)
+    assert got["processed_balance"] == 2.0
     assert got["straggler_penalty"] == 0.3
     assert got["memory_per_device_bytes"] == 80e9  # taken when the simulation gives it
     assert got["dispatch_us"] is None and got["cross_node_bytes"] is None  # absent: null
@@ -251,7 +272,12 @@ def test_results_table_follows_the_schema(tmp_path):
     out = tmp_path / "out"
     assert (out / "sweep.yaml").read_bytes() == path.read_bytes()
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta == {"sweep_id": load_sweep(path).sweep_id, "cases": 4, "created_by": "moesim sweep"}
+    assert meta == {
+        "sweep_id": load_sweep(path).sweep_id,
+        "cases": 4,
+        "created_by": "moesim sweep",
+        "max_drop_rate": 0.0,
+    }
     table = pq.read_table(out / "results.parquet")
     names = table.schema.names
     assert names[:5] == ["case_id", "case_index", "status", "error", "axes"]
@@ -280,7 +306,7 @@ def test_results_table_follows_the_schema(tmp_path):
     summary = simulate(scenario, DEMO.parent).runs[0].summary
     expected = metric_values(summary)
     assert {k: r[k] for k in expected} == expected
-    assert r["balance_ratio"] == max(summary["balance_ratio"])
+    assert r["routed_balance"] == max(summary["routed_balance"])
     assert r["straggler_penalty"] == max(summary["straggler_penalty"])
     assert r["expert_us"] == summary["breakdown_us"]["expert_us"]
     assert r["memory_per_device_bytes"] == summary["memory_per_device_bytes"] > 0

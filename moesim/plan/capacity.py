@@ -10,22 +10,29 @@ For each hardware profile the planner answers three questions, each by the fewes
 
 Cluster sizes are the profile's nodes × devices per node (a single node may be partly used:
 1, 2, 4 … devices), kept to the sizes the placement accepts (contiguous: experts a multiple
-of devices or devices a multiple of experts). The search starts at the memory answer,
-doubles the device count until the target is met, then bisects between the last size that
-failed and the first that passed; it assumes throughput grows with the device count.
+of devices or devices a multiple of experts; with redundant slots, experts + redundant
+slots a multiple of devices). The search starts at the memory answer, doubles the device
+count until the target is met, then bisects between the last size that failed and the
+first that passed; it assumes throughput grows with the device count. With a fixed number
+of nodes (``PlanRequest.nodes``) only that size is evaluated.
 
-At every size evaluated, each capacity factor of a ladder is tried on the routing alone
-(the simulator's own routing step) and the smallest whose drop rate is within the target
-is simulated; each available placement strategy is simulated and the fastest kept.
+Expert capacity is unlimited (dropless) unless the request gives a drop budget
+(``max_drop_rate`` > 0): then each capacity factor of a ladder is tried on the routing alone
+(the simulator's own routing step) and the smallest whose drop rate is within the budget is
+simulated (dropless when none is). No answer drops more than the budget. A dropless answer
+reports the capacity factor a padded (non-dropless) kernel would need to drop nothing,
+:func:`padding_factor`, and the memory at that factor. Each available placement strategy is
+simulated and the fastest kept; tokens/s counts processed assignments only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from moesim.costs.memory import contiguous_slots, memory_per_device
@@ -33,12 +40,13 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.scenario import Scenario
+from moesim.sim.routing import LayerRouting
 from moesim.sim.simulate import (
     ModeResult,
     Prepared,
     SimResult,
     prepare,
-    route_step,
+    route_layer_at,
     simulate_mode,
 )
 from moesim.sweep.results import metric_values
@@ -53,6 +61,7 @@ __all__ = [
     "drop_frame",
     "evaluations_frame",
     "min_devices_memory",
+    "padding_factor",
     "plan_capacity",
     "plan_hardware",
 ]
@@ -72,7 +81,7 @@ class PlanRequest:
     distribution: str = "uniform"
     precision: str = "bf16"
     prices_per_device_hour: tuple[float, ...] = ()
-    max_drop_rate: float = 0.001
+    max_drop_rate: float = 0.0
     mode: str = "decode"
     tokens_per_device: int = 64
     sequence_length: int = 4096
@@ -80,6 +89,13 @@ class PlanRequest:
     seed: int = 0
     max_devices: int = 4096
     capacity_factors: tuple[float, ...] = CAPACITY_LADDER
+    redundant: int = 0
+    nodes: int | None = None
+
+    @property
+    def dropless(self) -> bool:
+        """No drop budget: every simulation runs with unlimited expert capacity."""
+        return self.max_drop_rate == 0
 
     def price(self, index: int) -> float | None:
         """Price per device-hour of the ``index``-th hardware (one price applies to all)."""
@@ -91,17 +107,25 @@ class PlanRequest:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One cluster size simulated: the chosen capacity factor and placement, and the result."""
+    """One cluster size simulated: the chosen capacity factor (None: dropless) and placement,
+    and the result.
+
+    ``padding_factor``: the capacity factor a padded kernel would need to drop nothing on
+    this routing (:func:`padding_factor`); ``padded_memory_bytes``: memory per device at it.
+    """
 
     hardware: str
     num_devices: int
     nodes: int
     devices_per_node: int
     placement: str
-    capacity_factor: float
+    redundant_slots: int
+    capacity_factor: float | None
     drop_rate: float
     drop_rates: dict[float, float]  # capacity factor -> drop rate, on the routing alone
     placements_tokens_per_s: dict[str, float]
+    padding_factor: float
+    padded_memory_bytes: float
     result: SimResult = field(repr=False)
 
     @property
@@ -114,7 +138,12 @@ class Evaluation:
 
     @property
     def tokens_per_s(self) -> float:
+        """Processed tokens/s: tokens × processed share of assignments / step time."""
         return float(self.run.summary["tokens_per_s"])
+
+    @property
+    def memory_fits(self) -> bool:
+        return bool(self.run.summary["memory_fits"])
 
 
 @dataclass
@@ -129,10 +158,15 @@ class HardwarePlan:
     evaluations: dict[int, Evaluation]
     price_per_device_hour: float | None
     notes: list[str]
+    fixed_devices: int | None = None
 
     @property
     def recommended(self) -> Evaluation | None:
-        """The configuration answering the strictest question asked."""
+        """The configuration answering the strictest question asked (with a fixed cluster
+        size: that size, when the model fits it)."""
+        if self.fixed_devices is not None:
+            ev = self.evaluations.get(self.fixed_devices)
+            return ev if ev is not None and ev.memory_fits else None
         n = self.min_devices_slo if self.min_devices_slo is not None else None
         if n is None and self.min_devices_throughput is not None:
             n = self.min_devices_throughput
@@ -148,12 +182,19 @@ class HardwarePlan:
             "recommended_devices": rec.num_devices if rec else None,
             "nodes": rec.nodes if rec else None,
             "devices_per_node": rec.devices_per_node if rec else None,
+            "fixed_devices": self.fixed_devices,
+            "dropless": rec.capacity_factor is None if rec else None,
             "recommended_capacity_factor": rec.capacity_factor if rec else None,
             "recommended_placement": rec.placement if rec else None,
+            "redundant_slots": rec.redundant_slots if rec else None,
+            "max_drop_rate": request.max_drop_rate,
             "drop_rate": rec.drop_rate if rec else None,
             "tokens_per_s": rec.tokens_per_s if rec else None,
             "step_time_us": rec.step_time_us if rec else None,
             "memory_per_device_bytes": rec.run.summary["memory_per_device_bytes"] if rec else None,
+            "memory_fits": rec.memory_fits if rec else None,
+            "padding_factor": rec.padding_factor if rec else None,
+            "padded_memory_per_device_bytes": rec.padded_memory_bytes if rec else None,
             "hbm_bytes": self.hbm_bytes,
             "price_per_device_hour": self.price_per_device_hour,
             "cost_per_million_tokens": None,
@@ -167,29 +208,69 @@ class HardwarePlan:
 
 
 def available_placements() -> list[str]:
-    """Placements the planner tries at every size: Megatron's contiguous default and a
-    load-balanced packing planned from the routing (EPLB-style, global, no replicas: the
-    planner keeps expert memory at one copy per expert)."""
+    """Placements the planner tries at every size: Megatron's contiguous default (one copy
+    per expert, no redundant slots) and a load-balanced packing planned from the routing
+    (EPLB-style, global), which also fills the request's redundant slots with replicas of
+    the most loaded experts."""
     from moesim.placement.planners import STRATEGIES
 
     return [p for p in ("contiguous", "eplb-global") if p in STRATEGIES]
 
 
-def cluster_sizes(num_experts: int, devices_per_node: int, max_devices: int) -> list[int]:
+def cluster_sizes(
+    num_experts: int, devices_per_node: int, max_devices: int, redundant: int = 0
+) -> list[int]:
     """Device counts to search, ascending: part of one node (powers of two dividing the node),
-    then whole nodes; kept to counts contiguous placement accepts."""
+    then whole nodes; kept to counts the placements accept (contiguous: experts a multiple of
+    devices or devices a multiple of experts; with ``redundant`` slots per layer, experts +
+    redundant slots a multiple of devices)."""
     partial = [
         d for d in (1, 2, 4, 8, 16, 32) if d < devices_per_node and devices_per_node % d == 0
     ]
     whole = range(devices_per_node, max_devices + 1, devices_per_node)
-    return [d for d in (*partial, *whole) if num_experts % d == 0 or d % num_experts == 0]
+    return [d for d in (*partial, *whole) if _accepts(num_experts, d, redundant)]
+
+
+def _accepts(num_experts: int, d: int, redundant: int) -> bool:
+    if redundant:
+        return (num_experts + redundant) % d == 0
+    return num_experts % d == 0 or d % num_experts == 0
+
+
+def padding_factor(expert_tokens: Iterable[np.ndarray]) -> float:
+    """The capacity factor a padded (non-dropless) kernel needs to drop nothing.
+
+    Capacity is per physical slot, ``ceil(factor * assignments / slots)``, so a layer drops
+    nothing when the factor reaches its largest slot load over its mean slot load.
+
+    Args:
+        expert_tokens: per layer step, (D, S) tokens per hosted expert slot of each device
+            (``LayerRouting.expert_tokens`` of a dropless routing).
+    Returns:
+        max over layer steps of (max over slots / mean over slots); 1.0 for no tokens.
+    """
+    worst = 1.0
+    for tokens in expert_tokens:
+        t = np.asarray(tokens, dtype=np.float64)
+        mean = t.mean() if t.size else 0.0
+        if mean > 0:
+            worst = max(worst, float(t.max() / mean))
+    return worst
+
+
+def _expert_slots(num_experts: int, d: int, redundant: int) -> int:
+    """Expert slots per device: contiguous, or ``(E + redundant) / D`` with redundant slots."""
+    return (num_experts + redundant) // d if redundant else contiguous_slots(num_experts, d)
 
 
 def min_devices_memory(
     shape: ModelShape, hw: HardwareProfile, request: PlanRequest, sizes: Sequence[int]
 ) -> int | None:
-    """Fewest devices of ``sizes`` whose per-device memory fits in HBM, at the largest
-    capacity factor of the ladder (the most activation memory the search may pick)."""
+    """Fewest devices of ``sizes`` whose per-device memory fits in HBM: dropless (one
+    activation per assignment), or with a drop budget at the largest capacity factor of the
+    ladder (the most activation memory the search may pick); with the request's redundant
+    slots."""
+    cf = None if request.dropless else max(request.capacity_factors)
     for d in sizes:
         mem = memory_per_device(
             shape,
@@ -198,9 +279,9 @@ def min_devices_memory(
             tokens_per_device=request.tokens_per_device,
             sequence_length=request.sequence_length,
             precision=request.precision,
-            capacity_factor=max(request.capacity_factors),
+            capacity_factor=cf,
             hbm_bytes=hw.memory.hbm_bytes,
-            expert_slots=contiguous_slots(shape.num_experts, d),
+            expert_slots=_expert_slots(shape.num_experts, d, request.redundant),
         )
         if mem.fits:
             return d
@@ -213,19 +294,37 @@ def _sim_precision(precision: str) -> str:
     return "fp8" if precision == "int4" else precision
 
 
+def _routed_layers(prep: Prepared, steps: int) -> Iterator[LayerRouting]:
+    """Every (step, MoE layer) routing of :func:`route_step`, one layer at a time (a layer's
+    (D, D) matrices are let go before the next is routed: large clusters stay in memory)."""
+    for step in range(steps):
+        for li in range(len(prep.moe_layers)):
+            yield route_layer_at(prep, step, li)
+
+
 def _drop_rate(prep: Prepared, steps: int) -> float:
     dropped = assignments = 0
-    for step in range(steps):
-        for lr in route_step(prep, step).values():
-            dropped += int(lr.dropped.sum())
-            assignments += lr.assignments
+    for lr in _routed_layers(prep, steps):
+        dropped += int(lr.dropped.sum())
+        assignments += lr.assignments
     return dropped / assignments if assignments else 0.0
+
+
+def _dropless_padding(prep: Prepared, steps: int) -> float:
+    """:func:`padding_factor` of the dropless routing of every step."""
+    dropless = replace(prep, scenario=_with_factor(prep.scenario, None))
+    return padding_factor(lr.expert_tokens for lr in _routed_layers(dropless, steps))
+
+
+def _with_factor(sc: Scenario, factor: float | None) -> Scenario:
+    return sc.model_copy(update={"capacity": sc.capacity.model_copy(update={"factor": factor})})
 
 
 def _evaluate(
     shape: ModelShape, hw_name: str, hw: HardwareProfile, request: PlanRequest, d: int
 ) -> Evaluation | None:
-    """Simulate ``d`` devices: pick the capacity factor on routing, then each placement."""
+    """Simulate ``d`` devices: each placement, dropless or at the smallest capacity factor
+    within the drop budget (picked on routing); the fastest placement is kept."""
     dpn = min(d, hw.devices_per_node)
     routing: dict[str, Any] = (
         {"trace": request.trace}
@@ -235,6 +334,9 @@ def _evaluate(
     best: Evaluation | None = None
     per_placement: dict[str, float] = {}
     for placement in available_placements():
+        redundant = 0 if placement == "contiguous" else request.redundant
+        if not _accepts(shape.num_experts, d, redundant):
+            continue
         base = Scenario(
             name=f"plan-{shape.name}-{hw_name}-{d}",
             hardware=hw_name,
@@ -242,7 +344,8 @@ def _evaluate(
             model=shape,
             routing=routing,
             placement=placement,
-            capacity={"factor": request.capacity_factors[0], "overflow": "drop"},
+            redundant_slots=redundant,
+            capacity={"factor": None, "overflow": "drop"},
             mode=request.mode,
             tokens_per_device=request.tokens_per_device,
             sequence_length=request.sequence_length,
@@ -257,19 +360,29 @@ def _evaluate(
                 continue  # this strategy cannot place the experts on d devices
             raise
         drops: dict[float, float] = {}
-        chosen = request.capacity_factors[-1]
-        for cf in request.capacity_factors:
-            sc = base.model_copy(
-                update={"capacity": base.capacity.model_copy(update={"factor": cf})}
-            )
-            drops[cf] = _drop_rate(replace(prep, scenario=sc), request.steps)
-            if drops[cf] <= request.max_drop_rate:
-                chosen = cf
-                break
-        sc = base.model_copy(
-            update={"capacity": base.capacity.model_copy(update={"factor": chosen})}
-        )
+        chosen: float | None = None  # dropless unless a factor keeps drops within the budget
+        if not request.dropless:
+            for cf in request.capacity_factors:
+                drops[cf] = _drop_rate(
+                    replace(prep, scenario=_with_factor(base, cf)), request.steps
+                )
+                if drops[cf] <= request.max_drop_rate:
+                    chosen = cf
+                    break
+        sc = _with_factor(base, chosen)
         run = simulate_mode(replace(prep, scenario=sc), request.mode)
+        pad = _dropless_padding(prep, request.steps)
+        padded_mem = memory_per_device(
+            prep.shape,
+            num_devices=d,
+            mode=request.mode,
+            tokens_per_device=request.tokens_per_device,
+            sequence_length=request.sequence_length,
+            precision=sc.precision,
+            capacity_factor=pad,
+            hbm_bytes=hw.memory.hbm_bytes,
+            expert_slots=int(prep.placement.slots.shape[2]),
+        ).total_bytes
         result = SimResult(
             scenario=sc,
             shape=prep.shape,
@@ -289,10 +402,13 @@ def _evaluate(
             nodes=d // dpn,
             devices_per_node=dpn,
             placement=placement,
+            redundant_slots=redundant,
             capacity_factor=chosen,
             drop_rate=float(run.summary["drop_rate"]),
             drop_rates=drops,
             placements_tokens_per_s=per_placement,
+            padding_factor=pad,
+            padded_memory_bytes=float(padded_mem),
             result=result,
         )
         if best is None or ev.tokens_per_s > best.tokens_per_s:
@@ -331,8 +447,12 @@ def plan_hardware(
     hw_name = request.hardware[index]
     hw = get_profile(hw_name)
     shape = get_preset(request.model)
-    sizes = cluster_sizes(shape.num_experts, hw.devices_per_node, request.max_devices)
     notes: list[str] = []
+    if request.nodes is not None:
+        return _plan_fixed(request, index, shape, hw_name, hw, progress)
+    sizes = cluster_sizes(
+        shape.num_experts, hw.devices_per_node, request.max_devices, request.redundant
+    )
     d_mem = min_devices_memory(shape, hw, request, sizes)
     evals: dict[int, Evaluation] = {}
 
@@ -348,14 +468,14 @@ def plan_hardware(
 
     def meets_throughput(d: int) -> bool:
         ev = evaluate(d)
-        return ev is not None and ev.tokens_per_s >= request.tokens_per_s
+        return ev is not None and ev.memory_fits and ev.tokens_per_s >= request.tokens_per_s
 
     def meets_slo(d: int) -> bool:
         ev = evaluate(d)
         assert request.latency_slo_ms is not None
         return (
-            ev is not None
-            and ev.tokens_per_s >= request.tokens_per_s
+            meets_throughput(d)
+            and ev is not None
             and ev.step_time_us <= request.latency_slo_ms * 1e3
         )
 
@@ -381,13 +501,65 @@ def plan_hardware(
         price_per_device_hour=request.price(index),
         notes=notes,
     )
-    rec = plan.recommended
-    if rec is not None and rec.drop_rate > request.max_drop_rate:
-        notes.append(
-            f"drop rate {100 * rec.drop_rate:.3f}% exceeds the target even at capacity "
-            f"factor {rec.capacity_factor}"
-        )
     return plan
+
+
+def _plan_fixed(
+    request: PlanRequest,
+    index: int,
+    shape: ModelShape,
+    hw_name: str,
+    hw: HardwareProfile,
+    progress: Callable[[str], None] | None,
+) -> HardwarePlan:
+    """One cluster size, ``request.nodes`` × the profile's devices per node: what fits and
+    how fast (no search)."""
+    assert request.nodes is not None
+    d = request.nodes * hw.devices_per_node
+    notes: list[str] = []
+    if not _accepts(shape.num_experts, d, request.redundant):
+        what = (
+            f"experts + redundant slots ({shape.num_experts} + {request.redundant})"
+            if request.redundant
+            else f"{shape.num_experts} experts"
+        )
+        raise InputError(
+            f"{what} cannot be placed on {request.nodes} × {hw.devices_per_node} = {d} "
+            f"{hw.name} devices",
+            field="redundant" if request.redundant else "nodes",
+            value=request.redundant if request.redundant else request.nodes,
+        )
+    d_mem = min_devices_memory(shape, hw, request, [d])
+    if progress:
+        progress(f"{hw.name}: simulating {d} devices")
+    ev = _evaluate(shape, hw_name, hw, request, d)
+    evals = {d: ev} if ev is not None else {}
+    d_thr = d_slo = None
+    if ev is None:
+        notes.append(f"no placement places the experts on {d} devices")
+    elif not ev.memory_fits:
+        notes.append(f"the model does not fit on {d} devices")
+    else:
+        if ev.tokens_per_s >= request.tokens_per_s:
+            d_thr = d
+        else:
+            notes.append(f"{d} devices give less than the {request.tokens_per_s:,.0f} tokens/s")
+        if request.latency_slo_ms is not None:
+            if d_thr is not None and ev.step_time_us <= request.latency_slo_ms * 1e3:
+                d_slo = d
+            else:
+                notes.append(f"latency target not met on {d} devices")
+    return HardwarePlan(
+        hardware=hw.name,
+        hbm_bytes=float(hw.memory.hbm_bytes),
+        min_devices_memory=d_mem,
+        min_devices_throughput=d_thr,
+        min_devices_slo=d_slo,
+        evaluations=evals,
+        price_per_device_hour=request.price(index),
+        notes=notes,
+        fixed_devices=d,
+    )
 
 
 def plan_capacity(
@@ -406,8 +578,12 @@ def _check(request: PlanRequest) -> None:
         raise InputError("valid: bf16, fp8, int4", field="precision", value=request.precision)
     if request.mode not in ("training", "prefill", "decode"):
         raise InputError("valid: training, prefill, decode", field="mode", value=request.mode)
-    if request.tokens_per_s <= 0:
+    if request.tokens_per_s < 0 or (request.tokens_per_s == 0 and request.nodes is None):
         raise InputError("must be positive", field="tokens-per-s", value=request.tokens_per_s)
+    if request.redundant < 0:
+        raise InputError("must be >= 0", field="redundant", value=request.redundant)
+    if request.nodes is not None and request.nodes < 1:
+        raise InputError("must be >= 1", field="nodes", value=request.nodes)
     if request.latency_slo_ms is not None and request.latency_slo_ms <= 0:
         raise InputError("must be positive", field="latency-slo-ms", value=request.latency_slo_ms)
     if not 0 <= request.max_drop_rate < 1:
@@ -444,7 +620,10 @@ def evaluations_frame(plans: list[HardwarePlan]) -> pd.DataFrame:
                     "devices_per_node": ev.devices_per_node,
                     "tokens_per_device": s["tokens_per_device"],
                     "capacity_factor": ev.capacity_factor,
+                    "redundant_slots": ev.redundant_slots,
                     **metric_values(s),
+                    "padding_factor": ev.padding_factor,
+                    "padded_memory_per_device_bytes": ev.padded_memory_bytes,
                 }
             )
     return pd.DataFrame(rows)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from moesim.errors import InputError
 
-__all__ = ["MULTI_VALUE_OPTIONS", "expand_multi_value_options", "plan_capacity_cmd", "report_cmd"]
+__all__ = [
+    "MULTI_VALUE_OPTIONS",
+    "answer_line",
+    "expand_multi_value_options",
+    "plan_capacity_cmd",
+    "report_cmd",
+]
 
 #: options of plan-capacity that take several values after one flag (``--hardware A B``)
 MULTI_VALUE_OPTIONS = ("--hardware", "--price-per-device-hour")
@@ -46,8 +52,13 @@ def plan_capacity_cmd(
     hardware: Annotated[
         list[str], typer.Option(help="Hardware profile(s); repeat or list after the option.")
     ],
-    tokens_per_s: Annotated[float, typer.Option(help="Throughput target, tokens/s.")],
     out: Annotated[Path, typer.Option(help="Output folder.")],
+    tokens_per_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Throughput target, processed tokens/s (required unless --nodes is given)."
+        ),
+    ] = None,
     latency_slo_ms: Annotated[
         float | None, typer.Option(help="Step-time target (decode: per output token), ms.")
     ] = None,
@@ -62,7 +73,28 @@ def plan_capacity_cmd(
         list[float] | None,
         typer.Option(help="Price per device-hour: one for all, or one per hardware."),
     ] = None,
-    max_drop_rate: Annotated[float, typer.Option(help="Largest acceptable drop rate.")] = 0.001,
+    max_drop_rate: Annotated[
+        float,
+        typer.Option(
+            help="Drop budget: largest acceptable share of dropped assignments. 0 (default): "
+            "dropless, unlimited expert capacity; above 0, the smallest capacity factor "
+            "within the budget is simulated."
+        ),
+    ] = 0.0,
+    redundant: Annotated[
+        int,
+        typer.Option(
+            help="Redundant expert slots per layer (replicas of hot experts), for the "
+            "planned placement; experts + redundant slots must divide among the devices."
+        ),
+    ] = 0,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            help="Fix the cluster: evaluate only NODES × the profile's devices per node "
+            "(what fits and how fast) instead of searching sizes."
+        ),
+    ] = None,
     mode: Annotated[str, typer.Option(help="decode | prefill | training.")] = "decode",
     tokens_per_device: Annotated[
         int, typer.Option(help="Tokens per device per step (decode: sequences).", min=1)
@@ -77,10 +109,12 @@ def plan_capacity_cmd(
 ) -> None:
     """How many devices hold the model, meet --tokens-per-s, and meet --latency-slo-ms.
 
-    Per hardware: searches cluster sizes (doubling, then bisection), capacity factors and
-    placements by simulation, and writes plan.json, evaluations.parquet, report.html and
-    summary.md to --out. With --json, prints {"<hardware>": {"min_devices_memory": n,
-    "min_devices_throughput": n, "min_devices_slo": n | null, "recommended_capacity_factor",
+    Per hardware: searches cluster sizes (doubling, then bisection; or only --nodes) and
+    placements by simulation, dropless unless --max-drop-rate gives a drop budget, and
+    writes plan.json, evaluations.parquet, report.html and summary.md to --out. Tokens/s
+    count processed assignments only. With --json, prints {"<hardware>":
+    {"min_devices_memory": n, "min_devices_throughput": n, "min_devices_slo": n | null,
+    "recommended_capacity_factor" (null: dropless), "drop_rate", "padding_factor",
     "recommended_placement", "cost_per_million_tokens", ...}} keyed by profile name.
     """
     from rich.console import Console
@@ -91,10 +125,14 @@ def plan_capacity_cmd(
     names = [h for item in hardware for h in item.split(",") if h.strip()]
     if trace is not None and not trace.exists():
         raise InputError("trace not found", field="trace", value=str(trace))
+    if tokens_per_s is None and nodes is None:
+        raise InputError(
+            "give a throughput target, or --nodes to fix the cluster size", field="tokens-per-s"
+        )
     request = PlanRequest(
         model=model,
         hardware=tuple(names),
-        tokens_per_s=tokens_per_s,
+        tokens_per_s=0.0 if tokens_per_s is None else tokens_per_s,
         latency_slo_ms=latency_slo_ms,
         trace=trace.resolve() if trace is not None else None,
         distribution=synthetic,
@@ -107,6 +145,8 @@ def plan_capacity_cmd(
         steps=steps,
         seed=seed,
         max_devices=max_devices,
+        redundant=redundant,
+        nodes=nodes,
     )
     err = Console(stderr=True, highlight=False)
     plans = plan_capacity(request, progress=None if as_json else lambda m: err.print(m))
@@ -118,19 +158,47 @@ def plan_capacity_cmd(
     con = Console(highlight=False, soft_wrap=True)
     con.print(assumptions(request))
     for hw, a in answer.items():
-        cost = (
-            f", ${a['cost_per_million_tokens']:.3f}/M tokens"
-            if a["cost_per_million_tokens"] is not None
-            else ""
-        )
-        tps = f"{a['tokens_per_s']:,.0f}" if a["tokens_per_s"] is not None else "-"
-        con.print(
-            f"{hw}: memory {a['min_devices_memory']}, throughput {a['min_devices_throughput']}, "
-            f"latency {a['min_devices_slo']} devices; capacity factor "
-            f"{a['recommended_capacity_factor']}, {a['recommended_placement']} placement, "
-            f"{tps} tokens/s{cost}" + (f" ({'; '.join(a['notes'])})" if a["notes"] else "")
-        )
+        con.print(answer_line(hw, a))
     con.print(f"wrote {', '.join(str(p) for p in files.values())}")
+
+
+def answer_line(hw: str, a: dict[str, Any]) -> str:
+    """One hardware's answer on one line: device counts, then the recommendation with its
+    drop rate beside its throughput (and, dropless, the padding a padded kernel would need)."""
+    from moesim.report.run import fmt_bytes
+
+    if a["fixed_devices"] is not None:
+        head = f"{hw}: {a['fixed_devices']} devices ({a['nodes'] or '-'} nodes)"
+        head += " fit" if a["recommended_devices"] is not None else " do not fit or place"
+    else:
+        head = (
+            f"{hw}: memory {a['min_devices_memory']}, throughput "
+            f"{a['min_devices_throughput']}, latency {a['min_devices_slo']} devices"
+        )
+    notes = f" ({'; '.join(a['notes'])})" if a["notes"] else ""
+    if a["recommended_devices"] is None:
+        return head + "; no recommendation" + notes
+    cost = (
+        f", ${a['cost_per_million_tokens']:.3f}/M tokens"
+        if a["cost_per_million_tokens"] is not None
+        else ""
+    )
+    cf = a["recommended_capacity_factor"]
+    capacity = "dropless" if cf is None else f"capacity factor {cf:g}"
+    redundant = f" with {a['redundant_slots']} redundant slots" if a["redundant_slots"] else ""
+    line = (
+        f"{head}; {capacity}, {a['recommended_placement']} placement{redundant}, "
+        f"{a['tokens_per_s']:,.0f} tokens/s at {100 * a['drop_rate']:.3f}% dropped, "
+        f"step {a['step_time_us'] / 1e3:.3f} ms, "
+        f"{fmt_bytes(a['memory_per_device_bytes'])} per device{cost}"
+    )
+    if cf is None:
+        line += (
+            f"; a padded (non-dropless) kernel would need capacity factor "
+            f"{a['padding_factor']:.3f} and {fmt_bytes(a['padded_memory_per_device_bytes'])} "
+            "per device"
+        )
+    return line + notes
 
 
 def report_cmd(

@@ -19,7 +19,13 @@ import pyarrow.parquet as pq
 
 from moesim.fileio import atomic_write_bytes
 from moesim.model.shapes import get_preset
-from moesim.plan.capacity import HardwarePlan, PlanRequest, drop_frame, evaluations_frame
+from moesim.plan.capacity import (
+    Evaluation,
+    HardwarePlan,
+    PlanRequest,
+    drop_frame,
+    evaluations_frame,
+)
 from moesim.report.figures import memory_svg
 from moesim.report.page import (
     Section,
@@ -45,16 +51,36 @@ def assumptions(request: PlanRequest) -> str:
         else f"synthetic {request.distribution} routing (seed {request.seed})"
     )
     sim_precision = "fp8 GEMMs (int4 weights dequantised)" if request.precision == "int4" else ""
+    if request.dropless:
+        capacity = (
+            "dropless (unlimited expert capacity, no drop budget given; the capacity factor a "
+            "padded kernel would need is its largest slot load over the mean slot load)"
+        )
+    else:
+        capacity = (
+            f"drop budget {100 * request.max_drop_rate:g}%: capacity factors tried "
+            f"{', '.join(f'{c:g}' for c in request.capacity_factors)} (the smallest within "
+            "the budget kept, dropless when none is; memory answer at the largest)"
+        )
+    tokens = (
+        f"{request.tokens_per_device} concurrent sequences per device (one new token each) of "
+        f"{request.sequence_length} tokens context"
+        if request.mode == "decode"
+        else f"{request.tokens_per_device} tokens per device of {request.sequence_length} "
+        "tokens context"
+    )
+    sizes = (
+        f"{request.nodes} node(s) of each profile"
+        if request.nodes is not None
+        else f"cluster sizes up to {request.max_devices} devices; throughput assumed to grow "
+        "with devices (doubling, then bisection)"
+    )
+    redundant = f", {request.redundant} redundant expert slots per layer" * bool(request.redundant)
     return (
-        f"Assumed: {request.mode} with {request.tokens_per_device} tokens per device "
-        f"(decode: concurrent sequences) of {request.sequence_length} tokens context, "
-        f"{request.steps} simulated step(s), {routing}, {request.precision} weights"
-        f"{' timed as ' + sim_precision if sim_precision else ''}, capacity factors tried "
-        f"{', '.join(f'{c:g}' for c in request.capacity_factors)} (the smallest with drop "
-        f"rate ≤ {100 * request.max_drop_rate:g}% kept; memory answer at the largest), "
-        f"expert parallelism with dense weights replicated, cluster sizes up to "
-        f"{request.max_devices} devices; throughput assumed to grow with devices (doubling, "
-        "then bisection)."
+        f"Assumed: {request.mode} with {tokens}, {request.steps} simulated step(s), {routing}, "
+        f"{request.precision} weights{' timed as ' + sim_precision if sim_precision else ''}, "
+        f"{capacity}{redundant}, expert parallelism with dense weights replicated, {sizes}. "
+        "Tokens/s count processed assignments only (tokens × processed share / step time)."
     )
 
 
@@ -71,7 +97,7 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
         "min devices (latency)",
         "capacity factor",
         "placement",
-        "tokens/s",
+        "tokens/s (dropped)",
         "step time",
         "memory / device",
         "$ per M tokens",
@@ -87,9 +113,9 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
                 a["min_devices_memory"] or "-",
                 a["min_devices_throughput"] or "-",
                 a["min_devices_slo"] or "-" if request.latency_slo_ms is not None else "n/a",
-                a["recommended_capacity_factor"] or "-",
-                a["recommended_placement"] or "-",
-                f"{a['tokens_per_s']:,.0f}" if rec else "-",
+                _factor(rec),
+                _placement_text(rec),
+                f"{a['tokens_per_s']:,.0f} ({100 * a['drop_rate']:.3f}%)" if rec else "-",
                 fmt_us(a["step_time_us"]) if rec else "-",
                 fmt_bytes(a["memory_per_device_bytes"]) if rec else "-",
                 f"{a['cost_per_million_tokens']:.3f}"
@@ -98,12 +124,23 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
             )
         )
         if rec:
+            capacity = (
+                "dropless"
+                if rec.capacity_factor is None
+                else f"capacity factor {rec.capacity_factor:g}"
+            )
             text = (
                 f"{p.hardware}: {rec.num_devices} devices ({rec.nodes} × {rec.devices_per_node}) "
-                f"give {rec.tokens_per_s:,.0f} tokens/s with a {fmt_us(rec.step_time_us)} step at "
-                f"capacity factor {rec.capacity_factor:g} ({100 * rec.drop_rate:.3f}% dropped, "
-                f"{rec.placement} placement); the model fits on {p.min_devices_memory}."
+                f"give {rec.tokens_per_s:,.0f} tokens/s ({100 * rec.drop_rate:.3f}% dropped) "
+                f"with a {fmt_us(rec.step_time_us)} step, {capacity}, "
+                f"{_placement_text(rec)} placement; the model fits on {p.min_devices_memory}."
             )
+            if rec.capacity_factor is None:
+                text += (
+                    f" A padded (non-dropless) kernel would need capacity factor "
+                    f"{rec.padding_factor:.3f} to drop nothing, and "
+                    f"{fmt_bytes(rec.padded_memory_bytes)} per device."
+                )
             if a["cost_per_million_tokens"] is not None:
                 text += f" Cost: ${a['cost_per_million_tokens']:.3f} per million tokens."
         else:
@@ -114,7 +151,13 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
         if request.latency_slo_ms is not None
         else ""
     )
-    intro = f"{request.model}, {request.mode}, target {target}."
+    intro = (
+        f"{request.model}, {request.mode}, target {target}."
+        if request.tokens_per_s
+        else (
+            f"{request.model}, {request.mode}, on {request.nodes} node(s): what fits and how fast."
+        )
+    )
     html = (
         f"<p>{html_lib.escape(intro)}</p>"
         + "".join(f"<p>{html_lib.escape(s)}</p>" for s in sentences)
@@ -123,6 +166,19 @@ def _answer(plans: list[HardwarePlan], request: PlanRequest) -> Section:
     )
     md = "\n\n".join([intro, *sentences, md_table(header, rows), assumptions(request)])
     return Section("answer", html, md)
+
+
+def _factor(rec: Evaluation | None) -> str:
+    if rec is None:
+        return "-"
+    return "dropless" if rec.capacity_factor is None else f"{rec.capacity_factor:g}"
+
+
+def _placement_text(rec: Evaluation | None) -> str:
+    if rec is None:
+        return "-"
+    extra = f" + {rec.redundant_slots} redundant" if rec.redundant_slots else ""
+    return rec.placement + extra
 
 
 def _cluster(plans: list[HardwarePlan], request: PlanRequest, run: RunData | None) -> Section:
@@ -185,22 +241,36 @@ def plan_sections(plans: list[HardwarePlan], request: PlanRequest) -> list[Secti
             for h, n in zip(df["hardware"], df["num_devices"], strict=True)
         ],
     )
-    table = results_sections(df)
+    table = results_sections(df, max_drop_rate=request.max_drop_rate)
     sections["breakdown"] = table["breakdown"]
     drops = drop_frame(plans)
-    drops = drops.assign(setting=drops["hardware"] + " ×" + drops["num_devices"].astype(str))
-    sections["drops"] = drops_section(
-        drops,
-        "setting",
-        "Dropped assignments against the capacity factors tried at each simulated size "
-        "(routing only; the ladder stops at the first factor within the target).",
-        group_title="hardware × devices",
-    )
+    if drops.empty:
+        pads = ", ".join(
+            f"{ev.hardware} ×{ev.num_devices}: {ev.padding_factor:.3f}"
+            for p in plans
+            for ev in p.evaluations.values()
+        )
+        sections["drops"] = missing(
+            "drops",
+            "Dropless: every simulation ran with unlimited expert capacity (give "
+            "--max-drop-rate to try capacity factors). Capacity factor a padded kernel would "
+            f"need to drop nothing (largest slot load / mean slot load): {pads}.",
+        )
+    else:
+        drops = drops.assign(setting=drops["hardware"] + " ×" + drops["num_devices"].astype(str))
+        sections["drops"] = drops_section(
+            drops,
+            "setting",
+            "Dropped assignments against the capacity factors tried at each simulated size "
+            "(routing only; the ladder stops at the first factor within the drop budget).",
+            group_title="hardware × devices",
+        )
     sections["placement"] = table["placement"]
     sections["scaling"] = scaling_section(
         df,
         "Simulated throughput (solid) against ideal linear scaling from the smallest simulated "
         "size (dashed), per hardware.",
+        request.max_drop_rate,
     )
     if run is not None:
         detail = {s.key: s for s in run_sections(run, answer=False)}

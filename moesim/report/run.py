@@ -27,7 +27,15 @@ from moesim.report.figures import (
     timeline_svg,
 )
 from moesim.report.page import Section, figure, html_table, md_table, missing
-from moesim.report.summary import PARTS, PHASE_NAMES, fmt_us, header_line, injected_faults
+from moesim.report.summary import (
+    PARTS,
+    PHASE_NAMES,
+    fmt_us,
+    header_line,
+    injected_faults,
+    memory_warnings,
+    tokens_per_device_text,
+)
 from moesim.sim.simulate import SimResult
 
 __all__ = ["RunData", "fmt_bytes", "run_info", "run_sections"]
@@ -83,7 +91,8 @@ def run_info(result: SimResult) -> dict[str, Any]:
             f"{sc.cluster.nodes} node(s) × {sc.cluster.devices_per_node} devices = "
             f"{sc.cluster.num_devices} devices; {sc.placement} expert placement; capacity "
             f"factor {sc.capacity.factor if sc.capacity.factor is not None else 'unlimited'} "
-            f"({sc.capacity.overflow}); {sc.tokens_per_device:,} tokens per device; "
+            f"({sc.capacity.overflow}); "
+            f"{tokens_per_device_text(sc.tokens_per_device, list(sc.modes))}; "
             f"{sc.precision} weights"
         ),
         "devices_per_node": sc.cluster.devices_per_node,
@@ -181,8 +190,10 @@ def _answer(run: RunData) -> Section:
                 f"({s['straggler_cause'][worst]}); "
             )
         text += (
-            f"{100 * s['drop_rate']:.3f}% of assignments are dropped at capacity factor "
-            f"{'unlimited' if cf is None else cf}."
+            "dropless: every assignment is processed."
+            if cf is None
+            else f"{100 * s['drop_rate']:.3f}% of assignments are dropped at capacity factor "
+            f"{cf} (tokens/s count processed assignments only)."
         )
         if "memory_per_device_bytes" in s:
             fits = "fits in" if s["memory_fits"] else "does NOT fit in"
@@ -194,8 +205,11 @@ def _answer(run: RunData) -> Section:
         md.append(f"- **{text.split(':', 1)[0]}**:{text.split(':', 1)[1]}")
     import html as h
 
-    body = "".join(f"<p>{h.escape(p)}</p>" for p in paras)
-    return Section("answer", body, "\n".join(md))
+    warnings = memory_warnings(run.summaries)
+    body = "".join(f'<p class="warning"><strong>{h.escape(w)}</strong></p>' for w in warnings)
+    body += "".join(f"<p>{h.escape(p)}</p>" for p in paras)
+    md_warn = "".join(f"> **{w}**\n\n" for w in warnings)
+    return Section("answer", body, md_warn + "\n".join(md))
 
 
 def _cluster(run: RunData) -> Section:

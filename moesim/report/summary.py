@@ -13,6 +13,9 @@ __all__ = [
     "header_line",
     "injected_faults",
     "layer_table",
+    "memory_line",
+    "memory_warnings",
+    "tokens_per_device_text",
 ]
 
 PARTS = (
@@ -58,16 +61,66 @@ def injected_faults(result: SimResult) -> str:
     return "; ".join(parts)
 
 
+def tokens_per_device_text(tokens_per_device: int, modes: list[str]) -> str:
+    """What ``tokens_per_device`` means in these modes: tokens each device feeds into a
+    layer; in decode, sequences per device, each adding one new token per step."""
+    text = f"{tokens_per_device:,} tokens/device"
+    if "decode" in modes:
+        text += f" (decode: {tokens_per_device:,} sequences/device, one new token each)"
+    return text
+
+
+def _fmt_gb(n: float) -> str:
+    """Bytes with a decimal unit (MB below 1 GB)."""
+    if n == 0:
+        return "0 B"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def memory_line(s: dict[str, Any]) -> str:
+    """One mode's memory per device against HBM, by component, and whether it fits."""
+    b = s["memory_breakdown_bytes"]
+    parts = [
+        ("dense weights", b["dense_weights_bytes"]),
+        ("expert slots", b["expert_weights_bytes"]),
+        ("gradients + optimizer", b["optimizer_bytes"]),
+        ("activations", b["activation_bytes"]),
+        ("KV cache", b["kv_cache_bytes"]),
+    ]
+    shown = ", ".join(f"{n} {_fmt_gb(v)}" for n, v in parts if v or n != "gradients + optimizer")
+    verdict = "fits" if s["memory_fits"] else "does NOT fit"
+    return (
+        f"memory per device {_fmt_gb(s['memory_per_device_bytes'])} of "
+        f"{_fmt_gb(s['hbm_bytes'])} HBM: {verdict} ({shown})"
+    )
+
+
+def memory_warnings(summaries: list[dict[str, Any]]) -> list[str]:
+    """One warning per mode whose memory per device exceeds the device's HBM."""
+    return [
+        f"WARNING: {s['mode']} does not fit in HBM: "
+        f"{_fmt_gb(s['memory_per_device_bytes'])} per device, "
+        f"{_fmt_gb(s['hbm_bytes'])} HBM"
+        for s in summaries
+        if "memory_fits" in s and not s["memory_fits"]
+    ]
+
+
 def header_line(result: SimResult) -> str:
     sc = result.scenario
     cf = sc.capacity.factor
     faults = injected_faults(result)
+    capacity = (
+        "dropless (unlimited capacity)"
+        if cf is None
+        else f"capacity factor {cf} ({sc.capacity.overflow})"
+    )
+    redundant = f" + {sc.redundant_slots} redundant slots" if sc.redundant_slots else ""
     return (
         f"{result.shape.name} on {sc.cluster.nodes} node(s) x {sc.cluster.devices_per_node} "
-        f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement, "
-        f"{sc.tokens_per_device} tokens/device, capacity factor "
-        f"{'unlimited' if cf is None else cf} ({sc.capacity.overflow})"
-        + (f"; injected: {faults}" if faults else "")
+        f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement"
+        f"{redundant}, {tokens_per_device_text(sc.tokens_per_device, list(sc.modes))}, "
+        f"{capacity}" + (f"; injected: {faults}" if faults else "")
     )
 
 
@@ -109,10 +162,19 @@ def console_summary(result: SimResult) -> str:
         lines.append(
             f"  breakdown on device {s['critical_device']} (finishes last): {_breakdown(s)}"
         )
-        lines.append(
-            f"  drop rate {100 * s['drop_rate']:.3f}% ({s['dropped']:,} of "
-            f"{s['assignments']:,} assignments; capacity {s['expert_capacity']} per expert)"
-        )
+        if s["capacity_factor"] is None:
+            lines.append(f"  dropless: all {s['assignments']:,} assignments processed")
+        else:
+            lines.append(
+                f"  drop rate {100 * s['drop_rate']:.3f}% ({s['dropped']:,} of "
+                f"{s['assignments']:,} assignments; capacity {s['slot_capacity']} per "
+                "slot; tokens/s count processed assignments only)"
+            )
+        if "memory_fits" in s:
+            lines.append(f"  {memory_line(s)}")
     s = result.runs[0].summary
     lines += ["", *layer_table(s)]
+    warnings = memory_warnings([r.summary for r in result.runs])
+    if warnings:
+        lines += ["", *warnings]
     return "\n".join(lines)

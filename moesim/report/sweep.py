@@ -43,6 +43,7 @@ __all__ = [
     "case_labels",
     "read_results",
     "results_sections",
+    "within_budget",
     "write_sweep_report",
 ]
 
@@ -91,12 +92,20 @@ def _axes(row: pd.Series) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _axis_text(key: str, value: Any) -> str:
+    if value is None:
+        return "dropless" if key in _CF_KEYS else "null"
+    return str(value)
+
+
 def case_labels(df: pd.DataFrame, drop: tuple[str, ...] = ()) -> list[str]:
     """A short label per case: its axis values (``key=value``, last part of the dotted path)."""
     out = []
     for _, row in df.iterrows():
         axes = {k: v for k, v in _axes(row).items() if k not in drop}
-        text = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(axes.items()))
+        text = ", ".join(
+            f"{k.rsplit('.', 1)[-1]}={_axis_text(k, v)}" for k, v in sorted(axes.items())
+        )
         out.append(text or f"case {int(row['case_index'])}")
     return out
 
@@ -114,7 +123,30 @@ def _num(x: Any) -> float:
     return float(x) if x is not None and not pd.isna(x) else float("nan")
 
 
-def _answer(ok: pd.DataFrame, failed: pd.DataFrame, meta: dict[str, Any]) -> Section:
+def _drop(row: pd.Series | dict[str, Any]) -> float:
+    """A case's drop rate (0 when the results lack the column or the figure)."""
+    v = _num(row.get("drop_rate"))
+    return 0.0 if np.isnan(v) else v
+
+
+def within_budget(df: pd.DataFrame, max_drop_rate: float) -> pd.DataFrame:
+    """The cases whose drop rate is within the budget (a missing figure counts as 0)."""
+    if "drop_rate" not in df:
+        return df
+    return df[df["drop_rate"].fillna(0.0) <= max_drop_rate + 1e-12]
+
+
+def _budget_text(max_drop_rate: float) -> str:
+    return (
+        "dropless cases only (no drop budget)"
+        if max_drop_rate == 0
+        else f"cases dropping at most {100 * max_drop_rate:g}% of assignments"
+    )
+
+
+def _answer(
+    ok: pd.DataFrame, failed: pd.DataFrame, meta: dict[str, Any], max_drop_rate: float = 0.0
+) -> Section:
     if ok.empty:
         return Section(
             "answer",
@@ -127,15 +159,31 @@ def _answer(ok: pd.DataFrame, failed: pd.DataFrame, meta: dict[str, Any]) -> Sec
         + "."
     ]
     labels = dict(zip(ok.index, case_labels(ok), strict=True))
-    for (hw, mode), g in ok.groupby(["hardware", "mode"], sort=True):
+    over = len(ok) - len(within_budget(ok, max_drop_rate))
+    lines.append(
+        f"Best answers below: {_budget_text(max_drop_rate)}"
+        + (
+            f"; {over} case(s) over the drop budget are left out of them (set max_drop_rate "
+            "in the sweep file to admit them)"
+            if over
+            else ""
+        )
+        + ". Tokens/s count processed assignments only."
+    )
+    for (hw, mode), g0 in ok.groupby(["hardware", "mode"], sort=True):
+        g = within_budget(g0, max_drop_rate)
+        if g.empty:
+            lines.append(
+                f"{mode} on {hw}: every case drops more than the budget "
+                f"(least: {100 * float(g0['drop_rate'].min()):.3f}%); no answer."
+            )
+            continue
         best = g.iloc[int(np.argmax(g["tokens_per_s"].to_numpy()))]
         text = (
             f"{mode} on {hw}: the highest throughput is {best['tokens_per_s']:,.0f} tokens/s "
-            f"({labels[best.name]}: {int(best['num_devices'])} devices, step time "
-            f"{fmt_us(best['step_time_us'])}"
+            f"at {100 * _drop(best):.3f}% dropped ({labels[best.name]}: "
+            f"{int(best['num_devices'])} devices, step time {fmt_us(best['step_time_us'])}"
         )
-        if "drop_rate" in g and not pd.isna(best.get("drop_rate")):
-            text += f", {100 * best['drop_rate']:.3f}% dropped"
         mem = _num(best.get("memory_per_device_bytes"))
         if not np.isnan(mem):
             hbm = _hbm_bytes(str(hw))
@@ -216,12 +264,13 @@ def _breakdown(ok: pd.DataFrame) -> Section:
         {k: _num(r.get(k)) if not pd.isna(r.get(k)) else 0.0 for _, k in PARTS}
         for _, r in show.iterrows()
     ]
-    header = ("case", "step time", "tokens/s", *(n for n, _ in PARTS))
+    header = ("case", "step time", "tokens/s", "drop rate", *(n for n, _ in PARTS))
     rows = [
         (
             lab,
             fmt_us(r["step_time_us"]),
             f"{r['tokens_per_s']:,.0f}",
+            f"{100 * _drop(r):.3f}%",
             *(fmt_us(b[k]) for _, k in PARTS),
         )
         for lab, (_, r), b in zip(labels, show.iterrows(), bds, strict=True)
@@ -239,12 +288,17 @@ def _stragglers(ok: pd.DataFrame) -> Section:
     if "straggler_penalty" not in ok or ok["straggler_penalty"].isna().all():
         return missing("stragglers", "The results hold no straggler figures.")
     top = ok.sort_values(["straggler_penalty", "case_index"], ascending=[False, True]).head(10)
-    header = ("case", "straggler penalty (worst layer)", "balance ratio (worst layer)", "drop rate")
+    header = (
+        "case",
+        "straggler penalty (worst layer)",
+        "routed balance (worst layer)",
+        "drop rate",
+    )
     rows = [
         (
             lab,
             f"{100 * r['straggler_penalty']:.1f}%",
-            f"{_num(r.get('balance_ratio')):.3f}",
+            f"{_num(r.get('routed_balance')):.3f}",
             f"{100 * _num(r.get('drop_rate')):.3f}%",
         )
         for lab, (_, r) in zip(case_labels(top), top.iterrows(), strict=True)
@@ -303,14 +357,22 @@ def _placement(ok: pd.DataFrame) -> Section:
     if "placement" not in ok or ok["placement"].nunique() < 2:
         return missing("placement", "Fewer than two placement strategies among the cases.")
     g = ok.groupby("placement", sort=True)
-    header = ("placement", "cases", "mean step time", "mean tokens/s", "worst balance ratio")
+    header = (
+        "placement",
+        "cases",
+        "mean step time",
+        "mean tokens/s",
+        "worst drop rate",
+        "worst routed balance",
+    )
     rows = [
         (
             p,
             len(x),
             fmt_us(x["step_time_us"].mean()),
             f"{x['tokens_per_s'].mean():,.0f}",
-            f"{x['balance_ratio'].max():.3f}" if "balance_ratio" in x else "-",
+            f"{100 * max(_drop(r) for _, r in x.iterrows()):.3f}%",
+            f"{x['routed_balance'].max():.3f}" if "routed_balance" in x else "-",
         )
         for p, x in g
     ]
@@ -322,19 +384,36 @@ def _placement(ok: pd.DataFrame) -> Section:
     )
 
 
-def scaling_section(ok: pd.DataFrame, caption: str) -> Section:
-    """Throughput against devices, with ideal scaling from the smallest cluster."""
+def scaling_section(ok: pd.DataFrame, caption: str, max_drop_rate: float = 0.0) -> Section:
+    """Throughput against devices, with ideal scaling from the smallest cluster; the best
+    case at each size among those within the drop budget."""
+    ok = within_budget(ok, max_drop_rate)
     if ok["num_devices"].nunique() < 2:
-        return missing("scaling", "Fewer than two cluster sizes among the cases.")
+        return missing(
+            "scaling", f"Fewer than two cluster sizes among the {_budget_text(max_drop_rate)}."
+        )
     d = ok.assign(series=ok["hardware"].astype(str) + " " + ok["mode"].astype(str))
-    header = ("series", "devices", "tokens/s", "ideal tokens/s", "efficiency")
+    if "drop_rate" not in d:
+        d = d.assign(drop_rate=0.0)
+    header = ("series", "devices", "tokens/s", "drop rate", "ideal tokens/s", "efficiency")
     rows = []
     for s, g in d.groupby("series", sort=True):
-        best = g.groupby("num_devices", sort=True)["tokens_per_s"].max()
-        counts, tps = best.index.to_numpy(dtype=float), best.to_numpy(dtype=float)
-        for n, t in zip(counts, tps, strict=True):
+        best_rows = g.loc[g.groupby("num_devices", sort=True)["tokens_per_s"].idxmax()]
+        counts = best_rows["num_devices"].to_numpy(dtype=float)
+        tps = best_rows["tokens_per_s"].to_numpy(dtype=float)
+        drops = best_rows["drop_rate"].fillna(0.0).to_numpy(dtype=float)
+        for n, t, dr in zip(counts, tps, drops, strict=True):
             ideal = tps[0] * n / counts[0]
-            rows.append((s, int(n), f"{t:,.0f}", f"{ideal:,.0f}", f"{100 * t / ideal:.0f}%"))
+            rows.append(
+                (
+                    s,
+                    int(n),
+                    f"{t:,.0f}",
+                    f"{100 * dr:.3f}%",
+                    f"{ideal:,.0f}",
+                    f"{100 * t / ideal:.0f}%",
+                )
+            )
     return Section(
         "scaling",
         figure(scaling_svg(d, "series"), caption) + html_table(header, rows),
@@ -367,8 +446,14 @@ def _links(ok: pd.DataFrame) -> Section:
     )
 
 
-def results_sections(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> dict[str, Section]:
-    """Every section of a results table's page, keyed by section key."""
+def results_sections(
+    df: pd.DataFrame, meta: dict[str, Any] | None = None, max_drop_rate: float | None = None
+) -> dict[str, Section]:
+    """Every section of a results table's page, keyed by section key. The best answers and
+    the scaling table keep to cases within the drop budget: ``max_drop_rate``, else the
+    sweep's (``meta["max_drop_rate"]``), else 0 (dropless)."""
+    if max_drop_rate is None:
+        max_drop_rate = float((meta or {}).get("max_drop_rate") or 0.0)
     if df["mode"].nunique() > 1:  # one scenario's modes are separate cases with equal axes
         df = df.assign(
             axes=[
@@ -379,7 +464,7 @@ def results_sections(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> di
     failed = df[df["status"] != "ok"]
     drops = ok.assign(group=_group_labels(ok, _CF_KEYS)) if not ok.empty else ok
     sections = [
-        _answer(ok, failed, meta or {}),
+        _answer(ok, failed, meta or {}, max_drop_rate),
         _cluster(df),
         missing("heatmap", "A sweep keeps no per-device loads; simulate one case to see them."),
         missing("timeline", "A sweep keeps no timelines; simulate one case to see its timeline."),
@@ -399,7 +484,9 @@ def results_sections(df: pd.DataFrame, meta: dict[str, Any] | None = None) -> di
             scaling_section(
                 ok,
                 "Simulated throughput (solid) and ideal linear scaling from the smallest "
-                "cluster (dashed), per hardware and mode; best case at each size.",
+                "cluster (dashed), per hardware and mode; best case at each size among the "
+                f"{_budget_text(max_drop_rate)}.",
+                max_drop_rate,
             ),
             _links(ok),
         ]

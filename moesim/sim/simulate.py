@@ -498,7 +498,7 @@ def _layer_frame(
                 "rerouted": lr.rerouted,
                 "assignments": lr.assignments,
                 "drop_rate": float(lr.dropped.sum() / lr.assignments),
-                "expert_capacity": cap,
+                "slot_capacity": cap,
                 "cross_node_copies": int(cross),
                 "cross_node_bytes": float(cross * wire_bytes),
             }
@@ -706,18 +706,17 @@ def _summary(
         "tokens_per_device": sc.tokens_per_device,
         "capacity_factor": sc.capacity.factor,
         "overflow": sc.capacity.overflow,
-        "expert_capacity": None if pd.isna(cap0 := ldf["expert_capacity"].iloc[0]) else int(cap0),
+        "slot_capacity": None if pd.isna(cap0 := ldf["slot_capacity"].iloc[0]) else int(cap0),
         "step_time_us": step_time,
         "step_times_us": step_times,
         "critical_device": critical,
         "breakdown_us": breakdown,
-        "tokens_per_s": tokens / (step_time * 1e-6) if step_time > 0 else 0.0,
+        "tokens_per_s": _processed_tokens_per_s(tokens, ldf, step_time),
         "layers": [int(x) for x in lastl["layer"]],
         "expert_balance": [round(float(x), 6) for x in lastl["expert_balance"]],
         "routed_balance": [round(float(x), 6) for x in lastl["routed_balance"]],
         "processed_balance": [round(float(x), 6) for x in lastl["processed_balance"]],
         # the sweep's results read this key: the processed balance, as before
-        "balance_ratio": [round(float(x), 6) for x in lastl["processed_balance"]],
         "dropless_capacity_factor": [round(float(x), 6) for x in lastl["dropless_capacity_factor"]],
         "straggler_device": [int(x) for x in lastl["straggler_device"]],
         "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
@@ -743,6 +742,18 @@ def _injected(st: Stragglers) -> dict[str, Any]:
     if st.degraded_nics:
         out["degraded_nics"] = {str(k): v for k, v in sorted(st.degraded_nics.items())}
     return out
+
+
+def _processed_tokens_per_s(tokens: int, ldf: pd.DataFrame, step_time_us: float) -> float:
+    """Throughput counting processed assignments only: ``tokens × (processed assignments /
+    all assignments) / step time``, the assignments summed over every layer and step (a
+    dropless run processes them all)."""
+    if step_time_us <= 0:
+        return 0.0
+    assignments = int(ldf["assignments"].sum())
+    processed = assignments - int(ldf["dropped"].sum())
+    share = processed / assignments if assignments else 1.0
+    return tokens * share / (step_time_us * 1e-6)
 
 
 def _memory_summary(prep: Prepared, mode: str) -> dict[str, Any]:

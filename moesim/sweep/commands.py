@@ -38,8 +38,8 @@ def _results_table(rows: list[dict[str, Any]], columns: list[str], title: str) -
         "status",
         "step ms",
         "Mtokens/s",
-        "balance",
         "drop %",
+        "balance",
         "straggler",
         title=title,
     )
@@ -51,8 +51,8 @@ def _results_table(rows: list[dict[str, Any]], columns: list[str], title: str) -
             r["status"],
             f"{r['step_time_us'] / 1e3:.3f}" if ok else "-",
             f"{r['tokens_per_s'] / 1e6:.2f}" if ok else "-",
-            f"{r['balance_ratio']:.3f}" if ok else "-",
             f"{100 * r['drop_rate']:.3f}" if ok else "-",
+            f"{r['routed_balance']:.3f}" if ok else "-",
             f"{100 * r['straggler_penalty']:.1f}%" if ok else "-",
         )
     return table

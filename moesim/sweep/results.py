@@ -3,7 +3,7 @@
 The format is a contract with the report writer::
 
     DIR/sweep.yaml        the sweep spec as given (copied on the first run)
-    DIR/sweep.json        {"sweep_id", "cases", "created_by": "moesim sweep"}
+    DIR/sweep.json        {"sweep_id", "cases", "created_by": "moesim sweep", "max_drop_rate"}
     DIR/results.parquet   one row per finished case (ok or error), sorted by case_index
     DIR/timings.parquet   (case_id, elapsed_s): wall time per case
 
@@ -66,8 +66,9 @@ METRIC_COLUMNS = (
     "wait_us",
     "overlapped_us",
     "tokens_per_s",
-    "balance_ratio",
-    "balance_ratio_mean",
+    "routed_balance",
+    "routed_balance_mean",
+    "processed_balance",
     "drop_rate",
     "straggler_penalty",
     "cross_node_bytes",
@@ -132,14 +133,15 @@ def metric_values(summary: dict[str, Any]) -> dict[str, float | None]:
     """Map a run's summary (``ModeResult.summary``) onto the metric columns.
 
     A column is looked up at the summary's top level, then in its ``breakdown_us``;
-    per-layer lists give their max (``balance_ratio``, ``straggler_penalty``) and
-    ``balance_ratio_mean`` the mean of ``balance_ratio``. Figures the summary lacks are null.
+    per-layer lists give their max (``routed_balance``, ``processed_balance``,
+    ``straggler_penalty``) and ``routed_balance_mean`` the mean of ``routed_balance``.
+    Figures the summary lacks are null.
     """
     breakdown = summary.get("breakdown_us") or {}
     out: dict[str, float | None] = {}
     for col in METRIC_COLUMNS:
-        if col == "balance_ratio_mean":
-            out[col] = _number(summary.get("balance_ratio"), reduce="mean")
+        if col == "routed_balance_mean":
+            out[col] = _number(summary.get("routed_balance"), reduce="mean")
         elif col in summary:
             out[col] = _number(summary[col])
         else:
@@ -292,7 +294,12 @@ class ResultsFolder:
                 tmp.unlink(missing_ok=True)
         if not (folder / "sweep.json").exists():
             atomic_write_bytes(folder / "sweep.yaml", sweep.path.read_bytes())
-            meta = {"sweep_id": sweep.sweep_id, "cases": len(sweep.cases), "created_by": CREATED_BY}
+            meta = {
+                "sweep_id": sweep.sweep_id,
+                "cases": len(sweep.cases),
+                "created_by": CREATED_BY,
+                "max_drop_rate": sweep.spec.max_drop_rate,
+            }
             atomic_write_text(folder / "sweep.json", json.dumps(meta, indent=2) + "\n")
 
     def _read_existing(self) -> None:

@@ -12,6 +12,8 @@ Example (``scenarios/sweeps/example.yaml``)::
     cases:                             # optional explicit overrides (crossed with the axes)
       - {hardware: H100-SXM}
       - {hardware: B200, capacity.overflow: reroute}
+    max_drop_rate: 0.001               # drop budget of the report's best answers (default
+                                       # 0: only cases that drop nothing can be best)
 
 Field paths are generic: any :class:`~moesim.scenario.Scenario` field, nested by dots, so
 fields added to the scenario later can be swept without changes here. Each case's scenario
@@ -66,6 +68,13 @@ class SweepSpec(BaseModel):
     )
     cases: list[dict[str, Any]] | None = Field(
         default=None, description="explicit overrides {path: value}, crossed with the axes"
+    )
+    max_drop_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="drop budget: the report's best answers keep to cases dropping at most "
+        "this share of assignments (0: dropless cases only)",
     )
 
 
@@ -285,5 +294,7 @@ def load_sweep(path: str | Path) -> Sweep:
         base, base_dir = dict(spec.base), path.resolve().parent
     cases, columns = expand_cases(spec, base, path)
     canonical = spec.model_dump(mode="json") | {"base": base}
+    if not spec.max_drop_rate:  # the default budget leaves earlier sweeps' ids unchanged
+        del canonical["max_drop_rate"]
     sweep_id = hashlib.sha256(canonical_json(canonical).encode("utf-8")).hexdigest()
     return Sweep(path, spec, sweep_id, cases, columns, base_dir)
