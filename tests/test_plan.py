@@ -294,3 +294,25 @@ def test_plan_outputs_are_byte_identical(tmp_path):
         write_plan(plan_capacity(req), req, tmp_path / name)
     for name in ("plan.json", "evaluations.parquet", "report.html", "summary.md"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_search_stops_doubling_when_more_devices_do_no_better():
+    from moesim.plan.capacity import _search
+
+    sizes = [1, 2, 4, 8, 16, 32]
+    tried: list[int] = []
+
+    def never(d: int) -> bool:
+        tried.append(d)
+        return False
+
+    figure = {1: 1.0, 2: 2.0, 4: 3.0, 8: 3.0, 16: 9.0, 32: 9.0}.__getitem__
+    # 1 -> 2 -> 4 improve; 8 does no better than 4 (3.0 <= 3.0): stop at 4, never try 16
+    assert _search(sizes, 0, never, figure) == (None, 4)
+    assert tried == [1, 2, 4, 8]
+    # without a figure the doubling runs to the largest size
+    tried.clear()
+    assert _search(sizes, 0, never) == (None, None)
+    assert tried == [1, 2, 4, 8, 16, 32]
+    # a figure that keeps growing: doubling to 16 meets d >= 10, nothing lies between 8 and 16
+    assert _search(sizes, 0, lambda d: d >= 10, float) == (16, None)

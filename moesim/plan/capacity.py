@@ -13,7 +13,9 @@ Cluster sizes are the profile's nodes × devices per node (a single node may be 
 of devices or devices a multiple of experts; with redundant slots, experts + redundant
 slots a multiple of devices). The search starts at the memory answer, doubles the device
 count until the target is met, then bisects between the last size that failed and the
-first that passed; it assumes throughput grows with the device count. With a fixed number
+first that passed; it assumes throughput grows with the device count, and stops doubling
+once a doubled size does no better than the one before (tokens/s for throughput, step time
+for latency), saying so in the plan's notes. With a fixed number
 of nodes (``PlanRequest.nodes``) only that size is evaluated.
 
 Expert capacity is unlimited (dropless) unless the request gives a drop budget
@@ -416,16 +418,30 @@ def _evaluate(
     return best
 
 
-def _search(sizes: list[int], start: int, ok: Callable[[int], bool]) -> int | None:
+def _search(
+    sizes: list[int],
+    start: int,
+    ok: Callable[[int], bool],
+    figure: Callable[[int], float] | None = None,
+) -> tuple[int | None, int | None]:
     """Fewest of ``sizes[start:]`` passing ``ok``: doubling the device count from
-    ``sizes[start]`` until one passes, then bisection between the last failure and it."""
+    ``sizes[start]`` until one passes, then bisection between the last failure and it.
+
+    With ``figure`` (higher is better: tokens/s, or minus the step time), the doubling
+    stops when a doubled size that still fails does no better than the size before it: more
+    devices no longer help (dropless decode of a skewed model, whose hottest expert's load
+    grows with the cluster). Returns (the size, None), or (None, the size where the figure
+    stopped improving, None when the sizes ran out).
+    """
     if start >= len(sizes):
-        return None
+        return None, None
     lo, i = start - 1, start  # lo: index of the last size known to fail
     while not ok(sizes[i]):
+        if figure is not None and lo >= start and figure(sizes[i]) <= figure(sizes[lo]):
+            return None, sizes[lo]
         lo = i
         if i == len(sizes) - 1:
-            return None
+            return None, None
         target = 2 * sizes[i]
         i = next((j for j in range(i + 1, len(sizes)) if sizes[j] >= target), len(sizes) - 1)
     hi = i
@@ -435,7 +451,7 @@ def _search(sizes: list[int], start: int, ok: Callable[[int], bool]) -> int | No
             hi = mid
         else:
             lo = mid
-    return sizes[hi]
+    return sizes[hi], None
 
 
 def plan_hardware(
@@ -479,18 +495,34 @@ def plan_hardware(
             and ev.step_time_us <= request.latency_slo_ms * 1e3
         )
 
+    def tokens_per_s(d: int) -> float:
+        ev = evaluate(d)
+        return ev.tokens_per_s if ev is not None and ev.memory_fits else 0.0
+
+    def minus_step_time(d: int) -> float:
+        ev = evaluate(d)
+        return -ev.step_time_us if ev is not None and ev.memory_fits else -float("inf")
+
     d_thr = d_slo = None
     if d_mem is None:
         notes.append(f"the model does not fit on up to {request.max_devices} devices")
     else:
         start = sizes.index(d_mem)
-        d_thr = _search(sizes, start, meets_throughput)
+        d_thr, stall = _search(sizes, start, meets_throughput, tokens_per_s)
         if d_thr is None:
-            notes.append(f"throughput not reached on up to {request.max_devices} devices")
+            notes.append(
+                f"throughput stops growing past {stall} devices"
+                if stall is not None
+                else f"throughput not reached on up to {request.max_devices} devices"
+            )
         elif request.latency_slo_ms is not None:
-            d_slo = _search(sizes, sizes.index(d_thr), meets_slo)
+            d_slo, stall = _search(sizes, sizes.index(d_thr), meets_slo, minus_step_time)
             if d_slo is None:
-                notes.append(f"latency target not met on up to {request.max_devices} devices")
+                notes.append(
+                    f"step time stops falling past {stall} devices: latency target not met"
+                    if stall is not None
+                    else f"latency target not met on up to {request.max_devices} devices"
+                )
     plan = HardwarePlan(
         hardware=hw.name,
         hbm_bytes=float(hw.memory.hbm_bytes),
