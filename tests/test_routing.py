@@ -225,3 +225,29 @@ def test_reroute_never_gives_a_token_the_same_expert_twice():
     for row in final:
         kept = row[row >= 0]
         assert len(set(kept.tolist())) == kept.size
+
+
+def test_placement_library_does_not_import_the_simulator():
+    """Replica choice and capacity live with placement: no placement module imports
+    ``moesim.sim`` (the ``moesim place`` command's --refine-scenario option, which runs the
+    simulator, imports it lazily in the CLI layer, ``placement/commands.py``)."""
+    import ast
+    from pathlib import Path
+
+    import moesim.placement
+
+    folder = Path(moesim.placement.__file__).parent
+    offenders = []
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "commands.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("moesim.sim")]
+    assert offenders == []
