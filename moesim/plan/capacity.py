@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moesim.costs.memory import contiguous_slots, memory_per_device
+from moesim.costs.memory import MemoryEstimate, contiguous_slots, memory_per_device
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
@@ -274,20 +274,33 @@ def min_devices_memory(
     slots."""
     cf = None if request.dropless else max(request.capacity_factors)
     for d in sizes:
-        mem = memory_per_device(
-            shape,
-            num_devices=d,
-            mode=request.mode,
-            tokens_per_device=request.tokens_per_device,
-            sequence_length=request.sequence_length,
-            precision=request.precision,
-            capacity_factor=cf,
-            hbm_bytes=hw.memory.hbm_bytes,
-            expert_slots=_expert_slots(shape.num_experts, d, request.redundant),
-        )
-        if mem.fits:
+        slots = _expert_slots(shape.num_experts, d, request.redundant)
+        if _memory(shape, hw, request, d, cf, slots, request.precision).fits:
             return d
     return None
+
+
+def _memory(
+    shape: ModelShape,
+    hw: HardwareProfile,
+    request: PlanRequest,
+    devices: int,
+    capacity_factor: float | None,
+    expert_slots: int,
+    precision: str,
+) -> MemoryEstimate:
+    """Memory per device of the request's mode and batch on ``devices`` devices."""
+    return memory_per_device(
+        shape,
+        num_devices=devices,
+        mode=request.mode,
+        tokens_per_device=request.tokens_per_device,
+        sequence_length=request.sequence_length,
+        precision=precision,
+        capacity_factor=capacity_factor,
+        hbm_bytes=hw.memory.hbm_bytes,
+        expert_slots=expert_slots,
+    )
 
 
 def _sim_precision(precision: str) -> str:
@@ -374,16 +387,8 @@ def _evaluate(
         sc = _with_factor(base, chosen)
         run = simulate_mode(replace(prep, scenario=sc), request.mode)
         pad = _dropless_padding(prep, request.steps)
-        padded_mem = memory_per_device(
-            prep.shape,
-            num_devices=d,
-            mode=request.mode,
-            tokens_per_device=request.tokens_per_device,
-            sequence_length=request.sequence_length,
-            precision=sc.precision,
-            capacity_factor=pad,
-            hbm_bytes=hw.memory.hbm_bytes,
-            expert_slots=int(prep.placement.slots.shape[2]),
+        padded_mem = _memory(
+            prep.shape, hw, request, d, pad, int(prep.placement.slots.shape[2]), sc.precision
         ).total_bytes
         result = SimResult(
             scenario=sc,
