@@ -65,6 +65,12 @@ def run_info(result: SimResult) -> dict[str, Any]:
         if sc.routing.trace is not None
         else f"synthetic: {sc.routing.synthetic}"
     )
+    redundant = f" + {sc.redundant_slots} redundant slots" if sc.redundant_slots else ""
+    capacity = (
+        "dropless (unlimited capacity)"
+        if sc.capacity.factor is None
+        else f"capacity factor {sc.capacity.factor} per slot ({sc.capacity.overflow})"
+    )
     return {
         "name": sc.name,
         "header": header_line(result),
@@ -89,9 +95,8 @@ def run_info(result: SimResult) -> dict[str, Any]:
         ),
         "cluster": (
             f"{sc.cluster.nodes} node(s) × {sc.cluster.devices_per_node} devices = "
-            f"{sc.cluster.num_devices} devices; {sc.placement} expert placement; capacity "
-            f"factor {sc.capacity.factor if sc.capacity.factor is not None else 'unlimited'} "
-            f"({sc.capacity.overflow}); "
+            f"{sc.cluster.num_devices} devices; {sc.placement} expert placement"
+            f"{redundant}; {capacity}; "
             f"{tokens_per_device_text(sc.tokens_per_device, list(sc.modes))}; "
             f"{sc.precision} weights"
         ),
