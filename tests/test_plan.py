@@ -316,3 +316,16 @@ def test_search_stops_doubling_when_more_devices_do_no_better():
     assert tried == [1, 2, 4, 8, 16, 32]
     # a figure that keeps growing: doubling to 16 meets d >= 10, nothing lies between 8 and 16
     assert _search(sizes, 0, lambda d: d >= 10, float) == (16, None)
+
+
+def test_an_unreached_target_names_the_largest_size_tried(tmp_path):
+    # 8 experts + 8 redundant slots = 16 slots: 16 devices is the largest count they divide
+    out = run_moesim(
+        "plan-capacity", "--model", "Mixtral-8x7B", "--hardware", "H200", "--tokens-per-s",
+        "1e9", "--redundant", "8", "--out", str(tmp_path / "p"), "--json",
+    )  # fmt: skip
+    notes = json.loads(out.stdout)["H200"]["notes"]
+    assert notes == [
+        "throughput not reached on up to 16 devices (the largest count that divides the 8 "
+        "experts and 8 redundant slots)"
+    ]

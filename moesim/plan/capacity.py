@@ -508,9 +508,20 @@ def plan_hardware(
         ev = evaluate(d)
         return -ev.step_time_us if ev is not None and ev.memory_fits else -float("inf")
 
+    largest = (
+        f"{sizes[-1]} devices"
+        + (
+            f" (the largest count that divides the {shape.num_experts} experts and "
+            f"{request.redundant} redundant slots)"
+            if sizes and sizes[-1] + hw.devices_per_node <= request.max_devices
+            else ""
+        )
+        if sizes
+        else f"{request.max_devices} devices"
+    )
     d_thr = d_slo = None
     if d_mem is None:
-        notes.append(f"the model does not fit on up to {request.max_devices} devices")
+        notes.append(f"the model does not fit on up to {largest}")
     else:
         start = sizes.index(d_mem)
         d_thr, stall = _search(sizes, start, meets_throughput, tokens_per_s)
@@ -518,7 +529,7 @@ def plan_hardware(
             notes.append(
                 f"throughput stops growing past {stall} devices"
                 if stall is not None
-                else f"throughput not reached on up to {request.max_devices} devices"
+                else f"throughput not reached on up to {largest}"
             )
         elif request.latency_slo_ms is not None:
             d_slo, stall = _search(sizes, sizes.index(d_thr), meets_slo, minus_step_time)
@@ -526,7 +537,7 @@ def plan_hardware(
                 notes.append(
                     f"step time stops falling past {stall} devices: latency target not met"
                     if stall is not None
-                    else f"latency target not met on up to {request.max_devices} devices"
+                    else f"latency target not met on up to {largest}"
                 )
     plan = HardwarePlan(
         hardware=hw.name,
