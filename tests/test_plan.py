@@ -329,3 +329,25 @@ def test_an_unreached_target_names_the_largest_size_tried(tmp_path):
         "throughput not reached on up to 16 devices (the largest count that divides the 8 "
         "experts and 8 redundant slots)"
     ]
+
+
+def test_int4_memory_is_judged_at_int4_though_timed_as_fp8(tmp_path):
+    """DeepSeek-V3 on one node of 8 H100s: at int4 its 32 expert slots a device fit (fp8
+    does not), so the node is recommended, with the memory at int4."""
+    from moesim.costs.memory import memory_per_device
+    from moesim.hardware import get_profile
+    from moesim.model.shapes import get_preset
+
+    out = run_moesim(
+        "plan-capacity", "--model", "DeepSeek-V3", "--hardware", "H100-SXM", "--nodes", "1",
+        "--precision", "int4", "--out", str(tmp_path / "p"), "--json",
+    )  # fmt: skip
+    a = json.loads(out.stdout)["H100-SXM"]
+    want = memory_per_device(
+        get_preset("DeepSeek-V3"), num_devices=8, mode="decode", tokens_per_device=64,
+        sequence_length=4096, precision="int4", capacity_factor=None,
+        hbm_bytes=get_profile("H100-SXM").memory.hbm_bytes, expert_slots=32,
+    )  # fmt: skip
+    assert want.fits
+    assert (a["recommended_devices"], a["memory_fits"]) == (8, True)
+    assert a["memory_per_device_bytes"] == want.total_bytes

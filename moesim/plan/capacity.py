@@ -128,6 +128,7 @@ class Evaluation:
     placements_tokens_per_s: dict[str, float]
     padding_factor: float
     padded_memory_bytes: float
+    memory: MemoryEstimate  # per device at the request's precision (int4 is simulated as fp8)
     result: SimResult = field(repr=False)
 
     @property
@@ -145,7 +146,7 @@ class Evaluation:
 
     @property
     def memory_fits(self) -> bool:
-        return bool(self.run.summary["memory_fits"])
+        return self.memory.fits
 
 
 @dataclass
@@ -193,7 +194,7 @@ class HardwarePlan:
             "drop_rate": rec.drop_rate if rec else None,
             "tokens_per_s": rec.tokens_per_s if rec else None,
             "step_time_us": rec.step_time_us if rec else None,
-            "memory_per_device_bytes": rec.run.summary["memory_per_device_bytes"] if rec else None,
+            "memory_per_device_bytes": rec.memory.total_bytes if rec else None,
             "memory_fits": rec.memory_fits if rec else None,
             "padding_factor": rec.padding_factor if rec else None,
             "padded_memory_per_device_bytes": rec.padded_memory_bytes if rec else None,
@@ -387,9 +388,9 @@ def _evaluate(
         sc = _with_factor(base, chosen)
         run = simulate_mode(replace(prep, scenario=sc), request.mode)
         pad = _dropless_padding(prep, request.steps)
-        padded_mem = _memory(
-            prep.shape, hw, request, d, pad, int(prep.placement.slots.shape[2]), sc.precision
-        ).total_bytes
+        slots = int(prep.placement.slots.shape[2])
+        mem = _memory(prep.shape, hw, request, d, chosen, slots, request.precision)
+        padded_mem = _memory(prep.shape, hw, request, d, pad, slots, request.precision).total_bytes
         result = SimResult(
             scenario=sc,
             shape=prep.shape,
@@ -416,6 +417,7 @@ def _evaluate(
             placements_tokens_per_s=per_placement,
             padding_factor=pad,
             padded_memory_bytes=float(padded_mem),
+            memory=mem,
             result=result,
         )
         if best is None or ev.tokens_per_s > best.tokens_per_s:
@@ -670,6 +672,7 @@ def evaluations_frame(plans: list[HardwarePlan]) -> pd.DataFrame:
                     "capacity_factor": ev.capacity_factor,
                     "redundant_slots": ev.redundant_slots,
                     **metric_values(s),
+                    "memory_per_device_bytes": ev.memory.total_bytes,
                     "padding_factor": ev.padding_factor,
                     "padded_memory_per_device_bytes": ev.padded_memory_bytes,
                 }

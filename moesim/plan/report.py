@@ -207,7 +207,7 @@ def _memory(plans: list[HardwarePlan]) -> Section:
             if ev is None:
                 continue
             labels.append(f"{p.hardware} ×{n}")
-            bds.append(ev.run.summary["memory_breakdown_bytes"])
+            bds.append(ev.memory.as_dict())
     if not labels:
         return missing("memory", "No cluster size was simulated.")
     th, tm = memory_table(labels, bds)
