@@ -21,7 +21,8 @@ of nodes (``PlanRequest.nodes``) only that size is evaluated.
 Expert capacity is unlimited (dropless) unless the request gives a drop budget
 (``max_drop_rate`` > 0): then each capacity factor of a ladder is tried on the routing alone
 (the simulator's own routing step) and the smallest whose drop rate is within the budget is
-simulated (dropless when none is). No answer drops more than the budget. A dropless answer
+simulated, and dropless too: a budget is an allowance, so the factor is kept only where it
+gives more processed tokens/s than dropless. No answer drops more than the budget. A dropless answer
 reports the capacity factor a padded (non-dropless) kernel would need to drop nothing,
 :func:`padding_factor`, and the memory at that factor. Each available placement strategy is
 simulated and the fastest kept; tokens/s counts processed assignments only.
@@ -125,6 +126,7 @@ class Evaluation:
     capacity_factor: float | None
     drop_rate: float
     drop_rates: dict[float, float]  # capacity factor -> drop rate, on the routing alone
+    factor_tokens_per_s: dict[float, float]  # the factor simulated with a budget -> tokens/s
     placements_tokens_per_s: dict[str, float]
     padding_factor: float
     padded_memory_bytes: float
@@ -339,8 +341,9 @@ def _with_factor(sc: Scenario, factor: float | None) -> Scenario:
 def _evaluate(
     shape: ModelShape, hw_name: str, hw: HardwareProfile, request: PlanRequest, d: int
 ) -> Evaluation | None:
-    """Simulate ``d`` devices: each placement, dropless or at the smallest capacity factor
-    within the drop budget (picked on routing); the fastest placement is kept."""
+    """Simulate ``d`` devices: each placement, dropless, and with a drop budget at the
+    smallest capacity factor within it (picked on routing) where that is faster; the
+    fastest placement is kept."""
     dpn = min(d, hw.devices_per_node)
     routing: dict[str, Any] = (
         {"trace": request.trace}
@@ -387,6 +390,12 @@ def _evaluate(
                     break
         sc = _with_factor(base, chosen)
         run = simulate_mode(replace(prep, scenario=sc), request.mode)
+        factor_tokens: dict[float, float] = {}
+        if chosen is not None:  # a budget is an allowance: drop only where it is faster
+            factor_tokens[chosen] = float(run.summary["tokens_per_s"])
+            free = simulate_mode(replace(prep, scenario=base), request.mode)
+            if free.summary["tokens_per_s"] >= run.summary["tokens_per_s"]:
+                chosen, sc, run = None, base, free
         pad = _dropless_padding(prep, request.steps)
         slots = int(prep.placement.slots.shape[2])
         mem = _memory(prep.shape, hw, request, d, chosen, slots, request.precision)
@@ -414,6 +423,7 @@ def _evaluate(
             capacity_factor=chosen,
             drop_rate=float(run.summary["drop_rate"]),
             drop_rates=drops,
+            factor_tokens_per_s=factor_tokens,
             placements_tokens_per_s=per_placement,
             padding_factor=pad,
             padded_memory_bytes=float(padded_mem),

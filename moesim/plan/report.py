@@ -60,7 +60,7 @@ def assumptions(request: PlanRequest) -> str:
         capacity = (
             f"drop budget {100 * request.max_drop_rate:g}%: capacity factors tried "
             f"{', '.join(f'{c:g}' for c in request.capacity_factors)} (the smallest within "
-            "the budget kept, dropless when none is; memory answer at the largest)"
+            "the budget kept where it is faster than dropless; memory answer at the largest)"
         )
     tokens = (
         f"{request.tokens_per_device} concurrent sequences per device (one new token each) of "
