@@ -95,7 +95,9 @@ class Routing(BaseModel):
 
 
 class Capacity(BaseModel):
-    """Expert capacity (GShard/Switch): ``ceil(factor * tokens * top_k / num_experts)``."""
+    """Expert capacity per physical slot: ``ceil(factor * assignments in the layer step /
+    physical slots)`` (:mod:`moesim.placement.capacity`), so a replica adds capacity; the
+    default ``factor: null`` is dropless (unlimited), as serving and modern training run."""
 
     model_config = _STRICT
     factor: float | None = Field(default=None, gt=0, description="None: unlimited capacity")
@@ -153,7 +155,8 @@ class Scenario(BaseModel):
         default="contiguous",
         description="a planner (contiguous | round-robin | greedy | eplb-hierarchical | "
         "eplb-global | balanced-hierarchical | balanced-global | shadow | affinity), planned "
-        "from the routing's loads (the hierarchical ones with one expert group per node), "
+        "from the routing's loads (eplb-hierarchical with one expert group per node where the "
+        "nodes divide the experts, else EPLB's global policy), "
         "or a placement YAML file",
     )
     redundant_slots: int = Field(default=0, ge=0, description="extra expert slots per layer")

@@ -127,8 +127,8 @@ def test_route_counts_drops_the_same_share_of_every_sender():
     table, count = placement.replicas(0)
     r = route_counts(counts, placement.slots[0], table, count, devices_per_node=3, capacity=6)
     # expert 0's one slot is routed 5 + 4 + 3 = 12 > 6: each sender keeps half; expert 1's
-    # two slots (devices 1, 2) get device 1's own assignment and device 0's (to the first
-    # replica on its node... all three devices are one node: device 0 splits 1/2, 1/2)
+    # two slots (devices 1, 2) get device 1's own assignment, and device 0's split half and
+    # half over its node's two replicas (all three devices are one node)
     np.testing.assert_allclose(r.dropped, [2.5, 2.0, 1.5])
     np.testing.assert_allclose(r.dispatch[:, 0], [2.5, 2.0, 1.5])
     np.testing.assert_allclose(r.routed_load, [12, 1.5, 0.5])

@@ -513,3 +513,10 @@ def test_ready_loads_the_compiled_kernels_for_the_types_plans_use():
     co = np.ones((2, 16, 16))
     plan(w, "affinity", nodes=2, devices_per_node=2, redundant=4, coactivation=co)
     assert [list(k.signatures) for k in kernels] == before
+
+
+def test_planned_contiguous_on_more_devices_than_experts_is_expert_data_parallel():
+    # 4 experts on 8 devices, no redundant slots asked: each group of 4 devices holds all 4,
+    # as the simulator's contiguous placement
+    p = plan(np.ones((1, 4)), "contiguous", nodes=2, devices_per_node=4)
+    assert _slots(p) == [[0], [1], [2], [3], [0], [1], [2], [3]]

@@ -244,8 +244,10 @@ def slot_shares(
 
     ``nearest`` and ``round-robin`` give the expected shares of the token-level choice;
     ``least-loaded`` and ``batch-split`` solve the token level's max-flow on the groups'
-    summed counts and share each group's flow over its senders in proportion. Over the
-    slots of one expert each sender's shares sum to 1.
+    summed counts and share each group's flow over its senders in proportion, so device and
+    slot loads equal the token level's while who sends to whom does not (the token level
+    fills a group's replicas in token order, so a device's tokens tend to one replica). Over
+    the slots of one expert each sender's shares sum to 1.
 
     Args:
         counts: (D, E) assignments of each device's tokens to each expert (read by the

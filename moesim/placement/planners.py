@@ -577,6 +577,8 @@ def plan(
         raise InputError("need at least one node and device", field="nodes", value=nodes)
     num_layers, e = w.shape
     d = nodes * devices_per_node
+    if strategy == "contiguous" and redundant == 0 and d > e and d % e == 0:
+        redundant = d - e  # expert-data parallelism, as the simulator's contiguous placement
     s = slot_layout(e, d, redundant)
     if max_slots_per_device is not None and s > max_slots_per_device:
         raise InputError(

@@ -15,12 +15,16 @@ drawn directly:
 3. :func:`route_counts` — replica choice (every policy), per-slot capacity, loads and
    traffic from the counts, the count-level twin of :func:`moesim.sim.routing.route_layer`.
 
-What is lost against per-token routing: which of a token's k choices is which (so a slot
-over capacity drops the same fraction of every sender's assignments rather than GShard's
-rank-then-token order, and there is no reroute policy), which assignments share a token
-(so no de-duplication of copies), and the correlation of one token's choices across
-layers. The simulator refuses ``capacity.overflow: reroute`` and ``network.dedup`` other
-than ``none`` at count level with a one-line error.
+What is lost against per-token routing: that each device routes exactly ``T * k``
+assignments (each (device, expert) count is drawn on its own, so a device's total varies
+around it, and assignments and drop rates count what was drawn); with ``least-loaded`` and
+``batch-split``, which sender's assignments go to which replica (loads match the token
+level, the (D, D) traffic is the proportional split); which of a token's k choices is
+which (so a slot over capacity drops the same fraction of every sender's assignments
+rather than GShard's rank-then-token order, and there is no reroute policy); which
+assignments share a token (so no de-duplication of copies); and the correlation of one
+token's choices across layers. The simulator refuses ``capacity.overflow: reroute`` and
+``network.dedup`` other than ``none`` at count level with a one-line error.
 """
 
 from __future__ import annotations

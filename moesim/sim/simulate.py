@@ -716,7 +716,6 @@ def _summary(
         "expert_balance": [round(float(x), 6) for x in lastl["expert_balance"]],
         "routed_balance": [round(float(x), 6) for x in lastl["routed_balance"]],
         "processed_balance": [round(float(x), 6) for x in lastl["processed_balance"]],
-        # the sweep's results read this key: the processed balance, as before
         "dropless_capacity_factor": [round(float(x), 6) for x in lastl["dropless_capacity_factor"]],
         "straggler_device": [int(x) for x in lastl["straggler_device"]],
         "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
