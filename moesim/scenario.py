@@ -135,12 +135,24 @@ class Stragglers(BaseModel):
         default_factory=dict, description="device -> NIC bandwidth factor, e.g. {3: 0.5}"
     )
 
-    @field_validator("slow_devices", "degraded_nics")
+    @field_validator("slow_devices")
     @classmethod
-    def _positive(cls, v: dict[int, float]) -> dict[int, float]:
-        bad = {d: f for d, f in v.items() if f <= 0 or d < 0}
+    def _slower(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {d: f for d, f in v.items() if f < 1 or d < 0}
         if bad:
-            raise ValueError(f"devices must be >= 0 and factors > 0, got {bad}")
+            raise ValueError(
+                f"devices must be >= 0 and compute time factors >= 1 (slower), got {bad}"
+            )
+        return v
+
+    @field_validator("degraded_nics")
+    @classmethod
+    def _degraded(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {d: f for d, f in v.items() if not 0 < f <= 1 or d < 0}
+        if bad:
+            raise ValueError(
+                f"devices must be >= 0 and bandwidth factors in (0, 1] (degraded), got {bad}"
+            )
         return v
 
 

@@ -125,8 +125,12 @@ def test_bad_straggler_device(tmp_path):
 
     with pytest.raises(InputError, match="stragglers"):
         simulate(_uniform_scenario(tmp_path, stragglers={"slow_devices": {9: 2.0}}), tmp_path)
-    with pytest.raises(ValueError, match="factors > 0"):
+    with pytest.raises(ValueError, match=r"bandwidth factors in \(0, 1\]"):
         _uniform_scenario(tmp_path, stragglers={"degraded_nics": {1: 0.0}})
+    with pytest.raises(ValueError, match=r"bandwidth factors in \(0, 1\]"):
+        _uniform_scenario(tmp_path, stragglers={"degraded_nics": {1: 1.5}})  # faster
+    with pytest.raises(ValueError, match="compute time factors >= 1"):
+        _uniform_scenario(tmp_path, stragglers={"slow_devices": {3: 0.5}})  # faster
 
 
 # ----- the critical path, hand-computed ----------------------------------------------------

@@ -283,12 +283,13 @@ def _memory(run: RunData) -> Section:
 def _breakdown(run: RunData) -> Section:
     labels = [s["mode"] for s in run.summaries]
     bds = [s["breakdown_us"] for s in run.summaries]
-    header = ("mode", "step time", "tokens/s", *(n for n, _ in PARTS), "overlapped")
+    header = ("mode", "step time", "tokens/s", "drop rate", *(n for n, _ in PARTS), "overlapped")
     rows = [
         (
             s["mode"],
             fmt_us(s["step_time_us"]),
             f"{s['tokens_per_s']:,.0f}",
+            f"{100 * s['drop_rate']:.3f}%",
             *(fmt_us(s["breakdown_us"][k]) for _, k in PARTS),
             fmt_us(s["breakdown_us"].get("overlapped_us", 0.0)),
         )
@@ -377,7 +378,7 @@ def _behind(r: dict[Any, Any], op: pd.DataFrame) -> str:
     row: dict[Any, Any] = op.loc[dev].to_dict()
     name = str(row["phase"])
     text = (
-        f"its {name} takes {fmt_us(float(row['duration_us']))} "
+        f"its {name} op takes {fmt_us(float(row['duration_us']))} "
         f"(mean {fmt_us(float(op['duration_us'].mean()))})"
     )
     if str(row["category"]) in ("dispatch", "combine"):

@@ -173,7 +173,7 @@ def console_summary(result: SimResult) -> str:
         if "memory_fits" in s:
             lines.append(f"  {memory_line(s)}")
     s = result.runs[0].summary
-    lines += ["", *layer_table(s)]
+    lines += ["", f"MoE layers ({s['mode']}, forward pass, last step):", *layer_table(s)]
     warnings = memory_warnings([r.summary for r in result.runs])
     if warnings:
         lines += ["", *warnings]

@@ -39,8 +39,8 @@ def _results_table(rows: list[dict[str, Any]], columns: list[str], title: str) -
         "step ms",
         "Mtokens/s",
         "drop %",
-        "balance",
-        "straggler",
+        "routed balance",
+        "straggler penalty",
         title=title,
     )
     for r in rows[:_TABLE_ROWS]:
