@@ -67,10 +67,18 @@ def sequence_deal(seq: np.ndarray, num_devices: int, per_dev: int, start: np.nda
     """
     slots: list[list[int]] = [[] for _ in range(num_devices)]
     for e, s in zip(seq.tolist(), start.tolist(), strict=True):
-        order = [(s + j) % num_devices for j in range(num_devices)]
-        free = [d for d in order if len(slots[d]) < per_dev]
-        fresh = [d for d in free if e not in slots[d]]
-        slots[(fresh or free)[0]].append(e)
+        first_free = None
+        for j in range(num_devices):  # usually the start device itself: stop at the first fit
+            d = (s + j) % num_devices
+            if len(slots[d]) < per_dev:
+                if e not in slots[d]:
+                    break
+                if first_free is None:
+                    first_free = d
+        else:
+            assert first_free is not None  # N = D * S items: a slot is always free
+            d = first_free
+        slots[d].append(e)
     return np.array(slots, dtype=np.int32)
 
 

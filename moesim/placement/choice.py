@@ -280,7 +280,7 @@ def slot_shares(
         serves |= (c_cls == 1) & (node[dev_c][None, :] == node[:, None])
         serves |= (c_cls == 0) & (dev_c[None, :] == src[:, None])
         c_inv *= serves
-        return c_inv
+        return np.ascontiguousarray(c_inv)  # a column gather comes out column-major
     # load-aware: one "assignment" per (device, expert) pair, weighted by its count
     ps, pe = np.nonzero(counts)
     multi = count[pe] > 1
