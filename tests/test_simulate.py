@@ -344,3 +344,24 @@ def test_layers_name_their_busiest_fabric_link(tmp_path):
         hw = get_profile("H800")
         bw = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out * 1e3
         assert r["busiest_link_us"] == pytest.approx(r["busiest_link_bytes"] / bw)
+
+
+def test_dropless_runs_report_the_padding_a_capacity_factor_would_need(tmp_path):
+    # 4 devices x 8 tokens, top-1, one expert a device: layer 1 routes 12 to expert 2 against
+    # a mean of 32 / 4 = 8 a slot, so a padded kernel needs factor 12 / 8 = 1.5
+    from moesim.costs.memory import memory_per_device
+    from moesim.hardware import get_profile
+
+    even = np.tile(np.arange(4), 8)
+    skew = np.array([0] * 6 + [1] * 6 + [2] * 12 + [3] * 8)
+    write_trace(_trace(np.stack([even, skew])[:, :, None], 4), tmp_path / "tr")
+    res = simulate(_scenario(tmp_path / "tr", 8), tmp_path)
+    s = res.runs[0].summary
+    assert s["dropless_capacity_factor"] == [1.0, 1.5]
+    assert s["padded_capacity_factor"] == 1.5
+    want = memory_per_device(
+        res.shape, num_devices=4, mode="prefill", tokens_per_device=8, sequence_length=4096,
+        precision="bf16", capacity_factor=1.5,
+        hbm_bytes=get_profile("H100-SXM").memory.hbm_bytes, expert_slots=1,
+    )  # fmt: skip
+    assert s["padded_memory_per_device_bytes"] == want.total_bytes

@@ -163,7 +163,11 @@ def console_summary(result: SimResult) -> str:
             f"  breakdown on device {s['critical_device']} (finishes last): {_breakdown(s)}"
         )
         if s["capacity_factor"] is None:
-            lines.append(f"  dropless: all {s['assignments']:,} assignments processed")
+            lines.append(
+                f"  dropless: all {s['assignments']:,} assignments processed; a padded kernel "
+                f"would need capacity factor {s['padded_capacity_factor']:.2f} to drop nothing "
+                f"({_fmt_gb(s['padded_memory_per_device_bytes'])} per device)"
+            )
         else:
             lines.append(
                 f"  drop rate {100 * s['drop_rate']:.3f}% ({s['dropped']:,} of "

@@ -728,7 +728,7 @@ def _summary(
         "assignments": assignments,
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
-    } | _memory_summary(prep, mode)
+    } | _memory_summary(prep, mode, float(ldf["dropless_capacity_factor"].max()))
 
 
 def _injected(st: Stragglers) -> dict[str, Any]:
@@ -755,25 +755,33 @@ def _processed_tokens_per_s(tokens: int, ldf: pd.DataFrame, step_time_us: float)
     return tokens * share / (step_time_us * 1e-6)
 
 
-def _memory_summary(prep: Prepared, mode: str) -> dict[str, Any]:
-    """Bytes per device (see :mod:`moesim.costs.memory` for what is counted) and HBM size."""
+def _memory_summary(prep: Prepared, mode: str, dropless_factor: float) -> dict[str, Any]:
+    """Bytes per device (see :mod:`moesim.costs.memory` for what is counted) and HBM size;
+    and the bytes per device a padded kernel would hold at ``dropless_factor``, the smallest
+    capacity factor that drops nothing (worst layer), so a dropless run shows the trade-off."""
     sc = prep.scenario
-    mem = memory_per_device(
-        prep.shape,
-        num_devices=prep.cluster.num_devices,
-        mode=mode,
-        tokens_per_device=sc.tokens_per_device,
-        sequence_length=sc.sequence_length,
-        precision=sc.precision,
-        capacity_factor=sc.capacity.factor,
-        hbm_bytes=prep.hw.memory.hbm_bytes,
-        expert_slots=int(prep.placement.slots.shape[2]),
-    )
+
+    def at(factor: float | None) -> Any:
+        return memory_per_device(
+            prep.shape,
+            num_devices=prep.cluster.num_devices,
+            mode=mode,
+            tokens_per_device=sc.tokens_per_device,
+            sequence_length=sc.sequence_length,
+            precision=sc.precision,
+            capacity_factor=factor,
+            hbm_bytes=prep.hw.memory.hbm_bytes,
+            expert_slots=int(prep.placement.slots.shape[2]),
+        )
+
+    mem = at(sc.capacity.factor)
     return {
         "memory_per_device_bytes": mem.total_bytes,
         "hbm_bytes": mem.hbm_bytes,
         "memory_fits": mem.fits,
         "memory_breakdown_bytes": mem.as_dict(),
+        "padded_capacity_factor": round(dropless_factor, 6),
+        "padded_memory_per_device_bytes": at(dropless_factor).total_bytes,
     }
 
 
