@@ -44,7 +44,8 @@ def main() -> None:
         from moesim.paths import scenarios_dir
         from moesim.report import write_outputs
         from moesim.scenario import load_scenario
-        from moesim.sim.simulate import prepare, simulate_mode
+        from moesim.sim.prepare import prepare
+        from moesim.sim.simulate import simulate_mode
 
         stages = {}
         t = time.perf_counter()

@@ -58,7 +58,7 @@ def _prepare(devices: int, tokens: int, network: str, level: str = "count") -> A
     """The scale scenario loaded and prepared (synthetic routing generated)."""
     sys.path.insert(0, str(REPO))
     from moesim.scenario import load_scenario
-    from moesim.sim.simulate import prepare
+    from moesim.sim.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
@@ -100,7 +100,7 @@ def _child_exchange(devices: int, tokens: int) -> dict:
     prep = _prepare(devices, tokens, "flow")
     from moesim.costs.roofline import bytes_per_assignment
     from moesim.sim.exchange import exchange_times
-    from moesim.sim.simulate import route_layer_at
+    from moesim.sim.replay import route_layer_at
 
     sc = prep.scenario
     copies = route_layer_at(prep, 0, 0).copies

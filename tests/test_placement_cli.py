@@ -15,8 +15,9 @@ from moesim.placement.io import read_placement, write_placement
 from moesim.placement.metrics import moved_share, planned_balance
 from moesim.placement.replan import align_devices, forecast_loads, incremental, replay
 from moesim.scenario import Scenario
+from moesim.sim.prepare import prepare
 from moesim.sim.refine import refine, step_time_fn
-from moesim.sim.simulate import prepare, simulate
+from moesim.sim.simulate import simulate
 from moesim.traces.store import RoutingTrace, write_trace
 from tests.conftest import FLAME_TRACE, REPO, assert_one_line_error
 from tests.conftest import run_moesim as moesim

@@ -79,7 +79,8 @@ def test_dropless_padding_is_reported_with_its_memory():
     from moesim.costs.memory import memory_per_device
     from moesim.hardware import get_profile
     from moesim.model.shapes import get_preset
-    from moesim.sim.simulate import prepare, route_step
+    from moesim.sim.prepare import prepare
+    from moesim.sim.replay import route_step
 
     req = PlanRequest(
         model="Mixtral-8x7B", hardware=("H100-SXM",), tokens_per_s=1.0, nodes=1,

@@ -2,7 +2,7 @@
 bytes, dropped assignments and slots moved between two placements. Pure functions.
 
 Tokens of a batch are spread over devices the way the simulator does it
-(:func:`moesim.sim.simulate.route_step`): batch token ``t`` of ``T`` lives on device
+(:func:`moesim.sim.replay.route_step`): batch token ``t`` of ``T`` lives on device
 ``t // (T / D)``. Replica choice and capacity are the simulator's own
 (:mod:`moesim.placement.choice`, :mod:`moesim.placement.capacity`).
 """

@@ -43,15 +43,10 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.scenario import Scenario
+from moesim.sim.prepare import Prepared, prepare
+from moesim.sim.replay import route_layer_at
 from moesim.sim.routing import LayerRouting
-from moesim.sim.simulate import (
-    ModeResult,
-    Prepared,
-    SimResult,
-    prepare,
-    route_layer_at,
-    simulate_mode,
-)
+from moesim.sim.simulate import ModeResult, SimResult, simulate_mode
 from moesim.sweep.results import metric_values
 
 __all__ = [

@@ -15,7 +15,7 @@ from moesim.errors import InputError
 from moesim.placement.base import Placement
 
 if TYPE_CHECKING:
-    from moesim.sim.simulate import Prepared
+    from moesim.sim.prepare import Prepared
 
 __all__ = ["Refined", "refine", "refine_for_scenario", "step_time_fn"]
 
@@ -95,7 +95,7 @@ def refine_for_scenario(
     """
     from moesim.placement.memory import max_expert_slots
     from moesim.scenario import load_scenario
-    from moesim.sim.simulate import prepare
+    from moesim.sim.prepare import prepare
 
     scenario, base = load_scenario(scenario_path)
     prep = prepare(scenario, base, scenario_path)

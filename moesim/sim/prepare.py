@@ -1,0 +1,242 @@
+"""A scenario's inputs, loaded and checked against each other: the first stage of a run.
+
+:func:`prepare` reads the hardware profile, the model, the routing (a trace, synthetic
+tokens, or a count-level law) and the placement (a planner run on the routing's loads, or
+a file), builds the cluster's topology and hands the next stage a :class:`Prepared` of
+plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import InputError
+from moesim.hardware import HardwareProfile, get_profile
+from moesim.model.shapes import ModelShape, get_preset
+from moesim.placement.base import Placement, contiguous
+from moesim.scenario import Scenario
+from moesim.sim.counts import inclusion_probabilities
+from moesim.sim.program import (
+    ClusterSpec,
+)
+from moesim.topology import build_topology
+from moesim.traces.store import RoutingTrace, read_trace
+from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
+
+__all__ = ["Prepared", "prepare"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A scenario's inputs, loaded and checked against each other."""
+
+    scenario: Scenario
+    shape: ModelShape
+    hw: HardwareProfile
+    trace: RoutingTrace | None  # None: count-level synthetic routing from ``popularity``
+    placement: Placement
+    cluster: ClusterSpec
+    moe_layers: list[int]  # model layer index of each trace layer, in order
+    popularity: Popularity | None = None
+
+
+def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> Prepared:
+    """Load the hardware, model, routing and placement a scenario names, and cross-check them."""
+    try:
+        hw_name = scenario.hardware
+        if hw_name.endswith((".yaml", ".yml")) and not Path(hw_name).is_absolute():
+            hw_name = str(base_dir / hw_name)  # a profile file next to the scenario
+        hw = get_profile(hw_name)
+        shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
+    except InputError as err:
+        if err.file is not None:
+            raise
+        raise InputError(err.message, file=source, field=err.field, value=err.value) from None
+    moe_layers = shape.moe_layer_indices()
+    syn = scenario.routing.synthetic
+    seed = scenario.seed if syn is None or syn.seed is None else syn.seed
+    trace: RoutingTrace | None = None
+    if scenario.routing.trace is not None:
+        tpath = scenario.routing.trace
+        tpath = tpath if tpath.is_absolute() else base_dir / tpath
+        try:
+            trace = read_trace(tpath)
+        except InputError as err:
+            if err.file is None or err.message in ("trace not found", "file not found"):
+                raise InputError(
+                    err.message,
+                    file=source,
+                    field="routing.trace",
+                    value=str(scenario.routing.trace),
+                ) from None
+            raise
+        if trace.num_experts != shape.num_experts:
+            raise InputError(
+                f"trace has {trace.num_experts} experts, model {shape.name} has "
+                f"{shape.num_experts}",
+                file=tpath,
+                field="num_experts",
+                value=trace.num_experts,
+            )
+        if trace.top_k != shape.top_k:
+            raise InputError(
+                f"trace routes top-{trace.top_k}, model {shape.name} top-{shape.top_k}",
+                file=tpath,
+                field="top_k",
+                value=trace.top_k,
+            )
+        if len(trace.layers) != len(moe_layers):
+            raise InputError(
+                f"trace has {len(trace.layers)} MoE layers, model {shape.name} has "
+                f"{len(moe_layers)}",
+                file=tpath,
+                field="layers",
+                value=len(trace.layers),
+            )
+    popularity = None
+    if syn is not None and syn.level == "count":
+        for field_name, value, ok in (
+            ("capacity.overflow", scenario.capacity.overflow, "drop"),
+            ("network.dedup", scenario.network.dedup, "none"),
+        ):
+            if value != ok:
+                raise InputError(
+                    f"count-level routing supports {field_name} {ok} only",
+                    file=source,
+                    field=field_name,
+                    value=value,
+                )
+        popularity = Popularity(
+            parse_distribution(syn.distribution), shape.num_experts, len(moe_layers), seed
+        )
+    elif syn is not None:
+        trace = synthesize(
+            num_experts=shape.num_experts,
+            top_k=shape.top_k,
+            num_layers=len(moe_layers),
+            num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
+            distribution=syn.distribution,
+            seed=seed,
+        )
+    cl = scenario.cluster
+    try:
+        placement = _placement(scenario, shape, hw, trace, popularity, len(moe_layers), base_dir)
+    except InputError as err:
+        if err.file is not None:
+            raise
+        raise InputError(
+            err.message, file=source, field="placement", value=scenario.placement
+        ) from None
+    in_file = placement.num_devices * placement.slots.shape[2] - shape.num_experts
+    if scenario.redundant_slots and scenario.redundant_slots != in_file:
+        raise InputError(  # a placement file brings its own redundancy (0: take the file's)
+            f"placement {scenario.placement} has {in_file} redundant slots per layer",
+            file=source,
+            field="redundant_slots",
+            value=scenario.redundant_slots,
+        )
+    net = scenario.network
+    try:
+        topology = build_topology(
+            hw,
+            cl.num_devices,
+            cl.devices_per_node,
+            oversubscription=net.oversubscription,
+            nodes_per_leaf=net.nodes_per_leaf,
+        )
+    except InputError as err:
+        raise InputError(
+            err.message, file=source, field=f"network.{err.field}", value=err.value
+        ) from None
+    bad = [
+        x
+        for x in (*scenario.stragglers.slow_devices, *scenario.stragglers.degraded_nics)
+        if x >= cl.num_devices
+    ]
+    if bad:
+        raise InputError(
+            f"device out of range 0..{cl.num_devices - 1}",
+            file=source,
+            field="stragglers",
+            value=bad[0],
+        )
+    topology = topology.degrade_nics(scenario.stragglers.degraded_nics)
+    cluster = ClusterSpec(
+        num_devices=cl.num_devices,
+        devices_per_node=cl.devices_per_node,
+        topology=topology,
+        network=net.tier,
+        flow_rel_tol=net.flow_rel_tol,
+    )
+    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
+
+
+def _placement(
+    scenario: Scenario,
+    shape: ModelShape,
+    hw: HardwareProfile,
+    trace: RoutingTrace | None,
+    popularity: Popularity | None,
+    num_layers: int,
+    base: Path,
+) -> Placement:
+    """The scenario's placement: contiguous, a planner run on the routing's own loads, or a
+    placement file checked against the model, cluster and device memory."""
+    from moesim.placement.io import read_placement
+    from moesim.placement.memory import max_expert_slots
+    from moesim.placement.planners import STRATEGIES, plan
+
+    cl, name = scenario.cluster, scenario.placement
+    e = shape.num_experts
+    if name == "contiguous" and scenario.redundant_slots == 0:
+        return contiguous(e, cl.num_devices, num_layers)
+    mem = max_expert_slots(shape, hw, scenario.precision)
+    if name in STRATEGIES:
+        co = cross = None
+        if trace is None:  # count-level routing: plan from the expected loads of step 0
+            assert popularity is not None
+            if name == "affinity":
+                raise InputError(
+                    "the affinity planner needs per-token routing (a trace, or level: token)",
+                    field="placement",
+                    value=name,
+                )
+            loads = np.stack(
+                [
+                    inclusion_probabilities(popularity(la, 0), shape.top_k)
+                    for la in range(num_layers)
+                ]
+            )
+        else:
+            ids = trace.expert_ids  # (L, N, K)
+            key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
+            loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
+        if name == "affinity":
+            assert trace is not None
+            ids = trace.expert_ids
+            from moesim.placement.affinity import coactivation
+
+            co, cross = coactivation(ids, e)
+        return plan(
+            loads,
+            name,
+            nodes=cl.nodes,
+            devices_per_node=cl.devices_per_node,
+            redundant=scenario.redundant_slots,
+            max_slots_per_device=mem,
+            coactivation=co,
+            cross_layer=cross,
+        )
+    path = Path(name) if Path(name).is_absolute() else base / name
+    placement, _ = read_placement(
+        path,
+        num_experts=e,
+        num_layers=num_layers,
+        num_devices=cl.num_devices,
+        max_slots_per_device=mem,
+        devices_per_node=cl.devices_per_node,
+    )
+    return placement
