@@ -365,3 +365,22 @@ def test_dropless_runs_report_the_padding_a_capacity_factor_would_need(tmp_path)
         hbm_bytes=get_profile("H100-SXM").memory.hbm_bytes, expert_slots=1,
     )  # fmt: skip
     assert s["padded_memory_per_device_bytes"] == want.total_bytes
+
+
+def test_phases_of_two_microbatches_have_keys_of_their_own(flame_dict, tmp_path):
+    """Ops carry their layer, pass, phase and microbatch as fields: with overlap every
+    (step, microbatch, pass, layer, device, phase) row of the phases table is one op."""
+    from moesim.report.write import phases_frame
+
+    sc = Scenario.model_validate(flame_dict | {"mode": "training", "overlap": True})
+    res = simulate(sc, tmp_path)
+    ph = phases_frame(res)
+    keys = ["mode", "step", "microbatch", "pass", "layer", "device", "phase"]
+    assert not ph.duplicated(keys).any()
+    assert sorted(ph["microbatch"].unique().tolist()) == [0, 1]
+    experts = ph[(ph["phase"] == "experts") & (ph["layer"] == 1) & (ph["device"] == 0)]
+    assert experts["microbatch"].tolist() == [0, 1]
+    run = res.runs[0]
+    assert {(op.microbatch, op.phase) for op in run.program if op.layer == 1} >= {
+        (0, "dispatch"), (1, "dispatch"), (0, "combine bwd"), (1, "combine bwd"),
+    }  # fmt: skip

@@ -406,8 +406,11 @@ def straggler_rows(run: RunData) -> list[tuple[object, ...]]:
     ph = ph[ph["step"] == lay["step"].max()] if not lay.empty else ph
     rows: list[tuple[object, ...]] = []
     for r in lay.to_dict("records"):
-        name = str(r["straggler_op"]).split(" ", 1)[-1]  # the phases' name of the op
-        op = ph[(ph["layer"] == r["layer"]) & (ph["phase"] == name)].set_index("device")
+        op = ph[
+            (ph["layer"] == r["layer"])
+            & (ph["phase"] == r["straggler_op_phase"])
+            & (ph["microbatch"] == r["straggler_op_microbatch"])
+        ].set_index("device")
         phase = PHASE_NAMES.get(str(r["straggler_phase"]), str(r["straggler_phase"]))
         rows.append(
             (

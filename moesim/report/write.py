@@ -29,7 +29,8 @@ __all__ = [
 
 
 def phases_frame(result: SimResult) -> pd.DataFrame:
-    """One row per (mode, step, pass, layer, device, phase): every op of the engine with its
+    """One row per (mode, step, microbatch, pass, layer, device, phase): every op of the
+    engine (its phase a field of the op, nothing parsed from display names) with its
     start, wait and busy time, for transfers the bytes sent and received, and the layer's
     tokens (assignments processed) and dropped assignments on that device."""
     frames = []
@@ -50,7 +51,8 @@ def phases_frame(result: SimResult) -> pd.DataFrame:
                             "pass": op.pass_,
                             "layer": op.layer,
                             "device": np.arange(d),
-                            "phase": op.name.split(" ", 1)[-1] if op.layer >= 0 else op.name,
+                            "microbatch": op.microbatch,
+                            "phase": op.phase or op.name,
                             "category": op.category,
                             "start_us": rec.start_us[i],
                             "wait_us": rec.wait_us[i],

@@ -44,6 +44,8 @@ class Compute:
     pass_: str = "forward"
     after: tuple[int, ...] | None = None  # None: the previous op of the program
     stream: str = "compute"
+    phase: str = ""  # what the op is within its layer and pass ("experts"); "" = the name
+    microbatch: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +76,8 @@ class Exchange:
     stream: str = "comm"
     flow_events: int = 0
     port_limited_us: np.ndarray | None = None
+    phase: str = ""  # what the op is within its layer and pass ("dispatch"); "" = the name
+    microbatch: int = 0
 
 
 Op = Compute | Exchange

@@ -142,6 +142,8 @@ def layer_frame(
                 "straggler_phase": strag.phase,
                 "straggler_penalty": straggler_penalty(m[f"{strag.phase}_us"].to_numpy()),
                 "straggler_op": program[strag.op].name if strag.op >= 0 else "",
+                "straggler_op_phase": program[strag.op].phase if strag.op >= 0 else "",
+                "straggler_op_microbatch": program[strag.op].microbatch if strag.op >= 0 else 0,
                 "straggler_excess_us": strag.excess_us,
                 "last_device": strag.gate_device,
                 "max_device_load": int(load.max()),

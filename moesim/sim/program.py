@@ -116,7 +116,10 @@ def interleave_microbatches(programs: list[list[Op]]) -> list[Op]:
                 continue
             prev = last[m]
             op = replace(
-                chain[pos], name=f"mb{m} {chain[pos].name}", after=() if prev is None else (prev,)
+                chain[pos],
+                name=f"mb{m} {chain[pos].name}",
+                after=() if prev is None else (prev,),
+                microbatch=m,
             )
             last[m] = len(merged)
             merged.append(op)
@@ -179,8 +182,16 @@ def _moe_ops(
         np.fill_diagonal(needs_disp, True)
     needs_comb = None if needs_disp is None else needs_disp.T
     fwd: list[Op] = [
-        Compute(f"L{layer} attention", "other", _full(d, costs.attention_us), layer),
-        Compute(f"L{layer} router+permute", "other", costs.router_us + permute, layer),
+        Compute(
+            f"L{layer} attention", "other", _full(d, costs.attention_us), layer, phase="attention"
+        ),
+        Compute(
+            f"L{layer} router+permute",
+            "other",
+            costs.router_us + permute,
+            layer,
+            phase="router+permute",
+        ),
         Exchange(
             f"L{layer} dispatch",
             "dispatch",
@@ -191,12 +202,21 @@ def _moe_ops(
             layer,
             flow_events=disp.events,
             port_limited_us=ports["disp"],
+            phase="dispatch",
         ),
     ]
     if costs.shared_us:
-        fwd.append(Compute(f"L{layer} shared experts", "other", _full(d, costs.shared_us), layer))
+        fwd.append(
+            Compute(
+                f"L{layer} shared experts",
+                "other",
+                _full(d, costs.shared_us),
+                layer,
+                phase="shared experts",
+            )
+        )
     fwd += [
-        Compute(f"L{layer} experts", "expert", experts, layer),
+        Compute(f"L{layer} experts", "expert", experts, layer, phase="experts"),
         Exchange(
             f"L{layer} combine",
             "combine",
@@ -207,14 +227,22 @@ def _moe_ops(
             layer,
             flow_events=comb.events,
             port_limited_us=ports["comb"],
+            phase="combine",
         ),
-        Compute(f"L{layer} unpermute", "other", unpermute, layer),
+        Compute(f"L{layer} unpermute", "other", unpermute, layer, phase="unpermute"),
     ]
     bwd: list[Op] = []
     if training:
         k = BACKWARD_FACTOR
         bwd = [
-            Compute(f"L{layer} unpermute bwd", "other", unpermute, layer, "backward"),
+            Compute(
+                f"L{layer} unpermute bwd",
+                "other",
+                unpermute,
+                layer,
+                "backward",
+                phase="unpermute bwd",
+            ),
             Exchange(
                 f"L{layer} combine bwd",
                 "combine",
@@ -225,8 +253,16 @@ def _moe_ops(
                 layer,
                 "backward",
                 port_limited_us=ports["gdisp"],
+                phase="combine bwd",
             ),
-            Compute(f"L{layer} experts bwd", "expert", k * experts, layer, "backward"),
+            Compute(
+                f"L{layer} experts bwd",
+                "expert",
+                k * experts,
+                layer,
+                "backward",
+                phase="experts bwd",
+            ),
         ]
         if costs.shared_us:
             bwd.append(
@@ -236,6 +272,7 @@ def _moe_ops(
                     _full(d, k * costs.shared_us),
                     layer,
                     "backward",
+                    phase="shared experts bwd",
                 )
             )
         bwd += [
@@ -249,6 +286,7 @@ def _moe_ops(
                 layer,
                 "backward",
                 port_limited_us=ports["comb"],
+                phase="dispatch bwd",
             ),
             Compute(
                 f"L{layer} router+permute bwd",
@@ -256,6 +294,7 @@ def _moe_ops(
                 k * costs.router_us + permute,
                 layer,
                 "backward",
+                phase="router+permute bwd",
             ),
             Compute(
                 f"L{layer} attention bwd",
@@ -263,6 +302,7 @@ def _moe_ops(
                 _full(d, k * costs.attention_us),
                 layer,
                 "backward",
+                phase="attention bwd",
             ),
         ]
     return fwd, bwd
@@ -308,8 +348,17 @@ def build_program(
             )
         else:
             t = costs.attention_us + costs.dense_ffn_us
-            f = [Compute(f"L{layer} dense", "other", _full(d, t), layer)]
-            bw = [Compute(f"L{layer} dense bwd", "other", _full(d, k * t), layer, "backward")]
+            f = [Compute(f"L{layer} dense", "other", _full(d, t), layer, phase="dense")]
+            bw = [
+                Compute(
+                    f"L{layer} dense bwd",
+                    "other",
+                    _full(d, k * t),
+                    layer,
+                    "backward",
+                    phase="dense bwd",
+                )
+            ]
         forward += f
         if training:
             backward = bw + backward
