@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesim.plan.capacity import PlanRequest, cluster_sizes, padding_factor, plan_capacity
+from moesim.plan.capacity import PlanRequest, cluster_sizes, plan_capacity
 from moesim.plan.commands import expand_multi_value_options
 from tests.conftest import assert_one_line_error, run_moesim
 from tests.test_memory import DENSE, EXPERT, KV_PER_TOKEN
@@ -39,13 +39,28 @@ def test_cluster_sizes_follow_the_node_and_the_placement():
     ]  # fmt: skip  (288 slots)
 
 
+def _padding(slot_loads: np.ndarray) -> float:
+    """The routing's dropless capacity factor for top-1 tokens loading each slot (expert
+    ``i`` alone in slot ``i``, device-major) as ``slot_loads`` (D, S) says."""
+    from moesim.placement.base import Placement
+    from moesim.sim.routing import route_layer
+
+    d, s = slot_loads.shape
+    p = Placement(np.arange(d * s, dtype=np.int32).reshape(1, d, s), d * s)
+    table, count = p.replicas(0)
+    ids = np.repeat(np.arange(d * s), slot_loads.ravel())[:, None]
+    origin = np.zeros(ids.shape[0], dtype=np.int32)
+    r = route_layer(ids, origin, p.slots[0], table, count, num_experts=d * s, devices_per_node=d)
+    return r.dropless_capacity_factor
+
+
 def test_padding_factor_is_the_largest_slot_load_over_the_mean():
     layer_a = np.array([[4, 2], [1, 1]])  # mean 2, max 4: factor 2
     layer_b = np.array([[3, 3], [3, 3]])  # even: factor 1
     layer_c = np.array([[5, 0, 1], [0, 0, 0]])  # mean 1, max 5: factor 5
-    assert padding_factor([layer_a, layer_b]) == 2.0
-    assert padding_factor([layer_b, layer_c, layer_a]) == 5.0
-    assert padding_factor([np.zeros((2, 2))]) == 1.0  # no tokens: no padding
+    assert max(_padding(layer_a), _padding(layer_b)) == 2.0
+    assert max(_padding(layer_b), _padding(layer_c), _padding(layer_a)) == 5.0
+    assert _padding(np.zeros((2, 2), dtype=np.int64)) == 1.0  # no tokens: no padding
 
 
 def test_mixtral_on_h100_memory_answer_matches_hand_computation():

@@ -22,20 +22,20 @@ Expert capacity is unlimited (dropless) unless the request gives a drop budget
 (``max_drop_rate`` > 0): then each capacity factor of a ladder is tried on the routing alone
 (the simulator's own routing step) and the smallest whose drop rate is within the budget is
 simulated, and dropless too: a budget is an allowance, so the factor is kept only where it
-gives more processed tokens/s than dropless. No answer drops more than the budget. A dropless answer
-reports the capacity factor a padded (non-dropless) kernel would need to drop nothing,
-:func:`padding_factor`, and the memory at that factor. Each available placement strategy is
-simulated and the fastest kept; tokens/s counts processed assignments only.
+gives more processed tokens/s than dropless. No answer drops more than the budget. A
+dropless answer reports the capacity factor a padded (non-dropless) kernel would need to
+drop nothing (``LayerRouting.dropless_capacity_factor``, worst layer) and the memory at that
+factor. Each available placement strategy is simulated and the fastest kept; tokens/s
+counts processed assignments only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from moesim.costs.memory import MemoryEstimate, contiguous_slots, memory_per_device
@@ -59,7 +59,6 @@ __all__ = [
     "drop_frame",
     "evaluations_frame",
     "min_devices_memory",
-    "padding_factor",
     "plan_capacity",
     "plan_hardware",
 ]
@@ -109,7 +108,8 @@ class Evaluation:
     and the result.
 
     ``padding_factor``: the capacity factor a padded kernel would need to drop nothing on
-    this routing (:func:`padding_factor`); ``padded_memory_bytes``: memory per device at it.
+    this routing (the largest slot load over the mean, worst layer step);
+    ``padded_memory_bytes``: memory per device at it.
     """
 
     hardware: str
@@ -237,27 +237,6 @@ def _accepts(num_experts: int, d: int, redundant: int) -> bool:
     return num_experts % d == 0 or d % num_experts == 0
 
 
-def padding_factor(expert_tokens: Iterable[np.ndarray]) -> float:
-    """The capacity factor a padded (non-dropless) kernel needs to drop nothing.
-
-    Capacity is per physical slot, ``ceil(factor * assignments / slots)``, so a layer drops
-    nothing when the factor reaches its largest slot load over its mean slot load.
-
-    Args:
-        expert_tokens: per layer step, (D, S) tokens per hosted expert slot of each device
-            (``LayerRouting.expert_tokens`` of a dropless routing).
-    Returns:
-        max over layer steps of (max over slots / mean over slots); 1.0 for no tokens.
-    """
-    worst = 1.0
-    for tokens in expert_tokens:
-        t = np.asarray(tokens, dtype=np.float64)
-        mean = t.mean() if t.size else 0.0
-        if mean > 0:
-            worst = max(worst, float(t.max() / mean))
-    return worst
-
-
 def _expert_slots(num_experts: int, d: int, redundant: int) -> int:
     """Expert slots per device: contiguous, or ``(E + redundant) / D`` with redundant slots."""
     return (num_experts + redundant) // d if redundant else contiguous_slots(num_experts, d)
@@ -323,12 +302,6 @@ def _drop_rate(prep: Prepared, steps: int) -> float:
     return dropped / assignments if assignments else 0.0
 
 
-def _dropless_padding(prep: Prepared, steps: int) -> float:
-    """:func:`padding_factor` of the dropless routing of every step."""
-    dropless = replace(prep, scenario=_with_factor(prep.scenario, None))
-    return padding_factor(lr.expert_tokens for lr in _routed_layers(dropless, steps))
-
-
 def _with_factor(sc: Scenario, factor: float | None) -> Scenario:
     return sc.model_copy(update={"capacity": sc.capacity.model_copy(update={"factor": factor})})
 
@@ -391,7 +364,9 @@ def _evaluate(
             free = simulate_mode(replace(prep, scenario=base), request.mode)
             if free.summary["tokens_per_s"] >= run.summary["tokens_per_s"]:
                 chosen, sc, run = None, base, free
-        pad = _dropless_padding(prep, request.steps)
+        # the routing's own figure: largest slot load over the mean slot load, before
+        # capacity, worst layer step (LayerRouting.dropless_capacity_factor)
+        pad = float(run.layers["dropless_capacity_factor"].max())
         slots = int(prep.placement.slots.shape[2])
         mem = _memory(prep.shape, hw, request, d, chosen, slots, request.precision)
         padded_mem = _memory(prep.shape, hw, request, d, pad, slots, request.precision).total_bytes
