@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.placement import Placement, contiguous
-from moesim.placement.capacity import apply_slot_capacity, copies_per_device, slot_capacity
-from moesim.placement.choice import choose_replicas
+from moesim.placement.capacity import apply_slot_capacity, slot_capacity
+from moesim.placement.choice import choose_replicas, copies_per_device
 from moesim.sim.routing import route_layer, traffic_matrix
 
 

@@ -21,9 +21,9 @@ from typing import Literal
 
 import numpy as np
 
-from moesim.placement.choice import rank_in_group
+from moesim.placement.choice import copies_per_device, rank_in_group
 
-__all__ = ["Overflow", "apply_slot_capacity", "copies_per_device", "slot_capacity"]
+__all__ = ["Overflow", "apply_slot_capacity", "slot_capacity"]
 
 Overflow = Literal["drop", "reroute"]
 
@@ -36,16 +36,6 @@ def slot_capacity(
     if capacity_factor is None:
         return None
     return math.ceil(capacity_factor * assignments / physical_slots)
-
-
-def copies_per_device(table: np.ndarray, num_devices: int) -> np.ndarray:
-    """(D, E) copies of each expert on each device, from its (E, R) replica table."""
-    e = table.shape[0]
-    exp = np.repeat(np.arange(e), table.shape[1])
-    dev = table.reshape(-1)
-    ok = dev >= 0
-    flat = np.bincount(dev[ok].astype(np.int64) * e + exp[ok], minlength=num_devices * e)
-    return flat.reshape(num_devices, e)
 
 
 def apply_slot_capacity(

@@ -38,6 +38,7 @@ __all__ = [
     "REPLICA_CHOICES",
     "ReplicaChoice",
     "choose_replicas",
+    "copies_per_device",
     "rank_in_group",
     "slot_shares",
 ]
@@ -62,6 +63,16 @@ def rank_in_group(keys: np.ndarray) -> np.ndarray:
     pos = np.empty_like(order)
     pos[order] = idx - first
     return pos
+
+
+def copies_per_device(table: np.ndarray, num_devices: int) -> np.ndarray:
+    """(D, E) copies of each expert on each device, from its (E, R) replica table."""
+    e = table.shape[0]
+    exp = np.repeat(np.arange(e), table.shape[1])
+    dev = table.reshape(-1)
+    ok = dev >= 0
+    flat = np.bincount(dev[ok].astype(np.int64) * e + exp[ok], minlength=num_devices * e)
+    return flat.reshape(num_devices, e)
 
 
 def _nearest_mask(cand: np.ndarray, origin: np.ndarray, devices_per_node: int) -> np.ndarray:
@@ -260,8 +271,7 @@ def slot_shares(
     e = table.shape[0]
     cols = slots.reshape(-1)  # (C,) expert of each slot
     dev_c = np.repeat(np.arange(d), s)  # (C,) device of each slot
-    hosts = np.zeros((d, e), dtype=np.int64)  # copies of each expert on each device
-    np.add.at(hosts, (dev_c, cols), 1)
+    hosts = copies_per_device(table, d)  # (D, E)
     even = (1.0 / count[cols]).astype(np.float32)  # (C,)
     if policy == "round-robin" or table.shape[1] == 1:
         return np.ascontiguousarray(np.broadcast_to(even[None, :], (d, cols.size)))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from moesim.placement.capacity import Overflow, apply_slot_capacity
-from moesim.placement.choice import ReplicaChoice, choose_replicas
+from moesim.placement.choice import ReplicaChoice, choose_replicas, copies_per_device
 from moesim.sim.traffic import Dedup, copy_matrix, traffic_matrix
 
 __all__ = [
@@ -118,19 +118,16 @@ def busiest_flow(m: np.ndarray) -> tuple[int, int, float]:
 
 
 def slot_loads(
-    dst: np.ndarray, expert: np.ndarray, slots: np.ndarray, num_experts: int
+    dst: np.ndarray, expert: np.ndarray, slots: np.ndarray, copies: np.ndarray
 ) -> np.ndarray:
     """(D, S) assignments each physical slot serves: per (device, expert) from the
     assignments' serving devices and experts, split evenly over a device's copies of one
-    expert. ``slots``: (D, S) hosted experts."""
-    d = slots.shape[0]
-    per = np.bincount(
-        dst.astype(np.int64) * num_experts + expert, minlength=d * num_experts
-    ).reshape(d, num_experts)
+    expert. ``slots``: (D, S) hosted experts; ``copies``: (D, E) copies of each expert on
+    each device (:func:`moesim.placement.choice.copies_per_device`)."""
+    d, e = copies.shape
+    per = np.bincount(dst.astype(np.int64) * e + expert, minlength=d * e).reshape(d, e)
     rows = np.arange(d)[:, None]
-    dup = np.zeros((d, num_experts), dtype=np.int64)
-    np.add.at(dup, (np.repeat(np.arange(d), slots.shape[1]), slots.reshape(-1)), 1)
-    return per[rows, slots] / dup[rows, slots]
+    return per[rows, slots] / copies[rows, slots]
 
 
 def route_layer(
@@ -171,10 +168,9 @@ def route_layer(
         fe, fd, rr = apply_slot_capacity(ids, routed_dst.reshape(t, k), table, capacity, overflow)
         exp, dst, rerouted = fe.reshape(-1), fd.reshape(-1), int(rr.sum())
     kept = exp >= 0
-    routed_slots = slot_loads(routed_dst, routed_exp, slots, num_experts)
-    expert_tokens = (
-        routed_slots if kept.all() else slot_loads(dst[kept], exp[kept], slots, num_experts)
-    )
+    copies = copies_per_device(table, d)
+    routed_slots = slot_loads(routed_dst, routed_exp, slots, copies)
+    expert_tokens = routed_slots if kept.all() else slot_loads(dst[kept], exp[kept], slots, copies)
     mean_slot = t * k / slots.size
     dispatch = traffic_matrix(src[kept], dst[kept], d)
     return LayerRouting(
