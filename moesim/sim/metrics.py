@@ -288,7 +288,7 @@ def summary(
         "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
         "straggler_phase": [str(x) for x in lastl["straggler_phase"]],
         "straggler_penalty": [round(float(x), 6) for x in lastl["straggler_penalty"]],
-        "injected": _injected(sc.stragglers),
+        "injected": sc.stragglers.model_dump(mode="json", exclude_defaults=True),
         "drop_rate": float(ldf["dropped"].sum() / assignments) if assignments else 0.0,
         "dropped": int(ldf["dropped"].sum()),
         "rerouted": int(ldf["rerouted"].sum()),
@@ -296,18 +296,6 @@ def summary(
         "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
         "events": int(sum(r.events for r in records)),
     } | _memory_summary(prep, mode, float(ldf["dropless_capacity_factor"].max()))
-
-
-def _injected(st: Stragglers) -> dict[str, Any]:
-    """The faults a scenario injects (JSON-ready, devices as strings); empty when none."""
-    out: dict[str, Any] = {}
-    if st.slow_devices:
-        out["slow_devices"] = {str(k): v for k, v in sorted(st.slow_devices.items())}
-    if st.jitter:
-        out["jitter"] = st.jitter
-    if st.degraded_nics:
-        out["degraded_nics"] = {str(k): v for k, v in sorted(st.degraded_nics.items())}
-    return out
 
 
 def _processed_tokens_per_s(tokens: int, ldf: pd.DataFrame, step_time_us: float) -> float:
