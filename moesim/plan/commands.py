@@ -165,7 +165,7 @@ def plan_capacity_cmd(
 def answer_line(hw: str, a: dict[str, Any]) -> str:
     """One hardware's answer on one line: device counts, then the recommendation with its
     drop rate beside its throughput (and, dropless, the padding a padded kernel would need)."""
-    from moesim.report.run import fmt_bytes
+    from moesim.report.summary import fmt_bytes
 
     if a["fixed_devices"] is not None:
         head = f"{hw}: {a['fixed_devices']} devices ({a['nodes'] or '-'} nodes)"

@@ -36,8 +36,8 @@ from moesim.report.page import (
     render_markdown,
     render_page,
 )
-from moesim.report.run import MEMORY_NOTE, RunData, fmt_bytes, memory_table, run_sections
-from moesim.report.summary import fmt_us
+from moesim.report.run import MEMORY_NOTE, RunData, memory_table, run_sections
+from moesim.report.summary import fmt_bytes, fmt_us
 from moesim.report.sweep import drops_section, results_sections, scaling_section
 
 __all__ = ["assumptions", "plan_json", "write_plan"]

@@ -30,6 +30,7 @@ from moesim.report.page import Section, figure, html_table, md_table, missing
 from moesim.report.summary import (
     PARTS,
     PHASE_NAMES,
+    fmt_bytes,
     fmt_us,
     header_line,
     injected_faults,
@@ -38,18 +39,10 @@ from moesim.report.summary import (
 )
 from moesim.sim.simulate import SimResult
 
-__all__ = ["RunData", "fmt_bytes", "run_info", "run_sections"]
+__all__ = ["RunData", "run_info", "run_sections"]
 
 RUN_FILES = ("summary.json", "metrics.parquet", "layers.parquet", "phases.parquet")
 TIMELINE_DEVICES = 16
-
-
-def fmt_bytes(n: float) -> str:
-    """Bytes with a decimal unit (GB = 10^9 bytes)."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _params(n: int) -> str:

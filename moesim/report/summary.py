@@ -9,6 +9,7 @@ from moesim.sim.simulate import SimResult
 __all__ = [
     "PARTS",
     "console_summary",
+    "fmt_bytes",
     "fmt_us",
     "header_line",
     "injected_faults",
@@ -70,11 +71,12 @@ def tokens_per_device_text(tokens_per_device: int, modes: list[str]) -> str:
     return text
 
 
-def _fmt_gb(n: float) -> str:
-    """Bytes with a decimal unit (MB below 1 GB)."""
-    if n == 0:
-        return "0 B"
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+def fmt_bytes(n: float, digits: int = 2) -> str:
+    """Bytes with a decimal unit (GB = 10^9 bytes), ``digits`` after the point."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n:.0f} B"
 
 
 def memory_line(s: dict[str, Any]) -> str:
@@ -87,11 +89,13 @@ def memory_line(s: dict[str, Any]) -> str:
         ("activations", b["activation_bytes"]),
         ("KV cache", b["kv_cache_bytes"]),
     ]
-    shown = ", ".join(f"{n} {_fmt_gb(v)}" for n, v in parts if v or n != "gradients + optimizer")
+    shown = ", ".join(
+        f"{n} {fmt_bytes(v, 1)}" for n, v in parts if v or n != "gradients + optimizer"
+    )
     verdict = "fits" if s["memory_fits"] else "does NOT fit"
     return (
-        f"memory per device {_fmt_gb(s['memory_per_device_bytes'])} of "
-        f"{_fmt_gb(s['hbm_bytes'])} HBM: {verdict} ({shown})"
+        f"memory per device {fmt_bytes(s['memory_per_device_bytes'], 1)} of "
+        f"{fmt_bytes(s['hbm_bytes'], 1)} HBM: {verdict} ({shown})"
     )
 
 
@@ -99,8 +103,8 @@ def memory_warnings(summaries: list[dict[str, Any]]) -> list[str]:
     """One warning per mode whose memory per device exceeds the device's HBM."""
     return [
         f"WARNING: {s['mode']} does not fit in HBM: "
-        f"{_fmt_gb(s['memory_per_device_bytes'])} per device, "
-        f"{_fmt_gb(s['hbm_bytes'])} HBM"
+        f"{fmt_bytes(s['memory_per_device_bytes'], 1)} per device, "
+        f"{fmt_bytes(s['hbm_bytes'], 1)} HBM"
         for s in summaries
         if "memory_fits" in s and not s["memory_fits"]
     ]
@@ -166,7 +170,7 @@ def console_summary(result: SimResult) -> str:
             lines.append(
                 f"  dropless: all {s['assignments']:,} assignments processed; a padded kernel "
                 f"would need capacity factor {s['padded_capacity_factor']:.2f} to drop nothing "
-                f"({_fmt_gb(s['padded_memory_per_device_bytes'])} per device)"
+                f"({fmt_bytes(s['padded_memory_per_device_bytes'], 1)} per device)"
             )
         else:
             lines.append(

@@ -35,8 +35,7 @@ from moesim.report.page import (
     render_markdown,
     render_page,
 )
-from moesim.report.run import fmt_bytes
-from moesim.report.summary import PARTS, fmt_us
+from moesim.report.summary import PARTS, fmt_bytes, fmt_us
 
 __all__ = [
     "REQUIRED_COLUMNS",
