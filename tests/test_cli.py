@@ -83,11 +83,14 @@ def test_demo_writes_four_files_and_summary(tmp_path):
         "device_load",
         "dropped",
     } <= set(phases.columns)
-    # per device, busy and waiting time of all phases add up to the end of the last one
+    # per device and stream, busy and waiting time of the phases add up to the end of the
+    # last one; the gradient all-reduce buckets run on their own stream
     train = phases[phases["mode"] == "training"]
-    per_dev = train.groupby("device")[["wait_us", "duration_us"]].sum().sum(axis=1)
-    ends = (train["start_us"] + train["duration_us"]).groupby(train["device"]).max()
-    np.testing.assert_allclose(per_dev.to_numpy(), ends.to_numpy(), rtol=1e-9)
+    assert set(train["stream"]) == {"main", "grad-allreduce"}
+    by = train.groupby(["stream", "device"])
+    per_dev = by[["wait_us", "duration_us"]].sum().sum(axis=1)
+    ends = (train["start_us"] + train["duration_us"]).groupby([train["stream"], train["device"]])
+    np.testing.assert_allclose(per_dev.to_numpy(), ends.max().to_numpy(), rtol=1e-9)
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
     metrics = pq.read_table(tmp_path / "demo" / "metrics.parquet").to_pandas()
     assert {

@@ -176,8 +176,22 @@ def test_training_has_backward_and_allreduce(flame_dict, tmp_path):
     assert train.summary["breakdown_us"]["allreduce_us"] > 0
     assert train.summary["step_time_us"] > 2 * prefill.summary["step_time_us"]
     b = dict(train.summary["breakdown_us"])
-    assert b.pop("overlapped_us") == pytest.approx(0.0, abs=1e-6)  # one stream per device
-    assert sum(b.values()) == pytest.approx(train.summary["step_time_us"], rel=1e-9)
+    # the gradient all-reduce buckets run beside the backward pass: part of their time is
+    # hidden under it (reported as overlapped), the rest ends the step
+    overlapped = b.pop("overlapped_us")
+    assert 0 < overlapped <= b["allreduce_us"]
+    assert sum(b.values()) - overlapped == pytest.approx(train.summary["step_time_us"], rel=1e-9)
+    # each bucket starts once every device has done the backward op that fills it and the
+    # bucket before it is reduced (its own stream), and takes the ring's closed-form time
+    rec, prog = train.records[-1], train.program
+    buckets = [i for i, op in enumerate(prog) if op.category == "allreduce"]
+    assert len(buckets) >= 2 and buckets[-1] == len(prog) - 1
+    prev_end = 0.0
+    for i in buckets:
+        (fill,) = prog[i].after
+        assert prog[fill].pass_ == "backward" and prog[fill].category != "allreduce"
+        assert rec.start_us[i].tolist() == [max(rec.end_us[fill].max(), prev_end)] * 16
+        prev_end = rec.end_us[i].max()
 
 
 def test_capacity_drops_match_definition(flame_dict, tmp_path):
@@ -237,10 +251,13 @@ def test_network_options_flow_tier_and_dedup(flame_dict, tmp_path):
     analytic = run({"tier": "analytic"})
     flow = run({"tier": "flow"})
     node = run({"tier": "flow", "dedup": "node"})
-    # the flow tier never beats the port bound on this non-blocking fabric
-    a = analytic.metrics.query("`pass` == 'forward'")["dispatch_us"].to_numpy()
-    f = flow.metrics.query("`pass` == 'forward'")["dispatch_us"].to_numpy()
-    assert (f >= a * (1 - 1e-9)).all()
+    # the flow tier never beats the port bound on this non-blocking fabric: a device's
+    # dispatch ends at least its port-limited time after the first of its peers was ready
+    rec = flow.records[0]
+    for i, op in enumerate(flow.program):
+        if op.category == "dispatch":
+            ready = rec.start_us[i] - rec.wait_us[i]
+            assert (rec.end_us[i] - ready.min() >= op.port_limited_us * (1 - 1e-9)).all()
     # one copy per (token, node) moves fewer bytes than one per (token, expert)
     assert node.summary["cross_node_bytes"] < 0.8 * flow.summary["cross_node_bytes"]
     assert node.summary["step_time_us"] < flow.summary["step_time_us"]

@@ -350,5 +350,13 @@ def test_degraded_nic_in_the_flow_tier(tmp_path):
     run = simulate(
         _demo_like(network={"tier": "flow"}, stragglers={"degraded_nics": {5: 0.5}}), tmp_path
     ).runs[0]
-    assert run.summary["straggler_cause"] == ["slow NIC or link"] * 4
-    assert run.summary["straggler_device"] == [14, 5, 5, 5]
+    s = run.summary
+    assert s["straggler_cause"] == ["slow NIC or link"] * 4
+    assert 5 in s["straggler_device"]
+    names = [op.name for op in run.program]
+    for layer, dev, phase in zip(
+        s["layers"], s["straggler_device"], s["straggler_phase"], strict=True
+    ):
+        i = names.index(f"L{layer} {phase}")
+        took = run.records[0].duration_us[i, dev]
+        assert dev == 5 or took >= run.program[i].port_limited_us[5]

@@ -214,9 +214,10 @@ class ModelShape(BaseModel):
     def expert_param_bytes(self, bytes_per_param: float) -> float:
         return self.expert_params() * bytes_per_param
 
-    def dense_params_per_layer(self) -> int:
-        """Non-expert weights of one MoE layer (attention, norms, router, shared experts)."""
-        return self._layer_params(True, 0, False)
+    def dense_params_per_layer(self, moe: bool = True) -> int:
+        """Non-expert weights of one MoE layer (attention, norms, router, shared experts),
+        or with ``moe`` False of one dense layer (attention, norms, dense FFN)."""
+        return self._layer_params(moe, 0, False)
 
 
 def list_presets() -> list[str]:

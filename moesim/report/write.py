@@ -30,9 +30,10 @@ __all__ = [
 
 def phases_frame(result: SimResult) -> pd.DataFrame:
     """One row per (mode, step, microbatch, pass, layer, device, phase): every op of the
-    engine (its phase a field of the op, nothing parsed from display names) with its
-    start, wait and busy time, for transfers the bytes sent and received, and the layer's
-    tokens (assignments processed) and dropped assignments on that device."""
+    engine (its phase a field of the op, nothing parsed from display names) with the
+    stream it ran on, its start, wait (idle time on that stream before it) and busy time,
+    for transfers the bytes sent and received, and the layer's tokens (assignments
+    processed) and dropped assignments on that device."""
     frames = []
     for run in result.runs:
         for step, rec in enumerate(run.records):
@@ -52,6 +53,7 @@ def phases_frame(result: SimResult) -> pd.DataFrame:
                             "layer": op.layer,
                             "device": np.arange(d),
                             "microbatch": op.microbatch,
+                            "stream": op.stream,
                             "phase": op.phase or op.name,
                             "category": op.category,
                             "start_us": rec.start_us[i],

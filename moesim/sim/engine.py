@@ -1,36 +1,57 @@
-"""The discrete-event engine: SimPy processes running a program of ops on every device.
+"""The discrete-event engine: a program of ops run on every device, on one clock.
 
 A *program* is the same list of ops for every device, each op carrying per-device
-durations:
+figures:
 
 * :class:`Compute` — the device is busy for ``duration_us[d]``.
 * :class:`Exchange` — a collective transfer (all-to-all dispatch/combine, all-reduce).
-  Device ``d`` announces it is ready to send, waits until every device it receives
-  from (``senders[:, d]``) is ready too, then transfers for ``duration_us[d]``. The
-  time spent waiting is the device's *wait time* at that dependency.
+  Device ``d`` is *ready* for it when its stream and the op's dependencies are done. Its
+  *begin* is when it and every device it receives from (``senders[:, d]``) are ready; the
+  time in between is its *wait* at that dependency. How long it then takes depends on the
+  network tier:
+
+  - **closed form** (``flows`` None; the analytic tier): ``duration_us[d]``, computed
+    beforehand from the device's ports (:mod:`moesim.sim.network`);
+  - **event-driven** (``flows`` set; the flow tier): device ``d``'s transfers are released
+    into the :class:`~moesim.sim.fabric.Fabric` when ``d`` is ready, not when its last peer
+    is, and share every link max-min fairly with every other transfer in flight — of this
+    exchange, of another microbatch's, of an all-reduce. Rates change at each release and
+    each drain. The device's op ends when the last transfer it sends or receives arrives.
 
 By default a device runs its ops one after another. When any op names its dependencies
-(``after``: indices of earlier ops of the same device), each device instead runs two
-streams, compute and communication, each taking its ops in program order, and an op
-starts once its dependencies are done — so one microbatch's transfer can overlap another
-microbatch's compute (DeepSeek-style two-microbatch overlap).
+(``after``: indices of earlier ops of the same device), each device instead runs one
+stream per ``stream`` name (compute, communication, gradient all-reduce), each taking its
+ops in program order, and an op starts once its dependencies are done on that device —
+so one microbatch's transfer can overlap another microbatch's compute (DeepSeek-style
+two-microbatch overlap), and a gradient bucket's all-reduce the backward pass.
 
-The engine only sequences events; every duration is computed beforehand by pure
-functions (see :mod:`moesim.sim.program`). Events are per op, not per device and op: a
-2,048-device step is as many events as a one-device step, each a few array operations.
+Lifecycle of an op on a device: *blocked* (its stream's previous op or a dependency not
+done on the device) → *ready* (time known; a flow exchange releases the device's flows)
+→ *begun* (its senders ready too) → *done* (compute: ``duration_us`` later; closed-form
+exchange: ``duration_us`` after its begin; flow exchange: its last flow delivered).
+
+The event loop is our own, not SimPy: its state is per-op arrays over devices
+(:class:`_Run`), and the fabric's flows in flight (:class:`moesim.sim.fabric.Fabric`).
+Everything that interacts with nothing — compute, closed-form exchanges — is array
+arithmetic over all devices at once; the clock only moves at the fabric's events
+(releases, drains, arrivals), after each of which the devices whose transfers arrived
+advance as far as they can. A program without flow exchanges therefore takes one pass
+and no clock events; with SimPy a process per device and stream (the formulation kept in
+``tests/engine_reference.py`` as the oracle the tests hold this engine to) would cost a
+generator resume per op and device: 2,048 devices x 58 layers are millions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 import numpy as np
-import simpy
 
-__all__ = ["Compute", "Exchange", "Op", "Records", "run_program"]
+from moesim.sim.fabric import Delivered, Fabric
+
+__all__ = ["Compute", "Exchange", "FlowSet", "Op", "Records", "run_program"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,19 +70,72 @@ class Compute:
 
 
 @dataclass(frozen=True, eq=False)
+class FlowSet:
+    """The transfers of a flow-tier exchange: flow ``f`` carries ``nbytes[f] * scale`` bytes
+    from ``src[f]`` to ``dst[f]`` (distinct devices, bytes > 0).
+
+    ``barrier``: every flow is released once every device is ready (a collective whose
+    steps need all ranks, such as a ring all-reduce), not at its sender's ready time.
+    ``extra_latency_us``: a fixed latency each flow adds to its path's (a ring's steps).
+    Dispatch and combine of one layer share the arrays (the combine swaps ``src`` and
+    ``dst``), so a program holds one copy of a layer's traffic.
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    nbytes: np.ndarray
+    scale: float = 1.0
+    barrier: bool = False
+    extra_latency_us: float = 0.0
+
+    @staticmethod
+    def from_matrix(m: np.ndarray, scale: float = 1.0) -> FlowSet:
+        """The flows of a (D, D) src → dst matrix (the diagonal stays on its device)."""
+        mm = np.asarray(m, dtype=np.float64)
+        src, dst = np.nonzero(mm)
+        off = src != dst
+        src, dst = src[off], dst[off]
+        return FlowSet(src.astype(np.int64), dst.astype(np.int64), mm[src, dst], scale)
+
+    def reversed(self, scale: float) -> FlowSet:
+        """Every transfer in the other direction (a combine after its dispatch)."""
+        return FlowSet(self.dst, self.src, self.nbytes, scale, self.barrier, self.extra_latency_us)
+
+    def rescaled(self, scale: float) -> FlowSet:
+        return FlowSet(self.src, self.dst, self.nbytes, scale, self.barrier, self.extra_latency_us)
+
+    @cached_property
+    def _by_sender(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.src, kind="stable")
+        return order, self.src[order]
+
+    def of_senders(self, devices: np.ndarray) -> np.ndarray:
+        """Indices of the flows sent by ``devices`` (sorted ids)."""
+        order, srt = self._by_sender
+        lo = np.searchsorted(srt, devices, "left")
+        hi = np.searchsorted(srt, devices, "right")
+        n = hi - lo
+        if not n.sum():
+            return np.zeros(0, dtype=np.int64)
+        offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        return order[np.repeat(lo, n) + offs]
+
+
+@dataclass(frozen=True, eq=False)
 class Exchange:
     """A transfer that depends on other devices.
 
     Attributes:
-        duration_us: (D,) transfer time of each device once its senders are ready.
+        duration_us: (D,) closed-form transfer time of each device once its senders are
+            ready (the analytic tier); unused, zeros, when ``flows`` is set.
         senders: (D, D) bool, ``senders[s, d]``: device ``d`` needs ``s`` to be ready;
             None: every device needs every other (a dense all-to-all, an all-reduce).
         sent_bytes, recv_bytes: (D,) bytes each device sends / receives.
-        flow_events: rate recomputations the flow tier spent timing it (0: analytic).
+        flows: the flow tier's transfers, timed in the engine's loop on the fabric.
         port_limited_us: (D,) each device's time were it limited by its own ports only
-            (the analytic tier's time, latency included); a flow-tier ``duration_us``
-            above it was slowed by another device's NIC or a shared link. None: not
-            known, or the same as ``duration_us``.
+            (the analytic tier's time, latency included); a flow-tier time above it was
+            slowed by another device's NIC or a shared link. None: not known, or the same
+            as ``duration_us``.
     """
 
     name: str
@@ -74,7 +148,7 @@ class Exchange:
     pass_: str = "forward"
     after: tuple[int, ...] | None = None  # None: the previous op of the program
     stream: str = "comm"
-    flow_events: int = 0
+    flows: FlowSet | None = None
     port_limited_us: np.ndarray | None = None
     phase: str = ""  # what the op is within its layer and pass ("dispatch"); "" = the name
     microbatch: int = 0
@@ -88,13 +162,17 @@ class Records:
     """What happened: arrays of shape (num_ops, D).
 
     ``start_us`` is when the op began (after any wait), ``wait_us`` the idle time
-    before it, ``duration_us`` its busy time.
+    before it, ``duration_us`` its busy time. ``events``: op completions processed (one
+    per op and batch of devices completing it together) plus the fabric's clock events;
+    ``rate_updates``: the fabric's max-min rate recomputations (0 without flow exchanges).
     """
 
     start_us: np.ndarray
     wait_us: np.ndarray
     duration_us: np.ndarray
     events: int
+    rate_updates: int = 0
+    flows: int = 0
 
     @cached_property
     def end_us(self) -> np.ndarray:
@@ -123,64 +201,226 @@ def _senders_ready(ready: np.ndarray, senders: np.ndarray) -> np.ndarray:
     return out
 
 
-def run_program(program: Sequence[Op], num_devices: int) -> Records:
+class _Run:
+    """One run of a program: per-op arrays over devices, and the fabric."""
+
+    def __init__(self, program: Sequence[Op], d: int, fabric: Fabric | None) -> None:
+        n = len(program)
+        self.program, self.d, self.fabric = program, d, fabric
+        self.start = np.zeros((n, d))
+        self.wait = np.zeros((n, d))
+        self.dur = np.zeros((n, d))
+        self.end = np.zeros((n, d))
+        self.ready = np.zeros((n, d))  # when each device was ready for the op
+        self.free = np.zeros((n, d))  # when its stream was done with the previous op
+        self.seen = np.zeros((n, d), dtype=bool)  # ready time known
+        self.done = np.zeros((n, d), dtype=bool)
+        self.events = 0
+        streamed = any(op.after is not None for op in program)
+        last: dict[str, int] = {}
+        self.prev: list[int] = []  # the op before, on the device's same stream
+        self.deps: list[tuple[int, ...]] = []
+        for i, op in enumerate(program):
+            key = op.stream if streamed else ""
+            self.prev.append(last.get(key, -1))
+            last[key] = i
+            if streamed and op.after is not None:
+                self.deps.append(tuple(op.after))
+            else:
+                self.deps.append((i - 1,) if i else ())
+        self.streams = sorted(set(last))
+        self.stream_of = [op.stream if streamed else "" for op in program]
+        # flow exchanges: flows not yet arrived per device, latest arrival and release seen
+        self.left_send: dict[int, np.ndarray] = {}
+        self.left_recv: dict[int, np.ndarray] = {}
+        self.last_arrival: dict[int, np.ndarray] = {}
+        self.last_in: dict[int, np.ndarray] = {}
+        for i, op in enumerate(program):
+            if isinstance(op, Exchange) and op.flows is not None:
+                if fabric is None:
+                    raise ValueError(f"op {op.name!r} has flows: run_program needs a fabric")
+                fs = op.flows
+                self.left_send[i] = np.bincount(fs.src, minlength=d)
+                self.left_recv[i] = np.bincount(fs.dst, minlength=d)
+                self.last_arrival[i] = np.full(d, -np.inf)
+                self.last_in[i] = np.full(d, -np.inf)
+        self.lo = 0  # every op before lo is done on every device
+
+    # ----- advancing the devices ------------------------------------------------------------
+    def advance(self) -> None:
+        """Take every device as far as known times allow: each op whose inputs are done on
+        some device gets its ready time there; ops that end in closed form end."""
+        n = len(self.program)
+        while self.lo < n and self.done[self.lo].all():
+            self.lo += 1
+        blocked: set[str] = set()
+        for i in range(self.lo, n):
+            s = self.stream_of[i]
+            if s in blocked:
+                continue
+            if not self.done[i].all():
+                self._visit(i)
+                if not self.done[i].any():
+                    blocked.add(s)
+                    if len(blocked) == len(self.streams):
+                        return
+
+    def _visit(self, i: int) -> None:
+        op = self.program[i]
+        new = ~self.seen[i]
+        prev = self.prev[i]
+        for j in {*self.deps[i], *((prev,) if prev >= 0 else ())}:
+            new &= self.done[j]
+        if new.any():
+            idx: np.ndarray | slice = slice(None) if new.all() else np.flatnonzero(new)
+            free = self.end[prev, idx] if prev >= 0 else np.zeros(self.d)[idx]
+            ready = free
+            for j in self.deps[i]:
+                ready = np.maximum(ready, self.end[j, idx])
+            self.ready[i, idx] = ready
+            self.free[i, idx] = free
+            self.seen[i, idx] = True
+            if isinstance(op, Compute):
+                self._finish(i, idx, ready, op.duration_us[idx])
+                return
+            if op.flows is not None:
+                self._release(i, op.flows, idx, ready)
+        if isinstance(op, Exchange) and op.flows is None:
+            self._closed_form(i, op)
+
+    def _finish(self, i: int, idx: np.ndarray | slice, begin: np.ndarray, dur: np.ndarray) -> None:
+        self.start[i, idx] = begin
+        self.wait[i, idx] = begin - self.free[i, idx]
+        self.dur[i, idx] = dur
+        self.end[i, idx] = begin + dur
+        self.done[i, idx] = True
+        self.events += 1
+
+    def _closed_form(self, i: int, op: Exchange) -> None:
+        """Begin (senders ready) and end of a closed-form exchange where they are known."""
+        seen, done = self.seen[i], self.done[i]
+        if seen.all():
+            ready = self.ready[i]
+            if op.senders is None:
+                begin = np.full(self.d, ready.max(initial=0.0))
+            else:
+                begin = _senders_ready(ready, op.senders)
+            cand = np.flatnonzero(~done)
+            if cand.size == self.d:
+                self._finish(i, slice(None), begin, op.duration_us)
+            elif cand.size:
+                self._finish(i, cand, begin[cand], op.duration_us[cand])
+            return
+        if op.senders is None:
+            return
+        cand = np.flatnonzero(seen & ~done)
+        if not cand.size:
+            return
+        cols = op.senders[:, cand]
+        ok = ~(cols & ~seen[:, None]).any(axis=0)
+        if not ok.any():
+            return
+        cand, cols = cand[ok], cols[:, ok]
+        late = np.where(cols, self.ready[i][:, None], -np.inf).max(axis=0, initial=-np.inf)
+        begin = np.maximum(self.ready[i, cand], late)
+        self._finish(i, cand, begin, op.duration_us[cand])
+
+    # ----- flow exchanges -------------------------------------------------------------------
+    def _release(self, i: int, fs: FlowSet, idx: np.ndarray | slice, ready: np.ndarray) -> None:
+        assert self.fabric is not None
+        devs = np.arange(self.d)[idx]
+        if fs.barrier:
+            if not self.seen[i].all():
+                return
+            t = float(self.ready[i].max(initial=0.0))
+            self._send(i, fs, np.arange(fs.src.size), np.full(fs.src.size, t))
+        else:
+            f = fs.of_senders(devs)
+            when = np.zeros(self.d)
+            when[devs] = self._grid(i, ready)
+            self._send(i, fs, f, when[fs.src[f]])
+        # devices with nothing to send or receive are done once ready
+        idle = devs[(self.left_send[i][devs] == 0) & (self.left_recv[i][devs] == 0)]
+        if idle.size:
+            r = self.ready[i, idle]
+            self._finish(i, idle, r, np.zeros(idle.size))
+
+    def _grid(self, i: int, ready: np.ndarray) -> np.ndarray:
+        """Release times: ``ready``, or with the fabric's ``rel_tol`` > 0 rounded up to a grid
+        of ``rel_tol`` x the op's median port-limited time, so that devices ready within a
+        step of it release together (one rate recomputation, not one per device)."""
+        assert self.fabric is not None
+        lim = self.program[i].port_limited_us
+        if self.fabric.rel_tol <= 0 or lim is None or not (lim > 0).any():
+            return ready
+        q = self.fabric.rel_tol * float(np.median(lim[lim > 0]))
+        return np.maximum(np.ceil(ready / q) * q, ready)
+
+    def _send(self, i: int, fs: FlowSet, f: np.ndarray, when: np.ndarray) -> None:
+        assert self.fabric is not None
+        if not f.size:
+            return
+        np.maximum.at(self.last_in[i], fs.dst[f], when)
+        # one batch per release time
+        order = np.argsort(when, kind="stable")
+        f, when = f[order], when[order]
+        cut = np.flatnonzero(np.diff(when)) + 1
+        for part, t in zip(np.split(f, cut), when[np.r_[0, cut]], strict=True):
+            self.fabric.release(
+                float(t),
+                i,
+                fs.src[part],
+                fs.dst[part],
+                fs.nbytes[part] * fs.scale,
+                fs.extra_latency_us,
+            )
+
+    def arrived(self, got: Delivered) -> bool:
+        """Count the delivered flows; end the devices whose last flow of an op arrived.
+        True when some device's op ended."""
+        ended = False
+        for i in np.unique(got.op).tolist():
+            m = got.op == i
+            src, dst, t = got.src[m], got.dst[m], got.time_us[m]
+            np.subtract.at(self.left_send[i], src, 1)
+            np.subtract.at(self.left_recv[i], dst, 1)
+            np.maximum.at(self.last_arrival[i], src, t)
+            np.maximum.at(self.last_arrival[i], dst, t)
+            touched = np.unique(np.concatenate((src, dst)))
+            fin = touched[
+                (self.left_send[i][touched] == 0)
+                & (self.left_recv[i][touched] == 0)
+                & self.seen[i, touched]
+                & ~self.done[i, touched]
+            ]
+            if fin.size:
+                begin = np.maximum(self.ready[i, fin], self.last_in[i][fin])
+                self._finish(i, fin, begin, np.maximum(self.last_arrival[i][fin] - begin, 0.0))
+                ended = True
+        return ended
+
+
+def run_program(program: Sequence[Op], num_devices: int, fabric: Fabric | None = None) -> Records:
     """Run ``program`` on ``num_devices`` devices, each from time 0; returns the records.
 
-    One SimPy process per stream walks that stream's ops in program order; each op is one
-    event, at the time its last device finishes it. Inside an op every device's start,
-    wait and end follow from pure arithmetic on arrays (D,): a compute op starts when the
-    device's stream is free and its dependencies are done; an exchange starts on device
-    ``d`` once ``d`` and every device it receives from are ready for it. The result is the
-    same as running one process per device (tests check this against that formulation),
-    at O(ops) events instead of O(ops x devices).
+    ``fabric``: the links the flow exchanges' transfers share (needed when any exchange
+    has ``flows``). Results equal one SimPy process per device and stream
+    (``tests/engine_reference.py``) for closed-form programs, at array cost.
     """
-    env = simpy.Environment()
-    n, d = len(program), num_devices
-    start = np.zeros((n, d))
-    wait = np.zeros((n, d))
-    dur = np.zeros((n, d))
-    streamed = any(op.after is not None for op in program)
-    done = [env.event() for _ in range(n)]
-    counter = {"events": 0}
-
-    def deps_of(i: int) -> tuple[int, ...]:
-        op = program[i]
-        if not streamed:
-            return ()  # the stream's previous op is the previous op
-        return op.after if op.after is not None else ((i - 1,) if i else ())
-
-    def stream(ops: list[int]) -> Generator[Any, Any, None]:
-        free = np.zeros(d)  # when each device's stream is done with its previous op
-        for i in ops:
-            op = program[i]
-            deps = deps_of(i)
-            if deps:
-                yield env.all_of([done[j] for j in deps])
-                counter["events"] += 1
-                ready = np.maximum(free, np.max([start[j] + dur[j] for j in deps], axis=0))
-            else:
-                ready = free
-            if isinstance(op, Exchange):
-                if op.senders is None:
-                    begin = np.maximum(ready, ready.max(initial=0.0))
-                else:
-                    begin = _senders_ready(ready, op.senders)
-            else:
-                begin = ready
-            start[i] = begin
-            wait[i] = begin - free
-            dur[i] = op.duration_us
-            free = begin + dur[i]
-            last = float(free.max(initial=0.0))
-            if last > env.now:
-                yield env.timeout(last - env.now)
-                counter["events"] += 1
-            done[i].succeed()
-
-    names = sorted({op.stream for op in program}) if streamed else [""]
-    for name in names:
-        env.process(
-            stream([i for i, op in enumerate(program) if not streamed or op.stream == name])
-        )
-    env.run()
-    return Records(start_us=start, wait_us=wait, duration_us=dur, events=counter["events"])
+    run = _Run(program, num_devices, fabric)
+    run.advance()
+    while fabric is not None and fabric.busy:
+        got = fabric.step()
+        if got is not None and got.op.size and run.arrived(got):
+            run.advance()
+    if not run.done.all():
+        i = int(np.flatnonzero(~run.done.all(axis=1))[0])
+        raise RuntimeError(f"the program deadlocked at op {i} ({program[i].name!r})")
+    return Records(
+        start_us=run.start,
+        wait_us=run.wait,
+        duration_us=run.dur,
+        events=run.events + (fabric.events if fabric is not None else 0),
+        rate_updates=fabric.rate_updates if fabric is not None else 0,
+        flows=sum(op.flows.src.size for op in program if isinstance(op, Exchange) and op.flows),
+    )

@@ -240,7 +240,7 @@ def summary(
     """Headline figures of the last step (all steps' times are listed too)."""
     sc = prep.scenario
     last = records[-1]
-    end = last.end_us[-1]  # every device's finish time
+    end = last.end_us.max(axis=0)  # every device's finish time
     critical = int(np.argmax(end))
     step_time = float(end[critical])
     breakdown = {

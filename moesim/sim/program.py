@@ -7,7 +7,9 @@ Forward MoE layer, per device::
 
 Training adds the backward pass in reverse layer order (combine-backward all-to-all,
 expert backward at 2× the forward time, dispatch-backward all-to-all, router and
-attention backward at 2×), then the all-reduce of dense (non-expert) gradients.
+attention backward at 2×), and the all-reduce of dense (non-expert) gradients in
+buckets, each on a stream of its own as soon as the backward pass has filled it
+(:func:`gradient_allreduce`).
 Prefill and decode run the forward pass only.
 """
 
@@ -29,8 +31,8 @@ from moesim.costs.roofline import (
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
-from moesim.sim.engine import Compute, Exchange, Op
-from moesim.sim.exchange import Tier, exchange_times
+from moesim.sim.engine import Compute, Exchange, FlowSet, Op
+from moesim.sim.exchange import ExchangeTimes, Tier, exchange_times
 from moesim.sim.flows import FLOW_REL_TOL
 from moesim.sim.routing import LayerRouting
 from moesim.topology.build import Topology
@@ -40,7 +42,9 @@ __all__ = [
     "ClusterSpec",
     "allreduce_time_us",
     "apply_stragglers",
+    "bucket_params",
     "build_program",
+    "gradient_allreduce",
     "interleave_microbatches",
 ]
 
@@ -72,6 +76,9 @@ def allreduce_time_us(nbytes: float, hw: HardwareProfile, cluster: ClusterSpec) 
         bw, lat = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up, hw.scale_up.latency_us
     else:
         bw, lat = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out, hw.scale_out.latency_us
+        nic = cluster.topology.nic_scale
+        if nic is not None:  # the ring runs at its slowest NIC
+            bw *= float(nic.min())
     return 2 * (d - 1) / d * nbytes / (bw * 1e3) + 2 * (d - 1) * lat
 
 
@@ -98,33 +105,41 @@ def interleave_microbatches(programs: list[list[Op]]) -> list[Op]:
 
     Ops are taken position by position (mb0's first op, mb1's first op, mb0's second, ...);
     each depends on the previous op of its own microbatch, so one microbatch's transfer
-    overlaps another's compute. A final all-reduce (training) runs once, after every
-    microbatch is done.
+    overlaps another's compute. The gradient all-reduce buckets (training) run once, each
+    after every microbatch has done the op that fills it (gradients accumulate over the
+    microbatches).
     """
     tails: list[Op] = []
     chains = []
-    for prog in programs:
+    for m, prog in enumerate(programs):
         body = list(prog)
-        if body and body[-1].category == "allreduce":
-            tails = [body.pop()]
+        while body and body[-1].category == "allreduce":
+            op = body.pop()
+            if m == 0:
+                tails.insert(0, op)
         chains.append(body)
     merged: list[Op] = []
     last: list[int | None] = [None] * len(chains)
+    where: list[dict[int, int]] = [{} for _ in chains]  # per microbatch: position -> index
     for pos in range(max(len(c) for c in chains)):
         for m, chain in enumerate(chains):
             if pos >= len(chain):
                 continue
             prev = last[m]
+            op = chain[pos]
             op = replace(
-                chain[pos],
-                name=f"mb{m} {chain[pos].name}",
+                op,
+                name=f"mb{m} {op.name}",
                 after=() if prev is None else (prev,),
                 microbatch=m,
+                stream="comm" if isinstance(op, Exchange) else "compute",
             )
-            last[m] = len(merged)
+            last[m] = where[m][pos] = len(merged)
             merged.append(op)
     for op in tails:
-        merged.append(replace(op, after=tuple(i for i in last if i is not None)))
+        assert op.after is not None
+        after = tuple(sorted(w[j] for j in op.after for w in where if j in w))
+        merged.append(replace(op, after=after))
     return merged
 
 
@@ -155,25 +170,38 @@ def _moe_ops(
     bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
     experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
     b_disp, b_comb = bytes_per_assignment(dm, dispatch_dtype), bytes_per_assignment(dm, "bf16")
-    topo, tier = cluster.topology, cluster.network
     copies = routed.copies
-    tol = cluster.flow_rel_tol
-    disp = exchange_times(copies, topo, hw, tier, scale=b_disp, rel_tol=tol)
-    # the other exchanges are the same traffic rescaled (exact in both tiers) and, for the
-    # combine, reversed (the flow tier simulates that one: reverse paths may differ)
+    # closed form (the analytic tier's times; the flow tier's port-limited figures): the
+    # other exchanges are the same traffic rescaled and, for the combine, reversed
+    disp = exchange_times(copies, cluster.topology, hw, "analytic", scale=b_disp)
     gdisp = disp.scaled(b_comb / b_disp)
-    ports: dict[str, np.ndarray | None] = {"disp": None, "comb": None, "gdisp": None}
-    if tier == "analytic":
-        comb = disp.scaled(b_comb / b_disp, reverse=True)
-    else:
-        comb = exchange_times(copies.T, topo, hw, tier, scale=b_comb, rel_tol=tol)
-        # what each device's own ports allow: a flow time above it shows a slow NIC or link
-        alone = exchange_times(copies, topo, hw, "analytic", scale=b_disp)
-        ports = {
-            "disp": alone.time_us,
-            "comb": alone.scaled(b_comb / b_disp, reverse=True).time_us,
-            "gdisp": alone.scaled(b_comb / b_disp).time_us,
+    comb = disp.scaled(b_comb / b_disp, reverse=True)
+    flows: dict[str, FlowSet | None] = dict.fromkeys(("disp", "comb", "gdisp"))
+    if cluster.network == "flow":  # timed in the engine's loop, on the fabric
+        base = FlowSet.from_matrix(copies)
+        flows = {
+            "disp": base.rescaled(b_disp),
+            "comb": base.reversed(b_comb),
+            "gdisp": base.rescaled(b_comb),
         }
+
+    def exchange(name: str, cat: str, times: ExchangeTimes, key: str, senders: np.ndarray | None,
+                 pass_: str = "forward") -> Exchange:  # fmt: skip
+        fs = flows[key]
+        return Exchange(
+            f"L{layer} {name}",
+            cat,
+            np.zeros(d) if fs is not None else times.time_us,
+            senders,
+            times.sent_bytes,
+            times.recv_bytes,
+            layer,
+            pass_,
+            flows=fs,
+            port_limited_us=times.time_us if fs is not None else None,
+            phase=name,
+        )
+
     # [s, d]: d receives token copies from s; None when every device hears from every other
     off_diag_zeros = d * d - np.count_nonzero(copies) - int((np.diagonal(copies) == 0).sum())
     needs_disp = None
@@ -192,18 +220,7 @@ def _moe_ops(
             layer,
             phase="router+permute",
         ),
-        Exchange(
-            f"L{layer} dispatch",
-            "dispatch",
-            disp.time_us,
-            needs_disp,
-            disp.sent_bytes,
-            disp.recv_bytes,
-            layer,
-            flow_events=disp.events,
-            port_limited_us=ports["disp"],
-            phase="dispatch",
-        ),
+        exchange("dispatch", "dispatch", disp, "disp", needs_disp),
     ]
     if costs.shared_us:
         fwd.append(
@@ -217,18 +234,7 @@ def _moe_ops(
         )
     fwd += [
         Compute(f"L{layer} experts", "expert", experts, layer, phase="experts"),
-        Exchange(
-            f"L{layer} combine",
-            "combine",
-            comb.time_us,
-            needs_comb,
-            comb.sent_bytes,
-            comb.recv_bytes,
-            layer,
-            flow_events=comb.events,
-            port_limited_us=ports["comb"],
-            phase="combine",
-        ),
+        exchange("combine", "combine", comb, "comb", needs_comb),
         Compute(f"L{layer} unpermute", "other", unpermute, layer, phase="unpermute"),
     ]
     bwd: list[Op] = []
@@ -243,18 +249,7 @@ def _moe_ops(
                 "backward",
                 phase="unpermute bwd",
             ),
-            Exchange(
-                f"L{layer} combine bwd",
-                "combine",
-                gdisp.time_us,
-                needs_disp,
-                gdisp.sent_bytes,
-                gdisp.recv_bytes,
-                layer,
-                "backward",
-                port_limited_us=ports["gdisp"],
-                phase="combine bwd",
-            ),
+            exchange("combine bwd", "combine", gdisp, "gdisp", needs_disp, "backward"),
             Compute(
                 f"L{layer} experts bwd",
                 "expert",
@@ -276,18 +271,7 @@ def _moe_ops(
                 )
             )
         bwd += [
-            Exchange(
-                f"L{layer} dispatch bwd",
-                "dispatch",
-                comb.time_us,
-                needs_comb,
-                comb.sent_bytes,
-                comb.recv_bytes,
-                layer,
-                "backward",
-                port_limited_us=ports["comb"],
-                phase="dispatch bwd",
-            ),
+            exchange("dispatch bwd", "dispatch", comb, "comb", needs_comb, "backward"),
             Compute(
                 f"L{layer} router+permute bwd",
                 "other",
@@ -331,7 +315,8 @@ def build_program(
     training = mode == "training"
     k = BACKWARD_FACTOR
     forward: list[Op] = []
-    backward: list[Op] = []
+    backward: list[list[Op]] = []  # per layer, in backward order
+    moe = set(routed_layers)
     for layer in range(shape.num_layers):
         if layer in routed_layers:
             f, bw = _moe_ops(
@@ -361,7 +346,7 @@ def build_program(
             ]
         forward += f
         if training:
-            backward = bw + backward
+            backward.insert(0, bw)
     # output head: every token in training/decode, one token per sequence in prefill
     head_tokens = (
         tokens_per_device if mode != "prefill" else max(1, tokens_per_device // sequence_length)
@@ -372,22 +357,88 @@ def build_program(
     )
     forward.append(Compute("lm head", "other", _full(d, head)))
     program = forward
-    if training:
-        program += [
-            Compute("lm head bwd", "other", _full(d, k * head), pass_="backward"),
-            *backward,
-        ]
-        dense_grad_bytes = (
-            shape.total_params() - shape.num_moe_layers * shape.num_experts * shape.expert_params()
-        ) * BYTES_PER_ELEMENT["bf16"]
-        ar = allreduce_time_us(dense_grad_bytes, hw, cluster)
-        program.append(
+    if not training:
+        return program
+    program.append(Compute("lm head bwd", "other", _full(d, k * head), pass_="backward"))
+    # dense gradients, in the order the backward pass finishes them: (op index, bytes)
+    ready: list[tuple[int, float]] = []
+    head_params = 0 if shape.tie_embeddings else shape.vocab_size * shape.d_model
+    ready.append((len(program) - 1, float(head_params)))
+    for bw in backward:
+        program += bw
+        ready.append((len(program) - 1, float(shape.dense_params_per_layer(bw[0].layer in moe))))
+    dense_params = (
+        shape.total_params() - shape.num_moe_layers * shape.num_experts * shape.expert_params()
+    )
+    # embeddings, final norms (and any stack this walk does not list): done last
+    rest = dense_params - sum(b for _, b in ready)
+    ready.append((len(program) - 1, float(max(rest, 0))))
+    buckets = gradient_allreduce(ready, d, hw, cluster)
+    if buckets:  # the step's ops on one stream, the buckets' all-reduces on another
+        program = [replace(op, stream="main") for op in program]
+    return program + buckets
+
+
+#: Megatron-Core's default gradient bucket, in parameters: max(40 M, 1 M x data-parallel
+#: size) (``DistributedDataParallelConfig.bucket_size``, "larger DP sizes need larger
+#: buckets to ensure collectives do not become latency-bound")
+def bucket_params(dp_size: int) -> int:
+    return max(40_000_000, 1_000_000 * dp_size)
+
+
+GRAD_BYTES = BYTES_PER_ELEMENT["bf16"]  # gradients reduced in bf16 (Megatron's default)
+
+
+def gradient_allreduce(
+    ready: list[tuple[int, float]], d: int, hw: HardwareProfile, cluster: ClusterSpec
+) -> list[Op]:
+    """The dense-gradient all-reduce, bucketed and overlapped with the backward pass as
+    Megatron-Core does with ``overlap_grad_reduce``: gradients fill buckets of
+    :func:`bucket_params` parameters in the order the backward pass produces them
+    (``ready``: the op that finishes a group of gradients, and their parameter count), and
+    each full bucket is all-reduced on a stream of its own as soon as the op that fills it
+    is done; the last, partial bucket once the backward pass is.
+
+    A ring over every device (:func:`allreduce_time_us` in closed form; in the flow tier a
+    ring of flows, each device sending ``2 (D-1)/D`` of the bucket to the next, released
+    once every device is ready) that shares links with the all-to-alls still in flight.
+    """
+    if d == 1:
+        return []
+    cap = bucket_params(d)
+    ops: list[Op] = []
+    filled = 0.0
+    for n, (op_index, params) in enumerate(ready):
+        filled += params
+        last = n == len(ready) - 1
+        if filled <= 0 or (filled < cap and not last):
+            continue
+        nbytes = filled * GRAD_BYTES
+        filled = 0.0
+        ar = allreduce_time_us(nbytes, hw, cluster)
+        flows = None
+        if cluster.network == "flow":
+            ring = np.arange(d)
+            lat = hw.scale_up.latency_us if cluster.domain_size >= d else hw.scale_out.latency_us
+            flows = FlowSet(
+                ring,
+                (ring + 1) % d,
+                np.full(d, 2 * (d - 1) / d * nbytes),
+                barrier=True,
+                extra_latency_us=(2 * (d - 1) - 1) * lat,
+            )
+        ops.append(
             Exchange(
-                "dense-gradient all-reduce",
+                f"gradient all-reduce {len(ops)}",  # its phase too: one row per bucket
                 "allreduce",
-                _full(d, ar),
+                np.zeros(d) if flows is not None else _full(d, ar),
                 None,
                 pass_="backward",
+                after=(op_index,),
+                stream="grad-allreduce",
+                flows=flows,
+                port_limited_us=_full(d, ar) if flows is not None else None,
+                phase=f"gradient all-reduce {len(ops)}",
             )
         )
-    return program
+    return ops

@@ -25,7 +25,8 @@ from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
 from moesim.placement.capacity import slot_capacity
 from moesim.scenario import Scenario
-from moesim.sim.engine import Exchange, Op, Records, run_program
+from moesim.sim.engine import Op, Records, run_program
+from moesim.sim.fabric import Fabric
 from moesim.sim.metrics import layer_frame, link_columns, metrics_frame, summary
 from moesim.sim.prepare import Prepared, prepare
 from moesim.sim.program import (
@@ -119,8 +120,11 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             program = apply_stragglers(
                 program, slow, st.jitter, np.random.default_rng([sc.seed, step, 0x51])
             )
-        flow_events += sum(op.flow_events for op in program if isinstance(op, Exchange))
-        rec = run_program(program, d)
+        fabric = None
+        if prep.cluster.network == "flow":
+            fabric = Fabric(prep.cluster.topology, rel_tol=prep.cluster.flow_rel_tol)
+        rec = run_program(program, d, fabric)
+        flow_events += rec.rate_updates
         m = metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
         metrics.append(m)
         wire = bytes_per_assignment(shape.d_model, sc.dispatch_dtype) + bytes_per_assignment(

@@ -1,0 +1,165 @@
+"""The network inside the event loop: golden timelines, in SimPy's style, computed by hand.
+
+Four devices, two per node (0, 1 | 2, 3), every link at 1,000 bytes/µs (1 GB/s) and no
+latency, so a 1,000-byte flow alone takes 1 µs. Device 0 reaches 2 over its own rail
+(NIC 0 up, NIC 2 down); device 1 reaches 2 through the spine (NIC 1 up, leaf up, leaf
+down, NIC 2 down): both end on NIC 2's downlink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from moesim.hardware import get_profile
+from moesim.sim.engine import Compute, Exchange, FlowSet, run_program
+from moesim.sim.exchange import exchange_times
+from moesim.sim.fabric import Fabric
+from moesim.topology import build_topology
+
+D = 4
+
+
+def _topo(**nic_scale):
+    topo = build_topology(get_profile("H100-SXM"), D, 2)
+    topo = replace(
+        topo,
+        capacity_gbps=np.ones(topo.num_links),
+        latency_us=np.zeros(topo.num_links),
+    )
+    return topo.degrade_nics({int(k[1:]): v for k, v in nic_scale.items()})
+
+
+def _flows(*pairs, nbytes=1000.0, **kw):
+    src = np.array([p[0] for p in pairs])
+    dst = np.array([p[1] for p in pairs])
+    return FlowSet(src, dst, np.full(len(pairs), nbytes), **kw)
+
+
+def _x(name, flows, **kw):
+    return Exchange(name, "dispatch", np.zeros(D), None, flows=flows, **kw)
+
+
+def _c(name, us, **kw):
+    return Compute(name, "other", np.asarray(us, dtype=float), **kw)
+
+
+def _span(rec, i):
+    return [(float(s), float(e)) for s, e in zip(rec.start_us[i], rec.end_us[i], strict=True)]
+
+
+def test_late_sender_flows_start_late_and_early_flows_run_alone_until_then():
+    # device 1 computes 0.5 us before it sends; device 0 sends at once. 0 -> 2 runs alone
+    # at 1,000 B/us for 0.5 us (500 B left), then shares NIC 2 with 1 -> 2 at 500 B/us:
+    # 0 -> 2 ends at 0.5 + 500/500 = 1.5; 1 -> 2 has 500 B left then, alone: 2.0.
+    prog = [_c("work", [0, 0.5, 0, 0]), _x("a2a", _flows((0, 2), (1, 2)))]
+    rec = run_program(prog, D, Fabric(_topo()))
+    assert _span(rec, 1) == [(0.0, 1.5), (0.5, 2.0), (0.5, 2.0), (0.0, 0.0)]
+    assert rec.wait_us[1].tolist() == [0.0, 0.0, 0.5, 0.0]  # 2 waited for its late sender
+    # the old model released every flow when the last sender was ready: both at 500 B/us
+    # from 0.5 on, ending at 2.5 (a device's part alone, isolated: 2.0 us after 0.5)
+    alone = exchange_times(
+        np.array([[0, 0, 1, 0], [0, 0, 1, 0], [0] * 4, [0] * 4]) * 1000.0,
+        _topo(),
+        get_profile("H100-SXM"),
+        "flow",
+        rel_tol=0.0,
+    )
+    assert alone.time_us.tolist() == [2.0, 2.0, 2.0, 0.0]
+
+
+def test_two_microbatches_transfers_on_one_link_share_it():
+    # mb0: 1 -> 2; mb1: 0 -> 2 (device 0 has nothing to send in mb0, so its mb1 transfer
+    # starts at 0 too). Both cross NIC 2's downlink at 500 B/us and end at 2.0; each alone
+    # would take 1 us.
+    prog = [
+        _x("mb0 dispatch", _flows((1, 2)), after=(), stream="comm"),
+        _x("mb1 dispatch", _flows((0, 2)), after=(), stream="comm", microbatch=1),
+    ]
+    rec = run_program(prog, D, Fabric(_topo()))
+    assert rec.end_us[0, 1] == rec.end_us[0, 2] == 2.0
+    assert rec.end_us[1, 0] == 2.0
+    # device 2 receives mb1's bytes while its comm stream is still on mb0's transfer: by the
+    # time it gets to mb1 (2.0) they have all arrived
+    assert _span(rec, 1)[2] == (2.0, 2.0)
+
+
+def test_allreduce_overlapping_an_all_to_all_slows_both():
+    # the all-to-all sends 0 -> 2; a ring all-reduce on its own stream sends 0->1, 1->2,
+    # 2->3, 3->0 (1,000 B each). 1 -> 2 and 0 -> 2 share NIC 2's downlink: 500 B/us each,
+    # both end at 2.0 (each alone: 1.0). The ring's other hops do not meet: 1.0.
+    a2a = _x("a2a", _flows((0, 2)), after=(), stream="comm")
+    ring = _flows((0, 1), (1, 2), (2, 3), (3, 0), barrier=True)
+    ar = replace(_x("all-reduce", ring, after=(), stream="grad"), category="allreduce")
+    rec = run_program([a2a, ar], D, Fabric(_topo()))
+    assert rec.end_us[0].tolist() == [2.0, 0.0, 2.0, 0.0]
+    assert rec.end_us[1].tolist() == [1.0, 2.0, 2.0, 1.0]
+    alone = run_program([ar], D, Fabric(_topo()))
+    assert alone.end_us[0].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_allreduce_barrier_releases_when_the_last_device_is_ready():
+    ring = _flows((0, 1), (1, 2), (2, 3), (3, 0), barrier=True)
+    prog = [_c("work", [0, 0, 3, 0]), _x("all-reduce", ring)]
+    rec = run_program(prog, D, Fabric(_topo()))
+    assert rec.end_us[1].tolist() == [4.0, 4.0, 4.0, 4.0]  # every hop from 3.0, 1 us each
+
+
+def test_degraded_link_delays_exactly_the_flows_that_cross_it():
+    # NIC 2 at a quarter: 250 B/us. 0 -> 2 and 0 -> 3 share NIC 0's uplink (1,000 B/us):
+    # 0 -> 2 is held to 250 by NIC 2 and 0 -> 3 gets the other 750. 0 -> 3 ends at 4/3;
+    # 0 -> 2 stays at 250 (its own bottleneck): 4.0. Healthy: both 500 B/us, 2.0.
+    prog = [_x("a2a", _flows((0, 2), (0, 3)))]
+    rec = run_program(prog, D, Fabric(_topo(n2=0.25)))
+    assert rec.end_us[0].tolist() == pytest.approx([4.0, 0.0, 4.0, 4 / 3], rel=1e-12)
+    healthy = run_program(prog, D, Fabric(_topo()))
+    assert healthy.end_us[0].tolist() == [2.0, 0.0, 2.0, 2.0]
+
+
+def test_degraded_link_delays_a_flow_only_while_it_crosses_it():
+    # 1 -> 3 (via the spine, not NIC 2) is released first and runs alone; 0 -> 2 crosses
+    # the degraded NIC 2 (250 B/us) from 1.0 on: it ends at 1.0 + 4.0; 1 -> 3 at 1.0
+    prog = [_c("work", [1.0, 0, 0, 0]), _x("a2a", _flows((0, 2), (1, 3)))]
+    rec = run_program(prog, D, Fabric(_topo(n2=0.25)))
+    assert rec.end_us[1].tolist() == [5.0, 1.0, 5.0, 1.0]
+
+
+def test_released_at_once_the_fabric_equals_one_isolated_exchange():
+    # one exchange, every flow released at 0: the loop gives the isolated exchange's times
+    hw = get_profile("H100-SXM")
+    topo = build_topology(hw, 32, 8, oversubscription=2.0, nodes_per_leaf=2)
+    rng = np.random.default_rng(4)
+    m = rng.integers(0, 5, (32, 32)) * 4096.0
+    want = exchange_times(m, topo, hw, "flow", rel_tol=0.0).time_us
+    rec = run_program([_x32(FlowSet.from_matrix(m))], 32, Fabric(topo))
+    np.testing.assert_allclose(rec.end_us[0], want, rtol=1e-9)
+
+
+def _x32(fs):
+    return Exchange("a2a", "dispatch", np.zeros(32), None, flows=fs)
+
+
+# ----- the dense-gradient all-reduce, bucketed -----------------------------------------------
+def test_gradient_buckets_fill_in_backward_order_and_reduce_once_full():
+    from moesim.sim.program import ClusterSpec, bucket_params, gradient_allreduce
+
+    hw = get_profile("H100-SXM")
+    cluster = ClusterSpec(16, 8, build_topology(hw, 16, 8))
+    assert bucket_params(16) == 40_000_000 and bucket_params(64) == 64_000_000
+    # (op that finishes them, parameters): 30 M + 15 M fill the first 40 M bucket at op 9,
+    # 50 M the second at op 12, and the last 1 M go once the backward pass is done (op 14)
+    ops = gradient_allreduce([(5, 30e6), (9, 15e6), (12, 50e6), (14, 1e6)], 16, hw, cluster)
+    assert [op.after for op in ops] == [(9,), (12,), (14,)]
+    assert {op.stream for op in ops} == {"grad-allreduce"}
+    # ring over 16 devices, 2 nodes: 2 x 15/16 x bytes over the NIC (50 GB/s x 0.85), plus
+    # 2 x 15 hops of 5 us; bf16 gradients
+    for op, params in zip(ops, (45e6, 50e6, 1e6), strict=True):
+        want = 2 * 15 / 16 * params * 2 / (50 * 0.85 * 1e3) + 30 * 5.0
+        assert op.duration_us.tolist() == pytest.approx([want] * 16, rel=1e-12)
+    # the flow tier: one flow per device to the next, released together
+    flow = gradient_allreduce([(3, 1e6)], 16, hw, replace(cluster, network="flow"))
+    (fs,) = [op.flows for op in flow]
+    assert fs.barrier and fs.dst.tolist() == [*range(1, 16), 0]
+    assert fs.nbytes.tolist() == pytest.approx([2 * 15 / 16 * 2e6] * 16)
