@@ -14,7 +14,7 @@ from numba import njit
 
 from moesim.sim.flows import _TIE
 
-__all__ = ["drain_kernel", "maxmin_kernel"]
+__all__ = ["drain_kernel", "fabric_kernel", "maxmin_kernel"]
 
 
 @njit(cache=True)
@@ -125,3 +125,79 @@ def drain_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flow
         act = nxt
         events += 1
     return done_at, events
+
+
+@njit(cache=True)
+def fabric_kernel(  # pragma: no cover - compiled; tested through moesim.sim.fabric
+    ptr: np.ndarray,
+    links: np.ndarray,
+    weight: np.ndarray,
+    capacity: np.ndarray,
+    rel_tol: float,
+    act: np.ndarray,
+    left: np.ndarray,
+    rate: np.ndarray,
+    t0: np.ndarray,
+    lat: np.ndarray,
+    now: float,
+    t_release: float,
+    dirty: bool,
+) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, int, int, bool]:
+    """Drain the flows ``act`` (indices into the pool's arrays) from ``now`` until the next
+    release (``t_release``) or until a drained flow's arrival could start new traffic;
+    see :class:`moesim.sim.fabric.Fabric`. ``left`` and ``rate`` are updated in place;
+    ``t0``: when each flow's op released its first flow (the clock ``rel_tol`` is relative
+    to).
+
+    Returns (clock, flows still draining, drained flows, their drain times, events,
+    rate recomputations, whether rates need recomputing)."""
+    out_idx = np.empty(act.size, dtype=np.int64)
+    out_t = np.empty(act.size)
+    n_out = 0
+    events = 0
+    updates = 0
+    bound = np.inf  # the earliest arrival of a drained flow: the engine may answer then
+    while act.size:
+        if dirty:
+            r = maxmin_kernel(ptr, links, weight, capacity, rel_tol, act)
+            for i in range(act.size):
+                rate[act[i]] = r[i]
+            updates += 1
+            dirty = False
+        first = np.inf
+        ref = now
+        for i in range(act.size):
+            f = act[i]
+            t = now + left[f] / rate[f]
+            if t < first:
+                first = t
+                ref = t0[f]  # when the first to drain's op started releasing
+        if first > t_release or first >= bound:
+            break
+        limit = max(first, min(first + rel_tol * (first - ref), t_release, bound))
+        cut = limit * (1 + _TIE) + 1e-300
+        t_end = first
+        for i in range(act.size):
+            f = act[i]
+            t = now + left[f] / rate[f]
+            if t <= cut and t > t_end:
+                t_end = t
+        kept = 0
+        for i in range(act.size):
+            f = act[i]
+            t = now + left[f] / rate[f]
+            if t <= cut:
+                out_idx[n_out] = f
+                out_t[n_out] = t
+                n_out += 1
+                if t + lat[f] < bound:
+                    bound = t + lat[f]
+            else:
+                left[f] -= rate[f] * (t_end - now)
+                act[kept] = f
+                kept += 1
+        act = act[:kept].copy()
+        now = t_end
+        events += 1
+        dirty = True
+    return now, act, out_idx[:n_out].copy(), out_t[:n_out].copy(), events, updates, dirty

@@ -74,8 +74,9 @@ class FlowSet:
     """The transfers of a flow-tier exchange: flow ``f`` carries ``nbytes[f] * scale`` bytes
     from ``src[f]`` to ``dst[f]`` (distinct devices, bytes > 0).
 
-    ``barrier``: every flow is released once every device is ready (a collective whose
-    steps need all ranks, such as a ring all-reduce), not at its sender's ready time.
+    ``barrier``: a collective whose steps need all ranks, such as a ring all-reduce: every
+    flow is released once every device is ready, not at its sender's ready time, and the
+    op ends on every device when its last flow arrives.
     ``extra_latency_us``: a fixed latency each flow adds to its path's (a ring's steps).
     Dispatch and combine of one layer share the arrays (the combine swaps ``src`` and
     ``dst``), so a program holds one copy of a layer's traffic.
@@ -350,7 +351,8 @@ class _Run:
         of ``rel_tol`` x the op's median port-limited time, so that devices ready within a
         step of it release together (one rate recomputation, not one per device)."""
         assert self.fabric is not None
-        lim = self.program[i].port_limited_us
+        op = self.program[i]
+        lim = op.port_limited_us if isinstance(op, Exchange) else None
         if self.fabric.rel_tol <= 0 or lim is None or not (lim > 0).any():
             return ready
         q = self.fabric.rel_tol * float(np.median(lim[lim > 0]))
@@ -386,7 +388,15 @@ class _Run:
             np.subtract.at(self.left_recv[i], dst, 1)
             np.maximum.at(self.last_arrival[i], src, t)
             np.maximum.at(self.last_arrival[i], dst, t)
-            touched = np.unique(np.concatenate((src, dst)))
+            fs = self.program[i].flows
+            assert fs is not None
+            if fs.barrier:  # a collective ends on every device with its last flow
+                if self.left_send[i].any():
+                    continue
+                self.last_arrival[i][:] = self.last_arrival[i].max()
+                touched = np.arange(self.d)
+            else:
+                touched = np.unique(np.concatenate((src, dst)))
             fin = touched[
                 (self.left_send[i][touched] == 0)
                 & (self.left_recv[i][touched] == 0)

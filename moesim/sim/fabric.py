@@ -19,20 +19,21 @@ Lifecycle of a flow (one row of the fabric's arrays):
    arrival time, which may lie ahead of the clock; what the engine releases in answer is
    queued for that time.
 
-``rel_tol`` trades exactness for speed, always on the slow side, as
-:mod:`moesim.sim.flows` describes for one exchange: flows due to drain within
-``rel_tol × (t − t_ref)`` of the first to drain (``t_ref``: the earliest release among
-the flows draining; for one exchange released at once, its start) drain in one event,
-each at its own time, the others keeping their old rates until the last of them; a
-release that arrives for a time the clock has passed (its sender's ready time was inside
-such a group) starts at the clock. ``rel_tol = 0`` is exact (ties within 1e-9 relative
-still count as ties). Units: bytes, GB/s (= 1e3 bytes/µs), µs.
+``rel_tol`` trades exactness for speed, as :mod:`moesim.sim.flows` describes for one
+exchange: flows due to drain within ``rel_tol × (t − t_op)`` of the first to drain
+(``t_op``: when that flow's op released its first flow, the exchange's clock) drain in
+one event, each at its own time, the others keeping their old rates until the last of
+them; a release for a time the clock has passed (its sender's ready time fell inside
+such a group) starts at the clock. The engine also rounds release times up to a grid of
+``rel_tol`` × the op's median port-limited time (:meth:`moesim.sim.engine._Run._grid`).
+``rel_tol = 0`` is exact (ties within 1e-9 relative still count as ties). Units: bytes,
+GB/s (= 1e3 bytes/µs), µs.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,36 +53,15 @@ class Delivered:
     time_us: np.ndarray
 
 
-@dataclass
-class _Draining:
-    """The draining flows, as parallel arrays (CSR paths)."""
-
-    ptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
-    links: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    left: np.ndarray = field(default_factory=lambda: np.zeros(0))  # bytes still to send
-    rate: np.ndarray = field(default_factory=lambda: np.zeros(0))  # bytes/µs
-    op: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    src: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    dst: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    lat: np.ndarray = field(default_factory=lambda: np.zeros(0))  # µs after the last byte
-    t0: np.ndarray = field(default_factory=lambda: np.zeros(0))  # release time
-
-    @property
-    def size(self) -> int:
-        return int(self.left.size)
-
-    def keep(self, mask: np.ndarray) -> None:
-        rows = np.flatnonzero(mask)
-        self.ptr, self.links = _sub_paths(self.ptr, self.links, rows)
-        for name in ("left", "rate", "op", "src", "dst", "lat", "t0"):
-            setattr(self, name, getattr(self, name)[rows])
-
-
 class Fabric:
     """Links (capacity, latency) and the flows in flight on them; see the module docstring.
 
-    ``events``: the clock's advances (each a release, a drain or an arrival, or several at
-    one time); ``rate_updates``: max-min rate recomputations.
+    The flows released so far live in a pool of parallel arrays (CSR paths, bytes left,
+    rate, op, endpoints, latency, release time); ``_act`` indexes those still draining.
+    The drain loop itself is compiled (:func:`moesim.sim._compiled.fabric_kernel`).
+
+    ``events``: the clock's advances (each a release or a group of drains);
+    ``rate_updates``: max-min rate recomputations.
     """
 
     def __init__(self, topology: Topology, *, rel_tol: float = 0.0) -> None:
@@ -94,9 +74,20 @@ class Fabric:
         self.rate_updates = 0
         self._pending: list[tuple[float, int, tuple[np.ndarray, ...]]] = []
         self._seq = 0
-        self._draining = _Draining()
         self._dirty = False
-        self._out: list[Delivered] = []  # drained at this event
+        self._ptr = np.zeros(1, dtype=np.int64)
+        self._links = np.zeros(0, dtype=np.int64)
+        self._cols: dict[str, np.ndarray] = {
+            "left": np.zeros(0),
+            "rate": np.zeros(0),
+            "t0": np.zeros(0),
+            "lat": np.zeros(0),
+            "op": np.zeros(0, dtype=np.int64),
+            "src": np.zeros(0, dtype=np.int64),
+            "dst": np.zeros(0, dtype=np.int64),
+        }
+        self._act = np.zeros(0, dtype=np.int64)
+        self._op_start: dict[int, float] = {}  # when each op released its first flow
 
     # ----- what the engine calls ------------------------------------------------------------
     def release(
@@ -125,90 +116,88 @@ class Fabric:
     @property
     def busy(self) -> bool:
         """Whether anything is pending or draining."""
-        return bool(self._pending or self._draining.size)
+        return bool(self._pending or self._act.size)
 
     def step(self) -> Delivered | None:
-        """Advance the clock to the next event (a release or a drain) and return the flows
-        that drained then, with their arrival times (possibly none); None when idle."""
+        """Advance the clock to the next events (releases, drains) and return the flows
+        that drained, with their arrival times (possibly none); None when idle.
+
+        Drains follow one another inside one call until a release is due or a drained
+        flow arrives (the engine may start new traffic then)."""
         if not self.busy:
             return None
-        dr = self._draining
-        if self._dirty:
-            self._recompute()
+        from moesim.sim._compiled import fabric_kernel
+
+        c = self._cols
         t_rel = self._pending[0][0] if self._pending else np.inf
-        if dr.size:
-            ttf = dr.left / dr.rate
-            first = self.now + float(ttf.min())
-        else:
-            ttf, first = np.zeros(0), np.inf
-        t = min(t_rel, first)
-        self.events += 1
-        if dr.size:
-            if first <= t_rel:  # a drain: group the drains due about then
-                ref = float(dr.t0.min())
-                limit = max(first, min(first + self.rel_tol * (first - ref), t_rel))
-                done = self.now + ttf <= limit * (1 + _TIE) + 1e-300
-                t = float((self.now + ttf[done]).max())
-                self._drain(done, self.now + ttf[done])
-                dr.left -= dr.rate * (t - self.now)
-            else:
-                dr.left -= dr.rate * (t - self.now)
-                # flows whose last byte leaves at t too (a tie with the release)
-                done = dr.left <= _TIE * np.maximum(dr.rate * (t - dr.t0), 1.0)
-                if done.any():
-                    self._drain(done, np.full(int(done.sum()), t))
-        self.now = t
-        while self._pending and self._pending[0][0] <= self.now:
-            self._add(heapq.heappop(self._pending)[2])
-        out, self._out = self._out, []
-        if not out:
-            return Delivered(*(np.zeros(0, dtype=np.int64) for _ in range(3)), np.zeros(0))
-        if len(out) == 1:
-            return out[0]
-        return Delivered(
-            *(np.concatenate([getattr(o, k) for o in out]) for k in ("op", "src", "dst", "time_us"))
+        now, self._act, idx, at, events, updates, self._dirty = fabric_kernel(
+            self._ptr,
+            self._links,
+            np.ones(c["left"].size),
+            self.capacity,
+            self.rel_tol,
+            self._act,
+            c["left"],
+            c["rate"],
+            c["t0"],
+            c["lat"],
+            self.now,
+            t_rel,
+            self._dirty,
         )
+        self.now = float(now)
+        self.events += events
+        self.rate_updates += updates
+        if not idx.size:  # the next event is a release: the draining flows move up to it
+            a = self._act
+            c["left"][a] -= c["rate"][a] * (t_rel - self.now)
+            self.now = t_rel
+            self.events += 1
+            tie = c["left"][a] <= _TIE * np.maximum(c["rate"][a] * (t_rel - c["t0"][a]), 1.0)
+            if tie.any():  # flows whose last byte leaves with the release
+                idx, at = a[tie], np.full(int(tie.sum()), t_rel)
+                self._act = a[~tie]
+                self._dirty = True
+            while self._pending and self._pending[0][0] <= self.now:
+                self._add(heapq.heappop(self._pending)[2])
+        return Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
 
     # ----- internals ------------------------------------------------------------------------
-    def _recompute(self) -> None:
-        from moesim.sim._compiled import maxmin_kernel
-
-        dr = self._draining
-        if dr.size:
-            dr.rate = maxmin_kernel(
-                dr.ptr,
-                dr.links,
-                np.ones(dr.size),
-                self.capacity,
-                self.rel_tol,
-                np.arange(dr.size, dtype=np.int64),
-            )
-            self.rate_updates += 1
-        self._dirty = False
-
-    def _drain(self, done: np.ndarray, at: np.ndarray) -> None:
-        """Deliver the ``done`` draining flows, whose last byte left at ``at``."""
-        dr = self._draining
-        self._out.append(Delivered(dr.op[done], dr.src[done], dr.dst[done], at + dr.lat[done]))
-        dr.keep(~done)
-        self._dirty = True
-
     def _add(self, batch: tuple[np.ndarray, ...]) -> None:
         op, src, dst, nbytes, extra = batch
+        self._compact()
         routes = self.topology.routes(src, dst)
         hops = routes.hops()
         lat = extra.copy()
         if routes.links.size:
             has = hops > 0
             lat[has] += np.add.reduceat(self.latency_us[routes.links], routes.indptr[:-1][has])
-        dr = self._draining
-        dr.ptr = np.concatenate((dr.ptr, routes.indptr[1:] + dr.ptr[-1]))
-        dr.links = np.concatenate((dr.links, routes.links))
-        dr.left = np.concatenate((dr.left, nbytes))
-        dr.rate = np.concatenate((dr.rate, np.zeros(src.size)))
-        dr.op = np.concatenate((dr.op, op))
-        dr.src = np.concatenate((dr.src, src))
-        dr.dst = np.concatenate((dr.dst, dst))
-        dr.lat = np.concatenate((dr.lat, lat))
-        dr.t0 = np.concatenate((dr.t0, np.full(src.size, self.now)))
+        c = self._cols
+        base = c["left"].size
+        self._ptr = np.concatenate((self._ptr, routes.indptr[1:] + self._ptr[-1]))
+        self._links = np.concatenate((self._links, routes.links))
+        start = self._op_start.setdefault(int(op[0]), self.now)  # one op per batch
+        new = {
+            "left": nbytes,
+            "rate": np.zeros(src.size),
+            "t0": np.full(src.size, start),
+            "lat": lat,
+            "op": op,
+            "src": src,
+            "dst": dst,
+        }
+        for k, v in new.items():
+            c[k] = np.concatenate((c[k], v))
+        self._act = np.concatenate((self._act, base + np.arange(src.size)))
         self._dirty = True
+
+    def _compact(self) -> None:
+        """Drop drained flows from the pool once they are most of it."""
+        c = self._cols
+        if c["left"].size < 4 * self._act.size + 65_536:
+            return
+        rows = np.sort(self._act)
+        self._ptr, self._links = _sub_paths(self._ptr, self._links, rows)
+        for k in c:
+            c[k] = c[k][rows]
+        self._act = np.arange(rows.size)
