@@ -1,9 +1,9 @@
-"""The flow tier's max-min solver and drain loop, compiled (numba).
+"""The flow tier's max-min solver and the fabric's drain loop, compiled (numba).
 
-The same arithmetic as the numpy forms kept in ``tests/test_topology_flows.py`` (sums in
-the same order, the same ties), so both give the same times; compiled, an exchange of a
-few thousand flows costs no numpy call overheads per round (at 32 devices those were
-most of a training step's 5 s). Imported lazily (numba takes a moment to import) and
+The same arithmetic as the numpy forms kept in ``tests/test_topology_flows.py`` (the
+max-min rates bit for bit; drain times within rounding, the clock's sums running in
+another order); compiled, thousands of flows cost no numpy call overheads per round or
+event (at 32 devices those were most of a training step's 5 s). Imported lazily (numba takes a moment to import) and
 cached on disk after its first compilation.
 """
 
@@ -14,7 +14,7 @@ from numba import njit
 
 from moesim.sim.flows import _TIE
 
-__all__ = ["drain_kernel", "fabric_kernel", "maxmin_kernel"]
+__all__ = ["fabric_kernel", "maxmin_kernel"]
 
 
 @njit(cache=True)
@@ -73,58 +73,6 @@ def maxmin_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flo
                 k += 1
         live = k
     return rate
-
-
-@njit(cache=True)
-def drain_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flows
-    ptr: np.ndarray,
-    links: np.ndarray,
-    weight: np.ndarray,
-    size: np.ndarray,
-    capacity: np.ndarray,
-    rel_tol: float,
-) -> tuple[np.ndarray, int]:
-    """When each flow's last byte leaves (µs) if all start at 0 and rates are recomputed
-    as they finish; see :func:`moesim.sim.flows.simulate_flows`. Returns (done_at,
-    rate recomputations)."""
-    tie = max(rel_tol, _TIE)
-    remaining = size.copy()
-    done_at = np.zeros(size.size)
-    act = np.arange(size.size)
-    now = 0.0
-    events = 0
-    while act.size:
-        rate = maxmin_kernel(ptr, links, weight, capacity, rel_tol, act)
-        ttf = np.empty(act.size)
-        first = np.inf
-        for i in range(act.size):
-            ttf[i] = remaining[act[i]] / rate[i]
-            if ttf[i] < first:
-                first = ttf[i]
-        cut = (now + first) * (1 + tie)
-        ends = np.empty(act.size, dtype=np.bool_)
-        dt = -np.inf
-        kept = 0
-        for i in range(act.size):
-            ends[i] = now + ttf[i] <= cut
-            if ends[i]:
-                done_at[act[i]] = now + ttf[i]
-                if ttf[i] > dt:
-                    dt = ttf[i]
-            else:
-                kept += 1
-        now += dt
-        nxt = np.empty(kept, dtype=act.dtype)
-        k = 0
-        for i in range(act.size):
-            if not ends[i]:
-                f = act[i]
-                remaining[f] -= rate[i] * dt
-                nxt[k] = f
-                k += 1
-        act = nxt
-        events += 1
-    return done_at, events
 
 
 @njit(cache=True)

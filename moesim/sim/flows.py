@@ -1,9 +1,11 @@
 """The flow tier: every transfer is a flow on its path; links are shared max-min fairly.
 
-All flows of an exchange start together. Rates are the max-min fair allocation
-(progressive filling: raise every unfrozen flow's rate equally until a link saturates,
-freeze the flows crossing it, repeat), recomputed each time flows finish, until all
-have delivered their bytes. Flows with identical paths and sizes behave identically, so
+:func:`simulate_flows` times one exchange on its own, all its flows starting together
+(``moesim a2a``; in a simulated step the flows of every exchange share the fabric instead,
+:mod:`moesim.sim.fabric`, with the same solver and drain loop). Rates are the max-min
+fair allocation (progressive filling: raise every unfrozen flow's rate equally until a
+link saturates, freeze the flows crossing it, repeat), recomputed each time flows finish,
+until all have delivered their bytes. Flows with identical paths and sizes behave identically, so
 they are merged into one weighted flow first.
 
 ``rel_tol`` trades exactness for speed on large exchanges, always on the slow side:
@@ -117,7 +119,7 @@ def simulate_flows(
     the sum of its links' latencies. Drain times are linear in the bytes: scaling every
     flow by c scales every ``drain_us`` by c exactly.
     """
-    from moesim.sim._compiled import drain_kernel
+    from moesim.sim._compiled import fabric_kernel
 
     f = routes.num_flows
     nbytes = np.asarray(nbytes, dtype=np.float64)
@@ -147,9 +149,25 @@ def simulate_flows(
     np.cumsum(valid.sum(axis=1), out=ptr[1:])
     links = uniq[:, :width][valid]
     cap = np.asarray(capacity_gbps, dtype=np.float64) * 1e3  # bytes/µs
-    done_at, events = drain_kernel(
-        ptr.astype(np.int64), links.astype(np.int64), weight, size, cap, float(rel_tol)
+    n = size.size
+    # every flow released at 0 and nothing to answer its arrival: one call drains them all
+    _, _, idx, at, events, _, _ = fabric_kernel(
+        ptr.astype(np.int64),
+        links.astype(np.int64),
+        weight,
+        cap,
+        float(rel_tol),
+        np.arange(n, dtype=np.int64),
+        size.copy(),
+        np.zeros(n),
+        np.zeros(n),
+        np.full(n, np.inf),
+        0.0,
+        np.inf,
+        True,
     )
+    done_at = np.zeros(n)
+    done_at[idx] = at
     drain[live] = done_at[group]
     return FlowResult(drain_us=drain, latency_us=lat, events=events)
 
