@@ -309,7 +309,7 @@ def test_compiled_flow_solver_equals_its_numpy_spec(seed, rel_tol):
     np.testing.assert_array_equal(rates, _maxmin_reference(ptr, links, weight, cap, rel_tol))
     act, left, rate = np.arange(n_flows), size.copy(), np.zeros(n_flows)
     zero, never = np.zeros(n_flows), np.full(n_flows, np.inf)  # released at 0; no answers
-    now, act, idx, at, events, updates, _ = fabric_kernel(
+    _, act, idx, at, events, updates, _ = fabric_kernel(
         ptr, links, weight, cap, rel_tol, act, left, rate, zero, never, 0.0, np.inf, True
     )
     assert act.size == 0 and updates == events

@@ -3,8 +3,8 @@
 The same arithmetic as the numpy forms kept in ``tests/test_topology_flows.py`` (the
 max-min rates bit for bit; drain times within rounding, the clock's sums running in
 another order); compiled, thousands of flows cost no numpy call overheads per round or
-event (at 32 devices those were most of a training step's 5 s). Imported lazily (numba takes a moment to import) and
-cached on disk after its first compilation.
+event (at 32 devices those were most of a training step's 5 s). Imported lazily (numba
+takes a moment to import) and cached on disk after its first compilation.
 """
 
 from __future__ import annotations
