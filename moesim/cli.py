@@ -14,7 +14,7 @@ from rich.table import Table
 
 from moesim import __version__
 from moesim.errors import InputError
-from moesim.sim.flows import FLOW_REL_TOL
+from moesim.scenario import FLOW_REL_TOL
 
 __all__ = ["app", "main"]
 

@@ -227,20 +227,12 @@ def test_reroute_never_gives_a_token_the_same_expert_twice():
         assert len(set(kept.tolist())) == kept.size
 
 
-def test_placement_library_does_not_import_the_simulator():
-    """Replica choice and capacity live with placement: no placement module imports
-    ``moesim.sim`` (the ``moesim place`` command's --refine-scenario option, which runs the
-    simulator, imports it lazily in the CLI layer, ``placement/commands.py``)."""
+def _sim_imports(paths) -> list[str]:
+    """Every ``moesim.sim`` module the given files import, as "file: module"."""
     import ast
-    from pathlib import Path
 
-    import moesim.placement
-
-    folder = Path(moesim.placement.__file__).parent
-    offenders = []
-    for path in sorted(folder.glob("*.py")):
-        if path.name == "commands.py":
-            continue
+    found = []
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]
@@ -249,5 +241,25 @@ def test_placement_library_does_not_import_the_simulator():
                 if isinstance(node, ast.ImportFrom)
                 else []
             )
-            offenders += [f"{path.name}: {n}" for n in names if n.startswith("moesim.sim")]
-    assert offenders == []
+            found += [f"{path.name}: {n}" for n in names if n.startswith("moesim.sim")]
+    return found
+
+
+def test_placement_library_does_not_import_the_simulator():
+    """Replica choice and capacity live with placement: no placement module imports
+    ``moesim.sim`` (the ``moesim place`` command's --refine-scenario option, which runs the
+    simulator, imports it lazily in the CLI layer, ``placement/commands.py``)."""
+    from pathlib import Path
+
+    import moesim.placement
+
+    folder = Path(moesim.placement.__file__).parent
+    assert _sim_imports(p for p in sorted(folder.glob("*.py")) if p.name != "commands.py") == []
+
+
+def test_scenarios_take_no_defaults_from_the_simulator():
+    from pathlib import Path
+
+    import moesim.scenario
+
+    assert _sim_imports([Path(moesim.scenario.__file__)]) == []

@@ -17,8 +17,8 @@ from moesim.costs.roofline import bytes_per_assignment
 from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.placement.base import contiguous
+from moesim.scenario import FLOW_REL_TOL
 from moesim.sim.exchange import Tier, exchange_times
-from moesim.sim.flows import FLOW_REL_TOL
 from moesim.sim.routing import route_layer
 from moesim.sim.traffic import Dedup
 from moesim.topology import build_topology

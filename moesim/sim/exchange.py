@@ -18,7 +18,8 @@ from typing import Literal
 import numpy as np
 
 from moesim.hardware import HardwareProfile
-from moesim.sim.flows import FLOW_REL_TOL, simulate_flows
+from moesim.scenario import FLOW_REL_TOL
+from moesim.sim.flows import simulate_flows
 from moesim.sim.network import port_times_us
 from moesim.topology.build import Topology
 

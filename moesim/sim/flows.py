@@ -28,19 +28,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # kept light: scenarios import FLOW_REL_TOL from here
+if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from moesim.topology.build import Routes
 
-__all__ = ["FLOW_REL_TOL", "FlowResult", "maxmin_rates", "simulate_flows"]
+__all__ = ["FlowResult", "maxmin_rates", "simulate_flows"]
 
 _TIE = 1e-9  # relative: always a tie, whatever rel_tol
-
-#: the default tolerance of scenarios: device times within about 2 % of exact, measured
-#: on skewed exchanges of 32 to 128 devices (``tests/test_topology_flows.py`` checks it),
-#: at a small fraction of the cost (one exact 128-device exchange takes minutes)
-FLOW_REL_TOL = 0.01
 
 
 def maxmin_rates(

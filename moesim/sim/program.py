@@ -31,9 +31,9 @@ from moesim.costs.roofline import (
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
+from moesim.scenario import FLOW_REL_TOL
 from moesim.sim.engine import Compute, Exchange, FlowSet, Op
 from moesim.sim.exchange import ExchangeTimes, Tier, exchange_times
-from moesim.sim.flows import FLOW_REL_TOL
 from moesim.sim.routing import LayerRouting
 from moesim.topology.build import Topology
 
