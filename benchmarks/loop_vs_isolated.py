@@ -43,7 +43,6 @@ sys.path.insert(0, str(REPO))
 from moesim.scenario import load_scenario  # noqa: E402
 from moesim.sim.engine import Exchange, Op, Records, run_program  # noqa: E402
 from moesim.sim.exchange import exchange_times  # noqa: E402
-from moesim.sim.fabric import Fabric  # noqa: E402
 from moesim.sim.prepare import Prepared, prepare  # noqa: E402
 from moesim.sim.simulate import simulate_mode  # noqa: E402
 
@@ -117,8 +116,7 @@ def run_case(name: str) -> dict[str, Any]:
     old_prog = isolated(prog, prep)
     old = run_program(old_prog, prep.cluster.num_devices)
     new = loop.records[-1]
-    fabric = Fabric(prep.cluster.topology, rel_tol=prep.cluster.flow_rel_tol)
-    again = run_program(prog, prep.cluster.num_devices, fabric)  # the loop, reproduced
+    again = run_program(prog, prep.cluster.num_devices, prep.cluster.fabric())  # reproduced
     assert np.array_equal(again.end_us, new.end_us)
     a2a = {"dispatch", "combine"}
     return {

@@ -119,6 +119,12 @@ class Network(BaseModel):
     )
     oversubscription: float = Field(default=1.0, ge=1.0, description="fat-tree leaf down/up ratio")
     nodes_per_leaf: int | None = Field(default=None, gt=0)
+    granularity: Literal["device", "node", "auto"] = Field(
+        default="auto",
+        description="flow tier: a flow per device pair (device), traffic between scale-up "
+        "domains bundled per node pair with each node's NICs as one port (node), or device "
+        "up to 65,536 device pairs (256 devices) and node beyond (auto)",
+    )
     flow_rel_tol: float = Field(
         default=FLOW_REL_TOL,
         ge=0.0,

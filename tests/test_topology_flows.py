@@ -307,7 +307,7 @@ def test_compiled_flow_solver_equals_its_numpy_spec(seed, rel_tol):
     size = rng.pareto(1.5, size=n_flows) * 1e5 + 1.0
     rates = maxmin_kernel(ptr, links, weight, cap, rel_tol, np.arange(n_flows))
     np.testing.assert_array_equal(rates, _maxmin_reference(ptr, links, weight, cap, rel_tol))
-    act, left, rate = np.arange(n_flows), size.copy(), np.zeros(n_flows)
+    act, left, rate = np.arange(n_flows), size * weight, np.zeros(n_flows)  # members' sums
     zero, never = np.zeros(n_flows), np.full(n_flows, np.inf)  # released at 0; no answers
     _, act, idx, at, events, updates, _ = fabric_kernel(
         ptr, links, weight, cap, rel_tol, act, left, rate, zero, never, 0.0, np.inf, True

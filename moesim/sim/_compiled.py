@@ -93,7 +93,8 @@ def fabric_kernel(  # pragma: no cover - compiled; tested through moesim.sim.fab
 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray, int, int, bool]:
     """Drain the flows ``act`` (indices into the pool's arrays) from ``now`` until the next
     release (``t_release``) or until a drained flow's arrival could start new traffic;
-    see :class:`moesim.sim.fabric.Fabric`. ``left`` and ``rate`` are updated in place;
+    see :class:`moesim.sim.fabric.Fabric`. ``left`` and ``rate`` are updated in place (a
+    flow of ``weight`` w stands for w flows: ``left`` and ``rate`` are their sums);
     ``t0``: when each flow's op released its first flow (the clock ``rel_tol`` is relative
     to).
 
@@ -109,7 +110,7 @@ def fabric_kernel(  # pragma: no cover - compiled; tested through moesim.sim.fab
         if dirty:
             r = maxmin_kernel(ptr, links, weight, capacity, rel_tol, act)
             for i in range(act.size):
-                rate[act[i]] = r[i]
+                rate[act[i]] = r[i] * weight[act[i]]  # a weighted flow: its members' sum
             updates += 1
             dirty = False
         first = np.inf

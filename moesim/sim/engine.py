@@ -44,11 +44,12 @@ generator resume per op and device: 2,048 devices x 58 layers are millions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 
+from moesim.sim.aggregate import Bundles
 from moesim.sim.fabric import Delivered, Fabric
 
 __all__ = ["Compute", "Exchange", "FlowSet", "Op", "Records", "run_program"]
@@ -88,6 +89,7 @@ class FlowSet:
     scale: float = 1.0
     barrier: bool = False
     extra_latency_us: float = 0.0
+    bundles: Bundles | None = None  # node granularity: traffic between domains, bundled
 
     @staticmethod
     def from_matrix(m: np.ndarray, scale: float = 1.0) -> FlowSet:
@@ -99,11 +101,14 @@ class FlowSet:
         return FlowSet(src.astype(np.int64), dst.astype(np.int64), mm[src, dst], scale)
 
     def reversed(self, scale: float) -> FlowSet:
-        """Every transfer in the other direction (a combine after its dispatch)."""
+        """Every transfer in the other direction (a combine after its dispatch); device
+        flows only (bundles' reverse paths differ: bundle the reversed traffic instead)."""
+        if self.bundles is not None:
+            raise ValueError("bundled traffic does not reverse: bundle its transpose")
         return FlowSet(self.dst, self.src, self.nbytes, scale, self.barrier, self.extra_latency_us)
 
     def rescaled(self, scale: float) -> FlowSet:
-        return FlowSet(self.src, self.dst, self.nbytes, scale, self.barrier, self.extra_latency_us)
+        return replace(self, scale=scale)
 
     @cached_property
     def _by_sender(self) -> tuple[np.ndarray, np.ndarray]:
@@ -231,18 +236,22 @@ class _Run:
                 self.deps.append((i - 1,) if i else ())
         self.streams = sorted(set(last))
         self.stream_of = [op.stream if streamed else "" for op in program]
-        # flow exchanges: flows not yet arrived per device, latest arrival and release seen
-        self.left_send: dict[int, np.ndarray] = {}
-        self.left_recv: dict[int, np.ndarray] = {}
+        # flow exchanges, per device: flows touching it not yet arrived, its latest
+        # arrival and the latest release among the flows it receives; bundles released
+        self.left: dict[int, np.ndarray] = {}
         self.last_arrival: dict[int, np.ndarray] = {}
         self.last_in: dict[int, np.ndarray] = {}
+        self.node_out: dict[int, np.ndarray] = {}
         for i, op in enumerate(program):
             if isinstance(op, Exchange) and op.flows is not None:
                 if fabric is None:
                     raise ValueError(f"op {op.name!r} has flows: run_program needs a fabric")
                 fs = op.flows
-                self.left_send[i] = np.bincount(fs.src, minlength=d)
-                self.left_recv[i] = np.bincount(fs.dst, minlength=d)
+                left = np.bincount(fs.src, minlength=d) + np.bincount(fs.dst, minlength=d)
+                if fs.bundles is not None:
+                    left += np.bincount(fs.bundles.touch_dev, minlength=d)
+                    self.node_out[i] = np.zeros(-(-d // fs.bundles.devices_per_node), bool)
+                self.left[i] = left
                 self.last_arrival[i] = np.full(d, -np.inf)
                 self.last_in[i] = np.full(d, -np.inf)
         self.lo = 0  # every op before lo is done on every device
@@ -340,8 +349,10 @@ class _Run:
             when = np.zeros(self.d)
             when[devs] = self._grid(i, ready)
             self._send(i, fs, f, when[fs.src[f]])
+            if fs.bundles is not None:
+                self._send_bundles(i, fs, fs.bundles, devs)
         # devices with nothing to send or receive are done once ready
-        idle = devs[(self.left_send[i][devs] == 0) & (self.left_recv[i][devs] == 0)]
+        idle = devs[self.left[i][devs] == 0]
         if idle.size:
             r = self.ready[i, idle]
             self._finish(i, idle, r, np.zeros(idle.size))
@@ -377,6 +388,37 @@ class _Run:
                 fs.extra_latency_us,
             )
 
+    def _send_bundles(self, i: int, fs: FlowSet, b: Bundles, devs: np.ndarray) -> None:
+        """Release the bundles of the nodes among ``devs`` whose devices are all ready,
+        at the node's last ready time."""
+        assert self.fabric is not None
+        g = b.devices_per_node
+        nodes = np.unique(devs // g)
+        seen = self.seen[i]
+        full = np.array([seen[n * g : (n + 1) * g].all() for n in nodes.tolist()], dtype=bool)
+        nodes = nodes[full & ~self.node_out[i][nodes]]
+        if not nodes.size:
+            return
+        self.node_out[i][nodes] = True
+        for n in nodes.tolist():
+            sel = b.of_nodes(np.array([n]))
+            if not sel.size:
+                continue
+            t = float(self._grid(i, self.ready[i, n * g : (n + 1) * g]).max())
+            touched = b.touched(sel)
+            np.maximum.at(self.last_in[i], touched, t)
+            label = -(sel + 1)  # bundles are told from device flows by negative labels
+            self.fabric.release(
+                t,
+                i,
+                label,
+                label,
+                b.nbytes[sel] * fs.scale,
+                fs.extra_latency_us,
+                routes=b.sub_routes(sel),
+                weight=b.weight[sel],
+            )
+
     def arrived(self, got: Delivered) -> bool:
         """Count the delivered flows; end the devices whose last flow of an op arrived.
         True when some device's op ended."""
@@ -384,24 +426,32 @@ class _Run:
         for i in np.unique(got.op).tolist():
             m = got.op == i
             src, dst, t = got.src[m], got.dst[m], got.time_us[m]
-            np.subtract.at(self.left_send[i], src, 1)
-            np.subtract.at(self.left_recv[i], dst, 1)
-            np.maximum.at(self.last_arrival[i], src, t)
-            np.maximum.at(self.last_arrival[i], dst, t)
             fs = self.program[i].flows
             assert fs is not None
+            if fs.bundles is not None and (src < 0).any():
+                bund = src < 0
+                sel = -src[bund] - 1
+                lens = fs.bundles.touch_ptr[sel + 1] - fs.bundles.touch_ptr[sel]
+                dev = fs.bundles.touched(sel)
+                src, dst, t = (
+                    np.concatenate((src[~bund], dev)),
+                    np.concatenate((dst[~bund], dev)),
+                    np.concatenate((t[~bund], np.repeat(t[bund], lens))),
+                )
+                np.add.at(self.left[i], dev, 1)  # counted once per (bundle, device)
+            np.subtract.at(self.left[i], src, 1)
+            np.subtract.at(self.left[i], dst, 1)
+            np.maximum.at(self.last_arrival[i], src, t)
+            np.maximum.at(self.last_arrival[i], dst, t)
             if fs.barrier:  # a collective ends on every device with its last flow
-                if self.left_send[i].any():
+                if self.left[i].any():
                     continue
                 self.last_arrival[i][:] = self.last_arrival[i].max()
                 touched = np.arange(self.d)
             else:
                 touched = np.unique(np.concatenate((src, dst)))
             fin = touched[
-                (self.left_send[i][touched] == 0)
-                & (self.left_recv[i][touched] == 0)
-                & self.seen[i, touched]
-                & ~self.done[i, touched]
+                (self.left[i][touched] == 0) & self.seen[i, touched] & ~self.done[i, touched]
             ]
             if fin.size:
                 begin = np.maximum(self.ready[i, fin], self.last_in[i][fin])
@@ -432,5 +482,9 @@ def run_program(program: Sequence[Op], num_devices: int, fabric: Fabric | None =
         duration_us=run.dur,
         events=run.events + (fabric.events if fabric is not None else 0),
         rate_updates=fabric.rate_updates if fabric is not None else 0,
-        flows=sum(op.flows.src.size for op in program if isinstance(op, Exchange) and op.flows),
+        flows=sum(
+            op.flows.src.size + (op.flows.bundles.nbytes.size if op.flows.bundles else 0)
+            for op in program
+            if isinstance(op, Exchange) and op.flows
+        ),
     )

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from moesim.sim.flows import _TIE, _sub_paths
-from moesim.topology.build import Topology
+from moesim.topology.build import Routes, Topology
 
 __all__ = ["Delivered", "Fabric"]
 
@@ -64,15 +65,24 @@ class Fabric:
     ``rate_updates``: max-min rate recomputations.
     """
 
-    def __init__(self, topology: Topology, *, rel_tol: float = 0.0) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        rel_tol: float = 0.0,
+        links: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """``links``: (capacity GB/s, latency µs) of every link, when flows also use links
+        beyond the topology's (aggregated ports, :mod:`moesim.sim.aggregate`)."""
         self.topology = topology
-        self.capacity = np.asarray(topology.capacity_gbps, dtype=np.float64) * 1e3  # bytes/µs
-        self.latency_us = np.asarray(topology.latency_us, dtype=np.float64)
+        cap, lat = links if links is not None else (topology.capacity_gbps, topology.latency_us)
+        self.capacity = np.asarray(cap, dtype=np.float64) * 1e3  # bytes/µs
+        self.latency_us = np.asarray(lat, dtype=np.float64)
         self.rel_tol = float(rel_tol)
         self.now = 0.0
         self.events = 0
         self.rate_updates = 0
-        self._pending: list[tuple[float, int, tuple[np.ndarray, ...]]] = []
+        self._pending: list[tuple[float, int, tuple[Any, ...]]] = []
         self._seq = 0
         self._dirty = False
         self._ptr = np.zeros(1, dtype=np.int64)
@@ -82,6 +92,7 @@ class Fabric:
             "rate": np.zeros(0),
             "t0": np.zeros(0),
             "lat": np.zeros(0),
+            "w": np.zeros(0),
             "op": np.zeros(0, dtype=np.int64),
             "src": np.zeros(0, dtype=np.int64),
             "dst": np.zeros(0, dtype=np.int64),
@@ -98,9 +109,14 @@ class Fabric:
         dst: np.ndarray,
         nbytes: np.ndarray,
         extra_latency_us: float = 0.0,
+        routes: Routes | None = None,
+        weight: np.ndarray | None = None,
     ) -> None:
         """Queue flows ``src[f] → dst[f]`` of ``nbytes[f]`` (> 0, distinct endpoints) of op
-        ``op``, to start draining at ``time_us`` (the clock, if that has passed)."""
+        ``op``, to start draining at ``time_us`` (the clock, if that has passed). Without
+        ``routes`` their paths are the topology's between devices ``src`` and ``dst``; with
+        them ``src`` and ``dst`` are only labels handed back on delivery. ``weight``: how
+        many flows' max-min share each takes (1)."""
         if not src.size:
             return
         batch = (
@@ -109,6 +125,8 @@ class Fabric:
             np.asarray(dst, dtype=np.int64),
             np.asarray(nbytes, dtype=np.float64),
             np.full(src.size, float(extra_latency_us)),
+            routes,
+            np.ones(src.size) if weight is None else np.asarray(weight, dtype=np.float64),
         )
         heapq.heappush(self._pending, (max(float(time_us), self.now), self._seq, batch))
         self._seq += 1
@@ -133,7 +151,7 @@ class Fabric:
         now, self._act, idx, at, events, updates, self._dirty = fabric_kernel(
             self._ptr,
             self._links,
-            np.ones(c["left"].size),
+            c["w"],
             self.capacity,
             self.rel_tol,
             self._act,
@@ -163,10 +181,11 @@ class Fabric:
         return Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
 
     # ----- internals ------------------------------------------------------------------------
-    def _add(self, batch: tuple[np.ndarray, ...]) -> None:
-        op, src, dst, nbytes, extra = batch
+    def _add(self, batch: tuple[Any, ...]) -> None:
+        op, src, dst, nbytes, extra, routes, weight = batch
         self._compact()
-        routes = self.topology.routes(src, dst)
+        if routes is None:
+            routes = self.topology.routes(src, dst)
         hops = routes.hops()
         lat = extra.copy()
         if routes.links.size:
@@ -182,6 +201,7 @@ class Fabric:
             "rate": np.zeros(src.size),
             "t0": np.full(src.size, start),
             "lat": lat,
+            "w": weight,
             "op": op,
             "src": src,
             "dst": dst,

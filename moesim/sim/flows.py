@@ -153,7 +153,7 @@ def simulate_flows(
         cap,
         float(rel_tol),
         np.arange(n, dtype=np.int64),
-        size.copy(),
+        size * weight,  # a merged flow's bytes: its members' sum
         np.zeros(n),
         np.zeros(n),
         np.full(n, np.inf),

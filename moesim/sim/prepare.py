@@ -21,6 +21,7 @@ from moesim.scenario import Scenario
 from moesim.sim.counts import inclusion_probabilities
 from moesim.sim.program import (
     ClusterSpec,
+    resolve_granularity,
 )
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
@@ -170,6 +171,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         topology=topology,
         network=net.tier,
         flow_rel_tol=net.flow_rel_tol,
+        granularity=resolve_granularity(net.granularity, topology),
     )
     return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
 

@@ -26,7 +26,6 @@ from moesim.model.shapes import ModelShape
 from moesim.placement.capacity import slot_capacity
 from moesim.scenario import Scenario
 from moesim.sim.engine import Op, Records, run_program
-from moesim.sim.fabric import Fabric
 from moesim.sim.metrics import layer_frame, link_columns, metrics_frame, summary
 from moesim.sim.prepare import Prepared, prepare
 from moesim.sim.program import (
@@ -120,10 +119,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             program = apply_stragglers(
                 program, slow, st.jitter, np.random.default_rng([sc.seed, step, 0x51])
             )
-        fabric = None
-        if prep.cluster.network == "flow":
-            fabric = Fabric(prep.cluster.topology, rel_tol=prep.cluster.flow_rel_tol)
-        rec = run_program(program, d, fabric)
+        rec = run_program(program, d, prep.cluster.fabric())
         flow_events += rec.rate_updates
         m = metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
         metrics.append(m)
@@ -156,7 +152,10 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         metrics=mdf,
         layers=ldf,
         summary=summary(prep, mode, mdf, ldf, records, program, step_times)
-        | {"flow_events": flow_events},
+        | {
+            "flow_events": flow_events,
+            "granularity": prep.cluster.granularity if prep.cluster.network == "flow" else None,
+        },
         program=program,
         records=records,
     )
