@@ -1,7 +1,7 @@
 """Engine scale: one DeepSeek-V3-shaped training step on N devices.
 
-    python benchmarks/engine_scale.py --devices N [--network flow|analytic]
-        [--tokens-per-device T] [--json]
+    python benchmarks/engine_scale.py --devices N [N ...] [--network flow|analytic]
+        [--granularity device|node|auto] [--tokens-per-device T] [--json]
     python benchmarks/engine_scale.py --devices N --one-exchange [--json]
 
 58 MoE layers of 256 routed experts, top-8, hidden 7168 (the DeepSeek-V3 preset) on H800
@@ -9,18 +9,17 @@ nodes of 8, zipf:0.8-skewed synthetic routing at count level (each device's per-
 counts drawn directly; ``--level token`` draws every token's experts instead), FP8
 dispatch. Each size runs in a fresh process and prints wall time (total, and the
 preparation / simulation stages), CPU time (the steadier figure on a shared machine;
-numpy may use more than one core, so it can exceed the wall time), SimPy events (one per
-op and stream), events per second, the flow tier's max-min rate recomputations, and peak
-RSS. Issue 5 targets, at 2,048 devices
-and 4,096 tokens per device: <= 60 s with the flow tier, <= 5 s analytic, and growth from
-64 to 2,048 devices about linear in devices x layers.
+numpy may use more than one core, so it can exceed the wall time), engine events (op
+completions and the fabric's clock events), events per second, and in the flow tier the
+granularity used (``--granularity auto``: device flows up to 256 devices, node bundles
+beyond), the flows released and the max-min rate recomputations; and peak RSS. Issue 18
+targets, at 2,048 devices and 4,096 tokens per device: <= 60 s with the flow tier at the
+granularity auto picks, <= 5 s analytic, a 256-device step with device flows <= 120 s,
+and cost from 256 to 2,048 devices growing <= 10x.
 
-``--one-exchange`` times a single flow-tier exchange instead of the step: the first MoE
-layer's dispatch of the same scenario, its flows (one per device pair with traffic), the
-max-min rate recomputations and the wall time, and what a step would take at that rate
-(``step_projection_s``: the training step simulates two flow exchanges per MoE layer,
-dispatch and combine; the backward ones are rescaled). It shows where the flow tier's
-time goes at sizes whose whole step takes too long to run.
+``--one-exchange`` times a single flow-tier exchange alone (the first MoE layer's
+dispatch, as ``moesim a2a`` would): its flows, the max-min rate recomputations, the wall
+time, and what a step of such isolated exchanges would take (``step_projection_s``).
 """
 
 from __future__ import annotations
@@ -38,14 +37,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _scenario(devices: int, tokens: int, network: str, level: str = "count") -> str:
+def _scenario(
+    devices: int, tokens: int, network: str, level: str = "count", granularity: str = "auto"
+) -> str:
     return f"""name: engine-scale
 hardware: H800
 cluster: {{nodes: {devices // 8}, devices_per_node: 8}}
 model: DeepSeek-V3
 routing: {{synthetic: {{distribution: "zipf:0.8", seed: 0, level: {level}}}}}
 placement: contiguous
-network: {{tier: {network}}}
+network: {{tier: {network}, granularity: {granularity}}}
 mode: training
 tokens_per_device: {tokens}
 sequence_length: 4096
@@ -54,7 +55,9 @@ dispatch_dtype: fp8
 """
 
 
-def _prepare(devices: int, tokens: int, network: str, level: str = "count") -> Any:
+def _prepare(
+    devices: int, tokens: int, network: str, level: str = "count", granularity: str = "auto"
+) -> Any:
     """The scale scenario loaded and prepared (synthetic routing generated)."""
     sys.path.insert(0, str(REPO))
     from moesim.scenario import load_scenario
@@ -62,14 +65,14 @@ def _prepare(devices: int, tokens: int, network: str, level: str = "count") -> A
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, tokens, network, level))
+        path.write_text(_scenario(devices, tokens, network, level, granularity))
         sc, base = load_scenario(path)
         return prepare(sc, base)
 
 
-def _child(devices: int, tokens: int, network: str, level: str) -> dict:
+def _child(devices: int, tokens: int, network: str, level: str, granularity: str) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
-    prep = _prepare(devices, tokens, network, level)
+    prep = _prepare(devices, tokens, network, level, granularity)
     t1 = time.perf_counter()
     from moesim.sim.simulate import simulate_mode
 
@@ -88,6 +91,8 @@ def _child(devices: int, tokens: int, network: str, level: str) -> dict:
         "events": events,
         "events_per_s": round(events / (t2 - t1), 1),
         "flow_events": run.summary["flow_events"],
+        "granularity": run.summary["granularity"],
+        "flows": sum(r.flows for r in run.records),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "step_time_us": run.summary["step_time_us"],
     }
@@ -132,6 +137,12 @@ def main() -> None:
     ap.add_argument("--tokens-per-device", type=int, default=4096)
     ap.add_argument("--level", choices=["count", "token"], default="count")
     ap.add_argument(
+        "--granularity",
+        choices=["device", "node", "auto"],
+        default="auto",
+        help="the flow tier's (network.granularity); auto: device up to 256 devices",
+    )
+    ap.add_argument(
         "--one-exchange", action="store_true", help="time one flow-tier exchange (see above)"
     )
     ap.add_argument("--json", action="store_true")
@@ -141,7 +152,17 @@ def main() -> None:
         print(json.dumps(_child_exchange(args.devices[0], args.tokens_per_device)))
         return
     if args.child:
-        print(json.dumps(_child(args.devices[0], args.tokens_per_device, args.network, args.level)))
+        print(
+            json.dumps(
+                _child(
+                    args.devices[0],
+                    args.tokens_per_device,
+                    args.network,
+                    args.level,
+                    args.granularity,
+                )
+            )
+        )
         return
     rows = []
     for n in args.devices:
@@ -160,6 +181,8 @@ def main() -> None:
                 str(args.tokens_per_device),
                 "--level",
                 args.level,
+                "--granularity",
+                args.granularity,
                 *(["--one-exchange"] if args.one_exchange else []),
             ],
             capture_output=True,
@@ -186,7 +209,12 @@ def main() -> None:
             f"(CPU {r['cpu_s']:.2f} s) "
             f"(routing generation {r['prepare_s']:.2f} s, simulation {r['simulate_s']:.2f} s), "
             f"{r['events']:,} events ({r['events_per_s']:,.0f}/s), "
-            + (f"{r['flow_events']:,} flow-rate recomputations, " if r["flow_events"] else "")
+            + (
+                f"granularity {r['granularity']}, {r['flows']:,} flows, "
+                f"{r['flow_events']:,} flow-rate recomputations, "
+                if r["granularity"]
+                else ""
+            )
             + f"peak RSS {r['peak_rss_mb']} MB"
         )
 

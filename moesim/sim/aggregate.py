@@ -28,6 +28,7 @@ from functools import cached_property
 
 import numpy as np
 
+from moesim.sim.flows import KeyIndex, _gather_index, _sub_paths
 from moesim.topology.build import Routes, Topology
 
 __all__ = ["Bundles", "NodeLinks", "bundle_traffic", "node_links"]
@@ -106,26 +107,18 @@ class Bundles:
     devices_per_node: int
 
     @cached_property
-    def _by_node(self) -> tuple[np.ndarray, np.ndarray]:
-        order = np.argsort(self.src_node, kind="stable")
-        return order, self.src_node[order]
+    def _by_node(self) -> KeyIndex:
+        return KeyIndex.of(self.src_node)
 
     def of_nodes(self, nodes: np.ndarray) -> np.ndarray:
         """Indices of the bundles leaving ``nodes`` (sorted ids)."""
-        order, srt = self._by_node
-        lo = np.searchsorted(srt, nodes, "left")
-        hi = np.searchsorted(srt, nodes, "right")
-        return np.concatenate([order[a:b] for a, b in zip(lo, hi, strict=True)] or [order[:0]])
+        return self._by_node.rows(nodes)
 
     def touched(self, b: np.ndarray) -> np.ndarray:
         """The devices bundles ``b`` touch, one entry per (bundle, device)."""
-        lens = self.touch_ptr[b + 1] - self.touch_ptr[b]
-        offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        return self.touch_dev[np.repeat(self.touch_ptr[b], lens) + offs]
+        return self.touch_dev[_gather_index(self.touch_ptr, b)]
 
     def sub_routes(self, b: np.ndarray) -> Routes:
-        from moesim.sim.flows import _sub_paths
-
         ptr, links = _sub_paths(self.routes.indptr, self.routes.links, b)
         return Routes(ptr, links)
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from moesim.sim.aggregate import Bundles
 from moesim.sim.fabric import Delivered, Fabric
+from moesim.sim.flows import KeyIndex
 
 __all__ = ["Compute", "Exchange", "FlowSet", "Op", "Records", "run_program"]
 
@@ -111,20 +112,12 @@ class FlowSet:
         return replace(self, scale=scale)
 
     @cached_property
-    def _by_sender(self) -> tuple[np.ndarray, np.ndarray]:
-        order = np.argsort(self.src, kind="stable")
-        return order, self.src[order]
+    def _by_sender(self) -> KeyIndex:
+        return KeyIndex.of(self.src)
 
     def of_senders(self, devices: np.ndarray) -> np.ndarray:
         """Indices of the flows sent by ``devices`` (sorted ids)."""
-        order, srt = self._by_sender
-        lo = np.searchsorted(srt, devices, "left")
-        hi = np.searchsorted(srt, devices, "right")
-        n = hi - lo
-        if not n.sum():
-            return np.zeros(0, dtype=np.int64)
-        offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        return order[np.repeat(lo, n) + offs]
+        return self._by_sender.rows(devices)
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from moesim.topology.build import Routes
 
-__all__ = ["FlowResult", "maxmin_rates", "simulate_flows"]
+__all__ = ["FlowResult", "KeyIndex", "maxmin_rates", "simulate_flows"]
 
 _TIE = 1e-9  # relative: always a tie, whatever rel_tol
 
@@ -181,3 +181,25 @@ def _gather_index(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     starts = np.repeat(indptr[rows], lens)
     offs = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
     return starts + offs
+
+
+@dataclass(frozen=True)
+class KeyIndex:
+    """The rows of an array of keys grouped by key, for repeated lookups."""
+
+    order: np.ndarray
+    sorted_keys: np.ndarray
+
+    @staticmethod
+    def of(keys: np.ndarray) -> KeyIndex:
+        order = np.argsort(keys, kind="stable")
+        return KeyIndex(order, keys[order])
+
+    def rows(self, wanted: np.ndarray) -> np.ndarray:
+        """Indices of the rows whose key is in ``wanted`` (sorted, distinct), by key."""
+        lo = np.searchsorted(self.sorted_keys, wanted, "left")
+        n = np.searchsorted(self.sorted_keys, wanted, "right") - lo
+        if not n.sum():
+            return np.zeros(0, dtype=np.int64)
+        offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        return self.order[np.repeat(lo, n) + offs]
