@@ -200,8 +200,21 @@ def test_bundles_pool_the_more_even_side_and_keep_the_others_nic():
     assert paths[0] == [t["nic_up"][0], nl.in_port[1]]
     assert paths[1] == [t["nic_up"][0], t["leaf_up"][0, 1], nl.group_down[0, 1], nl.in_port[1]]
     assert paths[2] == [t["nic_up"][1], t["leaf_up"][1, 1], nl.group_down[0, 1], nl.in_port[1]]
-    touched = [b.touched(np.array([i])).tolist() for i in range(3)]
-    assert touched == [[0, 8], [0, 9], [1, 8]]
+    touched = [b.touched(np.array([i])) for i in range(3)]
+    assert [dev.tolist() for dev, _ in touched] == [[0, 8], [0, 9], [1, 8]]
+    assert [frac.tolist() for _, frac in touched] == [[1.0, 1.0]] * 3  # one member each
+
+
+def test_a_bundles_members_end_as_equal_shares_would_end_them():
+    from moesim.sim.aggregate import _member_fractions
+
+    # bundle 0 holds members of 1, 3 (and bundle 1 one of 5) bytes: at equal rates the
+    # 1-byte member ends when 2 of the 4 bytes have gone (1/2 of the bundle's time); the
+    # 3-byte one with the last; with sizes 2, 2, 4 the first two end at 6/8
+    frac = _member_fractions(np.array([0, 1, 0]), np.array([3.0, 5.0, 1.0]), 2)
+    assert frac.tolist() == [1.0, 1.0, 0.5]
+    frac = _member_fractions(np.array([0, 0, 0]), np.array([2.0, 4.0, 2.0]), 1)
+    assert frac.tolist() == [0.75, 1.0, 0.75]
 
 
 def test_node_bundles_equal_device_flows_onto_one_hot_receiver():

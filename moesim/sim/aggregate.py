@@ -104,6 +104,7 @@ class Bundles:
     routes: Routes
     touch_ptr: np.ndarray
     touch_dev: np.ndarray
+    touch_frac: np.ndarray  # share of the bundle's time each touched device is busy in it
     devices_per_node: int
 
     @cached_property
@@ -114,9 +115,11 @@ class Bundles:
         """Indices of the bundles leaving ``nodes`` (sorted ids)."""
         return self._by_node.rows(nodes)
 
-    def touched(self, b: np.ndarray) -> np.ndarray:
-        """The devices bundles ``b`` touch, one entry per (bundle, device)."""
-        return self.touch_dev[_gather_index(self.touch_ptr, b)]
+    def touched(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The devices bundles ``b`` touch, one entry per (bundle, device), and the share of
+        the bundle's time each is busy in it."""
+        at = _gather_index(self.touch_ptr, b)
+        return self.touch_dev[at], self.touch_frac[at]
 
     def sub_routes(self, b: np.ndarray) -> Routes:
         ptr, links = _sub_paths(self.routes.indptr, self.routes.links, b)
@@ -193,8 +196,17 @@ def bundle_traffic(m: np.ndarray, topo: Topology, nl: NodeLinks) -> tuple[np.nda
             links[start[sp] + 1] = topo.tables["leaf_up"][rail * groups + grp_s, h]
             links[start[sp] + 2] = nl.group_down[grp_d, h]
         links[start[sp] + 3] = last[sp]
-    # the devices each bundle touches: its members' senders and receivers
-    pairs = np.unique(np.concatenate((inv * d + src, inv * d + dst)))
+    # the devices each bundle touches: its members' senders and receivers, each with the
+    # share of the bundle's time it is busy in it (the bundle's own device: all of it)
+    pooled = src if pool_senders else dst
+    frac = _member_fractions(inv, nbytes, uniq.size)
+    own = dst if pool_senders else src
+    touch = np.concatenate((inv * d + pooled, inv * d + own))
+    share = np.concatenate((frac, np.ones(src.size)))
+    order = np.lexsort((-share, touch))  # per (bundle, device) the largest share first
+    touch, share = touch[order], share[order]
+    first = np.r_[True, touch[1:] != touch[:-1]]
+    pairs, touch_frac = touch[first], share[first]
     touch_b, touch_dev = pairs // d, pairs % d
     touch_ptr = np.zeros(uniq.size + 1, dtype=np.int64)
     np.cumsum(np.bincount(touch_b, minlength=uniq.size), out=touch_ptr[1:])
@@ -205,6 +217,25 @@ def bundle_traffic(m: np.ndarray, topo: Topology, nl: NodeLinks) -> tuple[np.nda
         routes=Routes(ptr, links),
         touch_ptr=touch_ptr,
         touch_dev=touch_dev.astype(np.int64),
+        touch_frac=touch_frac,
         devices_per_node=g,
     )
     return inside, bundles
+
+
+def _member_fractions(inv: np.ndarray, nbytes: np.ndarray, n: int) -> np.ndarray:
+    """Per member pair (bundle ``inv``, ``nbytes``): when it would end, as a share of its
+    bundle's time, were the members to drain at equal rates (a max-min share each): with
+    the bundle's sizes sorted x1 <= ... <= xk summing to S, member i ends at
+    (x1 + ... + x(i-1) + (k - i + 1) xi) / S."""
+    order = np.lexsort((nbytes, inv))
+    b, x = inv[order], nbytes[order]
+    start = np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
+    size = np.diff(np.r_[start, b.size])
+    rank = np.arange(b.size) - np.repeat(start, size)  # i - 1
+    k = np.repeat(size, size)
+    before = np.cumsum(x) - x - np.repeat(np.cumsum(x)[start] - x[start], size)
+    total = np.bincount(inv, weights=nbytes, minlength=n)[b]
+    frac = np.empty(b.size)
+    frac[order] = np.where(total > 0, (before + (k - rank) * x) / total, 1.0)
+    return frac

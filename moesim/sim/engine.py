@@ -235,6 +235,7 @@ class _Run:
         self.last_arrival: dict[int, np.ndarray] = {}
         self.last_in: dict[int, np.ndarray] = {}
         self.node_out: dict[int, np.ndarray] = {}
+        self.bundle_start: dict[int, np.ndarray] = {}
         for i, op in enumerate(program):
             if isinstance(op, Exchange) and op.flows is not None:
                 if fabric is None:
@@ -244,6 +245,7 @@ class _Run:
                 if fs.bundles is not None:
                     left += np.bincount(fs.bundles.touch_dev, minlength=d)
                     self.node_out[i] = np.zeros(-(-d // fs.bundles.devices_per_node), bool)
+                    self.bundle_start[i] = np.zeros(fs.bundles.nbytes.size)
                 self.left[i] = left
                 self.last_arrival[i] = np.full(d, -np.inf)
                 self.last_in[i] = np.full(d, -np.inf)
@@ -397,9 +399,10 @@ class _Run:
             sel = b.of_nodes(np.array([n]))
             if not sel.size:
                 continue
-            t = float(self._grid(i, self.ready[i, n * g : (n + 1) * g]).max())
-            touched = b.touched(sel)
+            t = max(float(self._grid(i, self.ready[i, n * g : (n + 1) * g]).max()), 0.0)
+            touched, _ = b.touched(sel)
             np.maximum.at(self.last_in[i], touched, t)
+            self.bundle_start[i][sel] = t
             label = -(sel + 1)  # bundles are told from device flows by negative labels
             self.fabric.release(
                 t,
@@ -425,11 +428,14 @@ class _Run:
                 bund = src < 0
                 sel = -src[bund] - 1
                 lens = fs.bundles.touch_ptr[sel + 1] - fs.bundles.touch_ptr[sel]
-                dev = fs.bundles.touched(sel)
+                dev, frac = fs.bundles.touched(sel)
+                # a touched device is done with the bundle its share of the way through
+                t0 = np.repeat(self.bundle_start[i][sel], lens)
+                t_dev = t0 + frac * (np.repeat(t[bund], lens) - t0)
                 src, dst, t = (
                     np.concatenate((src[~bund], dev)),
                     np.concatenate((dst[~bund], dev)),
-                    np.concatenate((t[~bund], np.repeat(t[bund], lens))),
+                    np.concatenate((t[~bund], t_dev)),
                 )
                 np.add.at(self.left[i], dev, 1)  # counted once per (bundle, device)
             np.subtract.at(self.left[i], src, 1)
