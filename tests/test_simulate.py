@@ -250,6 +250,14 @@ def test_network_options_flow_tier_and_dedup(flame_dict, tmp_path):
 
     analytic = run({"tier": "analytic"})
     flow = run({"tier": "flow"})
+    # auto keeps a flow per device pair at 16 devices, and says so
+    assert flow.summary["granularity"] == "device" and analytic.summary["granularity"] is None
+    from moesim.report.summary import header_line
+
+    sc = Scenario.model_validate(base | {"network": {"tier": "flow", "granularity": "node"}})
+    res = simulate(sc, tmp_path)
+    assert res.runs[0].summary["granularity"] == "node"
+    assert header_line(res).endswith("dropless (unlimited capacity); flow network, node flows")
     node = run({"tier": "flow", "dedup": "node"})
     # the flow tier never beats the port bound on this non-blocking fabric: a device's
     # dispatch ends at least its port-limited time after the first of its peers was ready

@@ -120,11 +120,13 @@ def header_line(result: SimResult) -> str:
         else f"capacity factor {cf} ({sc.capacity.overflow})"
     )
     redundant = f" + {sc.redundant_slots} redundant slots" if sc.redundant_slots else ""
+    gran = result.runs[0].summary.get("granularity") if result.runs else None
+    network = f"; flow network, {gran} flows" if gran else ""
     return (
         f"{result.shape.name} on {sc.cluster.nodes} node(s) x {sc.cluster.devices_per_node} "
         f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement"
         f"{redundant}, {tokens_per_device_text(sc.tokens_per_device, list(sc.modes))}, "
-        f"{capacity}" + (f"; injected: {faults}" if faults else "")
+        f"{capacity}{network}" + (f"; injected: {faults}" if faults else "")
     )
 
 
