@@ -6,13 +6,14 @@ FLAME-MoE-290M prefill (its real routing trace, or synthetic uniform / Zipf-1.0 
 contiguous placement, dropless), 1,024 tokens per device, H100 nodes of 8, flow tier at
 the default tolerance, on four fabrics: non-blocking, a 2:1 and a 4:1 oversubscribed
 spine, and device 5's NIC at half speed. Each case runs the step at ``device``
-granularity (a flow per device pair: the reference) and at ``node`` (traffic between
-nodes bundled per (node, device), :mod:`moesim.sim.aggregate`), and prints:
+granularity (a flow per device pair: the reference) and at ``node`` (a device's traffic
+to another node bundled, hot receivers kept apart, :mod:`moesim.sim.aggregate`), at each
+``--hot`` value of ``network.hot_receiver`` (default 1.1), and prints:
 
 * per-device exchange time error, median and max over every (exchange, device): a
   device's exchange time is from when it was ready to when its last transfer arrived;
 * step time error;
-* both levels' wall time (the speed side of the trade-off).
+* both levels' flows and wall time (the speed side of the trade-off).
 
 ``--json`` gives one entry per case with ``median_err``, ``max_err`` and ``step_err``
 (fractions) and the wall times. Issue 18's targets: median <= 2 %, max <= 5 %, step <= 2 %.
@@ -33,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moesim.scenario import load_scenario  # noqa: E402
+from moesim.scenario import HOT_RECEIVER, load_scenario  # noqa: E402
 from moesim.sim.prepare import prepare  # noqa: E402
 from moesim.sim.simulate import ModeResult, simulate_mode  # noqa: E402
 
@@ -50,7 +51,7 @@ FABRICS = {
 }
 
 
-def _scenario(devices: int, routing: str, fabric: str, granularity: str) -> str:
+def _scenario(devices: int, routing: str, fabric: str, granularity: str, hot: float) -> str:
     net, extra = FABRICS[fabric]
     return f"""name: flow-granularity
 hardware: H100-SXM
@@ -59,7 +60,7 @@ model: FLAME-MoE-290M
 routing: {ROUTING[routing]}
 placement: contiguous
 capacity: {{factor: null}}
-network: {{tier: flow, granularity: {granularity}, {net}}}
+network: {{tier: flow, granularity: {granularity}, hot_receiver: {hot}, {net}}}
 mode: prefill
 tokens_per_device: 1024
 sequence_length: 1024
@@ -69,10 +70,12 @@ dispatch_dtype: bf16
 """
 
 
-def _run(devices: int, routing: str, fabric: str, granularity: str) -> tuple[ModeResult, float]:
+def _run(
+    devices: int, routing: str, fabric: str, granularity: str, hot: float = HOT_RECEIVER
+) -> tuple[ModeResult, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, routing, fabric, granularity))
+        path.write_text(_scenario(devices, routing, fabric, granularity, hot))
         sc, base = load_scenario(path)
         prep = prepare(sc, base)
     t0 = time.perf_counter()
@@ -88,9 +91,17 @@ def _exchange_times(run: ModeResult) -> np.ndarray:
     return (rec.end_us - ready)[rows]
 
 
-def run_case(devices: int, routing: str, fabric: str) -> dict[str, Any]:
+def run_case(
+    devices: int, routing: str, fabric: str, hots: tuple[float, ...] = (HOT_RECEIVER,)
+) -> list[dict[str, Any]]:
     ref, t_ref = _run(devices, routing, fabric, "device")
-    agg, t_agg = _run(devices, routing, fabric, "node")
+    return [_compare(ref, t_ref, devices, routing, fabric, hot) for hot in hots]
+
+
+def _compare(
+    ref: ModeResult, t_ref: float, devices: int, routing: str, fabric: str, hot: float
+) -> dict[str, Any]:
+    agg, t_agg = _run(devices, routing, fabric, "node", hot)
     a, b = _exchange_times(ref), _exchange_times(agg)
     busy = a > 0
     err = np.abs(b[busy] / a[busy] - 1)
@@ -100,6 +111,7 @@ def run_case(devices: int, routing: str, fabric: str) -> dict[str, Any]:
         "routing": routing,
         "fabric": fabric,
         "granularity": "node",
+        "hot_receiver": hot,
         "median_err": float(np.median(err)),
         "max_err": float(err.max()),
         "step_err": float(abs(s_agg / s_ref - 1)),
@@ -109,6 +121,8 @@ def run_case(devices: int, routing: str, fabric: str) -> dict[str, Any]:
         "node_wall_s": round(t_agg, 3),
         "device_rate_updates": ref.summary["flow_events"],
         "node_rate_updates": agg.summary["flow_events"],
+        "device_flows": ref.records[-1].flows,
+        "node_flows": agg.records[-1].flows,
     }
 
 
@@ -117,19 +131,27 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--routing", nargs="+", choices=list(ROUTING), default=list(ROUTING))
     ap.add_argument("--fabrics", nargs="+", choices=list(FABRICS), default=list(FABRICS))
+    ap.add_argument(
+        "--hot",
+        type=float,
+        nargs="+",
+        default=[HOT_RECEIVER],
+        help="network.hot_receiver values to run node granularity at (the speed-error knob)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
     for n in args.devices:
         for r in args.routing:
             for f in args.fabrics:
-                rows.append(run_case(n, r, f))
-                if not args.json:
-                    x = rows[-1]
+                new = run_case(n, r, f, tuple(args.hot))
+                rows += new
+                for x in [] if args.json else new:
                     print(
-                        f"{n:4d} {r:12s} {f:13s} node vs device: exchange median "
-                        f"{x['median_err']:6.1%} max {x['max_err']:7.1%}, step "
-                        f"{x['step_err']:6.1%} | wall {x['device_wall_s']:6.1f} s -> "
+                        f"{n:4d} {r:12s} {f:13s} node (hot {x['hot_receiver']}) vs device: "
+                        f"exchange median {x['median_err']:6.1%} max {x['max_err']:7.1%}, "
+                        f"step {x['step_err']:6.1%} | flows {x['device_flows']:,} -> "
+                        f"{x['node_flows']:,}, wall {x['device_wall_s']:6.1f} s -> "
                         f"{x['node_wall_s']:5.1f} s",
                         flush=True,
                     )

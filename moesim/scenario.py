@@ -29,6 +29,7 @@ from moesim.model.shapes import ModelShape
 
 __all__ = [
     "FLOW_REL_TOL",
+    "HOT_RECEIVER",
     "Capacity",
     "Cluster",
     "Mode",
@@ -46,6 +47,11 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 #: exact on skewed exchanges of 32 to 128 devices (``tests/test_topology_flows.py`` checks
 #: it), a 32-device training step within 0.3 %, at a small fraction of the cost
 FLOW_REL_TOL = 0.01
+
+#: node granularity's default: a receiver whose bytes per unit of NIC exceed its node's
+#: mean by this factor keeps a device flow from each sender (its own NIC the limit)
+#: instead of the node's pooled port (``benchmarks/flow_granularity.py --hot`` measures it)
+HOT_RECEIVER = 1.1
 
 Mode = Literal["training", "prefill", "decode"]
 Precision = Literal["bf16", "fp8"]
@@ -121,9 +127,16 @@ class Network(BaseModel):
     nodes_per_leaf: int | None = Field(default=None, gt=0)
     granularity: Literal["device", "node", "auto"] = Field(
         default="auto",
-        description="flow tier: a flow per device pair (device), traffic between scale-up "
-        "domains bundled per node pair with each node's NICs as one port (node), or device "
-        "up to 65,536 device pairs (256 devices) and node beyond (auto)",
+        description="flow tier: a flow per device pair (device); a device's traffic to "
+        "another node bundled into one flow onto the node's NICs pooled as one port (node); "
+        "device up to 65,536 device pairs (256 devices) and node beyond (auto)",
+    )
+    hot_receiver: float = Field(
+        default=HOT_RECEIVER,
+        ge=1.0,
+        description="node granularity: receivers with more bytes per unit of NIC than this "
+        "x their node's mean keep a flow from each sender (lower: closer to device flows, "
+        "slower)",
     )
     flow_rel_tol: float = Field(
         default=FLOW_REL_TOL,

@@ -172,37 +172,38 @@ def test_node_links_pool_a_nodes_nics_and_a_groups_rail_leaves():
 
     topo = build_topology(get_profile("H100-SXM"), 32, 8, oversubscription=2.0, nodes_per_leaf=2)
     nl = node_links(topo)
-    # 8 NICs of 50 GB/s at 0.85 per node; per (group, spine) 8 rail leaves' uplinks of
+    # 8 NICs of 50 GB/s at 0.85 per node; per (group, spine) 8 rail leaves' downlinks of
     # 50 / 2 GB/s at 0.85
-    assert nl.capacity_gbps[nl.out_port].tolist() == pytest.approx([340.0] * 4)
     assert nl.capacity_gbps[nl.in_port].tolist() == pytest.approx([340.0] * 4)
-    assert nl.group_up.shape == (2, 2)
-    assert nl.capacity_gbps[nl.group_up].ravel().tolist() == pytest.approx([170.0] * 4)
+    assert nl.group_down.shape == (2, 2)
+    assert nl.capacity_gbps[nl.group_down].ravel().tolist() == pytest.approx([170.0] * 4)
 
 
-def test_bundles_pool_the_more_even_side_and_keep_the_others_nic():
+def test_bundles_join_a_senders_pairs_to_a_node_and_keep_hot_receivers_apart():
     from moesim.sim.aggregate import bundle_traffic, node_links
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
     nl = node_links(topo)
     m = np.zeros((16, 16))
-    m[0, 8] = m[0, 9] = 1000.0  # device 0 sends 2,000 B: the hot sender
-    m[1, 8] = 500.0
-    m[0, 1] = 700.0  # inside node 0: stays a device flow
-    inside, b = bundle_traffic(m, topo, nl)
-    assert np.flatnonzero(inside).tolist() == [1] and inside[0, 1] == 700.0
-    # receivers are the more even side: pooled into node 1's in port; senders keep theirs.
-    # 0 -> 8 stays on rail 0 (one leaf); 0 -> 9 and 1 -> 8 change rails: via spine 1
-    # (destination node 1 mod 32 spines)
+    m[0, 8], m[0, 9], m[0, 10] = 100.0, 300.0, 150.0  # device 0 to node 1
+    m[1, 8] = 50.0
+    m[2, 11] = 2000.0  # device 11 receives 2,000 B: hot (node 1's mean is 325 B)
+    m[0, 1] = 700.0  # inside node 0
+    kept, b = bundle_traffic(m, topo, nl)
+    assert sorted(zip(*np.nonzero(kept), strict=True)) == [(0, 1), (2, 11)]
+    # 0 -> 8 stays on rail 0 (one leaf); 0 -> 9, 0 -> 10 and 1 -> 8 change rails: through
+    # spine 1 (destination node 1 mod 32 spines), the sender's rail leaf up
     t = topo.tables
+    assert b.src.tolist() == [0, 0, 1]
+    assert b.nbytes.tolist() == [100.0, 450.0, 50.0] and b.weight.tolist() == [1, 2, 1]
     paths = [b.routes.path(i) for i in range(3)]
-    assert b.nbytes.tolist() == [1000.0, 1000.0, 500.0] and b.weight.tolist() == [1, 1, 1]
     assert paths[0] == [t["nic_up"][0], nl.in_port[1]]
     assert paths[1] == [t["nic_up"][0], t["leaf_up"][0, 1], nl.group_down[0, 1], nl.in_port[1]]
     assert paths[2] == [t["nic_up"][1], t["leaf_up"][1, 1], nl.group_down[0, 1], nl.in_port[1]]
-    touched = [b.touched(np.array([i])) for i in range(3)]
-    assert [dev.tolist() for dev, _ in touched] == [[0, 8], [0, 9], [1, 8]]
-    assert [frac.tolist() for _, frac in touched] == [[1.0, 1.0]] * 3  # one member each
+    # the sender is busy to the end; of 0's spine bundle (150 + 300 B) the receiver of 150 B
+    # is done when 2 x 150 of the 450 B have gone
+    dev, frac = b.touched(np.array([1]))
+    assert dev.tolist() == [0, 9, 10] and frac.tolist() == pytest.approx([1.0, 1.0, 2 / 3])
 
 
 def test_a_bundles_members_end_as_equal_shares_would_end_them():
@@ -217,23 +218,23 @@ def test_a_bundles_members_end_as_equal_shares_would_end_them():
     assert frac.tolist() == [0.75, 1.0, 0.75]
 
 
-def test_node_bundles_equal_device_flows_onto_one_hot_receiver():
-    # every device of node 0 sends 1,000 B to device 8 (links 1 GB/s): its NIC takes
-    # 8,000 B at 1,000 B/us, 8 us, whether eight device flows or two weighted bundles
-    # (rail 0's direct one, weight 1; the spine one, weight 7) share it
+def test_node_bundles_equal_device_flows_when_the_node_port_binds_like_the_nics():
+    # every device of node 0 sends 1,000 B to each device of node 1 (links 1 GB/s): each
+    # NIC moves 8,000 B at 1,000 B/us, 8 us, whether 64 device flows or 16 weighted bundles
+    # (per sender, one on its rail and one through the spine) on node 1's pooled port
     from moesim.sim.program import ClusterSpec
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
     topo = replace(topo, capacity_gbps=np.ones(topo.num_links), latency_us=np.zeros(topo.num_links))
     m = np.zeros((16, 16))
-    m[:8, 8] = 1000.0
+    m[:8, 8:] = 1000.0
     ends = {}
     for gran in ("device", "node"):
         cl = ClusterSpec(16, 8, topo, network="flow", flow_rel_tol=0.0, granularity=gran)
         fs = cl.flows(m)
         prog = [Exchange("a2a", "dispatch", np.zeros(16), None, flows=fs)]
         ends[gran] = run_program(prog, 16, cl.fabric()).end_us[0]
-    assert ends["node"].tolist() == ends["device"].tolist() == [8.0] * 9 + [0.0] * 7
+    assert ends["node"].tolist() == ends["device"].tolist() == [8.0] * 16
 
 
 def test_auto_granularity_keeps_device_flows_while_affordable():

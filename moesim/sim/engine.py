@@ -234,7 +234,7 @@ class _Run:
         self.left: dict[int, np.ndarray] = {}
         self.last_arrival: dict[int, np.ndarray] = {}
         self.last_in: dict[int, np.ndarray] = {}
-        self.node_out: dict[int, np.ndarray] = {}
+        self.bundles_out: dict[int, np.ndarray] = {}  # devices whose bundles are out
         self.bundle_start: dict[int, np.ndarray] = {}
         for i, op in enumerate(program):
             if isinstance(op, Exchange) and op.flows is not None:
@@ -244,7 +244,7 @@ class _Run:
                 left = np.bincount(fs.src, minlength=d) + np.bincount(fs.dst, minlength=d)
                 if fs.bundles is not None:
                     left += np.bincount(fs.bundles.touch_dev, minlength=d)
-                    self.node_out[i] = np.zeros(-(-d // fs.bundles.devices_per_node), bool)
+                    self.bundles_out[i] = np.zeros(d, dtype=bool)
                     self.bundle_start[i] = np.zeros(fs.bundles.nbytes.size)
                 self.left[i] = left
                 self.last_arrival[i] = np.full(d, -np.inf)
@@ -345,7 +345,7 @@ class _Run:
             when[devs] = self._grid(i, ready)
             self._send(i, fs, f, when[fs.src[f]])
             if fs.bundles is not None:
-                self._send_bundles(i, fs, fs.bundles, devs)
+                self._send_bundles(i, fs, fs.bundles, when)
         # devices with nothing to send or receive are done once ready
         idle = devs[self.left[i][devs] == 0]
         if idle.size:
@@ -383,36 +383,33 @@ class _Run:
                 fs.extra_latency_us,
             )
 
-    def _send_bundles(self, i: int, fs: FlowSet, b: Bundles, devs: np.ndarray) -> None:
-        """Release the bundles of the nodes among ``devs`` whose devices are all ready,
-        at the node's last ready time."""
+    def _send_bundles(self, i: int, fs: FlowSet, b: Bundles, when: np.ndarray) -> None:
+        """Release the bundles of the devices ready now; ``when``: (D,) their release times."""
         assert self.fabric is not None
-        g = b.devices_per_node
-        nodes = np.unique(devs // g)
-        seen = self.seen[i]
-        full = np.array([seen[n * g : (n + 1) * g].all() for n in nodes.tolist()], dtype=bool)
-        nodes = nodes[full & ~self.node_out[i][nodes]]
-        if not nodes.size:
+        devs = np.flatnonzero(self.seen[i] & ~self.bundles_out[i])
+        self.bundles_out[i][devs] = True
+        sel = b.of_senders(devs)
+        if not sel.size:
             return
-        self.node_out[i][nodes] = True
-        for n in nodes.tolist():
-            sel = b.of_nodes(np.array([n]))
-            if not sel.size:
-                continue
-            t = max(float(self._grid(i, self.ready[i, n * g : (n + 1) * g]).max()), 0.0)
-            touched, _ = b.touched(sel)
-            np.maximum.at(self.last_in[i], touched, t)
-            self.bundle_start[i][sel] = t
-            label = -(sel + 1)  # bundles are told from device flows by negative labels
+        t = when[b.src[sel]]
+        self.bundle_start[i][sel] = t
+        touched, _ = b.touched(sel)
+        lens = b.touch_ptr[sel + 1] - b.touch_ptr[sel]
+        np.maximum.at(self.last_in[i], touched, np.repeat(t, lens))
+        order = np.argsort(t, kind="stable")
+        sel, t = sel[order], t[order]
+        cut = np.flatnonzero(np.diff(t)) + 1
+        for part, t0 in zip(np.split(sel, cut), t[np.r_[0, cut]], strict=True):
+            label = -(part + 1)  # bundles are told from device flows by negative labels
             self.fabric.release(
-                t,
+                float(t0),
                 i,
                 label,
                 label,
-                b.nbytes[sel] * fs.scale,
+                b.nbytes[part] * fs.scale,
                 fs.extra_latency_us,
-                routes=b.sub_routes(sel),
-                weight=b.weight[sel],
+                routes=b.sub_routes(part),
+                weight=b.weight[part],
             )
 
     def arrived(self, got: Delivered) -> bool:

@@ -32,7 +32,7 @@ from moesim.costs.roofline import (
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
-from moesim.scenario import FLOW_REL_TOL
+from moesim.scenario import FLOW_REL_TOL, HOT_RECEIVER
 from moesim.sim.aggregate import NodeLinks, bundle_traffic, node_links
 from moesim.sim.engine import Compute, Exchange, FlowSet, Op
 from moesim.sim.exchange import ExchangeTimes, Tier, exchange_times
@@ -66,6 +66,7 @@ class ClusterSpec:
     network: Tier = "analytic"
     flow_rel_tol: float = FLOW_REL_TOL  # the flow tier's tolerance (0: exact)
     granularity: str = "device"  # the flow tier's: "device" or "node" (auto resolved)
+    hot_receiver: float = HOT_RECEIVER  # node granularity: see moesim.sim.aggregate
 
     @property
     def domain_size(self) -> int:
@@ -90,7 +91,7 @@ class ClusterSpec:
     def flows(self, m: np.ndarray) -> FlowSet:
         """The flow tier's transfers of the (D, D) matrix ``m`` at this granularity."""
         if self.granularity == "node":
-            inside, bundles = bundle_traffic(m, self.topology, self.node_links)
+            inside, bundles = bundle_traffic(m, self.topology, self.node_links, self.hot_receiver)
             return replace(FlowSet.from_matrix(inside), bundles=bundles)
         return FlowSet.from_matrix(m)
 
