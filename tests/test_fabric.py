@@ -162,7 +162,9 @@ def test_gradient_buckets_fill_in_backward_order_and_reduce_once_full():
     # the flow tier: one flow per device to the next, released together
     flow = gradient_allreduce([(3, 1e6)], 16, hw, replace(cluster, network="flow"))
     (fs,) = [op.flows for op in flow]
-    assert fs.barrier and fs.dst.tolist() == [*range(1, 16), 0]
+    # the ring crosses between nodes on one rail: 7 -> 15 (rail 7), 8 -> 0 (rail 0)
+    assert fs.barrier and fs.src.tolist() == [*range(8), *range(15, 7, -1)]
+    assert fs.dst.tolist() == [*range(1, 8), 15, *range(14, 7, -1), 0]
     assert fs.nbytes.tolist() == pytest.approx([2 * 15 / 16 * 2e6] * 16)
 
 

@@ -16,7 +16,10 @@ figures:
     into the :class:`~moesim.sim.fabric.Fabric` when ``d`` is ready, not when its last peer
     is, and share every link max-min fairly with every other transfer in flight — of this
     exchange, of another microbatch's, of an all-reduce. Rates change at each release and
-    each drain. The device's op ends when the last transfer it sends or receives arrives.
+    each drain. The device's op ends when the last transfer it sends or receives arrives
+    (at ``node`` granularity, :mod:`moesim.sim.aggregate`, a receiver in a bundle when its
+    share of the bundle would have arrived). Release times go out on a grid of the
+    fabric's ``rel_tol`` x the op's median port-limited time (:meth:`_Run._grid`).
 
 By default a device runs its ops one after another. When any op names its dependencies
 (``after``: indices of earlier ops of the same device), each device instead runs one
@@ -34,7 +37,7 @@ The event loop is our own, not SimPy: its state is per-op arrays over devices
 (:class:`_Run`), and the fabric's flows in flight (:class:`moesim.sim.fabric.Fabric`).
 Everything that interacts with nothing — compute, closed-form exchanges — is array
 arithmetic over all devices at once; the clock only moves at the fabric's events
-(releases, drains, arrivals), after each of which the devices whose transfers arrived
+(releases, drains), after each of which the devices whose transfers arrived
 advance as far as they can. A program without flow exchanges therefore takes one pass
 and no clock events; with SimPy a process per device and stream (the formulation kept in
 ``tests/engine_reference.py`` as the oracle the tests hold this engine to) would cost a
@@ -163,7 +166,8 @@ class Records:
     ``start_us`` is when the op began (after any wait), ``wait_us`` the idle time
     before it, ``duration_us`` its busy time. ``events``: op completions processed (one
     per op and batch of devices completing it together) plus the fabric's clock events;
-    ``rate_updates``: the fabric's max-min rate recomputations (0 without flow exchanges).
+    ``rate_updates``: the fabric's max-min rate recomputations (0 without flow exchanges);
+    ``flows``: the flows the program's flow exchanges hold (device flows and bundles).
     """
 
     start_us: np.ndarray

@@ -51,6 +51,7 @@ __all__ = [
     "gradient_allreduce",
     "interleave_microbatches",
     "resolve_granularity",
+    "ring_order",
 ]
 
 BACKWARD_FACTOR = 2.0  # backward costs ~2x forward (gradients w.r.t. inputs and weights)
@@ -424,6 +425,17 @@ def build_program(
     return program + buckets
 
 
+def ring_order(d: int, devices_per_node: int) -> np.ndarray:
+    """The ring's device order: through each node's devices, forward in even nodes and
+    backward in odd ones, so that a hop between nodes stays on one rail (node 0's last
+    device to node 1's last, node 1's first to node 2's first), as NCCL's rings on
+    rail-optimised clusters do."""
+    g = devices_per_node
+    idx = np.arange(d)
+    node, pos = idx // g, idx % g
+    return np.where(node % 2 == 1, node * g + np.minimum(g, d - node * g) - 1 - pos, idx)
+
+
 #: Megatron-Core's default gradient bucket, in parameters: max(40 M, 1 M x data-parallel
 #: size) (``DistributedDataParallelConfig.bucket_size``, "larger DP sizes need larger
 #: buckets to ensure collectives do not become latency-bound")
@@ -445,8 +457,9 @@ def gradient_allreduce(
     is done; the last, partial bucket once the backward pass is.
 
     A ring over every device (:func:`allreduce_time_us` in closed form; in the flow tier a
-    ring of flows, each device sending ``2 (D-1)/D`` of the bucket to the next, released
-    once every device is ready) that shares links with the all-to-alls still in flight.
+    ring of flows in :func:`ring_order`, each device sending ``2 (D-1)/D`` of the bucket to
+    the next, released once every device is ready) that shares links with the all-to-alls
+    still in flight.
     """
     if d == 1:
         return []
@@ -463,11 +476,11 @@ def gradient_allreduce(
         ar = allreduce_time_us(nbytes, hw, cluster)
         flows = None
         if cluster.network == "flow":
-            ring = np.arange(d)
+            ring = ring_order(d, cluster.devices_per_node)
             lat = hw.scale_up.latency_us if cluster.domain_size >= d else hw.scale_out.latency_us
             flows = FlowSet(
                 ring,
-                (ring + 1) % d,
+                np.roll(ring, -1),
                 np.full(d, 2 * (d - 1) / d * nbytes),
                 barrier=True,
                 extra_latency_us=(2 * (d - 1) - 1) * lat,
