@@ -7,7 +7,7 @@ contiguous placement, dropless), 1,024 tokens per device, H100 nodes of 8, flow 
 the default tolerance, on four fabrics: non-blocking, a 2:1 and a 4:1 oversubscribed
 spine, and device 5's NIC at half speed. Each case runs the step at ``device``
 granularity (a flow per device pair: the reference) and at ``node`` (a device's traffic
-to another node bundled, hot receivers kept apart, :mod:`moesim.sim.aggregate`), at each
+to another node bundled, hot receivers kept apart, :mod:`moesim.sim.transfers`), at each
 ``--hot`` value of ``network.hot_receiver`` (default 1.1), and prints:
 
 * per-device exchange time error, median and max over every (exchange, device): a

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from moesim.hardware import get_profile
-from moesim.sim.engine import Compute, Exchange, FlowSet, run_program
+from moesim.sim.engine import Compute, Exchange, run_program
 from moesim.sim.exchange import exchange_times
 from moesim.sim.fabric import Fabric
+from moesim.sim.transfers import FlowSet
 from moesim.topology import build_topology
 
 D = 4
@@ -144,7 +145,8 @@ def _x32(fs):
 
 # ----- the dense-gradient all-reduce, bucketed -----------------------------------------------
 def test_gradient_buckets_fill_in_backward_order_and_reduce_once_full():
-    from moesim.sim.program import ClusterSpec, bucket_params, gradient_allreduce
+    from moesim.sim.allreduce import bucket_params, gradient_allreduce
+    from moesim.sim.cluster import ClusterSpec
 
     hw = get_profile("H100-SXM")
     cluster = ClusterSpec(16, 8, build_topology(hw, 16, 8))
@@ -170,7 +172,7 @@ def test_gradient_buckets_fill_in_backward_order_and_reduce_once_full():
 
 # ----- node granularity: aggregated flows ---------------------------------------------------
 def test_node_links_pool_a_nodes_nics_and_a_groups_rail_leaves():
-    from moesim.sim.aggregate import node_links
+    from moesim.sim.transfers import node_links
 
     topo = build_topology(get_profile("H100-SXM"), 32, 8, oversubscription=2.0, nodes_per_leaf=2)
     nl = node_links(topo)
@@ -182,7 +184,7 @@ def test_node_links_pool_a_nodes_nics_and_a_groups_rail_leaves():
 
 
 def test_bundles_join_a_senders_pairs_to_a_node_and_keep_hot_receivers_apart():
-    from moesim.sim.aggregate import bundle_traffic, node_links
+    from moesim.sim.transfers import bundle_traffic, node_links
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
     nl = node_links(topo)
@@ -209,7 +211,7 @@ def test_bundles_join_a_senders_pairs_to_a_node_and_keep_hot_receivers_apart():
 
 
 def test_a_bundles_members_end_as_equal_shares_would_end_them():
-    from moesim.sim.aggregate import _member_fractions
+    from moesim.sim.transfers import _member_fractions
 
     # bundle 0 holds members of 1, 3 (and bundle 1 one of 5) bytes: at equal rates the
     # 1-byte member ends when 2 of the 4 bytes have gone (1/2 of the bundle's time); the
@@ -224,7 +226,7 @@ def test_node_bundles_equal_device_flows_when_the_node_port_binds_like_the_nics(
     # every device of node 0 sends 1,000 B to each device of node 1 (links 1 GB/s): each
     # NIC moves 8,000 B at 1,000 B/us, 8 us, whether 64 device flows or 16 weighted bundles
     # (per sender, one on its rail and one through the spine) on node 1's pooled port
-    from moesim.sim.program import ClusterSpec
+    from moesim.sim.cluster import ClusterSpec
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
     topo = replace(topo, capacity_gbps=np.ones(topo.num_links), latency_us=np.zeros(topo.num_links))
@@ -240,7 +242,7 @@ def test_node_bundles_equal_device_flows_when_the_node_port_binds_like_the_nics(
 
 
 def test_auto_granularity_keeps_device_flows_while_affordable():
-    from moesim.sim.program import resolve_granularity
+    from moesim.sim.cluster import resolve_granularity
 
     hw = get_profile("H100-SXM")
     assert resolve_granularity("auto", build_topology(hw, 256, 8)) == "device"

@@ -1,3 +1,4 @@
-"""The simulation, stage by stage: inputs (``prepare``), routing (``replay``, ``routing``,
-``counts``), the program of ops (``program``), the event loop and its fabric (``engine``,
-``fabric``, ``aggregate``, ``flows``), and metrics (``metrics``, ``stragglers``)."""
+"""The simulation, stage by stage: inputs (``prepare``, ``cluster``), routing (``replay``,
+``routing``, ``counts``), the program of ops (``program``, ``allreduce``), the event loop
+and its fabric (``engine``, ``fabric``, ``transfers``, ``flows``), and metrics
+(``metrics``, ``stragglers``)."""

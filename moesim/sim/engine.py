@@ -17,7 +17,7 @@ figures:
     is, and share every link max-min fairly with every other transfer in flight — of this
     exchange, of another microbatch's, of an all-reduce. Rates change at each release and
     each drain. The device's op ends when the last transfer it sends or receives arrives
-    (at ``node`` granularity, :mod:`moesim.sim.aggregate`, a receiver in a bundle when its
+    (at ``node`` granularity, :mod:`moesim.sim.transfers`, a receiver in a bundle when its
     share of the bundle would have arrived). Release times go out on a grid of the
     fabric's ``rel_tol`` x the op's median port-limited time (:meth:`_Run._grid`).
 
@@ -47,16 +47,15 @@ generator resume per op and device: 2,048 devices x 58 layers are millions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
-from moesim.sim.aggregate import Bundles
 from moesim.sim.fabric import Delivered, Fabric
-from moesim.sim.flows import KeyIndex
+from moesim.sim.transfers import Bundles, FlowSet
 
-__all__ = ["Compute", "Exchange", "FlowSet", "Op", "Records", "run_program"]
+__all__ = ["Compute", "Exchange", "Op", "Records", "run_program"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,55 +71,6 @@ class Compute:
     stream: str = "compute"
     phase: str = ""  # what the op is within its layer and pass ("experts"); "" = the name
     microbatch: int = 0
-
-
-@dataclass(frozen=True, eq=False)
-class FlowSet:
-    """The transfers of a flow-tier exchange: flow ``f`` carries ``nbytes[f] * scale`` bytes
-    from ``src[f]`` to ``dst[f]`` (distinct devices, bytes > 0).
-
-    ``barrier``: a collective whose steps need all ranks, such as a ring all-reduce: every
-    flow is released once every device is ready, not at its sender's ready time, and the
-    op ends on every device when its last flow arrives.
-    ``extra_latency_us``: a fixed latency each flow adds to its path's (a ring's steps).
-    Dispatch and combine of one layer share the arrays (the combine swaps ``src`` and
-    ``dst``), so a program holds one copy of a layer's traffic.
-    """
-
-    src: np.ndarray
-    dst: np.ndarray
-    nbytes: np.ndarray
-    scale: float = 1.0
-    barrier: bool = False
-    extra_latency_us: float = 0.0
-    bundles: Bundles | None = None  # node granularity: traffic between domains, bundled
-
-    @staticmethod
-    def from_matrix(m: np.ndarray, scale: float = 1.0) -> FlowSet:
-        """The flows of a (D, D) src → dst matrix (the diagonal stays on its device)."""
-        mm = np.asarray(m, dtype=np.float64)
-        src, dst = np.nonzero(mm)
-        off = src != dst
-        src, dst = src[off], dst[off]
-        return FlowSet(src.astype(np.int64), dst.astype(np.int64), mm[src, dst], scale)
-
-    def reversed(self, scale: float) -> FlowSet:
-        """Every transfer in the other direction (a combine after its dispatch); device
-        flows only (bundles' reverse paths differ: bundle the reversed traffic instead)."""
-        if self.bundles is not None:
-            raise ValueError("bundled traffic does not reverse: bundle its transpose")
-        return FlowSet(self.dst, self.src, self.nbytes, scale, self.barrier, self.extra_latency_us)
-
-    def rescaled(self, scale: float) -> FlowSet:
-        return replace(self, scale=scale)
-
-    @cached_property
-    def _by_sender(self) -> KeyIndex:
-        return KeyIndex.of(self.src)
-
-    def of_senders(self, devices: np.ndarray) -> np.ndarray:
-        """Indices of the flows sent by ``devices`` (sorted ids)."""
-        return self._by_sender.rows(devices)
 
 
 @dataclass(frozen=True, eq=False)

@@ -73,7 +73,7 @@ class Fabric:
         links: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """``links``: (capacity GB/s, latency µs) of every link, when flows also use links
-        beyond the topology's (aggregated ports, :mod:`moesim.sim.aggregate`)."""
+        beyond the topology's (aggregated ports, :mod:`moesim.sim.transfers`)."""
         self.topology = topology
         cap, lat = links if links is not None else (topology.capacity_gbps, topology.latency_us)
         self.capacity = np.asarray(cap, dtype=np.float64) * 1e3  # bytes/µs

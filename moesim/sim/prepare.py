@@ -18,11 +18,8 @@ from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
+from moesim.sim.cluster import ClusterSpec, resolve_granularity
 from moesim.sim.counts import inclusion_probabilities
-from moesim.sim.program import (
-    ClusterSpec,
-    resolve_granularity,
-)
 from moesim.topology import build_topology
 from moesim.traces.store import RoutingTrace, read_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize

@@ -16,8 +16,7 @@ Prefill and decode run the forward pass only.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from functools import cached_property
+from dataclasses import replace
 
 import numpy as np
 
@@ -32,99 +31,21 @@ from moesim.costs.roofline import (
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
-from moesim.scenario import FLOW_REL_TOL, HOT_RECEIVER
-from moesim.sim.aggregate import NodeLinks, bundle_traffic, node_links
-from moesim.sim.engine import Compute, Exchange, FlowSet, Op
-from moesim.sim.exchange import ExchangeTimes, Tier, exchange_times
-from moesim.sim.fabric import Fabric
+from moesim.sim.allreduce import gradient_allreduce
+from moesim.sim.cluster import ClusterSpec
+from moesim.sim.engine import Compute, Exchange, Op
+from moesim.sim.exchange import ExchangeTimes, exchange_times
 from moesim.sim.routing import LayerRouting
-from moesim.topology.build import Topology
+from moesim.sim.transfers import FlowSet
 
 __all__ = [
-    "AUTO_DEVICE_PAIRS",
     "BACKWARD_FACTOR",
-    "ClusterSpec",
-    "allreduce_time_us",
     "apply_stragglers",
-    "bucket_params",
     "build_program",
-    "gradient_allreduce",
     "interleave_microbatches",
-    "resolve_granularity",
-    "ring_order",
 ]
 
 BACKWARD_FACTOR = 2.0  # backward costs ~2x forward (gradients w.r.t. inputs and weights)
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """The simulated cluster: its devices, topology and how exchanges are timed."""
-
-    num_devices: int
-    devices_per_node: int
-    topology: Topology
-    network: Tier = "analytic"
-    flow_rel_tol: float = FLOW_REL_TOL  # the flow tier's tolerance (0: exact)
-    granularity: str = "device"  # the flow tier's: "device" or "node" (auto resolved)
-    hot_receiver: float = HOT_RECEIVER  # node granularity: see moesim.sim.aggregate
-
-    @property
-    def domain_size(self) -> int:
-        """Devices sharing one scale-up fabric."""
-        return self.topology.domain_size
-
-    @cached_property
-    def node_links(self) -> NodeLinks:
-        """The node-level links of ``granularity: node`` (:mod:`moesim.sim.aggregate`)."""
-        return node_links(self.topology)
-
-    def fabric(self) -> Fabric | None:
-        """A fresh fabric for one step of the flow tier; None for the analytic tier."""
-        if self.network != "flow":
-            return None
-        if self.granularity == "node":
-            nl = self.node_links
-            links = (nl.capacity_gbps, nl.latency_us)
-            return Fabric(self.topology, rel_tol=self.flow_rel_tol, links=links)
-        return Fabric(self.topology, rel_tol=self.flow_rel_tol)
-
-    def flows(self, m: np.ndarray) -> FlowSet:
-        """The flow tier's transfers of the (D, D) matrix ``m`` at this granularity."""
-        if self.granularity == "node":
-            inside, bundles = bundle_traffic(m, self.topology, self.node_links, self.hot_receiver)
-            return replace(FlowSet.from_matrix(inside), bundles=bundles)
-        return FlowSet.from_matrix(m)
-
-
-#: ``granularity: auto`` keeps a flow per device pair up to this many pairs (256 devices:
-#: a DeepSeek-V3 training step in about 70 s on a 2-core VM), bundles per node beyond
-AUTO_DEVICE_PAIRS = 65_536
-
-
-def resolve_granularity(granularity: str, topology: Topology) -> str:
-    """``device`` or ``node``: ``auto`` picks device flows while they stay within
-    :data:`AUTO_DEVICE_PAIRS`; tori always keep device flows."""
-    if topology.kind.startswith("torus") or topology.num_devices <= topology.domain_size:
-        return "device"
-    if granularity == "auto":
-        return "device" if topology.num_devices**2 <= AUTO_DEVICE_PAIRS else "node"
-    return granularity
-
-
-def allreduce_time_us(nbytes: float, hw: HardwareProfile, cluster: ClusterSpec) -> float:
-    """Ring all-reduce: ``2 (D-1)/D * bytes`` over the slowest tier, plus 2 (D-1) latencies."""
-    d = cluster.num_devices
-    if d == 1 or nbytes == 0:
-        return 0.0
-    if cluster.domain_size >= d:
-        bw, lat = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up, hw.scale_up.latency_us
-    else:
-        bw, lat = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out, hw.scale_out.latency_us
-        nic = cluster.topology.nic_scale
-        if nic is not None:  # the ring runs at its slowest NIC
-            bw *= float(nic.min())
-    return 2 * (d - 1) / d * nbytes / (bw * 1e3) + 2 * (d - 1) * lat
 
 
 def apply_stragglers(
@@ -423,80 +344,3 @@ def build_program(
     if buckets:  # the step's ops on one stream, the buckets' all-reduces on another
         program = [replace(op, stream="main") for op in program]
     return program + buckets
-
-
-def ring_order(d: int, devices_per_node: int) -> np.ndarray:
-    """The ring's device order: through each node's devices, forward in even nodes and
-    backward in odd ones, so that a hop between nodes stays on one rail (node 0's last
-    device to node 1's last, node 1's first to node 2's first), as NCCL's rings on
-    rail-optimised clusters do."""
-    g = devices_per_node
-    idx = np.arange(d)
-    node, pos = idx // g, idx % g
-    return np.where(node % 2 == 1, node * g + np.minimum(g, d - node * g) - 1 - pos, idx)
-
-
-#: Megatron-Core's default gradient bucket, in parameters: max(40 M, 1 M x data-parallel
-#: size) (``DistributedDataParallelConfig.bucket_size``, "larger DP sizes need larger
-#: buckets to ensure collectives do not become latency-bound")
-def bucket_params(dp_size: int) -> int:
-    return max(40_000_000, 1_000_000 * dp_size)
-
-
-GRAD_BYTES = BYTES_PER_ELEMENT["bf16"]  # gradients reduced in bf16 (Megatron's default)
-
-
-def gradient_allreduce(
-    ready: list[tuple[int, float]], d: int, hw: HardwareProfile, cluster: ClusterSpec
-) -> list[Op]:
-    """The dense-gradient all-reduce, bucketed and overlapped with the backward pass as
-    Megatron-Core does with ``overlap_grad_reduce``: gradients fill buckets of
-    :func:`bucket_params` parameters in the order the backward pass produces them
-    (``ready``: the op that finishes a group of gradients, and their parameter count), and
-    each full bucket is all-reduced on a stream of its own as soon as the op that fills it
-    is done; the last, partial bucket once the backward pass is.
-
-    A ring over every device (:func:`allreduce_time_us` in closed form; in the flow tier a
-    ring of flows in :func:`ring_order`, each device sending ``2 (D-1)/D`` of the bucket to
-    the next, released once every device is ready) that shares links with the all-to-alls
-    still in flight.
-    """
-    if d == 1:
-        return []
-    cap = bucket_params(d)
-    ops: list[Op] = []
-    filled = 0.0
-    for n, (op_index, params) in enumerate(ready):
-        filled += params
-        last = n == len(ready) - 1
-        if filled <= 0 or (filled < cap and not last):
-            continue
-        nbytes = filled * GRAD_BYTES
-        filled = 0.0
-        ar = allreduce_time_us(nbytes, hw, cluster)
-        flows = None
-        if cluster.network == "flow":
-            ring = ring_order(d, cluster.devices_per_node)
-            lat = hw.scale_up.latency_us if cluster.domain_size >= d else hw.scale_out.latency_us
-            flows = FlowSet(
-                ring,
-                np.roll(ring, -1),
-                np.full(d, 2 * (d - 1) / d * nbytes),
-                barrier=True,
-                extra_latency_us=(2 * (d - 1) - 1) * lat,
-            )
-        ops.append(
-            Exchange(
-                f"gradient all-reduce {len(ops)}",  # its phase too: one row per bucket
-                "allreduce",
-                np.zeros(d) if flows is not None else _full(d, ar),
-                None,
-                pass_="backward",
-                after=(op_index,),
-                stream="grad-allreduce",
-                flows=flows,
-                port_limited_us=_full(d, ar) if flows is not None else None,
-                phase=f"gradient all-reduce {len(ops)}",
-            )
-        )
-    return ops

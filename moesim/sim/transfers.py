@@ -1,4 +1,9 @@
-"""Aggregated flows for large clusters: ``network.granularity: node``.
+"""The flow tier's transfers: device flows, and bundles for large clusters.
+
+:class:`FlowSet` is what a flow-tier exchange hands the engine: a flow per (src, dst)
+device pair with traffic, and at ``network.granularity: node`` the bundles below.
+
+Bundles (``granularity: node``).
 
 At ``device`` granularity every (src, dst) pair with traffic is a flow: D² flows per
 exchange. At ``node`` granularity a device's traffic to another node is one bundle (per
@@ -26,7 +31,7 @@ with its node's and group's), and the spread of end times among a bundle's recei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -35,7 +40,7 @@ from moesim.scenario import HOT_RECEIVER
 from moesim.sim.flows import KeyIndex, _gather_index, _sub_paths
 from moesim.topology.build import Routes, Topology
 
-__all__ = ["Bundles", "NodeLinks", "bundle_traffic", "node_links"]
+__all__ = ["Bundles", "FlowSet", "NodeLinks", "bundle_traffic", "node_links"]
 
 
 @dataclass(frozen=True)
@@ -213,3 +218,52 @@ def _member_fractions(inv: np.ndarray, nbytes: np.ndarray, n: int) -> np.ndarray
     frac = np.empty(b.size)
     frac[order] = np.where(total > 0, (before + (k - rank) * x) / total, 1.0)
     return frac
+
+
+@dataclass(frozen=True, eq=False)
+class FlowSet:
+    """The transfers of a flow-tier exchange: flow ``f`` carries ``nbytes[f] * scale`` bytes
+    from ``src[f]`` to ``dst[f]`` (distinct devices, bytes > 0).
+
+    ``barrier``: a collective whose steps need all ranks, such as a ring all-reduce: every
+    flow is released once every device is ready, not at its sender's ready time, and the
+    op ends on every device when its last flow arrives.
+    ``extra_latency_us``: a fixed latency each flow adds to its path's (a ring's steps).
+    Dispatch and combine of one layer share the arrays (the combine swaps ``src`` and
+    ``dst``), so a program holds one copy of a layer's traffic.
+    """
+
+    src: np.ndarray
+    dst: np.ndarray
+    nbytes: np.ndarray
+    scale: float = 1.0
+    barrier: bool = False
+    extra_latency_us: float = 0.0
+    bundles: Bundles | None = None  # node granularity: traffic between domains, bundled
+
+    @staticmethod
+    def from_matrix(m: np.ndarray, scale: float = 1.0) -> FlowSet:
+        """The flows of a (D, D) src → dst matrix (the diagonal stays on its device)."""
+        mm = np.asarray(m, dtype=np.float64)
+        src, dst = np.nonzero(mm)
+        off = src != dst
+        src, dst = src[off], dst[off]
+        return FlowSet(src.astype(np.int64), dst.astype(np.int64), mm[src, dst], scale)
+
+    def reversed(self, scale: float) -> FlowSet:
+        """Every transfer in the other direction (a combine after its dispatch); device
+        flows only (bundles' reverse paths differ: bundle the reversed traffic instead)."""
+        if self.bundles is not None:
+            raise ValueError("bundled traffic does not reverse: bundle its transpose")
+        return FlowSet(self.dst, self.src, self.nbytes, scale, self.barrier, self.extra_latency_us)
+
+    def rescaled(self, scale: float) -> FlowSet:
+        return replace(self, scale=scale)
+
+    @cached_property
+    def _by_sender(self) -> KeyIndex:
+        return KeyIndex.of(self.src)
+
+    def of_senders(self, devices: np.ndarray) -> np.ndarray:
+        """Indices of the flows sent by ``devices`` (sorted ids)."""
+        return self._by_sender.rows(devices)
