@@ -290,7 +290,8 @@ def _breakdown(run: RunData) -> Section:
     ]
     cap = (
         "Busy and waiting time of the device that finishes last in each mode; the segments add "
-        "up to the step time, plus the overlapped time (two-microbatch overlap counts it twice)."
+        "up to the step time, plus the overlapped time (counted twice where two streams ran at "
+        "once: two-microbatch overlap, gradient buckets beside the backward pass)."
     )
     return Section(
         "breakdown",
