@@ -98,6 +98,7 @@ class Fabric:
             "dst": np.zeros(0, dtype=np.int64),
         }
         self._act = np.zeros(0, dtype=np.int64)
+        self._n = 0  # flows in the pool (its arrays may be longer)
         self._op_start: dict[int, float] = {}  # when each op released its first flow
 
     # ----- what the engine calls ------------------------------------------------------------
@@ -191,33 +192,55 @@ class Fabric:
         if routes.links.size:
             has = hops > 0
             lat[has] += np.add.reduceat(self.latency_us[routes.links], routes.indptr[:-1][has])
-        c = self._cols
-        base = c["left"].size
-        self._ptr = np.concatenate((self._ptr, routes.indptr[1:] + self._ptr[-1]))
-        self._links = np.concatenate((self._links, routes.links))
         start = self._op_start.setdefault(int(op[0]), self.now)  # one op per batch
+        n, m, k = self._n, self._ptr[self._n], src.size
+        self._reserve(n + k, m + routes.links.size)
+        c = self._cols
+        self._ptr[n + 1 : n + k + 1] = routes.indptr[1:] + m
+        self._links[m : m + routes.links.size] = routes.links
         new = {
             "left": nbytes,
-            "rate": np.zeros(src.size),
-            "t0": np.full(src.size, start),
+            "rate": 0.0,
+            "t0": start,
             "lat": lat,
             "w": weight,
             "op": op,
             "src": src,
             "dst": dst,
         }
-        for k, v in new.items():
-            c[k] = np.concatenate((c[k], v))
-        self._act = np.concatenate((self._act, base + np.arange(src.size)))
+        for name, v in new.items():
+            c[name][n : n + k] = v
+        self._n = n + k
+        self._act = np.concatenate((self._act, n + np.arange(k)))
         self._dirty = True
+
+    def _reserve(self, flows: int, links: int) -> None:
+        """Room in the pool for ``flows`` flows and ``links`` path entries, doubling (the
+        arrays past the pool's size are never read: the kernel reads the rows ``_act``)."""
+        c = self._cols
+        if flows > c["left"].size:
+            cap = max(flows, 2 * c["left"].size, 1024)
+            for name, arr in c.items():
+                grown = np.zeros(cap, dtype=arr.dtype)
+                grown[: self._n] = arr[: self._n]
+                c[name] = grown
+            ptr = np.zeros(cap + 1, dtype=np.int64)
+            ptr[: self._n + 1] = self._ptr[: self._n + 1]
+            self._ptr = ptr
+        if links > self._links.size:
+            grown = np.zeros(max(links, 2 * self._links.size, 4096), dtype=np.int64)
+            grown[: self._links.size] = self._links
+            self._links = grown
 
     def _compact(self) -> None:
         """Drop drained flows from the pool once they are most of it."""
-        c = self._cols
-        if c["left"].size < 4 * self._act.size + 65_536:
+        if self._n < 4 * self._act.size + 65_536:
             return
         rows = np.sort(self._act)
-        self._ptr, self._links = _sub_paths(self._ptr, self._links, rows)
-        for k in c:
-            c[k] = c[k][rows]
+        ptr, links = _sub_paths(self._ptr, self._links, rows)
+        c = self._cols
+        for name in c:
+            c[name] = c[name][rows]
+        self._ptr, self._links = ptr, links
+        self._n = rows.size
         self._act = np.arange(rows.size)
