@@ -34,18 +34,29 @@ def maxmin_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flo
     rate = np.empty(n)
     remaining = capacity.astype(np.float64).copy()
     alive = np.ones(n, dtype=np.bool_)
-    order = np.arange(n)  # the unfrozen flows (positions in act), in order
+    # each link's flows (positions in act), and its load: both built once, the load then
+    # lowered as flows freeze (weights are whole counts, so the sums stay exact)
+    lptr = np.zeros(n_links + 1, dtype=np.int64)
     load = np.zeros(n_links)
+    for i in range(n):
+        f = act[i]
+        for j in range(ptr[f], ptr[f + 1]):
+            lptr[links[j] + 1] += 1
+            load[links[j]] += weight[f]
+    for link in range(n_links):
+        lptr[link + 1] += lptr[link]
+    fill = lptr[:-1].copy()
+    lflows = np.empty(lptr[-1], dtype=np.int64)
+    for i in range(n):
+        f = act[i]
+        for j in range(ptr[f], ptr[f + 1]):
+            lflows[fill[links[j]]] = i
+            fill[links[j]] += 1
     saturated = np.zeros(n_links, dtype=np.bool_)
     live = n
     level = 0.0
     tol = 1.0 + max(rel_tol, _TIE)
     while live:
-        load[:] = 0.0
-        for i in order[:live]:
-            f = act[i]
-            for j in range(ptr[f], ptr[f + 1]):
-                load[links[j]] += weight[f]
         inc = np.inf
         for link in range(n_links):
             if load[link] > 0:
@@ -60,18 +71,18 @@ def maxmin_kernel(  # pragma: no cover - compiled; tested through moesim.sim.flo
                 remaining[link] -= inc * load[link]
                 saturated[link] = level + share <= limit
         level += inc
-        k = 0
-        for i in order[:live]:
-            f = act[i]
-            for j in range(ptr[f], ptr[f + 1]):
-                if saturated[links[j]]:
+        for link in range(n_links):
+            if not saturated[link]:
+                continue
+            for q in range(lptr[link], lptr[link + 1]):
+                i = lflows[q]
+                if alive[i]:
                     rate[i] = level
                     alive[i] = False
-                    break
-            if alive[i]:
-                order[k] = i
-                k += 1
-        live = k
+                    live -= 1
+                    f = act[i]
+                    for j in range(ptr[f], ptr[f + 1]):
+                        load[links[j]] -= weight[f]
     return rate
 
 
