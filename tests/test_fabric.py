@@ -59,6 +59,14 @@ def test_late_sender_flows_start_late_and_early_flows_run_alone_until_then():
     rec = run_program(prog, D, Fabric(_topo()))
     assert _span(rec, 1) == [(0.0, 1.5), (0.5, 2.0), (0.5, 2.0), (0.0, 0.0)]
     assert rec.wait_us[1].tolist() == [0.0, 0.0, 0.5, 0.0]  # 2 waited for its late sender
+    # what each device sends (released, last arrived) and receives: 2 receives from 0.0
+    nan = float("nan")
+    spans = rec.transfer_us[1].tolist()
+    np.testing.assert_equal(
+        spans,
+        [[0.0, 1.5, nan, nan], [0.5, 2.0, nan, nan], [nan, nan, 0.0, 2.0], [nan] * 4],
+    )
+    assert np.isnan(rec.transfer_us[0]).all()  # compute
     # the old model released every flow when the last sender was ready: both at 500 B/us
     # from 0.5 on, ending at 2.5 (a device's part alone, isolated: 2.0 us after 0.5)
     alone = exchange_times(
@@ -237,7 +245,11 @@ def test_node_bundles_equal_device_flows_when_the_node_port_binds_like_the_nics(
         cl = ClusterSpec(16, 8, topo, network="flow", flow_rel_tol=0.0, granularity=gran)
         fs = cl.flows(m)
         prog = [Exchange("a2a", "dispatch", np.zeros(16), None, flows=fs)]
-        ends[gran] = run_program(prog, 16, cl.fabric()).end_us[0]
+        rec = run_program(prog, 16, cl.fabric())
+        ends[gran] = rec.end_us[0]
+        # node 0 sends from 0 to 8 us, node 1 receives from 0 to 8 us
+        want = [[0.0, 8.0, np.nan, np.nan]] * 8 + [[np.nan, np.nan, 0.0, 8.0]] * 8
+        np.testing.assert_equal(rec.transfer_us[0].tolist(), want)
     assert ends["node"].tolist() == ends["device"].tolist() == [8.0] * 16
 
 

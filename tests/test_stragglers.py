@@ -360,3 +360,20 @@ def test_degraded_nic_in_the_flow_tier(tmp_path):
         i = names.index(f"L{layer} {phase}")
         took = run.records[0].duration_us[i, dev]
         assert dev == 5 or took >= run.program[i].port_limited_us[5]
+
+
+def test_flow_timeline_shows_each_side_of_a_transfer(tmp_path):
+    # device 3 computes 1.5x slower: in the flow tier its dispatch is released last, while
+    # every device has been receiving the others' transfers since before then
+    from moesim.report.timeline import RECV_TID, SEND_TID
+
+    sc = _demo_like(network={"tier": "flow"}, stragglers={"slow_devices": {3: 1.5}})
+    events = timeline_events(simulate(sc, tmp_path))
+    disp = [e for e in events if e["ph"] == "X" and e["name"] == "L0 dispatch"]
+    send = {e["pid"]: e for e in disp if e["tid"] == SEND_TID}
+    recv = {e["pid"]: e for e in disp if e["tid"] == RECV_TID}
+    assert len(send) == len(recv) == 16
+    assert max(send, key=lambda p: send[p]["ts"]) == 3
+    assert all(r["ts"] < send[3]["ts"] for r in recv.values())
+    assert all("sent_bytes" in e["args"] for e in send.values())
+    assert all("recv_bytes" in e["args"] for e in recv.values())

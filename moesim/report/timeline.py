@@ -2,9 +2,12 @@
 
 One process per device; thread 0 is compute, thread 1 sending and thread 2 receiving
 (each transfer appears on both, with the bytes that device sends or receives; the wait
-before a transfer is on the receive track). ``ts`` and ``dur`` are in microseconds. An
-instant event marks each MoE layer's straggler (see :mod:`moesim.sim.stragglers`) at the
-end of its op that added the most time to the layer's critical path.
+before a transfer is on the receive track). In the flow tier the two tracks show what
+happened on each side: the device's own transfers from their release to the last one's
+arrival, and what it receives from the first incoming release to the last arrival.
+``ts`` and ``dur`` are in microseconds. An instant event marks each MoE layer's straggler
+(see :mod:`moesim.sim.stragglers`) at the end of its op that added the most time to the
+layer's critical path.
 Several modes are laid out one after another on the same device tracks.
 """
 
@@ -66,11 +69,17 @@ def timeline_events(result: SimResult) -> list[dict[str, Any]]:
                 )
             for i, op in enumerate(run.program):
                 comm = isinstance(op, Exchange)
+                spans = (
+                    rec.transfer_us if isinstance(op, Exchange) and op.flows is not None else None
+                )
                 for dev in range(d):
                     start = offset + float(rec.start_us[i, dev])
                     wait = float(rec.wait_us[i, dev])
                     dur = float(rec.duration_us[i, dev])
                     args = {"mode": run.mode, "step": step, "pass": op.pass_, "layer": op.layer}
+                    if spans is not None and isinstance(op, Exchange):  # each side as it ran
+                        events += _transfer_spans(op, spans[i, dev], offset, dev, args)
+                        continue
                     if wait > 0:
                         events.append(
                             _span(
@@ -117,6 +126,22 @@ def timeline_events(result: SimResult) -> list[dict[str, Any]]:
             events += _straggler_marks(run, step, rec, offset)
             offset += float(rec.end_us.max()) + GAP_US
     return events
+
+
+def _transfer_spans(
+    op: Exchange, span: Any, offset: float, dev: int, args: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A flow-tier transfer on the send track from its release to its last flow's arrival,
+    and on the receive track from the first incoming release to the last arrival."""
+    out = []
+    tracks = ((SEND_TID, "sent_bytes", op.sent_bytes), (RECV_TID, "recv_bytes", op.recv_bytes))
+    for (tid, key, nbytes), (t0, t1) in zip(tracks, (span[:2], span[2:]), strict=True):
+        if t1 > t0:  # NaN (nothing that way) compares false
+            size = float(nbytes[dev]) if nbytes.size else 0.0
+            out.append(
+                _span(op.name, op.category, offset + t0, t1 - t0, dev, tid, args | {key: size})
+            )
+    return out
 
 
 def _straggler_marks(run: Any, step: int, rec: Any, offset: float) -> list[dict[str, Any]]:

@@ -117,7 +117,10 @@ class Records:
     before it, ``duration_us`` its busy time. ``events``: op completions processed (one
     per op and batch of devices completing it together) plus the fabric's clock events;
     ``rate_updates``: the fabric's max-min rate recomputations (0 without flow exchanges);
-    ``flows``: the flows the program's flow exchanges hold (device flows and bundles).
+    ``flows``: the flows the program's flow exchanges hold (device flows and bundles);
+    ``transfer_us``: for flow exchanges, (ops, D, 4) when each device's own transfers were
+    released and when the last of them arrived, then the same for what it receives (NaN
+    where it sends or receives nothing, and for every other op); None without flows.
     """
 
     start_us: np.ndarray
@@ -126,6 +129,7 @@ class Records:
     events: int
     rate_updates: int = 0
     flows: int = 0
+    transfer_us: np.ndarray | None = None
 
     @cached_property
     def end_us(self) -> np.ndarray:
@@ -188,6 +192,7 @@ class _Run:
         self.left: dict[int, np.ndarray] = {}
         self.last_arrival: dict[int, np.ndarray] = {}
         self.last_in: dict[int, np.ndarray] = {}
+        self.spans: dict[int, np.ndarray] = {}
         self.bundles_out: dict[int, np.ndarray] = {}  # devices whose bundles are out
         self.bundle_start: dict[int, np.ndarray] = {}
         for i, op in enumerate(program):
@@ -203,6 +208,9 @@ class _Run:
                 self.left[i] = left
                 self.last_arrival[i] = np.full(d, -np.inf)
                 self.last_in[i] = np.full(d, -np.inf)
+                # per device: first release and last arrival of what it sends, and of
+                # what it receives (the timeline's send and receive spans)
+                self.spans[i] = np.array([[np.inf], [-np.inf], [np.inf], [-np.inf]]).repeat(d, 1)
         self.lo = 0  # every op before lo is done on every device
 
     # ----- advancing the devices ------------------------------------------------------------
@@ -323,6 +331,8 @@ class _Run:
         if not f.size:
             return
         np.maximum.at(self.last_in[i], fs.dst[f], when)
+        np.minimum.at(self.spans[i][0], fs.src[f], when)
+        np.minimum.at(self.spans[i][2], fs.dst[f], when)
         # one batch per release time
         order = np.argsort(when, kind="stable")
         f, when = f[order], when[order]
@@ -350,6 +360,9 @@ class _Run:
         touched, _ = b.touched(sel)
         lens = b.touch_ptr[sel + 1] - b.touch_ptr[sel]
         np.maximum.at(self.last_in[i], touched, np.repeat(t, lens))
+        sender = touched == np.repeat(b.src[sel], lens)
+        np.minimum.at(self.spans[i][0], touched[sender], np.repeat(t, lens)[sender])
+        np.minimum.at(self.spans[i][2], touched[~sender], np.repeat(t, lens)[~sender])
         order = np.argsort(t, kind="stable")
         sel, t = sel[order], t[order]
         cut = np.flatnonzero(np.diff(t)) + 1
@@ -383,12 +396,20 @@ class _Run:
                 # a touched device is done with the bundle its share of the way through
                 t0 = np.repeat(self.bundle_start[i][sel], lens)
                 t_dev = t0 + frac * (np.repeat(t[bund], lens) - t0)
+                sender = dev == np.repeat(fs.bundles.src[sel], lens)
+                np.maximum.at(self.spans[i][1], dev[sender], t_dev[sender])
+                np.maximum.at(self.spans[i][3], dev[~sender], t_dev[~sender])
+                np.maximum.at(self.spans[i][1], src[~bund], t[~bund])
+                np.maximum.at(self.spans[i][3], dst[~bund], t[~bund])
                 src, dst, t = (
                     np.concatenate((src[~bund], dev)),
                     np.concatenate((dst[~bund], dev)),
                     np.concatenate((t[~bund], t_dev)),
                 )
                 np.add.at(self.left[i], dev, 1)  # counted once per (bundle, device)
+            else:
+                np.maximum.at(self.spans[i][1], src, t)
+                np.maximum.at(self.spans[i][3], dst, t)
             np.subtract.at(self.left[i], src, 1)
             np.subtract.at(self.left[i], dst, 1)
             np.maximum.at(self.last_arrival[i], src, t)
@@ -426,7 +447,13 @@ def run_program(program: Sequence[Op], num_devices: int, fabric: Fabric | None =
     if not run.done.all():
         i = int(np.flatnonzero(~run.done.all(axis=1))[0])
         raise RuntimeError(f"the program deadlocked at op {i} ({program[i].name!r})")
+    transfer_us = None
+    if run.spans:  # (ops, D, 4): send from, send to, receive from, receive to; NaN: none
+        transfer_us = np.full((len(program), num_devices, 4), np.nan)
+        for i, sp in run.spans.items():
+            transfer_us[i] = np.where(np.isfinite(sp), sp, np.nan).T
     return Records(
+        transfer_us=transfer_us,
         start_us=run.start,
         wait_us=run.wait,
         duration_us=run.dur,
