@@ -2,9 +2,11 @@
 
 The flow tier's network state inside the engine's event loop
 (:func:`moesim.sim.engine.run_program`). Links are the topology's directed links
-(:class:`moesim.topology.build.Topology`); a transfer is a :class:`Flow` batch entry on
-its topology path. All flows in flight share the links max-min fairly, whichever
-exchange, microbatch or collective they belong to.
+(:class:`moesim.topology.build.Topology`), plus any aggregated ports
+(:mod:`moesim.sim.transfers`); a flow is one row of the fabric's pool, on its path, with
+a weight (how many flows' share it takes: 1, or a bundle's member count). All flows in
+flight share the links max-min fairly, whichever exchange, microbatch or collective they
+belong to.
 
 Lifecycle of a flow (one row of the fabric's arrays):
 
@@ -46,7 +48,8 @@ __all__ = ["Delivered", "Fabric"]
 
 @dataclass(frozen=True)
 class Delivered:
-    """Flows that arrived at one event: (n,) arrays of their op, endpoints and arrival time."""
+    """Flows that drained at one event: (n,) arrays of their op, endpoints (labels, for
+    bundles) and arrival time."""
 
     op: np.ndarray
     src: np.ndarray
