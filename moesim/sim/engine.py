@@ -28,10 +28,8 @@ ops in program order, and an op starts once its dependencies are done on that de
 so one microbatch's transfer can overlap another microbatch's compute (DeepSeek-style
 two-microbatch overlap), and a gradient bucket's all-reduce the backward pass.
 
-Lifecycle of an op on a device: *blocked* (its stream's previous op or a dependency not
-done on the device) → *ready* (time known; a flow exchange releases the device's flows)
-→ *begun* (its senders ready too) → *done* (compute: ``duration_us`` later; closed-form
-exchange: ``duration_us`` after its begin; flow exchange: its last flow delivered).
+The lifecycle of an op on a device is documented on :class:`Compute` and
+:class:`Exchange`, that of a flow on :class:`moesim.sim.fabric.Fabric`.
 
 The event loop is our own, not SimPy: its state is per-op arrays over devices
 (:class:`_Run`), and the fabric's flows in flight (:class:`moesim.sim.fabric.Fabric`).
@@ -60,7 +58,11 @@ __all__ = ["Compute", "Exchange", "Op", "Records", "run_program"]
 
 @dataclass(frozen=True, eq=False)
 class Compute:
-    """Local work on every device. ``duration_us``: (D,)."""
+    """Local work on every device. ``duration_us``: (D,).
+
+    Lifecycle on a device: *blocked* (its stream's previous op or a dependency not done
+    there) → *started* when both are done → *done* ``duration_us[d]`` later.
+    """
 
     name: str
     category: str
@@ -76,6 +78,13 @@ class Compute:
 @dataclass(frozen=True, eq=False)
 class Exchange:
     """A transfer that depends on other devices.
+
+    Lifecycle on a device: *blocked* → *ready* when its stream's previous op and its
+    dependencies are done there (a flow exchange releases the device's flows into the
+    fabric then; a ``barrier`` one once every device is ready) → *begun* when every device
+    it receives from is ready too (the time since ready is its wait) → *done*:
+    ``duration_us[d]`` after its begin (closed form), or when the last flow it sends or
+    receives arrives (flow tier).
 
     Attributes:
         duration_us: (D,) closed-form transfer time of each device once its senders are

@@ -6,20 +6,7 @@ The flow tier's network state inside the engine's event loop
 (:mod:`moesim.sim.transfers`); a flow is one row of the fabric's pool, on its path, with
 a weight (how many flows' share it takes: 1, or a bundle's member count). All flows in
 flight share the links max-min fairly, whichever exchange, microbatch or collective they
-belong to.
-
-Lifecycle of a flow (one row of the fabric's arrays):
-
-1. **pending** — released by the engine at its sender's ready time (:meth:`Fabric.release`),
-   possibly in the future; it waits in a queue ordered by that time;
-2. **draining** — from its release time on, its bytes leave at its max-min fair rate, which
-   is recomputed at every event that changes the set of draining flows (a release, a
-   drain);
-3. **delivered** — its last byte has left; it arrives its path's latency later (plus any
-   fixed latency it carries, such as a ring's per-step latencies). Latency holds no link,
-   so the fabric hands the flow to the engine at once (:meth:`Fabric.step`), with its
-   arrival time, which may lie ahead of the clock; what the engine releases in answer is
-   queued for that time.
+belong to. A flow's lifecycle is documented on :class:`Fabric`.
 
 ``rel_tol`` trades exactness for speed, as :mod:`moesim.sim.flows` describes for one
 exchange: flows due to drain within ``rel_tol × (t − t_op)`` of the first to drain
@@ -58,7 +45,20 @@ class Delivered:
 
 
 class Fabric:
-    """Links (capacity, latency) and the flows in flight on them; see the module docstring.
+    """Links (capacity, latency) and the flows in flight on them, on one clock (``now``).
+
+    Lifecycle of a flow (one row of the fabric's arrays):
+
+    1. **pending** — released by the engine at its sender's ready time (:meth:`Fabric.release`),
+       possibly in the future; it waits in a queue ordered by that time;
+    2. **draining** — from its release time on, its bytes leave at its max-min fair rate, which
+       is recomputed at every event that changes the set of draining flows (a release, a
+       drain);
+    3. **delivered** — its last byte has left; it arrives its path's latency later (plus any
+       fixed latency it carries, such as a ring's per-step latencies). Latency holds no link,
+       so the fabric hands the flow to the engine at once (:meth:`Fabric.step`), with its
+       arrival time, which may lie ahead of the clock; what the engine releases in answer is
+       queued for that time.
 
     The flows released so far live in a pool of parallel arrays (CSR paths, bytes left,
     rate, op, endpoints, latency, release time); ``_act`` indexes those still draining.
