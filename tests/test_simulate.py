@@ -181,6 +181,10 @@ def test_training_has_backward_and_allreduce(flame_dict, tmp_path):
     overlapped = b.pop("overlapped_us")
     assert 0 < overlapped <= b["allreduce_us"]
     assert sum(b.values()) - overlapped == pytest.approx(train.summary["step_time_us"], rel=1e-9)
+    # the backward pass costs twice the forward: experts, attention, router
+    ops = {op.name: op for op in train.program}
+    for name in ("L1 experts", "L1 attention"):
+        assert ops[f"{name} bwd"].duration_us.tolist() == (2 * ops[name].duration_us).tolist()
     # each bucket starts once every device has done the backward op that fills it and the
     # bucket before it is reduced (its own stream), and takes the ring's closed-form time
     rec, prog = train.records[-1], train.program
