@@ -262,3 +262,41 @@ def test_auto_granularity_keeps_device_flows_while_affordable():
     assert resolve_granularity("node", build_topology(hw, 8, 8)) == "device"  # one domain
     tpu = build_topology(get_profile("TPU-v5p"), 64, 4)
     assert resolve_granularity("node", tpu) == "device"  # tori keep device flows
+
+
+def test_a_device_waits_for_those_it_receives_from_not_those_it_sends_to():
+    # device 0 sends to device 1, which sends nothing back: 1's dispatch needs 0 ready,
+    # 0's needs nobody (closed form and flow tier alike)
+    from moesim.costs.model import cost_model_for
+    from moesim.costs.roofline import layer_costs
+    from moesim.model.shapes import get_preset
+    from moesim.sim.cluster import ClusterSpec
+    from moesim.sim.program import build_program
+    from moesim.sim.routing import LayerRouting
+
+    hw, shape = get_profile("H100-SXM"), get_preset("FLAME-MoE-290M")
+    copies = np.array([[64, 192], [0, 256]])
+    routed = LayerRouting(
+        device_load=np.array([64, 448]),
+        expert_tokens=np.full((2, 32), 8),
+        dispatch=copies,
+        copies=copies,
+        dropped=np.zeros(2),
+        rerouted=0,
+        assignments=512,
+    )
+    costs = layer_costs(
+        shape, hw, tokens=64, sequence_length=64, mode="prefill", dtype="bf16",
+        model=cost_model_for(hw),
+    )  # fmt: skip
+    for tier in ("analytic", "flow"):
+        cluster = ClusterSpec(2, 2, build_topology(hw, 2, 2), network=tier)
+        layer = shape.moe_layer_indices()[0]
+        prog = build_program(
+            shape, hw, cluster, {layer: routed}, costs, mode="prefill", tokens_per_device=64,
+            sequence_length=64, dtype="bf16", dispatch_dtype="bf16",
+        )  # fmt: skip
+        (disp,) = [op for op in prog if op.name == f"L{layer} dispatch"]
+        assert disp.senders.tolist() == [[True, True], [False, True]]
+        if tier == "flow":
+            assert (disp.flows.src.tolist(), disp.flows.dst.tolist()) == ([0], [1])
