@@ -397,8 +397,11 @@ class _Run:
             src, dst, t = got.src[m], got.dst[m], got.time_us[m]
             fs = self.program[i].flows
             assert fs is not None
-            if fs.bundles is not None and (src < 0).any():
-                bund = src < 0
+            # the devices each arrival is counted for: (device, time) sending and receiving
+            bund = src < 0  # bundles carry negative labels
+            out_dev, out_t, in_dev, in_t = src[~bund], t[~bund], dst[~bund], t[~bund]
+            if bund.any():
+                assert fs.bundles is not None
                 sel = -src[bund] - 1
                 lens = fs.bundles.touch_ptr[sel + 1] - fs.bundles.touch_ptr[sel]
                 dev, frac = fs.bundles.touched(sel)
@@ -406,23 +409,15 @@ class _Run:
                 t0 = np.repeat(self.bundle_start[i][sel], lens)
                 t_dev = t0 + frac * (np.repeat(t[bund], lens) - t0)
                 sender = dev == np.repeat(fs.bundles.src[sel], lens)
-                np.maximum.at(self.spans[i][1], dev[sender], t_dev[sender])
-                np.maximum.at(self.spans[i][3], dev[~sender], t_dev[~sender])
-                np.maximum.at(self.spans[i][1], src[~bund], t[~bund])
-                np.maximum.at(self.spans[i][3], dst[~bund], t[~bund])
-                src, dst, t = (
-                    np.concatenate((src[~bund], dev)),
-                    np.concatenate((dst[~bund], dev)),
-                    np.concatenate((t[~bund], t_dev)),
-                )
-                np.add.at(self.left[i], dev, 1)  # counted once per (bundle, device)
-            else:
-                np.maximum.at(self.spans[i][1], src, t)
-                np.maximum.at(self.spans[i][3], dst, t)
+                out_dev, out_t = np.r_[out_dev, dev[sender]], np.r_[out_t, t_dev[sender]]
+                in_dev, in_t = np.r_[in_dev, dev[~sender]], np.r_[in_t, t_dev[~sender]]
+            np.maximum.at(self.spans[i][1], out_dev, out_t)
+            np.maximum.at(self.spans[i][3], in_dev, in_t)
+            src, dst = out_dev, in_dev
             np.subtract.at(self.left[i], src, 1)
             np.subtract.at(self.left[i], dst, 1)
-            np.maximum.at(self.last_arrival[i], src, t)
-            np.maximum.at(self.last_arrival[i], dst, t)
+            np.maximum.at(self.last_arrival[i], src, out_t)
+            np.maximum.at(self.last_arrival[i], dst, in_t)
             if fs.barrier:  # a collective ends on every device with its last flow
                 if self.left[i].any():
                     continue
