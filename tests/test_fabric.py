@@ -161,7 +161,7 @@ def test_gradient_buckets_fill_in_backward_order_and_reduce_once_full():
     assert bucket_params(16) == 40_000_000 and bucket_params(64) == 64_000_000
     # (op that finishes them, parameters): 30 M + 15 M fill the first 40 M bucket at op 9,
     # 50 M the second at op 12, and the last 1 M go once the backward pass is done (op 14)
-    ops = gradient_allreduce([(5, 30e6), (9, 15e6), (12, 50e6), (14, 1e6)], 16, hw, cluster)
+    ops = gradient_allreduce([(5, 30e6), (9, 15e6), (12, 50e6), (14, 1e6)], hw, cluster)
     assert [op.after for op in ops] == [(9,), (12,), (14,)]
     assert {op.stream for op in ops} == {"grad-allreduce"}
     # ring over 16 devices, 2 nodes: 2 x 15/16 x bytes over the NIC (50 GB/s x 0.85), plus
@@ -170,7 +170,7 @@ def test_gradient_buckets_fill_in_backward_order_and_reduce_once_full():
         want = 2 * 15 / 16 * params * 2 / (50 * 0.85 * 1e3) + 30 * 5.0
         assert op.duration_us.tolist() == pytest.approx([want] * 16, rel=1e-12)
     # the flow tier: one flow per device to the next, released together
-    flow = gradient_allreduce([(3, 1e6)], 16, hw, replace(cluster, network="flow"))
+    flow = gradient_allreduce([(3, 1e6)], hw, replace(cluster, network="flow"))
     (fs,) = [op.flows for op in flow]
     # the ring crosses between nodes on one rail: 7 -> 15 (rail 7), 8 -> 0 (rail 0)
     assert fs.barrier and fs.src.tolist() == [*range(8), *range(15, 7, -1)]

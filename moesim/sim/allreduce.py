@@ -14,18 +14,24 @@ from moesim.sim.transfers import FlowSet
 __all__ = ["allreduce_time_us", "bucket_params", "gradient_allreduce", "ring_order"]
 
 
+def _ring_tier(hw: HardwareProfile, cluster: ClusterSpec) -> tuple[float, float]:
+    """(GB/s, µs per hop) of the ring's slowest tier: scale-up inside one domain, else the
+    NICs (the slowest one, when a NIC is degraded)."""
+    if cluster.domain_size >= cluster.num_devices:
+        return hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up, hw.scale_up.latency_us
+    bw = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out
+    nic = cluster.topology.nic_scale
+    if nic is not None:
+        bw *= float(nic.min())
+    return bw, hw.scale_out.latency_us
+
+
 def allreduce_time_us(nbytes: float, hw: HardwareProfile, cluster: ClusterSpec) -> float:
     """Ring all-reduce: ``2 (D-1)/D * bytes`` over the slowest tier, plus 2 (D-1) latencies."""
     d = cluster.num_devices
     if d == 1 or nbytes == 0:
         return 0.0
-    if cluster.domain_size >= d:
-        bw, lat = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up, hw.scale_up.latency_us
-    else:
-        bw, lat = hw.scale_out.bandwidth_gbps * hw.efficiency.scale_out, hw.scale_out.latency_us
-        nic = cluster.topology.nic_scale
-        if nic is not None:  # the ring runs at its slowest NIC
-            bw *= float(nic.min())
+    bw, lat = _ring_tier(hw, cluster)
     return 2 * (d - 1) / d * nbytes / (bw * 1e3) + 2 * (d - 1) * lat
 
 
@@ -51,7 +57,7 @@ GRAD_BYTES = BYTES_PER_ELEMENT["bf16"]  # gradients reduced in bf16 (Megatron's 
 
 
 def gradient_allreduce(
-    ready: list[tuple[int, float]], d: int, hw: HardwareProfile, cluster: ClusterSpec
+    ready: list[tuple[int, float]], hw: HardwareProfile, cluster: ClusterSpec
 ) -> list[Op]:
     """The dense-gradient all-reduce, bucketed and overlapped with the backward pass as
     Megatron-Core does with ``overlap_grad_reduce``: gradients fill buckets of
@@ -65,6 +71,7 @@ def gradient_allreduce(
     the next, released once every device is ready) that shares links with the all-to-alls
     still in flight.
     """
+    d = cluster.num_devices
     if d == 1:
         return []
     cap = bucket_params(d)
@@ -81,7 +88,7 @@ def gradient_allreduce(
         flows = None
         if cluster.network == "flow":
             ring = ring_order(d, cluster.devices_per_node)
-            lat = hw.scale_up.latency_us if cluster.domain_size >= d else hw.scale_out.latency_us
+            _, lat = _ring_tier(hw, cluster)
             flows = FlowSet(
                 ring,
                 np.roll(ring, -1),

@@ -340,7 +340,7 @@ def build_program(
     # embeddings, final norms (and any stack this walk does not list): done last
     rest = dense_params - sum(b for _, b in ready)
     ready.append((len(program) - 1, float(max(rest, 0))))
-    buckets = gradient_allreduce(ready, d, hw, cluster)
+    buckets = gradient_allreduce(ready, hw, cluster)
     if buckets:  # the step's ops on one stream, the buckets' all-reduces on another
         program = [replace(op, stream="main") for op in program]
     return program + buckets
