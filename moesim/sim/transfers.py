@@ -147,11 +147,9 @@ def bundle_traffic(
     inside[src[keep], dst[keep]] = mm[src[keep], dst[keep]]
     src, dst = src[~keep], dst[~keep]
     nbytes = mm[src, dst]
-    ns, nt = src // g, dst // g
+    nt = dst // g
     per_leaf = nl.nodes_per_leaf
-    direct = (src % g == dst % g) & (ns // per_leaf == nt // per_leaf)
-    if nl.group_down.size == 0:
-        direct[:] = True
+    direct = topo.one_leaf(src, dst)
     # a bundle: (sender, destination node, path class)
     key = (src.astype(np.int64) * nl.in_port.size + nt) * 2 + (~direct)
     uniq, inv = np.unique(key, return_inverse=True)
@@ -171,7 +169,7 @@ def bundle_traffic(
     links[start[two] + 1] = last[two]
     sp = np.flatnonzero(b_spine)
     if sp.size:  # the sender's own rail leaf up, the receivers' group pooled down
-        h = b_dst[sp] % nl.group_down.shape[1]
+        h = topo.spine_of(b_dst[sp])
         rail, groups = b_src[sp] % g, nl.group_down.shape[0]
         links[start[sp] + 1] = topo.tables["leaf_up"][
             rail * groups + (b_src[sp] // g) // per_leaf, h

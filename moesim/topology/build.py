@@ -169,6 +169,19 @@ class Topology:
         return up, float(lat[t["nic_up"]].max(initial=0.0) + lat[t["nic_down"]].max(initial=0.0))
 
     # ----- switched nodes + fat-tree --------------------------------------------------------
+    def one_leaf(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """(F,) whether a path from device ``src`` to ``dst`` in another scale-up domain
+        stays on one leaf switch (same rail, same leaf group) rather than crossing a spine
+        (switched kinds)."""
+        g = self.devices_per_node
+        per_leaf = int(self.tables["nodes_per_leaf"][0])
+        return (src % g == dst % g) & ((src // g) // per_leaf == (dst // g) // per_leaf)
+
+    def spine_of(self, dst_node: np.ndarray) -> np.ndarray:
+        """The spine a path into node ``dst_node`` crosses: chosen by destination node
+        modulo the leaf's uplinks (the usual deterministic "D-mod-k" fat-tree routing)."""
+        return dst_node % self.tables["leaf_up"].shape[1]
+
     def _tree_routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
         t = self.tables
         f = src.size
@@ -177,7 +190,7 @@ class Topology:
         rail_s, rail_d = src % g, dst % g
         grp_s = (src // g) // int(t["nodes_per_leaf"][0])
         grp_d = (dst // g) // int(t["nodes_per_leaf"][0])
-        direct = ~same_dom & (rail_s == rail_d) & (grp_s == grp_d)
+        direct = ~same_dom & self.one_leaf(src, dst)
         via_spine = ~same_dom & ~direct
         mesh = self.kind == "full-mesh"
         lengths = np.where(same_dom, 1 if mesh else 2, np.where(direct, 2, 4))
@@ -197,8 +210,7 @@ class Topology:
         links[start[i] + 1] = t["nic_down"][dst[i]]
         i = np.flatnonzero(via_spine)
         if i.size:
-            n_up = t["leaf_up"].shape[1]
-            h = (dst[i] // g) % n_up  # D-mod-k: the spine is picked by destination node
+            h = self.spine_of(dst[i] // g)
             leaf_s = rail_s[i] * t["groups"][0] + grp_s[i]
             leaf_d = rail_d[i] * t["groups"][0] + grp_d[i]
             links[start[i]] = t["nic_up"][src[i]]
