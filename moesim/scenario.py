@@ -125,11 +125,12 @@ class Network(BaseModel):
     )
     oversubscription: float = Field(default=1.0, ge=1.0, description="fat-tree leaf down/up ratio")
     nodes_per_leaf: int | None = Field(default=None, gt=0)
-    granularity: Literal["device", "node", "auto"] = Field(
+    granularity: Literal["device", "rail", "node", "auto"] = Field(
         default="auto",
-        description="flow tier: a flow per device pair (device); a device's traffic to "
-        "another node bundled into one flow onto the node's NICs pooled as one port (node); "
-        "device up to 65,536 device pairs (256 devices) and node beyond (auto)",
+        description="flow tier: a flow per device pair (device); DeepEP's path, a device's "
+        "traffic to another node as one flow over its rail, forwarded inside the node (rail); "
+        "one flow per node pair onto the nodes' NICs pooled as one port (node); device up to "
+        "65,536 device pairs (256 devices) and node beyond (auto)",
     )
     hot_receiver: float = Field(
         default=HOT_RECEIVER,

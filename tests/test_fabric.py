@@ -184,56 +184,125 @@ def test_node_links_pool_a_nodes_nics_and_a_groups_rail_leaves():
 
     topo = build_topology(get_profile("H100-SXM"), 32, 8, oversubscription=2.0, nodes_per_leaf=2)
     nl = node_links(topo)
-    # 8 NICs of 50 GB/s at 0.85 per node; per (group, spine) 8 rail leaves' downlinks of
-    # 50 / 2 GB/s at 0.85
+    # 8 NICs of 50 GB/s at 0.85 per node, each way; per (group, spine) 8 rail leaves' links
+    # of 50 / 2 GB/s at 0.85, each way
+    assert nl.capacity_gbps[nl.out_port].tolist() == pytest.approx([340.0] * 4)
     assert nl.capacity_gbps[nl.in_port].tolist() == pytest.approx([340.0] * 4)
-    assert nl.group_down.shape == (2, 2)
+    assert nl.group_up.shape == nl.group_down.shape == (2, 2)
+    assert nl.capacity_gbps[nl.group_up].ravel().tolist() == pytest.approx([170.0] * 4)
     assert nl.capacity_gbps[nl.group_down].ravel().tolist() == pytest.approx([170.0] * 4)
 
 
-def test_bundles_join_a_senders_pairs_to_a_node_and_keep_hot_receivers_apart():
-    from moesim.sim.transfers import bundle_traffic, node_links
-
-    topo = build_topology(get_profile("H100-SXM"), 16, 8)
-    nl = node_links(topo)
+def _two_nodes():
     m = np.zeros((16, 16))
     m[0, 8], m[0, 9], m[0, 10] = 100.0, 300.0, 150.0  # device 0 to node 1
     m[1, 8] = 50.0
-    m[2, 11] = 2000.0  # device 11 receives 2,000 B: hot (node 1's mean is 325 B)
     m[0, 1] = 700.0  # inside node 0
-    kept, b = bundle_traffic(m, topo, nl)
+    return m
+
+
+def test_node_bundles_join_a_node_pairs_traffic_per_path_and_keep_hot_receivers_apart():
+    from moesim.sim.transfers import node_links, node_traffic
+
+    topo = build_topology(get_profile("H100-SXM"), 16, 8)
+    nl = node_links(topo)
+    m = _two_nodes()
+    m[2, 11] = 2000.0  # device 11 receives 2,000 B: hot (node 1's mean is 325 B)
+    kept, b = node_traffic(m, topo, nl)
     assert sorted(zip(*np.nonzero(kept), strict=True)) == [(0, 1), (2, 11)]
-    # 0 -> 8 stays on rail 0 (one leaf); 0 -> 9, 0 -> 10 and 1 -> 8 change rails: through
-    # spine 1 (destination node 1 mod 32 spines), the sender's rail leaf up
+    # 0 -> 8 stays on rail 0 (one leaf): the direct bundle; 0 -> 9, 0 -> 10 and 1 -> 8
+    # change rails: the spine bundle, through spine 1 (destination node 1 mod 32 spines)
+    assert b.group.tolist() == [0, 0] and b.group_size == 8  # both wait for all of node 0
+    assert b.nbytes.tolist() == [100.0, 500.0] and b.weight.tolist() == [1, 3]
+    assert b.routes.path(0) == [nl.out_port[0], nl.in_port[1]]
+    assert b.routes.path(1) == [
+        nl.out_port[0],
+        nl.group_up[0, 1],
+        nl.group_down[0, 1],
+        nl.in_port[1],
+    ]
+    # members of 50, 150, 300 B at equal rates end when 150, 350 and 500 of the 500 B have
+    # gone: a device is done at its last member's share
+    dev, frac, out = b.touched(np.array([1]))
+    assert dev.tolist() == [0, 1, 8, 9, 10] and out.tolist() == [True, True, False, False, False]
+    assert frac.tolist() == pytest.approx([1.0, 0.3, 0.3, 1.0, 0.7])
+
+
+def test_rail_bundles_take_deepeps_path_through_the_senders_rail_and_forward_inside_the_node():
+    from moesim.sim.transfers import rail_traffic
+
+    topo = build_topology(get_profile("H100-SXM"), 16, 8)
     t = topo.tables
-    assert b.src.tolist() == [0, 0, 1]
-    assert b.nbytes.tolist() == [100.0, 450.0, 50.0] and b.weight.tolist() == [1, 2, 1]
-    paths = [b.routes.path(i) for i in range(3)]
-    assert paths[0] == [t["nic_up"][0], nl.in_port[1]]
-    assert paths[1] == [t["nic_up"][0], t["leaf_up"][0, 1], nl.group_down[0, 1], nl.in_port[1]]
-    assert paths[2] == [t["nic_up"][1], t["leaf_up"][1, 1], nl.group_down[0, 1], nl.in_port[1]]
-    # the sender is busy to the end; of 0's spine bundle (150 + 300 B) the receiver of 150 B
-    # is done when 2 x 150 of the 450 B have gone
-    dev, frac = b.touched(np.array([1]))
-    assert dev.tolist() == [0, 9, 10] and frac.tolist() == pytest.approx([1.0, 1.0, 2 / 3])
+    m = _two_nodes()
+    m[0, 10] = 0.0
+    # dispatch: 0's 400 B for node 1 go to 8 (rail 0), which forwards 300 B to 9; 1's 50 B
+    # go to 9 (rail 1), which forwards them to 8
+    kept, b = rail_traffic(m, topo)
+    assert {(int(i), int(j)): kept[i, j] for i, j in zip(*np.nonzero(kept), strict=True)} == {
+        (0, 1): 700.0,
+        (8, 9): 300.0,
+        (9, 8): 50.0,
+    }
+    assert b.group.tolist() == [0, 1] and b.group_size == 1
+    assert b.nbytes.tolist() == [400.0, 50.0] and b.weight.tolist() == [2, 1]
+    assert b.routes.path(0) == [t["nic_up"][0], t["nic_down"][8]]
+    assert b.routes.path(1) == [t["nic_up"][1], t["nic_down"][9]]
+    # the relay is busy to the bundle's end; receiver 9 of 300 B too, as is each sender
+    dev, frac, out = b.touched(np.array([0, 1]))
+    assert dev.tolist() == [0, 8, 9, 1, 8, 9] and out.tolist() == [True, False, False] * 2
+    assert frac.tolist() == [1.0] * 6
+    # combine: the other way round, node 1's devices hand 0's bytes to 8 (0's rail) over
+    # the scale-up fabric, which sends them over rail 0; the bundle waits for all of node 1
+    kept, b = rail_traffic(m.T, topo, combine=True)
+    assert {(int(i), int(j)): kept[i, j] for i, j in zip(*np.nonzero(kept), strict=True)} == {
+        (1, 0): 700.0,
+        (9, 8): 300.0,
+        (8, 9): 50.0,
+    }
+    assert b.group.tolist() == [1, 1] and b.group_size == 8
+    assert b.routes.path(0) == [t["nic_up"][8], t["nic_down"][0]]
+    assert b.routes.path(1) == [t["nic_up"][9], t["nic_down"][1]]
+    dev, frac, out = b.touched(np.array([0]))
+    assert dev.tolist() == [8, 9, 0] and out.tolist() == [True, True, False]
+    # 8 sends 100 B of its own, done at (2 x 100) / 400 of the way, but relays to the end
+    assert frac.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_a_bundles_members_end_as_equal_shares_would_end_them():
-    from moesim.sim.transfers import _member_fractions
+    from moesim.sim.transfers import _block_fractions
 
-    # bundle 0 holds members of 1, 3 (and bundle 1 one of 5) bytes: at equal rates the
-    # 1-byte member ends when 2 of the 4 bytes have gone (1/2 of the bundle's time); the
-    # 3-byte one with the last; with sizes 2, 2, 4 the first two end at 6/8
-    frac = _member_fractions(np.array([0, 1, 0]), np.array([3.0, 5.0, 1.0]), 2)
-    assert frac.tolist() == [1.0, 1.0, 0.5]
-    frac = _member_fractions(np.array([0, 0, 0]), np.array([2.0, 4.0, 2.0]), 1)
-    assert frac.tolist() == [0.75, 1.0, 0.75]
+    # bundle 0 holds members of 3 and 1 bytes (and bundle 1 one of 5): at equal rates the
+    # 1-byte member ends when 2 of the 4 bytes have gone (1/2 of the bundle's time), the
+    # 3-byte one with the last; with sizes 2, 4, 2 the two of 2 end at 6/8
+    frac = _block_fractions(np.array([[3.0, 0.0, 1.0], [5.0, 0.0, 0.0]]))
+    assert frac.tolist() == [[1.0, 0.0, 0.5], [1.0, 0.0, 0.0]]
+    assert _block_fractions(np.array([[2.0, 4.0, 2.0]])).tolist() == [[0.75, 1.0, 0.75]]
 
 
-def test_node_bundles_equal_device_flows_when_the_node_port_binds_like_the_nics():
+def test_a_node_bundle_goes_out_when_the_nodes_last_device_is_ready():
+    # 0 -> 2 and 1 -> 3, 1,000 B each on one rail; device 1 computes 2 us first. Device
+    # flows (and rail bundles, one per sender): 0 -> 2 over 0 to 1 us, 1 -> 3 over 2 to 3.
+    # Node bundles: one of 2,000 B, weight 2, at the pooled 2,000 B/us, released at 2 us
+    # when node 0's last device is ready: every device ends at 3 us
+    from moesim.sim.cluster import ClusterSpec
+
+    m = np.zeros((D, D))
+    m[0, 2] = m[1, 3] = 1000.0
+    want = {"device": [1.0, 3.0, 1.0, 3.0], "rail": [1.0, 3.0, 1.0, 3.0], "node": [3.0] * 4}
+    for gran, ends in want.items():
+        cl = ClusterSpec(D, 2, _topo(), network="flow", flow_rel_tol=0.0, granularity=gran)
+        prog = [_c("work", [0, 2, 0, 0]), _x("a2a", cl.flows(m))]
+        rec = run_program(prog, D, cl.fabric())
+        assert rec.end_us[1].tolist() == ends, gran
+        assert rec.start_us[1].tolist() == ([0.0, 2.0, 0.0, 2.0] if gran != "node" else [2.0] * 4)
+
+
+def test_bundles_equal_device_flows_when_the_pooled_ports_bind_like_the_nics():
     # every device of node 0 sends 1,000 B to each device of node 1 (links 1 GB/s): each
-    # NIC moves 8,000 B at 1,000 B/us, 8 us, whether 64 device flows or 16 weighted bundles
-    # (per sender, one on its rail and one through the spine) on node 1's pooled port
+    # NIC moves 8,000 B at 1,000 B/us, 8 us, whether 64 device flows, 8 rail bundles (one
+    # per sender to its rail's relay, which forwards 7,000 B at 1,000 B/us meanwhile) or 2
+    # node bundles (weights 8 on one leaf and 56 through the spine, sharing node 0's
+    # 8,000 B/us out port 1:7) onto node 1's pooled port
     from moesim.sim.cluster import ClusterSpec
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
@@ -241,16 +310,18 @@ def test_node_bundles_equal_device_flows_when_the_node_port_binds_like_the_nics(
     m = np.zeros((16, 16))
     m[:8, 8:] = 1000.0
     ends = {}
-    for gran in ("device", "node"):
+    for gran in ("device", "rail", "node"):
         cl = ClusterSpec(16, 8, topo, network="flow", flow_rel_tol=0.0, granularity=gran)
         fs = cl.flows(m)
         prog = [Exchange("a2a", "dispatch", np.zeros(16), None, flows=fs)]
         rec = run_program(prog, 16, cl.fabric())
         ends[gran] = rec.end_us[0]
-        # node 0 sends from 0 to 8 us, node 1 receives from 0 to 8 us
-        want = [[0.0, 8.0, np.nan, np.nan]] * 8 + [[np.nan, np.nan, 0.0, 8.0]] * 8
+        # node 0 sends from 0 to 8 us, node 1 receives from 0 to 8 us (rail: node 1's
+        # relays also send, forwarding, from 0 to 7 us)
+        fwd = [0.0, 7.0] if gran == "rail" else [np.nan, np.nan]
+        want = [[0.0, 8.0, np.nan, np.nan]] * 8 + [[*fwd, 0.0, 8.0]] * 8
         np.testing.assert_equal(rec.transfer_us[0].tolist(), want)
-    assert ends["node"].tolist() == ends["device"].tolist() == [8.0] * 16
+    assert ends["node"].tolist() == ends["rail"].tolist() == ends["device"].tolist() == [8.0] * 16
 
 
 def test_auto_granularity_keeps_device_flows_while_affordable():

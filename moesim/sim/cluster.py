@@ -2,8 +2,8 @@
 
 :class:`ClusterSpec` is what every later stage reads of the cluster; for the flow tier it
 builds the fabric of a step and turns a traffic matrix into flows at the scenario's
-granularity (:func:`resolve_granularity`: ``device``, or ``node`` bundles,
-:mod:`moesim.sim.transfers`).
+granularity (:func:`resolve_granularity`: ``device`` flows, or ``rail`` / ``node``
+bundles, :mod:`moesim.sim.transfers`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from moesim.scenario import FLOW_REL_TOL, HOT_RECEIVER
 from moesim.sim.exchange import Tier
 from moesim.sim.fabric import Fabric
-from moesim.sim.transfers import FlowSet, NodeLinks, bundle_traffic, node_links
+from moesim.sim.transfers import FlowSet, NodeLinks, node_links, node_traffic, rail_traffic
 from moesim.topology.build import Topology
 
 __all__ = ["AUTO_DEVICE_PAIRS", "ClusterSpec", "resolve_granularity"]
@@ -31,7 +31,7 @@ class ClusterSpec:
     topology: Topology
     network: Tier = "analytic"
     flow_rel_tol: float = FLOW_REL_TOL  # the flow tier's tolerance (0: exact)
-    granularity: str = "device"  # the flow tier's: "device" or "node" (auto resolved)
+    granularity: str = "device"  # the flow tier's: "device", "rail" or "node" (auto resolved)
     hot_receiver: float = HOT_RECEIVER  # node granularity: see moesim.sim.transfers
 
     @property
@@ -54,24 +54,31 @@ class ClusterSpec:
             return Fabric(self.topology, rel_tol=self.flow_rel_tol, links=links)
         return Fabric(self.topology, rel_tol=self.flow_rel_tol)
 
-    def flows(self, m: np.ndarray) -> FlowSet:
-        """The flow tier's transfers of the (D, D) matrix ``m`` at this granularity."""
-        if self.granularity == "node":
-            inside, bundles = bundle_traffic(m, self.topology, self.node_links, self.hot_receiver)
-            return replace(FlowSet.from_matrix(inside), bundles=bundles)
-        return FlowSet.from_matrix(m)
+    def flows(self, m: np.ndarray, *, combine: bool = False) -> FlowSet:
+        """The flow tier's transfers of the (D, D) matrix ``m`` at this granularity;
+        ``combine``: ``m`` is a combine's (the transpose of its dispatch), which the rail
+        path takes the other way round."""
+        if self.granularity == "device":
+            return FlowSet.from_matrix(m)
+        if self.granularity == "rail":
+            inside, bundles = rail_traffic(m, self.topology, combine=combine)
+        else:
+            inside, bundles = node_traffic(m, self.topology, self.node_links, self.hot_receiver)
+        return replace(FlowSet.from_matrix(inside), bundles=bundles)
 
 
 #: ``granularity: auto`` keeps a flow per device pair up to this many pairs (256 devices:
-#: a DeepSeek-V3 training step in about 70 s on a 2-core VM), bundles per node beyond
+#: a DeepSeek-V3 training step in about a minute on a 2-core VM), node bundles beyond
 AUTO_DEVICE_PAIRS = 65_536
 
 
 def resolve_granularity(granularity: str, topology: Topology) -> str:
-    """``device`` or ``node``: ``auto`` picks device flows while they stay within
-    :data:`AUTO_DEVICE_PAIRS`; tori always keep device flows."""
-    if topology.kind.startswith("torus") or topology.num_devices <= topology.domain_size:
+    """``device``, ``rail`` or ``node``: ``auto`` picks device flows while they stay within
+    :data:`AUTO_DEVICE_PAIRS`, node bundles beyond. Tori, single-domain clusters and
+    clusters with a partial node keep device flows."""
+    d, g = topology.num_devices, topology.devices_per_node
+    if topology.kind.startswith("torus") or d <= topology.domain_size or d % g:
         return "device"
     if granularity == "auto":
-        return "device" if topology.num_devices**2 <= AUTO_DEVICE_PAIRS else "node"
+        return "device" if d**2 <= AUTO_DEVICE_PAIRS else "node"
     return granularity

@@ -17,9 +17,11 @@ figures:
     is, and share every link max-min fairly with every other transfer in flight — of this
     exchange, of another microbatch's, of an all-reduce. Rates change at each release and
     each drain. The device's op ends when the last transfer it sends or receives arrives
-    (at ``node`` granularity, :mod:`moesim.sim.transfers`, a receiver in a bundle when its
-    share of the bundle would have arrived). Release times go out on a grid of the
-    fabric's ``rel_tol`` x the op's median port-limited time (:meth:`_Run._grid`).
+    (at ``rail`` and ``node`` granularity, :mod:`moesim.sim.transfers`, a bundle goes out
+    when its release group, its sender or its source node, is ready, and a device it
+    touches is done with it when its share would have arrived). Release times go out on a
+    grid of the fabric's ``rel_tol`` x the op's median port-limited time
+    (:meth:`_Run._grid`).
 
 By default a device runs its ops one after another. When any op names its dependencies
 (``after``: indices of earlier ops of the same device), each device instead runs one
@@ -202,7 +204,7 @@ class _Run:
         self.last_arrival: dict[int, np.ndarray] = {}
         self.last_in: dict[int, np.ndarray] = {}
         self.spans: dict[int, np.ndarray] = {}
-        self.bundles_out: dict[int, np.ndarray] = {}  # devices whose bundles are out
+        self.bundles_out: dict[int, np.ndarray] = {}  # release groups whose bundles are out
         self.bundle_start: dict[int, np.ndarray] = {}
         for i, op in enumerate(program):
             if isinstance(op, Exchange) and op.flows is not None:
@@ -212,7 +214,7 @@ class _Run:
                 left = np.bincount(fs.src, minlength=d) + np.bincount(fs.dst, minlength=d)
                 if fs.bundles is not None:
                     left += np.bincount(fs.bundles.touch_dev, minlength=d)
-                    self.bundles_out[i] = np.zeros(d, dtype=bool)
+                    self.bundles_out[i] = np.zeros(-(-d // fs.bundles.group_size), dtype=bool)
                     self.bundle_start[i] = np.zeros(fs.bundles.nbytes.size)
                 self.left[i] = left
                 self.last_arrival[i] = np.full(d, -np.inf)
@@ -316,7 +318,7 @@ class _Run:
             when[devs] = self._grid(i, ready)
             self._send(i, fs, f, when[fs.src[f]])
             if fs.bundles is not None:
-                self._send_bundles(i, fs, fs.bundles, when)
+                self._send_bundles(i, fs, fs.bundles, devs)
         # devices with nothing to send or receive are done once ready
         idle = devs[self.left[i][devs] == 0]
         if idle.size:
@@ -356,22 +358,32 @@ class _Run:
                 fs.extra_latency_us,
             )
 
-    def _send_bundles(self, i: int, fs: FlowSet, b: Bundles, when: np.ndarray) -> None:
-        """Release the bundles of the devices ready now; ``when``: (D,) their release times."""
+    def _send_bundles(self, i: int, fs: FlowSet, b: Bundles, devs: np.ndarray) -> None:
+        """Release the bundles of the release groups that ``devs``, ready now, complete:
+        at the latest release time (:meth:`_grid`) of the group's devices."""
         assert self.fabric is not None
-        devs = np.flatnonzero(self.seen[i] & ~self.bundles_out[i])
-        self.bundles_out[i][devs] = True
-        sel = b.of_senders(devs)
+        size = b.group_size
+        cand = np.unique(devs // size)
+        cand = cand[~self.bundles_out[i][cand]]
+        members = np.minimum(cand[:, None] * size + np.arange(size), self.d - 1)
+        whole = self.seen[i][members].all(axis=1)
+        groups, members = cand[whole], members[whole]
+        if not groups.size:
+            return
+        self.bundles_out[i][groups] = True
+        t_group = np.zeros(self.bundles_out[i].size)
+        t_group[groups] = self._grid(i, self.ready[i][members]).max(axis=1)
+        sel = b.of_groups(groups)
         if not sel.size:
             return
-        t = when[b.src[sel]]
+        t = t_group[b.group[sel]]
         self.bundle_start[i][sel] = t
-        touched, _ = b.touched(sel)
+        touched, _, out = b.touched(sel)
         lens = b.touch_ptr[sel + 1] - b.touch_ptr[sel]
-        np.maximum.at(self.last_in[i], touched, np.repeat(t, lens))
-        sender = touched == np.repeat(b.src[sel], lens)
-        np.minimum.at(self.spans[i][0], touched[sender], np.repeat(t, lens)[sender])
-        np.minimum.at(self.spans[i][2], touched[~sender], np.repeat(t, lens)[~sender])
+        t_touch = np.repeat(t, lens)
+        np.maximum.at(self.last_in[i], touched, t_touch)
+        np.minimum.at(self.spans[i][0], touched[out], t_touch[out])
+        np.minimum.at(self.spans[i][2], touched[~out], t_touch[~out])
         order = np.argsort(t, kind="stable")
         sel, t = sel[order], t[order]
         cut = np.flatnonzero(np.diff(t)) + 1
@@ -404,11 +416,10 @@ class _Run:
                 assert fs.bundles is not None
                 sel = -src[bund] - 1
                 lens = fs.bundles.touch_ptr[sel + 1] - fs.bundles.touch_ptr[sel]
-                dev, frac = fs.bundles.touched(sel)
+                dev, frac, sender = fs.bundles.touched(sel)
                 # a touched device is done with the bundle its share of the way through
                 t0 = np.repeat(self.bundle_start[i][sel], lens)
                 t_dev = t0 + frac * (np.repeat(t[bund], lens) - t0)
-                sender = dev == np.repeat(fs.bundles.src[sel], lens)
                 out_dev, out_t = np.r_[out_dev, dev[sender]], np.r_[out_t, t_dev[sender]]
                 in_dev, in_t = np.r_[in_dev, dev[~sender]], np.r_[in_t, t_dev[~sender]]
             np.maximum.at(self.spans[i][1], out_dev, out_t)

@@ -145,7 +145,7 @@ def _moe_ops(
     flows: dict[str, FlowSet | None] = dict.fromkeys(("disp", "comb", "gdisp"))
     if cluster.network == "flow":  # timed in the engine's loop, on the fabric
         base = cluster.flows(copies)
-        back = base.reversed(1.0) if base.bundles is None else cluster.flows(copies.T)
+        back = base.reversed(1.0) if base.bundles is None else cluster.flows(copies.T, combine=True)
         flows = {
             "disp": base.rescaled(b_disp),
             "comb": back.rescaled(b_comb),

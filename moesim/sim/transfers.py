@@ -1,32 +1,28 @@
 """The flow tier's transfers: device flows, and bundles for large clusters.
 
 :class:`FlowSet` is what a flow-tier exchange hands the engine: a flow per (src, dst)
-device pair with traffic, and at ``network.granularity: node`` the bundles below.
+device pair with traffic, and at ``network.granularity: rail`` or ``node`` the bundles
+(:class:`Bundles`) that carry the traffic between scale-up domains.
 
-Bundles (``granularity: node``).
+* ``device``: every (src, dst) pair with traffic is a flow on its own path (D² flows).
+* ``rail`` (:func:`rail_traffic`): the path DeepEP's normal kernels take. A device's
+  traffic to another node is one bundle over its own rail to that node's device on the
+  same rail, which forwards it over the scale-up fabric (device flows inside the node);
+  the combine goes the other way round (scale-up fabric first, then the rail). About
+  D²/g bundles for nodes of g devices. This is a path, not only an aggregation: with
+  ``network.dedup: node`` the traffic already takes it and rail equals device flows;
+  otherwise it moves bytes off the spines that device flows cross between rails.
+* ``node`` (:func:`node_traffic`): one bundle per (node pair, path class), on ports that
+  pool a node's NICs and a leaf group's spine links (:func:`node_links`): about
+  (D/g)² bundles. Pairs into a receiver hot for its NIC keep device flows.
 
-At ``device`` granularity every (src, dst) pair with traffic is a flow: D² flows per
-exchange. At ``node`` granularity a device's traffic to another node is one bundle (per
-path class), about D²/g flows for nodes of g devices:
-
-* links: the device topology's links, then per node an *in* port of the summed capacity
-  of its NICs, and per (leaf group, spine) a downlink of the summed capacity of the
-  group's rail leaves' links from that spine;
-* a bundle's path: the sender's own NIC, then the destination node's in port when its
-  member pairs stay on one leaf (same rail, same leaf group), else the sender's rail leaf
-  up to the spine (chosen by destination node, D-mod-k, as device paths choose it), the
-  destination group's pooled downlink and the in port;
-* its weight is its member count: it takes the max-min share of as many flows; it is
-  released when its sender is ready, as device flows are;
-* its sender is busy with it to the end; each receiver until its own bytes would be
-  through were the members to drain at equal rates (:func:`_member_fractions`);
-* pairs inside a scale-up domain, and pairs into a *hot* receiver (more bytes per unit of
-  NIC than ``hot`` x its node's mean: a popular expert's device, a degraded NIC), stay
-  device flows, so the NIC that limits a hot receiver still limits it.
-
-What this loses against device flows: a cold receiver's own NIC and rail leaf (pooled
-with its node's and group's), and the spread of end times among a bundle's receivers.
-``benchmarks/flow_granularity.py`` measures the error.
+A bundle weighs its member count (the max-min share of that many flows), goes out when
+its release group (its sender; for ``node`` and a rail combine, its source node) is
+ready, and keeps each device it touches busy for the share of its time that device's
+members would take at equal rates. What aggregation loses against device flows (a cold
+receiver's own NIC and rail leaf pooled with its node's and group's, the spread of end
+times among a bundle's members, a node's early senders waiting for its last) is measured
+by ``benchmarks/flow_granularity.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ from moesim.scenario import HOT_RECEIVER
 from moesim.sim.flows import KeyIndex, _gather_index, _sub_paths
 from moesim.topology.build import Routes, Topology
 
-__all__ = ["Bundles", "FlowSet", "NodeLinks", "bundle_traffic", "node_links"]
+__all__ = ["Bundles", "FlowSet", "NodeLinks", "node_links", "node_traffic", "rail_traffic"]
 
 
 @dataclass(frozen=True)
@@ -49,14 +45,18 @@ class NodeLinks:
 
     capacity_gbps: np.ndarray
     latency_us: np.ndarray
-    in_port: np.ndarray  # (nodes,) link index
+    out_port: np.ndarray  # (nodes,) link index: a node's NICs up, pooled
+    in_port: np.ndarray  # (nodes,) link index: a node's NICs down, pooled
+    group_up: np.ndarray  # (groups, spines) link index; empty without spines
     group_down: np.ndarray  # (groups, spines) link index; empty without spines
     devices_per_node: int
     nodes_per_leaf: int
 
 
 def node_links(topo: Topology) -> NodeLinks:
-    """Node in ports and group downlinks built on ``topo`` (a switched kind)."""
+    """Node ports and leaf-group spine links built on ``topo`` (a switched kind): per node an
+    *out* and an *in* port of its NICs' summed capacity, per (leaf group, spine) an uplink
+    and a downlink of the summed capacity of the group's rail leaves' links to that spine."""
     if topo.kind.startswith("torus"):
         raise ValueError("node granularity needs a switched fabric (tori keep device flows)")
     t = topo.tables
@@ -65,23 +65,31 @@ def node_links(topo: Topology) -> NodeLinks:
     node = np.arange(topo.num_devices) // g
     cap = np.asarray(topo.capacity_gbps, dtype=np.float64)
     lat = np.asarray(topo.latency_us, dtype=np.float64)
-    in_port = cap.size + np.arange(nodes)
-    caps = [cap, np.bincount(node, weights=cap[t["nic_down"]], minlength=nodes)]
-    lats = [lat, np.full(nodes, lat[t["nic_down"]].max())]
+    out_port = cap.size + np.arange(nodes)
+    in_port = out_port + nodes
+    caps: list[np.ndarray] = [cap]
+    lats: list[np.ndarray] = [lat]
+    for nic in (t["nic_up"], t["nic_down"]):
+        caps.append(np.bincount(node, weights=cap[nic], minlength=nodes))
+        lats.append(np.full(nodes, lat[nic].max()))
     groups = int(t["groups"][0])
-    leaf_down = t["leaf_down"]  # (rails * groups, spines)
-    group_down = np.zeros((0, 0), dtype=np.int64)
+    group_up = group_down = np.zeros((0, 0), dtype=np.int64)
     if topo.num_devices > topo.domain_size:  # spines
         # leaf (rail, group) is row rail * groups + group: sum over the rails of each group
         rows = np.arange(g)[:, None] * groups + np.arange(groups)[None, :]  # (rails, groups)
-        spines = leaf_down.shape[1]
-        group_down = cap.size + nodes + np.arange(groups * spines).reshape(groups, spines)
-        caps.append(cap[leaf_down[rows]].sum(axis=0).ravel())
-        lats.append(lat[leaf_down[rows]].max(axis=0).ravel())
+        spines = t["leaf_up"].shape[1]
+        first = cap.size + 2 * nodes
+        group_up = first + np.arange(groups * spines).reshape(groups, spines)
+        group_down = group_up + groups * spines
+        for leaf in (t["leaf_up"], t["leaf_down"]):
+            caps.append(cap[leaf[rows]].sum(axis=0).ravel())
+            lats.append(lat[leaf[rows]].max(axis=0).ravel())
     return NodeLinks(
         capacity_gbps=np.concatenate(caps),
         latency_us=np.concatenate(lats),
+        out_port=out_port,
         in_port=in_port,
+        group_up=group_up,
         group_down=group_down,
         devices_per_node=g,
         nodes_per_leaf=int(t["nodes_per_leaf"][0]),
@@ -90,132 +98,199 @@ def node_links(topo: Topology) -> NodeLinks:
 
 @dataclass(frozen=True, eq=False)
 class Bundles:
-    """Bundles of one exchange: (B,) sender, bytes, weight (member pairs), their paths on
-    :class:`NodeLinks`, and the devices each touches (CSR)."""
+    """Bundles of one exchange: B weighted flows, each carrying the traffic of several
+    (sender, receiver) device pairs, its *members*.
 
-    src: np.ndarray
+    Bundle ``b`` goes out when every device of its release group is ready: devices
+    ``group[b] * group_size`` to ``group[b] * group_size + group_size - 1`` (a sender, or a
+    node). It carries ``nbytes[b]`` on its path in ``routes`` and takes the max-min share of
+    ``weight[b]`` flows (its member count). The devices it touches (CSR ``touch_*``), on
+    its sending (``touch_out``) or receiving side, are each busy with it until
+    ``touch_frac`` of its time, from its release to its arrival, has passed: when their
+    members would have ended, were the members to drain at equal rates
+    (:func:`_block_fractions`)."""
+
+    group: np.ndarray
+    group_size: int
     nbytes: np.ndarray
     weight: np.ndarray
     routes: Routes
     touch_ptr: np.ndarray
     touch_dev: np.ndarray
-    touch_frac: np.ndarray  # share of the bundle's time each touched device is busy in it
+    touch_frac: np.ndarray
+    touch_out: np.ndarray
 
     @cached_property
-    def _by_sender(self) -> KeyIndex:
-        return KeyIndex.of(self.src)
+    def _by_group(self) -> KeyIndex:
+        return KeyIndex.of(self.group)
 
-    def of_senders(self, devices: np.ndarray) -> np.ndarray:
-        """Indices of the bundles sent by ``devices`` (sorted ids)."""
-        return self._by_sender.rows(devices)
+    def of_groups(self, groups: np.ndarray) -> np.ndarray:
+        """Indices of the bundles of release groups ``groups`` (sorted ids)."""
+        return self._by_group.rows(groups)
 
-    def touched(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The devices bundles ``b`` touch, one entry per (bundle, device), and the share of
-        the bundle's time each is busy in it."""
+    def touched(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The devices bundles ``b`` touch, one entry per (bundle, device): the device, the
+        share of the bundle's time it is busy in it, and whether it sends."""
         at = _gather_index(self.touch_ptr, b)
-        return self.touch_dev[at], self.touch_frac[at]
+        return self.touch_dev[at], self.touch_frac[at], self.touch_out[at]
 
     def sub_routes(self, b: np.ndarray) -> Routes:
         ptr, links = _sub_paths(self.routes.indptr, self.routes.links, b)
         return Routes(ptr, links)
 
 
-def bundle_traffic(
+def _block_fractions(x: np.ndarray) -> np.ndarray:
+    """(B, k) member bytes of B bundles (0: no such member) → when each member would end,
+    as a share of its bundle's time, were the members to drain at equal rates (a max-min
+    share each): with a bundle's sizes sorted x1 <= ... <= xn summing to S, member i ends at
+    (x1 + ... + x(i-1) + (n - i + 1) xi) / S; 0 for absent members."""
+    order = np.argsort(x, axis=1, kind="stable")
+    xs = np.take_along_axis(x, order, axis=1)
+    n = (x > 0).sum(axis=1, keepdims=True)
+    rank = np.arange(x.shape[1])[None, :] - (x.shape[1] - n)  # i - 1 among the present
+    before = np.cumsum(xs, axis=1) - xs
+    total = xs.sum(axis=1, keepdims=True)
+    f = np.where(xs > 0, (before + (n - rank) * xs) / np.where(total > 0, total, 1.0), 0.0)
+    out = np.empty_like(f)
+    np.put_along_axis(out, order, f, axis=1)
+    return out
+
+
+def _bundles(
+    group: np.ndarray,
+    group_size: int,
+    routes: Routes,
+    x: np.ndarray,
+    send_dev: np.ndarray,
+    recv_dev: np.ndarray,
+    pin: tuple[str, np.ndarray] | None = None,
+) -> Bundles:
+    """Bundles from their members' bytes ``x`` (B, a, c): member (i, j) of bundle b goes from
+    ``send_dev[b, i]`` to ``recv_dev[b, j]``. ``pin``: ("send" or "recv", (B,) column) a
+    device of each bundle busy to its end whatever its own bytes (a relay)."""
+    b, a, c = x.shape
+    frac = _block_fractions(x.reshape(b, a * c)).reshape(b, a, c)
+    share = np.concatenate((frac.max(axis=2), frac.max(axis=1)), axis=1)  # (B, a + c)
+    if pin is not None:
+        side, col = pin
+        share[np.arange(b), col + (a if side == "recv" else 0)] = 1.0
+    dev = np.concatenate((send_dev, recv_dev), axis=1)
+    out = np.zeros(share.shape, dtype=bool)
+    out[:, :a] = True
+    on = share > 0
+    ptr = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(on.sum(axis=1), out=ptr[1:])
+    return Bundles(
+        group=group.astype(np.int64),
+        group_size=group_size,
+        nbytes=x.sum(axis=(1, 2)),
+        weight=(x > 0).sum(axis=(1, 2)).astype(np.float64),
+        routes=routes,
+        touch_ptr=ptr,
+        touch_dev=dev[on].astype(np.int64),
+        touch_frac=share[on],
+        touch_out=out[on],
+    )
+
+
+def _split_domains(m: np.ndarray, topo: Topology) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` as (pairs inside a scale-up domain, pairs between domains)."""
+    dom = np.arange(m.shape[0]) // topo.domain_size
+    cross = dom[:, None] != dom[None, :]
+    mm = np.asarray(m, dtype=np.float64)
+    return np.where(cross, 0.0, mm), np.where(cross, mm, 0.0)
+
+
+def rail_traffic(
+    m: np.ndarray, topo: Topology, *, combine: bool = False
+) -> tuple[np.ndarray, Bundles]:
+    """``granularity: rail``: the (D, D) byte matrix ``m`` on the path DeepEP's normal
+    kernels take between scale-up domains. Returns the matrix of device flows (pairs inside
+    a domain, plus the forwarding over the scale-up fabric) and the bundles.
+
+    * dispatch: what a device sends to another node goes as one bundle over its own rail to
+      that node's device on the same rail (the *relay*), which forwards each receiver's
+      bytes over the scale-up fabric; the bundle goes out when its sender is ready and
+      touches its sender, the relay (busy to its end) and the receivers;
+    * ``combine``: the reverse: a node's devices send what they owe one device to their
+      node's device on that device's rail over the scale-up fabric, which sends it as one
+      bundle over that rail; the bundle goes out once every device of the node is ready.
+
+    With ``network.dedup: node`` the traffic is already relayed (each sender's bytes to a
+    node go to the relay): every bundle has one member and this equals device flows."""
+    d, g = m.shape[0], topo.devices_per_node
+    n = d // g
+    inside, cross = _split_domains(m, topo)
+    local = np.arange(g)
+    if not combine:
+        x = cross.reshape(d, n, g)  # (sender, node, receiver in the node)
+        s, node = np.nonzero(x.sum(axis=2))
+        xb = x[s, node][:, None, :]
+        relay = node * g + s % g
+        send, recv = s[:, None], node[:, None] * g + local
+        ends, pin, group, size = (s, relay), ("recv", s % g), s, 1
+        fwd = (np.repeat(relay, g), recv.ravel())
+    else:
+        x = cross.reshape(n, g, d).transpose(0, 2, 1)  # (node, receiver, sender in the node)
+        node, r = np.nonzero(x.sum(axis=2))
+        xb = x[node, r][:, :, None]
+        relay = node * g + r % g
+        send, recv = node[:, None] * g + local, r[:, None]
+        ends, pin, group, size = (relay, r), ("send", r % g), node, g
+        fwd = (send.ravel(), np.repeat(relay, g))
+    nb = xb.ravel()
+    keep = (nb > 0) & (fwd[0] != fwd[1])
+    flat = fwd[0][keep] * d + fwd[1][keep]
+    inside = inside + np.bincount(flat, weights=nb[keep], minlength=d * d).reshape(d, d)
+    routes = topo.routes(*ends)
+    return inside, _bundles(group, size, routes, xb, send, recv, pin)
+
+
+def node_traffic(
     m: np.ndarray, topo: Topology, nl: NodeLinks, hot: float = HOT_RECEIVER
 ) -> tuple[np.ndarray, Bundles]:
-    """Split the (D, D) byte matrix ``m``: returns the matrix of the pairs kept as device
-    flows and the bundles of every other pair.
+    """``granularity: node``: the (D, D) byte matrix ``m`` as one bundle per (node pair,
+    path class), on the node's pooled ports (:func:`node_links`). Returns the matrix of the
+    pairs kept as device flows and the bundles.
 
-    A bundle joins the pairs from one device to one other node: the sender keeps its own
-    NIC and rail leaf, the receivers share their node's pooled port. Pairs inside a
-    scale-up domain, and pairs into a *hot* receiver (more bytes per unit of NIC than
-    ``hot`` x its node's mean: a popular expert's device, a degraded NIC), stay device
-    flows, so the NIC that limits a hot receiver still limits it. Senders are never pooled:
-    each releases its flows when it is ready, as at device granularity."""
-    d = m.shape[0]
-    g = nl.devices_per_node
-    dom = np.arange(d) // topo.domain_size
-    mm = np.asarray(m, dtype=np.float64)
-    src, dst = np.nonzero(mm)
-    cross = dom[src] != dom[dst]
-    # receivers whose NIC the pooled port would hide keep device flows
-    recv = np.bincount(dst[cross], weights=mm[src[cross], dst[cross]], minlength=d)
+    A bundle's path: the source node's out port, then the destination node's in port for
+    the pairs that stay on one leaf (same rail, same leaf group), else the source group's
+    pooled uplink to the spine (chosen by destination node, D-mod-k, as device paths choose
+    it), the destination group's pooled downlink and the in port. It goes out once every
+    device of its source node is ready. Pairs inside a scale-up domain, and pairs into a
+    *hot* receiver (more bytes per unit of NIC than ``hot`` x its node's mean: a popular
+    expert's device, a degraded NIC), stay device flows, so the NIC that limits a hot
+    receiver still limits it."""
+    d, g = m.shape[0], nl.devices_per_node
+    n = d // g
+    inside, cross = _split_domains(m, topo)
+    recv = cross.sum(axis=0)
     load = recv / topo.capacity_gbps[topo.tables["nic_down"]]
-    node_mean = np.repeat(load.reshape(-1, g).mean(axis=1), g) if d % g == 0 else load.mean()
-    keep = ~cross | (load > hot * node_mean)[dst]
-    inside = np.zeros_like(mm)
-    inside[src[keep], dst[keep]] = mm[src[keep], dst[keep]]
-    src, dst = src[~keep], dst[~keep]
-    nbytes = mm[src, dst]
-    nt = dst // g
-    per_leaf = nl.nodes_per_leaf
-    direct = topo.one_leaf(src, dst)
-    # a bundle: (sender, destination node, path class)
-    key = (src.astype(np.int64) * nl.in_port.size + nt) * 2 + (~direct)
-    uniq, inv = np.unique(key, return_inverse=True)
-    inv = inv.reshape(-1)
-    b_src, b_dst = (uniq // 2) // nl.in_port.size, (uniq // 2) % nl.in_port.size
-    b_spine = (uniq % 2).astype(bool)
-    first, last = topo.tables["nic_up"][b_src], nl.in_port[b_dst]
-    weight = np.bincount(inv, minlength=uniq.size).astype(np.float64)
-    b_bytes = np.bincount(inv, weights=nbytes, minlength=uniq.size)
-    hops = np.where(b_spine, 4, 2)
-    ptr = np.zeros(uniq.size + 1, dtype=np.int64)
+    is_hot = load > hot * np.repeat(load.reshape(n, g).mean(axis=1), g)
+    inside[:, is_hot] += cross[:, is_hot]
+    cross[:, is_hot] = 0.0
+    x4 = cross.reshape(n, g, n, g).transpose(0, 2, 1, 3)  # (src node, dst node, rail, rail)
+    grp = np.arange(n) // nl.nodes_per_leaf
+    direct = (grp[:, None] == grp[None, :])[:, :, None, None] & np.eye(g, dtype=bool)
+    parts = []
+    for via_spine, xc in ((False, np.where(direct, x4, 0.0)), (True, np.where(direct, 0.0, x4))):
+        sn, dn = np.nonzero(xc.sum(axis=(2, 3)))
+        parts.append((sn, dn, np.full(sn.size, via_spine), xc[sn, dn]))
+    sn, dn, spine, xb = (np.concatenate(v) for v in zip(*parts, strict=True))
+    hops = np.where(spine, 4, 2)
+    ptr = np.zeros(sn.size + 1, dtype=np.int64)
     np.cumsum(hops, out=ptr[1:])
     links = np.empty(int(ptr[-1]), dtype=np.int64)
     start = ptr[:-1]
-    links[start] = first
-    two = np.flatnonzero(~b_spine)
-    links[start[two] + 1] = last[two]
-    sp = np.flatnonzero(b_spine)
-    if sp.size:  # the sender's own rail leaf up, the receivers' group pooled down
-        h = topo.spine_of(b_dst[sp])
-        rail, groups = b_src[sp] % g, nl.group_down.shape[0]
-        links[start[sp] + 1] = topo.tables["leaf_up"][
-            rail * groups + (b_src[sp] // g) // per_leaf, h
-        ]
-        links[start[sp] + 2] = nl.group_down[b_dst[sp] // per_leaf, h]
-        links[start[sp] + 3] = last[sp]
-    # the devices each bundle touches: its sender (busy all of the bundle's time) and its
-    # receivers, each busy its share of the way through
-    frac = _member_fractions(inv, nbytes, uniq.size)
-    touch = np.concatenate((inv * d + dst, inv * d + src))
-    share = np.concatenate((frac, np.ones(src.size)))
-    order = np.lexsort((-share, touch))  # per (bundle, device) the largest share first
-    touch, share = touch[order], share[order]
-    first = np.r_[True, touch[1:] != touch[:-1]]
-    pairs, touch_frac = touch[first], share[first]
-    touch_b, touch_dev = pairs // d, pairs % d
-    touch_ptr = np.zeros(uniq.size + 1, dtype=np.int64)
-    np.cumsum(np.bincount(touch_b, minlength=uniq.size), out=touch_ptr[1:])
-    bundles = Bundles(
-        src=b_src.astype(np.int64),
-        nbytes=b_bytes,
-        weight=weight,
-        routes=Routes(ptr, links),
-        touch_ptr=touch_ptr,
-        touch_dev=touch_dev.astype(np.int64),
-        touch_frac=touch_frac,
-    )
-    return inside, bundles
-
-
-def _member_fractions(inv: np.ndarray, nbytes: np.ndarray, n: int) -> np.ndarray:
-    """Per member pair (bundle ``inv``, ``nbytes``): when it would end, as a share of its
-    bundle's time, were the members to drain at equal rates (a max-min share each): with
-    the bundle's sizes sorted x1 <= ... <= xk summing to S, member i ends at
-    (x1 + ... + x(i-1) + (k - i + 1) xi) / S."""
-    order = np.lexsort((nbytes, inv))
-    b, x = inv[order], nbytes[order]
-    start = np.r_[0, np.flatnonzero(b[1:] != b[:-1]) + 1]
-    size = np.diff(np.r_[start, b.size])
-    rank = np.arange(b.size) - np.repeat(start, size)  # i - 1
-    k = np.repeat(size, size)
-    before = np.cumsum(x) - x - np.repeat(np.cumsum(x)[start] - x[start], size)
-    total = np.bincount(inv, weights=nbytes, minlength=n)[b]
-    frac = np.empty(b.size)
-    frac[order] = np.where(total > 0, (before + (k - rank) * x) / total, 1.0)
-    return frac
+    links[start] = nl.out_port[sn]
+    links[ptr[1:] - 1] = nl.in_port[dn]
+    if spine.any():
+        h = topo.spine_of(dn[spine])
+        links[start[spine] + 1] = nl.group_up[grp[sn[spine]], h]
+        links[start[spine] + 2] = nl.group_down[grp[dn[spine]], h]
+    local = np.arange(g)
+    send, recv = sn[:, None] * g + local, dn[:, None] * g + local
+    return inside, _bundles(sn, g, Routes(ptr, links), xb, send, recv)
 
 
 @dataclass(frozen=True, eq=False)
