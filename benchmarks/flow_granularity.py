@@ -1,14 +1,18 @@
-"""Error of aggregated flows: the same steps at ``device`` granularity and at ``node``.
+"""Error of aggregated flows: the same steps at ``device`` granularity and coarser.
 
-    python benchmarks/flow_granularity.py [--devices 64 128 256] [--json]
+    python benchmarks/flow_granularity.py [--devices 64 128 256] [--levels rail node]
+        [--hot 1.1] [--tol 0.01] [--json]
 
 FLAME-MoE-290M prefill (its real routing trace, or synthetic uniform / Zipf-1.0 routing,
-contiguous placement, dropless), 1,024 tokens per device, H100 nodes of 8, flow tier at
-the default tolerance, on four fabrics: non-blocking, a 2:1 and a 4:1 oversubscribed
-spine, and device 5's NIC at half speed. Each case runs the step at ``device``
-granularity (a flow per device pair: the reference) and at ``node`` (a device's traffic
-to another node bundled, hot receivers kept apart, :mod:`moesim.sim.transfers`), at each
-``--hot`` value of ``network.hot_receiver`` (default 1.1), and prints:
+contiguous placement, dropless), 1,024 tokens per device, H100 nodes of 8, flow tier, on
+four fabrics: non-blocking, a 2:1 and a 4:1 oversubscribed spine, and device 5's NIC at
+half speed. Each case runs the step at ``device`` granularity at the default tolerance (a
+flow per device pair: the reference) and at each ``--levels`` granularity
+(:mod:`moesim.sim.transfers`): ``rail`` (DeepEP's path: a device's traffic to a node over
+its rail, forwarded inside the node; a path as much as an aggregation, so its difference
+from device flows is partly the path's) and ``node`` (a bundle per node pair, hot
+receivers kept apart, at each ``--hot`` value of ``network.hot_device``), at each
+``--tol`` value of ``network.flow_rel_tol``. It prints:
 
 * per-device exchange time error, median and max over every (exchange, device): a
   device's exchange time is from when it was ready to when its last transfer arrived;
@@ -34,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moesim.scenario import HOT_RECEIVER, load_scenario  # noqa: E402
+from moesim.scenario import FLOW_REL_TOL, HOT_DEVICE, load_scenario  # noqa: E402
 from moesim.sim.prepare import prepare  # noqa: E402
 from moesim.sim.simulate import ModeResult, simulate_mode  # noqa: E402
 
@@ -51,7 +55,9 @@ FABRICS = {
 }
 
 
-def _scenario(devices: int, routing: str, fabric: str, granularity: str, hot: float) -> str:
+def _scenario(
+    devices: int, routing: str, fabric: str, granularity: str, hot: float, tol: float
+) -> str:
     net, extra = FABRICS[fabric]
     return f"""name: flow-granularity
 hardware: H100-SXM
@@ -60,7 +66,7 @@ model: FLAME-MoE-290M
 routing: {ROUTING[routing]}
 placement: contiguous
 capacity: {{factor: null}}
-network: {{tier: flow, granularity: {granularity}, hot_receiver: {hot}, {net}}}
+network: {{tier: flow, granularity: {granularity}, hot_device: {hot}, flow_rel_tol: {tol}, {net}}}
 mode: prefill
 tokens_per_device: 1024
 sequence_length: 1024
@@ -71,11 +77,16 @@ dispatch_dtype: bf16
 
 
 def _run(
-    devices: int, routing: str, fabric: str, granularity: str, hot: float = HOT_RECEIVER
+    devices: int,
+    routing: str,
+    fabric: str,
+    granularity: str,
+    hot: float = HOT_DEVICE,
+    tol: float = FLOW_REL_TOL,
 ) -> tuple[ModeResult, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, routing, fabric, granularity, hot))
+        path.write_text(_scenario(devices, routing, fabric, granularity, hot, tol))
         sc, base = load_scenario(path)
         prep = prepare(sc, base)
     t0 = time.perf_counter()
@@ -92,37 +103,46 @@ def _exchange_times(run: ModeResult) -> np.ndarray:
 
 
 def run_case(
-    devices: int, routing: str, fabric: str, hots: tuple[float, ...] = (HOT_RECEIVER,)
+    devices: int,
+    routing: str,
+    fabric: str,
+    levels: tuple[str, ...] = ("rail", "node"),
+    hots: tuple[float, ...] = (HOT_DEVICE,),
+    tols: tuple[float, ...] = (FLOW_REL_TOL,),
 ) -> list[dict[str, Any]]:
     ref, t_ref = _run(devices, routing, fabric, "device")
-    return [_compare(ref, t_ref, devices, routing, fabric, hot) for hot in hots]
+    rows = []
+    for level in levels:
+        for hot in hots if level == "node" else (HOT_DEVICE,):
+            for tol in tols:
+                agg, t_agg = _run(devices, routing, fabric, level, hot, tol)
+                row = {"devices": devices, "routing": routing, "fabric": fabric}
+                rows.append(row | _compare(ref, t_ref, agg, t_agg, level, hot, tol))
+    return rows
 
 
 def _compare(
-    ref: ModeResult, t_ref: float, devices: int, routing: str, fabric: str, hot: float
+    ref: ModeResult, t_ref: float, agg: ModeResult, t_agg: float, level: str, hot: float, tol: float
 ) -> dict[str, Any]:
-    agg, t_agg = _run(devices, routing, fabric, "node", hot)
     a, b = _exchange_times(ref), _exchange_times(agg)
     busy = a > 0
     err = np.abs(b[busy] / a[busy] - 1)
     s_ref, s_agg = ref.summary["step_time_us"], agg.summary["step_time_us"]
     return {
-        "devices": devices,
-        "routing": routing,
-        "fabric": fabric,
-        "granularity": "node",
-        "hot_receiver": hot,
+        "granularity": agg.summary["granularity"],
+        "hot_device": hot if level == "node" else None,
+        "rel_tol": tol,
         "median_err": float(np.median(err)),
         "max_err": float(err.max()),
         "step_err": float(abs(s_agg / s_ref - 1)),
         "device_step_us": s_ref,
-        "node_step_us": s_agg,
+        "step_us": s_agg,
         "device_wall_s": round(t_ref, 3),
-        "node_wall_s": round(t_agg, 3),
+        "wall_s": round(t_agg, 3),
         "device_rate_updates": ref.summary["flow_events"],
-        "node_rate_updates": agg.summary["flow_events"],
+        "rate_updates": agg.summary["flow_events"],
         "device_flows": ref.records[-1].flows,
-        "node_flows": agg.records[-1].flows,
+        "flows": agg.records[-1].flows,
     }
 
 
@@ -131,12 +151,20 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--routing", nargs="+", choices=list(ROUTING), default=list(ROUTING))
     ap.add_argument("--fabrics", nargs="+", choices=list(FABRICS), default=list(FABRICS))
+    ap.add_argument("--levels", nargs="+", choices=["rail", "node"], default=["rail", "node"])
+    ap.add_argument(
+        "--tol",
+        type=float,
+        nargs="+",
+        default=[FLOW_REL_TOL],
+        help="network.flow_rel_tol values to run the coarser levels at",
+    )
     ap.add_argument(
         "--hot",
         type=float,
         nargs="+",
-        default=[HOT_RECEIVER],
-        help="network.hot_receiver values to run node granularity at (the speed-error knob)",
+        default=[HOT_DEVICE],
+        help="network.hot_device values to run node granularity at (the speed-error knob)",
     )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -144,15 +172,16 @@ def main() -> None:
     for n in args.devices:
         for r in args.routing:
             for f in args.fabrics:
-                new = run_case(n, r, f, tuple(args.hot))
+                new = run_case(n, r, f, tuple(args.levels), tuple(args.hot), tuple(args.tol))
                 rows += new
                 for x in [] if args.json else new:
                     print(
-                        f"{n:4d} {r:12s} {f:13s} node (hot {x['hot_receiver']}) vs device: "
+                        f"{n:4d} {r:12s} {f:13s} {x['granularity']:4s} "
+                        f"(hot {x['hot_device']}, tol {x['rel_tol']}) vs device: "
                         f"exchange median {x['median_err']:6.1%} max {x['max_err']:7.1%}, "
                         f"step {x['step_err']:6.1%} | flows {x['device_flows']:,} -> "
-                        f"{x['node_flows']:,}, wall {x['device_wall_s']:6.1f} s -> "
-                        f"{x['node_wall_s']:5.1f} s",
+                        f"{x['flows']:,}, wall {x['device_wall_s']:6.1f} s -> "
+                        f"{x['wall_s']:5.1f} s",
                         flush=True,
                     )
     if args.json:

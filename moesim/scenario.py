@@ -29,7 +29,7 @@ from moesim.model.shapes import ModelShape
 
 __all__ = [
     "FLOW_REL_TOL",
-    "HOT_RECEIVER",
+    "HOT_DEVICE",
     "Capacity",
     "Cluster",
     "Mode",
@@ -48,10 +48,11 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 #: it), a 32-device training step within 0.3 %, at a small fraction of the cost
 FLOW_REL_TOL = 0.01
 
-#: node granularity's default: a receiver whose bytes per unit of NIC exceed its node's
-#: mean by this factor keeps a device flow from each sender (its own NIC the limit)
-#: instead of the node's pooled port (``benchmarks/flow_granularity.py --hot`` measures it)
-HOT_RECEIVER = 1.1
+#: node granularity's default: a device whose bytes per unit of NIC, received or sent,
+#: exceed its node's mean by this factor keeps a device flow with each peer that way (its
+#: own NIC the limit) instead of the node's pooled port
+#: (``benchmarks/flow_granularity.py --hot`` measures it)
+HOT_DEVICE = 1.1
 
 Mode = Literal["training", "prefill", "decode"]
 Precision = Literal["bf16", "fp8"]
@@ -132,12 +133,12 @@ class Network(BaseModel):
         "one flow per node pair onto the nodes' NICs pooled as one port (node); device up to "
         "65,536 device pairs (256 devices) and node beyond (auto)",
     )
-    hot_receiver: float = Field(
-        default=HOT_RECEIVER,
+    hot_device: float = Field(
+        default=HOT_DEVICE,
         ge=1.0,
-        description="node granularity: receivers with more bytes per unit of NIC than this "
-        "x their node's mean keep a flow from each sender (lower: closer to device flows, "
-        "slower)",
+        description="node granularity: devices with more bytes per unit of NIC, received or "
+        "sent, than this x their node's mean keep a flow with each peer that way (lower: "
+        "closer to device flows, slower)",
     )
     flow_rel_tol: float = Field(
         default=FLOW_REL_TOL,

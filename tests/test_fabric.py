@@ -201,14 +201,23 @@ def _two_nodes():
     return m
 
 
-def test_node_bundles_join_a_node_pairs_traffic_per_path_and_keep_hot_receivers_apart():
+def test_node_bundles_join_a_node_pairs_traffic_per_path_and_keep_hot_devices_apart():
     from moesim.sim.transfers import node_links, node_traffic
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
     nl = node_links(topo)
     m = _two_nodes()
-    m[2, 11] = 2000.0  # device 11 receives 2,000 B: hot (node 1's mean is 325 B)
-    kept, b = node_traffic(m, topo, nl)
+    # 2 -> 11 carries 2,000 B: both hot at 2x (either node's mean is 2,600 / 8 = 325 B);
+    # device 0 sends 550 B, not hot at 2x (it is at the default 1.1)
+    m[2, 11] = 2000.0
+    kept, b = node_traffic(m, topo, nl, hot=2.0)
+    assert sorted(zip(*np.nonzero(node_traffic(m, topo, nl)[0]), strict=True)) == [
+        (0, 1),
+        (0, 8),
+        (0, 9),
+        (0, 10),
+        (2, 11),
+    ]
     assert sorted(zip(*np.nonzero(kept), strict=True)) == [(0, 1), (2, 11)]
     # 0 -> 8 stays on rail 0 (one leaf): the direct bundle; 0 -> 9, 0 -> 10 and 1 -> 8
     # change rails: the spine bundle, through spine 1 (destination node 1 mod 32 spines)

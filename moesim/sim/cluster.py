@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from moesim.scenario import FLOW_REL_TOL, HOT_RECEIVER
+from moesim.scenario import FLOW_REL_TOL, HOT_DEVICE
 from moesim.sim.exchange import Tier
 from moesim.sim.fabric import Fabric
 from moesim.sim.transfers import FlowSet, NodeLinks, node_links, node_traffic, rail_traffic
@@ -32,7 +32,7 @@ class ClusterSpec:
     network: Tier = "analytic"
     flow_rel_tol: float = FLOW_REL_TOL  # the flow tier's tolerance (0: exact)
     granularity: str = "device"  # the flow tier's: "device", "rail" or "node" (auto resolved)
-    hot_receiver: float = HOT_RECEIVER  # node granularity: see moesim.sim.transfers
+    hot_device: float = HOT_DEVICE  # node granularity: see moesim.sim.transfers
 
     @property
     def domain_size(self) -> int:
@@ -63,7 +63,7 @@ class ClusterSpec:
         if self.granularity == "rail":
             inside, bundles = rail_traffic(m, self.topology, combine=combine)
         else:
-            inside, bundles = node_traffic(m, self.topology, self.node_links, self.hot_receiver)
+            inside, bundles = node_traffic(m, self.topology, self.node_links, self.hot_device)
         return replace(FlowSet.from_matrix(inside), bundles=bundles)
 
 

@@ -169,7 +169,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         network=net.tier,
         flow_rel_tol=net.flow_rel_tol,
         granularity=resolve_granularity(net.granularity, topology),
-        hot_receiver=net.hot_receiver,
+        hot_device=net.hot_device,
     )
     return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
 

@@ -14,7 +14,7 @@ device pair with traffic, and at ``network.granularity: rail`` or ``node`` the b
   otherwise it moves bytes off the spines that device flows cross between rails.
 * ``node`` (:func:`node_traffic`): one bundle per (node pair, path class), on ports that
   pool a node's NICs and a leaf group's spine links (:func:`node_links`): about
-  (D/g)² bundles. Pairs into a receiver hot for its NIC keep device flows.
+  (D/g)² bundles. Pairs into or out of a device hot for its NIC keep device flows.
 
 A bundle weighs its member count (the max-min share of that many flows), goes out when
 its release group (its sender; for ``node`` and a rail combine, its source node) is
@@ -32,7 +32,7 @@ from functools import cached_property
 
 import numpy as np
 
-from moesim.scenario import HOT_RECEIVER
+from moesim.scenario import HOT_DEVICE
 from moesim.sim.flows import KeyIndex, _gather_index, _sub_paths
 from moesim.topology.build import Routes, Topology
 
@@ -246,8 +246,14 @@ def rail_traffic(
     return inside, _bundles(group, size, routes, xb, send, recv, pin)
 
 
+def _hot(nbytes: np.ndarray, nic_gbps: np.ndarray, g: int, hot: float) -> np.ndarray:
+    """(D,) devices whose bytes per unit of NIC exceed ``hot`` x their node's mean."""
+    load = nbytes / nic_gbps
+    return load > hot * np.repeat(load.reshape(-1, g).mean(axis=1), g)
+
+
 def node_traffic(
-    m: np.ndarray, topo: Topology, nl: NodeLinks, hot: float = HOT_RECEIVER
+    m: np.ndarray, topo: Topology, nl: NodeLinks, hot: float = HOT_DEVICE
 ) -> tuple[np.ndarray, Bundles]:
     """``granularity: node``: the (D, D) byte matrix ``m`` as one bundle per (node pair,
     path class), on the node's pooled ports (:func:`node_links`). Returns the matrix of the
@@ -258,17 +264,18 @@ def node_traffic(
     pooled uplink to the spine (chosen by destination node, D-mod-k, as device paths choose
     it), the destination group's pooled downlink and the in port. It goes out once every
     device of its source node is ready. Pairs inside a scale-up domain, and pairs into a
-    *hot* receiver (more bytes per unit of NIC than ``hot`` x its node's mean: a popular
-    expert's device, a degraded NIC), stay device flows, so the NIC that limits a hot
-    receiver still limits it."""
+    *hot* receiver or out of a hot sender (more bytes per unit of NIC, that way, than
+    ``hot`` x its node's mean: a popular expert's device, which receives its tokens in the
+    dispatch and sends them back in the combine; a degraded NIC), stay device flows, so
+    the NIC that limits a hot device still limits it."""
     d, g = m.shape[0], nl.devices_per_node
     n = d // g
     inside, cross = _split_domains(m, topo)
-    recv = cross.sum(axis=0)
-    load = recv / topo.capacity_gbps[topo.tables["nic_down"]]
-    is_hot = load > hot * np.repeat(load.reshape(n, g).mean(axis=1), g)
-    inside[:, is_hot] += cross[:, is_hot]
-    cross[:, is_hot] = 0.0
+    hot_in = _hot(cross.sum(axis=0), topo.capacity_gbps[topo.tables["nic_down"]], g, hot)
+    hot_out = _hot(cross.sum(axis=1), topo.capacity_gbps[topo.tables["nic_up"]], g, hot)
+    apart = hot_out[:, None] | hot_in[None, :]
+    inside[apart] += cross[apart]
+    cross[apart] = 0.0
     x4 = cross.reshape(n, g, n, g).transpose(0, 2, 1, 3)  # (src node, dst node, rail, rail)
     grp = np.arange(n) // nl.nodes_per_leaf
     direct = (grp[:, None] == grp[None, :])[:, :, None, None] & np.eye(g, dtype=bool)
