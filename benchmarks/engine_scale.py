@@ -1,7 +1,7 @@
 """Engine scale: one DeepSeek-V3-shaped training step on N devices.
 
     python benchmarks/engine_scale.py --devices N [N ...] [--network flow|analytic]
-        [--granularity device|node|auto] [--tokens-per-device T] [--json]
+        [--granularity device|rail|node|auto] [--tol R] [--tokens-per-device T] [--json]
     python benchmarks/engine_scale.py --devices N --one-exchange [--json]
 
 58 MoE layers of 256 routed experts, top-8, hidden 7168 (the DeepSeek-V3 preset) on H800
@@ -38,7 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _scenario(
-    devices: int, tokens: int, network: str, level: str = "count", granularity: str = "auto"
+    devices: int,
+    tokens: int,
+    network: str,
+    level: str = "count",
+    granularity: str = "auto",
+    tol: float = 0.01,
+    hot: float = 1.1,
 ) -> str:
     return f"""name: engine-scale
 hardware: H800
@@ -46,7 +52,7 @@ cluster: {{nodes: {devices // 8}, devices_per_node: 8}}
 model: DeepSeek-V3
 routing: {{synthetic: {{distribution: "zipf:0.8", seed: 0, level: {level}}}}}
 placement: contiguous
-network: {{tier: {network}, granularity: {granularity}}}
+network: {{tier: {network}, granularity: {granularity}, flow_rel_tol: {tol}, hot_device: {hot}}}
 mode: training
 tokens_per_device: {tokens}
 sequence_length: 4096
@@ -56,7 +62,13 @@ dispatch_dtype: fp8
 
 
 def _prepare(
-    devices: int, tokens: int, network: str, level: str = "count", granularity: str = "auto"
+    devices: int,
+    tokens: int,
+    network: str,
+    level: str = "count",
+    granularity: str = "auto",
+    tol: float = 0.01,
+    hot: float = 1.1,
 ) -> Any:
     """The scale scenario loaded and prepared (synthetic routing generated)."""
     sys.path.insert(0, str(REPO))
@@ -65,14 +77,16 @@ def _prepare(
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, tokens, network, level, granularity))
+        path.write_text(_scenario(devices, tokens, network, level, granularity, tol, hot))
         sc, base = load_scenario(path)
         return prepare(sc, base)
 
 
-def _child(devices: int, tokens: int, network: str, level: str, granularity: str) -> dict:
+def _child(
+    devices: int, tokens: int, network: str, level: str, granularity: str, tol: float, hot: float
+) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
-    prep = _prepare(devices, tokens, network, level, granularity)
+    prep = _prepare(devices, tokens, network, level, granularity, tol, hot)
     t1 = time.perf_counter()
     from moesim.sim.simulate import simulate_mode
 
@@ -92,6 +106,8 @@ def _child(devices: int, tokens: int, network: str, level: str, granularity: str
         "events_per_s": round(events / (t2 - t1), 1),
         "flow_events": run.summary["flow_events"],
         "granularity": run.summary["granularity"],
+        "rel_tol": tol if network == "flow" else None,
+        "hot_device": hot if run.summary["granularity"] == "node" else None,
         "flows": sum(r.flows for r in run.records),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "step_time_us": run.summary["step_time_us"],
@@ -138,10 +154,12 @@ def main() -> None:
     ap.add_argument("--level", choices=["count", "token"], default="count")
     ap.add_argument(
         "--granularity",
-        choices=["device", "node", "auto"],
+        choices=["device", "rail", "node", "auto"],
         default="auto",
         help="the flow tier's (network.granularity); auto: device up to 256 devices",
     )
+    ap.add_argument("--tol", type=float, default=0.01, help="the flow tier's network.flow_rel_tol")
+    ap.add_argument("--hot", type=float, default=1.1, help="node granularity's network.hot_device")
     ap.add_argument(
         "--one-exchange", action="store_true", help="time one flow-tier exchange (see above)"
     )
@@ -160,6 +178,8 @@ def main() -> None:
                     args.network,
                     args.level,
                     args.granularity,
+                    args.tol,
+                    args.hot,
                 )
             )
         )
@@ -183,6 +203,10 @@ def main() -> None:
                 args.level,
                 "--granularity",
                 args.granularity,
+                "--tol",
+                str(args.tol),
+                "--hot",
+                str(args.hot),
                 *(["--one-exchange"] if args.one_exchange else []),
             ],
             capture_output=True,
@@ -210,7 +234,9 @@ def main() -> None:
             f"(routing generation {r['prepare_s']:.2f} s, simulation {r['simulate_s']:.2f} s), "
             f"{r['events']:,} events ({r['events_per_s']:,.0f}/s), "
             + (
-                f"granularity {r['granularity']}, {r['flows']:,} flows, "
+                f"granularity {r['granularity']} (tol {r['rel_tol']}"
+                + (f", hot {r['hot_device']}" if r["hot_device"] else "")
+                + f"), {r['flows']:,} flows, "
                 f"{r['flow_events']:,} flow-rate recomputations, "
                 if r["granularity"]
                 else ""

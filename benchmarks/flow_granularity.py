@@ -8,11 +8,16 @@ contiguous placement, dropless), 1,024 tokens per device, H100 nodes of 8, flow 
 four fabrics: non-blocking, a 2:1 and a 4:1 oversubscribed spine, and device 5's NIC at
 half speed. Each case runs the step at ``device`` granularity at the default tolerance (a
 flow per device pair: the reference) and at each ``--levels`` granularity
-(:mod:`moesim.sim.transfers`): ``rail`` (DeepEP's path: a device's traffic to a node over
-its rail, forwarded inside the node; a path as much as an aggregation, so its difference
-from device flows is partly the path's) and ``node`` (a bundle per node pair, hot
-receivers kept apart, at each ``--hot`` value of ``network.hot_device``), at each
-``--tol`` value of ``network.flow_rel_tol``. It prints:
+(:mod:`moesim.sim.transfers`), at each ``--tol`` value of ``network.flow_rel_tol``:
+
+* ``rail``: DeepEP's path (a device's traffic to a node over its rail to that node's
+  device on the same rail, forwarded inside the node). It is a path as well as an
+  aggregation, so both it and its reference run DeepEP's traffic, one copy per (token,
+  node) (``network.dedup: node``), which device flows already relay along that path;
+* ``node``: a bundle per node pair and path class, devices hot for their NIC kept apart
+  at each ``--hot`` value of ``network.hot_device``.
+
+It prints:
 
 * per-device exchange time error, median and max over every (exchange, device): a
   device's exchange time is from when it was ready to when its last transfer arrived;
@@ -56,7 +61,7 @@ FABRICS = {
 
 
 def _scenario(
-    devices: int, routing: str, fabric: str, granularity: str, hot: float, tol: float
+    devices: int, routing: str, fabric: str, granularity: str, hot: float, tol: float, dedup: str
 ) -> str:
     net, extra = FABRICS[fabric]
     return f"""name: flow-granularity
@@ -66,7 +71,8 @@ model: FLAME-MoE-290M
 routing: {ROUTING[routing]}
 placement: contiguous
 capacity: {{factor: null}}
-network: {{tier: flow, granularity: {granularity}, hot_device: {hot}, flow_rel_tol: {tol}, {net}}}
+network: {{tier: flow, granularity: {granularity}, hot_device: {hot}, flow_rel_tol: {tol},
+  dedup: {dedup}, {net}}}
 mode: prefill
 tokens_per_device: 1024
 sequence_length: 1024
@@ -83,10 +89,11 @@ def _run(
     granularity: str,
     hot: float = HOT_DEVICE,
     tol: float = FLOW_REL_TOL,
+    dedup: str = "none",
 ) -> tuple[ModeResult, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, routing, fabric, granularity, hot, tol))
+        path.write_text(_scenario(devices, routing, fabric, granularity, hot, tol, dedup))
         sc, base = load_scenario(path)
         prep = prepare(sc, base)
     t0 = time.perf_counter()
@@ -110,13 +117,19 @@ def run_case(
     hots: tuple[float, ...] = (HOT_DEVICE,),
     tols: tuple[float, ...] = (FLOW_REL_TOL,),
 ) -> list[dict[str, Any]]:
-    ref, t_ref = _run(devices, routing, fabric, "device")
+    refs = {"none": _run(devices, routing, fabric, "device")}
     rows = []
     for level in levels:
+        # rail is DeepEP's path: held against device flows on that path, the traffic of
+        # DeepEP's one copy per (token, node) (dedup: node), which device flows relay
+        dedup = "node" if level == "rail" else "none"
+        if dedup not in refs:
+            refs[dedup] = _run(devices, routing, fabric, "device", dedup=dedup)
+        ref, t_ref = refs[dedup]
         for hot in hots if level == "node" else (HOT_DEVICE,):
             for tol in tols:
-                agg, t_agg = _run(devices, routing, fabric, level, hot, tol)
-                row = {"devices": devices, "routing": routing, "fabric": fabric}
+                agg, t_agg = _run(devices, routing, fabric, level, hot, tol, dedup)
+                row = {"devices": devices, "routing": routing, "fabric": fabric, "dedup": dedup}
                 rows.append(row | _compare(ref, t_ref, agg, t_agg, level, hot, tol))
     return rows
 
