@@ -201,24 +201,13 @@ def _two_nodes():
     return m
 
 
-def test_node_bundles_join_a_node_pairs_traffic_per_path_and_keep_hot_devices_apart():
+def test_node_bundles_join_a_node_pairs_traffic_per_path():
     from moesim.sim.transfers import node_links, node_traffic
 
     topo = build_topology(get_profile("H100-SXM"), 16, 8)
     nl = node_links(topo)
-    m = _two_nodes()
-    # 2 -> 11 carries 2,000 B: both hot at 2x (either node's mean is 2,600 / 8 = 325 B);
-    # device 0 sends 550 B, not hot at 2x (it is at the default 1.1)
-    m[2, 11] = 2000.0
-    kept, b = node_traffic(m, topo, nl, hot=2.0)
-    assert sorted(zip(*np.nonzero(node_traffic(m, topo, nl)[0]), strict=True)) == [
-        (0, 1),
-        (0, 8),
-        (0, 9),
-        (0, 10),
-        (2, 11),
-    ]
-    assert sorted(zip(*np.nonzero(kept), strict=True)) == [(0, 1), (2, 11)]
+    kept, b = node_traffic(_two_nodes(), topo, nl, hot=10.0)  # no device hot at 10x
+    assert sorted(zip(*np.nonzero(kept), strict=True)) == [(0, 1)]
     # 0 -> 8 stays on rail 0 (one leaf): the direct bundle; 0 -> 9, 0 -> 10 and 1 -> 8
     # change rails: the spine bundle, through spine 1 (destination node 1 mod 32 spines)
     assert b.group.tolist() == [0, 0] and b.group_size == 8  # both wait for all of node 0
@@ -235,6 +224,38 @@ def test_node_bundles_join_a_node_pairs_traffic_per_path_and_keep_hot_devices_ap
     dev, frac, out = b.touched(np.array([1]))
     assert dev.tolist() == [0, 1, 8, 9, 10] and out.tolist() == [True, True, False, False, False]
     assert frac.tolist() == pytest.approx([1.0, 0.3, 0.3, 1.0, 0.7])
+
+
+def test_a_hot_device_keeps_its_own_nic():
+    from moesim.sim.transfers import node_links, node_traffic
+
+    topo = build_topology(get_profile("H100-SXM"), 16, 8)
+    nl, t = node_links(topo), topo.tables
+    m = _two_nodes()
+    m[2, 11] = 2000.0
+    # at 1.1 x the node's mean (325 B) device 11 (2,000 B in) is a hot receiver: 2 -> 11
+    # stays a device flow; then device 0 (550 B out of 550 / 8 per device) is a hot
+    # sender: its pairs start on its own NIC (and, through the spine, its rail leaf's
+    # uplink); 1 -> 8 is a node bundle
+    kept, b = node_traffic(m, topo, nl)
+    assert sorted(zip(*np.nonzero(kept), strict=True)) == [(0, 1), (2, 11)]
+    assert b.nbytes.tolist() == [100.0, 50.0, 450.0] and b.weight.tolist() == [1, 1, 2]
+    assert b.routes.path(0) == [t["nic_up"][0], nl.in_port[1]]
+    assert b.routes.path(1) == [
+        nl.out_port[0],
+        nl.group_up[0, 1],
+        nl.group_down[0, 1],
+        nl.in_port[1],
+    ]
+    assert b.routes.path(2) == [
+        t["nic_up"][0],
+        t["leaf_up"][0, 1],
+        nl.group_down[0, 1],
+        nl.in_port[1],
+    ]
+    dev, frac, out = b.touched(np.array([2]))
+    assert dev.tolist() == [0, 9, 10] and out.tolist() == [True, False, False]
+    assert frac.tolist() == pytest.approx([1.0, 1.0, 2 / 3])
 
 
 def test_rail_bundles_take_deepeps_path_through_the_senders_rail_and_forward_inside_the_node():

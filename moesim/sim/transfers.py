@@ -14,7 +14,8 @@ device pair with traffic, and at ``network.granularity: rail`` or ``node`` the b
   otherwise it moves bytes off the spines that device flows cross between rails.
 * ``node`` (:func:`node_traffic`): one bundle per (node pair, path class), on ports that
   pool a node's NICs and a leaf group's spine links (:func:`node_links`): about
-  (D/g)² bundles. Pairs into or out of a device hot for its NIC keep device flows.
+  (D/g)² bundles. A device hot for its NIC keeps its own NIC: device flows into a hot
+  receiver, a bundle per node out of a hot sender.
 
 A bundle weighs its member count (the max-min share of that many flows), goes out when
 its release group (its sender; for ``node`` and a rail combine, its source node) is
@@ -262,39 +263,58 @@ def node_traffic(
     A bundle's path: the source node's out port, then the destination node's in port for
     the pairs that stay on one leaf (same rail, same leaf group), else the source group's
     pooled uplink to the spine (chosen by destination node, D-mod-k, as device paths choose
-    it), the destination group's pooled downlink and the in port. It goes out once every
-    device of its source node is ready. Pairs inside a scale-up domain, and pairs into a
-    *hot* receiver or out of a hot sender (more bytes per unit of NIC, that way, than
-    ``hot`` x its node's mean: a popular expert's device, which receives its tokens in the
-    dispatch and sends them back in the combine; a degraded NIC), stay device flows, so
-    the NIC that limits a hot device still limits it."""
+    it), the destination group's pooled downlink and the in port. Every bundle goes out
+    once every device of its source node is ready. Pairs inside a scale-up domain stay
+    device flows.
+
+    A *hot* device (more bytes per unit of NIC, received or sent, than ``hot`` x its
+    node's mean: a popular expert's device, which receives its tokens in the dispatch and
+    sends them back in the combine; a degraded NIC) keeps its own links. Pairs into a hot
+    receiver stay device flows, each released when its sender is ready (a bundle would
+    hold every sender of a node until the node's last). What a hot sender sends a node is
+    a bundle of its own that starts on its NIC (and rail leaf uplink), released with its
+    node (a hot sender is mostly its node's last). So the NIC that limits a hot device
+    still limits it."""
     d, g = m.shape[0], nl.devices_per_node
     n = d // g
+    t = topo.tables
     inside, cross = _split_domains(m, topo)
-    hot_in = _hot(cross.sum(axis=0), topo.capacity_gbps[topo.tables["nic_down"]], g, hot)
-    hot_out = _hot(cross.sum(axis=1), topo.capacity_gbps[topo.tables["nic_up"]], g, hot)
-    apart = hot_out[:, None] | hot_in[None, :]
-    inside[apart] += cross[apart]
-    cross[apart] = 0.0
+    hot_in = _hot(cross.sum(axis=0), topo.capacity_gbps[t["nic_down"]], g, hot)
+    inside[:, hot_in] += cross[:, hot_in]
+    cross[:, hot_in] = 0.0
+    hot_out = _hot(cross.sum(axis=1), topo.capacity_gbps[t["nic_up"]], g, hot)
     x4 = cross.reshape(n, g, n, g).transpose(0, 2, 1, 3)  # (src node, dst node, rail, rail)
     grp = np.arange(n) // nl.nodes_per_leaf
+    groups = int(t["groups"][0])
     direct = (grp[:, None] == grp[None, :])[:, :, None, None] & np.eye(g, dtype=bool)
-    parts = []
-    for via_spine, xc in ((False, np.where(direct, x4, 0.0)), (True, np.where(direct, 0.0, x4))):
+    ho = hot_out.reshape(n, 1, g, 1)
+    parts = []  # (src node, dst node, via spine, hot sender's rail or -1, (B, g, g) bytes)
+    for via_spine in (False, True):
+        cls = direct ^ via_spine
+        xc = np.where(cls & ~ho, x4, 0.0)
         sn, dn = np.nonzero(xc.sum(axis=(2, 3)))
-        parts.append((sn, dn, np.full(sn.size, via_spine), xc[sn, dn]))
-    sn, dn, spine, xb = (np.concatenate(v) for v in zip(*parts, strict=True))
+        parts.append((sn, dn, via_spine, np.full(sn.size, -1), xc[sn, dn]))
+        xh = np.where(cls & ho, x4, 0.0)
+        sn, dn, r = np.nonzero(xh.sum(axis=3))
+        block = np.zeros((sn.size, g, g))
+        block[np.arange(sn.size), r, :] = xh[sn, dn, r, :]
+        parts.append((sn, dn, via_spine, r, block))
+    sn, dn, r, xb = (np.concatenate([p[i] for p in parts]) for i in (0, 1, 3, 4))
+    spine = np.concatenate([np.full(p[0].size, p[2]) for p in parts])
+    from_hot = r >= 0
     hops = np.where(spine, 4, 2)
     ptr = np.zeros(sn.size + 1, dtype=np.int64)
     np.cumsum(hops, out=ptr[1:])
     links = np.empty(int(ptr[-1]), dtype=np.int64)
     start = ptr[:-1]
-    links[start] = nl.out_port[sn]
+    links[start] = np.where(from_hot, t["nic_up"][sn * g + np.maximum(r, 0)], nl.out_port[sn])
     links[ptr[1:] - 1] = nl.in_port[dn]
     if spine.any():
         h = topo.spine_of(dn[spine])
-        links[start[spine] + 1] = nl.group_up[grp[sn[spine]], h]
-        links[start[spine] + 2] = nl.group_down[grp[dn[spine]], h]
+        rs, gs, gd = np.maximum(r[spine], 0), grp[sn[spine]], grp[dn[spine]]
+        own = t["leaf_up"][rs * groups + gs, h]
+        links[start[spine] + 1] = np.where(from_hot[spine], own, nl.group_up[gs, h])
+        links[start[spine] + 2] = nl.group_down[gd, h]
     local = np.arange(g)
     send, recv = sn[:, None] * g + local, dn[:, None] * g + local
     return inside, _bundles(sn, g, Routes(ptr, links), xb, send, recv)
