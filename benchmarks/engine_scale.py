@@ -12,10 +12,12 @@ preparation / simulation stages), CPU time (the steadier figure on a shared mach
 numpy may use more than one core, so it can exceed the wall time), engine events (op
 completions and the fabric's clock events), events per second, and in the flow tier the
 granularity used (``--granularity auto``: device flows up to 256 devices, node bundles
-beyond), the flows released and the max-min rate recomputations; and peak RSS. Issue 18
-targets, at 2,048 devices and 4,096 tokens per device: <= 60 s with the flow tier at the
-granularity auto picks, <= 5 s analytic, a 256-device step with device flows <= 120 s,
-and cost from 256 to 2,048 devices growing <= 10x.
+beyond; ``rail``: DeepEP's path) with its tolerance (``--tol``, network.flow_rel_tol) and
+hot-device factor (``--hot``, network.hot_device), the flows released and the max-min rate
+recomputations; and peak RSS. Issue 18 targets, at 2,048 devices and 4,096 tokens per
+device: <= 60 s with the flow tier at the granularity auto picks, <= 5 s analytic, a
+256-device step with device flows <= 120 s, and cost from 256 to 2,048 devices growing
+<= 10x.
 
 ``--one-exchange`` times a single flow-tier exchange alone (the first MoE layer's
 dispatch, as ``moesim a2a`` would): its flows, the max-min rate recomputations, the wall

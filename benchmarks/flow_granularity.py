@@ -181,6 +181,7 @@ def main() -> None:
     )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    _run(64, "uniform", "non-blocking", "device")  # compiled kernels loaded before timing
     rows = []
     for n in args.devices:
         for r in args.routing:
@@ -199,6 +200,47 @@ def main() -> None:
                     )
     if args.json:
         print(json.dumps(rows, indent=2))
+        return
+    print("\nthe trade-off, per level (cases within each target; worst error; wall vs device):")
+    for level, hot, tol, errs in trade_off(rows):
+        print(
+            f"  {level:4s} hot {hot!s:5s} tol {tol:<5}: median <= 2 % in {errs['median_ok']}, "
+            f"max <= 5 % in {errs['max_ok']}, step <= 2 % in {errs['step_ok']} of "
+            f"{errs['cases']}; worst median {errs['worst_median']:.1%}, max "
+            f"{errs['worst_max']:.1%}, step {errs['worst_step']:.1%}; "
+            f"{errs['speedup']:.2f}x faster"
+        )
+
+
+def trade_off(rows: list[dict[str, Any]]) -> list[tuple[str, Any, float, dict[str, Any]]]:
+    """Per (level, hot_device, rel_tol): how many cases meet each target, the worst errors
+    and the summed wall time of device flows over the level's."""
+    keys = sorted({(r["granularity"], r["hot_device"] or 0.0, r["rel_tol"]) for r in rows})
+    out = []
+    for level, hot, tol in keys:
+        rr = [
+            r
+            for r in rows
+            if (r["granularity"], r["hot_device"] or 0.0, r["rel_tol"]) == (level, hot, tol)
+        ]
+        out.append(
+            (
+                level,
+                hot or None,
+                tol,
+                {
+                    "cases": len(rr),
+                    "median_ok": sum(r["median_err"] <= 0.02 for r in rr),
+                    "max_ok": sum(r["max_err"] <= 0.05 for r in rr),
+                    "step_ok": sum(r["step_err"] <= 0.02 for r in rr),
+                    "worst_median": max(r["median_err"] for r in rr),
+                    "worst_max": max(r["max_err"] for r in rr),
+                    "worst_step": max(r["step_err"] for r in rr),
+                    "speedup": sum(r["device_wall_s"] for r in rr) / sum(r["wall_s"] for r in rr),
+                },
+            )
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -79,6 +79,22 @@ def test_late_sender_flows_start_late_and_early_flows_run_alone_until_then():
     assert alone.time_us.tolist() == [2.0, 2.0, 2.0, 0.0]
 
 
+def test_a_flow_drained_as_another_is_released_is_delivered_as_itself(monkeypatch):
+    # 0 -> 2 drains at 1 us, when 1 -> 3 of another op is released; the release compacts
+    # the pool (here at once), which must not hand back the new flow for the drained one
+    monkeypatch.setattr(Fabric, "compact_min", 0)
+    fab = Fabric(_topo())
+    # (its last 1e-7 B leave with the release: a tie, delivered on the release's event)
+    fab.release(0.0, 0, np.array([0]), np.array([2]), np.array([1000.0 + 1e-7]))
+    fab.release(1.0, 1, np.array([1]), np.array([3]), np.array([1000.0]))
+    seen = []
+    while fab.busy:
+        g = fab.step()
+        assert g is not None
+        seen += zip(g.op.tolist(), g.src.tolist(), g.dst.tolist(), g.time_us.tolist(), strict=True)
+    assert seen == [(0, 0, 2, 1.0), (1, 1, 3, 2.0)]
+
+
 def test_two_microbatches_transfers_on_one_link_share_it():
     # mb0: 1 -> 2; mb1: 0 -> 2 (device 0 has nothing to send in mb0, so its mb1 transfer
     # starts at 0 too). Both cross NIC 2's downlink at 500 B/us and end at 2.0; each alone

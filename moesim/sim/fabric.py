@@ -68,6 +68,9 @@ class Fabric:
     ``rate_updates``: max-min rate recomputations.
     """
 
+    #: the pool is compacted once drained flows outnumber those in flight 3:1 beyond this
+    compact_min = 65_536
+
     def __init__(
         self,
         topology: Topology,
@@ -180,8 +183,11 @@ class Fabric:
                 idx, at = a[tie], np.full(int(tie.sum()), t_rel)
                 self._act = a[~tie]
                 self._dirty = True
+            # read the drained rows before the releases: adding flows may compact the pool
+            got = Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
             while self._pending and self._pending[0][0] <= self.now:
                 self._add(heapq.heappop(self._pending)[2])
+            return got
         return Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
 
     # ----- internals ------------------------------------------------------------------------
@@ -237,7 +243,7 @@ class Fabric:
 
     def _compact(self) -> None:
         """Drop drained flows from the pool once they are most of it."""
-        if self._n < 4 * self._act.size + 65_536:
+        if self._n < 4 * self._act.size + self.compact_min:
             return
         rows = np.sort(self._act)
         ptr, links = _sub_paths(self._ptr, self._links, rows)
