@@ -63,23 +63,16 @@ dispatch_dtype: fp8
 """
 
 
-def _prepare(
-    devices: int,
-    tokens: int,
-    network: str,
-    level: str = "count",
-    granularity: str = "auto",
-    tol: float = 0.01,
-    hot: float = 1.1,
-) -> Any:
-    """The scale scenario loaded and prepared (synthetic routing generated)."""
+def _prepare(devices: int, tokens: int, network: str, **options: Any) -> Any:
+    """The scale scenario (``options``: those of :func:`_scenario`) loaded and prepared
+    (synthetic routing generated)."""
     sys.path.insert(0, str(REPO))
     from moesim.scenario import load_scenario
     from moesim.sim.prepare import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
-        path.write_text(_scenario(devices, tokens, network, level, granularity, tol, hot))
+        path.write_text(_scenario(devices, tokens, network, **options))
         sc, base = load_scenario(path)
         return prepare(sc, base)
 
@@ -88,7 +81,9 @@ def _child(
     devices: int, tokens: int, network: str, level: str, granularity: str, tol: float, hot: float
 ) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
-    prep = _prepare(devices, tokens, network, level, granularity, tol, hot)
+    prep = _prepare(
+        devices, tokens, network, level=level, granularity=granularity, tol=tol, hot=hot
+    )
     t1 = time.perf_counter()
     from moesim.sim.simulate import simulate_mode
 
