@@ -10,8 +10,9 @@ device pair with traffic, and at ``network.granularity: rail`` or ``node`` the b
   same rail, which forwards it over the scale-up fabric (device flows inside the node);
   the combine goes the other way round (scale-up fabric first, then the rail). About
   D²/g bundles for nodes of g devices. This is a path, not only an aggregation: with
-  ``network.dedup: node`` the traffic already takes it and rail equals device flows;
-  otherwise it moves bytes off the spines that device flows cross between rails.
+  ``network.dedup: node`` the traffic already takes it and rail's flows are device flows'
+  (only when a combine's flows leave differs); otherwise it moves bytes off the spines
+  that device flows cross between rails.
 * ``node`` (:func:`node_traffic`): one bundle per (node pair, path class), on ports that
   pool a node's NICs and a leaf group's spine links (:func:`node_links`): about
   (D/g)² bundles. A device hot for its NIC keeps its own NIC: device flows into a hot
@@ -218,7 +219,8 @@ def rail_traffic(
       bundle over that rail; the bundle goes out once every device of the node is ready.
 
     With ``network.dedup: node`` the traffic is already relayed (each sender's bytes to a
-    node go to the relay): every bundle has one member and this equals device flows."""
+    node go to the relay): every bundle has one member, the device flow of that pair; only
+    the combine's release, with its node, differs from device flows."""
     d, g = m.shape[0], topo.devices_per_node
     n = d // g
     inside, cross = _split_domains(m, topo)
