@@ -212,19 +212,28 @@ def test_flow_tolerance_stays_close_to_exact(hw, devices, kwargs):
     assert fast.events < 0.7 * exact.events
 
 
-def test_flow_times_rescale_exactly():
+def test_flow_drain_times_rescale_exactly():
     """Max-min rates do not depend on the bytes, so scaling every flow scales every drain
-    time: the backward exchange is the forward one rescaled, in the flow tier too."""
+    time (latencies stay); a flow-tier exchange's times are not rescaled afterwards."""
+    from moesim.sim.flows import simulate_flows
+
     hw = get_profile("H800")
     topo = build_topology(hw, 16, 8, nodes_per_leaf=1, oversubscription=2.0)
     m = _skewed(16, seed=3)
+    np.fill_diagonal(m, 0)
+    src, dst = np.nonzero(m)
+    routes = topo.routes(src, dst)
     for tol in (0.0, 0.01):
-        base = exchange_times(m, topo, hw, "flow", rel_tol=tol)
-        direct = exchange_times(m, topo, hw, "flow", rel_tol=tol, scale=2.5)
-        np.testing.assert_allclose(base.scaled(2.5).time_us, direct.time_us, rtol=1e-12)
-        np.testing.assert_allclose(base.scaled(2.5).sent_bytes, direct.sent_bytes)
-    with pytest.raises(ValueError, match="do not reverse"):
-        base.scaled(1.0, reverse=True)
+        base = simulate_flows(
+            routes, m[src, dst] * 1.0, topo.capacity_gbps, topo.latency_us, rel_tol=tol
+        )
+        big = simulate_flows(
+            routes, m[src, dst] * 2.5, topo.capacity_gbps, topo.latency_us, rel_tol=tol
+        )
+        np.testing.assert_allclose(big.drain_us, 2.5 * base.drain_us, rtol=1e-12)
+        np.testing.assert_array_equal(big.latency_us, base.latency_us)
+    with pytest.raises(ValueError, match="do not rescale"):
+        exchange_times(m, topo, hw, "flow").scaled(2.5)
 
 
 # ----- the numpy specification of the compiled flow solver (moesim/sim/_compiled.py) -----

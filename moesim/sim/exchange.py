@@ -26,7 +26,6 @@ from moesim.topology.build import Topology
 __all__ = [
     "LINK_LOADS_MAX_DEVICES",
     "ExchangeTimes",
-    "FlowParts",
     "Tier",
     "busiest_link",
     "exchange_times",
@@ -48,31 +47,21 @@ class ExchangeTimes:
     events: int
     port_us: np.ndarray | None = None  # analytic tier: the port-limited part of time_us
     latency_us: np.ndarray | None = None  # analytic tier: the latency part
-    flows: FlowParts | None = None  # flow tier: every flow's drain time and latency
 
     def scaled(self, factor: float, *, reverse: bool = False) -> ExchangeTimes:
         """The times of the same traffic with every byte count times ``factor``, and with
         ``reverse`` every transfer in the opposite direction (a combine after its dispatch).
 
-        Exact in both tiers: bandwidth times are linear in the bytes (max-min rates do not
-        depend on them), latencies are not. Analytic ports are full duplex and a device's
-        time is its busier direction, so reversing swaps what it sends and receives and
-        leaves its time unchanged; the flow tier cannot reverse (a path and its reverse
-        may cross different spines), so ``reverse`` needs the analytic tier."""
+        Exact: bandwidth times are linear in the bytes, latencies are not. Ports are full
+        duplex and a device's time is its busier direction, so reversing swaps what it
+        sends and receives and leaves its time unchanged. Analytic tier only: a flow-tier
+        exchange is timed in the engine's loop (:mod:`moesim.sim.fabric`), or again at the
+        new size."""
+        if self.port_us is None or self.latency_us is None:
+            raise ValueError("flow-tier exchange times do not rescale: time the new traffic")
         sent, recv = (
             (self.recv_bytes, self.sent_bytes) if reverse else (self.sent_bytes, self.recv_bytes)
         )
-        if self.flows is not None and not reverse:
-            fp = self.flows
-            finish = fp.drain_us * factor + fp.latency_us
-            time = np.zeros(self.time_us.size)
-            np.maximum.at(time, fp.src, finish)
-            np.maximum.at(time, fp.dst, finish)
-            return ExchangeTimes(
-                time, sent * factor, recv * factor, self.events, flows=fp.scaled(factor),
-            )  # fmt: skip
-        if self.port_us is None or self.latency_us is None:
-            raise ValueError("flow-tier exchange times scale but do not reverse")
         return ExchangeTimes(
             np.where(sent + recv > 0, self.port_us * factor + self.latency_us, 0.0),
             sent * factor,
@@ -81,19 +70,6 @@ class ExchangeTimes:
             self.port_us * factor,
             self.latency_us,
         )
-
-
-@dataclass(frozen=True)
-class FlowParts:
-    """(F,) per flow of a flow-tier exchange: endpoints, drain time and path latency (µs)."""
-
-    src: np.ndarray
-    dst: np.ndarray
-    drain_us: np.ndarray
-    latency_us: np.ndarray
-
-    def scaled(self, factor: float) -> FlowParts:
-        return replace(self, drain_us=self.drain_us * factor)
 
 
 def _path_latency(topo: Topology, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -155,10 +131,9 @@ def exchange_times(
     res = simulate_flows(
         topo.routes(src, dst), m[src, dst], topo.capacity_gbps, topo.latency_us, rel_tol=rel_tol
     )
-    parts = FlowParts(src, dst, res.drain_us, res.latency_us)
     np.maximum.at(time, src, res.finish_us)
     np.maximum.at(time, dst, res.finish_us)
-    return ExchangeTimes(time, sent, recv, res.events, flows=parts)
+    return ExchangeTimes(time, sent, recv, res.events)
 
 
 def busiest_link(m: np.ndarray, topo: Topology) -> tuple[int, float] | None:
