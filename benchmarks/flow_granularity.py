@@ -215,14 +215,13 @@ def main() -> None:
 def trade_off(rows: list[dict[str, Any]]) -> list[tuple[str, Any, float, dict[str, Any]]]:
     """Per (level, hot_device, rel_tol): how many cases meet each target, the worst errors
     and the summed wall time of device flows over the level's."""
-    keys = sorted({(r["granularity"], r["hot_device"] or 0.0, r["rel_tol"]) for r in rows})
+
+    def key(r: dict[str, Any]) -> tuple[str, float, float]:
+        return r["granularity"], r["hot_device"] or 0.0, r["rel_tol"]
+
     out = []
-    for level, hot, tol in keys:
-        rr = [
-            r
-            for r in rows
-            if (r["granularity"], r["hot_device"] or 0.0, r["rel_tol"]) == (level, hot, tol)
-        ]
+    for level, hot, tol in sorted({key(r) for r in rows}):
+        rr = [r for r in rows if key(r) == (level, hot, tol)]
         out.append(
             (
                 level,

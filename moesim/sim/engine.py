@@ -46,7 +46,7 @@ generator resume per op and device: 2,048 devices x 58 layers are millions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -344,11 +344,7 @@ class _Run:
         np.maximum.at(self.last_in[i], fs.dst[f], when)
         np.minimum.at(self.spans[i][0], fs.src[f], when)
         np.minimum.at(self.spans[i][2], fs.dst[f], when)
-        # one batch per release time
-        order = np.argsort(when, kind="stable")
-        f, when = f[order], when[order]
-        cut = np.flatnonzero(np.diff(when)) + 1
-        for part, t in zip(np.split(f, cut), when[np.r_[0, cut]], strict=True):
+        for part, t in _by_time(f, when):
             self.fabric.release(
                 float(t),
                 i,
@@ -384,10 +380,7 @@ class _Run:
         np.maximum.at(self.last_in[i], touched, t_touch)
         np.minimum.at(self.spans[i][0], touched[out], t_touch[out])
         np.minimum.at(self.spans[i][2], touched[~out], t_touch[~out])
-        order = np.argsort(t, kind="stable")
-        sel, t = sel[order], t[order]
-        cut = np.flatnonzero(np.diff(t)) + 1
-        for part, t0 in zip(np.split(sel, cut), t[np.r_[0, cut]], strict=True):
+        for part, t0 in _by_time(sel, t):
             label = -(part + 1)  # bundles are told from device flows by negative labels
             self.fabric.release(
                 float(t0),
@@ -444,6 +437,15 @@ class _Run:
                 self._finish(i, fin, begin, np.maximum(self.last_arrival[i][fin] - begin, 0.0))
                 ended = True
         return ended
+
+
+def _by_time(items: np.ndarray, when: np.ndarray) -> Iterator[tuple[np.ndarray, float]]:
+    """``items`` in batches of one release time each, earliest first (stable within)."""
+    order = np.argsort(when, kind="stable")
+    items, when = items[order], when[order]
+    cut = np.flatnonzero(np.diff(when)) + 1
+    for part, t in zip(np.split(items, cut), when[np.r_[0, cut]], strict=True):
+        yield part, float(t)
 
 
 def run_program(program: Sequence[Op], num_devices: int, fabric: Fabric | None = None) -> Records:

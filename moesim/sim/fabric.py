@@ -173,7 +173,8 @@ class Fabric:
         self.now = float(now)
         self.events += events
         self.rate_updates += updates
-        if not idx.size:  # the next event is a release: the draining flows move up to it
+        release = not idx.size
+        if release:  # the next event is a release: the draining flows move up to it
             a = self._act
             c["left"][a] -= c["rate"][a] * (t_rel - self.now)
             self.now = t_rel
@@ -183,12 +184,11 @@ class Fabric:
                 idx, at = a[tie], np.full(int(tie.sum()), t_rel)
                 self._act = a[~tie]
                 self._dirty = True
-            # read the drained rows before the releases: adding flows may compact the pool
-            got = Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
-            while self._pending and self._pending[0][0] <= self.now:
-                self._add(heapq.heappop(self._pending)[2])
-            return got
-        return Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
+        # read the drained rows before the releases: adding flows may compact the pool
+        got = Delivered(c["op"][idx], c["src"][idx], c["dst"][idx], at + c["lat"][idx])
+        while release and self._pending and self._pending[0][0] <= self.now:
+            self._add(heapq.heappop(self._pending)[2])
+        return got
 
     # ----- internals ------------------------------------------------------------------------
     def _add(self, batch: tuple[Any, ...]) -> None:
