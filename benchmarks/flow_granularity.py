@@ -13,7 +13,7 @@ flow per device pair: the reference) and at each ``--levels`` granularity
 * ``rail``: DeepEP's path (a device's traffic to a node over its rail to that node's
   device on the same rail, forwarded inside the node). It is a path as well as an
   aggregation, so both it and its reference run DeepEP's traffic, one copy per (token,
-  node) (``network.dedup: node``), which device flows already relay along that path;
+  node) (``dispatcher.dedup: node``), which device flows already relay along that path;
 * ``node``: a bundle per node pair and path class, devices hot for their NIC kept apart
   at each ``--hot`` value of ``network.hot_device``.
 
@@ -72,12 +72,12 @@ routing: {ROUTING[routing]}
 placement: contiguous
 capacity: {{factor: null}}
 network: {{tier: flow, granularity: {granularity}, hot_device: {hot}, flow_rel_tol: {tol},
-  dedup: {dedup}, {net}}}
+  {net}}}
+dispatcher: {{preset: nccl-alltoallv, dedup: {dedup}, launches: 0, syncs: 0}}
 mode: prefill
 tokens_per_device: 1024
 sequence_length: 1024
 precision: bf16
-dispatch_dtype: bf16
 {extra}
 """
 

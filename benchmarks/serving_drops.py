@@ -47,7 +47,7 @@ def scenario(placement: str, redundant: int, factor: float | None, tokens: int) 
             "tokens_per_device": tokens,
             "sequence_length": 4096,
             "precision": "fp8",
-            "dispatch_dtype": "fp8",
+            "dispatcher": {"preset": "deepep-normal", "dedup": "none"},
         }
     )
 

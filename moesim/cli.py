@@ -496,12 +496,32 @@ def a2a(
     hardware: Annotated[str, typer.Option(help="Hardware profile, e.g. H800.")],
     ep: Annotated[int, typer.Option(help="Expert-parallel ranks.")],
     tokens_per_rank: Annotated[int, typer.Option(help="Tokens each rank dispatches.")],
-    hidden: Annotated[int, typer.Option(help="Hidden size (elements per token).")],
-    topk: Annotated[int, typer.Option(help="Experts per token.")],
-    num_experts: Annotated[int, typer.Option(help="Routed experts.")],
-    dispatch_dtype: Annotated[str, typer.Option(help="fp8 | bf16.")] = "fp8",
-    combine_dtype: Annotated[str, typer.Option(help="bf16 | fp8.")] = "bf16",
-    dedup: Annotated[str, typer.Option(help="none | device | node.")] = "none",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model preset: its hidden size, top-k, experts and group limit (the "
+            "options below override them)."
+        ),
+    ] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size (elements per token).")] = None,
+    topk: Annotated[int | None, typer.Option(help="Experts per token.")] = None,
+    num_experts: Annotated[int | None, typer.Option(help="Routed experts.")] = None,
+    dispatcher: Annotated[
+        str,
+        typer.Option(
+            help="auto | deepep-normal | deepep-low-latency | nccl-alltoallv | "
+            "megatron-alltoall (auto: deepep-normal on NVIDIA GPUs, nccl-alltoallv else)."
+        ),
+    ] = "auto",
+    dispatch_dtype: Annotated[
+        str | None, typer.Option(help="fp8 | bf16 (default: the dispatcher's).")
+    ] = None,
+    combine_dtype: Annotated[
+        str | None, typer.Option(help="bf16 | fp8 (default: the dispatcher's).")
+    ] = None,
+    dedup: Annotated[
+        str | None, typer.Option(help="none | device | node (default: the dispatcher's).")
+    ] = None,
     network: Annotated[str, typer.Option(help="analytic | flow.")] = "analytic",
     flow_rel_tol: Annotated[
         float, typer.Option(help="Flow tier: relative tolerance of its event batching (0: exact).")
@@ -512,31 +532,47 @@ def a2a(
 ) -> None:
     """Time one all-to-all dispatch and combine, to hold against measured numbers.
 
-    Tokens are routed uniformly at random (or from --trace), experts placed contiguously,
-    devices per node taken from the profile.
+    Tokens are routed uniformly at random (within the model's group limit, DeepSeek-V3's
+    4 of 8 groups, when --model names one that has it) or from --trace, experts placed
+    contiguously, devices per node taken from the profile; copies, dtypes and the fixed
+    cost of each call are the dispatcher's.
     """
+    from moesim.dispatchers import PRESETS, Dedup, Wire
+    from moesim.model.shapes import get_preset
     from moesim.sim.a2a import run_a2a
     from moesim.sim.exchange import Tier
-    from moesim.sim.traffic import Dedup
 
     for name, value, valid in (
-        ("dispatch-dtype", dispatch_dtype, ("fp8", "bf16")),
-        ("combine-dtype", combine_dtype, ("fp8", "bf16")),
-        ("dedup", dedup, ("none", "device", "node")),
+        ("dispatcher", dispatcher, ("auto", *PRESETS)),
+        ("dispatch-dtype", dispatch_dtype, ("fp8", "bf16", None)),
+        ("combine-dtype", combine_dtype, ("fp8", "bf16", None)),
+        ("dedup", dedup, ("none", "device", "node", None)),
         ("network", network, ("analytic", "flow")),
     ):
         if value not in valid:
-            raise InputError(f"valid: {', '.join(valid)}", field=name, value=value)
+            raise InputError(f"valid: {', '.join(v for v in valid if v)}", field=name, value=value)
+    shape = get_preset(model) if model is not None else None
+    given = {"hidden": hidden, "topk": topk, "num-experts": num_experts}
+    if shape is not None:
+        preset = {"hidden": shape.d_model, "topk": shape.top_k, "num-experts": shape.num_experts}
+        given = {key: preset[key] if v is None else v for key, v in given.items()}
+    for key, v in given.items():
+        if v is None:
+            raise InputError("give it, or --model", field=key, value=None)
+    h, k, e = (int(v or 0) for v in given.values())
+    groups = shape.groups if shape is not None and e == shape.num_experts else None
     res = run_a2a(
         hardware=hardware,
         ep=ep,
         tokens_per_rank=tokens_per_rank,
-        hidden=hidden,
-        topk=topk,
-        num_experts=num_experts,
-        dispatch_dtype=dispatch_dtype,
-        combine_dtype=combine_dtype,
-        dedup=cast(Dedup, dedup),
+        hidden=h,
+        topk=k,
+        num_experts=e,
+        dispatcher=dispatcher,
+        dispatch_dtype=cast(Wire | None, dispatch_dtype),
+        combine_dtype=cast(Wire | None, combine_dtype),
+        dedup=cast(Dedup | None, dedup),
+        groups=groups,
         network=cast(Tier, network),
         flow_rel_tol=flow_rel_tol,
         seed=seed,
@@ -545,10 +581,12 @@ def a2a(
     if as_json:
         _print_json(res)
         return
+    limit = f", within {groups[1]} of {groups[0]} groups" if groups else ""
     console.print(
         f"{res['hardware']} EP{ep} ({res['devices_per_node']}/node), {tokens_per_rank} "
-        f"tokens/rank, hidden {hidden}, top-{topk} of {num_experts}, dedup {dedup}, "
-        f"{network} network"
+        f"tokens/rank, hidden {h}, top-{k} of {e}{limit}; {res['dispatcher']}: dedup "
+        f"{res['dedup']}, {res['dispatch_dtype']} dispatch, {res['combine_dtype']} combine, "
+        f"{res['fixed_us']:.1f} us fixed per call; {network} network"
     )
     for phase in ("dispatch", "combine"):
         console.print(

@@ -39,6 +39,12 @@ class Compute(BaseModel):
         default=None, gt=0, description="Dense FP8 tensor throughput, TFLOP/s (None: no FP8 units)"
     )
     int8_dense_tops: float | None = Field(default=None, gt=0, description="Dense INT8, TOP/s")
+    sm_count: int | None = Field(
+        default=None,
+        gt=0,
+        description="Streaming multiprocessors (NVIDIA) or compute units (AMD); None: not "
+        "modelled (communication kernels then take no compute from the device)",
+    )
 
 
 class Memory(BaseModel):

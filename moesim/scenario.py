@@ -12,6 +12,7 @@ Example (``scenarios/demo.yaml``)::
     capacity: {factor: null}       # dropless (the default): unlimited expert capacity
     mode: [training, prefill]
     tokens_per_device: 2048        # decode: sequences per device, one new token each
+    dispatcher: auto               # deepep-normal on NVIDIA GPUs; {preset: NAME, field: value}
     seed: 0
 
 Relative paths are resolved against the scenario file's folder.
@@ -24,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moesim.dispatchers import DEFAULT_DISPATCHER, PRESETS, DispatcherChoice
 from moesim.errors import InputError
 from moesim.model.shapes import ModelShape
 
@@ -121,9 +123,6 @@ class Network(BaseModel):
 
     model_config = _STRICT
     tier: Literal["analytic", "flow"] = "analytic"
-    dedup: Literal["none", "device", "node"] = Field(
-        default="none", description="one copy per (token, expert) | (token, device) | (token, node)"
-    )
     oversubscription: float = Field(default=1.0, ge=1.0, description="fat-tree leaf down/up ratio")
     nodes_per_leaf: int | None = Field(default=None, gt=0)
     granularity: Literal["device", "rail", "node", "auto"] = Field(
@@ -216,8 +215,12 @@ class Scenario(BaseModel):
     )
     sequence_length: int = Field(default=4096, gt=0, description="Tokens per sequence")
     precision: Precision = "bf16"
-    dispatch_dtype: Precision = "bf16"
-    combine_dtype: Literal["bf16"] = "bf16"
+    dispatcher: DispatcherChoice = Field(
+        default=DispatcherChoice(),
+        description="what moves tokens (moesim.dispatchers): a preset name, or {preset: "
+        "NAME, field: value...} overriding its dedup, per-pass dtypes, launches, syncs, "
+        "sms; auto: deepep-normal on NVIDIA GPUs, nccl-alltoallv elsewhere",
+    )
     steps: int = Field(default=1, gt=0)
     seed: int = Field(default=0, description="Seed of every random choice the scenario makes")
 
@@ -226,6 +229,36 @@ class Scenario(BaseModel):
     def _modes_nonempty(cls, v: Mode | list[Mode]) -> Mode | list[Mode]:
         if isinstance(v, list) and not v:
             raise ValueError("list of modes is empty")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: object) -> object:
+        """Fields that moved into ``dispatcher``: say where, rather than "extra field"."""
+        if not isinstance(data, dict):
+            return data
+        net = data.get("network")
+        moved = [k for k in ("dispatch_dtype", "combine_dtype") if k in data]
+        if isinstance(net, dict) and "dedup" in net:
+            moved.append("network.dedup")
+        if moved:
+            name = moved[0].removeprefix("network.")
+            raise ValueError(
+                f"'{moved[0]}' moved into the dispatcher: write 'dispatcher: {{preset: "
+                f"{DEFAULT_DISPATCHER}, {name}: ...}}' (see docs/kernels-and-network.md)"
+            )
+        return data
+
+    @field_validator("dispatcher", mode="before")
+    @classmethod
+    def _preset_name(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = {"preset": v}
+        if isinstance(v, dict) and v.get("preset", DEFAULT_DISPATCHER) not in (
+            DEFAULT_DISPATCHER,
+            *PRESETS,
+        ):
+            raise ValueError(f"unknown preset; valid: {DEFAULT_DISPATCHER}, {', '.join(PRESETS)}")
         return v
 
     @model_validator(mode="after")

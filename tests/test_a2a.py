@@ -82,12 +82,13 @@ def test_a2a_closed_form_single_node():
 
 def test_a2a_more_ranks_cost_more_and_fp8_halves_bytes():
     kw = dict(hardware="H800", tokens_per_rank=128, hidden=7168, topk=8, num_experts=256)
-    small = run_a2a(ep=16, **kw)
-    large = run_a2a(ep=64, **kw)
+    small = run_a2a(ep=16, dedup="none", **kw)
+    large = run_a2a(ep=64, dedup="none", **kw)
     assert large["dispatch_us"] > small["dispatch_us"]
-    bf16 = run_a2a(ep=16, dispatch_dtype="bf16", **kw)
+    bf16 = run_a2a(ep=16, dedup="none", dispatch_dtype="bf16", **kw)
     assert small["dispatch_bytes"] == pytest.approx(bf16["dispatch_bytes"] * (1 + 4 / 128) / 2)
-    node = run_a2a(ep=64, dedup="node", **kw)
+    node = run_a2a(ep=64, **kw)  # the default dispatcher on H800: deepep-normal
+    assert node["dispatcher"] == "deepep-normal" and node["dedup"] == "node"
     assert node["dispatch_scale_out_bytes"] < large["dispatch_scale_out_bytes"]
 
 

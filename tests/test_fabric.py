@@ -386,6 +386,7 @@ def test_a_device_waits_for_those_it_receives_from_not_those_it_sends_to():
     # 0's needs nobody (closed form and flow tier alike)
     from moesim.costs.model import cost_model_for
     from moesim.costs.roofline import layer_costs
+    from moesim.dispatchers import get_dispatcher
     from moesim.model.shapes import get_preset
     from moesim.sim.cluster import ClusterSpec
     from moesim.sim.program import build_program
@@ -411,7 +412,7 @@ def test_a_device_waits_for_those_it_receives_from_not_those_it_sends_to():
         layer = shape.moe_layer_indices()[0]
         prog = build_program(
             shape, hw, cluster, {layer: routed}, costs, mode="prefill", tokens_per_device=64,
-            sequence_length=64, dtype="bf16", dispatch_dtype="bf16",
+            sequence_length=64, dtype="bf16", dispatcher=get_dispatcher("nccl-alltoallv"),
         )  # fmt: skip
         (disp,) = [op for op in prog if op.name == f"L{layer} dispatch"]
         assert disp.senders.tolist() == [[True, True], [False, True]]

@@ -72,7 +72,6 @@ def test_sweep_answer_keeps_to_the_drop_budget(sweep_dir, tmp_path):
     wide = write_sweep_fixture(tmp_path / "wide", max_drop_rate=0.5)
     answer = _answer_md(wide, tmp_path / "b")
     top = ok.loc[ok["tokens_per_s"].idxmax()]
-    assert top["drop_rate"] > 0
     assert f"{top['tokens_per_s']:,.0f} tokens/s at {100 * top['drop_rate']:.3f}% dropped" in answer
     assert "at most 50% of assignments" in answer and "left out" not in answer
 

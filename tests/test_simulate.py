@@ -158,13 +158,24 @@ def test_uniform_routing_gives_closed_form_dispatch(tmp_path):
     res = simulate(_scenario(tmp_path / "tr", 4), tmp_path)
     hw = get_profile("H100-SXM")
     shape = ModelShape.model_validate(TINY_MODEL)
-    per_peer = shape.d_model * 2  # bf16
+    # the default dispatcher on an NVIDIA GPU is deepep-normal: FP8 dispatch with one fp32
+    # scale per 128 channels (256 + 2 x 4 = 264 bytes a copy), BF16 combine (512 bytes),
+    # and a fixed cost per call of 2 launches (5 us each) + 1 round trip of NVLink's 3 us
+    fp8, bf16 = shape.d_model * 1 + shape.d_model / 128 * 4, shape.d_model * 2
+    assert (fp8, bf16) == (264, 512)
+    fixed = 2 * hw.kernel_launch_us + 2 * hw.scale_up.latency_us
+    assert fixed == 16.0
     bw_up = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up * 1e3
-    expected = hw.scale_up.latency_us + 3 * per_peer / bw_up
     m = res.runs[0].metrics.query("layer == 0 and `pass` == 'forward'")
-    assert m["dispatch_us"].to_numpy() == pytest.approx(np.full(4, expected), rel=1e-12)
-    assert m["combine_us"].to_numpy() == pytest.approx(np.full(4, expected), rel=1e-12)
+    for col, per_peer in (("dispatch_us", fp8), ("combine_us", bf16)):
+        expected = hw.scale_up.latency_us + 3 * per_peer / bw_up + fixed
+        assert m[col].to_numpy() == pytest.approx(np.full(4, expected), rel=1e-12)
     assert (m["wait_us"] == 0).all()
+    # the same traffic through NCCL's all-to-all-v: BF16 both ways, the same fixed cost
+    nccl = simulate(_scenario(tmp_path / "tr", 4, dispatcher="nccl-alltoallv"), tmp_path)
+    m = nccl.runs[0].metrics.query("layer == 0 and `pass` == 'forward'")
+    expected = hw.scale_up.latency_us + 3 * bf16 / bw_up + fixed
+    assert m["dispatch_us"].to_numpy() == pytest.approx(np.full(4, expected), rel=1e-12)
 
 
 def test_training_has_backward_and_allreduce(flame_dict, tmp_path):
@@ -248,8 +259,8 @@ def test_synthetic_routing_is_seeded(tmp_path):
 def test_network_options_flow_tier_and_dedup(flame_dict, tmp_path):
     base = flame_dict | {"mode": "prefill", "tokens_per_device": 128}
 
-    def run(network):
-        sc = Scenario.model_validate(base | {"network": network})
+    def run(network, dispatcher="nccl-alltoallv"):
+        sc = Scenario.model_validate(base | {"network": network, "dispatcher": dispatcher})
         return simulate(sc, tmp_path).runs[0]
 
     analytic = run({"tier": "analytic"})
@@ -258,11 +269,13 @@ def test_network_options_flow_tier_and_dedup(flame_dict, tmp_path):
     assert flow.summary["granularity"] == "device" and analytic.summary["granularity"] is None
     from moesim.report.summary import header_line
 
-    sc = Scenario.model_validate(base | {"network": {"tier": "flow", "granularity": "node"}})
+    sc = Scenario.model_validate(
+        base | {"network": {"tier": "flow", "granularity": "node"}, "dispatcher": "nccl-alltoallv"}
+    )
     res = simulate(sc, tmp_path)
     assert res.runs[0].summary["granularity"] == "node"
     assert header_line(res).endswith("dropless (unlimited capacity); flow network, node flows")
-    node = run({"tier": "flow", "dedup": "node"})
+    node = run({"tier": "flow"}, {"preset": "nccl-alltoallv", "dedup": "node"})
     # the flow tier never beats the port bound on this non-blocking fabric: a device's
     # dispatch ends at least its port-limited time after the first of its peers was ready
     rec = flow.records[0]
@@ -282,7 +295,9 @@ def test_oversubscribed_fabric_slows_the_step(flame_dict, tmp_path):
     base = flame_dict | {"mode": "prefill", "tokens_per_device": 128}
 
     def step(network):
-        sc = Scenario.model_validate(base | {"network": network})
+        sc = Scenario.model_validate(
+            base | {"network": network, "dispatcher": "nccl-alltoallv"}  # every copy sent
+        )
         return simulate(sc, tmp_path).runs[0].summary["step_time_us"]
 
     full = step({"tier": "flow", "nodes_per_leaf": 1})
@@ -291,7 +306,15 @@ def test_oversubscribed_fabric_slows_the_step(flame_dict, tmp_path):
 
 
 def test_two_microbatch_overlap(flame_dict, tmp_path):
-    base = flame_dict | {"mode": "prefill", "capacity": {"factor": None}}
+    # the mechanics of overlap, without what a dispatcher charges it: no SMs held by the
+    # all-to-alls (test_sm_share_slows_overlapped_compute has those), and no fixed cost
+    # per call, which two microbatches pay twice (this small model's ~20 us a call would
+    # eat the gain)
+    base = flame_dict | {
+        "mode": "prefill",
+        "capacity": {"factor": None},
+        "dispatcher": {"preset": "deepep-normal", "sms": 0, "launches": 0, "syncs": 0},
+    }
 
     def run(overlap):
         sc = Scenario.model_validate(base | {"overlap": overlap})
@@ -325,6 +348,7 @@ def _synthetic(level: str, **kw) -> Scenario:
         "tokens_per_device": 2048,
         "capacity": {"factor": 1.1},
         "mode": "prefill",
+        "dispatcher": "nccl-alltoallv",
     }
     return Scenario.model_validate(data | kw)
 
@@ -352,7 +376,8 @@ def test_count_level_routing_agrees_with_token_level(tmp_path):
     ("field", "kw"),
     [
         ("capacity.overflow", {"capacity": {"factor": 1.0, "overflow": "reroute"}}),
-        ("network.dedup", {"network": {"dedup": "node"}}),
+        ("dispatcher.dedup", {"dispatcher": {"preset": "nccl-alltoallv", "dedup": "node"}}),
+        ("dispatcher.dedup", {"dispatcher": "auto"}),  # deepep-normal on NVIDIA: dedups
     ],
 )
 def test_count_level_routing_refuses_token_policies(tmp_path, field, kw):

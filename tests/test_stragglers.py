@@ -277,7 +277,8 @@ def test_straggler_penalty_and_balance_ratio():
 
 def _demo_like(**extra) -> Scenario:
     """The demo's cluster (2 nodes x 8 H100) and model, contiguous placement, uniform
-    routing, dropless."""
+    routing, dropless, every (token, expert) copy sent directly (NCCL's all-to-all-v), so
+    that every device hears from every other."""
     data = yaml.safe_load((scenarios_dir() / "demo.yaml").read_text())
     data |= {
         "routing": {"synthetic": {"distribution": "uniform"}},
@@ -285,6 +286,7 @@ def _demo_like(**extra) -> Scenario:
         "redundant_slots": 0,
         "mode": "prefill",
         "capacity": {"factor": None},
+        "dispatcher": "nccl-alltoallv",
     }
     return Scenario.model_validate(data | extra)
 

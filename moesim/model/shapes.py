@@ -78,6 +78,18 @@ class ModelShape(BaseModel):
     num_experts: int = Field(gt=0, description="Routed experts per MoE layer")
     top_k: int = Field(gt=0)
     num_shared_experts: int = Field(default=0, ge=0)
+    expert_groups: int | None = Field(
+        default=None,
+        gt=0,
+        description="Group-limited routing: the experts split into this many equal groups "
+        "(contiguous ids; DeepSeek's n_group)",
+    )
+    groups_per_token: int | None = Field(
+        default=None,
+        gt=0,
+        description="Group-limited routing: a token's experts lie in at most this many "
+        "groups (DeepSeek's topk_group; nodes, where each node holds whole groups)",
+    )
     shared_expert_d_ff: int | None = Field(default=None, gt=0, description="None = expert_d_ff")
     shared_expert_gate: bool = False
     router_bias: bool = False
@@ -100,7 +112,23 @@ class ModelShape(BaseModel):
                 raise ValueError(f"moe_layers index {bad[0]} outside 0..{self.num_layers - 1}")
         if len(self.moe_layer_indices()) < self.num_layers and self.dense_d_ff is None:
             raise ValueError("the model has dense layers, so 'dense_d_ff' is required")
+        if (self.expert_groups is None) != (self.groups_per_token is None):
+            raise ValueError("give both 'expert_groups' and 'groups_per_token', or neither")
+        if self.groups is not None:
+            from moesim.traces.synthetic import check_groups
+
+            try:
+                check_groups(self.groups, self.num_experts, self.top_k)
+            except InputError as err:
+                raise ValueError(f"expert_groups, groups_per_token: {err.message}") from None
         return self
+
+    @property
+    def groups(self) -> tuple[int, int] | None:
+        """(expert groups, groups per token) of a group-limited router; None: no limit."""
+        if self.expert_groups is None or self.groups_per_token is None:
+            return None
+        return (self.expert_groups, self.groups_per_token)
 
     # ----- derived shape ---------------------------------------------------------------
     def moe_layer_indices(self) -> list[int]:

@@ -1,9 +1,11 @@
 """The all-to-all microbenchmark behind ``moesim a2a``: one dispatch and one combine.
 
-T tokens per rank pick top-k experts (uniformly at random, or from a trace); E experts
-are placed contiguously over N ranks and routed by the simulator's own routing step
-(:func:`moesim.sim.routing.route_layer`, dropless); dispatch and combine copies follow the
-chosen de-duplication policy; both exchanges are timed in the chosen network tier.
+T tokens per rank pick top-k experts (uniformly at random, within the model's group limit
+when ``model`` names one that has it, or from a trace); E experts are placed contiguously
+over N ranks and routed by the simulator's own routing step
+(:func:`moesim.sim.routing.route_layer`, dropless); dispatch and combine copies, their
+dtypes and the fixed cost of each call follow the dispatcher (:mod:`moesim.dispatchers`),
+any of them overridden; both exchanges are timed in the chosen network tier.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from moesim.costs.roofline import bytes_per_assignment
+from moesim.dispatchers import Dedup, DispatcherChoice, Wire
 from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.placement.base import contiguous
 from moesim.scenario import FLOW_REL_TOL
 from moesim.sim.exchange import Tier, exchange_times
 from moesim.sim.routing import route_layer
-from moesim.sim.traffic import Dedup
 from moesim.topology import build_topology
 from moesim.traces.store import read_trace
 from moesim.traces.synthetic import synthesize
@@ -36,16 +38,25 @@ def run_a2a(
     hidden: int,
     topk: int,
     num_experts: int,
-    dispatch_dtype: str = "fp8",
-    combine_dtype: str = "bf16",
-    dedup: Dedup = "none",
+    dispatcher: str = "auto",
+    dispatch_dtype: Wire | None = None,
+    combine_dtype: Wire | None = None,
+    dedup: Dedup | None = None,
+    groups: tuple[int, int] | None = None,
     network: Tier = "analytic",
     flow_rel_tol: float = FLOW_REL_TOL,
     seed: int = 0,
     trace: Path | None = None,
 ) -> dict[str, Any]:
-    """Time one dispatch and one combine; returns a JSON-ready dict of times and bytes."""
+    """Time one dispatch and one combine; returns a JSON-ready dict of times and bytes.
+
+    ``dispatch_dtype``, ``combine_dtype``, ``dedup``: None takes the dispatcher's.
+    ``groups``: (expert groups, groups per token) of a group-limited router, or None.
+    """
     hw = get_profile(hardware)
+    disp = DispatcherChoice(
+        preset=dispatcher, dedup=dedup, dispatch_dtype=dispatch_dtype, combine_dtype=combine_dtype
+    ).resolve(hw)
     for name, value in (
         ("ep", ep),
         ("tokens-per-rank", tokens_per_rank),
@@ -67,7 +78,12 @@ def run_a2a(
     n_tok = ep * tokens_per_rank
     if trace is None:
         ids = synthesize(
-            num_experts=num_experts, top_k=topk, num_layers=1, num_tokens=n_tok, seed=seed
+            num_experts=num_experts,
+            top_k=topk,
+            num_layers=1,
+            num_tokens=n_tok,
+            seed=seed,
+            groups=groups,
         ).expert_ids[0]
     else:
         routed = read_trace(trace)
@@ -89,7 +105,7 @@ def run_a2a(
         count,
         num_experts=num_experts,
         devices_per_node=per_node,
-        dedup=dedup,
+        dedup=disp.dedup,
     )
     copies = layer.copies
     assert copies is not None
@@ -102,9 +118,11 @@ def run_a2a(
         "hidden": hidden,
         "topk": topk,
         "num_experts": num_experts,
-        "dispatch_dtype": dispatch_dtype,
-        "combine_dtype": combine_dtype,
-        "dedup": dedup,
+        "dispatcher": disp.name,
+        "dispatch_dtype": disp.dispatch_dtype,
+        "combine_dtype": disp.combine_dtype,
+        "dedup": disp.dedup,
+        "groups": list(groups) if groups else None,
         "network": network,
         "flow_rel_tol": flow_rel_tol if network == "flow" else None,
         "seed": seed,
@@ -112,13 +130,19 @@ def run_a2a(
     node = np.arange(ep) // per_node
     cross = node[:, None] != node[None, :]
     offdiag = ~np.eye(ep, dtype=bool)
+    fixed = None
     for phase, matrix, dtype in (
-        ("dispatch", copies, dispatch_dtype),
-        ("combine", copies.T, combine_dtype),
+        ("dispatch", copies, disp.dispatch_dtype),
+        ("combine", copies.T, disp.combine_dtype),
     ):
         nbytes = matrix * bytes_per_assignment(hidden, dtype)
         res = exchange_times(nbytes, topo, hw, network, rel_tol=flow_rel_tol)
-        t = float(res.time_us.max())
+        if fixed is None:  # launches and round trips of the longest path (analytic tier's)
+            lat = exchange_times(nbytes, topo, hw, "analytic").latency_us
+            assert lat is not None
+            fixed = disp.fixed_us(hw, float(lat.max(initial=0.0)))
+            out["fixed_us"] = fixed
+        t = float(res.time_us.max()) + fixed
         scale_out = float(nbytes[cross].sum())
         scale_up = float(nbytes[offdiag & ~cross].sum())
         busiest = int(np.argmax(res.time_us))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.dispatchers import Dispatcher, compute_slowdown
 from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
@@ -38,6 +39,7 @@ class Prepared:
     placement: Placement
     cluster: ClusterSpec
     moe_layers: list[int]  # model layer index of each trace layer, in order
+    dispatcher: Dispatcher
     popularity: Popularity | None = None
 
 
@@ -49,6 +51,8 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             hw_name = str(base_dir / hw_name)  # a profile file next to the scenario
         hw = get_profile(hw_name)
         shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
+        dispatcher = scenario.dispatcher.resolve(hw)
+        compute_slowdown(hw, dispatcher)  # holds fewer SMs than the device has
     except InputError as err:
         if err.file is not None:
             raise
@@ -98,18 +102,33 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
     if syn is not None and syn.level == "count":
         for field_name, value, ok in (
             ("capacity.overflow", scenario.capacity.overflow, "drop"),
-            ("network.dedup", scenario.network.dedup, "none"),
+            ("dispatcher.dedup", dispatcher.dedup, "none"),
         ):
             if value != ok:
+                hint = (
+                    f" (dispatcher {dispatcher.name} de-duplicates: set dispatcher: "
+                    f"{{preset: {dispatcher.name}, dedup: none}} to count every copy)"
+                    if field_name == "dispatcher.dedup"
+                    else ""
+                )
                 raise InputError(
-                    f"count-level routing supports {field_name} {ok} only",
+                    f"count-level routing supports {field_name} {ok} only{hint}",
                     file=source,
                     field=field_name,
                     value=value,
                 )
-        popularity = Popularity(
-            parse_distribution(syn.distribution), shape.num_experts, len(moe_layers), seed
-        )
+        dist = parse_distribution(syn.distribution)
+        if shape.groups is not None and dist.kind != "uniform":
+            # counts are drawn from each expert's marginal; a group limit leaves those
+            # marginals at k / E only under uniform popularity (by symmetry)
+            raise InputError(
+                f"count-level routing cannot keep {shape.name}'s group limit under "
+                "non-uniform popularity: use level: token",
+                file=source,
+                field="routing.synthetic.distribution",
+                value=syn.distribution,
+            )
+        popularity = Popularity(dist, shape.num_experts, len(moe_layers), seed)
     elif syn is not None:
         trace = synthesize(
             num_experts=shape.num_experts,
@@ -118,6 +137,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
             distribution=syn.distribution,
             seed=seed,
+            groups=shape.groups,
         )
     cl = scenario.cluster
     try:
@@ -171,7 +191,9 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         granularity=resolve_granularity(net.granularity, topology),
         hot_device=net.hot_device,
     )
-    return Prepared(scenario, shape, hw, trace, placement, cluster, moe_layers, popularity)
+    return Prepared(
+        scenario, shape, hw, trace, placement, cluster, moe_layers, dispatcher, popularity
+    )
 
 
 def _placement(

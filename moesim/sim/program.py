@@ -28,6 +28,7 @@ from moesim.costs.roofline import (
     gemm_time_us,
     memory_time_us,
 )
+from moesim.dispatchers import Dispatcher
 from moesim.hardware import HardwareProfile
 from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
@@ -40,6 +41,7 @@ from moesim.sim.transfers import FlowSet
 
 __all__ = [
     "BACKWARD_FACTOR",
+    "apply_sm_share",
     "apply_stragglers",
     "build_program",
     "interleave_microbatches",
@@ -109,6 +111,37 @@ def interleave_microbatches(programs: list[list[Op]]) -> list[Op]:
     return merged
 
 
+#: the all-to-alls that travel the combine's way (expert to token owner)
+_COMBINE_WAY = frozenset({"combine", "dispatch bwd"})
+
+
+def _plus_fixed(t: ExchangeTimes, fixed_us: float) -> ExchangeTimes:
+    """``t`` with a fixed cost added to the time of every device that sends or receives."""
+    if not fixed_us:
+        return t
+    active = t.sent_bytes + t.recv_bytes > 0
+    assert t.latency_us is not None
+    return replace(
+        t,
+        time_us=np.where(active, t.time_us + fixed_us, 0.0),
+        latency_us=t.latency_us + fixed_us,
+    )
+
+
+def apply_sm_share(program: list[Op], slowdown: float) -> list[Op]:
+    """The program with every GEMM-bound compute op (all but the memory-bound permutes)
+    ``slowdown`` times as long: the SMs a dispatcher holds while it overlaps compute
+    (:func:`moesim.dispatchers.compute_slowdown`)."""
+    if slowdown == 1.0:
+        return program
+    return [
+        replace(op, duration_us=op.duration_us * slowdown)
+        if isinstance(op, Compute) and "permute" not in op.phase
+        else op
+        for op in program
+    ]
+
+
 def _full(d: int, value: float) -> np.ndarray:
     return np.full(d, float(value))
 
@@ -122,7 +155,7 @@ def _moe_ops(
     costs: LayerCosts,
     tokens_per_device: int,
     dtype: str,
-    dispatch_dtype: str,
+    dispatcher: Dispatcher,
     training: bool,
 ) -> tuple[list[Op], list[Op]]:
     """Forward and backward ops of one MoE layer."""
@@ -135,37 +168,46 @@ def _moe_ops(
     unpermute = permute.copy()
     bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
     experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
-    b_disp, b_comb = bytes_per_assignment(dm, dispatch_dtype), bytes_per_assignment(dm, "bf16")
+    # bytes of one copy in each of the four all-to-alls, by the dispatcher's dtypes
+    wire = {k: bytes_per_assignment(dm, v) for k, v in dispatcher.pass_dtypes().items()}
     copies = routed.copies
     # closed form (the analytic tier's times; the flow tier's port-limited figures): the
-    # other exchanges are the same traffic rescaled and, for the combine, reversed
+    # other exchanges are the same traffic rescaled and, for the combine's way, reversed
+    b_disp = wire["dispatch"]
     disp = exchange_times(copies, cluster.topology, hw, "analytic", scale=b_disp)
-    gdisp = disp.scaled(b_comb / b_disp)
-    comb = disp.scaled(b_comb / b_disp, reverse=True)
-    flows: dict[str, FlowSet | None] = dict.fromkeys(("disp", "comb", "gdisp"))
+    # the dispatcher's fixed cost per call: launches, and round trips of the longest path
+    assert disp.latency_us is not None  # the analytic tier's
+    fixed = dispatcher.fixed_us(hw, float(disp.latency_us.max(initial=0.0)))
+    times = {
+        name: _plus_fixed(disp.scaled(wire[name] / b_disp, reverse=name in _COMBINE_WAY), fixed)
+        for name in wire
+    }
+    flows: dict[str, FlowSet | None] = dict.fromkeys(wire)
     if cluster.network == "flow":  # timed in the engine's loop, on the fabric
         base = cluster.flows(copies)
         back = base.reversed(1.0) if base.bundles is None else cluster.flows(copies.T, combine=True)
         flows = {
-            "disp": base.rescaled(b_disp),
-            "comb": back.rescaled(b_comb),
-            "gdisp": base.rescaled(b_comb),
+            name: replace(
+                (back if name in _COMBINE_WAY else base).rescaled(wire[name]),
+                extra_latency_us=fixed,
+            )
+            for name in wire
         }
 
-    def exchange(name: str, cat: str, times: ExchangeTimes, key: str, senders: np.ndarray | None,
-                 pass_: str = "forward") -> Exchange:  # fmt: skip
-        fs = flows[key]
+    def exchange(name: str, cat: str, senders: np.ndarray | None, pass_: str = "forward"
+                 ) -> Exchange:  # fmt: skip
+        fs, t = flows[name], times[name]
         return Exchange(
             f"L{layer} {name}",
             cat,
-            np.zeros(d) if fs is not None else times.time_us,
+            np.zeros(d) if fs is not None else t.time_us,
             senders,
-            times.sent_bytes,
-            times.recv_bytes,
+            t.sent_bytes,
+            t.recv_bytes,
             layer,
             pass_,
             flows=fs,
-            port_limited_us=times.time_us if fs is not None else None,
+            port_limited_us=t.time_us if fs is not None else None,
             phase=name,
         )
 
@@ -187,7 +229,7 @@ def _moe_ops(
             layer,
             phase="router+permute",
         ),
-        exchange("dispatch", "dispatch", disp, "disp", needs_disp),
+        exchange("dispatch", "dispatch", needs_disp),
     ]
     if costs.shared_us:
         fwd.append(
@@ -201,7 +243,7 @@ def _moe_ops(
         )
     fwd += [
         Compute(f"L{layer} experts", "expert", experts, layer, phase="experts"),
-        exchange("combine", "combine", comb, "comb", needs_comb),
+        exchange("combine", "combine", needs_comb),
         Compute(f"L{layer} unpermute", "other", unpermute, layer, phase="unpermute"),
     ]
     bwd: list[Op] = []
@@ -216,7 +258,7 @@ def _moe_ops(
                 "backward",
                 phase="unpermute bwd",
             ),
-            exchange("combine bwd", "combine", gdisp, "gdisp", needs_disp, "backward"),
+            exchange("combine bwd", "combine", needs_disp, "backward"),
             Compute(
                 f"L{layer} experts bwd",
                 "expert",
@@ -238,7 +280,7 @@ def _moe_ops(
                 )
             )
         bwd += [
-            exchange("dispatch bwd", "dispatch", comb, "comb", needs_comb, "backward"),
+            exchange("dispatch bwd", "dispatch", needs_comb, "backward"),
             Compute(
                 f"L{layer} router+permute bwd",
                 "other",
@@ -270,7 +312,7 @@ def build_program(
     tokens_per_device: int,
     sequence_length: int,
     dtype: str,
-    dispatch_dtype: str,
+    dispatcher: Dispatcher,
 ) -> list[Op]:
     """The ops of one step, in the order every device runs them.
 
@@ -295,7 +337,7 @@ def build_program(
                 costs,
                 tokens_per_device,
                 dtype,
-                dispatch_dtype,
+                dispatcher,
                 training,
             )
         else:

@@ -75,7 +75,7 @@ def route_layer_at(
         devices_per_node=prep.cluster.devices_per_node,
         capacity=cap,
         overflow=sc.capacity.overflow,
-        dedup=sc.network.dedup,
+        dedup=prep.dispatcher.dedup,
         replica_choice=sc.replica_choice,
     )
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from moesim.dispatchers import Dedup
 from moesim.placement.capacity import Overflow, apply_slot_capacity
 from moesim.placement.choice import ReplicaChoice, choose_replicas, copies_per_device
-from moesim.sim.traffic import Dedup, copy_matrix, traffic_matrix
+from moesim.sim.traffic import copy_matrix, traffic_matrix
 
 __all__ = [
     "LayerRouting",

@@ -21,6 +21,7 @@ import pandas as pd
 
 from moesim.costs.model import cost_model_for
 from moesim.costs.roofline import bytes_per_assignment, layer_costs
+from moesim.dispatchers import compute_slowdown
 from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
 from moesim.placement.capacity import slot_capacity
@@ -29,6 +30,7 @@ from moesim.sim.engine import Op, Records, run_program
 from moesim.sim.metrics import layer_frame, link_columns, metrics_frame, summary
 from moesim.sim.prepare import Prepared, prepare
 from moesim.sim.program import (
+    apply_sm_share,
     apply_stragglers,
     build_program,
     interleave_microbatches,
@@ -103,11 +105,13 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
                 tokens_per_device=tokens,
                 sequence_length=sc.sequence_length,
                 dtype=sc.precision,
-                dispatch_dtype=sc.dispatch_dtype,
+                dispatcher=prep.dispatcher,
             )
             for r in per_mb
         ]
         program = programs[0] if n_mb == 1 else interleave_microbatches(programs)
+        if n_mb > 1:  # compute overlaps the all-to-alls: it runs on the SMs they leave
+            program = apply_sm_share(program, compute_slowdown(hw, prep.dispatcher))
         routed = {la: merge_routing([r[la] for r in per_mb]) for la in prep.moe_layers}
         st = sc.stragglers
         base_us = None  # op times before injected slowness, to tell it from load
@@ -123,9 +127,8 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         flow_events += rec.rate_updates
         m = metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
         metrics.append(m)
-        wire = bytes_per_assignment(shape.d_model, sc.dispatch_dtype) + bytes_per_assignment(
-            shape.d_model, sc.combine_dtype
-        )
+        disp = bytes_per_assignment(shape.d_model, prep.dispatcher.dispatch_dtype)
+        wire = disp + bytes_per_assignment(shape.d_model, prep.dispatcher.combine_dtype)
         frame = layer_frame(
             routed,
             m,
@@ -139,7 +142,6 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
             base_us=base_us,
             stragglers=st,
         )
-        disp = bytes_per_assignment(shape.d_model, sc.dispatch_dtype)
         layers.append(frame.assign(**link_columns(routed, prep.cluster.topology, disp)))
         records.append(rec)
         step_times.append(float(rec.end_us.max()))

@@ -16,13 +16,11 @@ vectorised over assignments.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
-__all__ = ["Dedup", "copy_matrix", "traffic_matrix"]
+from moesim.dispatchers import Dedup
 
-Dedup = Literal["none", "device", "node"]
+__all__ = ["copy_matrix", "traffic_matrix"]
 
 
 def traffic_matrix(src: np.ndarray, dst: np.ndarray, num_devices: int) -> np.ndarray:

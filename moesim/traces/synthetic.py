@@ -17,6 +17,12 @@ spec                              popularity of each expert (per layer, per step
 Each token draws its top-k *distinct* experts without replacement in proportion to
 popularity (successive sampling, the Plackett-Luce law), a few array operations per chunk;
 gate weights are the picked experts' popularities renormalised over the k, descending.
+
+A group-limited router (DeepSeek-V2/V3: ``groups=(G, M)``, the experts in G equal groups,
+each token within M of them) is drawn by the same law's Gumbel form: every expert's
+log-popularity plus a Gumbel draw, each group scored by its best expert, the token's M
+best groups kept and its k best experts in them taken (:func:`sample_experts_grouped`).
+Without the limit (M = G) this is the Plackett-Luce law again.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from moesim.traces.store import RoutingTrace, TraceWriter
 __all__ = [
     "Distribution",
     "Popularity",
+    "check_groups",
     "parse_distribution",
     "sample_experts",
+    "sample_experts_grouped",
     "synth_to_store",
     "synthesize",
 ]
@@ -192,6 +200,47 @@ def sample_experts(
     return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def sample_experts_grouped(
+    logp: np.ndarray, n: int, k: int, groups: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) distinct experts within ``groups[1]`` of ``groups[0]`` equal expert groups
+    (contiguous ids), and gate weights as :func:`sample_experts`.
+
+    Gumbel form of the Plackett-Luce law: scores ``logp + Gumbel`` (n, E); a group scores
+    its best expert; the token keeps its M best groups and takes its k best experts there.
+    """
+    g, m = groups
+    e = logp.size
+    scores = logp[None, :] + rng.gumbel(size=(n, e))  # (n, E)
+    best = scores.reshape(n, g, e // g).max(axis=2)  # (n, G)
+    drop = np.argpartition(-best, m - 1, axis=1)[:, m:]  # (n, G - M) groups left out
+    masked = scores.reshape(n, g, e // g)
+    np.put_along_axis(masked, drop[:, :, None], -np.inf, axis=1)
+    scores = masked.reshape(n, e)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (n, k)
+    p = np.exp(logp - logp.max())
+    w = p[top]
+    desc = np.argsort(-w, axis=1, kind="stable")
+    ids = np.take_along_axis(top, desc, axis=1)
+    w = np.take_along_axis(w, desc, axis=1)
+    return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def check_groups(groups: tuple[int, int] | None, num_experts: int, top_k: int) -> None:
+    """Raise :class:`InputError` unless ``groups`` (G, M) splits the experts evenly and
+    lets a token reach k experts."""
+    if groups is None:
+        return
+    g, m = groups
+    if g < 1 or num_experts % g or not 1 <= m <= g or m * (num_experts // g) < top_k:
+        raise InputError(
+            f"need G dividing the {num_experts} experts and 1 <= M <= G with M x experts "
+            f"per group >= top-{top_k}",
+            field="groups",
+            value=f"{g},{m}",
+        )
+
+
 def _chunks(
     dist: Distribution,
     num_experts: int,
@@ -200,10 +249,13 @@ def _chunks(
     num_tokens: int,
     steps: int,
     seed: int,
+    groups: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]]:
     """Yield (step, first token, token indices, per-layer (ids, weights)) chunk by chunk."""
     if top_k > num_experts:
         raise InputError("top-k exceeds the number of experts", field="top_k", value=top_k)
+    check_groups(groups, num_experts, top_k)
+    limited = groups is not None and groups[1] < groups[0]
     if steps < 1 or num_tokens < steps:
         raise InputError("need at least one token per step", field="steps", value=steps)
     pop = Popularity(dist, num_experts, num_layers, seed)
@@ -213,7 +265,10 @@ def _chunks(
             stop = min(start + CHUNK_TOKENS, int(bounds[step + 1]))
             rng = np.random.default_rng([seed, step, start])
             per_layer = [
-                sample_experts(pop(la, step), stop - start, top_k, rng) for la in range(num_layers)
+                sample_experts_grouped(pop(la, step), stop - start, top_k, groups, rng)
+                if limited and groups is not None
+                else sample_experts(pop(la, step), stop - start, top_k, rng)
+                for la in range(num_layers)
             ]
             yield step, start, np.arange(start, stop, dtype=np.int64), per_layer
 
@@ -227,14 +282,16 @@ def synthesize(
     distribution: str | Distribution = "uniform",
     steps: int = 1,
     seed: int = 0,
+    groups: tuple[int, int] | None = None,
 ) -> RoutingTrace:
-    """A synthetic trace in memory: expert_ids and gate_weights of shape (L, N, K)."""
+    """A synthetic trace in memory: expert_ids and gate_weights of shape (L, N, K).
+    ``groups``: (G, M), each token within M of G expert groups (None: no limit)."""
     dist = parse_distribution(distribution) if isinstance(distribution, str) else distribution
     ids = np.empty((num_layers, num_tokens, top_k), dtype=np.int32)
     ws = np.empty((num_layers, num_tokens, top_k), dtype=np.float32)
     step_of = np.empty(num_tokens, dtype=np.int32)
     for step, _start, tok, per_layer in _chunks(
-        dist, num_experts, top_k, num_layers, num_tokens, steps, seed
+        dist, num_experts, top_k, num_layers, num_tokens, steps, seed, groups
     ):
         step_of[tok] = step
         for la, (i, w) in enumerate(per_layer):
@@ -245,15 +302,20 @@ def synthesize(
         steps=step_of,
         layers=tuple(range(num_layers)),
         num_experts=num_experts,
-        meta=_meta(dist, seed, steps),
+        meta=_meta(dist, seed, steps, groups),
     )
 
 
-def _meta(dist: Distribution, seed: int, steps: int) -> dict[str, object]:
+def _meta(
+    dist: Distribution, seed: int, steps: int, groups: tuple[int, int] | None = None
+) -> dict[str, object]:
+    capture: dict[str, object] = {"distribution": str(dist), "seed": seed, "steps": steps}
+    if groups is not None:
+        capture["groups"] = list(groups)
     return {
         "model": "synthetic",
         "source": f"moesim trace synth --dist {dist}",
-        "capture": {"distribution": str(dist), "seed": seed, "steps": steps},
+        "capture": capture,
     }
 
 
@@ -267,6 +329,7 @@ def synth_to_store(
     distribution: str | Distribution = "uniform",
     steps: int = 1,
     seed: int = 0,
+    groups: tuple[int, int] | None = None,
 ) -> Path:
     """Stream a synthetic trace into the store in bounded memory; same content as
     :func:`synthesize` for the same arguments."""
@@ -276,10 +339,10 @@ def synth_to_store(
         num_experts=num_experts,
         top_k=top_k,
         layers=range(num_layers),
-        meta=_meta(dist, seed, steps),
+        meta=_meta(dist, seed, steps, groups),
     ) as w:
         for step, _start, tok, per_layer in _chunks(
-            dist, num_experts, top_k, num_layers, num_tokens, steps, seed
+            dist, num_experts, top_k, num_layers, num_tokens, steps, seed, groups
         ):
             for la, (i, wts) in enumerate(per_layer):
                 w.write(la, i, wts, token=tok, step=step)
