@@ -140,3 +140,30 @@ def test_table_mixing_thread_counts_is_a_one_line_error(tmp_path, capsys):
     assert ex.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dev" in err and "threads" in err and "1, 2" in err
+
+
+def test_p95_and_max_over_sitting_agreeing_points_hand_checked():
+    """21 held-out points with errors 0, 1, ..., 20 %: median 10 %, p95 19 % (linear
+    quantile at position 0.95 * 20 = 19), max 20 %. Two resits measure points 0-9 again
+    (and one point not held out); point 5 (30 % off in the first resit) and point 9 (20 %
+    off in the second) disagree, so the agreeing max is point 8's 8 %, over 8 of 10."""
+    cme = load_benchmark("cost_model_error")
+    key = {"op": "memcpy", "model": "OLMoE-1B-7B", "dtype": "fp32"}
+    errs = pd.DataFrame([key | {"tokens": t, "err": t / 100} for t in range(21)])
+    first = [key | {"tokens": t, "err": 0.3 if t == 5 else 0.05} for t in [*range(10), 99]]
+    second = [key | {"tokens": t, "err": 0.2 if t == 9 else 0.1} for t in (8, 9)]
+    pairs = pd.DataFrame(first + second)
+    fig = cme.protocol_figures(errs, pairs)
+    got = {k: fig[k] for k in ("points", "median_err", "p95_err", "max_err")}
+    assert got == {"points": 21, "median_err": 0.1, "p95_err": 0.19, "max_err": 0.2}
+    assert (fig["agreeing_max_err"], fig["agreeing_points"], fig["resat_points"]) == (0.08, 8, 10)
+    assert fig["checks"] == {"median_err": True, "p95_err": True, "agreeing_max_err": True}
+    worse = errs.assign(err=errs["err"] * 2)  # median 20 %, p95 38 %, agreeing max 16 %
+    assert cme.protocol_figures(worse, pairs)["checks"] == {
+        "median_err": False,
+        "p95_err": False,
+        "agreeing_max_err": True,
+    }
+    alone = cme.protocol_figures(errs, None)  # no resit: nothing known to agree
+    assert alone["agreeing_max_err"] is None and alone["agreeing_points"] == 0
+    assert alone["checks"]["agreeing_max_err"] is False
