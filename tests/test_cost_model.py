@@ -20,9 +20,9 @@ from moesim.costs.model import (
     predict_us,
     profile_factors,
 )
+from moesim.costs.work import BenchShape, op_work, table_widths
 from moesim.errors import InputError
 from moesim.hardware import get_profile
-from moesim.kernels.bench import BenchShape, op_work, table_widths
 from moesim.model.shapes import get_preset
 
 TRUE = OpFactors(

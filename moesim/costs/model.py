@@ -35,7 +35,7 @@
    the number of rows a kernel gets (a matrix-vector kernel at one token, other
    blockings at a few) rather than on work, which the smooth form above cannot follow.
 
-``flops`` and ``bytes`` of an op come from :func:`moesim.kernels.bench.op_work`, the same
+``flops`` and ``bytes`` of an op come from :func:`moesim.costs.work.op_work`, the same
 work model the benchmark records, so tables and model agree on what an op does.
 """
 
@@ -51,8 +51,8 @@ import pandas as pd
 from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
+from moesim.costs.work import BenchShape, op_work_array, table_widths
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape, op_work_array, table_widths
 from moesim.kernels.tables import thread_count
 
 __all__ = [
@@ -196,7 +196,7 @@ def calibrate(
     are the device's (their sizes and sharpness, and the ratios of their bandwidths to
     memory's), and the op fits only a launch overhead, its compute peak, ``half_tokens``
     and one traffic factor dividing every bandwidth: how many times its kernels move the
-    bytes :func:`~moesim.kernels.bench.op_work` counts (a GEMM library packing a weight
+    bytes :func:`~moesim.costs.work.op_work` counts (a GEMM library packing a weight
     matrix reads and writes it again). Memory speed is a property of the device, not of
     an op, so a shape beyond an op's measured working sets is predicted at the device's
     memory speed, not at a bandwidth fitted to few points.

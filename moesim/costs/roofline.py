@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moesim.costs.work import BYTES_PER_ELEMENT, BenchShape
 from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from moesim.costs.model import CostModel
 
 __all__ = [
-    "BYTES_PER_ELEMENT",
     "LayerCosts",
     "bytes_per_assignment",
     "expert_ffn_time_us",
@@ -29,8 +29,6 @@ __all__ = [
     "layer_costs",
     "memory_time_us",
 ]
-
-BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 
 
 def _compute_us(flops: np.ndarray | float, hw: HardwareProfile, dtype: str) -> np.ndarray | float:
@@ -178,8 +176,6 @@ def _measured_parts(
     roofline's norms; shared experts and dense FFN: one ``expert_ffn_loop`` expert of their
     width (SwiGLU only: the benchmark's FFN has three matrices).
     """
-    from moesim.kernels.bench import BenchShape
-
     bench = BenchShape.from_model(shape, local_experts=1)
     router = float(model.time_us("router", bench, float(tokens), "bf16")[0])
     attention = costs.attention_us

@@ -22,14 +22,13 @@ import numpy as np
 
 from moesim.costs.model import cost_model_for
 from moesim.costs.roofline import (
-    BYTES_PER_ELEMENT,
     LayerCosts,
     bytes_per_assignment,
     gemm_time_us,
     memory_time_us,
 )
+from moesim.costs.work import BYTES_PER_ELEMENT, BenchShape
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
 from moesim.sim.allreduce import gradient_allreduce
 from moesim.sim.cluster import ClusterSpec
