@@ -1,8 +1,12 @@
-"""Roofline compute times from a hardware profile.
+"""Compute times of a layer's non-expert parts, on the hardware profile's roofline.
 
-A kernel's time is ``max(flops / (peak * eff_gemm), bytes / (hbm_bw * eff_hbm))`` plus a
-launch overhead. Small per-expert GEMMs become memory-bound on their weights, which is
-the small-batch inefficiency that makes many lightly loaded experts slow.
+Every time here is the cost model's roofline (:func:`moesim.costs.model.predict_us`) with
+the profile's factors (:func:`~moesim.costs.model.profile_factors`: peak × gemm
+efficiency, HBM × hbm efficiency): a smooth maximum of compute and memory time,
+``(compute**4 + memory**4) ** (1/4)``, the rule the routed experts are timed by where the
+device has no measured tables. The functions here leave the launch overhead out;
+:func:`layer_costs` adds one per kernel. A GEMM with few tokens is bound by its weight
+reads.
 
 Units: TFLOP/s = 1e6 FLOP/µs; GB/s = 1e3 bytes/µs.
 """
@@ -10,16 +14,13 @@ Units: TFLOP/s = 1e6 FLOP/µs; GB/s = 1e3 bytes/µs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moesim.costs.model import CostModel, predict_us, profile_factors
 from moesim.costs.work import BYTES_PER_ELEMENT, BenchShape
 from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
-
-if TYPE_CHECKING:
-    from moesim.costs.model import CostModel
 
 __all__ = [
     "LayerCosts",
@@ -31,23 +32,30 @@ __all__ = [
 ]
 
 
-def _compute_us(flops: np.ndarray | float, hw: HardwareProfile, dtype: str) -> np.ndarray | float:
-    return flops / (hw.peak_tflops(dtype) * hw.efficiency.gemm * 1e6)
+def _profile_us(
+    flops: np.ndarray | float, nbytes: np.ndarray | float, hw: HardwareProfile, dtype: str
+) -> np.ndarray:
+    """Time of work of ``flops`` and ``nbytes`` (arrays broadcast) on the profile's
+    roofline, without launch overhead: :func:`~moesim.costs.model.predict_us` of the
+    profile's factors, launch set to 0."""
+    f = replace(profile_factors(hw, dtype), launch_us=0.0)
+    return predict_us(f, np.asarray(flops), np.asarray(nbytes), np.asarray(1.0))
 
 
-def memory_time_us(nbytes: np.ndarray | float, hw: HardwareProfile) -> np.ndarray | float:
-    """Time to stream ``nbytes`` through HBM once."""
-    return nbytes / (hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3)
+def memory_time_us(nbytes: np.ndarray | float, hw: HardwareProfile) -> np.ndarray:
+    """Time to stream ``nbytes`` through HBM once (no arithmetic, so the dtype's peak does
+    not enter: bf16's is taken)."""
+    return _profile_us(0.0, nbytes, hw, "bf16")
 
 
 def gemm_time_us(
     m: np.ndarray | float, n: float, k: float, hw: HardwareProfile, dtype: str
-) -> np.ndarray | float:
+) -> np.ndarray:
     """(m, k) @ (k, n): roofline time without launch overhead. ``m`` may be an array."""
     b = BYTES_PER_ELEMENT[dtype]
     flops = 2.0 * m * n * k
     nbytes = b * (m * k + k * n + m * n)
-    return np.maximum(_compute_us(flops, hw, dtype), memory_time_us(nbytes, hw))
+    return _profile_us(flops, nbytes, hw, dtype)
 
 
 def expert_ffn_time_us(
@@ -116,12 +124,12 @@ def layer_costs(
             if a.kind == "mla"
             else b * 2 * kv_heads * shape.head_dim
         )
-        scores = float(memory_time_us(tokens * sequence_length * kv_bytes_per_token, hw))
+        kv_bytes = tokens * sequence_length * kv_bytes_per_token
         flops = 2.0 * tokens * sequence_length * heads * (qk_dim + v_dim)
-        scores = max(scores, float(_compute_us(flops, hw, dtype)))
+        scores = float(_profile_us(flops, kv_bytes, hw, dtype))
     else:
         flops = 2.0 * tokens * (sequence_length / 2) * heads * (qk_dim + v_dim)
-        scores = float(_compute_us(flops, hw, dtype))
+        scores = float(_profile_us(flops, 0.0, hw, dtype))
     norms = float(memory_time_us(2 * 2 * tokens * d * b, hw))
     attention = proj + scores + norms + 4 * launch
     router = float(gemm_time_us(tokens, shape.num_experts, d, hw, "bf16")) + 2 * launch
