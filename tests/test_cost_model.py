@@ -13,6 +13,7 @@ from moesim.costs.model import (
     OpFactors,
     bandwidth,
     calibrate,
+    cost_model_for,
     fit_memory_curve,
     fit_token_correction,
     gemm_width,
@@ -448,6 +449,34 @@ def test_decode_attention_scores_smooth_max_hand_checked():
     # 2.048 µs. The projections, norms and launches are the same in both modes.
     assert decode.attention_us - prefill.attention_us == pytest.approx(4.870992 - 2.048)
     assert (decode.router_us, decode.shared_us) == (prefill.router_us, prefill.shared_us)
+
+
+def test_cost_model_is_cached_by_profile_content_not_name(tmp_path, monkeypatch):
+    """Two profiles with the same name but other figures (a gemm efficiency, a table
+    folder) get their own calibrated models, each with its own profile; an equal profile
+    gets the cached one."""
+    import moesim.paths
+    from moesim.kernels.tables import write_op_table
+
+    for folder, scale in (("a", 1.0), ("b", 2.0)):  # folder b: twice as slow
+        rows = _memcpy_rows(["FLAME-MoE-290M"])
+        us = scale * rows["median_us"]
+        rows = rows.assign(median_us=us, p10_us=us, p90_us=us, min_us=us, repeats=5, rounds=5)
+        rows = rows.assign(warmup=2, threads=1, torch_version="2.13.0+cpu", device="test cpu")
+        write_op_table(tmp_path / "kernels" / "measured" / folder, "memcpy", rows)
+    hw = get_profile("H100-SXM").model_copy(update={"kernel_tables": "a"})
+    monkeypatch.setattr(moesim.paths, "repo_root", lambda: tmp_path)
+    slower = hw.model_copy(update={"efficiency": hw.efficiency.model_copy(update={"gemm": 0.35})})
+    other = hw.model_copy(update={"kernel_tables": "b"})
+    a, s, o = cost_model_for(hw), cost_model_for(slower), cost_model_for(other)
+    assert cost_model_for(hw.model_copy()) is a
+    assert (a.hw, s.hw, o.hw) == (hw, slower, other)
+    # an op the table lacks is timed by the profile: 989.4 TFLOP/s * 0.70 * 1e6 FLOP/µs,
+    # and * 0.35 (half of it) for the slower copy
+    assert a.op_factors("router", "bf16").peak_flop_per_us == pytest.approx(6.9258e8)
+    assert s.op_factors("router", "bf16").peak_flop_per_us == pytest.approx(3.4629e8)
+    # the other folder's table, twice as slow (tables keep 6 significant digits)
+    np.testing.assert_allclose(o.table["median_us"], 2 * a.table["median_us"], rtol=1e-5)
 
 
 def test_two_shapes_with_equal_widths_interpolate_their_median():

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -638,20 +637,23 @@ def load_cost_model(device_dir: Path, hw: HardwareProfile | None = None) -> Cost
     return CostModel.from_table(load_table(device_dir), hw)
 
 
+_TABLE_MODELS: dict[tuple[str, str], CostModel] = {}
+"""Calibrated models of :func:`cost_model_for`, by (table folder, profile as JSON)."""
+
+
 def cost_model_for(hw: HardwareProfile) -> CostModel:
     """The cost model of a hardware profile: calibrated on its measured tables when the
-    profile names a ``kernels/measured/<kernel_tables>`` folder, else its roofline."""
+    profile names a ``kernels/measured/<kernel_tables>`` folder, else its roofline.
+
+    A calibrated model is kept for the folder and the profile's whole content (every
+    figure, not its name): a profile with the same name but other figures gets its own.
+    """
     if hw.kernel_tables is None:
         return CostModel(hw=hw)
     from moesim.paths import repo_root
 
-    return _cached_table_model(
-        str(repo_root() / "kernels" / "measured" / hw.kernel_tables), hw.name
-    )
-
-
-@cache
-def _cached_table_model(device_dir: str, profile: str) -> CostModel:
-    from moesim.hardware import get_profile
-
-    return load_cost_model(Path(device_dir), get_profile(profile))
+    folder = str(repo_root() / "kernels" / "measured" / hw.kernel_tables)
+    key = (folder, hw.model_dump_json())
+    if key not in _TABLE_MODELS:
+        _TABLE_MODELS[key] = load_cost_model(Path(folder), hw)
+    return _TABLE_MODELS[key]
