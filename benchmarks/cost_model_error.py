@@ -58,7 +58,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import kernel_resit  # noqa: E402  (benchmarks/kernel_resit.py)
 
 from moesim.costs.model import CostModel  # noqa: E402
-from moesim.kernels.bench import BenchShape, device_name  # noqa: E402
+from moesim.costs.work import BenchShape  # noqa: E402
+from moesim.kernels.bench import device_name  # noqa: E402
 from moesim.kernels.tables import load_table  # noqa: E402
 from moesim.model.shapes import get_preset  # noqa: E402
 

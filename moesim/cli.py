@@ -33,7 +33,8 @@ app.add_typer(hardware_app, name="hardware")
 trace_app = typer.Typer(help="Import, synthesise and inspect routing traces.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 kernels_app = typer.Typer(
-    help="Kernel timings: benchmark kernels, import profiler traces.", no_args_is_help=True
+    help="Kernel timings: benchmark kernels, import profiler traces, predict a kernel.",
+    no_args_is_help=True,
 )
 app.add_typer(kernels_app, name="kernels")
 
@@ -325,11 +326,16 @@ app.command("replan")(replan_cmd)
 
 
 # ----- kernels (moesim.kernels) -------------------------------------------------------------
-# (commands: kernels bench, kernels import-profile)
-from moesim.kernels.commands import import_profile_cmd, kernels_bench_cmd  # noqa: E402
+# (commands: kernels bench, kernels import-profile, kernels predict)
+from moesim.kernels.commands import (  # noqa: E402
+    import_profile_cmd,
+    kernels_bench_cmd,
+    predict_cmd,
+)
 
 kernels_app.command("bench")(kernels_bench_cmd)
 kernels_app.command("import-profile")(import_profile_cmd)
+kernels_app.command("predict")(predict_cmd)
 
 
 # ----- sweeps (moesim.sweep) ---------------------------------------------------------------

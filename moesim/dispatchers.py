@@ -246,15 +246,17 @@ def get_dispatcher(name: str) -> Dispatcher:
 
 
 def compute_slowdown(hw: HardwareProfile, dispatcher: Dispatcher) -> float:
-    """Factor on GEMM-bound compute while the dispatcher holds its SMs: the SMs there are
-    over those left, ``sm_count / (sm_count - sms)`` (1 where the profile has no SM count)."""
+    """Factor on GEMM-bound compute while the dispatcher runs beside it: the SMs there are
+    over those left, ``sm_count / (sm_count - sms)`` (1 where the profile has no SM count),
+    times ``1 + efficiency.comm_interference`` (the memory and cache traffic it adds)."""
     n = hw.compute.sm_count
+    interference = 1.0 + (hw.efficiency.comm_interference or 0.0)
     if n is None or dispatcher.sms == 0:
-        return 1.0
+        return interference
     if dispatcher.sms >= n:
         raise InputError(
             f"the dispatcher holds every one of the {n} SMs of {hw.name}",
             field="dispatcher.sms",
             value=dispatcher.sms,
         )
-    return n / (n - dispatcher.sms)
+    return n / (n - dispatcher.sms) * interference

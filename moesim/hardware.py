@@ -78,10 +78,48 @@ class Efficiency(BaseModel):
     """Achievable fraction of each peak, used by the roofline cost model."""
 
     model_config = _STRICT
-    gemm: float = Field(gt=0, le=1)
+    gemm: float = Field(gt=0, le=1, description="large GEMMs' fraction of the dense peak")
     hbm: float = Field(gt=0, le=1)
     scale_up: float = Field(gt=0, le=1)
     scale_out: float = Field(gt=0, le=1)
+    gemm_half_rows: float | None = Field(
+        default=None,
+        ge=0,
+        description="rows (tokens per expert) at which a GEMM's arithmetic takes twice its "
+        "large-batch time: the small-batch cost, t = flops x (M + h) / (M x peak x gemm); "
+        "None: 0",
+    )
+    gemm_fp8: float | None = Field(
+        default=None, gt=0, le=1, description="FP8 GEMMs' fraction of the FP8 peak; None: gemm"
+    )
+    gemm_fp8_half_rows: float | None = Field(
+        default=None, ge=0, description="gemm_half_rows of FP8 GEMMs; None: gemm_half_rows"
+    )
+    attention: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="attention-score kernels' (FlashAttention's) fraction of the dense peak; "
+        "None: gemm",
+    )
+    comm_interference: float | None = Field(
+        default=None,
+        ge=0,
+        description="extra slowdown of compute while a communication kernel runs beside it "
+        "(memory and cache traffic), on top of the SMs it holds; None: 0",
+    )
+    expert_backward: float | None = Field(
+        default=None,
+        gt=0,
+        description="expert FFN backward time over its forward time; None: 2 (the FLOP ratio)",
+    )
+
+    def gemm_factors(self, fp8: bool) -> tuple[float, float]:
+        """(efficiency, half rows) of a GEMM, FP8 or not."""
+        if fp8 and self.gemm_fp8 is not None:
+            half = self.gemm_fp8_half_rows
+            return self.gemm_fp8, (self.gemm_half_rows or 0.0) if half is None else half
+        return self.gemm, self.gemm_half_rows or 0.0
 
 
 class HardwareProfile(BaseModel):
@@ -124,9 +162,14 @@ class HardwareProfile(BaseModel):
 
     def peak_tflops(self, dtype: str) -> float:
         """Dense tensor throughput for a compute dtype; fp8 falls back to bf16 without FP8 units."""
-        if dtype in ("fp8", "int4", "int8") and self.compute.fp8_dense_tflops is not None:
+        if self.runs_fp8(dtype):
+            assert self.compute.fp8_dense_tflops is not None
             return self.compute.fp8_dense_tflops
         return self.compute.bf16_dense_tflops
+
+    def runs_fp8(self, dtype: str) -> bool:
+        """Whether GEMMs in ``dtype`` run on the FP8 tensor units (which it has)."""
+        return dtype in ("fp8", "int4", "int8") and self.compute.fp8_dense_tflops is not None
 
 
 def list_profiles() -> list[str]:

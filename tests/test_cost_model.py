@@ -13,6 +13,7 @@ from moesim.costs.model import (
     OpFactors,
     bandwidth,
     calibrate,
+    cost_model_for,
     fit_memory_curve,
     fit_token_correction,
     gemm_width,
@@ -20,9 +21,9 @@ from moesim.costs.model import (
     predict_us,
     profile_factors,
 )
+from moesim.costs.work import BenchShape, op_work, table_widths
 from moesim.errors import InputError
 from moesim.hardware import get_profile
-from moesim.kernels.bench import BenchShape, op_work, table_widths
 from moesim.model.shapes import get_preset
 
 TRUE = OpFactors(
@@ -396,6 +397,86 @@ def test_layer_costs_take_measured_parts_from_the_cost_model():
     decode = layer_costs(shape, hw, mode="decode", model=cm, **kw)
     assert decode.attention_us == layer_costs(shape, hw, mode="decode", **kw).attention_us
     assert decode.router_us == pytest.approx(90.0)
+
+
+def _round_profile(bf16_tflops: float, hbm_gbps: float):
+    """H100-SXM with round figures: ``bf16_tflops`` and ``hbm_gbps`` at efficiency 0.5
+    (so ``bf16_tflops`` * 5e5 FLOP/µs and ``hbm_gbps`` * 500 bytes/µs), launch 5 µs."""
+    hw = get_profile("H100-SXM")
+    return hw.model_copy(
+        update={
+            "compute": hw.compute.model_copy(update={"bf16_dense_tflops": bf16_tflops}),
+            "memory": hw.memory.model_copy(update={"hbm_bandwidth_gbps": hbm_gbps}),
+            "efficiency": hw.efficiency.model_copy(update={"gemm": 0.5, "hbm": 0.5}),
+        }
+    )
+
+
+def test_profile_roofline_is_the_cost_models_smooth_max_hand_checked():
+    """The non-expert parts are timed by the rule the experts are: the cost model's smooth
+    maximum of compute and memory time (:func:`predict_us`), less its launch."""
+    from moesim.costs.roofline import expert_ffn_time_us, gemm_time_us, memory_time_us
+
+    hw = _round_profile(1000.0, 2000.0)  # 5e8 FLOP/µs, 1e6 bytes/µs
+    # (1500, 1500) @ (1500, 1500), bf16: 2 * 1500**3 = 6.75e9 FLOP / 5e8 = 13.5 µs of
+    # compute, 2 * 3 * 1500**2 = 1.35e7 bytes / 1e6 = 13.5 µs of memory; smooth max
+    # (13.5**4 + 13.5**4) ** (1/4) = 13.5 * 2 ** 0.25 = 13.5 * 1.1892071 = 16.054296 µs
+    # (a plain max: 13.5)
+    assert float(gemm_time_us(1500, 1500, 1500, hw, "bf16")) == pytest.approx(16.054296)
+    f = profile_factors(hw, "bf16")
+    assert float(predict_us(f, 6.75e9, 1.35e7, 1500)) == pytest.approx(5.0 + 16.054296)
+    assert float(memory_time_us(3e6, hw)) == pytest.approx(3.0)  # 3e6 bytes / 1e6
+    # gated FFN (3 matrices), d_model = d_ff = 1,500, 1,500 tokens: two up GEMMs and a down
+    # GEMM, each the GEMM above: 3 * 16.054296 = 48.162888 µs; no tokens: 0
+    ffn = expert_ffn_time_us(np.array([0.0, 1500.0]), 1500, 1500, 3, hw, "bf16")
+    np.testing.assert_allclose(ffn, [0.0, 48.162888], rtol=1e-6)
+
+
+def test_decode_attention_scores_smooth_max_hand_checked():
+    """Decode scores read the KV cache and do their arithmetic in one kernel: the smooth
+    maximum of the two; prefill scores are arithmetic alone. FLAME-MoE-290M (16 heads of
+    64, MHA), 1 token, sequence 1,000, on a profile with 1e6 FLOP/µs and 1e6 bytes/µs."""
+    from moesim.costs.roofline import layer_costs
+
+    hw = _round_profile(2.0, 2000.0)
+    shape = get_preset("FLAME-MoE-290M")
+    kw = dict(tokens=1, sequence_length=1000, dtype="bf16")
+    decode = layer_costs(shape, hw, mode="decode", **kw)
+    prefill = layer_costs(shape, hw, mode="prefill", **kw)
+    # decode: 2 * 1 * 1000 * 16 * (64 + 64) = 4.096e6 FLOP -> 4.096 µs; KV read
+    # 1 * 1000 * 2 B * 2 (K, V) * 16 * 64 = 4.096e6 bytes -> 4.096 µs; smooth max
+    # 4.096 * 2 ** 0.25 = 4.870992 µs. Prefill: 2 * 1 * 500 * 16 * 128 = 2.048e6 FLOP ->
+    # 2.048 µs. The projections, norms and launches are the same in both modes.
+    assert decode.attention_us - prefill.attention_us == pytest.approx(4.870992 - 2.048)
+    assert (decode.router_us, decode.shared_us) == (prefill.router_us, prefill.shared_us)
+
+
+def test_cost_model_is_cached_by_profile_content_not_name(tmp_path, monkeypatch):
+    """Two profiles with the same name but other figures (a gemm efficiency, a table
+    folder) get their own calibrated models, each with its own profile; an equal profile
+    gets the cached one."""
+    import moesim.paths
+    from moesim.kernels.tables import write_op_table
+
+    for folder, scale in (("a", 1.0), ("b", 2.0)):  # folder b: twice as slow
+        rows = _memcpy_rows(["FLAME-MoE-290M"])
+        us = scale * rows["median_us"]
+        rows = rows.assign(median_us=us, p10_us=us, p90_us=us, min_us=us, repeats=5, rounds=5)
+        rows = rows.assign(warmup=2, threads=1, torch_version="2.13.0+cpu", device="test cpu")
+        write_op_table(tmp_path / "kernels" / "measured" / folder, "memcpy", rows)
+    hw = get_profile("H100-SXM").model_copy(update={"kernel_tables": "a"})
+    monkeypatch.setattr(moesim.paths, "repo_root", lambda: tmp_path)
+    slower = hw.model_copy(update={"efficiency": hw.efficiency.model_copy(update={"gemm": 0.35})})
+    other = hw.model_copy(update={"kernel_tables": "b"})
+    a, s, o = cost_model_for(hw), cost_model_for(slower), cost_model_for(other)
+    assert cost_model_for(hw.model_copy()) is a
+    assert (a.hw, s.hw, o.hw) == (hw, slower, other)
+    # an op the table lacks is timed by the profile: 989.4 TFLOP/s * 0.70 * 1e6 FLOP/µs,
+    # and * 0.35 (half of it) for the slower copy
+    assert a.op_factors("router", "bf16").peak_flop_per_us == pytest.approx(6.9258e8)
+    assert s.op_factors("router", "bf16").peak_flop_per_us == pytest.approx(3.4629e8)
+    # the other folder's table, twice as slow (tables keep 6 significant digits)
+    np.testing.assert_allclose(o.table["median_us"], 2 * a.table["median_us"], rtol=1e-5)
 
 
 def test_two_shapes_with_equal_widths_interpolate_their_median():

@@ -413,6 +413,7 @@ def test_a_device_waits_for_those_it_receives_from_not_those_it_sends_to():
         prog = build_program(
             shape, hw, cluster, {layer: routed}, costs, mode="prefill", tokens_per_device=64,
             sequence_length=64, dtype="bf16", dispatcher=get_dispatcher("nccl-alltoallv"),
+            model=cost_model_for(hw),
         )  # fmt: skip
         (disp,) = [op for op in prog if op.name == f"L{layer} dispatch"]
         assert disp.senders.tolist() == [[True, True], [False, True]]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moesim.kernels.bench import BenchShape, op_work, table_widths
+from moesim.costs.work import BenchShape, op_work, table_widths
 from moesim.kernels.tables import load_table, write_op_table
 from moesim.model.shapes import get_preset
 from tests.conftest import REPO, load_benchmark

@@ -13,16 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from moesim.costs.work import BenchShape, op_work
 from moesim.errors import InputError
 from moesim.kernels.bench import (
     CPU_MODELS,
     OPS,
     SWEEP_TOKENS,
     BenchConfig,
-    BenchShape,
     default_config,
     device_name,
-    op_work,
     run_bench,
     supported,
     write_results,
@@ -410,7 +409,7 @@ def test_cuda_quick_bench(tmp_path: Path) -> None:
 def test_op_work_array_matches_op_work():
     """The vectorised work estimate (what the cost model's roofline uses for many token
     counts at once) gives exactly the scalar one's figures."""
-    from moesim.kernels.bench import op_work_array
+    from moesim.costs.work import op_work_array
 
     tokens = np.array([1.0, 3.0, 64.0, 4096.0])
     for op in ("router", "permute", "unpermute", "expert_ffn_grouped", "attention", "memcpy"):

@@ -35,7 +35,7 @@
    the number of rows a kernel gets (a matrix-vector kernel at one token, other
    blockings at a few) rather than on work, which the smooth form above cannot follow.
 
-``flops`` and ``bytes`` of an op come from :func:`moesim.kernels.bench.op_work`, the same
+``flops`` and ``bytes`` of an op come from :func:`moesim.costs.work.op_work`, the same
 work model the benchmark records, so tables and model agree on what an op does.
 """
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +50,8 @@ import pandas as pd
 from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
+from moesim.costs.work import BenchShape, op_work_array, table_widths
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape, op_work_array, table_widths
 from moesim.kernels.tables import thread_count
 
 __all__ = [
@@ -170,11 +169,15 @@ def bandwidth(f: OpFactors, nbytes: np.ndarray | float) -> np.ndarray | float:
 
 
 def profile_factors(hw: HardwareProfile, dtype: str) -> OpFactors:
-    """Factors from a hardware profile's peaks and efficiency factors (no table)."""
+    """Factors from a hardware profile's peaks and efficiency factors (no table): the
+    dtype's peak x its GEMM efficiency, the GEMM's half rows as the small-batch term
+    (:meth:`~moesim.hardware.Efficiency.gemm_factors`), HBM x hbm efficiency."""
+    eff, half = hw.efficiency.gemm_factors(hw.runs_fp8(dtype))
     return OpFactors(
         launch_us=hw.kernel_launch_us,
-        peak_flop_per_us=hw.peak_tflops(dtype) * hw.efficiency.gemm * 1e6,
+        peak_flop_per_us=hw.peak_tflops(dtype) * eff * 1e6,
         bytes_per_us=hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3,
+        half_tokens=half,
     )
 
 
@@ -196,7 +199,7 @@ def calibrate(
     are the device's (their sizes and sharpness, and the ratios of their bandwidths to
     memory's), and the op fits only a launch overhead, its compute peak, ``half_tokens``
     and one traffic factor dividing every bandwidth: how many times its kernels move the
-    bytes :func:`~moesim.kernels.bench.op_work` counts (a GEMM library packing a weight
+    bytes :func:`~moesim.costs.work.op_work` counts (a GEMM library packing a weight
     matrix reads and writes it again). Memory speed is a property of the device, not of
     an op, so a shape beyond an op's measured working sets is predicted at the device's
     memory speed, not at a bandwidth fitted to few points.
@@ -638,20 +641,23 @@ def load_cost_model(device_dir: Path, hw: HardwareProfile | None = None) -> Cost
     return CostModel.from_table(load_table(device_dir), hw)
 
 
+_TABLE_MODELS: dict[tuple[str, str], CostModel] = {}
+"""Calibrated models of :func:`cost_model_for`, by (table folder, profile as JSON)."""
+
+
 def cost_model_for(hw: HardwareProfile) -> CostModel:
     """The cost model of a hardware profile: calibrated on its measured tables when the
-    profile names a ``kernels/measured/<kernel_tables>`` folder, else its roofline."""
+    profile names a ``kernels/measured/<kernel_tables>`` folder, else its roofline.
+
+    A calibrated model is kept for the folder and the profile's whole content (every
+    figure, not its name): a profile with the same name but other figures gets its own.
+    """
     if hw.kernel_tables is None:
         return CostModel(hw=hw)
     from moesim.paths import repo_root
 
-    return _cached_table_model(
-        str(repo_root() / "kernels" / "measured" / hw.kernel_tables), hw.name
-    )
-
-
-@cache
-def _cached_table_model(device_dir: str, profile: str) -> CostModel:
-    from moesim.hardware import get_profile
-
-    return load_cost_model(Path(device_dir), get_profile(profile))
+    folder = str(repo_root() / "kernels" / "measured" / hw.kernel_tables)
+    key = (folder, hw.model_dump_json())
+    if key not in _TABLE_MODELS:
+        _TABLE_MODELS[key] = load_cost_model(Path(folder), hw)
+    return _TABLE_MODELS[key]

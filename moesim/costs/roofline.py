@@ -1,8 +1,12 @@
-"""Roofline compute times from a hardware profile.
+"""Compute times of a layer's non-expert parts, on the hardware profile's roofline.
 
-A kernel's time is ``max(flops / (peak * eff_gemm), bytes / (hbm_bw * eff_hbm))`` plus a
-launch overhead. Small per-expert GEMMs become memory-bound on their weights, which is
-the small-batch inefficiency that makes many lightly loaded experts slow.
+Every time here is the cost model's roofline (:func:`moesim.costs.model.predict_us`) with
+the profile's factors (:func:`~moesim.costs.model.profile_factors`: peak × gemm
+efficiency, HBM × hbm efficiency): a smooth maximum of compute and memory time,
+``(compute**4 + memory**4) ** (1/4)``, the rule the routed experts are timed by where the
+device has no measured tables. The functions here leave the launch overhead out;
+:func:`layer_costs` adds one per kernel. A GEMM with few tokens is bound by its weight
+reads.
 
 Units: TFLOP/s = 1e6 FLOP/µs; GB/s = 1e3 bytes/µs.
 """
@@ -10,46 +14,71 @@ Units: TFLOP/s = 1e6 FLOP/µs; GB/s = 1e3 bytes/µs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from moesim.costs.model import CostModel, predict_us, profile_factors
+from moesim.costs.work import BYTES_PER_ELEMENT, BenchShape
 from moesim.hardware import HardwareProfile
 from moesim.model.shapes import ModelShape
 
-if TYPE_CHECKING:
-    from moesim.costs.model import CostModel
-
 __all__ = [
-    "BYTES_PER_ELEMENT",
     "LayerCosts",
     "bytes_per_assignment",
     "expert_ffn_time_us",
     "gemm_time_us",
     "layer_costs",
     "memory_time_us",
+    "permute_us",
 ]
 
-BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
+
+def _profile_us(
+    flops: np.ndarray | float,
+    nbytes: np.ndarray | float,
+    hw: HardwareProfile,
+    dtype: str,
+    rows: np.ndarray | float | None = None,
+    efficiency: float | None = None,
+) -> np.ndarray:
+    """Time of work of ``flops`` and ``nbytes`` (arrays broadcast) on the profile's
+    roofline, without launch overhead: :func:`~moesim.costs.model.predict_us` of the
+    profile's factors, launch set to 0. ``rows``: a GEMM's rows, for its small-batch
+    term (None: none); ``efficiency``: the fraction of the peak instead of the GEMMs'."""
+    f = replace(profile_factors(hw, dtype), launch_us=0.0)
+    if rows is None:
+        f = replace(f, half_tokens=0.0)
+    if efficiency is not None:
+        f = replace(f, peak_flop_per_us=hw.peak_tflops(dtype) * efficiency * 1e6, half_tokens=0.0)
+    r = np.asarray(1.0 if rows is None else rows, dtype=np.float64)
+    return predict_us(f, np.asarray(flops), np.asarray(nbytes), r)
 
 
-def _compute_us(flops: np.ndarray | float, hw: HardwareProfile, dtype: str) -> np.ndarray | float:
-    return flops / (hw.peak_tflops(dtype) * hw.efficiency.gemm * 1e6)
-
-
-def memory_time_us(nbytes: np.ndarray | float, hw: HardwareProfile) -> np.ndarray | float:
-    """Time to stream ``nbytes`` through HBM once."""
-    return nbytes / (hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3)
+def memory_time_us(nbytes: np.ndarray | float, hw: HardwareProfile) -> np.ndarray:
+    """Time to stream ``nbytes`` through HBM once (no arithmetic, so the dtype's peak does
+    not enter: bf16's is taken)."""
+    return _profile_us(0.0, nbytes, hw, "bf16")
 
 
 def gemm_time_us(
     m: np.ndarray | float, n: float, k: float, hw: HardwareProfile, dtype: str
-) -> np.ndarray | float:
+) -> np.ndarray:
     """(m, k) @ (k, n): roofline time without launch overhead. ``m`` may be an array."""
     b = BYTES_PER_ELEMENT[dtype]
     flops = 2.0 * m * n * k
     nbytes = b * (m * k + k * n + m * n)
-    return np.maximum(_compute_us(flops, hw, dtype), memory_time_us(nbytes, hw))
+    return _profile_us(flops, nbytes, hw, dtype, rows=m)
+
+
+def permute_us(
+    copies: np.ndarray | float, d_model: int, hw: HardwareProfile, dtype: str
+) -> np.ndarray:
+    """Time of a permute (or unpermute) of ``copies`` token copies of ``d_model`` elements:
+    each read and written once through HBM, plus one launch (memory-bound)."""
+    b = BYTES_PER_ELEMENT[dtype]
+    return np.asarray(memory_time_us(2.0 * np.asarray(copies) * d_model * b, hw)) + (
+        hw.kernel_launch_us
+    )
 
 
 def expert_ffn_time_us(
@@ -80,6 +109,7 @@ class LayerCosts:
     router_us: float
     shared_us: float
     dense_ffn_us: float
+    scores_us: float = 0.0  # the attention scores' part of attention_us, on the roofline
 
 
 def layer_costs(
@@ -111,6 +141,9 @@ def layer_costs(
     )
     v_dim = a.v_head_dim if a.kind == "mla" and a.v_head_dim else shape.head_dim
     proj = float(gemm_time_us(tokens, shape.attention_params() / d, d, hw, dtype))
+    # attention runs in bf16 whatever the GEMMs' dtype (DeepSeek-V3 report, arXiv
+    # 2412.19437 sec. 3.3: attention operators keep their original precision under FP8)
+    attn_eff = hw.efficiency.attention or hw.efficiency.gemm
     if mode == "decode":
         kv_heads = a.num_kv_heads or heads
         kv_bytes_per_token = (
@@ -118,12 +151,12 @@ def layer_costs(
             if a.kind == "mla"
             else b * 2 * kv_heads * shape.head_dim
         )
-        scores = float(memory_time_us(tokens * sequence_length * kv_bytes_per_token, hw))
+        kv_bytes = tokens * sequence_length * kv_bytes_per_token
         flops = 2.0 * tokens * sequence_length * heads * (qk_dim + v_dim)
-        scores = max(scores, float(_compute_us(flops, hw, dtype)))
+        scores = float(_profile_us(flops, kv_bytes, hw, "bf16", efficiency=attn_eff))
     else:
         flops = 2.0 * tokens * (sequence_length / 2) * heads * (qk_dim + v_dim)
-        scores = float(_compute_us(flops, hw, dtype))
+        scores = float(_profile_us(flops, 0.0, hw, "bf16", efficiency=attn_eff))
     norms = float(memory_time_us(2 * 2 * tokens * d * b, hw))
     attention = proj + scores + norms + 4 * launch
     router = float(gemm_time_us(tokens, shape.num_experts, d, hw, "bf16")) + 2 * launch
@@ -143,7 +176,11 @@ def layer_costs(
         )
         dense_ffn += shape.ffn_matrices * launch
     costs = LayerCosts(
-        attention_us=attention, router_us=router, shared_us=shared, dense_ffn_us=dense_ffn
+        attention_us=attention,
+        router_us=router,
+        shared_us=shared,
+        dense_ffn_us=dense_ffn,
+        scores_us=scores,
     )
     if model is None or model.table is None:
         return costs
@@ -178,8 +215,6 @@ def _measured_parts(
     roofline's norms; shared experts and dense FFN: one ``expert_ffn_loop`` expert of their
     width (SwiGLU only: the benchmark's FFN has three matrices).
     """
-    from moesim.kernels.bench import BenchShape
-
     bench = BenchShape.from_model(shape, local_experts=1)
     router = float(model.time_us("router", bench, float(tokens), "bf16")[0])
     attention = costs.attention_us

@@ -1,4 +1,4 @@
-"""``moesim kernels bench`` and ``moesim kernels import-profile``.
+"""``moesim kernels bench``, ``moesim kernels import-profile`` and ``moesim kernels predict``.
 
 Registered in :mod:`moesim.cli`; torch is imported inside the commands only, so that
 ``moesim --help`` stays fast.
@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["BenchDevice", "import_profile_cmd", "kernels_bench_cmd"]
+__all__ = ["BenchDevice", "import_profile_cmd", "kernels_bench_cmd", "predict_cmd"]
 
 
 class BenchDevice(str, Enum):
@@ -178,3 +178,60 @@ def import_profile_cmd(
         f"{summary.with_input_dims:,} with input shapes"
         + (f"; wrote {written}" if written is not None else "")
     )
+
+
+def predict_cmd(
+    hardware: Annotated[str, typer.Option(help="Hardware profile: a name or a .yaml file.")],
+    model: Annotated[str, typer.Option(help="Model preset, e.g. DeepSeek-V3.")],
+    op: Annotated[
+        str,
+        typer.Option(
+            help="expert_ffn | attention | attention_scores | router | shared_experts | "
+            "permute | unpermute."
+        ),
+    ],
+    dtype: Annotated[str, typer.Option(help="bf16 | fp8 (the compute dtype).")] = "bf16",
+    tokens_per_expert: Annotated[
+        int | None, typer.Option(help="expert_ffn: rows each expert gets.")
+    ] = None,
+    experts: Annotated[int | None, typer.Option(help="expert_ffn: experts in the call.")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Other ops: tokens on the device.")] = None,
+    sequence_length: Annotated[
+        int, typer.Option(help="Attention: tokens per sequence (causal).")
+    ] = 4096,
+    mode: Annotated[str, typer.Option(help="training | prefill | decode.")] = "prefill",
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """What the simulator believes one kernel takes, on the profile's cost model.
+
+    expert_ffn: G experts' full FFN (gate+up and down) at M rows each, one grouped call,
+    timed as a simulation's experts phase times it. --json prints {"time_us": ...} with
+    the inputs.
+    """
+    from moesim.costs.predict import predict_op
+    from moesim.errors import InputError
+    from moesim.hardware import get_profile
+    from moesim.model.shapes import get_preset
+
+    for name, value, valid in (
+        ("dtype", dtype, ("bf16", "fp8")),
+        ("mode", mode, ("training", "prefill", "decode")),
+    ):
+        if value not in valid:
+            raise InputError(f"valid: {', '.join(valid)}", field=name, value=value)
+    res = predict_op(
+        op,
+        get_profile(hardware),
+        get_preset(model),
+        dtype=dtype,
+        tokens_per_expert=tokens_per_expert,
+        experts=experts,
+        tokens=tokens,
+        sequence_length=sequence_length,
+        mode=mode,
+    )
+    if as_json:
+        _print_json(res)
+        return
+    inputs = ", ".join(f"{k} {v}" for k, v in res.items() if k not in ("op", "time_us"))
+    Console(highlight=False).print(f"{op}: {_fmt_us(res['time_us'])} ({inputs})")

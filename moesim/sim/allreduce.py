@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moesim.costs.roofline import BYTES_PER_ELEMENT
+from moesim.costs.work import BYTES_PER_ELEMENT
 from moesim.hardware import HardwareProfile
 from moesim.sim.cluster import ClusterSpec
 from moesim.sim.engine import Exchange, Op

@@ -20,17 +20,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from moesim.costs.model import cost_model_for
+from moesim.costs.model import CostModel
 from moesim.costs.roofline import (
-    BYTES_PER_ELEMENT,
     LayerCosts,
     bytes_per_assignment,
     gemm_time_us,
-    memory_time_us,
+    permute_us,
 )
+from moesim.costs.work import BenchShape
 from moesim.dispatchers import Dispatcher
 from moesim.hardware import HardwareProfile
-from moesim.kernels.bench import BenchShape
 from moesim.model.shapes import ModelShape
 from moesim.sim.allreduce import gradient_allreduce
 from moesim.sim.cluster import ClusterSpec
@@ -157,17 +156,16 @@ def _moe_ops(
     dtype: str,
     dispatcher: Dispatcher,
     training: bool,
+    model: CostModel,
 ) -> tuple[list[Op], list[Op]]:
     """Forward and backward ops of one MoE layer."""
     d, dm = cluster.num_devices, shape.d_model
-    b = BYTES_PER_ELEMENT[dtype]
-    launch = hw.kernel_launch_us
     assert routed.dispatch is not None and routed.copies is not None, "routing was compacted"
     sent_assign = routed.dispatch.sum(axis=1)  # (D,) assignments leaving each token owner
-    permute = np.asarray(memory_time_us(2.0 * sent_assign * dm * b, hw)) + launch
+    permute = permute_us(sent_assign, dm, hw, dtype)
     unpermute = permute.copy()
     bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
-    experts = cost_model_for(hw).grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
+    experts = model.grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
     # bytes of one copy in each of the four all-to-alls, by the dispatcher's dtypes
     wire = {k: bytes_per_assignment(dm, v) for k, v in dispatcher.pass_dtypes().items()}
     copies = routed.copies
@@ -262,7 +260,7 @@ def _moe_ops(
             Compute(
                 f"L{layer} experts bwd",
                 "expert",
-                k * experts,
+                (hw.efficiency.expert_backward or k) * experts,
                 layer,
                 "backward",
                 phase="experts bwd",
@@ -313,12 +311,15 @@ def build_program(
     sequence_length: int,
     dtype: str,
     dispatcher: Dispatcher,
+    model: CostModel,
 ) -> list[Op]:
     """The ops of one step, in the order every device runs them.
 
     Args:
         routed_layers: routing of each MoE layer, keyed by model layer index.
         costs: per-device times of the non-expert parts of a layer (from ``layer_costs``).
+        model: the device's cost model (the experts' grouped GEMMs), the one ``costs``
+            came from.
     """
     d = cluster.num_devices
     training = mode == "training"
@@ -339,6 +340,7 @@ def build_program(
                 dtype,
                 dispatcher,
                 training,
+                model,
             )
         else:
             t = costs.attention_us + costs.dense_ffn_us

@@ -78,6 +78,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
     sc, shape, hw = prep.scenario, prep.shape, prep.hw
     n_mb = 2 if sc.overlap else 1
     tokens = sc.tokens_per_device // n_mb
+    model = cost_model_for(hw)
     costs = layer_costs(
         shape,
         hw,
@@ -85,7 +86,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
         sequence_length=sc.sequence_length,
         mode=mode,
         dtype=sc.precision,
-        model=cost_model_for(hw),
+        model=model,
     )
     d = prep.cluster.num_devices
     cap = slot_capacity(sc.capacity.factor, d * tokens * shape.top_k, prep.placement.slots[0].size)
@@ -106,6 +107,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
                 sequence_length=sc.sequence_length,
                 dtype=sc.precision,
                 dispatcher=prep.dispatcher,
+                model=model,
             )
             for r in per_mb
         ]
