@@ -56,15 +56,19 @@ def _display_path(path: Path) -> Path:
 
 
 def _run_scenario(
-    path: Path, out: Path, as_json: bool, quiet: bool = False, strict: bool = False
+    path: Path,
+    out: Path,
+    as_json: bool,
+    quiet: bool = False,
+    strict: bool = False,
+    hardware: str | None = None,
 ) -> None:
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
-    from moesim.scenario import load_scenario
     from moesim.sim.simulate import simulate
 
     t0 = time.perf_counter()
-    scenario, base = load_scenario(path)
+    scenario, base = _load_with_hardware(path, hardware)
     result = simulate(scenario, base, source=_display_path(path))
     files = write_outputs(result, out)
     if as_json:
@@ -78,6 +82,19 @@ def _run_scenario(
         )
     if strict:
         _check_fits(result, _display_path(path), out)
+
+
+def _load_with_hardware(path: Path, hardware: str | None) -> tuple[Any, Path]:
+    """The scenario at ``path``, its hardware replaced by ``hardware`` (a profile name, or
+    a profile file relative to the working folder) when given."""
+    from moesim.scenario import load_scenario
+
+    scenario, base = load_scenario(path)
+    if hardware is not None:
+        if hardware.endswith((".yaml", ".yml")):
+            hardware = str(Path(hardware).resolve())
+        scenario = scenario.model_copy(update={"hardware": hardware})
+    return scenario, base
 
 
 def _check_fits(result: Any, source: Path, out: Path) -> None:
@@ -179,6 +196,13 @@ def simulate(
             help="Exit 2 when a mode does not fit in HBM (outputs are written first).",
         ),
     ] = False,
+    hardware: Annotated[
+        str | None,
+        typer.Option(
+            help="Hardware profile instead of the scenario's: a name, or a profile file "
+            "such as one moesim calibrate wrote."
+        ),
+    ] = None,
 ) -> None:
     """Simulate one scenario; writes report.html, summary.md, metrics.parquet and timeline.json.
 
@@ -187,7 +211,7 @@ def simulate(
     straggler_cause of the first mode, and every mode under "runs". A run that does not
     fit in HBM is a warning, or with --strict an error (exit 2).
     """
-    _run_scenario(scenario, out, as_json, strict=strict)
+    _run_scenario(scenario, out, as_json, strict=strict, hardware=hardware)
 
 
 @app.command()
@@ -491,6 +515,78 @@ def trace_synth(
     console.print(
         f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "
         f"top-{top_k}, {dist}, seed {seed}"
+    )
+
+
+# ----- calibration from a profiler trace (moesim.kernels.calibrate) ---------------------------
+
+
+@app.command()
+def calibrate(
+    profile: Annotated[Path, typer.Option(help="torch.profiler (Kineto) trace, .json[.gz].")],
+    hardware: Annotated[str, typer.Option(help="The profile to derive from: a name or file.")],
+    scenario: Annotated[Path, typer.Option(help="The scenario whose configuration it ran.")],
+    out: Annotated[Path, typer.Option(help="Where to write the derived profile (.yaml).")],
+    fit_layers: Annotated[
+        str | None,
+        typer.Option(help="Trace layers to fit on, e.g. 0,1 (default: the first half)."),
+    ] = None,
+    rank: Annotated[int, typer.Option(help="The rank the trace was recorded on.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Fit a hardware profile's factors to a profiler trace of the scenario's run.
+
+    Fits GEMM efficiency, the expert backward factor, attention efficiency, the compute
+    slowdown beside communication and the all-to-alls' floor and bandwidth on the trace's
+    fit layers, writes the derived profile (with the trace's sha256 and what changed), and
+    prints each kernel class's error on the other layers before and after. Simulate with
+    it: moesim simulate SCENARIO --hardware OUT.yaml.
+    """
+    from moesim.fileio import atomic_write_text
+    from moesim.hardware import get_profile
+    from moesim.kernels.calibrate import calibrate_profile, prepare_for_calibration
+    from moesim.yamlio import dump_yaml
+
+    if not str(out).endswith((".yaml", ".yml")):
+        raise InputError("the derived profile is a .yaml file", field="out", value=str(out))
+    layers = None
+    if fit_layers is not None:
+        try:
+            layers = [int(x) for x in fit_layers.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(
+                "expected layers like 0,1", field="fit-layers", value=fit_layers
+            ) from None
+    sc, base = _load_with_hardware(scenario, hardware)
+    prep = prepare_for_calibration(sc, base, _display_path(scenario))
+    hw = get_profile(sc.hardware)
+    res = calibrate_profile(profile, hw, prep, fit_layers=layers, rank=rank)
+    data = res.profile.model_dump(exclude_none=True, mode="json")
+    atomic_write_text(out, dump_yaml(data))
+    if as_json:
+        _print_json(res.to_json() | {"out": str(out)})
+        return
+    console.print(
+        f"{res.profile.name}: fitted on layers {res.fit_layers} of {profile.name}, "
+        f"held out {res.test_layers}"
+    )
+    for key, (old, new) in res.changed.items():
+        console.print(f"  {key}: {old} -> {new}")
+    for note in res.notes:
+        console.print(f"  not fitted: {note}")
+    console.print("error per class on the held-out layers (median |predicted / measured - 1|):")
+    after = {str(r["class"]): r for r in res.after.to_dict("records")}
+    for b in res.before.to_dict("records"):
+        a = after[str(b["class"])]
+        console.print(
+            f"  {b['class']:22s} measured {float(b['measured_us']):9.1f} us  before "
+            f"{float(b['predicted_us']):9.1f} us ({100 * float(b['error']):5.1f}%)  after "
+            f"{float(a['predicted_us']):9.1f} us ({100 * float(a['error']):5.1f}%)"
+        )
+    before, after_err = res.before["error"], res.after["error"]
+    console.print(
+        f"median over classes: {100 * before.median():.1f}% before, "
+        f"{100 * after_err.median():.1f}% after (worst {100 * after_err.max():.1f}%); wrote {out}"
     )
 
 

@@ -18,6 +18,7 @@ from moesim.paths import hardware_dir
 from moesim.yamlio import load_yaml_model
 
 __all__ = [
+    "Calibration",
     "Compute",
     "Efficiency",
     "HardwareProfile",
@@ -82,18 +83,18 @@ class Efficiency(BaseModel):
     hbm: float = Field(gt=0, le=1)
     scale_up: float = Field(gt=0, le=1)
     scale_out: float = Field(gt=0, le=1)
-    gemm_half_rows: float | None = Field(
+    gemm_half_outputs: float | None = Field(
         default=None,
         ge=0,
-        description="rows (tokens per expert) at which a GEMM's arithmetic takes twice its "
-        "large-batch time: the small-batch cost, t = flops x (M + h) / (M x peak x gemm); "
-        "None: 0",
+        description="output elements (M x N, over a grouped call's experts) at which a "
+        "GEMM's arithmetic takes twice its large-batch time, too few tiles to fill the "
+        "device: t = flops x (M N + H) / (M N x peak x gemm); None: 0",
     )
     gemm_fp8: float | None = Field(
         default=None, gt=0, le=1, description="FP8 GEMMs' fraction of the FP8 peak; None: gemm"
     )
-    gemm_fp8_half_rows: float | None = Field(
-        default=None, ge=0, description="gemm_half_rows of FP8 GEMMs; None: gemm_half_rows"
+    gemm_fp8_half_outputs: float | None = Field(
+        default=None, ge=0, description="gemm_half_outputs of FP8 GEMMs; None: gemm_half_outputs"
     )
     attention: float | None = Field(
         default=None,
@@ -115,11 +116,25 @@ class Efficiency(BaseModel):
     )
 
     def gemm_factors(self, fp8: bool) -> tuple[float, float]:
-        """(efficiency, half rows) of a GEMM, FP8 or not."""
+        """(efficiency, half outputs) of a GEMM, FP8 or not."""
         if fp8 and self.gemm_fp8 is not None:
-            half = self.gemm_fp8_half_rows
-            return self.gemm_fp8, (self.gemm_half_rows or 0.0) if half is None else half
-        return self.gemm, self.gemm_half_rows or 0.0
+            half = self.gemm_fp8_half_outputs
+            return self.gemm_fp8, (self.gemm_half_outputs or 0.0) if half is None else half
+        return self.gemm, self.gemm_half_outputs or 0.0
+
+
+class Calibration(BaseModel):
+    """Where a derived profile's fitted figures came from (``moesim calibrate``)."""
+
+    model_config = _STRICT
+    base: str = Field(description="the profile it was derived from")
+    trace: str = Field(description="the profiler trace's file name")
+    trace_sha256: str
+    scenario: str = Field(description="the scenario whose configuration the trace ran")
+    fitted_on: str = Field(description="which of the trace's calls the fit used")
+    changed: dict[str, list[float | None]] = Field(
+        description="figure -> [value before, value after]"
+    )
 
 
 class HardwareProfile(BaseModel):
@@ -138,6 +153,9 @@ class HardwareProfile(BaseModel):
         default=None, description="Folder under kernels/measured/ with this device's timings"
     )
     sources: dict[str, str]
+    calibration: Calibration | None = Field(
+        default=None, description="set on a profile derived by moesim calibrate"
+    )
 
     @model_validator(mode="after")
     def _every_figure_sourced(self) -> HardwareProfile:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from moesim.errors import InputError
 
-__all__ = ["load_yaml", "load_yaml_model", "validation_to_input_error"]
+__all__ = ["dump_yaml", "load_yaml", "load_yaml_model", "validation_to_input_error"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -54,3 +54,9 @@ def load_yaml_model(path: Path, model: type[M], **context: Any) -> M:
         return model.model_validate(data, context=context or None)
     except ValidationError as exc:
         raise validation_to_input_error(exc, path) from None
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as block YAML, keys in the order given (what moesim writes, e.g. a derived
+    hardware profile)."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

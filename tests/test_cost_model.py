@@ -126,9 +126,12 @@ def test_without_table_uses_profile_roofline():
     t = cm.time_us("expert_ffn_bmm", s, np.array([1.0, 4096.0]), "bf16")
     f = profile_factors(hw, "bf16")
     fl, by, _ = op_work("expert_ffn_bmm", s, 4096, "bf16")
-    assert t[1] == pytest.approx(
-        f.launch_us + ((fl / f.peak_flop_per_us) ** 4 + (by / f.bytes_per_us) ** 4) ** 0.25
-    )
+    # the small-batch term: the profile's 244,000 half outputs over the call's outputs per
+    # row, 2 experts x (2 x 2,048 + 7,168) = 22,528, i.e. 10.831 rows on top of 4,096
+    assert (hw.efficiency.gemm_half_outputs, s.local_experts, s.d_ff) == (244000, 2, 2048)
+    half = 244000 / 22528
+    compute = fl * (4096 + half) / 4096 / f.peak_flop_per_us
+    assert t[1] == pytest.approx(f.launch_us + (compute**4 + (by / f.bytes_per_us) ** 4) ** 0.25)
     # one token is bound by reading the expert weights
     _, by1, _ = op_work("expert_ffn_bmm", s, 1, "bf16")
     assert t[0] == pytest.approx(f.launch_us + by1 / f.bytes_per_us, rel=1e-3)
@@ -407,7 +410,9 @@ def _round_profile(bf16_tflops: float, hbm_gbps: float):
         update={
             "compute": hw.compute.model_copy(update={"bf16_dense_tflops": bf16_tflops}),
             "memory": hw.memory.model_copy(update={"hbm_bandwidth_gbps": hbm_gbps}),
-            "efficiency": hw.efficiency.model_copy(update={"gemm": 0.5, "hbm": 0.5}),
+            "efficiency": hw.efficiency.model_copy(
+                update={"gemm": 0.5, "hbm": 0.5, "gemm_half_outputs": None}
+            ),
         }
     )
 
@@ -430,6 +435,37 @@ def test_profile_roofline_is_the_cost_models_smooth_max_hand_checked():
     # GEMM, each the GEMM above: 3 * 16.054296 = 48.162888 µs; no tokens: 0
     ffn = expert_ffn_time_us(np.array([0.0, 1500.0]), 1500, 1500, 3, hw, "bf16")
     np.testing.assert_allclose(ffn, [0.0, 48.162888], rtol=1e-6)
+
+
+def test_gemm_small_batch_term_is_half_outputs_over_the_width_hand_checked():
+    """A GEMM of M x N outputs takes flops x (M N + H) / (M N) of arithmetic time: with
+    H = 2.25e6 half outputs, (1500, 1500) @ (1500, 1500) has 2.25e6 outputs, so twice the
+    arithmetic, 27 µs, against 13.5 µs of memory: (27**4 + 13.5**4) ** (1/4)
+    = 13.5 x 17 ** 0.25 = 13.5 x 2.0305432 = 27.412333 µs."""
+    from moesim.costs.fit import with_efficiency
+    from moesim.costs.roofline import gemm_time_us
+
+    hw = with_efficiency(_round_profile(1000.0, 2000.0), gemm_half_outputs=2.25e6)
+    assert float(gemm_time_us(1500, 1500, 1500, hw, "bf16")) == pytest.approx(27.412333)
+    # a 15,000-wide GEMM of the same rows has ten times the outputs: 1.1 x its arithmetic,
+    # 2 x 1500 x 15000 x 1500 = 6.75e10 FLOP / 5e8 = 135 µs x 1.1 = 148.5 µs, against
+    # 2 bytes x (1500 x 1500 + 1500 x 15000 + 1500 x 15000) = 9.45e7 bytes = 94.5 µs:
+    # (148.5**4 + 94.5**4) ** (1/4) = 148.5 x (1 + (7/11)**4) ** 0.25 = 154.246 µs
+    assert float(gemm_time_us(1500, 15000, 1500, hw, "bf16")) == pytest.approx(
+        148.5 * (1 + (7 / 11) ** 4) ** 0.25
+    )
+
+
+def test_fp8_gemm_efficiency_falls_back_to_the_gemms():
+    hw = get_profile("H800")
+    assert hw.efficiency.gemm_factors(True) == (0.70, 244000.0)  # no gemm_fp8: gemm's
+    from moesim.costs.fit import with_efficiency
+
+    fast = with_efficiency(hw, gemm_fp8=0.6, gemm_fp8_half_outputs=1000.0)
+    assert fast.efficiency.gemm_factors(True) == (0.6, 1000.0)
+    assert fast.efficiency.gemm_factors(False) == (0.70, 244000.0)
+    f = profile_factors(fast, "fp8", width=500.0)
+    assert (f.peak_flop_per_us, f.half_tokens) == pytest.approx((1978.9 * 0.6 * 1e6, 2.0))
 
 
 def test_decode_attention_scores_smooth_max_hand_checked():

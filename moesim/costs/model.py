@@ -50,7 +50,7 @@ import pandas as pd
 from scipy.interpolate import PchipInterpolator
 from scipy.optimize import least_squares
 
-from moesim.costs.work import BenchShape, op_work_array, table_widths
+from moesim.costs.work import BenchShape, op_output_width, op_work_array, table_widths
 from moesim.hardware import HardwareProfile
 from moesim.kernels.tables import thread_count
 
@@ -168,16 +168,17 @@ def bandwidth(f: OpFactors, nbytes: np.ndarray | float) -> np.ndarray | float:
     return bw
 
 
-def profile_factors(hw: HardwareProfile, dtype: str) -> OpFactors:
+def profile_factors(hw: HardwareProfile, dtype: str, width: float | None = None) -> OpFactors:
     """Factors from a hardware profile's peaks and efficiency factors (no table): the
-    dtype's peak x its GEMM efficiency, the GEMM's half rows as the small-batch term
-    (:meth:`~moesim.hardware.Efficiency.gemm_factors`), HBM x hbm efficiency."""
+    dtype's peak x its GEMM efficiency, HBM x hbm efficiency, and for GEMMs of ``width``
+    output elements per row the small-batch term: the profile's half outputs over the
+    width, in rows (:meth:`~moesim.hardware.Efficiency.gemm_factors`; None: no term)."""
     eff, half = hw.efficiency.gemm_factors(hw.runs_fp8(dtype))
     return OpFactors(
         launch_us=hw.kernel_launch_us,
         peak_flop_per_us=hw.peak_tflops(dtype) * eff * 1e6,
         bytes_per_us=hw.memory.hbm_bandwidth_gbps * hw.efficiency.hbm * 1e3,
-        half_tokens=half,
+        half_tokens=half / width if width else 0.0,
     )
 
 
@@ -532,12 +533,15 @@ class CostModel:
             factors[key], corrections[key] = _fit_op(rows, start, memory, half)
         return cls(hw=hw, table=table, factors=factors, corrections=corrections)
 
-    def op_factors(self, op: str, dtype: str) -> OpFactors:
+    def op_factors(self, op: str, dtype: str, shape: BenchShape | None = None) -> OpFactors:
+        """The op's calibrated factors, else the profile's (with the small-batch term of
+        the op's GEMM width in ``shape``, :func:`~moesim.costs.work.op_output_width`)."""
         if (op, dtype) in self.factors:
             return self.factors[(op, dtype)]
         if self.hw is None:
             raise KeyError(f"no measurements of {op} in {dtype} and no hardware profile")
-        return profile_factors(self.hw, dtype)
+        width = op_output_width(op, shape) if shape is not None else None
+        return profile_factors(self.hw, dtype, width)
 
     def roofline_us(self, op: str, shape: BenchShape, tokens: np.ndarray, dtype: str) -> np.ndarray:
         """Calibrated roofline time (with the op's token correction where fitted), no table."""
@@ -545,7 +549,7 @@ class CostModel:
         flops, moved = op_work_array(op, shape, np.maximum(np.floor(tokens), 1.0), dtype)
         scale = np.where(tokens >= 1, 1.0, tokens)  # fractional tokens: scale the 1-token work
         t = predict_us(
-            self.op_factors(op, dtype),
+            self.op_factors(op, dtype, shape),
             flops * scale,
             moved * scale,
             np.maximum(tokens, 1),

@@ -39,15 +39,15 @@ def _profile_us(
     hw: HardwareProfile,
     dtype: str,
     rows: np.ndarray | float | None = None,
+    width: float | None = None,
     efficiency: float | None = None,
 ) -> np.ndarray:
     """Time of work of ``flops`` and ``nbytes`` (arrays broadcast) on the profile's
     roofline, without launch overhead: :func:`~moesim.costs.model.predict_us` of the
-    profile's factors, launch set to 0. ``rows``: a GEMM's rows, for its small-batch
-    term (None: none); ``efficiency``: the fraction of the peak instead of the GEMMs'."""
-    f = replace(profile_factors(hw, dtype), launch_us=0.0)
-    if rows is None:
-        f = replace(f, half_tokens=0.0)
+    profile's factors, launch set to 0. ``rows`` and ``width``: a GEMM's rows and output
+    elements per row, for its small-batch term (None: none); ``efficiency``: the fraction
+    of the peak instead of the GEMMs' (and no small-batch term)."""
+    f = replace(profile_factors(hw, dtype, width if rows is not None else None), launch_us=0.0)
     if efficiency is not None:
         f = replace(f, peak_flop_per_us=hw.peak_tflops(dtype) * efficiency * 1e6, half_tokens=0.0)
     r = np.asarray(1.0 if rows is None else rows, dtype=np.float64)
@@ -63,11 +63,12 @@ def memory_time_us(nbytes: np.ndarray | float, hw: HardwareProfile) -> np.ndarra
 def gemm_time_us(
     m: np.ndarray | float, n: float, k: float, hw: HardwareProfile, dtype: str
 ) -> np.ndarray:
-    """(m, k) @ (k, n): roofline time without launch overhead. ``m`` may be an array."""
+    """(m, k) @ (k, n): roofline time without launch overhead, the small-batch term of
+    ``m x n`` outputs included (:mod:`moesim.costs.fit`). ``m`` may be an array."""
     b = BYTES_PER_ELEMENT[dtype]
     flops = 2.0 * m * n * k
     nbytes = b * (m * k + k * n + m * n)
-    return _profile_us(flops, nbytes, hw, dtype, rows=m)
+    return _profile_us(flops, nbytes, hw, dtype, rows=m, width=n)
 
 
 def permute_us(

@@ -18,6 +18,7 @@ __all__ = [
     "BYTES_PER_ELEMENT",
     "FFN_OPS",
     "BenchShape",
+    "op_output_width",
     "op_work",
     "op_work_array",
     "table_widths",
@@ -153,6 +154,20 @@ def _op_work(op: str, s: BenchShape, t: Any, dtype: str) -> tuple[Any, Any, Any]
     if op == "memcpy":
         return 0.0, 2 * e * t * d, 2 * e * t * d
     raise ValueError(f"unknown op {op!r}")
+
+
+def op_output_width(op: str, s: BenchShape) -> float:
+    """Output elements per row of an op's GEMMs, summed over a grouped call's experts (the
+    parallelism a GPU fills its SMs with): an expert FFN's gate, up and down outputs
+    ``local_experts x (2 d_ff + d_model)``, the router's E scores, the attention block's
+    projected widths; 0 for ops without a GEMM."""
+    if op in FFN_OPS:
+        return float(s.local_experts * (2 * s.d_ff + s.d_model))
+    if op == "router":
+        return float(s.num_experts)
+    if op == "attention":
+        return float(_attention_widths(s)[1])
+    return 0.0
 
 
 def table_widths(op: str, s: BenchShape) -> dict[str, int]:

@@ -99,6 +99,7 @@ KERNEL_COLUMNS: tuple[str, ...] = (
     "launch",
     "cpu_op",
     "annotation",
+    "annotation_ts_us",
     "input_dims",
     "input_types",
 )
@@ -188,7 +189,8 @@ class ProfileSummary:
     and ``block`` (``"x,y,z"`` or ``""``), ``launch`` (the runtime call that launched it,
     ``""`` if not linked), ``cpu_op`` (innermost enclosing CPU operator, preferring one
     with recorded shapes), ``annotation`` (innermost enclosing ``record_function``
-    range, e.g. DeepSeek's ``mlp(F)``), ``input_dims`` and ``input_types`` (that operator's
+    range, e.g. DeepSeek's ``mlp(F)``), ``annotation_ts_us`` (when that range began, which
+    tells its instances apart; NaN without one), ``input_dims`` and ``input_types`` (that operator's
     ``Input Dims`` / ``Input type`` as JSON text, ``""`` when not recorded).
     ``classes`` has one row per class present, in :data:`KERNEL_CLASSES` order:
     ``class``, ``count``, ``median_us``, ``total_us``.
@@ -320,6 +322,7 @@ class _Link:
     context: list[str]  # names of the enclosing ops and annotations, innermost first
     op: _Op | None  # innermost enclosing CPU operator, preferring one with shapes
     annotation: str  # innermost enclosing user annotation
+    annotation_ts: float  # when that annotation began (which instance of it); NaN: none
 
 
 def _link(launches: dict[int, dict[str, Any]], events: list[dict[str, Any]]) -> dict[int, _Link]:
@@ -370,9 +373,14 @@ def _link(launches: dict[int, dict[str, Any]], events: list[dict[str, Any]]) -> 
             chain = [o for o in reversed(stack) if o.ts <= t <= o.end]
             op_chain = [o for o in chain if o.cat in _OP_CATS]
             best = next((o for o in op_chain if o.dims), None)
-            annotation = next((o.name for o in chain if o.cat == "user_annotation"), "")
+            ann = next((o for o in chain if o.cat == "user_annotation"), None)
             op = best or (op_chain[0] if op_chain else None)
-            out[corr] = _Link([o.name for o in chain], op, annotation)
+            out[corr] = _Link(
+                [o.name for o in chain],
+                op,
+                ann.name if ann is not None else "",
+                ann.ts if ann is not None else math.nan,
+            )
     return out
 
 
@@ -440,6 +448,7 @@ def import_profile(path: str | Path) -> ProfileSummary:
                 "launch": str(launch.get("name", "")) if launch is not None else "",
                 "cpu_op": op.name if op is not None else "",
                 "annotation": link.annotation if link is not None else "",
+                "annotation_ts_us": link.annotation_ts if link is not None else math.nan,
                 "input_dims": json.dumps(op.dims) if op is not None and op.dims is not None else "",
                 "input_types": (
                     json.dumps(op.types) if op is not None and op.types is not None else ""

@@ -19,10 +19,9 @@ popularity (successive sampling, the Plackett-Luce law), a few array operations 
 gate weights are the picked experts' popularities renormalised over the k, descending.
 
 A group-limited router (DeepSeek-V2/V3: ``groups=(G, M)``, the experts in G equal groups,
-each token within M of them) is drawn by the same law's Gumbel form: every expert's
-log-popularity plus a Gumbel draw, each group scored by its best expert, the token's M
-best groups kept and its k best experts in them taken (:func:`sample_experts_grouped`).
-Without the limit (M = G) this is the Plackett-Luce law again.
+each token within M of them) is drawn in two stages of the same law: the token's M groups
+in proportion to their total popularity, then its k experts among those groups'
+(:func:`sample_experts_grouped`). Without the limit (M = G) the plain law is drawn.
 """
 
 from __future__ import annotations
@@ -206,24 +205,27 @@ def sample_experts_grouped(
     """(n, k) distinct experts within ``groups[1]`` of ``groups[0]`` equal expert groups
     (contiguous ids), and gate weights as :func:`sample_experts`.
 
-    Gumbel form of the Plackett-Luce law: scores ``logp + Gumbel`` (n, E); a group scores
-    its best expert; the token keeps its M best groups and takes its k best experts there.
+    Two stages of the Plackett-Luce law: each token draws its M groups without
+    replacement in proportion to each group's total popularity, then its k experts
+    without replacement among those groups' experts (:func:`sample_experts` once per set
+    of groups drawn, at most C(G, M) calls).
     """
     g, m = groups
     e = logp.size
-    scores = logp[None, :] + rng.gumbel(size=(n, e))  # (n, E)
-    best = scores.reshape(n, g, e // g).max(axis=2)  # (n, G)
-    drop = np.argpartition(-best, m - 1, axis=1)[:, m:]  # (n, G - M) groups left out
-    masked = scores.reshape(n, g, e // g)
-    np.put_along_axis(masked, drop[:, :, None], -np.inf, axis=1)
-    scores = masked.reshape(n, e)
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (n, k)
-    p = np.exp(logp - logp.max())
-    w = p[top]
-    desc = np.argsort(-w, axis=1, kind="stable")
-    ids = np.take_along_axis(top, desc, axis=1)
-    w = np.take_along_axis(w, desc, axis=1)
-    return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    per = e // g
+    glogp = np.logaddexp.reduce(logp.reshape(g, per), axis=1)  # (G,) group popularity
+    chosen, _ = sample_experts(glogp, n, m, rng)  # (n, M)
+    key = np.bitwise_or.reduce(np.int64(1) << chosen.astype(np.int64), axis=1)  # (n,)
+    ids = np.empty((n, k), dtype=np.int32)
+    weights = np.empty((n, k), dtype=np.float32)
+    group_of = np.arange(e) // per
+    for mask in np.unique(key):
+        rows = np.flatnonzero(key == mask)
+        allowed = ((int(mask) >> group_of) & 1).astype(bool)
+        ids[rows], weights[rows] = sample_experts(
+            np.where(allowed, logp, -np.inf), rows.size, k, rng
+        )
+    return ids, weights
 
 
 def check_groups(groups: tuple[int, int] | None, num_experts: int, top_k: int) -> None:
