@@ -145,3 +145,54 @@ def test_a_profile_file_with_kernel_tables_works_next_to_a_scenario(tmp_path, fl
     res = simulate(sc, tmp_path)
     assert res.hw.name == "my-gpu" and res.runs[0].summary["step_time_us"] > 0
     assert Path(tmp_path / "my-gpu.yaml").is_file()
+
+
+def test_accuracy_family_figures_by_hand():
+    from tests.conftest import load_benchmark
+
+    acc = load_benchmark("accuracy")
+    pts = [
+        {"measured_us": 100.0, "predicted_us": 110.0},
+        {"measured_us": 200.0, "predicted_us": 180.0},
+        {"measured_us": 50.0, "predicted_us": 50.0},
+        {"measured_us": 10.0, "predicted_us": 15.0},
+    ]
+    f = acc.family("x", "src", pts)
+    # signed: +10 %, -10 %, 0, +50 %; |.| sorted 0, 0.1, 0.1, 0.5: median 0.1, p95 by
+    # linear interpolation 0.1 + 0.85 x (0.5 - 0.1) = 0.44
+    assert [p["error"] for p in f["rows"]] == [0.1, -0.1, 0.0, 0.5]
+    assert (f["median_err"], f["p95_err"]) == (0.1, 0.44)
+    assert (f["min_signed"], f["max_signed"], f["points"]) == (-0.1, 0.5, 4)
+
+
+def test_kernels_predict_expert_ffn_is_the_simulators_grouped_call():
+    """G experts x M rows on H800 in fp8: one launch (5 us) plus the smooth max of the
+    arithmetic 6 G M d f x (M + h) / M at 0.70 of the FP8 peak, h = 244,000 / (G (2 f + d))
+    rows, and the bytes op_work counts at 0.8 of HBM."""
+    from moesim.costs.work import BenchShape, op_work
+    from moesim.model.shapes import get_preset
+
+    hw = get_profile("H800")
+    g, m, d, f = 4, 8192, 7168, 2048
+    proc = subprocess.run(
+        [sys.executable, "-m", "moesim", "kernels", "predict", "--hardware", "H800",
+         "--model", "DeepSeek-V3", "--op", "expert_ffn", "--tokens-per-expert", str(m),
+         "--experts", str(g), "--dtype", "fp8", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)["time_us"]
+    flops = 6.0 * g * m * d * f
+    half = 244000 / (g * (2 * f + d))
+    compute = flops * (m + half) / m / (1978.9e6 * 0.70)
+    shape = BenchShape.from_model(get_preset("DeepSeek-V3"), local_experts=g)
+    _, nbytes, _ = op_work("expert_ffn_grouped", shape, m, "fp8")
+    memory = nbytes / (3350e3 * 0.8)
+    assert hw.kernel_launch_us == 5.0
+    assert got == pytest.approx(5.0 + (compute**4 + memory**4) ** 0.25, rel=1e-9)
+    bad = subprocess.run(
+        [sys.executable, "-m", "moesim", "kernels", "predict", "--hardware", "H800",
+         "--model", "DeepSeek-V3", "--op", "expert_ffn", "--dtype", "fp8"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "tokens-per-expert" in bad.stderr
