@@ -612,7 +612,8 @@ def a2a(
         str,
         typer.Option(
             help="auto | deepep-normal | deepep-low-latency | nccl-alltoallv | "
-            "megatron-alltoall (auto: deepep-normal on NVIDIA GPUs, nccl-alltoallv else)."
+            "megatron-alltoall (auto: deepep-normal on NVIDIA GPUs from Hopper on, "
+            "nccl-alltoallv else)."
         ),
     ] = "auto",
     dispatch_dtype: Annotated[

@@ -18,9 +18,9 @@ A dispatcher decides four things the simulator needs about every MoE all-to-all:
 Presets are named in a scenario (``dispatcher: deepep-normal``), with any field
 overridden (``dispatcher: {preset: deepep-normal, grad_dispatch_dtype: bf16}``), and by
 ``moesim a2a --dispatcher NAME``. The default, ``auto``, is ``deepep-normal`` on NVIDIA
-GPUs (the kernels DeepSeek-V3 training, SGLang and Megatron's ``flex`` dispatcher use for
-expert parallelism across nodes) and ``nccl-alltoallv`` elsewhere (RCCL on AMD; an XLA
-all-to-all on TPUs moves the same per-(token, expert) copies).
+GPUs from Hopper on (the kernels DeepSeek-V3 training, SGLang and Megatron's ``flex``
+dispatcher use for expert parallelism across nodes) and ``nccl-alltoallv`` elsewhere
+(A100; RCCL on AMD; an XLA all-to-all on TPUs moves the same per-(token, expert) copies).
 """
 
 from __future__ import annotations
@@ -202,12 +202,12 @@ PRESETS: dict[str, Dispatcher] = {
 
 
 def default_preset(hw: HardwareProfile) -> str:
-    """``auto``'s dispatcher: ``deepep-normal`` on NVIDIA GPUs, ``nccl-alltoallv`` else."""
-    return (
-        "deepep-normal"
-        if hw.kind == "gpu" and hw.vendor.upper() == "NVIDIA"
-        else ("nccl-alltoallv")
-    )
+    """``auto``'s dispatcher: ``deepep-normal`` on NVIDIA GPUs with FP8 tensor units
+    (Hopper and later, the GPUs DeepEP's README names and its FP8 dispatch needs),
+    ``nccl-alltoallv`` else (A100, AMD, TPU)."""
+    hopper_or_later = hw.compute.fp8_dense_tflops is not None
+    nvidia = hw.kind == "gpu" and hw.vendor.upper() == "NVIDIA"
+    return "deepep-normal" if nvidia and hopper_or_later else "nccl-alltoallv"
 
 
 class DispatcherChoice(BaseModel):

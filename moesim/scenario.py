@@ -12,7 +12,7 @@ Example (``scenarios/demo.yaml``)::
     capacity: {factor: null}       # dropless (the default): unlimited expert capacity
     mode: [training, prefill]
     tokens_per_device: 2048        # decode: sequences per device, one new token each
-    dispatcher: auto               # deepep-normal on NVIDIA GPUs; {preset: NAME, field: value}
+    dispatcher: auto               # deepep-normal on Hopper+; {preset: NAME, field: value}
     seed: 0
 
 Relative paths are resolved against the scenario file's folder.
@@ -219,7 +219,7 @@ class Scenario(BaseModel):
         default=DispatcherChoice(),
         description="what moves tokens (moesim.dispatchers): a preset name, or {preset: "
         "NAME, field: value...} overriding its dedup, per-pass dtypes, launches, syncs, "
-        "sms; auto: deepep-normal on NVIDIA GPUs, nccl-alltoallv elsewhere",
+        "sms; auto: deepep-normal on NVIDIA GPUs from Hopper on, nccl-alltoallv elsewhere",
     )
     steps: int = Field(default=1, gt=0)
     seed: int = Field(default=0, description="Seed of every random choice the scenario makes")

@@ -62,6 +62,8 @@ def test_apply_sm_share_spares_memory_bound_permutes():
 def test_auto_resolves_by_vendor_and_overrides_keep_their_source():
     assert default_preset(get_profile("H800")) == "deepep-normal"
     assert default_preset(get_profile("MI300X")) == "nccl-alltoallv"
+    assert default_preset(get_profile("A100-80GB")) == "nccl-alltoallv"  # no FP8, pre-Hopper
+    assert default_preset(get_profile("B200")) == "deepep-normal"
     assert default_preset(get_profile("TPU-v5p")) == "nccl-alltoallv"
     h800 = get_profile("H800")
     d = DispatcherChoice(grad_dispatch_dtype="bf16").resolve(h800)
