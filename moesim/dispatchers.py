@@ -68,10 +68,15 @@ class Dispatcher(BaseModel):
     sms: int = Field(ge=0, description="SMs the kernels hold while they run")
     sources: dict[str, str] = Field(default_factory=dict)
 
-    def fixed_us(self, hw: HardwareProfile, path_latency_us: float) -> float:
-        """Fixed cost of one call: its launches plus its round trips of a path of one-way
-        latency ``path_latency_us``."""
-        return self.launches * hw.kernel_launch_us + self.syncs * 2.0 * path_latency_us
+    def fixed_us(
+        self, hw: HardwareProfile, path_latency_us: float, across_nodes: bool = False
+    ) -> float:
+        """Fixed cost of one call: its launches, its round trips of a path of one-way
+        latency ``path_latency_us``, and the profile's all-to-all floor of the tier it
+        crosses (``scale_out`` when ``across_nodes``, else ``scale_up``; calibrated)."""
+        tier = hw.scale_out if across_nodes else hw.scale_up
+        floor = tier.alltoall_floor_us or 0.0
+        return self.launches * hw.kernel_launch_us + self.syncs * 2.0 * path_latency_us + floor
 
     def pass_dtypes(self) -> dict[str, str]:
         """Wire dtype of each of the four all-to-alls, by the program's phase name."""
@@ -131,8 +136,9 @@ PRESETS: dict[str, Dispatcher] = {
         sms=0,
         sources={
             "dedup": f"{_DEEPEP} csrc/kernels/internode_ll.cu: one IBGDA put per (token, "
-            "expert) into a slot of the destination expert; NVLink disabled even inside "
-            "a node (buffer.py low_latency_dispatch docstring)",
+            "expert) into a slot of the destination expert. In-node copies are modelled "
+            "over NVLink (allow_nvlink_for_low_latency_mode); with NVLink disabled, DeepEP's "
+            "older default, they would cross the NIC, which is not modelled",
             "dispatch_dtype": f"{_DEEPEP} deep_ep/buffer.py low_latency_dispatch: FP8 "
             "with per-128-channel scales by default (use_fp8=True)",
             "combine_dtype": f"{_DEEPEP} deep_ep/buffer.py low_latency_combine: BF16 input",

@@ -54,7 +54,20 @@ class Memory(BaseModel):
     hbm_bandwidth_gbps: float = Field(gt=0, description="HBM bandwidth per device, GB/s")
 
 
-class ScaleUp(BaseModel):
+class _Tier(BaseModel):
+    """What the scale-up and scale-out fabrics share."""
+
+    model_config = _STRICT
+    alltoall_floor_us: float | None = Field(
+        default=None,
+        ge=0,
+        description="time of one MoE all-to-all call across this tier that does not grow "
+        "with its bytes, beyond the path's latency and the dispatcher's launches and round "
+        "trips (a floor moesim calibrate fits: synchronisation with late peers); None: 0",
+    )
+
+
+class ScaleUp(_Tier):
     """The fast fabric inside a scale-up domain (NVLink/NVSwitch, Infinity Fabric, TPU ICI)."""
 
     model_config = _STRICT
@@ -66,7 +79,7 @@ class ScaleUp(BaseModel):
     latency_us: float = Field(gt=0, description="One-way latency of a small message")
 
 
-class ScaleOut(BaseModel):
+class ScaleOut(_Tier):
     """The network between scale-up domains (InfiniBand/RoCE NICs, TPU DCN)."""
 
     model_config = _STRICT
@@ -116,11 +129,13 @@ class Efficiency(BaseModel):
     )
 
     def gemm_factors(self, fp8: bool) -> tuple[float, float]:
-        """(efficiency, half outputs) of a GEMM, FP8 or not."""
-        if fp8 and self.gemm_fp8 is not None:
-            half = self.gemm_fp8_half_outputs
-            return self.gemm_fp8, (self.gemm_half_outputs or 0.0) if half is None else half
-        return self.gemm, self.gemm_half_outputs or 0.0
+        """(efficiency, half outputs) of a GEMM, FP8 or not; an FP8 figure left unset
+        takes the GEMMs' one."""
+        eff, half = self.gemm, self.gemm_half_outputs or 0.0
+        if fp8:
+            eff = self.gemm_fp8 if self.gemm_fp8 is not None else eff
+            half = self.gemm_fp8_half_outputs if self.gemm_fp8_half_outputs is not None else half
+        return eff, half
 
 
 class Calibration(BaseModel):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,9 +112,16 @@ def test_calibration_on_the_deepseek_v3_profile_meets_its_targets(tmp_path):
     assert (res["fit_layers"], res["test_layers"]) == ([0, 1], [2, 3])
     assert res["median_error_after"] <= 0.10 and res["max_error_after"] <= 0.20
     assert res["median_error_before"] > 0.2  # the uncalibrated profile is far off
-    assert {"efficiency.gemm_fp8", "efficiency.scale_out", "scale_out.latency_us"} <= set(
+    assert {"efficiency.gemm_fp8", "efficiency.scale_out", "scale_out.alltoall_floor_us"} <= set(
         res["changed"]
     )
+    # the fit itself, pinned (python -m moesim calibrate ... prints these)
+    fitted = {k: v[1] for k, v in res["changed"].items()}
+    assert fitted["efficiency.gemm_fp8"] == pytest.approx(0.678, abs=0.005)
+    assert fitted["efficiency.expert_backward"] == pytest.approx(3.006, abs=0.02)
+    assert fitted["efficiency.attention"] == pytest.approx(0.720, abs=0.005)
+    assert fitted["efficiency.scale_out"] == pytest.approx(0.763, abs=0.005)
+    assert fitted["scale_out.alltoall_floor_us"] == pytest.approx(1356, abs=10)
     prof = load_profile(out)
     assert prof.calibration is not None and prof.calibration.trace_sha256.startswith("d7b7232e")
     assert prof.calibration.changed["efficiency.gemm_fp8"][0] is None
@@ -143,8 +149,12 @@ def test_a_profile_file_with_kernel_tables_works_next_to_a_scenario(tmp_path, fl
     (tmp_path / "my-gpu.yaml").write_text(yaml.safe_dump(prof))
     sc = Scenario.model_validate(flame_dict | {"hardware": "my-gpu.yaml", "mode": "prefill"})
     res = simulate(sc, tmp_path)
-    assert res.hw.name == "my-gpu" and res.runs[0].summary["step_time_us"] > 0
-    assert Path(tmp_path / "my-gpu.yaml").is_file()
+    assert res.hw.name == "my-gpu"
+    from moesim.costs.model import cost_model_for
+
+    assert cost_model_for(res.hw).table is not None  # the tables it names were read
+    plain = simulate(sc.model_copy(update={"hardware": "H100-SXM"}), tmp_path)
+    assert res.runs[0].summary["step_time_us"] != plain.runs[0].summary["step_time_us"]
 
 
 def test_accuracy_family_figures_by_hand():
@@ -167,8 +177,9 @@ def test_accuracy_family_figures_by_hand():
 
 def test_kernels_predict_expert_ffn_is_the_simulators_grouped_call():
     """G experts x M rows on H800 in fp8: one launch (5 us) plus the smooth max of the
-    arithmetic 6 G M d f x (M + h) / M at 0.70 of the FP8 peak, h = 244,000 / (G (2 f + d))
-    rows, and the bytes op_work counts at 0.8 of HBM."""
+    arithmetic 6 G M d f x (M + h) / M at 0.70 of the FP8 peak, with h the two GEMMs'
+    small-batch rows, 244,000 x (2/3 / (2 G f) + 1/3 / (G d)), and the bytes op_work
+    counts at 0.8 of HBM."""
     from moesim.costs.work import BenchShape, op_work
     from moesim.model.shapes import get_preset
 
@@ -183,7 +194,7 @@ def test_kernels_predict_expert_ffn_is_the_simulators_grouped_call():
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)["time_us"]
     flops = 6.0 * g * m * d * f
-    half = 244000 / (g * (2 * f + d))
+    half = 244000 * (2 / 3 / (2 * g * f) + 1 / 3 / (g * d))
     compute = flops * (m + half) / m / (1978.9e6 * 0.70)
     shape = BenchShape.from_model(get_preset("DeepSeek-V3"), local_experts=g)
     _, nbytes, _ = op_work("expert_ffn_grouped", shape, m, "fp8")
@@ -196,3 +207,27 @@ def test_kernels_predict_expert_ffn_is_the_simulators_grouped_call():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "tokens-per-expert" in bad.stderr
+
+
+def test_calibrate_refuses_bad_layers_and_ranks_in_one_line(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(_layered_trace()))
+
+    def run(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "moesim", "calibrate", "--profile", str(path),
+             "--hardware", "H100-SXM", "--scenario", "scenarios/flame-moe-290m.yaml",
+             "--out", str(tmp_path / "p.yaml"), *extra],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    for extra, field in (
+        (["--fit-layers", "9"], "fit-layers"),
+        (["--fit-layers", "0,1"], "fit-layers"),  # nothing left to hold out
+        (["--rank", "99"], "rank"),
+        (["--out", str(tmp_path / "p.txt")], "out"),
+    ):
+        proc = run(*extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and f"field '{field}'" in proc.stderr
+    assert not (tmp_path / "p.yaml").exists()

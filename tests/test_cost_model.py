@@ -126,10 +126,12 @@ def test_without_table_uses_profile_roofline():
     t = cm.time_us("expert_ffn_bmm", s, np.array([1.0, 4096.0]), "bf16")
     f = profile_factors(hw, "bf16")
     fl, by, _ = op_work("expert_ffn_bmm", s, 4096, "bf16")
-    # the small-batch term: the profile's 244,000 half outputs over the call's outputs per
-    # row, 2 experts x (2 x 2,048 + 7,168) = 22,528, i.e. 10.831 rows on top of 4,096
+    # the small-batch term, per GEMM: gate+up (2 experts x 4,096 wide, 2/3 of the FLOPs)
+    # and down (2 x 7,168, 1/3): 244,000 x (2/3 / 8,192 + 1/3 / 14,336) = 25.530 rows,
+    # the width 3 x 2 x 7,168 x 2,048 / (7,168 + 2,048) = 9,557.33 of op_output_width
     assert (hw.efficiency.gemm_half_outputs, s.local_experts, s.d_ff) == (244000, 2, 2048)
-    half = 244000 / 22528
+    half = 244000 * (2 / 3 / 8192 + 1 / 3 / 14336)
+    assert half == pytest.approx(25.530, abs=1e-3)
     compute = fl * (4096 + half) / 4096 / f.peak_flop_per_us
     assert t[1] == pytest.approx(f.launch_us + (compute**4 + (by / f.bytes_per_us) ** 4) ** 0.25)
     # one token is bound by reading the expert weights

@@ -43,6 +43,12 @@ def test_sm_share_slowdown_by_hand():
     assert compute_slowdown(h800, get_dispatcher("deepep-low-latency")) == 1.0
     # a profile without an SM count (a TPU) is not slowed
     assert compute_slowdown(get_profile("TPU-v5p"), get_dispatcher("nccl-alltoallv")) == 1.0
+    # the profile's interference on top: 132 / 112 x 1.1
+    from moesim.costs.fit import with_efficiency
+
+    busy = with_efficiency(h800, comm_interference=0.1)
+    assert compute_slowdown(busy, get_dispatcher("deepep-normal")) == pytest.approx(132 / 112 * 1.1)
+    assert compute_slowdown(busy, get_dispatcher("deepep-low-latency")) == pytest.approx(1.1)
     with pytest.raises(InputError, match="every one of the 132 SMs"):
         compute_slowdown(h800, DispatcherChoice(preset="deepep-normal", sms=132).resolve(h800))
 
@@ -180,6 +186,9 @@ def test_group_limited_routing_keeps_each_token_within_its_groups():
     same = synthesize(num_experts=256, top_k=8, num_layers=1, num_tokens=512, groups=(8, 8))
     plain = synthesize(num_experts=256, top_k=8, num_layers=1, num_tokens=512)
     np.testing.assert_array_equal(same.expert_ids, plain.expert_ids)
+    # more groups than an integer's bits: still within the limit
+    many = synthesize(num_experts=140, top_k=2, num_layers=1, num_tokens=2000, groups=(70, 2))
+    assert max(np.unique(row // 2).size for row in many.expert_ids[0]) == 2
     with pytest.raises(InputError, match="G dividing"):
         synthesize(num_experts=256, top_k=8, num_layers=1, num_tokens=8, groups=(8, 0))
 
@@ -225,3 +234,50 @@ def test_a2a_cli_dispatcher_and_model():
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "gloo" in bad.stderr
+
+
+def test_fixed_cost_only_where_there_is_traffic():
+    """Device 0 sends 5 copies to device 1 of one 3-device H100 node; device 2 neither sends
+    nor receives: it pays no call. nccl-alltoallv: BF16 copies of FLAME-MoE-290M's 1,024
+    channels (2,048 bytes), 2 launches of 5 us and one NVLink round trip of 3 us."""
+    from moesim.costs.model import cost_model_for
+    from moesim.costs.roofline import layer_costs
+    from moesim.model.shapes import get_preset
+    from moesim.sim.cluster import ClusterSpec
+    from moesim.sim.program import build_program
+    from moesim.sim.routing import LayerRouting
+    from moesim.topology import build_topology
+
+    hw, shape = get_profile("H100-SXM"), get_preset("FLAME-MoE-290M")
+    assert shape.d_model == 1024
+    copies = np.array([[0, 5, 0], [0, 0, 0], [0, 0, 0]])
+    routed = LayerRouting(
+        device_load=np.array([0, 5, 0]),
+        expert_tokens=np.zeros((3, 22), dtype=int),
+        dispatch=copies,
+        copies=copies,
+        dropped=np.zeros(3),
+        rerouted=0,
+        assignments=5,
+    )
+    costs = layer_costs(
+        shape, hw, tokens=8, sequence_length=8, mode="prefill", dtype="bf16",
+        model=cost_model_for(hw),
+    )  # fmt: skip
+    layer = shape.moe_layer_indices()[0]
+    prog = build_program(
+        shape, hw, ClusterSpec(3, 3, build_topology(hw, 3, 3)), {layer: routed}, costs,
+        mode="prefill", tokens_per_device=8, sequence_length=8, dtype="bf16",
+        dispatcher=get_dispatcher("nccl-alltoallv"), model=cost_model_for(hw),
+    )  # fmt: skip
+    (disp,) = [op for op in prog if op.name == f"L{layer} dispatch"]
+    bw = hw.scale_up.bandwidth_gbps * hw.efficiency.scale_up * 1e3  # bytes/us
+    one = 3.0 + 5 * 2048 / bw + (2 * 5.0 + 2 * 3.0)
+    np.testing.assert_allclose(disp.duration_us, [one, one, 0.0], rtol=1e-12)
+
+
+def test_a2a_without_traffic_makes_no_call():
+    from moesim.sim.a2a import run_a2a
+
+    r = run_a2a(hardware="H800", ep=1, tokens_per_rank=64, hidden=7168, topk=8, num_experts=256)
+    assert (r["fixed_us"], r["dispatch_us"], r["dispatch_bytes"]) == (0.0, 0.0, 0.0)

@@ -72,6 +72,10 @@ def predict_op(
         return out | {"time_us": float(t[0])}
     if tokens is None or tokens < 1:
         raise InputError(f"give a positive token count for {op}", field="tokens", value=tokens)
+    if sequence_length < 1:
+        raise InputError("must be at least 1", field="sequence-length", value=sequence_length)
+    if op == "shared_experts" and not shape.num_shared_experts:
+        raise InputError(f"{shape.name} has no shared experts", field="op", value=op)
     out |= {"tokens": tokens}
     if op in ("permute", "unpermute"):
         return out | {"time_us": float(permute_us(tokens * shape.top_k, shape.d_model, hw, dtype))}

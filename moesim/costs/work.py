@@ -157,12 +157,15 @@ def _op_work(op: str, s: BenchShape, t: Any, dtype: str) -> tuple[Any, Any, Any]
 
 
 def op_output_width(op: str, s: BenchShape) -> float:
-    """Output elements per row of an op's GEMMs, summed over a grouped call's experts (the
-    parallelism a GPU fills its SMs with): an expert FFN's gate, up and down outputs
-    ``local_experts x (2 d_ff + d_model)``, the router's E scores, the attention block's
-    projected widths; 0 for ops without a GEMM."""
+    """Output elements per row of an op's GEMMs, over a grouped call's experts (the
+    parallelism a GPU fills its SMs with), as one width that charges each GEMM its own
+    small-batch cost: an expert FFN runs gate+up (n experts x 2 d_ff wide, 2/3 of its
+    FLOPs) then down (n x d_model, 1/3), so ``flops x H / width`` is the sum of
+    ``flops_i x H / width_i`` when ``width = 3 n d_model d_ff / (d_model + d_ff)``; the
+    router's E scores; the attention block's projected widths; 0 for ops without a GEMM."""
     if op in FFN_OPS:
-        return float(s.local_experts * (2 * s.d_ff + s.d_model))
+        d, f = float(s.d_model), float(s.d_ff)
+        return 3.0 * s.local_experts * d * f / (d + f)
     if op == "router":
         return float(s.num_experts)
     if op == "attention":

@@ -30,10 +30,11 @@ tokens, dispatcher), on its own path: one MoE layer's program
 * ``efficiency.gemm`` (``gemm_fp8`` for FP8 compute): the forward GEMMs' total;
 * ``efficiency.expert_backward``: the backward GEMMs' total;
 * ``efficiency.attention``: the attention kernels;
-* ``efficiency.scale_out`` and ``scale_out.latency_us`` (or the scale-up pair on a
-  single-node trace): the four all-to-alls, ``t = floor + port time / efficiency``,
-  by least squares; the latency is what makes the simulator's floor (the path's latency
-  and the dispatcher's round trips and launches) equal the fitted floor.
+* ``efficiency.scale_out`` and ``scale_out.alltoall_floor_us`` (or the scale-up pair on
+  a single-node trace): the four all-to-alls, ``t = floor + port time / efficiency``,
+  by least squares; the all-to-all floor is what the fitted floor has beyond the
+  simulator's own (the path's latency, the dispatcher's launches and round trips), a
+  cost per all-to-all call only: link latencies, which every transfer pays, stay.
 
 It returns the derived profile, which records its provenance (:class:`Calibration`), and
 the errors per class on the other layers before and after.
@@ -205,11 +206,14 @@ def predicted_classes(prep: Any, hw: HardwareProfile, rank: int = 0, layers: int
 
 
 def prepare_for_calibration(scenario: Any, base_dir: Path, source: str | Path) -> Any:
-    """The scenario prepared with its model cut to its first two MoE layers: a class's
-    time is per layer, so the other layers' routing would be drawn for nothing."""
+    """The scenario prepared, with synthetic routing its model cut to its first two MoE
+    layers: a class's time is per layer, so the other layers' routing would be drawn for
+    nothing (a trace's layers must match the model's, so with a trace it stays whole)."""
     from moesim.model.shapes import get_preset
     from moesim.sim.prepare import prepare
 
+    if scenario.routing.synthetic is None:
+        return prepare(scenario, base_dir, source)
     shape = get_preset(scenario.model) if isinstance(scenario.model, str) else scenario.model
     moe = shape.moe_layer_indices()
     keep = moe[:2]
@@ -308,8 +312,27 @@ def calibrate_profile(
     summary = import_profile(trace)
     measured = measured_classes(summary)
     layers = sorted(measured["layer"].unique().tolist())
-    fit = sorted(fit_layers) if fit_layers is not None else layers[: max(1, len(layers) // 2)]
-    test = [la for la in layers if la not in fit] or layers
+    if len(layers) < 2:
+        raise InputError(
+            "calibration needs two layers or more (some fitted on, some held out)",
+            file=summary.path,
+            field="layers",
+            value=len(layers),
+        )
+    fit = sorted(set(fit_layers)) if fit_layers is not None else layers[: len(layers) // 2]
+    test = [la for la in layers if la not in fit]
+    if not fit or not test or not set(fit) <= set(layers):
+        raise InputError(
+            f"give some of the trace's layers {layers}, leaving one or more out",
+            field="fit-layers",
+            value=",".join(map(str, fit)),
+        )
+    if not 0 <= rank < prep.cluster.num_devices:
+        raise InputError(
+            f"the scenario has devices 0..{prep.cluster.num_devices - 1}",
+            field="rank",
+            value=rank,
+        )
     fit_set, test_set = set(fit), set(test)
     notes: list[str] = []
     base = hw
@@ -403,7 +426,6 @@ def _fit_network(
         notes.append(f"{tier}: the trace lacks one of the four all-to-alls")
         return hw
     e0 = getattr(hw.efficiency, tier)
-    lat0 = getattr(hw, tier).latency_us
     p_a = predicted_classes(prep, hw, rank)
     p_b = predicted_classes(prep, _set(hw, "efficiency", **{tier: e0 / 2}), rank)
     port = np.array([(p_b[n] - p_a[n]) * e0 for n in names])  # port time at efficiency 1
@@ -418,16 +440,19 @@ def _fit_network(
         notes.append(f"{tier}: fitted efficiency {e:.3f} is outside (0, 1]")
         return hw
     hw = _set(hw, "efficiency", **{tier: round(e, 4)})
-    # the simulator's floor (latency + dispatcher's fixed cost) is linear in the latency
-    p0 = predicted_classes(prep, hw, rank)
-    p1 = predicted_classes(prep, _set(hw, tier, latency_us=lat0 + 1.0), rank)
-    f0 = np.mean([p0[n] - port[i] / e for i, n in enumerate(names)])
-    f1 = np.mean([p1[n] - port[i] / e for i, n in enumerate(names)])
-    lat = lat0 + (floor - f0) / (f1 - f0)
-    if lat <= 0:
-        notes.append(f"{tier}.latency_us: fitted floor {floor:.1f} us is below the launches")
-        return hw
-    return _set(hw, tier, latency_us=round(float(lat), 3))
+    # what the floor has beyond the simulator's own (path latency, the dispatcher's
+    # launches and round trips) is the tier's all-to-all floor; the link latency, which
+    # every other transfer (the gradient all-reduce's ring steps) pays too, stays
+    base = _set(hw, tier, alltoall_floor_us=None)
+    p0 = predicted_classes(prep, base, rank)
+    f0 = float(np.mean([p0[n] - port[i] / e for i, n in enumerate(names)]))
+    if floor <= f0:
+        notes.append(
+            f"{tier}.alltoall_floor_us: fitted floor {floor:.1f} us is within the simulator's "
+            f"own {f0:.1f} us"
+        )
+        return base
+    return _set(hw, tier, alltoall_floor_us=round(float(floor - f0), 3))
 
 
 def _changed(

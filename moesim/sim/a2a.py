@@ -140,7 +140,9 @@ def run_a2a(
         if fixed is None:  # launches and round trips of the longest path (analytic tier's)
             lat = exchange_times(nbytes, topo, hw, "analytic").latency_us
             assert lat is not None
-            fixed = disp.fixed_us(hw, float(lat.max(initial=0.0)))
+            moved = bool(nbytes[offdiag].any())
+            fixed = disp.fixed_us(hw, float(lat.max(initial=0.0)), bool(nbytes[cross].any()))
+            fixed = fixed if moved else 0.0  # nothing to send: no call
             out["fixed_us"] = fixed
         t = float(res.time_us.max()) + fixed
         scale_out = float(nbytes[cross].sum())

@@ -175,7 +175,9 @@ def _moe_ops(
     disp = exchange_times(copies, cluster.topology, hw, "analytic", scale=b_disp)
     # the dispatcher's fixed cost per call: launches, and round trips of the longest path
     assert disp.latency_us is not None  # the analytic tier's
-    fixed = dispatcher.fixed_us(hw, float(disp.latency_us.max(initial=0.0)))
+    dom = np.arange(d) // cluster.domain_size
+    across = bool(np.any(copies[dom[:, None] != dom[None, :]]))
+    fixed = dispatcher.fixed_us(hw, float(disp.latency_us.max(initial=0.0)), across)
     times = {
         name: _plus_fixed(disp.scaled(wire[name] / b_disp, reverse=name in _COMBINE_WAY), fixed)
         for name in wire

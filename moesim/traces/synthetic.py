@@ -215,13 +215,13 @@ def sample_experts_grouped(
     per = e // g
     glogp = np.logaddexp.reduce(logp.reshape(g, per), axis=1)  # (G,) group popularity
     chosen, _ = sample_experts(glogp, n, m, rng)  # (n, M)
-    key = np.bitwise_or.reduce(np.int64(1) << chosen.astype(np.int64), axis=1)  # (n,)
+    sets, which = np.unique(np.sort(chosen, axis=1), axis=0, return_inverse=True)
     ids = np.empty((n, k), dtype=np.int32)
     weights = np.empty((n, k), dtype=np.float32)
     group_of = np.arange(e) // per
-    for mask in np.unique(key):
-        rows = np.flatnonzero(key == mask)
-        allowed = ((int(mask) >> group_of) & 1).astype(bool)
+    for j, groups_set in enumerate(sets):
+        rows = np.flatnonzero(which.reshape(-1) == j)
+        allowed = np.isin(group_of, groups_set)
         ids[rows], weights[rows] = sample_experts(
             np.where(allowed, logp, -np.inf), rows.size, k, rng
         )
