@@ -81,3 +81,43 @@ def test_synthetic_distinct_and_seeded():
     assert all(len(set(r)) == 3 for r in a.expert_ids[0].tolist())
     c = np.bincount(a.expert_ids[0].ravel(), minlength=8)
     assert c.max() / c.mean() > 1.3  # zipf is skewed
+
+
+def test_a_folder_that_is_not_a_trace_is_never_deleted(tmp_path):
+    """Writing a trace where something else lives is refused before any work, one line,
+    exit 2, and everything there is left as it was; the working folder itself too."""
+    import subprocess
+    import sys
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    synth = [sys.executable, "-m", "moesim", "trace", "synth", "--experts", "8", "--top-k", "2",
+             "--layers", "2", "--tokens", "100", "--out"]  # fmt: skip
+    for out, cwd in ((str(keep), REPO), (".", keep)):
+        proc = subprocess.run([*synth, out], cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert "is not a moesim trace folder" in proc.stderr and "Traceback" not in proc.stderr
+        assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]
+        assert (keep / "notes.txt").read_text() == "precious"
+    # a file in its place, or a trace folder with a stranger in it, likewise
+    (tmp_path / "file").write_text("x")
+    trace = synthesize(num_experts=8, top_k=2, num_layers=2, num_tokens=50)
+    with pytest.raises(InputError, match="not a moesim trace folder"):
+        write_trace(trace, tmp_path / "file")
+    write_trace(trace, tmp_path / "tr")
+    (tmp_path / "tr" / "layer=0" / "mine.txt").write_text("x")
+    with pytest.raises(InputError, match="not a moesim trace folder"):
+        write_trace(trace, tmp_path / "tr")
+    assert (tmp_path / "tr" / "layer=0" / "mine.txt").is_file()
+
+
+def test_a_trace_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):
+    old = synthesize(num_experts=8, top_k=2, num_layers=3, num_tokens=50, seed=1)
+    new = synthesize(num_experts=8, top_k=2, num_layers=2, num_tokens=40, seed=2)
+    write_trace(old, tmp_path / "tr")
+    write_trace(new, tmp_path / "tr")
+    got = read_trace(tmp_path / "tr")
+    assert got.layers == (0, 1) and got.num_tokens == 40
+    np.testing.assert_array_equal(got.expert_ids, new.expert_ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tr"]  # no temporaries left

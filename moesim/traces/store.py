@@ -144,6 +144,34 @@ def check_layer(
         )
 
 
+def is_trace_folder(path: Path) -> bool:
+    """Whether ``path`` holds nothing but a moesim trace (``layer=N/*.parquet``), so that
+    replacing it loses nothing else; an empty folder qualifies."""
+    for entry in path.iterdir():
+        if not (entry.is_dir() and entry.name.startswith("layer=")):
+            return False
+        if entry.name.removeprefix("layer=").lstrip("-").isdigit() is False:
+            return False
+        if any(not (f.is_file() and f.suffix == ".parquet") for f in entry.iterdir()):
+            return False
+    return True
+
+
+def _check_replaceable(dest: Path) -> None:
+    """Refuse, before any work, a ``dest`` whose replacement would delete something that is
+    not a moesim trace (a file, or a folder holding anything else)."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if dest.is_symlink() or not dest.is_dir() or not is_trace_folder(dest):
+        raise InputError(
+            "exists and is not a moesim trace folder; writing the trace there would delete "
+            "it: choose a new folder or remove it first",
+            file=dest,
+            field="out",
+            value=str(dest),
+        )
+
+
 def _atomic_dir(dest: Path) -> Path:
     """A temporary folder beside ``dest``, with normal permissions (mkdtemp makes 0700)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +189,10 @@ class TraceWriter:
     """Stream routing into a new trace folder, layer by layer, chunk by chunk.
 
     Use as a context manager; the folder appears at ``dest`` only when the block ends
-    without error (a previous trace there is replaced). Every layer must receive the
+    without error. A previous trace there is replaced: set aside whole by one rename, the
+    new one renamed in, the old one deleted after, so a reader sees the old trace or the new
+    one, never a mixture. A ``dest`` that holds anything but a trace is refused before any
+    work (:class:`~moesim.errors.InputError`), never deleted. Every layer must receive the
     same tokens in the same order::
 
         with TraceWriter(out, num_experts=64, top_k=6, layers=[2, 3]) as w:
@@ -202,6 +233,7 @@ class TraceWriter:
         self.rows = dict.fromkeys(self.layers, 0)
 
     def __enter__(self) -> TraceWriter:
+        _check_replaceable(self.dest)
         self._tmp = _atomic_dir(self.dest)
         return self
 
@@ -275,9 +307,14 @@ class TraceWriter:
                     field="rows",
                     value=dict(self.rows),
                 )
-            if self.dest.exists():
-                shutil.rmtree(self.dest)
+            _check_replaceable(self.dest)  # nothing appeared there meanwhile
+            old = None
+            if self.dest.exists():  # set the previous trace aside whole, swap, then delete it
+                old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
+                os.replace(self.dest, old / "trace")
             os.replace(tmp, self.dest)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
