@@ -47,7 +47,7 @@ __all__ = [
 Dedup = Literal["none", "device", "node"]
 Wire = Literal["bf16", "fp8"]
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 #: what ``dispatcher: auto`` (the default) resolves to: see :func:`default_preset`
 DEFAULT_DISPATCHER = "auto"

@@ -30,7 +30,7 @@ __all__ = [
     "load_profile",
 ]
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Compute(BaseModel):

@@ -43,7 +43,7 @@ __all__ = [
     "load_scenario",
 ]
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 #: the flow tier's default tolerance: one exchange's device times within about 2 % of
 #: exact on skewed exchanges of 32 to 128 devices (``tests/test_topology_flows.py`` checks
@@ -75,7 +75,7 @@ class SyntheticRouting(BaseModel):
     distribution: str = Field(
         default="uniform", description="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | ..."
     )
-    seed: int | None = Field(default=None, description="None: the scenario's seed")
+    seed: int | None = Field(default=None, ge=0, description="None: the scenario's seed")
     level: Literal["token", "count"] = Field(
         default="token",
         description="token: draw every token's experts; count: draw each device's per-expert "
@@ -222,7 +222,7 @@ class Scenario(BaseModel):
         "sms; auto: deepep-normal on NVIDIA GPUs from Hopper on, nccl-alltoallv elsewhere",
     )
     steps: int = Field(default=1, gt=0)
-    seed: int = Field(default=0, description="Seed of every random choice the scenario makes")
+    seed: int = Field(default=0, ge=0, description="Seed of every random choice the scenario makes")
 
     @field_validator("mode")
     @classmethod

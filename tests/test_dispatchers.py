@@ -281,3 +281,19 @@ def test_a2a_without_traffic_makes_no_call():
 
     r = run_a2a(hardware="H800", ep=1, tokens_per_rank=64, hidden=7168, topk=8, num_experts=256)
     assert (r["fixed_us"], r["dispatch_us"], r["dispatch_bytes"]) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"stragglers": {"jitter": float("inf")}}, "stragglers.jitter"),
+        ({"stragglers": {"slow_devices": {0: float("nan")}}}, "stragglers.slow_devices.0"),
+        ({"capacity": {"factor": float("inf")}}, "capacity.factor"),
+        ({"seed": -1}, "seed"),
+        ({"routing": {"synthetic": {"distribution": "zipf:nan"}}}, "routing.synthetic"),
+    ],
+)
+def test_non_finite_numbers_and_negative_seeds_are_refused_where_they_enter(extra, field):
+    with pytest.raises(ValueError) as err:
+        Scenario.model_validate(_scenario(**extra))
+    assert field in str(err.value)

@@ -26,7 +26,7 @@ __all__ = [
     "load_shape",
 ]
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Attention(BaseModel):

@@ -53,7 +53,7 @@ __all__ = [
 class SweepSpec(BaseModel):
     """What a sweep file holds (validated before any case is built)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str = "sweep"
     base: Path | dict[str, Any] = Field(
         description="a scenario file (relative to the sweep file) or an inline scenario mapping"

@@ -96,6 +96,8 @@ def parse_distribution(spec: str) -> Distribution:
             params[key] = float(val)
         except ValueError:
             raise InputError("parameter is not a number", field="dist", value=spec) from None
+        if not np.isfinite(params[key]):
+            raise InputError("parameter must be a finite number", field="dist", value=spec)
         if params[key] < 0 or (key in ("alpha", "factor") and params[key] == 0):
             raise InputError("parameter must be positive", field="dist", value=spec)
     if kind == "burst" and params["p"] > 1:
