@@ -121,3 +121,17 @@ def test_a_trace_is_replaced_whole_and_nothing_is_left_beside_it(tmp_path):
     assert got.layers == (0, 1) and got.num_tokens == 40
     np.testing.assert_array_equal(got.expert_ids, new.expert_ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tr"]  # no temporaries left
+
+
+def test_an_expert_twice_in_one_tokens_top_k_is_refused(tmp_path):
+    ids = np.array([[[0, 1], [2, 2], [3, 1]]], dtype=np.int32)  # row 1 picks expert 2 twice
+    trace = RoutingTrace(
+        expert_ids=ids,
+        gate_weights=np.full(ids.shape, 0.5, dtype=np.float32),
+        steps=np.zeros(3, dtype=np.int32),
+        layers=(0,),
+        num_experts=4,
+    )
+    with pytest.raises(InputError, match=r"twice in one token's top-k \(layer 0, row 1\)") as e:
+        write_trace(trace, tmp_path / "t")
+    assert e.value.value == [2, 2] and not (tmp_path / "t").exists()

@@ -124,7 +124,9 @@ class RoutingTrace:
 def check_layer(
     ids: np.ndarray, weights: np.ndarray, num_experts: int, layer: int, source: str | Path
 ) -> None:
-    """Check one layer's (N, K) ids and gate weights; raise :class:`InputError` if bad."""
+    """Check one layer's (N, K) ids and gate weights; raise :class:`InputError` if bad: an
+    id out of range, an expert twice in one token's top-k, a weight not finite or
+    negative."""
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         bad = (ids < 0) | (ids >= num_experts)
         ti = int(np.nonzero(bad)[0][0])
@@ -134,6 +136,17 @@ def check_layer(
             field="expert_ids",
             value=int(ids[bad][0]),
         )
+    if ids.ndim == 2 and ids.shape[1] > 1 and ids.size:
+        s = np.sort(ids, axis=1)
+        twice = (s[:, 1:] == s[:, :-1]).any(axis=1)
+        if twice.any():
+            ti = int(np.flatnonzero(twice)[0])
+            raise InputError(
+                f"an expert twice in one token's top-k (layer {layer}, row {ti})",
+                file=source,
+                field="expert_ids",
+                value=[int(x) for x in ids[ti]],
+            )
     if weights.size and not (np.isfinite(weights).all() and weights.min() >= 0):
         badw = ~np.isfinite(weights) | (weights < 0)
         raise InputError(
