@@ -19,10 +19,11 @@ from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
 from moesim.scenario import Scenario
+from moesim.sim.bounds import check_bounds
 from moesim.sim.cluster import ClusterSpec, resolve_granularity
 from moesim.sim.counts import inclusion_probabilities
 from moesim.topology import build_topology
-from moesim.traces.store import RoutingTrace, read_trace
+from moesim.traces.store import RoutingTrace, open_trace, read_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
 
 __all__ = ["Prepared", "prepare"]
@@ -58,6 +59,8 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             raise
         raise InputError(err.message, file=source, field=err.field, value=err.value) from None
     moe_layers = shape.moe_layer_indices()
+    if scenario.routing.trace is None:  # a trace's size is checked once it is opened
+        check_bounds(scenario, shape, source)
     syn = scenario.routing.synthetic
     seed = scenario.seed if syn is None or syn.seed is None else syn.seed
     trace: RoutingTrace | None = None
@@ -65,6 +68,8 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         tpath = scenario.routing.trace
         tpath = tpath if tpath.is_absolute() else base_dir / tpath
         try:
+            info = open_trace(tpath)
+            check_bounds(scenario, shape, source, trace_tokens=max(info.rows.values()))
             trace = read_trace(tpath)
         except InputError as err:
             if err.file is None or err.message in ("trace not found", "file not found"):
