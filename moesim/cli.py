@@ -14,6 +14,7 @@ from rich.table import Table
 
 from moesim import __version__
 from moesim.errors import InputError
+from moesim.fileio import check_writable
 from moesim.scenario import FLOW_REL_TOL
 
 __all__ = ["app", "main"]
@@ -68,6 +69,8 @@ def _run_scenario(
     from moesim.sim.simulate import simulate
 
     t0 = time.perf_counter()
+    check_writable(out)
+    check_writable(out)
     scenario, base = _load_with_hardware(path, hardware)
     result = simulate(scenario, base, source=_display_path(path))
     files = write_outputs(result, out)
@@ -549,6 +552,7 @@ def calibrate(
 
     if not str(out).endswith((".yaml", ".yml")):
         raise InputError("the derived profile is a .yaml file", field="out", value=str(out))
+    check_writable(out)
     layers = None
     if fit_layers is not None:
         try:

@@ -9,7 +9,32 @@ from pathlib import Path
 
 from moesim.errors import InputError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "normal_permissions"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_writable",
+    "normal_permissions",
+]
+
+
+def check_writable(path: str | Path, field: str = "out") -> None:
+    """Before any work: raise :class:`InputError` when ``path`` (a file or folder to be
+    written) could not be created or replaced: its nearest existing ancestor is a file, or
+    a folder this process may not write (no permission, a read-only file system)."""
+    path = Path(path).absolute()
+    probe = path if path.is_dir() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError("its folder is a file", file=path, field=field, value=str(probe))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(
+            "cannot write there (no permission or a read-only file system)",
+            file=path,
+            field=field,
+            value=str(probe),
+        )
 
 
 def normal_permissions(path: Path) -> None:
@@ -38,6 +63,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(Path(tmp))
         normal_permissions(Path(tmp))  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a permission lost meanwhile: the old file stays
+        Path(tmp).unlink(missing_ok=True)
+        raise InputError(f"cannot write there ({exc.strerror or exc})", file=path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim.errors import InputError
-from moesim.fileio import normal_permissions
+from moesim.fileio import check_writable, normal_permissions
 
 __all__ = [
     "OPTIONAL_COLUMNS",
@@ -173,6 +173,7 @@ def is_trace_folder(path: Path) -> bool:
 def _check_replaceable(dest: Path) -> None:
     """Refuse, before any work, a ``dest`` whose replacement would delete something that is
     not a moesim trace (a file, or a folder holding anything else)."""
+    check_writable(dest)
     if not dest.exists() and not dest.is_symlink():
         return
     if dest.is_symlink() or not dest.is_dir() or not is_trace_folder(dest):
