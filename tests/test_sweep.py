@@ -640,3 +640,28 @@ def test_cli_dask_local_cluster_matches_process_pool(tmp_path):
     assert "to run on 2 local Dask workers" in dask.stderr
     a = (tmp_path / "local" / "results.parquet").read_bytes()
     assert a == (tmp_path / "dask" / "results.parquet").read_bytes()
+
+
+def test_a_sweep_larger_than_max_cases_is_refused_before_it_expands(tmp_path):
+    """A 2,000 x 2,000 grid is 4,000,000 cases: refused in one line, nothing built; a cap
+    above the count lets it through."""
+    from moesim.errors import InputError
+
+    big = write_sweep(tmp_path, axes={"seed": list(range(2000)), "tokens_per_device":
+                                      list(range(1, 2001))})  # fmt: skip
+    with pytest.raises(InputError, match="expands to 4,000,000 cases, more than") as err:
+        load_sweep(big)
+    assert (err.value.field, err.value.value) == ("axes", 4_000_000)
+    small = write_sweep(tmp_path, "s.yaml", axes={"seed": [1, 2, 3], "capacity.factor": [1, 2]})
+    with pytest.raises(InputError, match="expands to 6 cases"):
+        load_sweep(small, max_cases=5)
+    # the demo's two modes make each combination two cases
+    with pytest.raises(InputError, match="more than --max-cases 6 cases"):
+        load_sweep(small, max_cases=6)
+    assert len(load_sweep(small, max_cases=12).cases) == 12
+    proc = subprocess.run(
+        [sys.executable, "-m", "moesim", "sweep", str(big), "--out", str(tmp_path / "o")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "o").exists()

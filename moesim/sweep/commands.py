@@ -72,6 +72,9 @@ def sweep_cmd(
         int | None,
         typer.Option(help="Worker processes of the pool or LocalCluster (default: CPU count)."),
     ] = None,
+    max_cases: Annotated[
+        int, typer.Option(min=1, help="Refuse a sweep that expands to more cases.")
+    ] = 10_000,
 ) -> None:
     """Run every case of a sweep; append each to OUT/results.parquet as it finishes.
 
@@ -99,7 +102,7 @@ def sweep_cmd(
     console = Console(highlight=False, soft_wrap=True)
     if not console.is_terminal:
         console.width = 160  # files and pipes get the whole table, not an 80-column squeeze
-    sweep = load_sweep(sweep_file)
+    sweep = load_sweep(sweep_file, max_cases)
     folder = ResultsFolder(out, sweep)  # refuses another sweep's folder; writes nothing
     pending = len(folder.pending())
     kind: ExecutorKind = "dask" if executor is ExecutorChoice.dask else "local"

@@ -29,6 +29,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,28 @@ def set_path(data: dict[str, Any], path: str, value: Any, *, file: Path) -> None
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def _combinations(spec: SweepSpec, file: Path) -> list[dict[str, Any]]:
-    """Every case's overrides, in expansion order: explicit cases (outer) x axes (inner)."""
+#: cases a sweep may expand to unless ``moesim sweep --max-cases`` says otherwise
+DEFAULT_MAX_CASES = 10_000
+
+
+def _combinations(
+    spec: SweepSpec, file: Path, max_cases: int = DEFAULT_MAX_CASES
+) -> list[dict[str, Any]]:
+    """Every case's overrides, in expansion order: explicit cases (outer) x axes (inner).
+    More than ``max_cases`` is refused before any is built."""
     for path, values in spec.axes.items():
         if not values:
             raise InputError("axis has no values", file=file, field=f"axes.{path}", value=values)
+    sizes = [len(v) for v in spec.axes.values()]
+    per_case = math.prod(sizes) if spec.grid else max(sizes, default=1)
+    total = per_case * (len(spec.cases) if spec.cases else 1)
+    if total > max_cases:
+        raise InputError(
+            f"expands to {total:,} cases, more than --max-cases {max_cases:,}",
+            file=file,
+            field="axes" if spec.axes else "cases",
+            value=total,
+        )
     if spec.cases is not None and not spec.cases:
         raise InputError("no cases listed", file=file, field="cases", value=[])
     if not spec.axes and spec.cases is None:
@@ -224,7 +242,9 @@ def _validate(data: dict[str, Any], overrides: dict[str, Any], file: Path) -> Sc
         raise _case_error(exc, overrides, file) from None
 
 
-def expand_cases(spec: SweepSpec, base: dict[str, Any], file: Path) -> tuple[list[Case], list[str]]:
+def expand_cases(
+    spec: SweepSpec, base: dict[str, Any], file: Path, max_cases: int = DEFAULT_MAX_CASES
+) -> tuple[list[Case], list[str]]:
     """The sweep's cases in order, and the swept paths (the results table's axis columns).
 
     Args:
@@ -242,7 +262,7 @@ def expand_cases(spec: SweepSpec, base: dict[str, Any], file: Path) -> tuple[lis
         columns += [p for p in case if p not in columns]
     cases: list[Case] = []
     seen: dict[str, int] = {}
-    for overrides in _combinations(spec, file):
+    for overrides in _combinations(spec, file, max_cases):
         data = copy.deepcopy(base)
         for path, value in overrides.items():
             set_path(data, path, value, file=file)
@@ -261,13 +281,20 @@ def expand_cases(spec: SweepSpec, base: dict[str, Any], file: Path) -> tuple[lis
                     value=overrides,
                 )
             seen[cid] = len(cases)
+            if len(cases) == max_cases:  # a list of modes multiplies the combinations
+                raise InputError(
+                    f"expands to more than --max-cases {max_cases:,} cases (one per mode)",
+                    file=file,
+                    field="mode",
+                    value=scenario.modes,
+                )
             cases.append(Case(len(cases), cid, swept, one.model_dump(mode="json")))
             if swept is not overrides and "mode" not in columns:
                 columns.append("mode")
     return cases, columns
 
 
-def load_sweep(path: str | Path) -> Sweep:
+def load_sweep(path: str | Path, max_cases: int = DEFAULT_MAX_CASES) -> Sweep:
     """Read a sweep file, load its base scenario and expand its cases.
 
     Raises:
@@ -292,7 +319,7 @@ def load_sweep(path: str | Path) -> Sweep:
         base_dir = base_file.resolve().parent
     else:
         base, base_dir = dict(spec.base), path.resolve().parent
-    cases, columns = expand_cases(spec, base, path)
+    cases, columns = expand_cases(spec, base, path, max_cases)
     canonical = spec.model_dump(mode="json") | {"base": base}
     if not spec.max_drop_rate:  # the default budget leaves earlier sweeps' ids unchanged
         del canonical["max_drop_rate"]
