@@ -29,12 +29,18 @@ def load_yaml(path: Path) -> Any:
 
 
 def validation_to_input_error(exc: ValidationError, file: str | Path) -> InputError:
-    """The first pydantic error, as one line naming the field and the value."""
-    err = exc.errors()[0]
+    """The first pydantic error, as one line naming the field and the value; a field the
+    user wrote that is unknown comes before a field missing (the typo ``hardwre`` is
+    named, not the ``hardware`` it left missing); a value error's own message without
+    pydantic's "Value error, " prefix."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         msg = "unknown field"
+    elif kind == "value_error":
+        msg = str(err["msg"]).removeprefix("Value error, ")
     elif kind == "missing":
         msg = "required field is missing"
     else:

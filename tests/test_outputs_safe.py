@@ -46,3 +46,23 @@ def test_an_output_under_a_file_is_refused_before_any_work(tmp_path):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert "its folder is a file" in proc.stderr
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_typo_is_named_not_the_field_it_left_missing(tmp_path):
+    import yaml
+
+    from moesim.scenario import load_scenario
+
+    data = yaml.safe_load((REPO / "scenarios" / "demo.yaml").read_text())
+    data["hardwre"] = data.pop("hardware")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError) as err:
+        load_scenario(path)
+    assert (err.value.field, err.value.message) == ("hardwre", "unknown field")
+    data["hardware"] = data.pop("hardwre")
+    data["dispatcher"] = "gloo"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match="unknown preset; valid") as err:
+        load_scenario(path)
+    assert "Value error" not in str(err.value)
