@@ -72,3 +72,22 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for n in needles:
         assert n in err, err
     return err
+
+
+def routing_of(copies, expert_tokens):
+    """A layer's routing given by hand: ``copies[s, d]`` token copies from s to d (also its
+    dispatch), each device's load what it receives, nothing dropped."""
+    import numpy as np
+
+    from moesim.sim.routing import LayerRouting
+
+    copies = np.asarray(copies)
+    return LayerRouting(
+        device_load=copies.sum(axis=0),
+        expert_tokens=np.asarray(expert_tokens),
+        dispatch=copies,
+        copies=copies,
+        dropped=np.zeros(copies.shape[0]),
+        rerouted=0,
+        assignments=int(copies.sum()),
+    )

@@ -22,7 +22,7 @@ from moesim.scenario import Scenario
 from moesim.sim.engine import Compute
 from moesim.sim.program import apply_sm_share
 from moesim.traces.synthetic import synthesize
-from tests.conftest import REPO
+from tests.conftest import REPO, routing_of
 
 
 def test_fixed_cost_is_launches_plus_round_trips():
@@ -245,21 +245,11 @@ def test_fixed_cost_only_where_there_is_traffic():
     from moesim.model.shapes import get_preset
     from moesim.sim.cluster import ClusterSpec
     from moesim.sim.program import build_program
-    from moesim.sim.routing import LayerRouting
     from moesim.topology import build_topology
 
     hw, shape = get_profile("H100-SXM"), get_preset("FLAME-MoE-290M")
     assert shape.d_model == 1024
-    copies = np.array([[0, 5, 0], [0, 0, 0], [0, 0, 0]])
-    routed = LayerRouting(
-        device_load=np.array([0, 5, 0]),
-        expert_tokens=np.zeros((3, 22), dtype=int),
-        dispatch=copies,
-        copies=copies,
-        dropped=np.zeros(3),
-        rerouted=0,
-        assignments=5,
-    )
+    routed = routing_of([[0, 5, 0], [0, 0, 0], [0, 0, 0]], np.zeros((3, 22), dtype=int))
     costs = layer_costs(
         shape, hw, tokens=8, sequence_length=8, mode="prefill", dtype="bf16",
         model=cost_model_for(hw),

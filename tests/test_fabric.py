@@ -19,6 +19,7 @@ from moesim.sim.exchange import exchange_times
 from moesim.sim.fabric import Fabric
 from moesim.sim.transfers import FlowSet
 from moesim.topology import build_topology
+from tests.conftest import routing_of
 
 D = 4
 
@@ -390,19 +391,9 @@ def test_a_device_waits_for_those_it_receives_from_not_those_it_sends_to():
     from moesim.model.shapes import get_preset
     from moesim.sim.cluster import ClusterSpec
     from moesim.sim.program import build_program
-    from moesim.sim.routing import LayerRouting
 
     hw, shape = get_profile("H100-SXM"), get_preset("FLAME-MoE-290M")
-    copies = np.array([[64, 192], [0, 256]])
-    routed = LayerRouting(
-        device_load=np.array([64, 448]),
-        expert_tokens=np.full((2, 32), 8),
-        dispatch=copies,
-        copies=copies,
-        dropped=np.zeros(2),
-        rerouted=0,
-        assignments=512,
-    )
+    routed = routing_of([[64, 192], [0, 256]], np.full((2, 32), 8))
     costs = layer_costs(
         shape, hw, tokens=64, sequence_length=64, mode="prefill", dtype="bf16",
         model=cost_model_for(hw),

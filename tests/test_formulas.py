@@ -13,6 +13,7 @@ from moesim.model.shapes import get_preset
 from moesim.sim.allreduce import allreduce_time_us
 from moesim.sim.cluster import ClusterSpec
 from moesim.topology import build_topology
+from tests.conftest import routing_of
 
 
 def test_ring_allreduce_by_hand():
@@ -51,7 +52,6 @@ def test_backward_is_twice_the_forward_and_causal_scores_halve_the_square():
     = 2,147,483,648 FLOP / (989.4e6 x 0.7 FLOP/us) = 3.1006 us."""
     from moesim.costs.roofline import layer_costs
     from moesim.sim.program import build_program
-    from moesim.sim.routing import LayerRouting
 
     hw, shape = get_profile("H100-SXM"), get_preset("FLAME-MoE-290M")
     model = cost_model_for(hw)
@@ -61,16 +61,7 @@ def test_backward_is_twice_the_forward_and_causal_scores_halve_the_square():
     )  # fmt: skip
     assert shape.attention.num_heads == 16 and shape.head_dim == 64
     assert costs.scores_us == pytest.approx(2 * 1024 * 512 * 16 * 128 / (989.4e6 * 0.7))
-    copies = np.array([[10, 5], [5, 10]])
-    routed = LayerRouting(
-        device_load=np.array([15, 15]),
-        expert_tokens=np.full((2, 32), 3),
-        dispatch=copies,
-        copies=copies,
-        dropped=np.zeros(2),
-        rerouted=0,
-        assignments=30,
-    )
+    routed = routing_of([[10, 5], [5, 10]], np.full((2, 32), 3))
     layer = shape.moe_layer_indices()[0]
     prog = build_program(
         shape, hw, ClusterSpec(2, 2, build_topology(hw, 2, 2)), {layer: routed}, costs,
