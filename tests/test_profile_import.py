@@ -435,3 +435,18 @@ def test_cli_bad_trace_exits_2_with_one_line(tmp_path: Path) -> None:
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in proc.stderr
     assert str(path) in err and "no GPU kernel events" in err
+
+
+def test_non_finite_stream_is_refused_and_correlation_unlinks(tmp_path: Path) -> None:
+    trace = synthetic_trace()
+    kernels = [i for i, e in enumerate(trace["traceEvents"]) if e.get("cat") == "kernel"]
+    trace["traceEvents"][kernels[0]]["args"]["correlation"] = float("inf")
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))  # writes Infinity, which Kineto readers accept
+    s = import_profile(path)
+    assert s.kernels.loc[s.kernels["name"].str.startswith("ampere"), "launch"].tolist() == [""]
+    trace["traceEvents"][kernels[0]]["args"]["stream"] = float("nan")
+    path.write_text(json.dumps(trace))
+    with pytest.raises(InputError, match="stream must be a finite number") as err:
+        import_profile(path)
+    assert err.value.field == f"traceEvents[{kernels[0]}].args.stream"

@@ -292,13 +292,31 @@ def _args(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def _correlation(args: dict[str, Any]) -> int | None:
+    """The event's correlation id; None when absent, not a number or not finite (the
+    kernel is then not linked to its launch)."""
     for key in ("correlation", "correlation id", "correlationId"):
         if key in args:
             try:
                 return int(args[key])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return None
     return None
+
+
+def _stream(args: dict[str, Any], index: int, path: Path) -> int:
+    """The kernel's stream id (-1 when absent); a number that is not a finite integer is
+    an :class:`InputError` naming the event."""
+    val = args.get("stream")
+    if val is None:
+        return -1
+    if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
+        raise InputError(
+            "a kernel's stream must be a finite number",
+            file=path,
+            field=f"traceEvents[{index}].args.stream",
+            value=val,
+        )
+    return int(val)
 
 
 def _xyz(val: object) -> str:
@@ -433,13 +451,12 @@ def import_profile(path: str | Path) -> ProfileSummary:
         link = links.get(corr) if corr is not None else None
         op = link.op if link is not None else None
         name = str(ev.get("name", ""))
-        stream = args.get("stream")
         launch = launches.get(corr) if corr is not None else None
         rows.append(
             {
                 "class": classify_kernel(name, link.context if link is not None else ()),
                 "name": name,
-                "stream": int(stream) if isinstance(stream, int | float) else -1,
+                "stream": _stream(args, index, path),
                 "dur_us": dur,
                 "ts_us": ts,
                 "correlation": corr if corr is not None else -1,
