@@ -70,6 +70,7 @@ def profile_families() -> list[dict[str, Any]]:
     from moesim.hardware import get_profile
     from moesim.kernels.calibrate import (
         calibrate_profile,
+        first_routings,
         measured_classes,
         predicted_classes,
         prepare_for_calibration,
@@ -85,8 +86,9 @@ def profile_families() -> list[dict[str, Any]]:
     held = measured_classes(import_profile(TRACE))
     held = held[held["layer"].isin(res.test_layers)]
     out = []
+    routed = first_routings(prep)
     for label, profile in (("bundled H800 profile", hw), ("calibrated on layers 0-1", res.profile)):
-        pred = predicted_classes(prep, profile)
+        pred = predicted_classes(prep, profile, routed=routed)
         points = [
             {
                 "class": r["class"],

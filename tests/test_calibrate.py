@@ -13,7 +13,7 @@ from moesim.costs.fit import fit_gemm, with_efficiency
 from moesim.costs.roofline import gemm_time_us
 from moesim.errors import InputError
 from moesim.hardware import get_profile, load_profile
-from moesim.kernels.calibrate import _interference, measured_classes
+from moesim.kernels.calibrate import _interference, _ranges, measured_classes
 from moesim.kernels.profile_import import import_profile
 from tests.conftest import REPO
 from tests.test_profile_import import DEEPSEEK_TRACE, _x
@@ -70,8 +70,8 @@ def test_classes_per_layer_by_hand(tmp_path):
     assert m.loc[("dispatch", 0), "time_us"] == 400
     assert m.loc[("gradient dispatch", 1), "time_us"] == 50  # dispatch kernels in combine(B)
     # the same GEMM alone (100 us) and wholly beside communication (120 us): slope 0.2
-    assert _interference(import_profile(path), {0, 1}) == pytest.approx(0.2)
-    assert _interference(import_profile(path), {0}) is None
+    assert _interference(_ranges(import_profile(path)), {0, 1}) == pytest.approx(0.2)
+    assert _interference(_ranges(import_profile(path)), {0}) is None
 
 
 def test_a_trace_without_sublayer_ranges_is_refused(tmp_path):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "CalibrationResult",
     "calibrate_profile",
     "class_errors",
+    "first_routings",
     "measured_classes",
     "predicted_classes",
     "prepare_for_calibration",
@@ -125,7 +127,11 @@ def _ranges(summary: ProfileSummary) -> pd.DataFrame:
 def measured_classes(summary: ProfileSummary) -> pd.DataFrame:
     """One row per (class, layer): the summed kernel time ``time_us`` of that class in
     that layer (see the module's table) and its kernels' mean ``overlap``."""
-    k = _ranges(summary)
+    return _classes(_ranges(summary))
+
+
+def _classes(k: pd.DataFrame) -> pd.DataFrame:
+    """:func:`measured_classes` of the kernels :func:`_ranges` found."""
     rows = []
     for name, (sub, passes, kclasses, _) in CLASSES.items():
         sel = k[(k["sublayer"] == sub) & k["pass_"].isin(passes) & k["class"].isin(kclasses)]
@@ -142,11 +148,11 @@ def measured_classes(summary: ProfileSummary) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["class", "layer", "time_us", "kernels", "overlap"])
 
 
-def _interference(summary: ProfileSummary, fit_layers: set[int]) -> float | None:
+def _interference(k: pd.DataFrame, fit_layers: set[int]) -> float | None:
     """Median slope of a GEMM's time over its share beside communication, between the
     same GEMM (sublayer, pass, position in its range) in two fit layers whose shares
-    differ by 0.3 or more; None where no such pair exists."""
-    k = _ranges(summary)
+    differ by 0.3 or more, among the kernels :func:`_ranges` found; None where no such
+    pair exists."""
     g = k[(k["class"] == "grouped_gemm") & k["layer"].isin(fit_layers)]
     g = g.assign(pos=g.groupby(["annotation", "annotation_ts_us"]).cumcount())
     slopes = []
@@ -158,16 +164,26 @@ def _interference(summary: ProfileSummary, fit_layers: set[int]) -> float | None
     return max(float(np.median(slopes)), 0.0) if slopes else None
 
 
-def predicted_classes(prep: Any, hw: HardwareProfile, rank: int = 0, layers: int = 2) -> dict:
+def first_routings(prep: Any, layers: int = 2) -> list[Any]:
+    """The routing of the scenario's first ``layers`` MoE layers (step 0, microbatch 0),
+    what :func:`predicted_classes` times."""
+    from moesim.sim.replay import route_layer_at
+
+    n_mb = 2 if prep.scenario.overlap else 1
+    return [route_layer_at(prep, 0, li, 0, n_mb) for li in range(min(layers, len(prep.moe_layers)))]
+
+
+def predicted_classes(
+    prep: Any, hw: HardwareProfile, rank: int = 0, routed: list[Any] | None = None
+) -> dict:
     """The simulator's time of each class on ``rank``: one MoE layer's training program
-    on ``hw`` (mean over the first ``layers`` MoE layers, microbatch 0), as
+    on ``hw`` (mean over the layers ``routed``, default :func:`first_routings`), as
     :func:`moesim.sim.simulate.simulate_mode` builds it (with the SMs the dispatcher holds
     when the scenario overlaps microbatches)."""
     from moesim.costs.model import cost_model_for
     from moesim.costs.roofline import layer_costs
     from moesim.dispatchers import compute_slowdown
     from moesim.sim.program import apply_sm_share, build_program
-    from moesim.sim.replay import route_layer_at
     from moesim.topology import build_topology
 
     sc, shape = prep.scenario, prep.shape
@@ -189,11 +205,10 @@ def predicted_classes(prep: Any, hw: HardwareProfile, rank: int = 0, layers: int
     )  # fmt: skip
     slow = compute_slowdown(hw, prep.dispatcher) if n_mb > 1 else 1.0
     out: dict[str, list[float]] = {name: [] for name in CLASSES}
-    for li in range(min(layers, len(prep.moe_layers))):
+    for li, one in enumerate(first_routings(prep) if routed is None else routed):
         layer = prep.moe_layers[li]
-        routed = _routed(prep, li, n_mb, route_layer_at)
         prog = build_program(
-            shape, hw, cluster, {layer: routed}, costs, mode="training",
+            shape, hw, cluster, {layer: one}, costs, mode="training",
             tokens_per_device=tokens, sequence_length=sc.sequence_length, dtype=sc.precision,
             dispatcher=prep.dispatcher, model=model,
         )  # fmt: skip
@@ -221,18 +236,6 @@ def prepare_for_calibration(scenario: Any, base_dir: Path, source: str | Path) -
         update={"num_layers": keep[-1] + 1, "moe_layers": keep if shape.moe_layers else None}
     )
     return prepare(scenario.model_copy(update={"model": cut}), base_dir, source)
-
-
-_ROUTED: dict[tuple[int, int, int], Any] = {}
-
-
-def _routed(prep: Any, li: int, n_mb: int, route: Any) -> Any:
-    """Layer ``li``'s routing (microbatch 0), once per prepared scenario."""
-    key = (id(prep), li, n_mb)
-    if key not in _ROUTED:
-        _ROUTED.clear() if len(_ROUTED) > 16 else None
-        _ROUTED[key] = route(prep, 0, li, 0, n_mb)
-    return _ROUTED[key]
 
 
 def class_errors(measured: pd.DataFrame, predicted: dict[str, float]) -> pd.DataFrame:
@@ -310,7 +313,8 @@ def calibrate_profile(
     scenario ``prep`` the trace ran; ``fit_layers``: the trace's layers fitted on (default
     its first half), the others held out."""
     summary = import_profile(trace)
-    measured = measured_classes(summary)
+    ranges = _ranges(summary)
+    measured = _classes(ranges)
     layers = sorted(measured["layer"].unique().tolist())
     if len(layers) < 2:
         raise InputError(
@@ -339,11 +343,13 @@ def calibrate_profile(
     fp8 = hw.runs_fp8(prep.scenario.precision)
     eff_field = "gemm_fp8" if fp8 else "gemm"
 
+    routed = first_routings(prep)  # drawn once: every fit step times the same traffic
+
     def pred(p: HardwareProfile) -> dict[str, float]:
-        return predicted_classes(prep, p, rank)
+        return predicted_classes(prep, p, rank, routed)
 
     # 1. compute slowdown beside communication
-    s = _interference(summary, fit_set)
+    s = _interference(ranges, fit_set)
     if s is None:
         notes.append("comm_interference: no GEMM seen with and without communication beside it")
     else:
@@ -377,7 +383,7 @@ def calibrate_profile(
         else:
             notes.append(f"attention: fitted efficiency {e:.3f} is outside (0, 1]")
     # 5. the all-to-alls: floor + port time / efficiency
-    hw = _fit_network(hw, prep, measured, fit_set, rank, notes)
+    hw = _fit_network(hw, prep.scenario.cluster.nodes > 1, measured, fit_set, pred, notes)
     changed = _changed(base, hw)
     profile = hw.model_copy(
         update={
@@ -412,22 +418,23 @@ def calibrate_profile(
 
 def _fit_network(
     hw: HardwareProfile,
-    prep: Any,
+    across_nodes: bool,
     measured: pd.DataFrame,
     fit_set: set[int],
-    rank: int,
+    pred: Callable[[HardwareProfile], dict[str, float]],
     notes: list[str],
 ) -> HardwareProfile:
-    """Scale-out (or scale-up) efficiency and latency from the four all-to-alls."""
-    tier = "scale_out" if prep.scenario.cluster.nodes > 1 else "scale_up"
+    """Scale-out (or, on one node, scale-up) efficiency and all-to-all floor from the four
+    all-to-alls; ``pred``: the simulator's class times on a profile."""
+    tier = "scale_out" if across_nodes else "scale_up"
     names = [*_DISPATCH_WAY, *_COMBINE_WAY]
     t = np.array([_mean(measured, n, fit_set) for n in names])
     if not np.isfinite(t).all():
         notes.append(f"{tier}: the trace lacks one of the four all-to-alls")
         return hw
     e0 = getattr(hw.efficiency, tier)
-    p_a = predicted_classes(prep, hw, rank)
-    p_b = predicted_classes(prep, _set(hw, "efficiency", **{tier: e0 / 2}), rank)
+    p_a = pred(hw)
+    p_b = pred(_set(hw, "efficiency", **{tier: e0 / 2}))
     port = np.array([(p_b[n] - p_a[n]) * e0 for n in names])  # port time at efficiency 1
     if (port <= 0).any():
         notes.append(f"{tier}: the all-to-alls are not bound by its ports")
@@ -444,7 +451,7 @@ def _fit_network(
     # launches and round trips) is the tier's all-to-all floor; the link latency, which
     # every other transfer (the gradient all-reduce's ring steps) pays too, stays
     base = _set(hw, tier, alltoall_floor_us=None)
-    p0 = predicted_classes(prep, base, rank)
+    p0 = pred(base)
     f0 = float(np.mean([p0[n] - port[i] / e for i, n in enumerate(names)]))
     if floor <= f0:
         notes.append(

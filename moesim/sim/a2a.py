@@ -138,7 +138,7 @@ def run_a2a(
         nbytes = matrix * bytes_per_assignment(hidden, dtype)
         res = exchange_times(nbytes, topo, hw, network, rel_tol=flow_rel_tol)
         if fixed is None:  # launches and round trips of the longest path (analytic tier's)
-            lat = exchange_times(nbytes, topo, hw, "analytic").latency_us
+            lat = (res if network == "analytic" else exchange_times(nbytes, topo, hw)).latency_us
             assert lat is not None
             moved = bool(nbytes[offdiag].any())
             fixed = disp.fixed_us(hw, float(lat.max(initial=0.0)), bool(nbytes[cross].any()))

@@ -33,6 +33,11 @@ MAX_OP_DEVICE_STEPS = 3e11
 _OPS_PER_LAYER = 16  # forward and backward ops of one MoE layer, an upper estimate
 
 
+def _ops(sc: Scenario, shape: ModelShape) -> int:
+    """Ops of one step's program, an upper estimate."""
+    return _OPS_PER_LAYER * shape.num_layers * (2 if sc.overlap else 1)
+
+
 def machine_memory_bytes() -> int:
     """Physical memory of this machine."""
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -50,7 +55,7 @@ def scenario_bytes(sc: Scenario, shape: ModelShape, trace_tokens: int | None) ->
         tokens = d * sc.tokens_per_device * sc.steps
     else:
         tokens = 0
-    ops = _OPS_PER_LAYER * shape.num_layers * (2 if sc.overlap else 1)
+    ops = _ops(sc, shape)
     return {
         "routing": 8.0 * layers * tokens * shape.top_k,
         "traffic": 6 * 8.0 * d * d,
@@ -84,8 +89,7 @@ def check_bounds(
             field=field,
             value=value,
         )
-    ops = _OPS_PER_LAYER * shape.num_layers * (2 if sc.overlap else 1)
-    work = float(ops) * sc.cluster.num_devices * sc.steps * len(sc.modes)
+    work = float(_ops(sc, shape)) * sc.cluster.num_devices * sc.steps * len(sc.modes)
     if work > MAX_OP_DEVICE_STEPS:
         raise InputError(
             f"about {work:.1e} op-device updates, more than {MAX_OP_DEVICE_STEPS:.0e} "
