@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from moesim import __version__
+from moesim.console import make_console
 from moesim.errors import InputError
 from moesim.fileio import check_writable
 from moesim.scenario import FLOW_REL_TOL
@@ -28,6 +28,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # a pipe or a file gets click's plain help: paragraphs re-wrapped, names never cut
+    rich_markup_mode="rich" if sys.stdout.isatty() else None,
 )
 hardware_app = typer.Typer(help="List and inspect hardware profiles.", no_args_is_help=True)
 app.add_typer(hardware_app, name="hardware")
@@ -39,7 +41,7 @@ kernels_app = typer.Typer(
 )
 app.add_typer(kernels_app, name="kernels")
 
-console = Console(highlight=False, soft_wrap=True)
+console = make_console()
 
 
 def _print_json(data: Any) -> None:

@@ -348,3 +348,16 @@ def test_bad_hardware_profile_file(tmp_path, flame_dict, write_scenario, edit, n
         moesim("simulate", str(path), "--out", str(tmp_path / "o")), "my-gpu.yaml", *needles
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_output_into_a_pipe_is_never_cut():
+    """Into a pipe (as here: stdout is not a terminal) tables and help keep full names."""
+    table = moesim("hardware", "list")
+    assert table.returncode == 0, table.stderr
+    assert "…" not in table.stdout
+    assert "GB200-NVL72" in table.stdout and "scale-out GB/s" in table.stdout
+    help_text = moesim("a2a", "--help")
+    assert help_text.returncode == 0, help_text.stderr
+    assert "…" not in help_text.stdout and "╭" not in help_text.stdout  # plain click help
+    # the docstring's paragraph re-wrapped whole, not broken where the source broke it
+    assert "DeepSeek-V3's 4 of 8 groups" in " ".join(help_text.stdout.split())

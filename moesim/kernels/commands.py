@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from moesim.console import make_console
 
 __all__ = ["BenchDevice", "import_profile_cmd", "kernels_bench_cmd", "predict_cmd"]
 
@@ -75,7 +76,7 @@ def kernels_bench_cmd(
         get_preset(name)  # unknown names fail before any work
     dev: Device = "cuda" if device is BenchDevice.cuda else "cpu"
     cfg = default_config(dev, quick=quick, models=model or None, threads=threads)
-    err = Console(stderr=True, highlight=False)
+    err = make_console(stderr=True)
     folder = check_existing(out, dev)
     result = run_bench(cfg, progress=None if as_json else lambda msg: err.print(msg, markup=False))
     files = write_results(result, out)
@@ -93,7 +94,7 @@ def kernels_bench_cmd(
     if as_json:
         _print_json(summary)
         return
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console()
     table = Table(
         "model",
         "op",
@@ -148,7 +149,7 @@ def import_profile_cmd(
             data["out"] = str(written)
         _print_json(data)
         return
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console()
     total = float(summary.kernels["dur_us"].sum())
     table = Table(
         "class",
@@ -234,4 +235,4 @@ def predict_cmd(
         _print_json(res)
         return
     inputs = ", ".join(f"{k} {v}" for k, v in res.items() if k not in ("op", "time_us"))
-    Console(highlight=False).print(f"{op}: {_fmt_us(res['time_us'])} ({inputs})")
+    make_console().print(f"{op}: {_fmt_us(res['time_us'])} ({inputs})")

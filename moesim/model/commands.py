@@ -58,16 +58,16 @@ def train_reference_cmd(
     Writes a checkpoint (config + state_dict) to --out.
     """
     import torch
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from moesim.console import make_console
     from moesim.model.reference import MoEConfig
     from moesim.model.train import StepStats, train_reference
 
     if threads:
         torch.set_num_threads(threads)
     config = MoEConfig(n_experts=experts, top_k=top_k, router=router, n_devices=devices)
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True)
     with Progress(
         TextColumn("[bold]train-reference[/bold]"),
         BarColumn(),
@@ -98,7 +98,7 @@ def train_reference_cmd(
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console()
     console.print(
         f"router {router}, balance {balance}, {steps} steps: "
         f"LM loss {summary['final_lm_loss']:.3f} nats/byte, "

@@ -117,8 +117,7 @@ def plan_capacity_cmd(
     "recommended_capacity_factor" (null: dropless), "drop_rate", "padding_factor",
     "recommended_placement", "cost_per_million_tokens", ...}} keyed by profile name.
     """
-    from rich.console import Console
-
+    from moesim.console import make_console
     from moesim.plan.capacity import PlanRequest, plan_capacity
     from moesim.plan.report import assumptions, plan_json, write_plan
 
@@ -148,14 +147,14 @@ def plan_capacity_cmd(
         redundant=redundant,
         nodes=nodes,
     )
-    err = Console(stderr=True, highlight=False)
+    err = make_console(stderr=True)
     plans = plan_capacity(request, progress=None if as_json else lambda m: err.print(m))
     files = write_plan(plans, request, out)
     answer = plan_json(plans, request)
     if as_json:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
         return
-    con = Console(highlight=False, soft_wrap=True)
+    con = make_console()
     con.print(assumptions(request))
     for hw, a in answer.items():
         con.print(answer_line(hw, a))
