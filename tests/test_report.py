@@ -133,3 +133,42 @@ def test_sweep_with_only_failed_cases(sweep_dir, tmp_path):
     assert "No case finished (1 failed)" in html
     assert _section_ids(html) == [k for k, _ in SECTION_ORDER]
     assert "<svg" not in html
+
+
+def test_report_warnings_come_first_and_say_what_applies():
+    from moesim.report.summary import dispatcher_text, report_warnings
+
+    fits = {"mode": "prefill", "dropped": 0, "memory_fits": True}
+    assert report_warnings([fits], "") == []
+    drops = {
+        "mode": "training",
+        "drop_rate": 275_657 / 524_288,
+        "dropped": 275_657,
+        "assignments": 524_288,
+        "capacity_factor": 1.0,
+        "memory_fits": False,
+        "memory_per_device_bytes": 95.05e9,
+        "hbm_bytes": 80e9,
+    }
+    assert report_warnings([drops], "device 3 compute x1.5") == [
+        "WARNING: training does not fit in HBM: 95.0 GB per device, 80.0 GB HBM",
+        # 275,657 / 524,288 = 52.577 %
+        "WARNING: training drops 52.577% of assignments (275,657 of 524,288) at capacity "
+        "factor 1.0, where serving and dropless training drop none (capacity.factor: null)",
+        "INJECTED: device 3 compute x1.5; step times include this slowness",
+    ]
+    assert dispatcher_text("deepep-normal", "node") == (
+        "deepep-normal dispatcher, one copy per destination node"
+    )
+
+
+def test_port_chart_draws_sent_and_received_only_where_they_differ():
+    import numpy as np
+
+    from moesim.report.figures import port_bytes_svg
+
+    sent = np.array([4e6, 2e6, 3e6])
+    one = port_bytes_svg(sent, None)
+    assert "sent = received" in one and ">received<" not in one.replace(" ", "")
+    two = port_bytes_svg(sent, sent * 2)
+    assert "sent = received" not in two and "received" in two

@@ -274,7 +274,10 @@ def test_network_options_flow_tier_and_dedup(flame_dict, tmp_path):
     )
     res = simulate(sc, tmp_path)
     assert res.runs[0].summary["granularity"] == "node"
-    assert header_line(res).endswith("dropless (unlimited capacity); flow network, node flows")
+    assert header_line(res).endswith(
+        "dropless (unlimited capacity); flow network, node flows; "
+        "nccl-alltoallv dispatcher, a copy per (token, expert)"
+    )
     node = run({"tier": "flow"}, {"preset": "nccl-alltoallv", "dedup": "node"})
     # the flow tier never beats the port bound on this non-blocking fabric: a device's
     # dispatch ends at least its port-limited time after the first of its peers was ready

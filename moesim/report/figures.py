@@ -261,16 +261,24 @@ def scaling_svg(df: pd.DataFrame, group: str) -> str:
     return _svg(fig)
 
 
-def port_bytes_svg(sent: np.ndarray, recv: np.ndarray) -> str:
-    """Bytes each device sends and receives through its ports in one step (MB)."""
+def port_bytes_svg(sent: np.ndarray, recv: np.ndarray | None) -> str:
+    """Bytes each device sends and receives through its ports in one step (MB); with
+    ``recv`` None, one series: every device receives what it sends."""
     d = np.arange(sent.size)
     fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    if sent.size <= 32:
-        ax.bar(d - 0.2, sent / 1e6, width=0.4, color="#DD8452", label="sent")
-        ax.bar(d + 0.2, recv / 1e6, width=0.4, color="#55A868", label="received")
-    else:  # too many devices for bars: one line each
-        ax.plot(d, sent / 1e6, color="#DD8452", lw=1.2, label="sent")
-        ax.plot(d, recv / 1e6, color="#55A868", lw=1.2, ls="--", label="received")
+    series = [("sent", sent, "#DD8452", "-")]
+    if recv is None:
+        series = [("sent = received", sent, "#4C72B0", "-")]
+    else:
+        series.append(("received", recv, "#55A868", "--"))
+    width = 0.8 / len(series)
+    for i, (label, values, color, ls) in enumerate(series):
+        if sent.size <= 32:
+            offset = (i - (len(series) - 1) / 2) * width
+            ax.bar(d + offset, values / 1e6, width=width, color=color, label=label)
+        else:  # too many devices for bars: one line each
+            ax.plot(d, values / 1e6, color=color, lw=1.2, ls=ls, label=label)
+    if sent.size > 32:
         ax.set_ylim(bottom=0)
     step = -(-sent.size // 24)
     ax.set_xticks(d[::step], [str(x) for x in d[::step]], fontsize=7)

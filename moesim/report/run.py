@@ -34,7 +34,7 @@ from moesim.report.summary import (
     fmt_us,
     header_line,
     injected_faults,
-    memory_warnings,
+    report_warnings,
     tokens_per_device_text,
 )
 from moesim.sim.simulate import SimResult
@@ -203,7 +203,7 @@ def _answer(run: RunData) -> Section:
         md.append(f"- **{text.split(':', 1)[0]}**:{text.split(':', 1)[1]}")
     import html as h
 
-    warnings = memory_warnings(run.summaries)
+    warnings = report_warnings(run.summaries, run.info.get("injected", ""))
     body = "".join(f'<p class="warning"><strong>{h.escape(w)}</strong></p>' for w in warnings)
     body += "".join(f"<p>{h.escape(p)}</p>" for p in paras)
     md_warn = "".join(f"> **{w}**\n\n" for w in warnings)
@@ -457,6 +457,10 @@ def _stragglers(run: RunData) -> Section:
     )
 
 
+#: sent and received bytes this close on every device are drawn as one series
+SAME_BYTES_RTOL = 1e-3
+
+
 def _links(run: RunData) -> Section:
     m = run.last_metrics(None)
     per_dev = m.groupby("device")[["bytes_sent", "bytes_recv"]].sum().sort_index()
@@ -480,13 +484,15 @@ def _links(run: RunData) -> Section:
     ]
     moved = (per_dev["bytes_sent"] + per_dev["bytes_recv"]).to_numpy()
     busiest = int(per_dev.index.to_numpy()[int(np.argmax(moved))])
+    sent, recv = per_dev["bytes_sent"].to_numpy(), per_dev["bytes_recv"].to_numpy()
+    same = bool(np.allclose(sent, recv, rtol=SAME_BYTES_RTOL, atol=0.0))
     cap = (
         f"Bytes each device's port sends and receives in one {run.first_mode} step (all layers "
         f"and passes); device {busiest} moves the most."
     )
-    html = figure(
-        port_bytes_svg(per_dev["bytes_sent"].to_numpy(), per_dev["bytes_recv"].to_numpy()), cap
-    )
+    if same:
+        cap += " Every device receives what it sends (within 0.1 %), so one series shows both."
+    html = figure(port_bytes_svg(sent, None if same else recv), cap)
     html += "<p>Busiest device pair of each layer (top 8):</p>" + html_table(
         header, rows, left=0, text_cols=(2,)
     )

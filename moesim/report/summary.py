@@ -9,6 +9,7 @@ from moesim.sim.simulate import SimResult
 __all__ = [
     "PARTS",
     "console_summary",
+    "dispatcher_text",
     "fmt_bytes",
     "fmt_us",
     "header_line",
@@ -16,6 +17,7 @@ __all__ = [
     "layer_table",
     "memory_line",
     "memory_warnings",
+    "report_warnings",
     "tokens_per_device_text",
 ]
 
@@ -110,6 +112,35 @@ def memory_warnings(summaries: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def report_warnings(summaries: list[dict[str, Any]], injected: str) -> list[str]:
+    """What a report says before anything else, when it applies: modes that do not fit in
+    HBM, modes that drop assignments, and the slowness the scenario injects."""
+    drops = [
+        f"WARNING: {s['mode']} drops {100 * s['drop_rate']:.3f}% of assignments "
+        f"({s['dropped']:,} of {s['assignments']:,}) at capacity factor "
+        f"{s['capacity_factor']}, where serving and dropless training drop none "
+        "(capacity.factor: null)"
+        for s in summaries
+        if s.get("dropped")
+    ]
+    faults = [f"INJECTED: {injected}; step times include this slowness"] if injected else []
+    return [*memory_warnings(summaries), *drops, *faults]
+
+
+#: what each de-duplication sends, in words
+_COPIES = {
+    "none": "a copy per (token, expert)",
+    "device": "one copy per destination device",
+    "node": "one copy per destination node",
+}
+
+
+def dispatcher_text(name: str, dedup: str) -> str:
+    """The dispatcher a run assumed, e.g. ``deepep-normal dispatcher, one copy per
+    destination node``."""
+    return f"{name} dispatcher, {_COPIES.get(dedup, dedup)}"
+
+
 def header_line(result: SimResult) -> str:
     sc = result.scenario
     cf = sc.capacity.factor
@@ -121,7 +152,9 @@ def header_line(result: SimResult) -> str:
     )
     redundant = f" + {sc.redundant_slots} redundant slots" if sc.redundant_slots else ""
     gran = result.runs[0].summary.get("granularity") if result.runs else None
-    network = f"; flow network, {gran} flows" if gran else ""
+    network = f"; flow network, {gran} flows" if gran else "; analytic network"
+    if "dispatcher" in result.inputs:
+        network += f"; {dispatcher_text(result.inputs['dispatcher'], result.inputs['dedup'])}"
     return (
         f"{result.shape.name} on {sc.cluster.nodes} node(s) x {sc.cluster.devices_per_node} "
         f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement"

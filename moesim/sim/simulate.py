@@ -181,5 +181,7 @@ def simulate(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario
             else list(range(len(prep.moe_layers))),
             "moe_layers": prep.moe_layers,
             "source": str(source),
+            "dispatcher": prep.dispatcher.name,
+            "dedup": prep.dispatcher.dedup,
         },
     )
