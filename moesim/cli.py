@@ -65,12 +65,12 @@ def _run_scenario(
     hardware: str | None = None,
     force: bool = False,
 ) -> None:
+    t0 = time.perf_counter()
+    check_output_folder(out, "run", force=force)  # before any work
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
     from moesim.sim.simulate import simulate
 
-    t0 = time.perf_counter()
-    check_output_folder(out, "run", force=force)  # before any work
     scenario, base = _load_with_hardware(path, hardware)
     result = simulate(scenario, base, source=_display_path(path))
     files = write_outputs(result, out, force=force)

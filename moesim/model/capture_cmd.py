@@ -173,7 +173,6 @@ def capture_cmd(
 ) -> None:
     """Capture an MoE model's routing of a text into a trace (one step, every MoE layer)."""
     from moesim.fileio import check_output_folder
-    from moesim.model.capture import capture_hf, capture_reference
 
     t0 = time.perf_counter()
     kind, sep, target = source.partition(":")
@@ -188,6 +187,7 @@ def capture_cmd(
     if seq_len < 0:
         raise InputError("must be 0 (automatic) or positive", field="seq-len", value=seq_len)
     check_output_folder(out, "trace", force=force)  # before loading or running the model
+    from moesim.model.capture import capture_hf, capture_reference
 
     if text_file is not None:
         try:
