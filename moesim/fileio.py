@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import re
 import shutil
@@ -295,7 +296,8 @@ def check_output_folder(dest: str | Path, kind: str, *, force: bool = False) -> 
         return "into" if dest.is_symlink() else "swap"
     if force or any(is_output_of(dest, host) for host in _HOSTS.get(kind, ())):
         return "into"
-    strangers = sorted(str(rel) for rel, p in _entries(dest) if not _owns(kind, rel, _is_dir(p)))
+    found = (str(rel) for rel, p in _entries(dest) if not _owns(kind, rel, _is_dir(p)))
+    strangers = sorted(itertools.islice(found, 4))  # the first few: the folder may be large
     raise InputError(
         f"exists and is not a moesim {label} folder (it holds {', '.join(strangers[:3])}"
         f"{', ...' if len(strangers) > 3 else ''}); give --force to replace only moesim's "

@@ -160,6 +160,16 @@ def test_force_replaces_only_moesims_own_files(tmp_path, capsys):
     got = _snapshot(folder)
     assert got["notes.txt"] == b"precious" and got["summary.md"] == b"old summary.md"
     assert all(got[name] == data for name, data in RUN.items())
+    # a sweep: refused among other files, unless --force
+    from moesim.sweep.results import ResultsFolder
+    from moesim.sweep.spec import load_sweep
+    from tests.test_sweep import SMALL, write_sweep
+
+    sweep = load_sweep(write_sweep(tmp_path, axes=SMALL))
+    with pytest.raises(InputError, match="--force to write the sweep's files beside them"):
+        ResultsFolder(folder, sweep)
+    ResultsFolder(folder, sweep, force=True).create()
+    assert (folder / "sweep.json").is_file() and (folder / "notes.txt").read_text() == "precious"
 
 
 def test_an_old_output_is_recognised_by_its_files_and_replaced_whole(tmp_path):
