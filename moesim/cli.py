@@ -14,7 +14,7 @@ from rich.table import Table
 from moesim import __version__
 from moesim.console import make_console
 from moesim.errors import InputError
-from moesim.fileio import check_writable
+from moesim.fileio import check_output_folder, check_writable
 from moesim.scenario import FLOW_REL_TOL
 
 __all__ = ["app", "main"]
@@ -65,17 +65,17 @@ def _run_scenario(
     quiet: bool = False,
     strict: bool = False,
     hardware: str | None = None,
+    force: bool = False,
 ) -> None:
+    t0 = time.perf_counter()
+    check_output_folder(out, "run", force=force)  # before any work
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
     from moesim.sim.simulate import simulate
 
-    t0 = time.perf_counter()
-    check_writable(out)
-    check_writable(out)
     scenario, base = _load_with_hardware(path, hardware)
     result = simulate(scenario, base, source=_display_path(path))
-    files = write_outputs(result, out)
+    files = write_outputs(result, out, force=force)
     if as_json:
         runs = [r.summary for r in result.runs]
         _print_json(runs[0] | {"runs": runs, "outputs": {k: str(v) for k, v in files.items()}})
@@ -118,6 +118,17 @@ def _check_fits(result: Any, source: Path, out: Path) -> None:
             )
 
 
+#: --force of every command that writes an output folder
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Write into an existing folder that is not this command's output: only "
+        "moesim's own files there are replaced, every other file is left as it is.",
+    ),
+]
+
+
 def _demo_baseline(scenario: Any) -> Any:
     """The demo's comparison: the same scenario with Megatron's contiguous placement."""
     return scenario.model_copy(update={"placement": "contiguous", "redundant_slots": 0})
@@ -151,6 +162,7 @@ def demo_comparison(planned: Any, baseline: Any) -> list[str]:
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/demo"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    force: ForceOption = False,
 ) -> None:
     """Run the bundled scenario (real routing of moesim's reference MoE on 2 x 8 H100,
     dropless) with a placement planned from the trace, and again with contiguous placement:
@@ -159,17 +171,19 @@ def demo(
     from moesim.paths import scenarios_dir
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
+    from moesim.report.write import run_files
     from moesim.scenario import load_scenario
     from moesim.sim.simulate import simulate
 
     t0 = time.perf_counter()
+    check_output_folder(out, "run", force=force)  # before any work
     path = scenarios_dir() / "demo.yaml"
     scenario, base = load_scenario(path)
     source = _display_path(path)
     planned = simulate(scenario, base, source=source)
     baseline = simulate(_demo_baseline(scenario), base, source=source)
-    files = write_outputs(planned, out)
-    base_files = write_outputs(baseline, out / "contiguous")
+    contiguous = {f"contiguous/{k}": v for k, v in run_files(baseline).items()}
+    files = write_outputs(planned, out, force=force, extra=contiguous)
     if as_json:
         runs = [r.summary for r in planned.runs]
         _print_json(
@@ -185,7 +199,7 @@ def demo(
     console.print("\n" + "\n".join(demo_comparison(planned, baseline)), markup=False)
     console.print(
         f"\nwrote {', '.join(str(p) for p in files.values())} (contiguous: "
-        f"{base_files['report.html'].parent}) in {time.perf_counter() - t0:.1f} s"
+        f"{out / 'contiguous'}) in {time.perf_counter() - t0:.1f} s"
     )
 
 
@@ -273,6 +287,7 @@ def simulate(
             "such as one moesim calibrate wrote."
         ),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Simulate one scenario; writes report.html, summary.md, metrics.parquet and timeline.json.
 
@@ -281,7 +296,7 @@ def simulate(
     straggler_cause of the first mode, and every mode under "runs". A run that does not
     fit in HBM is a warning, or with --strict an error (exit 2).
     """
-    _run_scenario(scenario, out, as_json, strict=strict, hardware=hardware)
+    _run_scenario(scenario, out, as_json, strict=strict, hardware=hardware, force=force)
 
 
 @app.command()
@@ -475,6 +490,7 @@ def trace_import(
     kind: Annotated[str, typer.Option(help="Count kind in a counts JSON.")] = "expert_counts",
     seed: Annotated[int, typer.Option(help="Seed for counts-json expansion.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    force: ForceOption = False,
 ) -> None:
     """Import routing from another format into the trace store.
 
@@ -484,6 +500,7 @@ def trace_import(
     from moesim.traces.importers import import_trace
     from moesim.traces.store import open_trace
 
+    check_output_folder(out, "trace", force=force)  # before reading the source
     path = import_trace(
         fmt,
         src,
@@ -495,6 +512,7 @@ def trace_import(
         domain=domain,
         kind=kind,
         seed=seed,
+        force=force,
     )
     info = open_trace(path)
     summary = {
@@ -568,10 +586,12 @@ def trace_synth(
     ] = "uniform",
     steps: Annotated[int, typer.Option(help="Steps the tokens are split into.", min=1)] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: ForceOption = False,
 ) -> None:
     """Write seeded synthetic routing (uniform, Zipf, Dirichlet, drifting hot spots, bursts)."""
     from moesim.traces.synthetic import synth_to_store
 
+    check_output_folder(out, "trace", force=force)  # before any work
     path = synth_to_store(
         out,
         num_experts=experts,
@@ -581,6 +601,7 @@ def trace_synth(
         distribution=dist,
         steps=steps,
         seed=seed,
+        force=force,
     )
     console.print(
         f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "

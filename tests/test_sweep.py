@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -529,45 +528,6 @@ def _rows(path: Path) -> int:
         return pq.read_metadata(path).num_rows
     except (OSError, ValueError):
         return 0
-
-
-def test_killed_sweep_rerun_has_every_case_exactly_once(tmp_path):
-    path = write_sweep(
-        tmp_path,
-        axes={"mode": ["training"], "capacity.factor": [1.0, 1.25, 1.5, 2.0], "seed": [0, 1, 2]},
-    )
-    out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moesim", "sweep", str(path), "--out", str(out), "--workers", "1"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # the sweep and its worker processes: one group to kill
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while _rows(out / "results.parquet") < 2 and time.monotonic() < deadline:
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    done = _rows(out / "results.parquet")
-    assert 2 <= done < 12, done  # killed midway, the table readable
-    proc2 = moesim("sweep", str(path), "--out", str(out), "--workers", "1")
-    assert proc2.returncode == 0, proc2.stderr
-    assert f"{12 - done} run now" in proc2.stdout
-    rows = pq.read_table(out / "results.parquet").to_pylist()
-    ids = [r["case_id"] for r in rows]
-    assert len(ids) == len(set(ids)) == 12
-    assert [r["case_index"] for r in rows] == list(range(12))
-    assert {c.case_id for c in load_sweep(path).cases} == set(ids)
-    assert all(r["status"] == "ok" for r in rows)
-    assert not list(out.glob(".*.tmp"))  # a killed write's temporary is cleared
-    # the same table as a sweep never killed
-    clean = tmp_path / "clean"
-    _run(path, clean, CountingExecutor())
-    assert (clean / "results.parquet").read_bytes() == (out / "results.parquet").read_bytes()
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:

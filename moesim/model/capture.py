@@ -315,6 +315,7 @@ def capture_hf(
     *,
     step: int = 0,
     meta: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> RoutingTrace:
     """Run ``model`` once on ``input_ids`` and write its routing as a trace at ``out``.
 
@@ -331,6 +332,8 @@ def capture_hf(
         step: step number of every captured token.
         meta: extra metadata; ``model`` overrides the model name, every other key is
             added to the trace's ``capture`` record.
+        force: write into a folder that holds other files (see
+            :class:`~moesim.traces.store.TraceWriter`).
 
     Returns:
         The trace as written: expert_ids (L, B*T, K) int32 by descending gate weight,
@@ -432,7 +435,7 @@ def capture_hf(
             "capture": capture,
         },
     )
-    write_trace(trace, out)
+    write_trace(trace, out, force=force)
     return trace
 
 
@@ -443,6 +446,7 @@ def capture_reference(
     *,
     step: int = 0,
     meta: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> RoutingTrace:
     """Run a reference :class:`~moesim.model.reference.MoELM` once and write its routing.
 
@@ -456,6 +460,7 @@ def capture_reference(
         out: trace folder to write.
         step: step number of every captured token.
         meta: as in :func:`capture_hf`.
+        force: as in :func:`capture_hf`.
 
     Returns:
         The trace as written: expert_ids (L, B*T, K), gate_weights (L, B*T, K).
@@ -514,5 +519,5 @@ def capture_reference(
             "capture": capture,
         },
     )
-    write_trace(trace, out)
+    write_trace(trace, out, force=force)
     return trace

@@ -164,9 +164,15 @@ def capture_cmd(
         ),
     ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the hf-config model's random weights.")] = 0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Write into an existing folder that is not a trace (its files kept)."
+        ),
+    ] = False,
 ) -> None:
     """Capture an MoE model's routing of a text into a trace (one step, every MoE layer)."""
-    from moesim.model.capture import capture_hf, capture_reference
+    from moesim.fileio import check_output_folder
 
     t0 = time.perf_counter()
     kind, sep, target = source.partition(":")
@@ -180,6 +186,8 @@ def capture_cmd(
         raise InputError("must be at least 1", field="tokens", value=tokens)
     if seq_len < 0:
         raise InputError("must be 0 (automatic) or positive", field="seq-len", value=seq_len)
+    check_output_folder(out, "trace", force=force)  # before loading or running the model
+    from moesim.model.capture import capture_hf, capture_reference
 
     if text_file is not None:
         try:
@@ -244,7 +252,7 @@ def capture_cmd(
     if checkpoint is not None:
         meta["checkpoint"] = checkpoint
     capture = capture_reference if kind == "reference" else capture_hf
-    trace = capture(model, batch, out, meta=meta)
+    trace = capture(model, batch, out, meta=meta, force=force)
     typer.echo(
         f"captured {trace.num_tokens:,} tokens x {len(trace.layers)} MoE layers "
         f"({trace.num_experts} experts, top-{trace.top_k}) of {name} -> {out} "

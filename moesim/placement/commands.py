@@ -417,9 +417,9 @@ def replan_cmd(
     mean and p99), remote nodes per token, share of slots moved and, with --model, the
     expert weight bytes moved and the inter-node bytes per batch.
     """
-    from rich.console import Console
     from rich.table import Table
 
+    from moesim.console import make_console
     from moesim.placement.replan import planner_for, replay, replay_means
     from moesim.traces.store import read_trace
 
@@ -495,7 +495,7 @@ def replan_cmd(
     if as_json:
         sys.stdout.write(json.dumps({"windows": rows, "mean": summary}, indent=1) + "\n")
         return
-    console = Console()
+    console = make_console()
     console.print(
         f"{trace}: {tr.num_tokens // window_tokens} windows of {window_tokens} tokens, "
         f"{strategy} on {nodes} x {gpus_per_node} devices ({redundant} redundant slots), "

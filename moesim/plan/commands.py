@@ -106,6 +106,14 @@ def plan_capacity_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print {hardware: answer} as JSON.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Write into an existing folder that is not a capacity plan: only moesim's "
+            "own files there are replaced, every other file is left as it is.",
+        ),
+    ] = False,
 ) -> None:
     """How many devices hold the model, meet --tokens-per-s, and meet --latency-slo-ms.
 
@@ -118,9 +126,11 @@ def plan_capacity_cmd(
     "recommended_placement", "cost_per_million_tokens", ...}} keyed by profile name.
     """
     from moesim.console import make_console
+    from moesim.fileio import check_output_folder
     from moesim.plan.capacity import PlanRequest, plan_capacity
     from moesim.plan.report import assumptions, plan_json, write_plan
 
+    check_output_folder(out, "plan", force=force)  # before any work
     names = [h for item in hardware for h in item.split(",") if h.strip()]
     if trace is not None and not trace.exists():
         raise InputError("trace not found", field="trace", value=str(trace))
@@ -149,7 +159,7 @@ def plan_capacity_cmd(
     )
     err = make_console(stderr=True)
     plans = plan_capacity(request, progress=None if as_json else lambda m: err.print(m))
-    files = write_plan(plans, request, out)
+    files = write_plan(plans, request, out, force=force)
     answer = plan_json(plans, request)
     if as_json:
         sys.stdout.write(json.dumps(answer, indent=2) + "\n")
@@ -205,18 +215,28 @@ def report_cmd(
         Path, typer.Argument(help="A sweep results folder or a simulate output folder.")
     ],
     out: Annotated[Path, typer.Option(help="Output folder for report.html and summary.md.")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Write into an existing folder that is not a moesim output: only "
+            "report.html and summary.md there are replaced, every other file is left.",
+        ),
+    ] = False,
 ) -> None:
     """Write report.html (self-contained, inline SVG) and summary.md for a sweep results
     folder (results.parquet) or a simulate output folder (summary.json, metrics.parquet)."""
+    from moesim.fileio import check_output_folder
     from moesim.report.sweep import write_sweep_report
     from moesim.report.write import write_run_report
 
     if not results_dir.is_dir():
         raise InputError("folder not found", field="RESULTS_DIR", value=str(results_dir))
+    check_output_folder(out, "report", force=force)
     if (results_dir / "results.parquet").is_file():
-        files = write_sweep_report(results_dir, out)
+        files = write_sweep_report(results_dir, out, force=force)
     elif (results_dir / "summary.json").is_file() or (results_dir / "metrics.parquet").is_file():
-        files = write_run_report(results_dir, out)
+        files = write_run_report(results_dir, out, force=force)
     else:
         raise InputError(
             "neither a sweep results folder (results.parquet) nor a simulate output folder "

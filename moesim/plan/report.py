@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moesim.fileio import atomic_write_bytes
+from moesim.fileio import write_output_folder
 from moesim.model.shapes import get_preset
 from moesim.plan.capacity import (
     Evaluation,
@@ -285,8 +285,11 @@ def _parquet_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def write_plan(plans: list[HardwarePlan], request: PlanRequest, out_dir: Path) -> dict[str, Path]:
-    """Render everything in memory, then write each file atomically."""
+def write_plan(
+    plans: list[HardwarePlan], request: PlanRequest, out_dir: Path, *, force: bool = False
+) -> dict[str, Path]:
+    """Render everything in memory, then write the folder whole
+    (:func:`~moesim.fileio.write_output_folder`)."""
     sections = plan_sections(plans, request)
     title = f"moesim capacity plan: {request.model}"
     subtitle = assumptions(request)
@@ -298,4 +301,4 @@ def write_plan(plans: list[HardwarePlan], request: PlanRequest, out_dir: Path) -
         "report.html": render_page(title, subtitle, sections, source).encode(),
         "summary.md": render_markdown(title, subtitle, sections, source).encode(),
     }
-    return {name: atomic_write_bytes(out_dir / name, data) for name, data in payload.items()}
+    return write_output_folder(out_dir, "plan", payload, force=force)

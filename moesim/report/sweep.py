@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from moesim.errors import InputError
-from moesim.fileio import atomic_write_bytes
+from moesim.fileio import write_output_folder
 from moesim.report.figures import (
     breakdown_rows_svg,
     drop_vs_capacity_svg,
@@ -498,8 +498,11 @@ def results_sections(
     return {s.key: s for s in sections}
 
 
-def write_sweep_report(results_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """report.html and summary.md of a sweep results folder, written to ``out_dir``."""
+def write_sweep_report(
+    results_dir: str | Path, out_dir: str | Path, *, force: bool = False
+) -> dict[str, Path]:
+    """report.html and summary.md of a sweep results folder, written to ``out_dir`` (the
+    results folder itself, or a folder of their own, written whole)."""
     folder = Path(results_dir)
     df, meta = read_results(folder)
     sections = list(results_sections(df, meta).values())
@@ -508,10 +511,7 @@ def write_sweep_report(results_dir: str | Path, out_dir: str | Path) -> dict[str
         f" (sweep {str(meta['sweep_id'])[:16]})" if meta.get("sweep_id") else ""
     )
     source = f"{folder.name}/results.parquet"
-    out = Path(out_dir)
     html = render_page(title, subtitle, sections, source)
     md = render_markdown(title, subtitle, sections, source)
-    return {
-        "report.html": atomic_write_bytes(out / "report.html", html.encode()),
-        "summary.md": atomic_write_bytes(out / "summary.md", md.encode()),
-    }
+    payload = {"report.html": html.encode(), "summary.md": md.encode()}
+    return write_output_folder(out_dir, "report", payload, force=force)

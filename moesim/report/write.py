@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moesim.fileio import atomic_write_bytes
+from moesim.fileio import write_output_folder
 from moesim.report.page import render_markdown, render_page
 from moesim.report.run import RunData, run_sections
 from moesim.report.timeline import timeline_json
@@ -23,6 +23,7 @@ __all__ = [
     "phases_frame",
     "render_html",
     "render_run",
+    "run_files",
     "write_outputs",
     "write_run_report",
 ]
@@ -96,12 +97,11 @@ def render_html(result: SimResult) -> str:
     return render_run(RunData.from_result(result))[0]
 
 
-def write_outputs(result: SimResult, out_dir: str | Path) -> dict[str, Path]:
-    """Render everything in memory first, then write each file atomically."""
-    out_dir = Path(out_dir)
+def run_files(result: SimResult) -> dict[str, bytes]:
+    """Every file of a simulation's output folder, rendered in memory."""
     run = RunData.from_result(result)
     html, md = render_run(run)
-    payload = {
+    return {
         "metrics.parquet": _parquet_bytes(run.metrics),
         "phases.parquet": _parquet_bytes(run.phases),
         "layers.parquet": _parquet_bytes(run.layers),
@@ -110,14 +110,27 @@ def write_outputs(result: SimResult, out_dir: str | Path) -> dict[str, Path]:
         "summary.md": md.encode(),
         "report.html": html.encode(),
     }
-    return {name: atomic_write_bytes(out_dir / name, data) for name, data in payload.items()}
 
 
-def write_run_report(folder: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """report.html and summary.md of a simulate output folder, written to ``out_dir``."""
+def write_outputs(
+    result: SimResult,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    extra: dict[str, bytes] | None = None,
+) -> dict[str, Path]:
+    """Render everything in memory first, then write the folder whole
+    (:func:`~moesim.fileio.write_output_folder`; ``force``: into a folder holding other
+    files, replacing only these). ``extra`` adds files (``contiguous/...`` for the demo)."""
+    files = write_output_folder(out_dir, "run", run_files(result) | (extra or {}), force=force)
+    return {name: path for name, path in files.items() if "/" not in name}
+
+
+def write_run_report(
+    folder: str | Path, out_dir: str | Path, *, force: bool = False
+) -> dict[str, Path]:
+    """report.html and summary.md of a simulate output folder, written to ``out_dir`` (the
+    output folder itself, or a folder of their own, written whole)."""
     html, md = render_run(RunData.load(Path(folder)))
-    out_dir = Path(out_dir)
-    return {
-        "report.html": atomic_write_bytes(out_dir / "report.html", html.encode()),
-        "summary.md": atomic_write_bytes(out_dir / "summary.md", md.encode()),
-    }
+    payload = {"report.html": html.encode(), "summary.md": md.encode()}
+    return write_output_folder(out_dir, "report", payload, force=force)

@@ -75,6 +75,14 @@ def sweep_cmd(
     max_cases: Annotated[
         int, typer.Option(min=1, help="Refuse a sweep that expands to more cases.")
     ] = 10_000,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Write into an existing folder that is not a sweep's: only the sweep's own "
+            "files are written there, every other file is left as it is.",
+        ),
+    ] = False,
 ) -> None:
     """Run every case of a sweep; append each to OUT/results.parquet as it finishes.
 
@@ -83,7 +91,6 @@ def sweep_cmd(
     already in OUT (keyed by a hash of the case's full scenario); a failing case is recorded
     with its error and the sweep goes on. Exit status 1 when any case failed.
     """
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -94,16 +101,17 @@ def sweep_cmd(
     )
 
     from moesim.cli import _display_path
+    from moesim.console import make_console
     from moesim.sweep.results import ResultsFolder
     from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
     from moesim.sweep.spec import Case, load_sweep
 
-    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console = Console(highlight=False, soft_wrap=True)
+    err_console = make_console(stderr=True)
+    console = make_console()
     if not console.is_terminal:
         console.width = 160  # files and pipes get the whole table, not an 80-column squeeze
     sweep = load_sweep(sweep_file, max_cases)
-    folder = ResultsFolder(out, sweep)  # refuses another sweep's folder; writes nothing
+    folder = ResultsFolder(out, sweep, force=force)  # refuses another sweep's; writes nothing
     pending = len(folder.pending())
     kind: ExecutorKind = "dask" if executor is ExecutorChoice.dask else "local"
     if workers is None and address is None:
@@ -172,7 +180,7 @@ def sweep_cmd(
         f"now in {run.wall_s:.1f} s, {run.skipped} already done; wrote {results}",
         markup=False,
     )
-    _report(out, console)
+    _report(out, console, force)
     if errors:
         raise typer.Exit(1)
 
@@ -181,7 +189,7 @@ def _failed(rows: Iterable[dict[str, Any]]) -> int:
     return sum(r["status"] != "ok" for r in rows)
 
 
-def _report(out: Path, console: Any) -> None:
+def _report(out: Path, console: Any, force: bool = False) -> None:
     """Write the sweep report into ``out`` where the sweep report writer is installed."""
     try:
         from moesim.report.sweep import (  # type: ignore[import-not-found,unused-ignore]
@@ -189,6 +197,6 @@ def _report(out: Path, console: Any) -> None:
         )
     except ImportError:
         return
-    written = write_sweep_report(out, out)
+    written = write_sweep_report(out, out, force=force)
     if isinstance(written, dict) and written:
         console.print(f"wrote {', '.join(str(p) for p in written.values())}", markup=False)

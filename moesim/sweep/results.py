@@ -28,7 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim.errors import InputError
-from moesim.fileio import atomic_write, atomic_write_bytes, atomic_write_text
+from moesim.fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_writable,
+    clean_stray_temporaries,
+    is_temporary,
+)
 from moesim.sweep.spec import Case, Sweep
 
 __all__ = [
@@ -210,25 +217,20 @@ def results_schema(sweep: Sweep) -> tuple[pa.Schema, dict[str, pa.DataType]]:
     return pa.schema(fields), axis_types
 
 
-_OWN_FILES = ("results.parquet", "timings.parquet", "sweep.yaml", "sweep.json")
-
-
-def _is_temporary(name: str) -> bool:
-    """A temporary file :func:`moesim.fileio.atomic_write` leaves when killed mid-write."""
-    return name.endswith(".tmp") and any(name.startswith(f".{own}.") for own in _OWN_FILES)
-
-
 class ResultsFolder:
     """A sweep's results folder, opened for one run of that sweep.
 
-    Opening checks that the folder belongs to this sweep (or is new) and reads the rows
-    already there, writing nothing; :meth:`create` writes the sweep's files into a new folder;
-    :meth:`add` appends finished cases and rewrites both tables atomically.
+    Opening checks that the folder belongs to this sweep (or is new) and can be written, and
+    reads the rows already there, writing nothing; a folder holding other files is refused
+    unless ``force`` (then the sweep's files are written beside them). :meth:`create` writes
+    the sweep's files into a new folder; :meth:`add` appends finished cases and rewrites
+    both tables atomically.
     """
 
-    def __init__(self, folder: Path, sweep: Sweep) -> None:
+    def __init__(self, folder: Path, sweep: Sweep, *, force: bool = False) -> None:
         self.folder = folder
         self.sweep = sweep
+        self.force = force
         self.schema, self._axis_types = results_schema(sweep)
         self._by_id = {c.case_id: c for c in sweep.cases}
         self.rows: dict[str, dict[str, Any]] = {}
@@ -245,6 +247,7 @@ class ResultsFolder:
 
     def _open(self) -> None:
         folder, sweep = self.folder, self.sweep
+        check_writable(folder)
         if folder.exists() and not folder.is_dir():
             raise InputError("not a folder", file=folder, field="out")
         meta_path = folder / "sweep.json"
@@ -270,16 +273,18 @@ class ResultsFolder:
                 "use a new --out folder",
                 file=self.results_path,
             )
-        elif folder.is_dir():  # a new sweep writes into an empty folder (or a killed first run's)
+        elif folder.is_dir() and not self.force:
+            # a new sweep writes into an empty folder (or a killed first run's)
             other = sorted(
                 p.name
                 for p in folder.iterdir()
-                if p.name != "sweep.yaml" and not _is_temporary(p.name)
+                if p.name != "sweep.yaml" and not is_temporary(p.name)
             )
             if other:
                 raise InputError(
                     f"not a sweep results folder (it holds {', '.join(other[:3])}"
-                    f"{', ...' if len(other) > 3 else ''}); use a new --out folder",
+                    f"{', ...' if len(other) > 3 else ''}); use a new --out folder, or "
+                    "--force to write the sweep's files beside them",
                     file=folder,
                 )
         if self.results_path.exists():
@@ -288,10 +293,11 @@ class ResultsFolder:
     def create(self) -> None:
         """Write sweep.yaml and sweep.json into a new folder; clear a killed run's temporaries."""
         folder, sweep = self.folder, self.sweep
-        folder.mkdir(parents=True, exist_ok=True)
-        for tmp in folder.iterdir():
-            if _is_temporary(tmp.name):
-                tmp.unlink(missing_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot write there ({exc.strerror or exc})", file=folder) from None
+        clean_stray_temporaries(folder)
         if not (folder / "sweep.json").exists():
             atomic_write_bytes(folder / "sweep.yaml", sweep.path.read_bytes())
             meta = {

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import (
@@ -170,6 +172,37 @@ def _failure(fut: Future[CaseResult]) -> BaseException | None:
     return CancelledError("cancelled") if fut.cancelled() else fut.exception()
 
 
+def _exit_with_sweep(sweep_pid: int) -> None:
+    """Worker initializer: the worker exits as soon as the sweep's process is gone, so a
+    sweep killed outright (SIGKILL) leaves no process behind.
+
+    Workers fork from the forkserver, not from the sweep, and each holds the forkserver's
+    liveness pipe open, so neither notices the sweep's death by itself: a thread in each
+    worker waits on the sweep's process (a pidfd on Linux, else a poll every 0.5 s) and
+    ends the worker. The forkserver then exits (its liveness pipe closes) and so does the
+    resource tracker (no process holds its pipe any more).
+    """
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(sweep_pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd: poll
+            while True:
+                try:
+                    os.kill(sweep_pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                except PermissionError:
+                    pass
+                time.sleep(0.5)
+        select.select([fd], [], [])  # readable once the process has exited
+        os._exit(1)
+
+    threading.Thread(target=watch, name="moesim-sweep-watch", daemon=True).start()
+
+
 @contextmanager
 def _quiet_distributed() -> Iterator[None]:
     """Keep distributed's connection-retry log lines off the terminal."""
@@ -256,7 +289,14 @@ def open_executor(
         ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if "forkserver" in methods:
             ctx.set_forkserver_preload(["moesim.sweep.run", "moesim.sim.simulate"])
-        pool = ProcessPoolExecutor(max_workers=n, mp_context=ctx)
+        # forkserver: workers fork from one process that imported the simulator already;
+        # the initializer ties each worker's life to this process (see _exit_with_sweep)
+        pool = ProcessPoolExecutor(
+            max_workers=n,
+            mp_context=ctx,
+            initializer=_exit_with_sweep,
+            initargs=(os.getpid(),),
+        )
         ok = False
         try:
             yield pool

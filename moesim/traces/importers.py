@@ -105,6 +105,7 @@ def import_vllm_npy(
     *,
     num_experts: int,
     layers: Sequence[int] | None = None,
+    force: bool = False,
 ) -> Path:
     """Import vLLM routed-expert arrays: one ``.npy`` per request, shape (seq_len, layers, top_k).
 
@@ -158,6 +159,7 @@ def import_vllm_npy(
         layers=layer_ids,
         meta=meta,
         optional_columns=("sequence",),
+        force=force,
     ) as w:
         for req, (f, a) in enumerate(arrays):
             n = a.shape[0]
@@ -304,6 +306,7 @@ def import_counts_json(
     kind: str = "expert_counts",
     num_experts: int | None = None,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
     """Expand per-layer expert counts into a trace with exactly those counts.
 
@@ -337,7 +340,7 @@ def import_counts_json(
             },
         },
     )
-    return write_trace(trace, out)
+    return write_trace(trace, out, force=force)
 
 
 def import_trace(
@@ -352,15 +355,17 @@ def import_trace(
     domain: str | None = None,
     kind: str = "expert_counts",
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
-    """Import ``src`` in format ``fmt`` (one of :data:`FORMATS`) into the trace ``out``."""
+    """Import ``src`` in format ``fmt`` (one of :data:`FORMATS`) into the trace ``out``
+    (``force``: into a folder holding other files, see :class:`TraceWriter`)."""
     if fmt == "flame-jsonl":
         trace = import_flame_jsonl(src, num_experts=num_experts or 64)
-        return write_trace(trace, out)
+        return write_trace(trace, out, force=force)
     if fmt == "vllm-npy":
         if num_experts is None:
             raise InputError("vllm-npy needs --experts (the arrays do not say)", field="experts")
-        return import_vllm_npy(src, out, num_experts=num_experts, layers=layers)
+        return import_vllm_npy(src, out, num_experts=num_experts, layers=layers, force=force)
     if fmt == "counts-json":
         if not (model and domain and top_k):
             raise InputError(
@@ -375,6 +380,7 @@ def import_trace(
             kind=kind,
             num_experts=num_experts,
             seed=seed,
+            force=force,
         )
     raise InputError(
         f"unknown import format; valid: {', '.join(FORMATS)}", field="format", value=fmt

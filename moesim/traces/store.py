@@ -25,7 +25,8 @@ column                type                            meaning
 Parquet key-value metadata (``moesim.*`` keys, JSON values) records ``model``,
 ``num_experts``, ``top_k``, ``layers``, ``source`` and ``capture`` settings.
 Files are zstd-compressed and written to a temporary folder that is renamed into
-place, so an interrupted write never leaves a half trace behind.
+place (:class:`moesim.fileio.OutputFolder`), so an interrupted write never leaves a half
+trace behind.
 
 Every layer holds the same tokens in the same row order, so readers can walk all
 layers in lockstep. :class:`TraceWriter` and :func:`iter_batches` stream, so a trace
@@ -36,9 +37,6 @@ a whole (small) trace for the simulator.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim.errors import InputError
-from moesim.fileio import check_writable, normal_permissions
+from moesim.fileio import OutputFolder
 
 __all__ = [
     "OPTIONAL_COLUMNS",
@@ -157,43 +155,6 @@ def check_layer(
         )
 
 
-def is_trace_folder(path: Path) -> bool:
-    """Whether ``path`` holds nothing but a moesim trace (``layer=N/*.parquet``), so that
-    replacing it loses nothing else; an empty folder qualifies."""
-    for entry in path.iterdir():
-        if not (entry.is_dir() and entry.name.startswith("layer=")):
-            return False
-        if entry.name.removeprefix("layer=").lstrip("-").isdigit() is False:
-            return False
-        if any(not (f.is_file() and f.suffix == ".parquet") for f in entry.iterdir()):
-            return False
-    return True
-
-
-def _check_replaceable(dest: Path) -> None:
-    """Refuse, before any work, a ``dest`` whose replacement would delete something that is
-    not a moesim trace (a file, or a folder holding anything else)."""
-    check_writable(dest)
-    if not dest.exists() and not dest.is_symlink():
-        return
-    if dest.is_symlink() or not dest.is_dir() or not is_trace_folder(dest):
-        raise InputError(
-            "exists and is not a moesim trace folder; writing the trace there would delete "
-            "it: choose a new folder or remove it first",
-            file=dest,
-            field="out",
-            value=str(dest),
-        )
-
-
-def _atomic_dir(dest: Path) -> Path:
-    """A temporary folder beside ``dest``, with normal permissions (mkdtemp makes 0700)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    normal_permissions(tmp)
-    return tmp
-
-
 def _fixed_list(values: np.ndarray, width: int, dtype: pa.DataType) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=dtype)
     return pa.FixedSizeListArray.from_arrays(flat, width)
@@ -206,8 +167,9 @@ class TraceWriter:
     without error. A previous trace there is replaced: set aside whole by one rename, the
     new one renamed in, the old one deleted after, so a reader sees the old trace or the new
     one, never a mixture. A ``dest`` that holds anything but a trace is refused before any
-    work (:class:`~moesim.errors.InputError`), never deleted. Every layer must receive the
-    same tokens in the same order::
+    work (:class:`~moesim.errors.InputError`), never deleted; with ``force`` the trace's
+    files are written into it and the rest left alone. Every layer must receive the same
+    tokens in the same order::
 
         with TraceWriter(out, num_experts=64, top_k=6, layers=[2, 3]) as w:
             for chunk in chunks:
@@ -224,8 +186,10 @@ class TraceWriter:
         layers: Sequence[int],
         meta: dict[str, Any] | None = None,
         optional_columns: Sequence[str] = (),
+        force: bool = False,
     ) -> None:
         self.dest = Path(dest)
+        self._out = OutputFolder(self.dest, "trace", force=force)
         self.num_experts, self.top_k = num_experts, top_k
         self.layers = tuple(int(x) for x in layers)
         self.optional = tuple(optional_columns)
@@ -247,8 +211,7 @@ class TraceWriter:
         self.rows = dict.fromkeys(self.layers, 0)
 
     def __enter__(self) -> TraceWriter:
-        _check_replaceable(self.dest)
-        self._tmp = _atomic_dir(self.dest)
+        self._tmp = self._out.begin()
         return self
 
     def write(
@@ -290,13 +253,18 @@ class TraceWriter:
                 raise InputError("optional column declared but not given", field=name)
             cols.append(pa.array(np.asarray(optional[name]), type=OPTIONAL_COLUMNS[name]))
         table = pa.Table.from_arrays(cols, schema=self.schema)
-        if layer not in self._writers:
-            part = self._tmp / f"layer={layer}"
-            part.mkdir()
-            self._writers[layer] = pq.ParquetWriter(
-                part / "part-0.parquet", self.schema, compression="zstd"
-            )
-        self._writers[layer].write_table(table)
+        try:
+            if layer not in self._writers:
+                part = self._tmp / f"layer={layer}"
+                part.mkdir()
+                self._writers[layer] = pq.ParquetWriter(
+                    part / "part-0.parquet", self.schema, compression="zstd"
+                )
+            self._writers[layer].write_table(table)
+        except OSError as err:  # a full disk, a permission lost: the old trace stays
+            raise InputError(
+                f"cannot write there ({err.strerror or err})", file=self.dest, field="out"
+            ) from None
         self.rows[layer] += n
 
     def __exit__(
@@ -305,37 +273,35 @@ class TraceWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for w in self._writers.values():
-            w.close()
-        assert self._tmp is not None
         tmp, self._tmp = self._tmp, None
-        if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
         try:
-            counts = set(self.rows.values())
-            if len(counts) != 1 or 0 in counts:
+            for w in self._writers.values():
+                w.close()
+        except OSError as err:  # a full disk on the last flush
+            self._out.abort()
+            if exc_type is None:
                 raise InputError(
-                    "every layer must receive the same, non-zero number of rows",
-                    file=self.dest,
-                    field="rows",
-                    value=dict(self.rows),
-                )
-            _check_replaceable(self.dest)  # nothing appeared there meanwhile
-            old = None
-            if self.dest.exists():  # set the previous trace aside whole, swap, then delete it
-                old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
-                os.replace(self.dest, old / "trace")
-            os.replace(tmp, self.dest)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                    f"cannot write there ({err.strerror or err})", file=self.dest, field="out"
+                ) from None
+            return
+        if exc_type is not None or tmp is None:
+            self._out.abort()
+            return
+        counts = set(self.rows.values())
+        if len(counts) != 1 or 0 in counts:
+            self._out.abort()
+            raise InputError(
+                "every layer must receive the same, non-zero number of rows",
+                file=self.dest,
+                field="rows",
+                value=dict(self.rows),
+            )
+        self._out.commit()
 
 
-def write_trace(trace: RoutingTrace, dest: str | Path) -> Path:
-    """Write an in-memory trace to the folder ``dest`` (replaced atomically if it exists)."""
+def write_trace(trace: RoutingTrace, dest: str | Path, *, force: bool = False) -> Path:
+    """Write an in-memory trace to the folder ``dest`` (replaced atomically if it exists;
+    ``force``: into a folder that holds other files, see :class:`TraceWriter`)."""
     trace.validate()
     tokens = np.arange(trace.num_tokens, dtype=np.int64)
     with TraceWriter(
@@ -344,6 +310,7 @@ def write_trace(trace: RoutingTrace, dest: str | Path) -> Path:
         top_k=trace.top_k,
         layers=trace.layers,
         meta=trace.meta,
+        force=force,
     ) as w:
         for li, layer in enumerate(trace.layers):
             w.write(

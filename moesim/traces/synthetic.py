@@ -334,9 +334,10 @@ def synth_to_store(
     steps: int = 1,
     seed: int = 0,
     groups: tuple[int, int] | None = None,
+    force: bool = False,
 ) -> Path:
     """Stream a synthetic trace into the store in bounded memory; same content as
-    :func:`synthesize` for the same arguments."""
+    :func:`synthesize` for the same arguments (``force``: see :class:`TraceWriter`)."""
     dist = parse_distribution(distribution) if isinstance(distribution, str) else distribution
     with TraceWriter(
         out,
@@ -344,6 +345,7 @@ def synth_to_store(
         top_k=top_k,
         layers=range(num_layers),
         meta=_meta(dist, seed, steps, groups),
+        force=force,
     ) as w:
         for step, _start, tok, per_layer in _chunks(
             dist, num_experts, top_k, num_layers, num_tokens, steps, seed, groups
