@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moesim.arrays import unique_sorted
 from moesim.dispatchers import Dedup
 
 __all__ = ["copy_matrix", "traffic_matrix"]
@@ -47,7 +48,7 @@ def copy_matrix(
     d, g = num_devices, devices_per_node
     if dedup == "none":
         return traffic_matrix(origin, dest, d)
-    key = np.unique(token.astype(np.int64) * d + dest)  # one per (token, device)
+    key = unique_sorted(token.astype(np.int64) * d + dest)  # one per (token, device)
     tok, dst = key // d, key % d
     src = _origin_of(token, origin, tok)
     if dedup == "device":
@@ -57,7 +58,7 @@ def copy_matrix(
     far_src, far_dst = src[~same_node], dst[~same_node]
     far_tok = tok[~same_node]
     relay = (far_dst // g) * g + far_src % g  # sender's rail GPU in the destination node
-    node_key = np.unique(far_tok * d + relay)  # one RDMA copy per (token, node)
+    node_key = unique_sorted(far_tok * d + relay)  # one RDMA copy per (token, node)
     t2, r2 = node_key // d, node_key % d
     out += traffic_matrix(_origin_of(token, origin, t2), r2, d)
     fwd = relay != far_dst  # NVLink forwards inside the destination node

@@ -170,8 +170,10 @@ def sample_experts(
     cand = np.minimum(
         np.searchsorted(cdf, rng.random((n, m)) * cdf[-1], side="right"), p.size - 1
     )  # (n, m)
-    order = np.argsort(cand, axis=1, kind="stable")  # equal ids keep draw order
-    sorted_c = np.take_along_axis(cand, order, axis=1)
+    # sort each row by (id, draw): equal ids keep draw order; one packed key, no argsort
+    key = cand * m + np.arange(m)
+    key.sort(axis=1)
+    order, sorted_c = key % m, key // m
     repeat = np.zeros((n, m), dtype=bool)
     repeat[:, 1:] = sorted_c[:, 1:] == sorted_c[:, :-1]
     dup = np.empty_like(repeat)
@@ -194,10 +196,13 @@ def sample_experts(
         j = np.arange(k)[None, :]
         fill = np.take_along_axis(best, np.maximum(j - m[:, None], 0), axis=1)
         ids[short] = np.where(j < m[:, None], got, fill)
+    # order each row by popularity, descending, ties in pick order: the packed key
+    # (dense rank of the expert's popularity, column), one sort
+    _, rank_of = np.unique(-p, return_inverse=True)  # (E,) equal popularities share a rank
+    key = rank_of[ids] * k + np.arange(k)
+    key.sort(axis=1)
+    ids = np.take_along_axis(ids, key % k, axis=1)
     w = p[ids]  # (n, k)
-    desc = np.argsort(-w, axis=1, kind="stable")
-    ids = np.take_along_axis(ids, desc, axis=1)
-    w = np.take_along_axis(w, desc, axis=1)
     return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
