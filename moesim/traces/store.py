@@ -54,6 +54,7 @@ from moesim.errors import InputError
 from moesim.fileio import check_writable, normal_permissions
 
 __all__ = [
+    "MAX_EXPERTS",
     "OPTIONAL_COLUMNS",
     "Batch",
     "RoutingTrace",
@@ -66,6 +67,9 @@ __all__ = [
     "trace_schema",
     "write_trace",
 ]
+
+#: the most routed experts a trace may declare (2^20; the largest MoE models have hundreds)
+MAX_EXPERTS = 1 << 20
 
 OPTIONAL_COLUMNS = {"sequence": pa.int64(), "source_device": pa.int32()}
 REQUIRED_COLUMNS = ("step", "layer", "token", "expert_ids", "gate_weights")
@@ -234,6 +238,17 @@ class TraceWriter:
         self.dest = Path(dest)
         self.num_experts, self.top_k = num_experts, top_k
         self.layers = tuple(int(x) for x in layers)
+        i16 = np.iinfo(np.int16)
+        for la in self.layers:
+            if self.layers.count(la) > 1 or not i16.min <= la <= i16.max:
+                why = "layer listed twice" if self.layers.count(la) > 1 else "layer beyond int16"
+                raise InputError(why, field="layers", value=la)
+        if not 0 < num_experts <= MAX_EXPERTS or top_k < 1:
+            raise InputError(
+                f"need 1..{MAX_EXPERTS} experts and top_k >= 1",
+                field="num_experts" if top_k >= 1 else "top_k",
+                value=num_experts if top_k >= 1 else top_k,
+            )
         self.optional = tuple(optional_columns)
         unknown = [c for c in self.optional if c not in OPTIONAL_COLUMNS]
         if unknown:
@@ -362,7 +377,7 @@ class _Meta(BaseModel):
     """The metadata every reader relies on (other ``moesim.*`` keys pass through)."""
 
     model_config = ConfigDict(extra="allow")
-    num_experts: int = Field(strict=True, gt=0, le=np.iinfo(np.int32).max)
+    num_experts: int = Field(strict=True, gt=0, le=MAX_EXPERTS)
     top_k: int = Field(strict=True, gt=0)
 
 
