@@ -413,7 +413,19 @@ CASES = [
         ("a.npy", ".npz"),
         {"a.npy": _npz_named_npy},
     ),
+    Case(
+        "placement loads: an .npz named .npy",
+        ["place", "--loads", "{tmp}/l.npy", "--nodes", "1", "--gpus-per-node", "2"],
+        ("l.npy", ".npz"),
+        {"l.npy": _npz_named_npy},
+    ),
     # files that are not what they claim; errors naming what the user wrote
+    Case(
+        "kineto: nested too deeply",
+        ["kernels", "import-profile", "{tmp}/k.json", "--out", "{tmp}/out.csv"],
+        ("k.json", "nested too deeply"),
+        {"k.json": "[" * 100_000},
+    ),
     Case(
         "scenario: a typo names the unknown field",
         ["simulate", "{tmp}/s.yaml", "--out", "{tmp}/out"],
