@@ -829,6 +829,10 @@ def main() -> None:
     except typer.Abort:
         sys.stderr.write("moesim: aborted\n")
         raise SystemExit(130) from None
+    except OSError as err:  # a path that cannot be read or written: the user's to fix
+        where = f"{err.filename}: " if err.filename else ""
+        sys.stderr.write(f"moesim: error: {where}{err.strerror or err}\n")
+        raise SystemExit(2) from None
     if isinstance(rc, int) and rc:
         raise SystemExit(rc)
 

@@ -18,6 +18,8 @@ from moesim.paths import hardware_dir
 from moesim.yamlio import load_yaml_model
 
 __all__ = [
+    "MAX_FACTOR",
+    "MIN_EFFICIENCY",
     "Calibration",
     "Compute",
     "Efficiency",
@@ -32,14 +34,35 @@ __all__ = [
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+#: the smallest fraction of a peak a profile may claim: 0.1 %. Far below any real kernel's
+#: (GEMMs reach 30-90 %, links 50-95 %), and it keeps every time the cost model derives
+#: finite (an efficiency of 1e-300 made step times infinite)
+MIN_EFFICIENCY = 1e-3
+#: the slowest throughput and bandwidth a profile may claim (1 GFLOP/s, 1 MB/s): for the
+#: same reason
+MIN_RATE = 1e-3
+#: the longest fixed time a profile may claim for a launch, a latency or a floor: 1 s
+MAX_FIXED_US = 1e6
+#: the largest slowdown factor (expert backward over forward, interference beside
+#: communication) a profile may claim
+MAX_FACTOR = 100.0
+#: the largest ``gemm_half_outputs`` a profile may claim (a GEMM of 10^15 output elements)
+MAX_HALF_OUTPUTS = 1e15
+
 
 class Compute(BaseModel):
     model_config = _STRICT
-    bf16_dense_tflops: float = Field(gt=0, description="Dense BF16 tensor throughput, TFLOP/s")
-    fp8_dense_tflops: float | None = Field(
-        default=None, gt=0, description="Dense FP8 tensor throughput, TFLOP/s (None: no FP8 units)"
+    bf16_dense_tflops: float = Field(
+        ge=MIN_RATE, description="Dense BF16 tensor throughput, TFLOP/s"
     )
-    int8_dense_tops: float | None = Field(default=None, gt=0, description="Dense INT8, TOP/s")
+    fp8_dense_tflops: float | None = Field(
+        default=None,
+        ge=MIN_RATE,
+        description="Dense FP8 tensor throughput, TFLOP/s (None: no FP8 units)",
+    )
+    int8_dense_tops: float | None = Field(
+        default=None, ge=MIN_RATE, description="Dense INT8, TOP/s"
+    )
     sm_count: int | None = Field(
         default=None,
         gt=0,
@@ -51,7 +74,7 @@ class Compute(BaseModel):
 class Memory(BaseModel):
     model_config = _STRICT
     hbm_bytes: int = Field(gt=0, description="HBM capacity per device, bytes")
-    hbm_bandwidth_gbps: float = Field(gt=0, description="HBM bandwidth per device, GB/s")
+    hbm_bandwidth_gbps: float = Field(ge=MIN_RATE, description="HBM bandwidth per device, GB/s")
 
 
 class _Tier(BaseModel):
@@ -61,6 +84,7 @@ class _Tier(BaseModel):
     alltoall_floor_us: float | None = Field(
         default=None,
         ge=0,
+        le=MAX_FIXED_US,
         description="time of one MoE all-to-all call across this tier that does not grow "
         "with its bytes, beyond the path's latency and the dispatcher's launches and round "
         "trips (a floor moesim calibrate fits: synchronisation with late peers); None: 0",
@@ -73,10 +97,12 @@ class ScaleUp(_Tier):
     model_config = _STRICT
     kind: str = Field(description="e.g. nvlink4-nvswitch, infinity-fabric, tpu-ici")
     topology: Literal["nvswitch", "full-mesh", "torus-2d", "torus-3d"]
-    bandwidth_gbps: float = Field(gt=0, description="Per device, per direction, GB/s")
+    bandwidth_gbps: float = Field(ge=MIN_RATE, description="Per device, per direction, GB/s")
     domain_size: int = Field(gt=0, description="Devices in one scale-up domain")
     links_per_device: int = Field(gt=0)
-    latency_us: float = Field(gt=0, description="One-way latency of a small message")
+    latency_us: float = Field(
+        gt=0, le=MAX_FIXED_US, description="One-way latency of a small message"
+    )
 
 
 class ScaleOut(_Tier):
@@ -84,34 +110,43 @@ class ScaleOut(_Tier):
 
     model_config = _STRICT
     kind: str
-    bandwidth_gbps: float = Field(gt=0, description="Per device, per direction, GB/s")
-    latency_us: float = Field(gt=0)
+    bandwidth_gbps: float = Field(ge=MIN_RATE, description="Per device, per direction, GB/s")
+    latency_us: float = Field(gt=0, le=MAX_FIXED_US)
 
 
 class Efficiency(BaseModel):
     """Achievable fraction of each peak, used by the roofline cost model."""
 
     model_config = _STRICT
-    gemm: float = Field(gt=0, le=1, description="large GEMMs' fraction of the dense peak")
-    hbm: float = Field(gt=0, le=1)
-    scale_up: float = Field(gt=0, le=1)
-    scale_out: float = Field(gt=0, le=1)
+    gemm: float = Field(
+        ge=MIN_EFFICIENCY, le=1, description="large GEMMs' fraction of the dense peak"
+    )
+    hbm: float = Field(ge=MIN_EFFICIENCY, le=1)
+    scale_up: float = Field(ge=MIN_EFFICIENCY, le=1)
+    scale_out: float = Field(ge=MIN_EFFICIENCY, le=1)
     gemm_half_outputs: float | None = Field(
         default=None,
         ge=0,
+        le=MAX_HALF_OUTPUTS,
         description="output elements (M x N, over a grouped call's experts) at which a "
         "GEMM's arithmetic takes twice its large-batch time, too few tiles to fill the "
         "device: t = flops x (M N + H) / (M N x peak x gemm); None: 0",
     )
     gemm_fp8: float | None = Field(
-        default=None, gt=0, le=1, description="FP8 GEMMs' fraction of the FP8 peak; None: gemm"
+        default=None,
+        ge=MIN_EFFICIENCY,
+        le=1,
+        description="FP8 GEMMs' fraction of the FP8 peak; None: gemm",
     )
     gemm_fp8_half_outputs: float | None = Field(
-        default=None, ge=0, description="gemm_half_outputs of FP8 GEMMs; None: gemm_half_outputs"
+        default=None,
+        ge=0,
+        le=MAX_HALF_OUTPUTS,
+        description="gemm_half_outputs of FP8 GEMMs; None: gemm_half_outputs",
     )
     attention: float | None = Field(
         default=None,
-        gt=0,
+        ge=MIN_EFFICIENCY,
         le=1,
         description="attention-score kernels' (FlashAttention's) fraction of the dense peak; "
         "None: gemm",
@@ -119,12 +154,14 @@ class Efficiency(BaseModel):
     comm_interference: float | None = Field(
         default=None,
         ge=0,
+        le=MAX_FACTOR,
         description="extra slowdown of compute while a communication kernel runs beside it "
         "(memory and cache traffic), on top of the SMs it holds; None: 0",
     )
     expert_backward: float | None = Field(
         default=None,
         gt=0,
+        le=MAX_FACTOR,
         description="expert FFN backward time over its forward time; None: 2 (the FLOP ratio)",
     )
 
@@ -163,7 +200,9 @@ class HardwareProfile(BaseModel):
     scale_up: ScaleUp
     scale_out: ScaleOut
     efficiency: Efficiency
-    kernel_launch_us: float = Field(gt=0, description="Fixed cost of one kernel launch")
+    kernel_launch_us: float = Field(
+        gt=0, le=MAX_FIXED_US, description="Fixed cost of one kernel launch"
+    )
     kernel_tables: str | None = Field(
         default=None, description="Folder under kernels/measured/ with this device's timings"
     )

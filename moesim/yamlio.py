@@ -21,6 +21,12 @@ def load_yaml(path: Path) -> Any:
         raise InputError("file not found", file=path)
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})", file=path
+        ) from None
+    except RecursionError:
+        raise InputError("not valid YAML: nested too deeply", file=path) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -331,7 +331,7 @@ def test_corrupt_trace_file(tmp_path, flame_dict, write_scenario, payload):
     [
         (
             lambda d: d["memory"].__setitem__("hbm_bandwidth_gbps", -3350),
-            ("memory.hbm_bandwidth_gbps", "-3350", "greater than 0"),
+            ("memory.hbm_bandwidth_gbps", "-3350", "greater than or equal to 0.001"),
         ),
         (lambda d: d["compute"].pop("bf16_dense_tflops"), ("compute.bf16_dense_tflops", "missing")),
         (lambda d: d["sources"].pop("memory.hbm_bytes"), ("memory.hbm_bytes", "sources")),

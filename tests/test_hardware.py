@@ -48,7 +48,7 @@ def test_unsourced_figure_rejected():
 def test_negative_figure_rejected():
     data = _raw("H100-SXM")
     data["memory"]["hbm_bandwidth_gbps"] = -1
-    with pytest.raises(ValidationError, match="greater than 0"):
+    with pytest.raises(ValidationError, match=r"greater than or equal to 0\.001"):
         HardwareProfile.model_validate(data)
 
 

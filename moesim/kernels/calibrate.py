@@ -56,7 +56,7 @@ from scipy.optimize import brentq
 
 from moesim.costs.fit import with_efficiency
 from moesim.errors import InputError
-from moesim.hardware import Calibration, HardwareProfile
+from moesim.hardware import MAX_FACTOR, MIN_EFFICIENCY, Calibration, HardwareProfile
 from moesim.kernels.profile_import import ProfileSummary, import_profile
 
 __all__ = [
@@ -353,7 +353,7 @@ def calibrate_profile(
     if s is None:
         notes.append("comm_interference: no GEMM seen with and without communication beside it")
     else:
-        hw = _set(hw, "efficiency", comm_interference=round(s, 4))
+        hw = _set(hw, "efficiency", comm_interference=round(min(s, MAX_FACTOR), 4))
     # 2. GEMM efficiency: the forward GEMMs' total
     target = _mean(measured, "grouped GEMM forward", fit_set)
     if math.isfinite(target):
@@ -372,16 +372,16 @@ def calibrate_profile(
         p1, p2 = (pred(_set(hw, "efficiency", expert_backward=b)) for b in (1.0, 2.0))
         slope = p2["grouped GEMM backward"] - p1["grouped GEMM backward"]
         b = 1.0 + (target - p1["grouped GEMM backward"]) / slope
-        hw = _set(hw, "efficiency", expert_backward=round(max(b, 0.1), 4))
+        hw = _set(hw, "efficiency", expert_backward=round(min(max(b, 0.1), MAX_FACTOR), 4))
     # 4. attention scores: inversely proportional to their efficiency
     target = _mean(measured, "attention", fit_set)
     if math.isfinite(target):
         a0 = hw.efficiency.attention or hw.efficiency.gemm
         e = a0 * pred(hw)["attention"] / target
-        if 0 < e <= 1:
+        if MIN_EFFICIENCY <= e <= 1:
             hw = _set(hw, "efficiency", attention=round(e, 4))
         else:
-            notes.append(f"attention: fitted efficiency {e:.3f} is outside (0, 1]")
+            notes.append(f"attention: fitted efficiency {e:.3f} is outside [{MIN_EFFICIENCY}, 1]")
     # 5. the all-to-alls: floor + port time / efficiency
     hw = _fit_network(hw, prep.scenario.cluster.nodes > 1, measured, fit_set, pred, notes)
     changed = _changed(base, hw)
@@ -443,8 +443,8 @@ def _fit_network(
     a = np.c_[np.ones(4), port]
     (floor, inv_e), *_ = np.linalg.lstsq(a, t, rcond=None)
     e = float(1 / inv_e) if inv_e > 0 else math.inf
-    if not 0 < e <= 1:
-        notes.append(f"{tier}: fitted efficiency {e:.3f} is outside (0, 1]")
+    if not MIN_EFFICIENCY <= e <= 1:
+        notes.append(f"{tier}: fitted efficiency {e:.3f} is outside [{MIN_EFFICIENCY}, 1]")
         return hw
     hw = _set(hw, "efficiency", **{tier: round(e, 4)})
     # what the floor has beyond the simulator's own (path latency, the dispatcher's

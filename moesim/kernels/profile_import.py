@@ -250,6 +250,8 @@ def _read_trace(path: Path) -> dict[str, Any]:
         data = json.loads(raw)
     except UnicodeDecodeError:
         raise InputError("not a JSON text file (and not gzip)", file=path) from None
+    except RecursionError:
+        raise InputError("not valid JSON: nested too deeply", file=path) from None
     except json.JSONDecodeError as err:
         raise InputError(
             f"not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}", file=path

@@ -111,8 +111,10 @@ def load_loads(
     if suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"not a .npy array ({exc})", file=path) from None
+        if not isinstance(arr, np.ndarray):  # np.load opened an .npz archive
+            raise InputError("an .npz archive, not an .npy array", file=path)
         if arr.dtype.kind not in "iuf":
             raise InputError("expected an integer or float array", file=path, value=str(arr.dtype))
     elif suffix == ".csv":

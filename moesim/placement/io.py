@@ -14,7 +14,10 @@ Format::
         devices: {0: [0, 2, 4, 6, 1], 1: [1, 3, 5, 7, 0]}   # or by device id
 
 Every device of every layer must have the same number of slots, every expert must have a
-home in every layer, ids must be in range, and the slots must fit device memory.
+home in every layer, ids must be in range, and the slots must fit device memory. An expert
+twice on one device is refused (a second copy there serves no other device), unless the
+file says ``same_device_copies: true``: DeepSeek EPLB's plans (``eplb-global``,
+``eplb-hierarchical``) can hold such copies, and moesim writes that line with them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import numpy as np
 from moesim.errors import InputError
 from moesim.fileio import atomic_write_text
 from moesim.placement.base import Placement
+from moesim.traces.store import MAX_EXPERTS
 from moesim.yamlio import load_yaml
 
 __all__ = ["placement_dict", "read_placement", "write_placement"]
+
+_FLAGS = ("same_device_copies",)
 
 
 def placement_dict(
@@ -44,6 +50,8 @@ def placement_dict(
     out: dict[str, Any] = {"num_experts": placement.num_experts}
     if nodes is not None and devices_per_node is not None:
         out |= {"nodes": nodes, "devices_per_node": devices_per_node}
+    if _same_device_copy(placement.slots) is not None:
+        out["same_device_copies"] = True
     out["layers"] = [
         {"layer": int(name), "devices": placement.slots[li].tolist()}
         for li, name in enumerate(names)
@@ -64,12 +72,25 @@ def write_placement(
     lines = [f"num_experts: {data['num_experts']}"]
     if "nodes" in data:
         lines += [f"nodes: {data['nodes']}", f"devices_per_node: {data['devices_per_node']}"]
+    if data.get("same_device_copies"):
+        lines.append("same_device_copies: true  # an expert twice on one device, as EPLB plans")
     lines.append("layers:")
     for entry in data["layers"]:
         lines.append(f"  - layer: {entry['layer']}")
         lines.append("    devices:")
         lines += [f"      - [{', '.join(str(x) for x in dev)}]" for dev in entry["devices"]]
     return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _same_device_copy(slots: np.ndarray) -> tuple[int, int, int] | None:
+    """(layer, device, expert) of the first expert held twice by one device of the
+    (L, D, S) ``slots``, or None."""
+    s = np.sort(slots, axis=2)
+    twice = s[:, :, 1:] == s[:, :, :-1]
+    if not twice.any():
+        return None
+    li, di, si = (int(x) for x in np.argwhere(twice)[0])
+    return li, di, int(s[li, di, si])
 
 
 def _int(value: Any, path: Path, field: str) -> int:
@@ -98,16 +119,21 @@ def read_placement(
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise InputError("expected a mapping at the top level", file=path)
-    unknown = set(data) - {"num_experts", "nodes", "devices_per_node", "layers"}
+    unknown = set(data) - {"num_experts", "nodes", "devices_per_node", "layers", *_FLAGS}
     if unknown:
-        raise InputError("unknown field", file=path, field=sorted(unknown)[0])
+        raise InputError("unknown field", file=path, field=str(sorted(map(str, unknown))[0]))
+    copies = data.get("same_device_copies", False)
+    if not isinstance(copies, bool):
+        raise InputError(
+            "expected true or false", file=path, field="same_device_copies", value=copies
+        )
     e = _int(data.get("num_experts", num_experts), path, "num_experts")
     if num_experts is not None and e != num_experts:
         raise InputError(
             f"the model has {num_experts} experts", file=path, field="num_experts", value=e
         )
-    if e < 1:
-        raise InputError("must be >= 1", file=path, field="num_experts", value=e)
+    if not 1 <= e <= MAX_EXPERTS:
+        raise InputError(f"expected 1..{MAX_EXPERTS}", file=path, field="num_experts", value=e)
     if "nodes" in data or "devices_per_node" in data:
         nd = _int(data.get("nodes"), path, "nodes") * _int(
             data.get("devices_per_node"), path, "devices_per_node"
@@ -142,7 +168,7 @@ def read_placement(
         devs = entry["devices"]
         if isinstance(devs, dict):
             ids = [_int(k, path, f"{where}.devices") for k in devs]
-            n = num_devices if num_devices is not None else max(ids) + 1
+            n = num_devices if num_devices is not None else len(ids)
             bad = [i for i in ids if not 0 <= i < n]
             if bad:
                 raise InputError(
@@ -212,6 +238,16 @@ def read_placement(
             value=s,
         )
     slots = np.array(per_layer, dtype=np.int32)  # (L, D, S)
+    twice = None if copies else _same_device_copy(slots)
+    if twice is not None:
+        li, di, ex = twice
+        raise InputError(
+            f"expert {ex} twice on device {di} (a second copy there serves no other device; "
+            "'same_device_copies: true' allows it)",
+            file=path,
+            field=f"layers[{li}].devices[{di}]",
+            value=ex,
+        )
     for li in range(slots.shape[0]):
         count = np.bincount(slots[li].ravel(), minlength=e)
         if (count == 0).any():

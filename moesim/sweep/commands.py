@@ -102,14 +102,14 @@ def sweep_cmd(
 
     from moesim.cli import _display_path
     from moesim.console import make_console
+    from moesim.fileio import check_writable
     from moesim.sweep.results import ResultsFolder
     from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
     from moesim.sweep.spec import Case, load_sweep
 
     err_console = make_console(stderr=True)
     console = make_console()
-    if not console.is_terminal:
-        console.width = 160  # files and pipes get the whole table, not an 80-column squeeze
+    check_writable(out)
     sweep = load_sweep(sweep_file, max_cases)
     folder = ResultsFolder(out, sweep, force=force)  # refuses another sweep's; writes nothing
     pending = len(folder.pending())

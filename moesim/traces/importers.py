@@ -6,11 +6,14 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from moesim.errors import InputError
-from moesim.traces.store import RoutingTrace, TraceWriter, write_trace
+from moesim.traces.store import MAX_EXPERTS, RoutingTrace, TraceWriter, check_layer, write_trace
+from moesim.yamlio import validation_to_input_error
 
 __all__ = [
     "FORMATS",
@@ -23,6 +26,29 @@ __all__ = [
 ]
 
 FORMATS = ("flame-jsonl", "vllm-npy", "counts-json")
+
+#: layer numbers a trace stores (its ``layer`` column is int16)
+_LAYER = Field(strict=True, ge=0, le=np.iinfo(np.int16).max)
+#: a count of tokens: an integer (never a float truncated), at most what int32 holds
+_COUNT = Field(strict=True, ge=0, le=np.iinfo(np.int32).max)
+
+
+class _FlameRow(BaseModel):
+    """One (layer, token) line of a FLAME-MoE JSONL trace."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    layer: Annotated[int, _LAYER]
+    token: Annotated[int, Field(strict=True, ge=0)]
+    experts: list[Annotated[int, Field(strict=True)]]
+    weights: list[Annotated[float, Field(strict=True)]]
+
+
+_FLAME_ROW = TypeAdapter(_FlameRow)
+#: one domain of a counts JSON: per layer, {expert id: count}; ids are JSON keys (strings
+#: holding integers), counts JSON integers
+_COUNT_TABLES = TypeAdapter(
+    list[dict[Annotated[int, Field(ge=0, lt=MAX_EXPERTS)], Annotated[int, _COUNT]]]
+)
 
 
 def import_flame_jsonl(path: str | Path, num_experts: int = 64) -> RoutingTrace:
@@ -37,37 +63,50 @@ def import_flame_jsonl(path: str | Path, num_experts: int = 64) -> RoutingTrace:
     meta: dict[str, object] = {}
     rows: dict[int, dict[int, tuple[list[int], list[float]]]] = {}
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"line {lineno} is not JSON", file=path) from None
-            if obj.get("type") == "meta":
-                meta = obj
-                continue
-            try:
-                layer, token = int(obj["layer"]), int(obj["token"])
-                experts, weights = list(obj["experts"]), list(obj["weights"])
-            except (KeyError, TypeError, ValueError):
-                raise InputError(
-                    f"line {lineno} lacks layer/token/experts/weights", file=path
-                ) from None
-            if len(experts) != len(weights):
-                raise InputError(
-                    f"line {lineno}: experts and weights differ in length",
-                    file=path,
-                    field="weights",
-                    value=len(weights),
-                )
-            rows.setdefault(layer, {})[token] = (experts, weights)
+        try:
+            lines = list(enumerate(fh, 1))
+        except UnicodeDecodeError:
+            raise InputError("not UTF-8 text", file=path) from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise InputError(f"line {lineno} is not JSON", file=path) from None
+        if isinstance(obj, dict) and obj.get("type") == "meta":
+            meta = obj
+            continue
+        try:
+            row = _FLAME_ROW.validate_python(obj)
+        except ValidationError as exc:
+            err = validation_to_input_error(exc, path)
+            raise InputError(
+                f"line {lineno}: {err.message}", file=path, field=err.field, value=err.value
+            ) from None
+        if len(row.experts) != len(row.weights):
+            raise InputError(
+                f"line {lineno}: experts and weights differ in length",
+                file=path,
+                field="weights",
+                value=len(row.weights),
+            )
+        if row.token in rows.setdefault(row.layer, {}):
+            raise InputError(
+                f"line {lineno}: layer {row.layer} token {row.token} given twice",
+                file=path,
+                field="token",
+                value=row.token,
+            )
+        rows[row.layer][row.token] = (row.experts, row.weights)
     if not rows:
         raise InputError("no routing rows", file=path)
     layers = sorted(rows)
     tokens = sorted(rows[layers[0]])
     top_k = len(rows[layers[0]][tokens[0]][0])
-    ids = np.empty((len(layers), len(tokens), top_k), dtype=np.int32)
+    if top_k == 0:
+        raise InputError("a token with no experts", file=path, field="experts", value=[])
+    ids = np.empty((len(layers), len(tokens), top_k), dtype=np.int64)
     ws = np.empty((len(layers), len(tokens), top_k), dtype=np.float32)
     for li, layer in enumerate(layers):
         if sorted(rows[layer]) != tokens:
@@ -83,8 +122,9 @@ def import_flame_jsonl(path: str | Path, num_experts: int = 64) -> RoutingTrace:
                 )
             ids[li, ti] = e
             ws[li, ti] = w
+        check_layer(ids[li], ws[li], num_experts, layer, path)  # before narrowing to int32
     trace = RoutingTrace(
-        expert_ids=ids,
+        expert_ids=ids.astype(np.int32),
         gate_weights=ws,
         steps=np.zeros(len(tokens), dtype=np.int32),
         layers=tuple(layers),
@@ -121,8 +161,10 @@ def import_vllm_npy(
     for f in files:
         try:
             a = np.load(f, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise InputError(f"not a readable .npy file ({exc})", file=f) from None
+        if not isinstance(a, np.ndarray):  # np.load opened an .npz archive
+            raise InputError("an .npz archive, not an .npy array", file=f)
         if a.ndim != 3 or not np.issubdtype(a.dtype, np.integer):
             raise InputError(
                 "expected an integer array of shape [seq_len, layers, top_k]",
@@ -187,6 +229,13 @@ def _layers_from_meta(data: dict[str, object], n: int) -> list[int]:
     if isinstance(text, str) and "model layer" in text:
         nums = [int(x) for x in re.findall(r"\d+", text.split("model layer", 1)[1])]
         if len(nums) >= n:
+            twice = [x for x in nums[:n] if nums[:n].count(x) > 1]
+            if twice or max(nums[:n]) > np.iinfo(np.int16).max:
+                raise InputError(
+                    "names a layer twice" if twice else "a layer number beyond int16",
+                    field="_meta.layers_in_expert_counts",
+                    value=twice[0] if twice else max(nums[:n]),
+                )
             return nums[:n]
     return list(range(n))
 
@@ -208,8 +257,10 @@ def load_counts_json(
     if not path.is_file():
         raise InputError("file not found", file=path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise InputError("a key given twice in one object", file=path, value=exc.key) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InputError(f"not JSON ({exc.__class__.__name__})", file=path) from None
     if model is None:
         models = [k for k in data if not k.startswith("_")] if isinstance(data, dict) else []
@@ -232,7 +283,10 @@ def load_counts_json(
         raise InputError(
             "the domains list different numbers of layers; choose one", file=path, field="domain"
         )
-    e = num_experts or 1 + max(max(t) for tables in per_domain for t in tables if t)
+    ids = [ex for tables in per_domain for t in tables for ex in t]
+    if not ids:
+        raise InputError("no expert counts", file=path, field=f"{model}.{kind}")
+    e = num_experts or 1 + max(ids)
     counts = np.zeros((len(per_domain[0]), e), dtype=np.int64)
     for tables in per_domain:
         for li, t in enumerate(tables):
@@ -247,7 +301,11 @@ def load_counts_json(
                 if c < 0:
                     raise InputError("negative count", file=path, field=f"expert {ex}", value=c)
                 counts[li, ex] += c
-    return _layers_from_meta(data, len(counts)), counts
+    try:
+        layers = _layers_from_meta(data, len(counts))
+    except InputError as err:
+        raise InputError(err.message, file=path, field=err.field, value=err.value) from None
+    return layers, counts
 
 
 def _child(node: object, key: str, path: Path, field_name: str) -> object:
@@ -261,15 +319,52 @@ def _child(node: object, key: str, path: Path, field_name: str) -> object:
 
 
 def _count_tables(node: object, path: Path, domain: str) -> list[dict[int, int]]:
-    """One domain's per-layer ``{expert id: count}`` tables, as integers."""
+    """One domain's per-layer ``{expert id: count}`` tables: ids integers, counts
+    non-negative integers (a float is refused, never truncated), no id twice in a table."""
     if not isinstance(node, list) or not node or not all(isinstance(x, dict) for x in node):
         raise InputError("expected a list of {expert_id: count} tables", file=path, field=domain)
     try:
-        return [{int(k): int(v) for k, v in t.items()} for t in node]
-    except (TypeError, ValueError):
+        tables = _COUNT_TABLES.validate_python(node)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        li, key = err["loc"][0], err["loc"][1] if len(err["loc"]) > 1 else None
+        what = "expert ids are integers" if "[key]" in err["loc"] else err["msg"]
         raise InputError(
-            "expert ids and counts must be integers", file=path, field=domain
+            f"{what} (layer list entry {li})",
+            file=path,
+            field=f"{domain}[{li}]" + (f".{key}" if key is not None else ""),
+            value=err.get("input"),
         ) from None
+    for li, (raw, t) in enumerate(zip(node, tables, strict=True)):
+        if len(t) != len(raw):  # "1" and "01" both expert 1
+            seen: dict[int, str] = {}
+            for k in raw:
+                if int(k) in seen:
+                    raise InputError(
+                        f"expert {int(k)} listed twice (as {seen[int(k)]!r} and {k!r})",
+                        file=path,
+                        field=f"{domain}[{li}]",
+                        value=k,
+                    )
+                seen[int(k)] = k
+    return tables
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads``'s object hook: a key given twice in one object is an error (JSON
+    would keep the last silently)."""
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
 
 
 def counts_to_assignments(counts: np.ndarray, top_k: int, rng: np.random.Generator) -> np.ndarray:
@@ -359,6 +454,10 @@ def import_trace(
 ) -> Path:
     """Import ``src`` in format ``fmt`` (one of :data:`FORMATS`) into the trace ``out``
     (``force``: into a folder holding other files, see :class:`TraceWriter`)."""
+    if num_experts is not None and not 0 < num_experts <= MAX_EXPERTS:
+        raise InputError(f"expected 1..{MAX_EXPERTS}", field="experts", value=num_experts)
+    if top_k is not None and top_k < 1:
+        raise InputError("expected 1 or more", field="top-k", value=top_k)
     if fmt == "flame-jsonl":
         trace = import_flame_jsonl(src, num_experts=num_experts or 64)
         return write_trace(trace, out, force=force)

@@ -46,11 +46,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moesim.errors import InputError
 from moesim.fileio import OutputFolder
 
 __all__ = [
+    "MAX_EXPERTS",
     "OPTIONAL_COLUMNS",
     "Batch",
     "RoutingTrace",
@@ -63,6 +65,9 @@ __all__ = [
     "trace_schema",
     "write_trace",
 ]
+
+#: the most routed experts a trace may declare (2^20; the largest MoE models have hundreds)
+MAX_EXPERTS = 1 << 20
 
 OPTIONAL_COLUMNS = {"sequence": pa.int64(), "source_device": pa.int32()}
 REQUIRED_COLUMNS = ("step", "layer", "token", "expert_ids", "gate_weights")
@@ -192,6 +197,17 @@ class TraceWriter:
         self._out = OutputFolder(self.dest, "trace", force=force)
         self.num_experts, self.top_k = num_experts, top_k
         self.layers = tuple(int(x) for x in layers)
+        i16 = np.iinfo(np.int16)
+        for la in self.layers:
+            if self.layers.count(la) > 1 or not i16.min <= la <= i16.max:
+                why = "layer listed twice" if self.layers.count(la) > 1 else "layer beyond int16"
+                raise InputError(why, field="layers", value=la)
+        if not 0 < num_experts <= MAX_EXPERTS or top_k < 1:
+            raise InputError(
+                f"need 1..{MAX_EXPERTS} experts and top_k >= 1",
+                field="num_experts" if top_k >= 1 else "top_k",
+                value=num_experts if top_k >= 1 else top_k,
+            )
         self.optional = tuple(optional_columns)
         unknown = [c for c in self.optional if c not in OPTIONAL_COLUMNS]
         if unknown:
@@ -319,14 +335,77 @@ def write_trace(trace: RoutingTrace, dest: str | Path, *, force: bool = False) -
     return Path(dest)
 
 
-def _read_meta(schema: pa.Schema) -> dict[str, Any]:
+class _Meta(BaseModel):
+    """The metadata every reader relies on (other ``moesim.*`` keys pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+    num_experts: int = Field(strict=True, gt=0, le=MAX_EXPERTS)
+    top_k: int = Field(strict=True, gt=0)
+
+
+def _read_meta(schema: pa.Schema, part: Path) -> dict[str, Any]:
+    """The file's ``moesim.*`` metadata, each value JSON; ``num_experts`` and ``top_k``
+    positive integers."""
     raw = schema.metadata or {}
     out: dict[str, Any] = {}
     for k, v in raw.items():
-        key = k.decode()
+        key = k.decode(errors="replace")
         if key.startswith("moesim."):
-            out[key.removeprefix("moesim.")] = json.loads(v.decode())
+            name = key.removeprefix("moesim.")
+            try:
+                out[name] = json.loads(v)
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply
+                text = v.decode(errors="replace")
+                raise InputError(
+                    "metadata value is not JSON", file=part, field=key, value=text
+                ) from None
+    try:
+        _Meta.model_validate(out)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = f"moesim.{err['loc'][0]}" if err["loc"] else "metadata"
+        value = None if err["type"] == "missing" else err.get("input")
+        msg = "metadata lacks it" if err["type"] == "missing" else err["msg"]
+        raise InputError(msg, file=part, field=field, value=value) from None
     return out
+
+
+def _layer_of_folder(part: Path) -> int:
+    """The layer a ``layer=N`` folder names."""
+    name = part.parent.name.removeprefix("layer=")
+    try:
+        return int(name)
+    except ValueError:
+        raise InputError(
+            "a trace folder's subfolders are named layer=N (N an integer)",
+            file=part.parent,
+            field="layer",
+            value=name,
+        ) from None
+
+
+def _check_columns(schema: pa.Schema, part: Path) -> None:
+    """Required columns present, of the kinds the readers cast to (ids and steps
+    integers, gate weights floats), so no value is silently truncated."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    if missing:
+        raise InputError("missing column", file=part, field=missing[0])
+    kinds = {
+        "step": pa.types.is_integer,
+        "layer": pa.types.is_integer,
+        "token": pa.types.is_integer,
+        "expert_ids": pa.types.is_integer,
+        "gate_weights": pa.types.is_floating,
+    }
+    for name, ok in kinds.items():
+        t = schema.field(name).type
+        value_type = t.value_type if pa.types.is_fixed_size_list(t) else t
+        listed = name in ("expert_ids", "gate_weights")
+        if listed != pa.types.is_fixed_size_list(t) or not ok(value_type):
+            want = {"expert_ids": "fixed-size lists of integers"}.get(
+                name, "fixed-size lists of floats" if name == "gate_weights" else "integers"
+            )
+            raise InputError(f"expected {want}", file=part, field=name, value=str(t))
 
 
 @dataclass(frozen=True)
@@ -372,12 +451,8 @@ def open_trace(path: str | Path) -> TraceInfo:
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(f"not a readable Parquet file ({exc})", file=part) from None
         schema = pf.schema_arrow
-        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-        if missing:
-            raise InputError("missing column", file=part, field=missing[0])
-        meta = meta or _read_meta(schema)
-        if "num_experts" not in meta or "top_k" not in meta:
-            raise InputError("metadata lacks moesim.num_experts / moesim.top_k", file=part)
+        _check_columns(schema, part)
+        meta = meta or _read_meta(schema, part)
         width = getattr(schema.field("expert_ids").type, "list_size", None)
         if width != int(meta["top_k"]):
             raise InputError(
@@ -387,7 +462,7 @@ def open_trace(path: str | Path) -> TraceInfo:
                 value=width,
             )
         if part.parent.name.startswith("layer="):
-            layer = int(part.parent.name.removeprefix("layer="))
+            layer = _layer_of_folder(part)
         else:  # a single file: take the layer column
             layers = np.unique(pq.read_table(part, columns=["layer"]).column("layer").to_numpy())
             if len(layers) != 1:
@@ -399,6 +474,8 @@ def open_trace(path: str | Path) -> TraceInfo:
         raise InputError(
             "layers hold different numbers of tokens", file=path, field="rows", value=rows
         )
+    if not next(iter(rows.values())):
+        raise InputError("the trace holds no tokens", file=path, field="rows", value=0)
     return TraceInfo(path=path, meta=meta, files=files, rows=rows)
 
 
@@ -413,34 +490,44 @@ class Batch:
     step: np.ndarray
 
 
-def _list_values(col: pa.ChunkedArray | pa.Array, width: int, dtype: type) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, width)
+def _list_values(rb: pa.RecordBatch, name: str, width: int, dtype: type, part: Path) -> np.ndarray:
+    """Column ``name``, fixed-size lists, as an (n, width) array of ``dtype``, through
+    pyarrow's checked cast: a value that does not fit (an id beyond int32) is an
+    :class:`InputError` naming the column, never wrapped."""
+    col = rb.column(name)
+    flat = col.flatten()
+    if col.null_count or flat.null_count or len(flat) != len(col) * width:
+        raise InputError("holds a null value", file=part, field=name)
+    try:
+        flat = flat.cast(pa.from_numpy_dtype(dtype))
+    except pa.ArrowInvalid as exc:
+        msg = " ".join(str(exc).split())
+        raise InputError(
+            f"does not fit {np.dtype(dtype).name} ({msg})", file=part, field=name
+        ) from None
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
 def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) -> Iterator[Batch]:
     k = info.top_k
-    cols = ["token", "expert_ids"] + (["step", "gate_weights"] if weights else [])
+    cols = ["token", "expert_ids", "gate_weights"] + (["step"] if weights else [])
     for part in info.files[layer]:
         try:
             pf = pq.ParquetFile(part)
             for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
-                ids = _list_values(rb.column("expert_ids"), k, np.int32)
-                w = (
-                    _list_values(rb.column("gate_weights"), k, np.float32)
-                    if weights
-                    else np.empty((0, k), np.float32)
-                )
-                check_layer(ids, w, info.num_experts, layer, part)
+                ids = _list_values(rb, "expert_ids", k, np.int32, part)
+                w = _list_values(rb, "gate_weights", k, np.float32, part)
+                check_layer(ids, w, info.num_experts, layer, part)  # weights checked always
                 yield Batch(
                     layer=layer,
                     expert_ids=ids,
-                    gate_weights=w,
+                    gate_weights=w if weights else np.empty((0, k), np.float32),
                     token=rb.column("token").to_numpy(),
                     step=rb.column("step").to_numpy() if weights else np.empty(0, np.int32),
                 )
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"not a readable Parquet file ({exc})", file=part) from None
+            msg = " ".join(str(exc).split())
+            raise InputError(f"not a readable trace file ({msg})", file=part) from None
 
 
 def iter_batches(
@@ -453,8 +540,9 @@ def iter_batches(
     """Walk the given layers (default all) in lockstep: each item maps layer → the same
     tokens' rows in that layer. Memory stays bounded by ``batch_rows`` × layers.
 
-    With ``weights=False`` only ids and tokens are decoded (gate weights and steps are
-    left empty), which is what statistics need.
+    With ``weights=False`` the batches carry only ids and tokens (gate weights and steps
+    left empty), which is what statistics need; the gate weights are still checked, so
+    every reader applies the same checks.
     """
     layers = list(info.layers if layers is None else layers)
     for layer in layers:
