@@ -130,3 +130,11 @@ def test_placement_eval_datasets_follow_window_tokens_zipfs_and_only_synthetic()
         assert ds.history.shape == ds.plan_ids.shape == ds.score_ids.shape == (2, 2048, 8)
         assert ds.law.shape == (2, 256)
     assert {ds.name for ds in pe.datasets(True, 2, [1], 2048, [0.3])} >= {"flame-290m"}
+
+
+def test_sweep_speed_runs_the_twenty_cases():
+    """The cases are the issue's twenty: 2 hardware x 2 modes x 5 contexts, all simulated."""
+    figures = _run_json("sweep_speed.py", "--repeats", "1")
+    assert figures["cases"] == 2 * 2 * 5
+    names = list(figures["per_case_s"])
+    assert names[0] == "mixtral-H100-SXM-prefill-512" and names[-1] == "mixtral-H200-decode-8192"

@@ -271,4 +271,10 @@ def get_preset(name: str) -> ModelShape:
             field="model",
             value=name,
         )
-    return load_shape(files[name.lower()])
+    return _load_preset(files[name.lower()])
+
+
+@cache
+def _load_preset(path: Path) -> ModelShape:
+    """A bundled preset, read once per process (shapes are frozen): a sweep's cases share it."""
+    return load_shape(path)

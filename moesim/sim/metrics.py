@@ -21,7 +21,7 @@ from moesim.sim.routing import (
     busiest_flow,
     cross_node_total,
 )
-from moesim.sim.stragglers import layer_straggler, straggler_penalty
+from moesim.sim.stragglers import StreamLinks, layer_straggler, straggler_penalty
 from moesim.topology.build import Topology
 
 __all__ = ["layer_frame", "link_columns", "metrics_frame", "summary"]
@@ -107,12 +107,19 @@ def layer_frame(
     st = stragglers or Stragglers()
     out = []
     fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
+    # rows ordered by (layer, device) once; each layer is a slice of these arrays
+    f_layer, f_dev = fwd["layer"].to_numpy(), fwd["device"].to_numpy()
+    order = np.lexsort((f_dev, f_layer))
+    f_layer = f_layer[order]
+    phase_us = {c: fwd[c].to_numpy()[order] for c in fwd.columns if c.endswith("_us")}
     layer_ops: dict[int, list[int]] = {}
     for i, op in enumerate(program):
         if op.pass_ == "forward" and op.layer in routed:
             layer_ops.setdefault(op.layer, []).append(i)
+    links = StreamLinks.of(program)
+    mean_us = rec.duration_us.mean(axis=1)
     for li, (layer, lr) in enumerate(routed.items()):
-        m = fwd[fwd["layer"] == layer].sort_values("device")
+        rows = slice(*np.searchsorted(f_layer, [layer, layer + 1]))
         load = lr.device_load
         assert lr.expert_load is not None and lr.routed_load is not None
         cross = lr.cross_node_copies
@@ -128,6 +135,8 @@ def layer_frame(
             slow_devices=st.slow_devices,
             jitter=st.jitter,
             degraded_nics=st.degraded_nics,
+            links=links,
+            mean_us=mean_us,
         )
         out.append(
             {
@@ -140,7 +149,7 @@ def layer_frame(
                 "straggler_device": strag.device,
                 "straggler_cause": strag.cause,
                 "straggler_phase": strag.phase,
-                "straggler_penalty": straggler_penalty(m[f"{strag.phase}_us"].to_numpy()),
+                "straggler_penalty": straggler_penalty(phase_us[f"{strag.phase}_us"][rows]),
                 "straggler_op": program[strag.op].name if strag.op >= 0 else "",
                 "straggler_op_phase": program[strag.op].phase if strag.op >= 0 else "",
                 "straggler_op_microbatch": program[strag.op].microbatch if strag.op >= 0 else 0,

@@ -84,43 +84,56 @@ class LayerStraggler:
     gate_device: int
 
 
-def _stream_prev(program: Sequence[Op]) -> list[int]:
-    """Index of each op's previous op on its stream (-1: the first)."""
-    streamed = any(op.after is not None for op in program)
-    last: dict[str, int] = {}
-    out = []
-    for i, op in enumerate(program):
-        key = op.stream if streamed else ""
-        out.append(last.get(key, -1))
-        last[key] = i
-    return out
+@dataclass(frozen=True)
+class StreamLinks:
+    """Per op of a program: its previous op on its stream (-1: the first), and whether
+    the program names its dependencies (``after``; else each op follows the one before).
+    Computed once per program and shared by every layer's walk."""
 
+    prev: list[int]
+    streamed: bool
 
-def _deps(program: Sequence[Op], i: int, prev: int) -> tuple[int, ...]:
-    """The ops op ``i`` waits for on its own device (its stream's previous op included)."""
-    streamed = any(op.after is not None for op in program)
-    op = program[i]
-    if not streamed:
-        return (prev,) if prev >= 0 else ()
-    after = op.after if op.after is not None else ((i - 1,) if i else ())
-    return tuple(sorted({*after, *((prev,) if prev >= 0 else ())}))
+    @classmethod
+    def of(cls, program: Sequence[Op]) -> StreamLinks:
+        streamed = any(op.after is not None for op in program)
+        last: dict[str, int] = {}
+        prev = []
+        for i, op in enumerate(program):
+            key = op.stream if streamed else ""
+            prev.append(last.get(key, -1))
+            last[key] = i
+        return cls(prev, streamed)
+
+    def deps(self, program: Sequence[Op], i: int) -> tuple[int, ...]:
+        """The ops op ``i`` waits for on its own device (its stream's previous op included)."""
+        prev = self.prev[i]
+        if not self.streamed:
+            return (prev,) if prev >= 0 else ()
+        after = program[i].after
+        after = after if after is not None else ((i - 1,) if i else ())
+        return tuple(sorted({*after, *((prev,) if prev >= 0 else ())}))
 
 
 def critical_path(
-    program: Sequence[Op], rec: Records, op: int, device: int, ops: set[int]
+    program: Sequence[Op],
+    rec: Records,
+    op: int,
+    device: int,
+    ops: set[int],
+    links: StreamLinks | None = None,
 ) -> list[tuple[int, int]]:
     """The (op, device) steps of the critical path ending at op ``op`` on ``device``,
     latest first, walking back while the op is in ``ops`` (step 2 of the module's walk).
 
     Ties go to the device's own previous op, then to the lowest sender id.
     """
-    prevs = _stream_prev(program)
+    links = links or StreamLinks.of(program)
     end = rec.end_us
     path: list[tuple[int, int]] = []
     i, d = op, device
     while i in ops:
         path.append((i, d))
-        deps = _deps(program, i, prevs[i])
+        deps = links.deps(program, i)
         local = max((float(end[j, d]) for j in deps), default=0.0)
         o = program[i]
         begin = float(rec.start_us[i, d])
@@ -139,7 +152,7 @@ def critical_path(
         ends = [float(end[j, nxt_dev]) for j in deps]
         best = max(ends)
         cands = [j for j, e in zip(deps, ends, strict=True) if e >= best - _TOL * max(1.0, best)]
-        i, d = (prevs[i] if prevs[i] in cands else cands[-1]), nxt_dev
+        i, d = (links.prev[i] if links.prev[i] in cands else cands[-1]), nxt_dev
     return path
 
 
@@ -213,11 +226,15 @@ def layer_straggler(
     slow_devices: Mapping[int, float] | None = None,
     jitter: float = 0.0,
     degraded_nics: Mapping[int, float] | None = None,
+    links: StreamLinks | None = None,
+    mean_us: np.ndarray | None = None,
 ) -> LayerStraggler:
     """The straggler of the layer made of program ops ``ops`` (steps 1-4 of the module).
 
     Args:
         base_us: (num_ops, D) op times before injected slowness; None: ``rec.duration_us``.
+        links, mean_us: the program's :class:`StreamLinks` and ``rec.duration_us.mean(1)``
+            when the caller walks several layers of one step (computed here if None).
     """
     dur = rec.duration_us
     base = dur if base_us is None else base_us
@@ -225,8 +242,8 @@ def layer_straggler(
     ends = rec.end_us[idx]  # (n, D)
     gate = int(np.argmax(ends.max(axis=0)))  # the lowest id among those finishing last
     last = int(idx[int(np.argmax(ends[:, gate]))])
-    path = critical_path(program, rec, last, gate, set(int(i) for i in idx))
-    mean = dur.mean(axis=1)
+    path = critical_path(program, rec, last, gate, set(int(i) for i in idx), links)
+    mean = dur.mean(axis=1) if mean_us is None else mean_us
     charged: dict[int, float] = {}
     worst: dict[int, tuple[float, int]] = {}
     for i, d in path:
