@@ -222,7 +222,11 @@ def sample_experts_grouped(
     per = e // g
     glogp = np.logaddexp.reduce(logp.reshape(g, per), axis=1)  # (G,) group popularity
     chosen, _ = sample_experts(glogp, n, m, rng)  # (n, M)
-    sets, which = np.unique(np.sort(chosen, axis=1), axis=0, return_inverse=True)
+    # each token's set of groups as one integer (its sorted groups' digits in base G), so
+    # the distinct sets come from a 1-D unique, in the same (lexicographic) order
+    digits = np.sort(chosen, axis=1).astype(np.int64)
+    codes, which = np.unique(digits @ (g ** np.arange(m - 1, -1, -1)), return_inverse=True)
+    sets = (codes[:, None] // (g ** np.arange(m - 1, -1, -1))) % g
     ids = np.empty((n, k), dtype=np.int32)
     weights = np.empty((n, k), dtype=np.float32)
     group_of = np.arange(e) // per
