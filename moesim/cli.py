@@ -589,20 +589,23 @@ def trace_synth(
     force: ForceOption = False,
 ) -> None:
     """Write seeded synthetic routing (uniform, Zipf, Dirichlet, drifting hot spots, bursts)."""
+    from moesim.console import progress_bar
     from moesim.traces.synthetic import synth_to_store
 
     check_output_folder(out, "trace", force=force)  # before any work
-    path = synth_to_store(
-        out,
-        num_experts=experts,
-        top_k=top_k,
-        num_layers=layers,
-        num_tokens=tokens,
-        distribution=dist,
-        steps=steps,
-        seed=seed,
-        force=force,
-    )
+    with progress_bar("trace synth", tokens, "tokens") as advance:
+        path = synth_to_store(
+            out,
+            num_experts=experts,
+            top_k=top_k,
+            num_layers=layers,
+            num_tokens=tokens,
+            distribution=dist,
+            steps=steps,
+            seed=seed,
+            force=force,
+            progress=advance,
+        )
     console.print(
         f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "
         f"top-{top_k}, {dist}, seed {seed}"

@@ -1,4 +1,4 @@
-"""The one way the command line makes a rich console.
+"""The one way the command line makes a rich console, and its progress bars.
 
 In a terminal, rich fits tables and text to its width. Into a pipe or a file there is no
 width to fit: tables take the width their contents need, so no name or figure is cut to
@@ -7,9 +7,12 @@ width to fit: tables take the width their contents need, so no name or figure is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
 
-__all__ = ["UNBOUNDED_WIDTH", "make_console"]
+__all__ = ["UNBOUNDED_WIDTH", "Advance", "make_console", "progress_bar"]
 
 #: the width a console writes to a pipe or file with: tables size to their contents
 UNBOUNDED_WIDTH = 10_000
@@ -21,3 +24,42 @@ def make_console(stderr: bool = False) -> Console:
     if not console.is_terminal:
         console.width = UNBOUNDED_WIDTH
     return console
+
+
+#: the signature of a progress callback: ``advance(n)`` after ``n`` more units are done
+Advance = Callable[[int], None]
+
+
+@contextmanager
+def progress_bar(label: str, total: int, unit: str) -> Iterator[Advance]:
+    """A progress bar on stderr for a job that may take seconds: ``label``, done/``total``
+    ``unit``, elapsed time and ETA; yields ``advance(n)``. Drawn only where stderr is a
+    terminal: into a pipe or a file it writes nothing, so outputs stay clean."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = make_console(stderr=True)
+    with Progress(
+        TextColumn(f"[bold]{label}[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+
+        def advance(n: int) -> None:
+            progress.update(task, advance=n)
+
+        yield advance

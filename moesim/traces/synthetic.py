@@ -26,7 +26,7 @@ in proportion to their total popularity, then its k experts among those groups'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,9 +344,11 @@ def synth_to_store(
     seed: int = 0,
     groups: tuple[int, int] | None = None,
     force: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Stream a synthetic trace into the store in bounded memory; same content as
-    :func:`synthesize` for the same arguments (``force``: see :class:`TraceWriter`)."""
+    :func:`synthesize` for the same arguments (``force``: see :class:`TraceWriter`;
+    ``progress(n)``: called as each chunk of ``n`` tokens is written)."""
     dist = parse_distribution(distribution) if isinstance(distribution, str) else distribution
     with TraceWriter(
         out,
@@ -361,4 +363,6 @@ def synth_to_store(
         ):
             for la, (i, wts) in enumerate(per_layer):
                 w.write(la, i, wts, token=tok, step=step)
+            if progress is not None:
+                progress(tok.size)
     return Path(out)
