@@ -499,12 +499,14 @@ def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) 
 def iter_batches(
     info: TraceInfo,
     layers: Sequence[int] | None = None,
-    batch_rows: int = 1 << 16,
+    batch_rows: int | None = None,
     *,
     weights: bool = True,
 ) -> Iterator[dict[int, Batch]]:
     """Walk the given layers (default all) in lockstep: each item maps layer → the same
-    tokens' rows in that layer. Memory stays bounded by ``batch_rows`` × layers.
+    tokens' rows in that layer. Memory stays bounded by ``batch_rows`` × layers (the
+    Parquet reader's buffers included); the default, 2^19 / layers rows (at least 4,096),
+    keeps that near 2^19 rows whatever the number of layers.
 
     With ``weights=False`` only ids and tokens are decoded (gate weights and steps are
     left empty), which is what statistics need.
@@ -513,7 +515,8 @@ def iter_batches(
     for layer in layers:
         if layer not in info.files:
             raise InputError("layer not in trace", file=info.path, field="layer", value=layer)
-    streams = [_layer_batches(info, layer, batch_rows, weights) for layer in layers]
+    rows = batch_rows or max(1 << 12, (1 << 19) // max(len(layers), 1))
+    streams = [_layer_batches(info, layer, rows, weights) for layer in layers]
     for group in zip(*streams, strict=True):
         first = group[0]
         for b in group[1:]:
