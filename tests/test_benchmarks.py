@@ -84,6 +84,17 @@ def test_plan_capacity_benchmark_prints_figures():
     assert set(mixtral["answers"]) == {"H100-SXM", "B200"}
 
 
+@pytest.mark.benchmark
+def test_trace_store_prints_every_stages_peak_rss():
+    """A small trace over DeepSeek-V3's 58 MoE layers: write, read, stats and simulate each
+    print a peak RSS; simulate replays every token (8 devices x 14 tokens >= 107)."""
+    f = _run_json("trace_store.py", "--assignments", "5e4")
+    assert (f["layers"], f["tokens_per_layer"], f["assignments"]) == (58, 107, 107 * 8 * 58)
+    for stage in ("write", "read", "stats", "simulate"):
+        assert 0 < f[f"{stage}_peak_rss_mb"] < f["target_peak_rss_mb"]
+    assert f["simulate_assignments"] == 8 * 14 * 8 * 58
+
+
 def test_engine_scale_prints_its_figures():
     """The scale benchmark runs (at sizes the default suite can afford) and prints the
     figures it promises for every size."""

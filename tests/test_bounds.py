@@ -34,8 +34,12 @@ def test_estimate_by_hand():
     assert (shape.num_layers, len(shape.moe_layer_indices()), shape.top_k) == (9, 8, 6)
     got = scenario_bytes(Scenario.model_validate(_synthetic()), shape, None)
     assert got == {"routing": 12_582_912.0, "traffic": 12_288.0, "engine": 184_320.0}
-    # a trace's tokens instead of the synthetic ones; count level holds no tokens
-    assert scenario_bytes(Scenario.model_validate(_synthetic()), shape, 100)["routing"] == 38_400
+    # a trace keeps only its replayed tokens' ids, 1 byte each for 64 experts:
+    # 8 layers x 100 tokens x 6 = 4,800; a trace longer than the 32,768 tokens one step
+    # replays keeps those: 8 x 32,768 x 6 = 1,572,864; count level holds no tokens
+    assert scenario_bytes(Scenario.model_validate(_synthetic()), shape, 100)["routing"] == 4_800
+    big = scenario_bytes(Scenario.model_validate(_synthetic()), shape, 10**9)["routing"]
+    assert big == 1_572_864
     count = _synthetic(routing={"synthetic": {"distribution": "uniform", "level": "count"}})
     assert scenario_bytes(Scenario.model_validate(count), shape, None)["routing"] == 0
 

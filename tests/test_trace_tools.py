@@ -5,14 +5,22 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from moesim.errors import InputError
 from moesim.traces.importers import counts_to_assignments, import_trace, load_counts_json
 from moesim.traces.stats import trace_stats
-from moesim.traces.store import TraceWriter, iter_batches, open_trace, read_trace
+from moesim.traces.store import (
+    TraceWriter,
+    iter_batches,
+    iter_layer_batches,
+    open_trace,
+    read_trace,
+)
 from moesim.traces.synthetic import parse_distribution, synth_to_store, synthesize
+from moesim.traces.window import read_replay
 from tests.conftest import REPO
 from tests.conftest import assert_one_line_error as one_line_error
 from tests.conftest import run_moesim as moesim
@@ -75,6 +83,71 @@ def test_writer_rejects_bad_rows(tmp_path):
         with pytest.raises(InputError, match="gate weights"):
             w.write(0, np.array([[0, 1]]), np.array([[0.5, np.nan]]), token=np.arange(1))
         w.write(0, np.array([[0, 1]]), token=np.arange(1))
+
+
+def _hand_trace(path, tokens=(0, 1, 2)):
+    """3 tokens, top-2, 4 experts, layers 0 and 1, rows written with the given token ids."""
+    l0 = np.array([[0, 1], [1, 0], [2, 3]])
+    l1 = np.array([[1, 2], [1, 3], [0, 1]])
+    with TraceWriter(path, num_experts=4, top_k=2, layers=[0, 1]) as w:
+        w.write(0, l0, token=np.array(tokens))
+        w.write(1, l1, token=np.array(tokens))
+    return path
+
+
+def test_layer_batches_walk_one_layer_after_another(tmp_path):
+    info = open_trace(_hand_trace(tmp_path / "t"))
+    got = [(b.layer, b.start, b.expert_ids.tolist()) for b in iter_layer_batches(info, None, 2)]
+    assert got == [
+        (0, 0, [[0, 1], [1, 0]]),
+        (0, 2, [[2, 3]]),
+        (1, 0, [[1, 2], [1, 3]]),
+        (1, 2, [[0, 1]]),
+    ]
+
+
+def test_replay_keeps_the_replayed_tokens_in_token_order_and_whole_trace_counts(tmp_path):
+    # rows hold tokens 20, 5, 9: in token order the rows are 1 (token 5), 2 (9), 0 (20)
+    r = read_replay(_hand_trace(tmp_path / "t", (20, 5, 9)), 2, pairs=True)
+    assert r.num_tokens == 3 and r.layers == (0, 1) and r.expert_ids.dtype == np.uint8
+    assert r.expert_ids.tolist() == [[[1, 0], [2, 3]], [[1, 3], [0, 1]]]
+    assert r.layer_ids(1, np.array([1, 0, 1])).tolist() == [[0, 1], [1, 3], [0, 1]]
+    with pytest.raises(ValueError, match="only the first 2 tokens"):
+        r.layer_ids(0, np.array([2]))
+    # loads over all 3 tokens: layer 0 picks 0,1 | 1,0 | 2,3; layer 1 picks 1,2 | 1,3 | 0,1
+    assert r.loads.tolist() == [[2, 2, 1, 1], [1, 3, 1, 1]]
+    assert r.coactivation is not None
+    coact, cross = r.coactivation
+    want = np.zeros((2, 4, 4))
+    for layer, pairs in enumerate([[(0, 1), (0, 1), (2, 3)], [(1, 2), (1, 3), (0, 1)]]):
+        for i, j in pairs:
+            want[layer, i, j] += 1
+            want[layer, j, i] += 1
+    np.testing.assert_array_equal(coact, want)
+    # (layer-0 expert, layer-1 expert) of the same token: {0,1}x{1,2}, {1,0}x{1,3}, {2,3}x{0,1}
+    hand = np.zeros((4, 4))
+    for a, b in [((0, 1), (1, 2)), ((1, 0), (1, 3)), ((2, 3), (0, 1))]:
+        for i in a:
+            for j in b:
+                hand[i, j] += 1
+    np.testing.assert_array_equal(cross[0], hand)
+    assert read_replay(tmp_path / "t").expert_ids.shape == (2, 3, 2)  # None: every token
+
+
+def test_replay_and_stats_check_every_layer_past_the_replayed_tokens(tmp_path):
+    path = _hand_trace(tmp_path / "t")
+    part = path / "layer=1" / "part-0.parquet"
+    table = pq.read_table(part)
+    pq.write_table(table.set_column(2, "token", pa.array([0, 1, 7], pa.int64())), part)
+    for read in (lambda: read_replay(path, 1), lambda: trace_stats(path)):
+        with pytest.raises(InputError, match="layers hold different tokens"):
+            read()
+    ids = pa.array([[1, 2], [1, 3], [0, 9]], table.schema.field("expert_ids").type)
+    pq.write_table(table.set_column(3, "expert_ids", ids), part)
+    for read in (lambda: read_replay(path, 1), lambda: trace_stats(path)):
+        with pytest.raises(InputError, match=r"out of range 0..3 \(layer 1, row 2\)") as e:
+            read()
+        assert e.value.value == 9 and "layer=1" in str(e.value.file)
 
 
 # ----- synthetic ---------------------------------------------------------------------------
@@ -296,14 +369,11 @@ def test_cli_truncated_parquet(tmp_path):
 
 def test_cli_wrong_list_length(tmp_path):
     synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=1, num_tokens=10)
-    import pyarrow as pa
-
     part = tmp_path / "t" / "layer=0" / "part-0.parquet"
     table = pq.read_table(part)
     meta = table.schema.metadata | {b"moesim.top_k": b"3"}
     pq.write_table(table.replace_schema_metadata(meta), part)
     one_line_error(moesim("trace", "stats", str(tmp_path / "t")), "expert_ids", "top_k 3")
-    del pa
 
 
 def test_cli_missing_required_option():

@@ -8,8 +8,11 @@ never wrong by much; a scenario that passes may still need more.
 ================  ==========================================================================
 term              bytes
 ================  ==========================================================================
-routing           token-level synthetic routing, or a trace, held whole: 8 bytes per
-                  assignment (an int32 id and a float32 weight), layers x tokens x top-k
+routing           token-level synthetic routing, held whole: 8 bytes per assignment (an
+                  int32 id and a float32 weight), layers x tokens x top-k; a trace is read
+                  one layer at a time and only the ids of the tokens the steps replay,
+                  min(trace tokens, devices x tokens_per_device x steps), are kept, in
+                  1 byte per assignment up to 256 experts (2 up to 65,536, else 4)
 traffic           the (D, D) matrices one layer's routing builds at once: 6 x 8 x D^2
 engine            the engine's per-op arrays: 10 x 8 bytes x ops x D
 ================  ==========================================================================
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from moesim.errors import InputError
 from moesim.model.shapes import ModelShape
 from moesim.scenario import Scenario
+from moesim.traces.store import id_dtype
 
 __all__ = ["MAX_OP_DEVICE_STEPS", "check_bounds", "machine_memory_bytes", "scenario_bytes"]
 
@@ -49,15 +55,18 @@ def scenario_bytes(sc: Scenario, shape: ModelShape, trace_tokens: int | None) ->
     d = sc.cluster.num_devices
     layers = len(shape.moe_layer_indices())
     syn = sc.routing.synthetic
-    if trace_tokens is not None:
-        tokens = trace_tokens
+    replayed = d * sc.tokens_per_device * sc.steps
+    per_assignment = 8  # an int32 id and a float32 weight
+    if trace_tokens is not None:  # only the replayed tokens' ids are kept
+        tokens = min(trace_tokens, replayed)
+        per_assignment = np.dtype(id_dtype(shape.num_experts)).itemsize
     elif syn is not None and syn.level == "token":
-        tokens = d * sc.tokens_per_device * sc.steps
+        tokens = replayed
     else:
         tokens = 0
     ops = _ops(sc, shape)
     return {
-        "routing": 8.0 * layers * tokens * shape.top_k,
+        "routing": float(per_assignment * layers * tokens * shape.top_k),
         "traffic": 6 * 8.0 * d * d,
         "engine": 10 * 8.0 * ops * d,
     }

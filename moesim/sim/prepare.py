@@ -23,8 +23,9 @@ from moesim.sim.bounds import check_bounds
 from moesim.sim.cluster import ClusterSpec, resolve_granularity
 from moesim.sim.counts import inclusion_probabilities
 from moesim.topology import build_topology
-from moesim.traces.store import RoutingTrace, open_trace, read_trace
+from moesim.traces.store import RoutingTrace, open_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
+from moesim.traces.window import ReplayTrace, read_replay
 
 __all__ = ["Prepared", "prepare"]
 
@@ -36,7 +37,9 @@ class Prepared:
     scenario: Scenario
     shape: ModelShape
     hw: HardwareProfile
-    trace: RoutingTrace | None  # None: count-level synthetic routing from ``popularity``
+    # a trace's replayed tokens, token-level synthetic routing, or None: count-level
+    # synthetic routing from ``popularity``
+    trace: ReplayTrace | RoutingTrace | None
     placement: Placement
     cluster: ClusterSpec
     moe_layers: list[int]  # model layer index of each trace layer, in order
@@ -63,46 +66,45 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         check_bounds(scenario, shape, source)
     syn = scenario.routing.synthetic
     seed = scenario.seed if syn is None or syn.seed is None else syn.seed
-    trace: RoutingTrace | None = None
+    trace: ReplayTrace | RoutingTrace | None = None
     if scenario.routing.trace is not None:
         tpath = scenario.routing.trace
         tpath = tpath if tpath.is_absolute() else base_dir / tpath
         try:
             info = open_trace(tpath)
             check_bounds(scenario, shape, source, trace_tokens=max(info.rows.values()))
-            trace = read_trace(tpath)
         except InputError as err:
-            if err.file is None or err.message in ("trace not found", "file not found"):
-                raise InputError(
-                    err.message,
-                    file=source,
-                    field="routing.trace",
-                    value=str(scenario.routing.trace),
-                ) from None
-            raise
-        if trace.num_experts != shape.num_experts:
+            raise _trace_error(err, scenario, source) from None
+        if info.num_experts != shape.num_experts:
             raise InputError(
-                f"trace has {trace.num_experts} experts, model {shape.name} has "
-                f"{shape.num_experts}",
+                f"trace has {info.num_experts} experts, model {shape.name} has {shape.num_experts}",
                 file=tpath,
                 field="num_experts",
-                value=trace.num_experts,
+                value=info.num_experts,
             )
-        if trace.top_k != shape.top_k:
+        if info.top_k != shape.top_k:
             raise InputError(
-                f"trace routes top-{trace.top_k}, model {shape.name} top-{shape.top_k}",
+                f"trace routes top-{info.top_k}, model {shape.name} top-{shape.top_k}",
                 file=tpath,
                 field="top_k",
-                value=trace.top_k,
+                value=info.top_k,
             )
-        if len(trace.layers) != len(moe_layers):
+        if len(info.layers) != len(moe_layers):
             raise InputError(
-                f"trace has {len(trace.layers)} MoE layers, model {shape.name} has "
+                f"trace has {len(info.layers)} MoE layers, model {shape.name} has "
                 f"{len(moe_layers)}",
                 file=tpath,
                 field="layers",
-                value=len(trace.layers),
+                value=len(info.layers),
             )
+        try:  # the tokens the steps replay, read layer by layer
+            trace = read_replay(
+                tpath,
+                scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
+                pairs=scenario.placement == "affinity",
+            )
+        except InputError as err:
+            raise _trace_error(err, scenario, source) from None
     popularity = None
     if syn is not None and syn.level == "count":
         for field_name, value, ok in (
@@ -201,11 +203,21 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
     )
 
 
+def _trace_error(err: InputError, scenario: Scenario, source: str | Path) -> InputError:
+    """A trace error as it is reported: naming the scenario's ``routing.trace`` when the
+    trace is missing, else the trace file."""
+    if err.file is None or err.message in ("trace not found", "file not found"):
+        return InputError(
+            err.message, file=source, field="routing.trace", value=str(scenario.routing.trace)
+        )
+    return err
+
+
 def _placement(
     scenario: Scenario,
     shape: ModelShape,
     hw: HardwareProfile,
-    trace: RoutingTrace | None,
+    trace: ReplayTrace | RoutingTrace | None,
     popularity: Popularity | None,
     num_layers: int,
     base: Path,
@@ -237,16 +249,21 @@ def _placement(
                     for la in range(num_layers)
                 ]
             )
+        elif isinstance(trace, ReplayTrace):  # counted over the whole trace as it was read
+            loads = trace.loads
         else:
             ids = trace.expert_ids  # (L, N, K)
             key = np.arange(num_layers)[:, None] * e + ids.reshape(num_layers, -1)
             loads = np.bincount(key.ravel(), minlength=num_layers * e).reshape(num_layers, e)
         if name == "affinity":
             assert trace is not None
-            ids = trace.expert_ids
-            from moesim.placement.affinity import coactivation
+            if isinstance(trace, ReplayTrace):
+                assert trace.coactivation is not None
+                co, cross = trace.coactivation
+            else:
+                from moesim.placement.affinity import coactivation
 
-            co, cross = coactivation(ids, e)
+                co, cross = coactivation(trace.expert_ids, e)
         return plan(
             loads,
             name,

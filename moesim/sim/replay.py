@@ -20,12 +20,14 @@ from moesim.sim.routing import (
     route_layer,
 )
 from moesim.traces.store import RoutingTrace
+from moesim.traces.window import ReplayTrace
 
 __all__ = ["StreamedRouting", "route_layer_at", "route_step", "step_tokens"]
 
 
-def step_tokens(trace: RoutingTrace, step: int, count: int) -> np.ndarray:
-    """Indices of the ``count`` trace tokens replayed at ``step`` (the trace repeats cyclically)."""
+def step_tokens(trace: RoutingTrace | ReplayTrace, step: int, count: int) -> np.ndarray:
+    """Indices of the ``count`` trace tokens replayed at ``step`` (the trace repeats
+    cyclically): steps 0..S-1 replay the first min(N, S x count) tokens."""
     return (step * count + np.arange(count)) % trace.num_tokens
 
 
@@ -66,7 +68,7 @@ def route_layer_at(
     pos = (np.arange(d)[:, None] * per_dev + microbatch * mb + np.arange(mb)[None, :]).ravel()
     origin = (np.arange(d * mb) // mb).astype(np.int32)
     return route_layer(
-        prep.trace.expert_ids[li, idx[pos]],
+        prep.trace.layer_ids(li, idx[pos]),
         origin,
         prep.placement.slots[li],
         table,

@@ -8,7 +8,8 @@ trace layers: the strongest expert affinities (expert i at layer a and expert j 
 next layer chosen by the same token).
 
 Everything is a ``np.bincount`` over integer keys built from the (n, K) id arrays, so
-the pass runs at memory speed.
+the pass runs at memory speed. The trace is read one layer after another, so memory does
+not grow with the number of layers.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from moesim.balance import balance_ratio
-from moesim.traces.store import iter_batches, open_trace
+from moesim.traces.store import id_dtype, iter_layer_batches, open_trace
 
 T = TypeVar("T")
 
@@ -118,30 +120,42 @@ def _top_pairs(
 
 
 def trace_stats(path: str | Path, *, top: int = 10, batch_rows: int = 1 << 17) -> dict[str, Any]:
-    """Stream ``path`` once and return its statistics as a JSON-ready dict."""
+    """Stream ``path`` once, one layer after another, and return its statistics as a
+    JSON-ready dict. Memory holds a few batches and two layers' ids (this layer's and the
+    previous one's, for the cross-layer counts), whatever the number of layers."""
     info = open_trace(path)
     e, k, layers = info.num_experts, info.top_k, list(info.layers)
     counts = {la: np.zeros(e, dtype=np.int64) for la in layers}
     pairs = {la: np.zeros(e * e, dtype=np.int64) for la in layers}
     cross = {la: np.zeros(e * e, dtype=np.int64) for la in layers[:-1]}
-    workers = max(1, min(os.cpu_count() or 1, 4, len(layers)))
+    index = {la: li for li, la in enumerate(layers)}
+    # the previous layer's ids row by row, and this layer's as they arrive
+    prev = np.empty((info.num_tokens, k), dtype=id_dtype(e))
+    cur = np.empty_like(prev)
+    workers = max(1, min(os.cpu_count() or 1, 4))
+    pending: deque[tuple[int, Future[tuple[np.ndarray, np.ndarray, np.ndarray | None]]]] = deque()
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            li, job = pending.popleft()
+            c, p, x = job.result()
+            counts[layers[li]] += c
+            pairs[layers[li]] += p
+            if x is not None:
+                cross[layers[li - 1]] += x
+
+    last = -1
     with ThreadPoolExecutor(workers) as pool:  # numpy's array arithmetic releases the GIL
-        for group in _prefetch(iter_batches(info, layers, batch_rows, weights=False)):
-            jobs = [
-                pool.submit(
-                    _layer_keys,
-                    group[la].expert_ids,
-                    group[layers[li - 1]].expert_ids if li else None,
-                    e,
-                )
-                for li, la in enumerate(layers)
-            ]
-            for li, la in enumerate(layers):
-                c, p, x = jobs[li].result()
-                counts[la] += c
-                pairs[la] += p
-                if x is not None:
-                    cross[layers[li - 1]] += x
+        for b in _prefetch(iter_layer_batches(info, layers, batch_rows, weights=False)):
+            li, rows = index[b.layer], b.expert_ids.shape[0]
+            if li != last:  # a new layer: the buffers swap once the last one's jobs are done
+                collect(0)
+                prev, cur, last = cur, prev, li
+            cur[b.start : b.start + rows] = b.expert_ids
+            before = prev[b.start : b.start + rows] if li else None
+            pending.append((li, pool.submit(_layer_keys, b.expert_ids, before, e)))
+            collect(2 * workers)
+        collect(0)
     out_layers = []
     for li, la in enumerate(layers):
         c = counts[la]

@@ -29,9 +29,11 @@ place (:class:`moesim.fileio.OutputFolder`), so an interrupted write never leave
 trace behind.
 
 Every layer holds the same tokens in the same row order, so readers can walk all
-layers in lockstep. :class:`TraceWriter` and :func:`iter_batches` stream, so a trace
-far larger than memory is written and read in bounded memory; :func:`read_trace` loads
-a whole (small) trace for the simulator.
+layers in lockstep. :class:`TraceWriter`, :func:`iter_batches` (every layer in lockstep)
+and :func:`iter_layer_batches` (one layer after another) stream, so a trace far larger
+than memory is written and read in bounded memory; :func:`read_trace` loads a whole
+(small) trace into memory. Every reader applies :func:`check_layer` to each batch as it
+is read.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ __all__ = [
     "TraceInfo",
     "TraceWriter",
     "check_layer",
+    "id_dtype",
     "iter_batches",
+    "iter_layer_batches",
     "open_trace",
     "read_trace",
     "trace_schema",
@@ -118,10 +122,21 @@ class RoutingTrace:
     def num_tokens(self) -> int:
         return int(self.expert_ids.shape[1])
 
+    def layer_ids(self, li: int, positions: np.ndarray) -> np.ndarray:
+        """(n, K) experts of the tokens at ``positions`` (in token order) in trace layer ``li``."""
+        return self.expert_ids[li, positions]
+
     def validate(self, source: str | Path = "<trace>") -> None:
         """Raise :class:`InputError` on ids out of range or bad gate weights."""
         for li, layer in enumerate(self.layers):
             check_layer(self.expert_ids[li], self.gate_weights[li], self.num_experts, layer, source)
+
+
+def id_dtype(num_experts: int) -> type[np.integer[Any]]:
+    """The smallest integer type holding expert ids 0..num_experts-1 (for ids kept in memory)."""
+    if num_experts <= 1 << 8:
+        return np.uint8
+    return np.uint16 if num_experts <= 1 << 16 else np.int32
 
 
 def check_layer(
@@ -481,13 +496,15 @@ def open_trace(path: str | Path) -> TraceInfo:
 
 @dataclass(frozen=True)
 class Batch:
-    """Consecutive rows of one layer: ids (n, K) int32, weights (n, K) float32, (n,) others."""
+    """Consecutive rows of one layer: ids (n, K) int32, weights (n, K) float32, (n,) others;
+    ``start``: the index of the first row within the layer."""
 
     layer: int
     expert_ids: np.ndarray
     gate_weights: np.ndarray
     token: np.ndarray
     step: np.ndarray
+    start: int = 0
 
 
 def _list_values(rb: pa.RecordBatch, name: str, width: int, dtype: type, part: Path) -> np.ndarray:
@@ -511,6 +528,7 @@ def _list_values(rb: pa.RecordBatch, name: str, width: int, dtype: type, part: P
 def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) -> Iterator[Batch]:
     k = info.top_k
     cols = ["token", "expert_ids", "gate_weights"] + (["step"] if weights else [])
+    start = 0
     for part in info.files[layer]:
         try:
             pf = pq.ParquetFile(part)
@@ -524,7 +542,9 @@ def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) 
                     gate_weights=w if weights else np.empty((0, k), np.float32),
                     token=rb.column("token").to_numpy(),
                     step=rb.column("step").to_numpy() if weights else np.empty(0, np.int32),
+                    start=start,
                 )
+                start += ids.shape[0]
         except (pa.ArrowInvalid, OSError) as exc:
             msg = " ".join(str(exc).split())
             raise InputError(f"not a readable trace file ({msg})", file=part) from None
@@ -533,12 +553,14 @@ def _layer_batches(info: TraceInfo, layer: int, batch_rows: int, weights: bool) 
 def iter_batches(
     info: TraceInfo,
     layers: Sequence[int] | None = None,
-    batch_rows: int = 1 << 16,
+    batch_rows: int | None = None,
     *,
     weights: bool = True,
 ) -> Iterator[dict[int, Batch]]:
     """Walk the given layers (default all) in lockstep: each item maps layer → the same
-    tokens' rows in that layer. Memory stays bounded by ``batch_rows`` × layers.
+    tokens' rows in that layer. Memory stays bounded by ``batch_rows`` × layers (the
+    Parquet reader's buffers included); the default, 2^19 / layers rows (at least 4,096),
+    keeps that near 2^19 rows whatever the number of layers.
 
     With ``weights=False`` the batches carry only ids and tokens (gate weights and steps
     left empty), which is what statistics need; the gate weights are still checked, so
@@ -548,7 +570,8 @@ def iter_batches(
     for layer in layers:
         if layer not in info.files:
             raise InputError("layer not in trace", file=info.path, field="layer", value=layer)
-    streams = [_layer_batches(info, layer, batch_rows, weights) for layer in layers]
+    rows = batch_rows or max(1 << 12, (1 << 19) // max(len(layers), 1))
+    streams = [_layer_batches(info, layer, rows, weights) for layer in layers]
     for group in zip(*streams, strict=True):
         first = group[0]
         for b in group[1:]:
@@ -560,6 +583,44 @@ def iter_batches(
                     value=b.layer,
                 )
         yield {b.layer: b for b in group}
+
+
+def iter_layer_batches(
+    info: TraceInfo,
+    layers: Sequence[int] | None = None,
+    batch_rows: int = 1 << 16,
+    *,
+    weights: bool = True,
+) -> Iterator[Batch]:
+    """Walk the given layers (default all) one after another, each in batches of
+    consecutive rows (``Batch.start`` says where a batch begins in its layer). Memory holds
+    one batch and the first layer's token column (8 bytes per token), whatever the number
+    of layers; every layer must hold the same tokens in the same rows as the first
+    (:class:`InputError` otherwise), as :func:`iter_batches` requires.
+
+    With ``weights=False`` only ids and tokens are decoded (gate weights and steps are
+    left empty).
+    """
+    layers = list(info.layers if layers is None else layers)
+    for layer in layers:
+        if layer not in info.files:
+            raise InputError("layer not in trace", file=info.path, field="layer", value=layer)
+    first: np.ndarray | None = None
+    for layer in layers:
+        seen: list[np.ndarray] = []
+        for b in _layer_batches(info, layer, batch_rows, weights):
+            if first is None:
+                seen.append(b.token)
+            elif not np.array_equal(b.token, first[b.start : b.start + b.token.shape[0]]):
+                raise InputError(
+                    "layers hold different tokens; every layer must route the same tokens",
+                    file=info.path,
+                    field="token",
+                    value=layer,
+                )
+            yield b
+        if first is None:
+            first = np.concatenate(seen) if seen else np.empty(0, np.int64)
 
 
 def read_trace(path: str | Path) -> RoutingTrace:
