@@ -71,3 +71,111 @@ def test_backward_is_twice_the_forward_and_causal_scores_halve_the_square():
     by = {op.phase: op.duration_us for op in prog if op.layer == layer}
     np.testing.assert_allclose(by["experts bwd"], 2 * by["experts"], rtol=1e-12)
     np.testing.assert_allclose(by["attention bwd"], 2 * by["attention"], rtol=1e-12)
+
+
+def test_dispatch_waits_for_senders_and_combine_for_receivers():
+    """Device 0 sends 192 copies to device 1, device 1 sends nothing to 0: in the dispatch
+    device 1 waits for 0 (``senders[0, 1]``) and 0 for nobody; the combine goes back the
+    other way, so there device 0 waits for 1 (``senders[1, 0]``) and 1 for nobody."""
+    from moesim.costs.roofline import layer_costs
+    from moesim.sim.program import build_program
+
+    hw, shape = get_profile("H100-SXM"), get_preset("FLAME-MoE-290M")
+    model = cost_model_for(hw)
+    routed = routing_of([[64, 192], [0, 256]], np.full((2, 32), 8))
+    costs = layer_costs(
+        shape, hw, tokens=64, sequence_length=64, mode="prefill", dtype="bf16", model=model
+    )
+    layer = shape.moe_layer_indices()[0]
+    prog = build_program(
+        shape, hw, ClusterSpec(2, 2, build_topology(hw, 2, 2)), {layer: routed}, costs,
+        mode="prefill", tokens_per_device=64, sequence_length=64, dtype="bf16",
+        dispatcher=get_dispatcher("nccl-alltoallv"), model=model,
+    )  # fmt: skip
+    by = {op.phase: op for op in prog if op.layer == layer}
+    assert by["dispatch"].senders.tolist() == [[True, True], [False, True]]
+    assert by["combine"].senders.tolist() == [[True, False], [True, True]]
+
+
+def test_count_level_draws_have_the_binomial_variance():
+    """Counts of an expert of share pi among 1,000 tokens: mean 1000 pi, standard deviation
+    sqrt(1000 pi (1 - pi)); pi = 0.5 -> 500 +- sqrt(250) = 15.811, pi = 0.2 -> 200 +-
+    sqrt(160) = 12.649 (rounded normal draws above a mean of 10)."""
+    from moesim.sim.counts import draw_counts
+
+    pi = np.array([0.5, 0.2])
+    got = draw_counts(pi, 1000, 4, 1, np.random.default_rng(7))
+    z = np.random.default_rng(7).standard_normal((4, 2), dtype=np.float32)
+    sd = np.array([15.811388, 12.649111])  # sqrt(250), sqrt(160)
+    np.testing.assert_array_equal(got, np.rint(np.array([500.0, 200.0]) + sd * z))
+    # many devices: the sample variance is 250 and 160 within 2 %
+    many = draw_counts(pi, 1000, 20_000, 1, np.random.default_rng(1))
+    np.testing.assert_allclose(many.var(axis=0), [250.0, 160.0], rtol=0.02)
+    # with a rare expert (mean 1000 x 0.004 = 4, exact binomial draws) the other keeps
+    # its normal law: variance 1000 x 0.3 x 0.7 = 210
+    mixed = draw_counts(np.array([0.3, 0.004]), 1000, 20_000, 1, np.random.default_rng(2))
+    np.testing.assert_allclose(mixed.var(axis=0), [210.0, 1000 * 0.004 * 0.996], rtol=0.03)
+
+
+def test_remote_nodes_per_token_counts_tokens_with_every_expert_remote():
+    """2 nodes x 2 devices, device d hosts expert d; token t starts on device t (top-2):
+    token 0 (node 0) -> experts 2, 3, both on node 1: 1 remote node (every expert remote);
+    token 1 (node 0) -> 0, 1: none; token 2 (node 1) -> 0, 2: node 0; token 3 (node 1)
+    -> 1, 0: node 0 once. Mean (1 + 0 + 1 + 1) / 4 = 0.75; 2 + 0 + 1 + 2 = 5 assignments
+    cross nodes; loads 3, 2, 2, 1: balance 3 / 2 = 1.5."""
+    from moesim.placement import Placement
+    from moesim.placement.metrics import score_window
+
+    p = Placement(np.array([[[0], [1], [2], [3]]]), 4)
+    ids = np.array([[[2, 3], [0, 1], [0, 2], [1, 0]]])  # (L=1, N=4, K=2)
+    sc = score_window(p, ids, devices_per_node=2, tokens_per_batch=4)
+    assert sc.remote_nodes.tolist() == [[0.75]]
+    assert sc.inter_node_assignments.tolist() == [[5.0]]
+    assert sc.balance.tolist() == [[1.5]]
+    assert sc.summary(bytes_per_assignment=10.0)["inter_node_bytes_per_batch"] == 50.0
+
+
+def test_coactivation_lift_is_count_over_independent_expectation(tmp_path):
+    """3 tokens, top-2: experts {0, 1}, {1, 0}, {2, 3}; counts 2, 2, 1, 1 over N = 3
+    tokens. Pair (0, 1) seen twice; independent picks expect 2 x 2 / 3 = 4/3 of them: lift
+    1.5. Pair (2, 3) once against 1 x 1 / 3: lift 3. Next layer ({1, 2}, {1, 3}, {0, 1}):
+    12 (previous, next) pairs, row 0 holds 4 and column 1 holds 6, (0, 1) seen twice
+    against 4 x 6 / 12 = 2: lift 1, P(1 | 0) = 2 / 4."""
+    from moesim.traces.stats import trace_stats
+    from moesim.traces.store import TraceWriter
+
+    with TraceWriter(tmp_path / "t", num_experts=4, top_k=2, layers=[0, 1]) as w:
+        w.write(0, np.array([[0, 1], [1, 0], [2, 3]]), token=np.arange(3))
+        w.write(1, np.array([[1, 2], [1, 3], [0, 1]]), token=np.arange(3))
+    first = trace_stats(tmp_path / "t", top=2)["layers"][0]
+    assert first["top_coactivated_pairs"] == [
+        {"experts": [0, 1], "count": 2, "p_given_first": 1.0, "lift": 1.5},
+        {"experts": [2, 3], "count": 1, "p_given_first": 1.0, "lift": 3.0},
+    ]
+    assert first["top_next_layer_affinities"][0] == {
+        "experts": [1, 1], "count": 2, "p_given_first": 0.5, "lift": 1.0
+    }  # fmt: skip
+
+
+def test_console_breakdown_shows_the_allreduce_in_training_only():
+    """The breakdown line: each part's time and share of the step (1,000 us); the
+    gradient all-reduce appears in training and not in prefill."""
+    from moesim.report.summary import _breakdown
+
+    parts = {"expert_us": 400.0, "dispatch_us": 150.0, "combine_us": 150.0,
+             "allreduce_us": 250.0, "other_us": 50.0, "wait_us": 0.0}  # fmt: skip
+    train = {"mode": "training", "step_time_us": 1000.0, "breakdown_us": parts}
+    assert _breakdown(train) == (
+        "expert compute 400.0 µs (40.0%), dispatch 150.0 µs (15.0%), combine 150.0 µs "
+        "(15.0%), gradient all-reduce 250.0 µs (25.0%), other 50.0 µs (5.0%), "
+        "waiting 0.0 µs (0.0%)"
+    )
+    prefill = {"mode": "prefill", "step_time_us": 1000.0, "breakdown_us": parts}
+    assert _breakdown(prefill) == (
+        "expert compute 400.0 µs (40.0%), dispatch 150.0 µs (15.0%), combine 150.0 µs "
+        "(15.0%), other 50.0 µs (5.0%), waiting 0.0 µs (0.0%)"
+    )
+    hidden = {**train, "breakdown_us": {**parts, "overlapped_us": 100.0}}
+    assert _breakdown(hidden).endswith(
+        "waiting 0.0 µs (0.0%), overlapped (counted twice above) 100.0 µs (10.0%)"
+    )
