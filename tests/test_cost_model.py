@@ -487,6 +487,15 @@ def test_decode_attention_scores_smooth_max_hand_checked():
     # 2.048 µs. The projections, norms and launches are the same in both modes.
     assert decode.attention_us - prefill.attention_us == pytest.approx(4.870992 - 2.048)
     assert (decode.router_us, decode.shared_us) == (prefill.router_us, prefill.shared_us)
+    # router: (1, 1024) @ (1024, 64), 2 x 64 x 1024 = 131,072 FLOP -> 0.131072 µs against
+    # 2 B x (1024 + 65,536 + 64) = 133,248 bytes -> 0.133248 µs: smooth max 0.157182 µs,
+    # plus 2 launches of 5 µs = 10.157182 µs
+    assert prefill.router_us == pytest.approx(10.157182, abs=1e-6)
+    # 2 shared experts of 704 -> d_ff 1,408, gated: each of 3 GEMMs 2,883,584 FLOP ->
+    # 2.883584 µs against 2 B x (1024 + 1,441,792 + 1408) = 2,888,448 bytes -> 2.888448 µs,
+    # smooth max (2.883584**4 + 2.888448**4) ** 0.25 = 3.432074 µs; 3 x 3.432074 + 3
+    # launches of 5 µs = 25.296223 µs
+    assert prefill.shared_us == pytest.approx(25.296223, abs=1e-6)
 
 
 def test_cost_model_is_cached_by_profile_content_not_name(tmp_path, monkeypatch):
