@@ -179,3 +179,35 @@ def test_console_breakdown_shows_the_allreduce_in_training_only():
     assert _breakdown(hidden).endswith(
         "waiting 0.0 µs (0.0%), overlapped (counted twice above) 100.0 µs (10.0%)"
     )
+
+
+def test_ring_inside_one_domain_and_over_a_degraded_nic_by_hand():
+    """8 H100 on one node ring over NVLink: 450 x 0.8 = 360 GB/s (360,000 bytes/us),
+    3 us a hop: 1 GB -> 2 x 7/8 x 1e9 / 360,000 + 14 x 3 = 4,861.111 + 42 = 4,903.111 us.
+    16 on 2 nodes with device 3's NIC at half speed: the ring runs at the slowest NIC,
+    21,250 bytes/us: 2 x 15/16 x 1e9 / 21,250 + 30 x 5 = 88,235.294 + 150 = 88,385.294 us.
+    One device or no bytes: nothing to reduce."""
+    from dataclasses import replace
+
+    from moesim.sim.allreduce import gradient_allreduce, ring_order
+
+    hw = get_profile("H100-SXM")
+    one_node = ClusterSpec(8, 8, build_topology(hw, 8, 8))
+    assert allreduce_time_us(1e9, hw, one_node) == pytest.approx(4_903.111, abs=1e-3)
+    two = build_topology(hw, 16, 8).degrade_nics({3: 0.5})
+    assert allreduce_time_us(1e9, hw, ClusterSpec(16, 8, two)) == pytest.approx(
+        88_385.294, abs=1e-3
+    )
+    assert allreduce_time_us(0.0, hw, one_node) == 0.0
+    solo = ClusterSpec(1, 1, build_topology(hw, 1, 1))
+    assert allreduce_time_us(1e9, hw, solo) == 0.0
+    assert gradient_allreduce([(0, 1e6)], hw, solo) == []
+    # the ring's order: forward in even nodes, backward in odd ones, a short last node too
+    assert ring_order(6, 2).tolist() == [0, 1, 3, 2, 4, 5]
+    assert ring_order(6, 4).tolist() == [0, 1, 2, 3, 5, 4]
+    # flow tier: each device sends 2 x 7/8 of the 2e6 bytes to the next, and the ring's
+    # other 13 hops of 3 us are added: 39 us
+    (op,) = gradient_allreduce([(0, 1e6)], hw, replace(one_node, network="flow"))
+    assert op.flows.nbytes.tolist() == [3.5e6] * 8
+    assert op.flows.extra_latency_us == 39.0
+    assert op.port_limited_us.tolist() == pytest.approx([2 * 7 / 8 * 2e6 / 360_000 + 42] * 8)
