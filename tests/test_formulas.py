@@ -211,3 +211,105 @@ def test_ring_inside_one_domain_and_over_a_degraded_nic_by_hand():
     assert op.flows.nbytes.tolist() == [3.5e6] * 8
     assert op.flows.extra_latency_us == 39.0
     assert op.port_limited_us.tolist() == pytest.approx([2 * 7 / 8 * 2e6 / 360_000 + 42] * 8)
+
+
+def test_a2a_port_times_by_hand():
+    """4 H100 in scale-up domains of 2 (NVLink 360,000 bytes/us, 3 us; NIC 42,500
+    bytes/us, 5 us). Device 0 sends 3.6 MB to 1 (its domain: 10 us) and 0.85 MB to 2
+    (across: 20 us), the slower tier sets its time: 5 + max(10, 20) = 25 us. Device 1
+    receives 3.6 MB inside (10 us) and 7.2 MB from device 2 across (169.412 us): 174.412
+    us, as device 2 sending them. Device 3 moves nothing: 0. Bytes that stay on a device
+    (the diagonal) cost nothing. With device 2's NIC at half speed, its 7.2 MB take
+    338.824 us."""
+    from moesim.sim.network import a2a_times_us, block_diagonal_sums
+
+    hw = get_profile("H100-SXM")
+    m = np.array(
+        [[100.0, 3.6e6, 8.5e5, 0.0], [0.0, 50.0, 0.0, 0.0], [0.0, 7.2e6, 0.0, 0.0], [0.0] * 4]
+    )
+    t = a2a_times_us(m, hw, 2)
+    np.testing.assert_allclose(t.time_us, [25.0, 174.411765, 174.411765, 0.0], rtol=1e-8)
+    assert t.sent_bytes.tolist() == [4.45e6, 0.0, 7.2e6, 0.0]
+    assert t.recv_bytes.tolist() == [0.0, 10.8e6, 8.5e5, 0.0]
+    assert t.cross_domain_bytes == 8.05e6
+    assert t.uses_up.tolist() == [True, True, False, False]
+    assert t.uses_out.tolist() == [True, True, True, False]
+    half = a2a_times_us(m, hw, 2, out_scale=np.array([1.0, 1.0, 0.5, 1.0]))
+    np.testing.assert_allclose(half.time_us[2], 5 + 7.2e6 / 21_250, rtol=1e-12)
+    # a block that does not divide the devices: 3 devices in blocks of 2, diagonal counted
+    m3 = np.array([[7, 1, 2], [3, 8, 4], [5, 6, 9]])
+    sent, recv = block_diagonal_sums(m3, 2)
+    assert (sent.tolist(), recv.tolist()) == ([8.0, 11.0, 9.0], [10.0, 9.0, 9.0])
+    sent4, recv4 = block_diagonal_sums(np.arange(16).reshape(4, 4), 2)
+    # rows 0-1 x cols 0-1: [0, 1; 4, 5]; rows 2-3 x cols 2-3: [10, 11; 14, 15]
+    assert (sent4.tolist(), recv4.tolist()) == ([1.0, 9.0, 21.0, 29.0], [4.0, 6.0, 24.0, 26.0])
+
+
+def test_count_level_inclusion_and_routing_by_hand():
+    """Top-2 of 3 experts of popularity 0.2, 0.3, 0.5 drawn without replacement: expert 0
+    is left out when it comes last, P = 0.3 x 0.5/0.7 + 0.5 x 0.3/0.5 = 0.514286, so it
+    is in with 0.485714; expert 1: 1 - (0.2 x 0.5/0.8 + 0.5 x 0.2/0.5) = 0.675; expert
+    2: 1 - (0.2 x 0.3/0.8 + 0.3 x 0.2/0.7) = 0.839286 (they sum to k = 2). Top-1: the
+    popularity itself; k >= E: every expert."""
+    from moesim.sim.counts import draw_counts, inclusion_probabilities, route_counts
+
+    logp = np.log([0.2, 0.3, 0.5])
+    np.testing.assert_allclose(
+        inclusion_probabilities(logp, 2), [0.4857142857, 0.675, 0.8392857143], atol=1e-9
+    )
+    np.testing.assert_allclose(inclusion_probabilities(logp, 1), [0.2, 0.3, 0.5], atol=1e-12)
+    assert inclusion_probabilities(np.zeros(3), 3).tolist() == [1.0, 1.0, 1.0]
+    # small means (below 10): exact binomial draws, clipped to [0, tokens]
+    small = draw_counts(np.array([0.004, 1.0]), 1000, 3, 1, np.random.default_rng(5))
+    ref = np.random.default_rng(5).binomial(1000, np.array([0.004]), size=(3, 1))
+    assert small[:, 0].tolist() == ref[:, 0].tolist() and small[:, 1].tolist() == [1000] * 3
+    # 2 devices, expert e on device e; each device sends 30 to expert 0 and 10 to expert
+    # 1: 60 reach slot 0, over its capacity of 40, which keeps 2/3 of every sender's
+    # (20 each) and drops 10 of each; slot 1 keeps its 20. Dropless factor: 60 / (80 / 2)
+    r = route_counts(
+        np.array([[30, 10], [30, 10]]), np.array([[0], [1]]), np.array([[0, -1], [1, -1]]),
+        np.array([1, 1]), devices_per_node=2, capacity=40,
+    )  # fmt: skip
+    assert r.dispatch.tolist() == [[20.0, 10.0], [20.0, 10.0]]
+    assert (r.dropped.tolist(), r.device_load.tolist()) == ([10.0, 10.0], [40.0, 20.0])
+    assert (r.routed_load.tolist(), r.expert_load.tolist()) == ([60.0, 20.0], [60, 20])
+    assert (r.assignments, r.dropless_capacity_factor) == (80, 1.5)
+    # two slots a device (experts 0, 1 on device 0; 2, 3 on device 1), no capacity:
+    # device 0 sends 1 + 2 to itself and 3 + 4 to device 1; device 1 5 + 6 and 7 + 8
+    r = route_counts(
+        np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), np.array([[0, 1], [2, 3]]),
+        np.array([[0], [0], [1], [1]]), np.array([1, 1, 1, 1]), devices_per_node=2,
+    )  # fmt: skip
+    assert r.dispatch.tolist() == [[3.0, 7.0], [11.0, 15.0]]
+    assert r.expert_tokens.tolist() == [[6.0, 8.0], [10.0, 12.0]]
+    assert (r.device_load.tolist(), r.dropped.tolist()) == ([14.0, 22.0], [0.0, 0.0])
+    assert r.dropless_capacity_factor == pytest.approx(12 / 9)  # busiest slot / 36 over 4
+
+
+def test_planned_loads_replicas_and_moved_slots_by_hand():
+    """2 devices x 2 slots, 3 experts. Layer 0: device 0 hosts 0, 1, device 1 hosts 2, 0
+    (expert 0 twice); loads 40, 10, 30 split over replicas: 20, 10, 30, so device 0 plans
+    20 + 10 = 30 and device 1 30 + 20 = 50, balance 50 / 40 = 1.25. Layer 1: device 0
+    hosts 2, 1, device 1 hosts 0, 2; loads 8, 0, 12 -> 8, 0, 6 per replica: 6 and 14,
+    balance 14 / 10 = 1.4; an idle layer: 1.0."""
+    from moesim.placement import Placement
+    from moesim.placement.metrics import (
+        expert_loads,
+        moved_share,
+        moved_slots,
+        planned_balance,
+        planned_device_loads,
+        replica_counts,
+    )
+
+    p = Placement(np.array([[[0, 1], [2, 0]], [[2, 1], [0, 2]]]), 3)
+    assert replica_counts(p).tolist() == [[2, 1, 1], [1, 1, 2]]
+    loads = np.array([[40.0, 10.0, 30.0], [8.0, 0.0, 12.0]])
+    assert planned_device_loads(p, loads).tolist() == [[30.0, 50.0], [6.0, 14.0]]
+    np.testing.assert_allclose(planned_balance(p, loads), [1.25, 1.4], rtol=1e-12)
+    assert planned_balance(p, np.zeros((2, 3))).tolist() == [1.0, 1.0]
+    ids = np.array([[[0, 1], [0, 2]], [[2, 1], [1, 0]]])  # (L, n, K)
+    assert expert_loads(ids, 3).tolist() == [[2, 1, 1], [1, 2, 1]]
+    # device 0 of layer 0 trades expert 0 for 2: one slot to fetch of 8; reordering is free
+    new = Placement(np.array([[[1, 2], [0, 2]], [[1, 2], [0, 2]]]), 3)
+    assert (moved_slots(p, new), moved_share(p, new)) == (1, 0.125)
