@@ -313,3 +313,67 @@ def test_planned_loads_replicas_and_moved_slots_by_hand():
     # device 0 of layer 0 trades expert 0 for 2: one slot to fetch of 8; reordering is free
     new = Placement(np.array([[[1, 2], [0, 2]], [[1, 2], [0, 2]]]), 3)
     assert (moved_slots(p, new), moved_share(p, new)) == (1, 0.125)
+
+
+def _round_h100(bf16_tflops: float, hbm_gbps: float):
+    """H100-SXM at efficiency 0.5 and no small-batch term: ``bf16_tflops`` x 5e5 FLOP/us,
+    ``hbm_gbps`` x 500 bytes/us; launch 5 us."""
+    hw = get_profile("H100-SXM")
+    return hw.model_copy(
+        update={
+            "compute": hw.compute.model_copy(update={"bf16_dense_tflops": bf16_tflops}),
+            "memory": hw.memory.model_copy(update={"hbm_bandwidth_gbps": hbm_gbps}),
+            "efficiency": hw.efficiency.model_copy(
+                update={"gemm": 0.5, "hbm": 0.5, "gemm_half_outputs": None}
+            ),
+        }
+    )
+
+
+def test_layer_parts_on_the_roofline_by_hand():
+    """FLAME-MoE-290M, 1 token, prefill over 1,000, at 1e6 FLOP/us and 1e6 bytes/us.
+    Attention: projections (1, 1024) @ (1024, 4096), 8,388,608 FLOP against 2 B x
+    (1024 + 4,194,304 + 4096) = 8,398,848 bytes: (8.388608**4 + 8.398848**4) ** 0.25 =
+    9.981886 us; causal scores 2 x 500 x 16 x 128 = 2,048,000 FLOP = 2.048 us; two norms
+    reading and writing 1024 x 2 B each: 8,192 bytes = 0.008192 us; 4 launches: 20 us;
+    32.038079 us. Dense FFN (d_ff 5,472, gated): each GEMM 11,206,656 FLOP against
+    11,219,648 bytes, (11.206656**4 + 11.219648**4) ** 0.25 = 13.334767 us, x 3 + 3
+    launches = 55.004301 us."""
+    from moesim.costs.roofline import bytes_per_assignment, layer_costs, permute_us
+
+    hw = _round_h100(2.0, 2000.0)
+    c = layer_costs(
+        get_preset("FLAME-MoE-290M"), hw, tokens=1, sequence_length=1000, mode="prefill",
+        dtype="bf16",
+    )  # fmt: skip
+    assert c.attention_us == pytest.approx(32.038079, abs=1e-6)
+    assert c.dense_ffn_us == pytest.approx(55.004301, abs=1e-6)
+    # permute of 1,000 copies of 1024 bf16: read and written, 4,096,000 bytes + a launch
+    assert float(permute_us(1000, 1024, hw, "bf16")) == pytest.approx(9.096)
+    # on the wire: 7168 x 2 B in bf16; fp8 7168 B plus an fp32 scale per 128: 7,392 B
+    assert (bytes_per_assignment(7168, "bf16"), bytes_per_assignment(7168, "fp8")) == (
+        14336.0,
+        7392.0,
+    )
+
+
+def test_decode_reads_the_kv_cache_mla_and_grouped_by_hand():
+    """1 token decoding over 1,000 cached at 1e9 FLOP/us and 1e6 bytes/us. DeepSeek-V3
+    (MLA, 128 heads, q.k 128 + 64, v 128) caches the 512-wide latent and the 64-wide rope
+    key: 1000 x 2 B x 576 = 1,152,000 bytes = 1.152 us against 2 x 1000 x 128 x 320 =
+    81,920,000 FLOP = 0.08192 us: smooth max 1.152 x (1 + (0.08192 / 1.152)**4) ** 0.25 =
+    1.1520074 us. Mixtral-8x7B (32 heads of 128, 8 KV heads) caches K and V of 8 heads:
+    1000 x 2 B x 2 x 8 x 128 = 4,096,000 bytes = 4.096 us. Prefill scores are arithmetic
+    alone: 2 x 500 x 128 x 320 = 40,960,000 FLOP = 0.04096 us; 2 x 500 x 32 x 256 =
+    8,192,000 FLOP = 0.008192 us."""
+    from moesim.costs.roofline import layer_costs
+
+    hw = _round_h100(2000.0, 2000.0)
+    kw = dict(tokens=1, sequence_length=1000, dtype="bf16")
+    ds, mx = get_preset("DeepSeek-V3"), get_preset("Mixtral-8x7B")
+    assert layer_costs(ds, hw, mode="decode", **kw).scores_us == pytest.approx(
+        1.152 * (1 + (0.08192 / 1.152) ** 4) ** 0.25, rel=1e-9
+    )
+    assert layer_costs(mx, hw, mode="decode", **kw).scores_us == pytest.approx(4.096, rel=1e-9)
+    assert layer_costs(ds, hw, mode="prefill", **kw).scores_us == pytest.approx(0.04096)
+    assert layer_costs(mx, hw, mode="prefill", **kw).scores_us == pytest.approx(0.008192)
