@@ -132,7 +132,20 @@ def test_remote_nodes_per_token_counts_tokens_with_every_expert_remote():
     assert sc.remote_nodes.tolist() == [[0.75]]
     assert sc.inter_node_assignments.tolist() == [[5.0]]
     assert sc.balance.tolist() == [[1.5]]
-    assert sc.summary(bytes_per_assignment=10.0)["inter_node_bytes_per_batch"] == 50.0
+    assert sc.summary(bytes_per_assignment=10.0) == {
+        "balance_mean": 1.5,
+        "balance_p99": 1.5,
+        "balance_worst_layer": 1.5,
+        "remote_nodes_per_token": 0.75,
+        "inter_node_bytes_per_batch": 50.0,
+        "dropped_share": 0.0,
+    }
+    # top-3, same placement: token 0 (node 0) -> experts 2, 3, 0: node 1 twice, 1 remote
+    # node; token 1 (node 0) -> 1, 2, 3: 1; token 2 (node 1) -> 0, 1, 2: node 0 twice, 1;
+    # token 3 (node 1) -> 3, 2, 0: 1. Mean 1.0; 2 + 2 + 2 + 1 = 7 assignments cross
+    ids3 = np.array([[[2, 3, 0], [1, 2, 3], [0, 1, 2], [3, 2, 0]]])
+    sc3 = score_window(p, ids3, devices_per_node=2, tokens_per_batch=4)
+    assert sc3.remote_nodes.tolist() == [[1.0]] and sc3.inter_node_assignments.tolist() == [[7.0]]
 
 
 def test_coactivation_lift_is_count_over_independent_expectation(tmp_path):
@@ -211,6 +224,12 @@ def test_ring_inside_one_domain_and_over_a_degraded_nic_by_hand():
     assert op.flows.nbytes.tolist() == [3.5e6] * 8
     assert op.flows.extra_latency_us == 39.0
     assert op.port_limited_us.tolist() == pytest.approx([2 * 7 / 8 * 2e6 / 360_000 + 42] * 8)
+    assert (op.pass_, op.category, op.stream) == ("backward", "allreduce", "grad-allreduce")
+    # a bucket closes at exactly 40 M parameters; groups without parameters add none
+    cluster = ClusterSpec(16, 8, build_topology(hw, 16, 8))
+    ops = gradient_allreduce([(1, 0.0), (2, 40e6), (3, 1e6), (4, 0.0)], hw, cluster)
+    assert [o.after for o in ops] == [(2,), (4,)]
+    assert gradient_allreduce([(1, 0.0), (2, 0.0)], hw, cluster) == []
 
 
 def test_a2a_port_times_by_hand():
@@ -284,6 +303,12 @@ def test_count_level_inclusion_and_routing_by_hand():
     assert r.expert_tokens.tolist() == [[6.0, 8.0], [10.0, 12.0]]
     assert (r.device_load.tolist(), r.dropped.tolist()) == ([14.0, 22.0], [0.0, 0.0])
     assert r.dropless_capacity_factor == pytest.approx(12 / 9)  # busiest slot / 36 over 4
+    # nothing routed: nothing dropped, factor 1
+    r = route_counts(
+        np.zeros((2, 2), dtype=np.int64), np.array([[0], [1]]), np.array([[0, -1], [1, -1]]),
+        np.array([1, 1]), devices_per_node=2, capacity=0,
+    )  # fmt: skip
+    assert (r.dropless_capacity_factor, r.dropped.tolist()) == (1.0, [0.0, 0.0])
 
 
 def test_planned_loads_replicas_and_moved_slots_by_hand():
@@ -308,6 +333,8 @@ def test_planned_loads_replicas_and_moved_slots_by_hand():
     assert planned_device_loads(p, loads).tolist() == [[30.0, 50.0], [6.0, 14.0]]
     np.testing.assert_allclose(planned_balance(p, loads), [1.25, 1.4], rtol=1e-12)
     assert planned_balance(p, np.zeros((2, 3))).tolist() == [1.0, 1.0]
+    # the same loads / 100: means of 0.4 and 0.1 give the same balance
+    np.testing.assert_allclose(planned_balance(p, loads / 100), [1.25, 1.4], rtol=1e-12)
     ids = np.array([[[0, 1], [0, 2]], [[2, 1], [1, 0]]])  # (L, n, K)
     assert expert_loads(ids, 3).tolist() == [[2, 1, 1], [1, 2, 1]]
     # device 0 of layer 0 trades expert 0 for 2: one slot to fetch of 8; reordering is free
@@ -377,3 +404,12 @@ def test_decode_reads_the_kv_cache_mla_and_grouped_by_hand():
     assert layer_costs(mx, hw, mode="decode", **kw).scores_us == pytest.approx(4.096, rel=1e-9)
     assert layer_costs(ds, hw, mode="prefill", **kw).scores_us == pytest.approx(0.04096)
     assert layer_costs(mx, hw, mode="prefill", **kw).scores_us == pytest.approx(0.008192)
+    # attention kernels at their own efficiency (0.25 instead of the GEMMs' 0.5): 5e8
+    # FLOP/us, DeepSeek-V3's 0.16384 us against 1.152 us of reads; prefill 0.08192 us
+    slow = hw.model_copy(
+        update={"efficiency": hw.efficiency.model_copy(update={"attention": 0.25})}
+    )
+    assert layer_costs(ds, slow, mode="decode", **kw).scores_us == pytest.approx(
+        1.152 * (1 + (0.16384 / 1.152) ** 4) ** 0.25, rel=1e-9
+    )
+    assert layer_costs(ds, slow, mode="prefill", **kw).scores_us == pytest.approx(0.08192)
