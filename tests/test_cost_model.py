@@ -404,6 +404,30 @@ def test_layer_costs_take_measured_parts_from_the_cost_model():
     assert decode.router_us == pytest.approx(90.0)
 
 
+def test_measured_shared_experts_are_one_call_of_their_summed_width():
+    """FLAME-MoE-290M's 2 shared experts of 704 run as one expert of 1,408: with that
+    shape measured (200 us at 1,024 tokens, 600 at 4,096), the shared part at 4,096
+    tokens is the measured 600 us."""
+    from moesim.costs.roofline import layer_costs
+
+    hw = get_profile("H100-SXM")
+    shape = get_preset("FLAME-MoE-290M")
+    assert (shape.num_shared_experts, shape.expert_d_ff) == (2, 704)
+    shared = replace(BenchShape.from_model(shape, local_experts=1), d_ff=1408)
+    rows = []
+    for t, us in {1024: 200.0, 4096: 600.0}.items():
+        fl, by, _ = op_work("expert_ffn_loop", shared, t, "bf16")
+        rows.append(
+            {"op": "expert_ffn_loop", "dtype": "bf16", "tokens": t, "flops": fl, "bytes": by,
+             "median_us": us} | table_widths("expert_ffn_loop", shared)
+        )  # fmt: skip
+    cm = CostModel.from_table(pd.DataFrame(rows), hw)
+    got = layer_costs(
+        shape, hw, tokens=4096, sequence_length=1024, mode="prefill", dtype="bf16", model=cm
+    )
+    assert got.shared_us == pytest.approx(600.0)
+
+
 def _round_profile(bf16_tflops: float, hbm_gbps: float):
     """H100-SXM with round figures: ``bf16_tflops`` and ``hbm_gbps`` at efficiency 0.5
     (so ``bf16_tflops`` * 5e5 FLOP/µs and ``hbm_gbps`` * 500 bytes/µs), launch 5 µs."""
