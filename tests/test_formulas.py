@@ -403,7 +403,10 @@ def test_decode_reads_the_kv_cache_mla_and_grouped_by_hand():
     )
     assert layer_costs(mx, hw, mode="decode", **kw).scores_us == pytest.approx(4.096, rel=1e-9)
     assert layer_costs(ds, hw, mode="prefill", **kw).scores_us == pytest.approx(0.04096)
-    assert layer_costs(mx, hw, mode="prefill", **kw).scores_us == pytest.approx(0.008192)
+    mixtral = layer_costs(mx, hw, mode="prefill", **kw)
+    assert mixtral.scores_us == pytest.approx(0.008192)
+    # no shared experts, no dense layers: nothing for either
+    assert (mixtral.shared_us, mixtral.dense_ffn_us) == (0.0, 0.0)
     # attention kernels at their own efficiency (0.25 instead of the GEMMs' 0.5): 5e8
     # FLOP/us, DeepSeek-V3's 0.16384 us against 1.152 us of reads; prefill 0.08192 us
     slow = hw.model_copy(
