@@ -404,6 +404,30 @@ def test_layer_costs_take_measured_parts_from_the_cost_model():
     assert decode.router_us == pytest.approx(90.0)
 
 
+def test_measured_shared_experts_are_one_call_of_their_summed_width():
+    """FLAME-MoE-290M's 2 shared experts of 704 run as one expert of 1,408: with that
+    shape measured (200 us at 1,024 tokens, 600 at 4,096), the shared part at 4,096
+    tokens is the measured 600 us."""
+    from moesim.costs.roofline import layer_costs
+
+    hw = get_profile("H100-SXM")
+    shape = get_preset("FLAME-MoE-290M")
+    assert (shape.num_shared_experts, shape.expert_d_ff) == (2, 704)
+    shared = replace(BenchShape.from_model(shape, local_experts=1), d_ff=1408)
+    rows = []
+    for t, us in {1024: 200.0, 4096: 600.0}.items():
+        fl, by, _ = op_work("expert_ffn_loop", shared, t, "bf16")
+        rows.append(
+            {"op": "expert_ffn_loop", "dtype": "bf16", "tokens": t, "flops": fl, "bytes": by,
+             "median_us": us} | table_widths("expert_ffn_loop", shared)
+        )  # fmt: skip
+    cm = CostModel.from_table(pd.DataFrame(rows), hw)
+    got = layer_costs(
+        shape, hw, tokens=4096, sequence_length=1024, mode="prefill", dtype="bf16", model=cm
+    )
+    assert got.shared_us == pytest.approx(600.0)
+
+
 def _round_profile(bf16_tflops: float, hbm_gbps: float):
     """H100-SXM with round figures: ``bf16_tflops`` and ``hbm_gbps`` at efficiency 0.5
     (so ``bf16_tflops`` * 5e5 FLOP/µs and ``hbm_gbps`` * 500 bytes/µs), launch 5 µs."""
@@ -487,6 +511,15 @@ def test_decode_attention_scores_smooth_max_hand_checked():
     # 2.048 µs. The projections, norms and launches are the same in both modes.
     assert decode.attention_us - prefill.attention_us == pytest.approx(4.870992 - 2.048)
     assert (decode.router_us, decode.shared_us) == (prefill.router_us, prefill.shared_us)
+    # router: (1, 1024) @ (1024, 64), 2 x 64 x 1024 = 131,072 FLOP -> 0.131072 µs against
+    # 2 B x (1024 + 65,536 + 64) = 133,248 bytes -> 0.133248 µs: smooth max 0.157182 µs,
+    # plus 2 launches of 5 µs = 10.157182 µs
+    assert prefill.router_us == pytest.approx(10.157182, abs=1e-6)
+    # 2 shared experts of 704 -> d_ff 1,408, gated: each of 3 GEMMs 2,883,584 FLOP ->
+    # 2.883584 µs against 2 B x (1024 + 1,441,792 + 1408) = 2,888,448 bytes -> 2.888448 µs,
+    # smooth max (2.883584**4 + 2.888448**4) ** 0.25 = 3.432074 µs; 3 x 3.432074 + 3
+    # launches of 5 µs = 25.296223 µs
+    assert prefill.shared_us == pytest.approx(25.296223, abs=1e-6)
 
 
 def test_cost_model_is_cached_by_profile_content_not_name(tmp_path, monkeypatch):
