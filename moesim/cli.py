@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from moesim import __version__
-from moesim.console import make_console
+from moesim.console import make_console, progress_bar, status
 from moesim.errors import InputError
 from moesim.fileio import check_output_folder, check_writable
 from moesim.scenario import FLOW_REL_TOL
@@ -71,10 +71,15 @@ def _run_scenario(
     check_output_folder(out, "run", force=force)  # before any work
     from moesim.report import write_outputs
     from moesim.report.summary import console_summary
-    from moesim.sim.simulate import simulate
+    from moesim.sim.prepare import prepare
+    from moesim.sim.simulate import routed_layer_steps, simulate_prepared
 
     scenario, base = _load_with_hardware(path, hardware)
-    result = simulate(scenario, base, source=_display_path(path))
+    source = _display_path(path)
+    with status("preparing: routing, placement, costs"):
+        prep = prepare(scenario, base, source)
+    with progress_bar("simulate", routed_layer_steps(prep), "layer steps") as advance:
+        result = simulate_prepared(prep, source, progress=advance)
     files = write_outputs(result, out, force=force)
     if as_json:
         runs = [r.summary for r in result.runs]
@@ -501,19 +506,20 @@ def trace_import(
     from moesim.traces.store import open_trace
 
     check_output_folder(out, "trace", force=force)  # before reading the source
-    path = import_trace(
-        fmt,
-        src,
-        out,
-        num_experts=experts,
-        top_k=top_k,
-        layers=_int_list(layers, "layers"),
-        model=model,
-        domain=domain,
-        kind=kind,
-        seed=seed,
-        force=force,
-    )
+    with status(f"importing {src}"):
+        path = import_trace(
+            fmt,
+            src,
+            out,
+            num_experts=experts,
+            top_k=top_k,
+            layers=_int_list(layers, "layers"),
+            model=model,
+            domain=domain,
+            kind=kind,
+            seed=seed,
+            force=force,
+        )
     info = open_trace(path)
     summary = {
         "trace": str(path),
@@ -589,7 +595,6 @@ def trace_synth(
     force: ForceOption = False,
 ) -> None:
     """Write seeded synthetic routing (uniform, Zipf, Dirichlet, drifting hot spots, bursts)."""
-    from moesim.console import progress_bar
     from moesim.traces.synthetic import synth_to_store
 
     check_output_folder(out, "trace", force=force)  # before any work
@@ -655,7 +660,8 @@ def calibrate(
     sc, base = _load_with_hardware(scenario, hardware)
     prep = prepare_for_calibration(sc, base, _display_path(scenario))
     hw = get_profile(sc.hardware)
-    res = calibrate_profile(profile, hw, prep, fit_layers=layers, rank=rank)
+    with status(f"calibrating {sc.hardware} to {profile.name}"):
+        res = calibrate_profile(profile, hw, prep, fit_layers=layers, rank=rank)
     data = res.profile.model_dump(exclude_none=True, mode="json")
     atomic_write_text(out, dump_yaml(data))
     if as_json:

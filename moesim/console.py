@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
-__all__ = ["UNBOUNDED_WIDTH", "Advance", "make_console", "progress_bar"]
+__all__ = ["UNBOUNDED_WIDTH", "Advance", "make_console", "progress_bar", "status"]
 
 #: the width a console writes to a pipe or file with: tables size to their contents
 UNBOUNDED_WIDTH = 10_000
@@ -63,3 +63,15 @@ def progress_bar(label: str, total: int, unit: str) -> Iterator[Advance]:
             progress.update(task, advance=n)
 
         yield advance
+
+
+@contextmanager
+def status(text: str) -> Iterator[None]:
+    """A spinner with ``text`` on stderr while a step of unknown length runs; drawn only
+    where stderr is a terminal."""
+    console = make_console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(text):
+        yield

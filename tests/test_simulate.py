@@ -465,3 +465,25 @@ def test_phases_of_two_microbatches_have_keys_of_their_own(flame_dict, tmp_path)
     assert {(op.microbatch, op.phase) for op in run.program if op.layer == 1} >= {
         (0, "dispatch"), (1, "dispatch"), (0, "combine bwd"), (1, "combine bwd"),
     }  # fmt: skip
+
+
+def test_progress_counts_every_routed_layer_step(tmp_path):
+    """The demo scenario: 2 modes x 1 step x 1 microbatch x 4 MoE layers = 8 layer steps,
+    each reported once; and a synthetic trace's progress adds up to its tokens."""
+    from moesim.paths import scenarios_dir
+    from moesim.scenario import load_scenario
+    from moesim.sim.prepare import prepare
+    from moesim.sim.simulate import routed_layer_steps, simulate_prepared
+    from moesim.traces.synthetic import synth_to_store
+
+    scenario, base = load_scenario(scenarios_dir() / "demo.yaml")
+    prep = prepare(scenario, base, "demo")
+    assert routed_layer_steps(prep) == 2 * 1 * 1 * 4
+    calls: list[int] = []
+    simulate_prepared(prep, "demo", progress=calls.append)
+    assert calls == [1] * 8
+
+    chunks: list[int] = []
+    synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=2, num_tokens=1000,
+                   progress=chunks.append)  # fmt: skip
+    assert sum(chunks) == 1000

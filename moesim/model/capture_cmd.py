@@ -187,6 +187,7 @@ def capture_cmd(
     if seq_len < 0:
         raise InputError("must be 0 (automatic) or positive", field="seq-len", value=seq_len)
     check_output_folder(out, "trace", force=force)  # before loading or running the model
+    from moesim.console import status
     from moesim.model.capture import capture_hf, capture_reference
 
     if text_file is not None:
@@ -252,7 +253,8 @@ def capture_cmd(
     if checkpoint is not None:
         meta["checkpoint"] = checkpoint
     capture = capture_reference if kind == "reference" else capture_hf
-    trace = capture(model, batch, out, meta=meta, force=force)
+    with status(f"capturing {name}'s routing"):
+        trace = capture(model, batch, out, meta=meta, force=force)
     typer.echo(
         f"captured {trace.num_tokens:,} tokens x {len(trace.layers)} MoE layers "
         f"({trace.num_experts} experts, top-{trace.top_k}) of {name} -> {out} "

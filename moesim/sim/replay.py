@@ -8,7 +8,7 @@ core (replica choice and per-slot capacity).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -87,8 +87,17 @@ class StreamedRouting(Mapping[int, LayerRouting]):
     asks for it. The builder gets the full routing of a layer; what stays behind is its
     compact form (no (D, D) matrices), so memory holds one layer's traffic at a time."""
 
-    def __init__(self, prep: Prepared, step: int, microbatch: int, microbatches: int) -> None:
+    def __init__(
+        self,
+        prep: Prepared,
+        step: int,
+        microbatch: int,
+        microbatches: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """``progress(1)`` is called as each layer is routed (once per layer)."""
         self.prep, self.step, self.mb, self.n_mb = prep, step, microbatch, microbatches
+        self.progress = progress
         self.index = {layer: li for li, layer in enumerate(prep.moe_layers)}
         self.kept: dict[int, LayerRouting] = {}
 
@@ -98,6 +107,8 @@ class StreamedRouting(Mapping[int, LayerRouting]):
         full = route_layer_at(self.prep, self.step, self.index[layer], self.mb, self.n_mb)
         cl = self.prep.cluster
         self.kept[layer] = full.compact(cl.devices_per_node, cl.topology)
+        if self.progress is not None:
+            self.progress(1)
         return full
 
     def __iter__(self) -> Iterator[int]:

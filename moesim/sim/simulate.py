@@ -12,6 +12,7 @@ the report and timeline writers consume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,14 @@ from moesim.sim.routing import (
     merge_routing,
 )
 
-__all__ = ["ModeResult", "SimResult", "simulate", "simulate_mode"]
+__all__ = [
+    "ModeResult",
+    "SimResult",
+    "routed_layer_steps",
+    "simulate",
+    "simulate_mode",
+    "simulate_prepared",
+]
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,11 @@ class SimResult:
     inputs: dict[str, Any]
 
 
-def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
-    """Simulate ``scenario.steps`` steps of one mode."""
+def simulate_mode(
+    prep: Prepared, mode: str, progress: Callable[[int], None] | None = None
+) -> ModeResult:
+    """Simulate ``scenario.steps`` steps of one mode (``progress``: see
+    :func:`simulate_prepared`)."""
     sc, shape, hw = prep.scenario, prep.shape, prep.hw
     n_mb = 2 if sc.overlap else 1
     tokens = sc.tokens_per_device // n_mb
@@ -94,7 +105,7 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
     program: list[Op] = []
     flow_events = 0
     for step in range(sc.steps):
-        per_mb = [StreamedRouting(prep, step, m, n_mb) for m in range(n_mb)]
+        per_mb = [StreamedRouting(prep, step, m, n_mb, progress) for m in range(n_mb)]
         programs = [
             build_program(
                 shape,
@@ -167,8 +178,23 @@ def simulate_mode(prep: Prepared, mode: str) -> ModeResult:
 
 def simulate(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> SimResult:
     """Simulate every mode the scenario asks for."""
-    prep = prepare(scenario, base_dir, source)
-    runs = [simulate_mode(prep, mode) for mode in scenario.modes]
+    return simulate_prepared(prepare(scenario, base_dir, source), source)
+
+
+def routed_layer_steps(prep: Prepared) -> int:
+    """How many (mode, step, microbatch, MoE layer) routings a run makes: the units of
+    :func:`simulate_prepared`'s ``progress``."""
+    sc = prep.scenario
+    return len(sc.modes) * sc.steps * (2 if sc.overlap else 1) * len(prep.moe_layers)
+
+
+def simulate_prepared(
+    prep: Prepared, source: str | Path = "<scenario>", progress: Callable[[int], None] | None = None
+) -> SimResult:
+    """Simulate every mode of a prepared scenario; ``progress(1)`` after each layer is
+    routed (:func:`routed_layer_steps` in all)."""
+    scenario = prep.scenario
+    runs = [simulate_mode(prep, mode, progress) for mode in scenario.modes]
     return SimResult(
         scenario=scenario,
         shape=prep.shape,
