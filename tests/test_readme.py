@@ -97,7 +97,7 @@ def run_readme(workdir: Path, *, slow: bool) -> list[str]:
     ``slow``); check each exits 0 and prints its output block's lines. Returns the command
     lines run."""
     shutil.copytree(REPO / "scenarios", workdir / "scenarios")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     ran = []
     for block, output in bash_blocks_with_output(README.read_text(encoding="utf-8")):
         argvs = commands(block)
