@@ -577,6 +577,19 @@ def trace_stats_cmd(
     console.print(table)
 
 
+@trace_app.command("upgrade")
+def trace_upgrade(
+    trace: Annotated[Path, typer.Argument(help="Trace folder to rewrite in place.")],
+) -> None:
+    """Rewrite a trace written by an older moesim (a `layer` column in every file as well
+    as in the folder names) so pandas, pyarrow datasets, DuckDB and Polars open it as it
+    is. Rows and metadata are kept; the folder is swapped in whole."""
+    from moesim.traces.store import upgrade_trace
+
+    done = upgrade_trace(trace)
+    console.print(f"{'upgraded' if done else 'already current:'} {trace}")
+
+
 @trace_app.command("synth")
 def trace_synth(
     experts: Annotated[int, typer.Option(help="Routed experts per layer.", min=1)],

@@ -306,7 +306,9 @@ def test_expert_id_out_of_range_and_outputs_untouched(tmp_path, flame_dict, writ
     ids = table.column("expert_ids").to_pylist()
     ids[17][2] = 99
     col = pa.array(ids, type=table.schema.field("expert_ids").type)
-    pq.write_table(table.set_column(3, "expert_ids", col), part)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("expert_ids"), "expert_ids", col), part
+    )
     bad = write_scenario(flame_dict | {"routing": {"trace": str(bad_trace)}}, "bad.yaml")
     assert_one_line_error(
         moesim("simulate", str(bad), "--out", str(out)), "layer=5", "expert_ids", "99"

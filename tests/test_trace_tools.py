@@ -138,12 +138,19 @@ def test_replay_and_stats_check_every_layer_past_the_replayed_tokens(tmp_path):
     path = _hand_trace(tmp_path / "t")
     part = path / "layer=1" / "part-0.parquet"
     table = pq.read_table(part)
-    pq.write_table(table.set_column(2, "token", pa.array([0, 1, 7], pa.int64())), part)
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("token"), "token", pa.array([0, 1, 7], pa.int64())
+        ),
+        part,
+    )
     for read in (lambda: read_replay(path, 1), lambda: trace_stats(path)):
         with pytest.raises(InputError, match="layers hold different tokens"):
             read()
     ids = pa.array([[1, 2], [1, 3], [0, 9]], table.schema.field("expert_ids").type)
-    pq.write_table(table.set_column(3, "expert_ids", ids), part)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("expert_ids"), "expert_ids", ids), part
+    )
     for read in (lambda: read_replay(path, 1), lambda: trace_stats(path)):
         with pytest.raises(InputError, match=r"out of range 0..3 \(layer 1, row 2\)") as e:
             read()

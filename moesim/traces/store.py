@@ -7,13 +7,22 @@ Layout (a folder, hive-partitioned by layer)::
       layer=3/part-0.parquet
       ...
 
+The layer lives in one place, the folder name, so the tools users already have open a
+trace as it is, the folder key becoming a ``layer`` column: ``pandas.read_parquet(TRACE)``,
+``pyarrow.dataset.dataset(TRACE, partitioning="hive")``, DuckDB's
+``read_parquet('TRACE/**/*.parquet', hive_partitioning=true)`` and Polars'
+``scan_parquet`` (``tests/test_trace_readers.py`` reads one with each). Traces written
+before this layout also carry a ``layer`` column in every file; moesim reads them as they
+are (the folder name decides), and ``moesim trace upgrade TRACE`` rewrites one without it.
+A single Parquet file given as a trace (not in a ``layer=N`` folder) names its layer in a
+``layer`` column.
+
 Columns of every file:
 
 ====================  ==============================  =========================================
 column                type                            meaning
 ====================  ==============================  =========================================
 ``step``              int32                           step (batch) the token belongs to
-``layer``             int16                           model layer index of this MoE layer
 ``token``             int64                           token index within the trace, the same
                                                       token in every layer
 ``expert_ids``        fixed_size_list<int32>[top_k]   selected experts, by descending gate weight
@@ -67,6 +76,7 @@ __all__ = [
     "open_trace",
     "read_trace",
     "trace_schema",
+    "upgrade_trace",
     "write_trace",
 ]
 
@@ -74,7 +84,7 @@ __all__ = [
 MAX_EXPERTS = 1 << 20
 
 OPTIONAL_COLUMNS = {"sequence": pa.int64(), "source_device": pa.int32()}
-REQUIRED_COLUMNS = ("step", "layer", "token", "expert_ids", "gate_weights")
+REQUIRED_COLUMNS = ("step", "token", "expert_ids", "gate_weights")
 
 
 def trace_schema(
@@ -83,7 +93,6 @@ def trace_schema(
     """Arrow schema of a trace file with ``top_k`` experts per token."""
     fields = [
         ("step", pa.int32()),
-        ("layer", pa.int16()),
         ("token", pa.int64()),
         ("expert_ids", pa.list_(pa.int32(), top_k)),
         ("gate_weights", pa.list_(pa.float32(), top_k)),
@@ -274,7 +283,6 @@ class TraceWriter:
         check_layer(ids, weights, self.num_experts, layer, self.dest)
         cols = [
             pa.array(np.broadcast_to(np.asarray(step, dtype=np.int32), (n,))),
-            pa.array(np.full(n, layer, dtype=np.int16)),
             pa.array(np.asarray(token, dtype=np.int64)),
             _fixed_list(ids.astype(np.int32, copy=False), self.top_k, pa.int32()),
             _fixed_list(weights, self.top_k, pa.float32()),
@@ -413,6 +421,8 @@ def _check_columns(schema: pa.Schema, part: Path) -> None:
         "gate_weights": pa.types.is_floating,
     }
     for name, ok in kinds.items():
+        if name not in schema.names:  # layer: in the folder name (a file may repeat it)
+            continue
         t = schema.field(name).type
         value_type = t.value_type if pa.types.is_fixed_size_list(t) else t
         listed = name in ("expert_ids", "gate_weights")
@@ -479,6 +489,12 @@ def open_trace(path: str | Path) -> TraceInfo:
         if part.parent.name.startswith("layer="):
             layer = _layer_of_folder(part)
         else:  # a single file: take the layer column
+            if "layer" not in schema.names:
+                raise InputError(
+                    "a single-file trace needs a 'layer' column (or put it in a layer=N folder)",
+                    file=part,
+                    field="layer",
+                )
             layers = np.unique(pq.read_table(part, columns=["layer"]).column("layer").to_numpy())
             if len(layers) != 1:
                 raise InputError("a single-file trace must hold one layer", file=part)
@@ -646,3 +662,37 @@ def read_trace(path: str | Path) -> RoutingTrace:
         num_experts=info.num_experts,
         meta=info.meta,
     )
+
+
+def upgrade_trace(path: str | Path) -> bool:
+    """Rewrite a trace written before the layer lived only in its folder names: each file
+    without its ``layer`` column, everything else (rows, metadata, compression) as it was,
+    swapped in whole. Returns False when there was nothing to do."""
+    if not Path(path).is_dir():
+        raise InputError("expected a trace folder (layer=N/*.parquet)", file=path)
+    info = open_trace(path)
+    parts = [p for layer in info.layers for p in info.files[layer]]
+    if not any("layer" in pq.ParquetFile(p).schema_arrow.names for p in parts):
+        return False
+    out = OutputFolder(Path(path), "trace")
+    tmp = out.begin()
+    try:
+        for part in parts:
+            pf = pq.ParquetFile(part)
+            keep = [n for n in pf.schema_arrow.names if n != "layer"]
+            schema = pa.schema([pf.schema_arrow.field(n) for n in keep]).with_metadata(
+                pf.schema_arrow.metadata
+            )
+            dest = tmp / part.relative_to(info.path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with pq.ParquetWriter(dest, schema, compression="zstd") as w:
+                for rb in pf.iter_batches(batch_size=1 << 16, columns=keep):
+                    w.write_batch(rb)
+    except OSError as err:
+        out.abort()
+        raise InputError(f"cannot write there ({err.strerror or err})", file=path) from None
+    except BaseException:
+        out.abort()
+        raise
+    out.commit()
+    return True
