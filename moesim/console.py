@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 
@@ -27,14 +28,19 @@ def make_console(stderr: bool = False) -> Console:
 
 
 #: the signature of a progress callback: ``advance(n)`` after ``n`` more units are done
-Advance = Callable[[int], None]
+#: (keyword fields, where the bar shows any, update them: ``advance(1, failed=2)``)
+Advance = Callable[..., None]
 
 
 @contextmanager
-def progress_bar(label: str, total: int, unit: str) -> Iterator[Advance]:
+def progress_bar(
+    label: str, total: int, unit: str, *, completed: int = 0, **fields: Any
+) -> Iterator[Advance]:
     """A progress bar on stderr for a job that may take seconds: ``label``, done/``total``
-    ``unit``, elapsed time and ETA; yields ``advance(n)``. Drawn only where stderr is a
-    terminal: into a pipe or a file it writes nothing, so outputs stay clean."""
+    ``unit`` (a rich format string that may name ``fields``, e.g. ``"cases,
+    {task.fields[failed]} failed"``), elapsed time and ETA; yields ``advance(n, **fields)``.
+    Drawn only where stderr is a terminal: into a pipe or a file it writes nothing, so
+    outputs stay clean."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -57,10 +63,10 @@ def progress_bar(label: str, total: int, unit: str) -> Iterator[Advance]:
         transient=True,
         disable=not console.is_terminal,
     ) as progress:
-        task = progress.add_task(label, total=total)
+        task = progress.add_task(label, total=total, completed=completed, **fields)
 
-        def advance(n: int) -> None:
-            progress.update(task, advance=n)
+        def advance(n: int, **changed: Any) -> None:
+            progress.update(task, advance=n, **changed)
 
         yield advance
 

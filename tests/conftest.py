@@ -91,3 +91,21 @@ def routing_of(copies, expert_tokens):
         rerouted=0,
         assignments=int(copies.sum()),
     )
+
+
+def round_h100(bf16_tflops: float, hbm_gbps: float):
+    """H100-SXM with round figures for hand-computed answers: ``bf16_tflops`` and
+    ``hbm_gbps`` at efficiency 0.5 (so ``bf16_tflops`` x 5e5 FLOP/us and ``hbm_gbps`` x 500
+    bytes/us), no small-batch term; launch 5 us."""
+    from moesim.hardware import get_profile
+
+    hw = get_profile("H100-SXM")
+    return hw.model_copy(
+        update={
+            "compute": hw.compute.model_copy(update={"bf16_dense_tflops": bf16_tflops}),
+            "memory": hw.memory.model_copy(update={"hbm_bandwidth_gbps": hbm_gbps}),
+            "efficiency": hw.efficiency.model_copy(
+                update={"gemm": 0.5, "hbm": 0.5, "gemm_half_outputs": None}
+            ),
+        }
+    )

@@ -25,6 +25,7 @@ from moesim.costs.work import BenchShape, op_work, table_widths
 from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.model.shapes import get_preset
+from tests.conftest import round_h100
 
 TRUE = OpFactors(
     launch_us=20.0,
@@ -428,27 +429,12 @@ def test_measured_shared_experts_are_one_call_of_their_summed_width():
     assert got.shared_us == pytest.approx(600.0)
 
 
-def _round_profile(bf16_tflops: float, hbm_gbps: float):
-    """H100-SXM with round figures: ``bf16_tflops`` and ``hbm_gbps`` at efficiency 0.5
-    (so ``bf16_tflops`` * 5e5 FLOP/µs and ``hbm_gbps`` * 500 bytes/µs), launch 5 µs."""
-    hw = get_profile("H100-SXM")
-    return hw.model_copy(
-        update={
-            "compute": hw.compute.model_copy(update={"bf16_dense_tflops": bf16_tflops}),
-            "memory": hw.memory.model_copy(update={"hbm_bandwidth_gbps": hbm_gbps}),
-            "efficiency": hw.efficiency.model_copy(
-                update={"gemm": 0.5, "hbm": 0.5, "gemm_half_outputs": None}
-            ),
-        }
-    )
-
-
 def test_profile_roofline_is_the_cost_models_smooth_max_hand_checked():
     """The non-expert parts are timed by the rule the experts are: the cost model's smooth
     maximum of compute and memory time (:func:`predict_us`), less its launch."""
     from moesim.costs.roofline import expert_ffn_time_us, gemm_time_us, memory_time_us
 
-    hw = _round_profile(1000.0, 2000.0)  # 5e8 FLOP/µs, 1e6 bytes/µs
+    hw = round_h100(1000.0, 2000.0)  # 5e8 FLOP/µs, 1e6 bytes/µs
     # (1500, 1500) @ (1500, 1500), bf16: 2 * 1500**3 = 6.75e9 FLOP / 5e8 = 13.5 µs of
     # compute, 2 * 3 * 1500**2 = 1.35e7 bytes / 1e6 = 13.5 µs of memory; smooth max
     # (13.5**4 + 13.5**4) ** (1/4) = 13.5 * 2 ** 0.25 = 13.5 * 1.1892071 = 16.054296 µs
@@ -471,7 +457,7 @@ def test_gemm_small_batch_term_is_half_outputs_over_the_width_hand_checked():
     from moesim.costs.fit import with_efficiency
     from moesim.costs.roofline import gemm_time_us
 
-    hw = with_efficiency(_round_profile(1000.0, 2000.0), gemm_half_outputs=2.25e6)
+    hw = with_efficiency(round_h100(1000.0, 2000.0), gemm_half_outputs=2.25e6)
     assert float(gemm_time_us(1500, 1500, 1500, hw, "bf16")) == pytest.approx(27.412333)
     # a 15,000-wide GEMM of the same rows has ten times the outputs: 1.1 x its arithmetic,
     # 2 x 1500 x 15000 x 1500 = 6.75e10 FLOP / 5e8 = 135 µs x 1.1 = 148.5 µs, against
@@ -500,7 +486,7 @@ def test_decode_attention_scores_smooth_max_hand_checked():
     64, MHA), 1 token, sequence 1,000, on a profile with 1e6 FLOP/µs and 1e6 bytes/µs."""
     from moesim.costs.roofline import layer_costs
 
-    hw = _round_profile(2.0, 2000.0)
+    hw = round_h100(2.0, 2000.0)
     shape = get_preset("FLAME-MoE-290M")
     kw = dict(tokens=1, sequence_length=1000, dtype="bf16")
     decode = layer_costs(shape, hw, mode="decode", **kw)

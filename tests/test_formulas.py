@@ -13,7 +13,7 @@ from moesim.model.shapes import get_preset
 from moesim.sim.allreduce import allreduce_time_us
 from moesim.sim.cluster import ClusterSpec
 from moesim.topology import build_topology
-from tests.conftest import routing_of
+from tests.conftest import round_h100, routing_of
 
 
 def test_ring_allreduce_by_hand():
@@ -342,21 +342,6 @@ def test_planned_loads_replicas_and_moved_slots_by_hand():
     assert (moved_slots(p, new), moved_share(p, new)) == (1, 0.125)
 
 
-def _round_h100(bf16_tflops: float, hbm_gbps: float):
-    """H100-SXM at efficiency 0.5 and no small-batch term: ``bf16_tflops`` x 5e5 FLOP/us,
-    ``hbm_gbps`` x 500 bytes/us; launch 5 us."""
-    hw = get_profile("H100-SXM")
-    return hw.model_copy(
-        update={
-            "compute": hw.compute.model_copy(update={"bf16_dense_tflops": bf16_tflops}),
-            "memory": hw.memory.model_copy(update={"hbm_bandwidth_gbps": hbm_gbps}),
-            "efficiency": hw.efficiency.model_copy(
-                update={"gemm": 0.5, "hbm": 0.5, "gemm_half_outputs": None}
-            ),
-        }
-    )
-
-
 def test_layer_parts_on_the_roofline_by_hand():
     """FLAME-MoE-290M, 1 token, prefill over 1,000, at 1e6 FLOP/us and 1e6 bytes/us.
     Attention: projections (1, 1024) @ (1024, 4096), 8,388,608 FLOP against 2 B x
@@ -368,7 +353,7 @@ def test_layer_parts_on_the_roofline_by_hand():
     launches = 55.004301 us."""
     from moesim.costs.roofline import bytes_per_assignment, layer_costs, permute_us
 
-    hw = _round_h100(2.0, 2000.0)
+    hw = round_h100(2.0, 2000.0)
     c = layer_costs(
         get_preset("FLAME-MoE-290M"), hw, tokens=1, sequence_length=1000, mode="prefill",
         dtype="bf16",
@@ -395,7 +380,7 @@ def test_decode_reads_the_kv_cache_mla_and_grouped_by_hand():
     8,192,000 FLOP = 0.008192 us."""
     from moesim.costs.roofline import layer_costs
 
-    hw = _round_h100(2000.0, 2000.0)
+    hw = round_h100(2000.0, 2000.0)
     kw = dict(tokens=1, sequence_length=1000, dtype="bf16")
     ds, mx = get_preset("DeepSeek-V3"), get_preset("Mixtral-8x7B")
     assert layer_costs(ds, hw, mode="decode", **kw).scores_us == pytest.approx(

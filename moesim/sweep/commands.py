@@ -91,17 +91,8 @@ def sweep_cmd(
     already in OUT (keyed by a hash of the case's full scenario); a failing case is recorded
     with its error and the sweep goes on. Exit status 1 when any case failed.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from moesim.cli import _display_path
-    from moesim.console import make_console
+    from moesim.console import make_console, progress_bar
     from moesim.fileio import check_writable
     from moesim.sweep.results import ResultsFolder
     from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
@@ -134,25 +125,16 @@ def sweep_cmd(
                     f"{len(sweep.cases) - pending} already done, {pending} to run on {where}",
                     markup=False,
                 )
-                with Progress(
-                    TextColumn("[bold]sweep[/bold]"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("cases, {task.fields[failed]} failed"),
-                    TimeElapsedColumn(),
-                    TextColumn("ETA"),
-                    TimeRemainingColumn(),
-                    console=err_console,
-                ) as progress:
-                    task = progress.add_task(
-                        "sweep",
-                        total=len(sweep.cases),
-                        completed=len(sweep.cases) - pending,
-                        failed=_failed(folder.rows.values()),
-                    )
+                with progress_bar(
+                    "sweep",
+                    len(sweep.cases),
+                    "cases, {task.fields[failed]} failed",
+                    completed=len(sweep.cases) - pending,
+                    failed=_failed(folder.rows.values()),
+                ) as advance:
 
                     def on_result(case: Case, row: dict[str, Any]) -> None:
-                        progress.update(task, advance=1, failed=_failed(folder.rows.values()))
+                        advance(1, failed=_failed(folder.rows.values()))
 
                     run = run_sweep(
                         sweep,
