@@ -720,7 +720,7 @@ def a2a(
         ),
     ] = None,
     hidden: Annotated[int | None, typer.Option(help="Hidden size (elements per token).")] = None,
-    topk: Annotated[int | None, typer.Option(help="Experts per token.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Experts per token.")] = None,
     num_experts: Annotated[int | None, typer.Option(help="Routed experts.")] = None,
     dispatcher: Annotated[
         str,
@@ -769,9 +769,9 @@ def a2a(
         if value not in valid:
             raise InputError(f"valid: {', '.join(v for v in valid if v)}", field=name, value=value)
     shape = get_preset(model) if model is not None else None
-    given = {"hidden": hidden, "topk": topk, "num-experts": num_experts}
+    given = {"hidden": hidden, "top-k": top_k, "num-experts": num_experts}
     if shape is not None:
-        preset = {"hidden": shape.d_model, "topk": shape.top_k, "num-experts": shape.num_experts}
+        preset = {"hidden": shape.d_model, "top-k": shape.top_k, "num-experts": shape.num_experts}
         given = {key: preset[key] if v is None else v for key, v in given.items()}
     for key, v in given.items():
         if v is None:

@@ -100,11 +100,19 @@ class Routing(BaseModel):
     model_config = _STRICT
     trace: Path | None = None
     synthetic: SyntheticRouting | None = None
+    layer_map: Literal["cycle"] | list[int] | None = Field(
+        default=None,
+        description="a trace with other MoE layers than the model: 'cycle' replays trace "
+        "layer i mod L on MoE layer i; a list names the trace layer (its own number) each "
+        "MoE layer replays; None: one trace layer per MoE layer, in order",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Routing:
         if (self.trace is None) == (self.synthetic is None):
             raise ValueError("give exactly one of 'trace' or 'synthetic'")
+        if self.layer_map is not None and self.trace is None:
+            raise ValueError("layer_map maps a trace's layers: give 'trace'")
         return self
 
 

@@ -121,7 +121,7 @@ def test_a2a_cli_json_and_errors(tmp_path):
         "128",
         "--hidden",
         "7168",
-        "--topk",
+        "--top-k",
         "8",
         "--num-experts",
         "256",

@@ -224,7 +224,7 @@ def test_a2a_cli_dispatcher_and_model():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
-    assert (r["hidden"], r["topk"], r["num_experts"], r["groups"]) == (7168, 8, 256, [8, 4])
+    assert (r["hidden"], r["top_k"], r["num_experts"], r["groups"]) == (7168, 8, 256, [8, 4])
     assert (r["dispatcher"], r["dedup"], r["dispatch_dtype"]) == ("deepep-normal", "node", "fp8")
     # 2 launches of 5 us + one round trip of the longest path, InfiniBand's 5 us
     assert r["fixed_us"] == 20.0

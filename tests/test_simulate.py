@@ -487,3 +487,52 @@ def test_progress_counts_every_routed_layer_step(tmp_path):
     synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=2, num_tokens=1000,
                    progress=chunks.append)  # fmt: skip
     assert sum(chunks) == 1000
+
+
+def test_layer_sources_by_hand():
+    from moesim.errors import InputError
+    from moesim.sim.prepare import layer_sources
+
+    # a trace of layers 2, 3, 4 on a model of 5 MoE layers
+    assert layer_sources("cycle", (2, 3, 4), 5, "m") == [0, 1, 2, 0, 1]
+    assert layer_sources([4, 2], (2, 3, 4), 2, "m") == [2, 0]
+    assert layer_sources(None, (2, 3, 4), 3, "m") == [0, 1, 2]
+    assert layer_sources(None, (2, 3, 4), 5, "m") is None
+    with pytest.raises(InputError, match="lists 2 trace layers; model m has 3"):
+        layer_sources([2, 3], (2, 3, 4), 3, "m")
+    with pytest.raises(InputError, match="lacks") as err:
+        layer_sources([2, 9], (2, 3, 4), 2, "m")
+    assert err.value.value == 9
+
+
+def test_a_trace_with_fewer_layers_cycles_over_a_deeper_model(tmp_path, write_scenario):
+    """FLAME-MoE-290M's 8 trace layers (2..9) on DeepSeekMoE-16B's 27 MoE layers (64
+    experts, top-6 too): MoE layer i replays trace layer 2 + i mod 8, and says so."""
+    from moesim.report.summary import header_line
+    from tests.conftest import assert_one_line_error
+    from tests.conftest import run_moesim as moesim
+
+    base = {
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 8},
+        "model": "DeepSeekMoE-16B",
+        "routing": {"trace": str(FLAME_TRACE)},
+        "mode": "prefill",
+        "tokens_per_device": 256,
+        "sequence_length": 256,
+    }
+    refused = moesim("simulate", str(write_scenario(base, "plain.yaml")), "--out",
+                     str(tmp_path / "r0"))  # fmt: skip
+    assert_one_line_error(refused, "trace has 8 MoE layers", "27", "routing.layer_map")
+
+    sc = Scenario.model_validate(base | {"routing": base["routing"] | {"layer_map": "cycle"}})
+    res = simulate(sc, tmp_path)
+    assert res.inputs["trace_layers"] == [2 + i % 8 for i in range(27)]
+    summary = res.runs[0].summary
+    assert summary["layer_map"] == "cycle"
+    assert "trace layers mapped: cycle" in header_line(res)
+    layers = res.runs[0].layers.set_index("layer")
+    moe = res.inputs["moe_layers"]
+    # the same trace layer, the same contiguous placement: the same expert balance
+    for i in range(8, 27):
+        assert layers.loc[moe[i], "expert_balance"] == layers.loc[moe[i % 8], "expert_balance"]

@@ -276,6 +276,24 @@ def test_counts_json_import_small(tmp_path):
         load_counts_json(tmp_path / "c.json", model="x", domain="d")
 
 
+def test_counts_json_top_k_from_its_metadata(tmp_path):
+    """OLMoE's counts file says each model's top-k in _meta.models: no --top-k needed."""
+    from moesim.traces.importers import counts_top_k
+
+    data = {
+        "_meta": {"models": {"m": "allenai/x: 2 MoE layers, 4 experts, top-2"}},
+        "m": {"expert_counts": {"d": [{"0": 4, "1": 2, "2": 2}, {"0": 3, "2": 3, "3": 2}]}},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    assert counts_top_k(tmp_path / "c.json", "m") == 2
+    assert counts_top_k(tmp_path / "c.json", "other") is None
+    t = read_trace(
+        import_trace("counts-json", tmp_path / "c.json", tmp_path / "t", model="m", domain="d")
+    )
+    # 8 assignments per layer at top-2: 4 tokens
+    assert (t.top_k, t.num_tokens) == (2, 4)
+
+
 @pytest.mark.skipif(not COUNTS_JSON.exists(), reason="shared data not present")
 def test_counts_json_real_olmoe(tmp_path):
     t = read_trace(

@@ -52,9 +52,12 @@ def _params(n: int) -> str:
 def run_info(result: SimResult) -> dict[str, Any]:
     """The scenario facts the page shows (JSON-ready)."""
     sc, shape, hw = result.scenario, result.shape, result.hw
+    layer_map = sc.routing.layer_map
+    mapped = "" if layer_map is None else f", routing.layer_map {layer_map}"
     routing = (
         f"trace {sc.routing.trace} ({result.inputs['trace_tokens']:,} tokens, trace layers "
-        f"{result.inputs['trace_layers']} replayed on MoE layers {result.inputs['moe_layers']})"
+        f"{result.inputs['trace_layers']} replayed on MoE layers {result.inputs['moe_layers']}"
+        f"{mapped})"
         if sc.routing.trace is not None
         else f"synthetic: {sc.routing.synthetic}"
     )

@@ -153,6 +153,8 @@ def header_line(result: SimResult) -> str:
     redundant = f" + {sc.redundant_slots} redundant slots" if sc.redundant_slots else ""
     gran = result.runs[0].summary.get("granularity") if result.runs else None
     network = f"; flow network, {gran} flows" if gran else "; analytic network"
+    if sc.routing.layer_map is not None:
+        network += f"; trace layers mapped: {sc.routing.layer_map}"
     if "dispatcher" in result.inputs:
         network += f"; {dispatcher_text(result.inputs['dispatcher'], result.inputs['dedup'])}"
     return (

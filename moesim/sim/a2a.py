@@ -61,7 +61,7 @@ def run_a2a(
         ("ep", ep),
         ("tokens-per-rank", tokens_per_rank),
         ("hidden", hidden),
-        ("topk", topk),
+        ("top-k", topk),
         ("num-experts", num_experts),
     ):
         if value < 1:
@@ -69,7 +69,7 @@ def run_a2a(
     if not 0 <= flow_rel_tol <= 0.2:
         raise InputError("must be in [0, 0.2]", field="flow-rel-tol", value=flow_rel_tol)
     if topk > num_experts:
-        raise InputError("top-k exceeds the number of experts", field="topk", value=topk)
+        raise InputError("top-k exceeds the number of experts", field="top-k", value=topk)
     per_node = min(ep, hw.devices_per_node)
     if ep % per_node:
         raise InputError(
@@ -116,7 +116,7 @@ def run_a2a(
         "devices_per_node": per_node,
         "tokens_per_rank": tokens_per_rank,
         "hidden": hidden,
-        "topk": topk,
+        "top_k": topk,
         "num_experts": num_experts,
         "dispatcher": disp.name,
         "dispatch_dtype": disp.dispatch_dtype,

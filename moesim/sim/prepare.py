@@ -8,8 +8,10 @@ plain data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -89,13 +91,27 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
                 field="top_k",
                 value=info.top_k,
             )
-        if len(info.layers) != len(moe_layers):
+        try:
+            src = layer_sources(
+                scenario.routing.layer_map, info.layers, len(moe_layers), shape.name
+            )
+        except InputError as err:
+            raise InputError(err.message, file=source, field=err.field, value=err.value) from None
+        if src is None:
             raise InputError(
                 f"trace has {len(info.layers)} MoE layers, model {shape.name} has "
-                f"{len(moe_layers)}",
+                f"{len(moe_layers)}: set routing.layer_map (cycle, or a list of trace layers)",
                 file=tpath,
                 field="layers",
                 value=len(info.layers),
+            )
+        if scenario.placement == "affinity" and src != list(range(len(info.layers))):
+            raise InputError(
+                "the affinity planner needs the trace's own consecutive layers: drop "
+                "routing.layer_map or choose another placement",
+                file=source,
+                field="routing.layer_map",
+                value=scenario.routing.layer_map,
             )
         try:  # the tokens the steps replay, read layer by layer
             trace = read_replay(
@@ -105,6 +121,8 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             )
         except InputError as err:
             raise _trace_error(err, scenario, source) from None
+        if src != list(range(len(info.layers))):
+            trace = trace.mapped(src)
     popularity = None
     if syn is not None and syn.level == "count":
         for field_name, value, ok in (
@@ -284,3 +302,37 @@ def _placement(
         devices_per_node=cl.devices_per_node,
     )
     return placement
+
+
+def layer_sources(
+    layer_map: Literal["cycle"] | list[int] | None,
+    trace_layers: Sequence[int],
+    moe_layers: int,
+    model: str,
+) -> list[int] | None:
+    """The trace layer index each of the model's ``moe_layers`` MoE layers replays under
+    ``layer_map`` (``routing.layer_map``); None when there is no map and the counts differ.
+
+    ``cycle``: MoE layer i replays trace layer i mod L; a list names the trace's own layer
+    number for each MoE layer (:class:`InputError` for one the trace lacks, or a list of
+    the wrong length)."""
+    n = len(trace_layers)
+    if layer_map is None:
+        return list(range(n)) if n == moe_layers else None
+    if layer_map == "cycle":
+        return [i % n for i in range(moe_layers)]
+    if len(layer_map) != moe_layers:
+        raise InputError(
+            f"lists {len(layer_map)} trace layers; model {model} has {moe_layers} MoE layers",
+            field="routing.layer_map",
+            value=len(layer_map),
+        )
+    index = {layer: i for i, layer in enumerate(trace_layers)}
+    missing = [x for x in layer_map if x not in index]
+    if missing:
+        raise InputError(
+            f"names a layer the trace lacks (its layers: {list(trace_layers)})",
+            field="routing.layer_map",
+            value=missing[0],
+        )
+    return [index[x] for x in layer_map]

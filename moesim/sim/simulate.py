@@ -170,6 +170,7 @@ def simulate_mode(
         | {
             "flow_events": flow_events,
             "granularity": prep.cluster.granularity if prep.cluster.network == "flow" else None,
+            "layer_map": prep.scenario.routing.layer_map,
         },
         program=program,
         records=records,

@@ -240,6 +240,20 @@ def _layers_from_meta(data: dict[str, object], n: int) -> list[int]:
     return list(range(n))
 
 
+def counts_top_k(path: str | Path, model: str) -> int | None:
+    """The top-k a counts file's metadata gives ``model`` (``_meta.models.<model>`` saying
+    e.g. "64 experts, top-8"), or None when it does not say."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None  # the loader reports what is wrong with the file
+    meta = data.get("_meta") if isinstance(data, dict) else None
+    models = meta.get("models") if isinstance(meta, dict) else None
+    text = models.get(model) if isinstance(models, dict) else None
+    found = re.search(r"\btop-(\d+)\b", text) if isinstance(text, str) else None
+    return int(found.group(1)) if found else None
+
+
 def load_counts_json(
     path: str | Path,
     *,
@@ -466,9 +480,14 @@ def import_trace(
             raise InputError("vllm-npy needs --experts (the arrays do not say)", field="experts")
         return import_vllm_npy(src, out, num_experts=num_experts, layers=layers, force=force)
     if fmt == "counts-json":
+        if top_k is None and model:
+            top_k = counts_top_k(src, model)
         if not (model and domain and top_k):
             raise InputError(
-                "counts-json needs --model, --domain and --top-k", field="format", value=fmt
+                "counts-json needs --model, --domain and --top-k (unless its _meta.models "
+                "entry says top-K)",
+                field="format",
+                value=fmt,
             )
         return import_counts_json(
             src,

@@ -19,7 +19,7 @@ one batch, and (for co-activation) the previous layer's ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,18 @@ class ReplayTrace:
     @property
     def held_tokens(self) -> int:
         return int(self.expert_ids.shape[1])
+
+    def mapped(self, src: list[int]) -> ReplayTrace:
+        """The trace as a model's MoE layers see it: MoE layer i replays trace layer index
+        ``src[i]`` (its ids and loads; co-activation only where the mapping is the identity,
+        which is checked by the caller)."""
+        idx = np.asarray(src, dtype=np.int64)
+        return replace(
+            self,
+            expert_ids=self.expert_ids[idx],
+            layers=tuple(self.layers[i] for i in src),
+            loads=self.loads[idx],
+        )
 
     def layer_ids(self, li: int, positions: np.ndarray) -> np.ndarray:
         """(n, K) int32 experts of the tokens at ``positions`` (in token order) in trace
