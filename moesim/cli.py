@@ -15,6 +15,7 @@ from moesim import __version__
 from moesim.console import make_console, progress_bar, status
 from moesim.errors import InputError
 from moesim.fileio import check_output_folder, check_writable
+from moesim.paths import display_path
 from moesim.scenario import FLOW_REL_TOL
 
 __all__ = ["app", "main"]
@@ -48,16 +49,6 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _display_path(path: Path) -> Path:
-    """``path`` relative to the project folder when it lies inside it (stable across clones)."""
-    from moesim.paths import repo_root
-
-    try:
-        return path.resolve().relative_to(repo_root())
-    except ValueError:
-        return path
-
-
 def _run_scenario(
     path: Path,
     out: Path,
@@ -75,7 +66,7 @@ def _run_scenario(
     from moesim.sim.simulate import routed_layer_steps, simulate_prepared
 
     scenario, base = _load_with_hardware(path, hardware)
-    source = _display_path(path)
+    source = display_path(path)
     with status("preparing: routing, placement, costs"):
         prep = prepare(scenario, base, source)
     with progress_bar("simulate", routed_layer_steps(prep), "layer steps") as advance:
@@ -91,7 +82,7 @@ def _run_scenario(
             f"in {time.perf_counter() - t0:.1f} s"
         )
     if strict:
-        _check_fits(result, _display_path(path), out)
+        _check_fits(result, display_path(path), out)
 
 
 def _load_with_hardware(path: Path, hardware: str | None) -> tuple[Any, Path]:
@@ -184,7 +175,7 @@ def demo(
     check_output_folder(out, "run", force=force)  # before any work
     path = scenarios_dir() / "demo.yaml"
     scenario, base = load_scenario(path)
-    source = _display_path(path)
+    source = display_path(path)
     planned = simulate(scenario, base, source=source)
     baseline = simulate(_demo_baseline(scenario), base, source=source)
     contiguous = {f"contiguous/{k}": v for k, v in run_files(baseline).items()}
@@ -671,7 +662,7 @@ def calibrate(
                 "expected layers like 0,1", field="fit-layers", value=fit_layers
             ) from None
     sc, base = _load_with_hardware(scenario, hardware)
-    prep = prepare_for_calibration(sc, base, _display_path(scenario))
+    prep = prepare_for_calibration(sc, base, display_path(scenario))
     hw = get_profile(sc.hardware)
     with status(f"calibrating {sc.hardware} to {profile.name}"):
         res = calibrate_profile(profile, hw, prep, fit_layers=layers, rank=rank)

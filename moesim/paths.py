@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["hardware_dir", "models_dir", "repo_root", "scenarios_dir"]
+__all__ = ["display_path", "hardware_dir", "models_dir", "repo_root", "scenarios_dir"]
 
 
 def repo_root() -> Path:
@@ -26,3 +26,11 @@ def scenarios_dir() -> Path:
 
 def models_dir() -> Path:
     return scenarios_dir() / "models"
+
+
+def display_path(path: Path) -> Path:
+    """``path`` relative to the project folder when it lies inside it (stable across clones)."""
+    try:
+        return path.resolve().relative_to(repo_root())
+    except ValueError:
+        return path

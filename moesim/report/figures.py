@@ -301,7 +301,7 @@ _CATEGORY_COLORS = {
 def timeline_svg(phases: pd.DataFrame) -> str:
     """Gantt chart of one layer's ops per device (µs from the layer's first op).
 
-    ``phases``: rows of :func:`moesim.report.write.phases_frame` for one (mode, step, pass,
+    ``phases``: rows of :func:`moesim.report.frames.phases_frame` for one (mode, step, pass,
     layer) and a few devices.
     """
     t0 = float((phases["start_us"] - phases["wait_us"]).min())

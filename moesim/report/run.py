@@ -26,6 +26,7 @@ from moesim.report.figures import (
     port_bytes_svg,
     timeline_svg,
 )
+from moesim.report.frames import metrics_frame, phases_frame
 from moesim.report.page import Section, figure, html_table, md_table, missing
 from moesim.report.summary import (
     PARTS,
@@ -113,8 +114,6 @@ class RunData:
 
     @classmethod
     def from_result(cls, result: SimResult) -> RunData:
-        from moesim.report.write import metrics_frame, phases_frame
-
         return cls(
             info=run_info(result),
             summaries=[r.summary for r in result.runs],

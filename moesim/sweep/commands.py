@@ -91,9 +91,9 @@ def sweep_cmd(
     already in OUT (keyed by a hash of the case's full scenario); a failing case is recorded
     with its error and the sweep goes on. Exit status 1 when any case failed.
     """
-    from moesim.cli import _display_path
     from moesim.console import make_console, progress_bar
     from moesim.fileio import check_writable
+    from moesim.paths import display_path
     from moesim.sweep.results import ResultsFolder
     from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
     from moesim.sweep.spec import Case, load_sweep
@@ -140,7 +140,7 @@ def sweep_cmd(
                         sweep,
                         folder,
                         pool,
-                        source=str(_display_path(sweep_file)),
+                        source=str(display_path(sweep_file)),
                         on_result=on_result,
                     )
         except SweepError as err:
