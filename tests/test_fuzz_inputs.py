@@ -246,7 +246,7 @@ def _mutate_table(t: pa.Table, data: st.DataObject) -> pa.Table:
             st.binary(max_size=8) | VALUES.map(lambda v: json.dumps(v).encode()), label="raw"
         )
         return t.replace_schema_metadata(dict(t.schema.metadata) | {f"moesim.{key}".encode(): raw})
-    name = data.draw(st.sampled_from(["step", "layer", "token"]), label="column")
+    name = data.draw(st.sampled_from(["step", "token"]), label="column")
     value_type = data.draw(st.sampled_from([pa.int8(), pa.int64(), pa.float64(), pa.string()]))
     values = [str(i) if value_type == pa.string() else i for i in range(t.num_rows)]
     if data.draw(st.booleans(), label="a null") and values:
