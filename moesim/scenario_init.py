@@ -115,10 +115,15 @@ def scenario_text(req: InitRequest) -> str:
                     field=name,
                     value=have,
                 )
-        routing = f"{{trace: {_scalar(_relative(req.trace, folder))}}}"
+        moe = shape.num_moe_layers
+        cycle = len(info.layers) != moe  # fewer (or more) trace layers than MoE layers
+        routing = f"{{trace: {_scalar(_relative(req.trace, folder))}" + (
+            ", layer_map: cycle}" if cycle else "}"
+        )
         routing_note = (
             f"replayed from the trace ({info.num_tokens:,} tokens per layer, "
-            f"{len(info.layers)} layers)"
+            f"{len(info.layers)} layers"
+            + (f", cycled over the model's {moe} MoE layers)" if cycle else ")")
         )
         if tokens is None:  # each token of the trace replayed once per step
             tokens = max(1, info.num_tokens // devices)

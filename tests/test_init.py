@@ -76,3 +76,15 @@ def test_init_refuses_what_simulate_would(tmp_path):
     )
     assert forced.returncode == 0, forced.stderr
     assert load_scenario(out)[0].model == "DeepSeek-V3"
+
+
+def test_init_cycles_a_shorter_trace_over_a_deeper_model(tmp_path):
+    """FLAME's 8 trace layers on DeepSeekMoE-16B's 27 MoE layers: layer_map cycle, said."""
+    from tests.conftest import FLAME_TRACE
+
+    out = tmp_path / "deep.yaml"
+    proc = moesim("init", str(out), "--model", "DeepSeekMoE-16B", "--hardware", "H100-SXM",
+                  "--nodes", "1", "--trace", str(FLAME_TRACE), "--mode", "prefill")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert load_scenario(out)[0].routing.layer_map == "cycle"
+    assert "8 layers, cycled over the model's 27 MoE layers" in out.read_text()
