@@ -625,3 +625,21 @@ def test_a_sweep_larger_than_max_cases_is_refused_before_it_expands(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_json_rows_use_the_results_tables_names(tmp_path):
+    """`sweep --json`: one object per case, keyed as results.parquet's columns."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import run_moesim
+
+    out = tmp_path / "s"
+    proc = run_moesim("sweep", "scenarios/sweeps/tour.yaml", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    table = pq.read_table(out / "results.parquet")
+    assert printed["out"] == str(out / "results.parquet")
+    assert len(printed["results"]) == table.num_rows == 8  # tour.yaml's 8 cases
+    assert all(list(r) == table.schema.names for r in printed["results"])

@@ -5,7 +5,9 @@ Registered in :mod:`moesim.cli`; the simulator and Dask are imported when the co
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
@@ -83,6 +85,14 @@ def sweep_cmd(
             "files are written there, every other file is left as it is.",
         ),
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print every case's row as JSON (results.parquet's column names) instead "
+            "of the table.",
+        ),
+    ] = False,
 ) -> None:
     """Run every case of a sweep; append each to OUT/results.parquet as it finishes.
 
@@ -151,10 +161,18 @@ def sweep_cmd(
     rows = folder.table().to_pylist()
     columns = [c for c in sweep.columns if c in folder.schema.names]
     results = out / "results.parquet"
+    errors = [r for r in rows if r["status"] != "ok"]
+    if as_json:
+        # NaN (a metric a failed case lacks) is not JSON: null
+        clean = [{k: None if v != v else v for k, v in r.items()} for r in rows]
+        _report(out, err_console, force)
+        sys.stdout.write(json.dumps({"results": clean, "out": str(results)}, indent=1) + "\n")
+        if errors:
+            raise typer.Exit(1)
+        return
     console.print(_results_table(rows, columns, title=str(results)))
     if len(rows) > _TABLE_ROWS:
         console.print(f"... and {len(rows) - _TABLE_ROWS} more cases in {results}")
-    errors = [r for r in rows if r["status"] != "ok"]
     for r in errors[:5]:
         console.print(f"case {r['case_index']} failed: {r['error']}", markup=False)
     console.print(
