@@ -451,7 +451,7 @@ def test_dropless_runs_report_the_padding_a_capacity_factor_would_need(tmp_path)
 def test_phases_of_two_microbatches_have_keys_of_their_own(flame_dict, tmp_path):
     """Ops carry their layer, pass, phase and microbatch as fields: with overlap every
     (step, microbatch, pass, layer, device, phase) row of the phases table is one op."""
-    from moesim.report.write import phases_frame
+    from moesim.report.frames import phases_frame
 
     sc = Scenario.model_validate(flame_dict | {"mode": "training", "overlap": True})
     res = simulate(sc, tmp_path)
