@@ -427,3 +427,12 @@ def test_release_times_round_up_to_the_grid_of_rel_tol():
     assert rec.transfer_us is not None
     assert rec.transfer_us[1, 1, :2].tolist() == [1.0, 2.0]
     assert rec.transfer_us[1, 0, :2].tolist() == [0.0, 1.0]
+
+
+def test_reversed_flows_swap_ends_and_keep_their_options():
+    fs = FlowSet(np.array([0, 1]), np.array([2, 3]), np.array([10.0, 20.0]), 1.0, True, 0.5)
+    back = fs.reversed(3.0)
+    assert (back.src.tolist(), back.dst.tolist()) == ([2, 3], [0, 1])
+    assert (back.scale, back.barrier, back.extra_latency_us) == (3.0, True, 0.5)
+    plain = FlowSet(np.array([0]), np.array([2]), np.array([10.0])).reversed(2.0)
+    assert (plain.scale, plain.barrier, plain.extra_latency_us) == (2.0, False, 0.0)

@@ -435,3 +435,22 @@ def test_decode_reads_the_kv_cache_mla_and_grouped_by_hand():
         1.152 * (1 + (0.16384 / 1.152) ** 4) ** 0.25, rel=1e-9
     )
     assert layer_costs(ds, slow, mode="prefill", **kw).scores_us == pytest.approx(0.08192)
+
+
+def test_router_and_memcpy_work_by_hand():
+    """Mixtral-8x7B (d_model 4,096, 8 experts, top-2), 16 tokens in bf16 (2 bytes):
+    router FLOPs 2 x 16 x 4096 x 8 + 5 x 16 x 8 = 1,049,216 (GEMM, then softmax/top-k);
+    bytes moved 2 x (16 x 4096 + 8 x 4096 + 16 x 8) + 16 x 2 x (2 + 8) = 197,184, and
+    touched 2 x (16 x 4096 + 8 x 4096 + 3 x 16 x 8) + 16 x 16 x 2 = 197,888; a memcpy of
+    the 16 rows reads and writes 2 x 2 x 16 x 4096 = 262,144 bytes."""
+    from moesim.costs.work import op_work
+
+    s = BenchShape.from_model(get_preset("Mixtral-8x7B"), local_experts=1)
+    assert (s.d_model, s.num_experts, s.top_k) == (4096, 8, 2)
+    assert op_work("router", s, 16, "bf16") == pytest.approx((1_049_216, 197_184, 197_888))
+    assert op_work("memcpy", s, 16, "bf16") == pytest.approx((0.0, 262_144, 262_144))
+    # attention: projections linear in tokens, scores 2 x T x T/2 x heads x (qk + v), so
+    # f(2) - 2 f(1) = (4 - 2) x 32 heads x (128 + 128) = 16,384 FLOPs
+    assert (s.num_heads, s.head_dim, s.v_head_dim) == (32, 128, 128)
+    f1, f2 = (op_work("attention", s, t, "bf16")[0] for t in (1, 2))
+    assert f2 - 2 * f1 == pytest.approx(16_384)
