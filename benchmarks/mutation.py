@@ -12,7 +12,10 @@ fail on is *killed*.
 
 The configuration (folders mutated, tests run, data copied) is ``[tool.mutmut]`` in
 pyproject.toml; mutmut works on a copy of the project under ``mutants/``. Mutants are made
-on the lines the selected tests execute only (``mutate_only_covered_lines``).
+on the lines the selected tests execute only (``mutate_only_covered_lines``). That
+coverage is measured on the files under ``mutants/``, so do not copy a ``mutants/`` folder
+from another checkout: its mutated files' line numbers would select the wrong lines (a
+fresh one costs two runs of the selected tests, about 4 minutes on 2 cores).
 
 Printed per folder: killed, timeout (counted as killed: the change made a test hang),
 survived, no tests (no selected test runs the function), not checked, and

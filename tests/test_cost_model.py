@@ -146,7 +146,8 @@ def test_every_op_finds_its_measured_rows(op):
     (d_ff, top_k, heads are 0 where the op does not use them)."""
     s = BenchShape.from_model(get_preset("DeepSeek-V3"), local_experts=4)
     rows = []
-    for t, us in ((1, 50.0), (4, 40.0), (16, 300.0)):  # the dip at 4 tokens is measured
+    # listed out of order (the table need not be sorted); the dip at 4 tokens is measured
+    for t, us in ((16, 300.0), (1, 50.0), (4, 40.0)):
         fl, by, _ = op_work(op, s, t, "fp32")
         rows.append(
             {"op": op, "dtype": "fp32", "tokens": t, "flops": fl, "bytes": by, "median_us": us}
@@ -258,6 +259,7 @@ def test_memory_curve_from_memcpy_rows():
         pred, predict_us(CURVE, np.zeros(bw.size), bw, np.ones(bw.size)), rtol=0.02
     )
     assert fit_memory_curve(rows.iloc[:3]) is None
+    assert fit_memory_curve(rows.iloc[:4]) is not None  # four rows are enough
     assert fit_memory_curve(_table(["FLAME-MoE-290M"])) is None  # no memcpy rows
 
 
@@ -687,3 +689,17 @@ def test_the_small_batch_terms_form_is_chosen_by_held_out_shapes(half_cache):
     rows = table[(table["model"] == "FLAME-MoE-290M") & (table["op"] == "expert_ffn_bmm")]
     pred = held.roofline_us("expert_ffn_bmm", _shape("FLAME-MoE-290M"), rows["tokens"], "fp32")
     assert np.abs(pred / rows["median_us"] - 1).max() < 0.02
+
+
+def test_router_arithmetic_is_padded_to_the_tile():
+    """The router's GEMM is E = 8 columns wide; with a tile of 32 columns its arithmetic is
+    that of 32 (4 x), the small-batch term and memory being nil here: 4 x the time with
+    a tile of one column."""
+    s = BenchShape.from_model(get_preset("Mixtral-8x7B"), local_experts=1)
+    assert s.num_experts == 8
+    times = []
+    for tile in (1.0, 32.0):
+        f = OpFactors(launch_us=0.0, peak_flop_per_us=1e6, bytes_per_us=1e30, tile_width=tile)
+        cm = CostModel(factors={("router", "fp32"): f})
+        times.append(cm.roofline_us("router", s, np.array([64.0]), "fp32")[0])
+    assert times[1] == pytest.approx(4 * times[0], rel=1e-9)

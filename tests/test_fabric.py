@@ -341,6 +341,8 @@ def test_a_node_bundle_goes_out_when_the_nodes_last_device_is_ready():
         prog = [_c("work", [0, 2, 0, 0]), _x("a2a", cl.flows(m))]
         rec = run_program(prog, D, cl.fabric())
         assert rec.end_us[1].tolist() == ends, gran
+        # flows counted: 2 device flows, 2 rail bundles (one per sender), 1 node bundle
+        assert rec.flows == {"device": 2, "rail": 2, "node": 1}[gran]
         assert rec.start_us[1].tolist() == ([0.0, 2.0, 0.0, 2.0] if gran != "node" else [2.0] * 4)
 
 
@@ -410,3 +412,27 @@ def test_a_device_waits_for_those_it_receives_from_not_those_it_sends_to():
         assert disp.senders.tolist() == [[True, True], [False, True]]
         if tier == "flow":
             assert (disp.flows.src.tolist(), disp.flows.dst.tolist()) == ([0], [1])
+
+
+def test_release_times_round_up_to_the_grid_of_rel_tol():
+    """With the fabric's ``rel_tol`` 0.5 and every device's port-limited time 1 µs, flows
+    are released on a grid of 0.5 x 1 = 0.5 µs: device 1, ready at 0.7, releases 1 -> 3
+    at ceil(0.7 / 0.5) x 0.5 = 1.0, which ends alone 1 µs later, at 2.0; device 0, ready
+    at 0, releases 0 -> 2 at once (its own rail), ending at 1.0."""
+    prog = [
+        _c("work", [0.0, 0.7, 0.0, 0.0]),
+        _x("dispatch", _flows((0, 2), (1, 3)), port_limited_us=np.ones(D)),
+    ]
+    rec = run_program(prog, D, Fabric(_topo(), rel_tol=0.5))
+    assert rec.transfer_us is not None
+    assert rec.transfer_us[1, 1, :2].tolist() == [1.0, 2.0]
+    assert rec.transfer_us[1, 0, :2].tolist() == [0.0, 1.0]
+
+
+def test_reversed_flows_swap_ends_and_keep_their_options():
+    fs = FlowSet(np.array([0, 1]), np.array([2, 3]), np.array([10.0, 20.0]), 1.0, True, 0.5)
+    back = fs.reversed(3.0)
+    assert (back.src.tolist(), back.dst.tolist()) == ([2, 3], [0, 1])
+    assert (back.scale, back.barrier, back.extra_latency_us) == (3.0, True, 0.5)
+    plain = FlowSet(np.array([0]), np.array([2]), np.array([10.0])).reversed(2.0)
+    assert (plain.scale, plain.barrier, plain.extra_latency_us) == (2.0, False, 0.0)

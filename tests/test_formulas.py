@@ -43,6 +43,10 @@ def test_grouped_ffn_is_one_call_of_all_experts():
     half = model.grouped_ffn_us(np.array([[100.0, 0.0, 100.0, 0.0]]), shape, "bf16")
     launch = hw.kernel_launch_us
     assert half[0] == pytest.approx(launch + (call - launch) / 2, rel=1e-12)
+    # an expert with a single token still pays its share of the call at one token
+    one = float(model.time_us("expert_ffn_grouped", shape, 1.0, "bf16")[0])
+    got1 = model.grouped_ffn_us(np.array([[1.0, 0.0, 0.0, 0.0]]), shape, "bf16")
+    assert got1[0] == pytest.approx(launch + (one - launch) / 4, rel=1e-12)
 
 
 def test_backward_is_twice_the_forward_and_causal_scores_halve_the_square():
@@ -95,6 +99,36 @@ def test_dispatch_waits_for_senders_and_combine_for_receivers():
     by = {op.phase: op for op in prog if op.layer == layer}
     assert by["dispatch"].senders.tolist() == [[True, True], [False, True]]
     assert by["combine"].senders.tolist() == [[True, False], [True, True]]
+    assert by["unpermute"].name == f"L{layer} unpermute"
+    # each device keeps its tokens: nobody waits for the other in either all-to-all
+    local = routing_of([[256, 0], [0, 256]], np.full((2, 32), 8))
+    prog = build_program(
+        shape, hw, ClusterSpec(2, 2, build_topology(hw, 2, 2)), {layer: local}, costs,
+        mode="prefill", tokens_per_device=64, sequence_length=64, dtype="bf16",
+        dispatcher=get_dispatcher("nccl-alltoallv"), model=model,
+    )  # fmt: skip
+    by = {op.phase: op for op in prog if op.layer == layer}
+    assert by["dispatch"].senders.tolist() == [[True, False], [False, True]]
+    assert by["combine"].senders.tolist() == [[True, False], [False, True]]
+
+
+def test_interleaved_allreduce_waits_for_every_microbatch():
+    """Two microbatches of [c0, c1, all-reduce after c1] merge position by position into
+    mb0 c0 (0), mb1 c0 (1), mb0 c1 (2), mb1 c1 (3); the all-reduce runs once, after 2 and 3."""
+    from moesim.sim.engine import Compute
+    from moesim.sim.program import interleave_microbatches
+
+    def prog():
+        z = np.zeros(2)
+        return [
+            Compute("c0", "other", z),
+            Compute("c1", "other", z),
+            Compute("ar", "allreduce", z, after=(1,)),
+        ]
+
+    merged = interleave_microbatches([prog(), prog()])
+    assert [op.name for op in merged] == ["mb0 c0", "mb1 c0", "mb0 c1", "mb1 c1", "ar"]
+    assert [op.after for op in merged] == [(), (), (0,), (1,), (2, 3)]
 
 
 def test_count_level_draws_have_the_binomial_variance():
@@ -401,3 +435,22 @@ def test_decode_reads_the_kv_cache_mla_and_grouped_by_hand():
         1.152 * (1 + (0.16384 / 1.152) ** 4) ** 0.25, rel=1e-9
     )
     assert layer_costs(ds, slow, mode="prefill", **kw).scores_us == pytest.approx(0.08192)
+
+
+def test_router_and_memcpy_work_by_hand():
+    """Mixtral-8x7B (d_model 4,096, 8 experts, top-2), 16 tokens in bf16 (2 bytes):
+    router FLOPs 2 x 16 x 4096 x 8 + 5 x 16 x 8 = 1,049,216 (GEMM, then softmax/top-k);
+    bytes moved 2 x (16 x 4096 + 8 x 4096 + 16 x 8) + 16 x 2 x (2 + 8) = 197,184, and
+    touched 2 x (16 x 4096 + 8 x 4096 + 3 x 16 x 8) + 16 x 16 x 2 = 197,888; a memcpy of
+    the 16 rows reads and writes 2 x 2 x 16 x 4096 = 262,144 bytes."""
+    from moesim.costs.work import op_work
+
+    s = BenchShape.from_model(get_preset("Mixtral-8x7B"), local_experts=1)
+    assert (s.d_model, s.num_experts, s.top_k) == (4096, 8, 2)
+    assert op_work("router", s, 16, "bf16") == pytest.approx((1_049_216, 197_184, 197_888))
+    assert op_work("memcpy", s, 16, "bf16") == pytest.approx((0.0, 262_144, 262_144))
+    # attention: projections linear in tokens, scores 2 x T x T/2 x heads x (qk + v), so
+    # f(2) - 2 f(1) = (4 - 2) x 32 heads x (128 + 128) = 16,384 FLOPs
+    assert (s.num_heads, s.head_dim, s.v_head_dim) == (32, 128, 128)
+    f1, f2 = (op_work("attention", s, t, "bf16")[0] for t in (1, 2))
+    assert f2 - 2 * f1 == pytest.approx(16_384)

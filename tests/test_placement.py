@@ -7,7 +7,7 @@ import pytest
 
 from moesim.errors import InputError
 from moesim.placement import Placement
-from moesim.placement.choice import choose_replicas
+from moesim.placement.choice import choose_replicas, rank_in_group
 from moesim.placement.metrics import (
     moved_slots,
     planned_balance,
@@ -263,7 +263,31 @@ def test_plan_rejects_bad_input():
         plan(np.ones((1, 4)), "eplb-global", nodes=1, devices_per_node=2, groups=2)
 
 
+@pytest.mark.parametrize(
+    ("strategy", "kwargs", "field", "value"),
+    [
+        ("magic", {}, "strategy", "magic"),
+        ("greedy", {"max_slots_per_device": 1}, "redundant", 0),
+        ("eplb-hierarchical", {"groups": 3}, "groups", 3),
+        ("eplb-global", {"groups": 2}, "groups", 2),
+    ],
+)
+def test_plan_errors_name_the_field_and_value(strategy, kwargs, field, value):
+    """The one-line error names the offending option and its value."""
+    with pytest.raises(InputError) as err:
+        plan(np.ones((1, 4)), strategy, nodes=1, devices_per_node=2, **kwargs)
+    assert (err.value.field, err.value.value) == (field, value)
+
+
 # ----- replica choice -------------------------------------------------------------------------
+
+
+def test_rank_in_group_counts_equal_keys_in_array_order():
+    """Keys 0, 1, 2 repeated 50 times: the i-th element is the (i // 3)-th of its key (a
+    sort that is not stable would number equal keys in another order)."""
+    keys = np.tile(np.arange(3), 50)
+    assert rank_in_group(keys).tolist() == (np.arange(150) // 3).tolist()
+
 
 # expert 0 on devices 0 and 1 (nodes 0 and 1, one device per node), expert 1 on device 0
 TABLE = np.array([[0, 1], [0, -1]])
