@@ -454,3 +454,37 @@ def test_router_and_memcpy_work_by_hand():
     assert (s.num_heads, s.head_dim, s.v_head_dim) == (32, 128, 128)
     f1, f2 = (op_work("attention", s, t, "bf16")[0] for t in (1, 2))
     assert f2 - 2 * f1 == pytest.approx(16_384)
+
+
+def test_kv_cache_of_an_encoder_decoder_counts_both_stacks():
+    """Switch-C-2048: 15 layers in each of 2 stacks, MHA 32 heads x 64: K and V are
+    2 x 32 x 64 = 4,096 values per layer; bf16 2 B x 4,096 x 15 x 2 = 245,760 B per token."""
+    from moesim.costs.memory import kv_cache_bytes_per_token
+    from moesim.model.shapes import get_preset
+
+    assert kv_cache_bytes_per_token(get_preset("Switch-C-2048"), "bf16") == 245_760
+    assert kv_cache_bytes_per_token(get_preset("Switch-C-2048"), "fp8") == 122_880
+
+
+def test_a_hot_device_is_hot_per_unit_of_its_own_nic():
+    """Bytes 4, 4 | 2, 2 over NICs of 1, 2 | 1, 1: loads 4, 2 | 2, 2 per unit; node means
+    3 and 2; at 1.1x only device 0 (4 > 3.3) is hot; device 1's 4 bytes ride a double NIC."""
+    from moesim.sim.transfers import _hot
+
+    hot = _hot(np.array([4.0, 4.0, 2.0, 2.0]), np.array([1.0, 2.0, 1.0, 1.0]), 2, 1.1)
+    assert hot.tolist() == [True, False, False, False]
+
+
+def test_flow_tier_exchange_times_refuse_to_rescale():
+    """Only the analytic tier's times split into a port part and a latency part; a time
+    with either part missing cannot be rescaled."""
+    from moesim.sim.exchange import ExchangeTimes
+
+    z = np.zeros(2)
+    for port, lat in ((None, z), (z, None), (None, None)):
+        with pytest.raises(ValueError, match="do not rescale"):
+            ExchangeTimes(z, z, z, 0, port_us=port, latency_us=lat).scaled(2.0)
+    # the analytic tier: port time x2 plus latency, where a device moves anything
+    t = ExchangeTimes(z, np.array([1.0, 0.0]), np.array([0.0, 0.0]), 0,
+                      port_us=np.array([3.0, 0.0]), latency_us=np.array([1.0, 1.0]))  # fmt: skip
+    assert t.scaled(2.0).time_us.tolist() == [7.0, 0.0]
