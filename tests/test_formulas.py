@@ -488,3 +488,24 @@ def test_flow_tier_exchange_times_refuse_to_rescale():
     t = ExchangeTimes(z, np.array([1.0, 0.0]), np.array([0.0, 0.0]), 0,
                       port_us=np.array([3.0, 0.0]), latency_us=np.array([1.0, 1.0]))  # fmt: skip
     assert t.scaled(2.0).time_us.tolist() == [7.0, 0.0]
+
+
+def test_a_layers_bytes_add_up_over_its_exchanges():
+    """Two exchanges of one forward layer on 2 devices: sent 1, 2 then 3, 4 bytes, received
+    5, 6 then 7, 8; the layer's row holds sent 1 + 3 = 4, 2 + 4 = 6 and received 5 + 7 =
+    12, 6 + 8 = 14."""
+    from moesim.sim.engine import Exchange, run_program
+    from moesim.sim.metrics import metrics_frame
+
+    ex = [
+        Exchange(
+            "a", "dispatch", np.ones(2), None, np.array([1.0, 2.0]), np.array([5.0, 6.0]), layer=0
+        ),
+        Exchange(
+            "b", "combine", np.ones(2), None, np.array([3.0, 4.0]), np.array([7.0, 8.0]), layer=0
+        ),
+    ]
+    rec = run_program(ex, 2)
+    m = metrics_frame(ex, rec, {}, 0, 2)
+    assert m["bytes_sent"].tolist() == [4.0, 6.0]
+    assert m["bytes_recv"].tolist() == [12.0, 14.0]
