@@ -9,17 +9,27 @@ the trace's experts and top-k against the model) before anything is written.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from moesim.errors import InputError
-from moesim.hardware import HardwareProfile
-from moesim.model.shapes import ModelShape
+from moesim.hardware import get_profile
+from moesim.model.shapes import ModelShape, get_preset, load_shape
 from moesim.scenario import Mode, Scenario
 
 __all__ = ["InitRequest", "scenario_text"]
+
+R = TypeVar("R")
+
+
+def _shape(value: str) -> ModelShape:
+    """A model preset by name, or a model YAML file."""
+    return load_shape(Path(value)) if value.endswith((".yaml", ".yml")) else get_preset(value)
+
 
 #: tokens each device feeds a layer per step when neither a trace nor the user says
 DEFAULT_TOKENS_PER_DEVICE = 4096
@@ -64,28 +74,16 @@ def _relative(path: Path, folder: Path) -> str:
     return Path(os.path.relpath(path, folder)).as_posix()
 
 
-def _model_ref(model: str, folder: Path) -> tuple[str, ModelShape]:
-    """The ``model:`` value to write and the shape it names."""
-    from moesim.model.shapes import get_preset, load_shape
-
-    if model.endswith((".yaml", ".yml")):
-        path = Path(model)
-        if not path.is_file():
-            raise InputError("model file not found", file=path, field="model", value=model)
-        return _relative(path, folder), load_shape(path)
-    shape = get_preset(model)
-    return shape.name, shape
-
-
-def _hardware_ref(hardware: str, folder: Path) -> tuple[str, HardwareProfile]:
-    from moesim.hardware import get_profile
-
-    if hardware.endswith((".yaml", ".yml")):
-        if not Path(hardware).is_file():
-            raise InputError("hardware file not found", file=hardware, field="hardware")
-        return _relative(Path(hardware), folder), get_profile(hardware)
-    profile = get_profile(hardware)
-    return profile.name, profile
+def _reference(value: str, folder: Path, field: str, load: Callable[[str], R]) -> tuple[str, R]:
+    """What a scenario's ``field`` (``model`` or ``hardware``) names: a bundled name, or a
+    YAML file written relative to the scenario's folder; returns the value to write and
+    what it loads (``load``: the name or file to what it names)."""
+    if value.endswith((".yaml", ".yml")):
+        if not Path(value).is_file():
+            raise InputError(f"{field} file not found", file=value, field=field, value=value)
+        return _relative(Path(value), folder), load(value)
+    loaded = load(value)
+    return str(loaded.name), loaded  # type: ignore[attr-defined]
 
 
 def scenario_text(req: InitRequest) -> str:
@@ -96,8 +94,8 @@ def scenario_text(req: InitRequest) -> str:
     if (req.trace is None) == (req.synthetic is None):
         raise InputError("give exactly one of --trace or --synthetic", field="routing")
     folder = req.out.absolute().parent
-    model_value, shape = _model_ref(req.model, folder)
-    hardware_value, profile = _hardware_ref(req.hardware, folder)
+    model_value, shape = _reference(req.model, folder, "model", _shape)
+    hardware_value, profile = _reference(req.hardware, folder, "hardware", get_profile)
     per_node = req.devices_per_node or profile.devices_per_node
     devices = req.nodes * per_node
 

@@ -102,7 +102,6 @@ def sweep_cmd(
     with its error and the sweep goes on. Exit status 1 when any case failed.
     """
     from moesim.console import make_console, progress_bar
-    from moesim.fileio import check_writable
     from moesim.paths import display_path
     from moesim.sweep.results import ResultsFolder
     from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
@@ -110,9 +109,9 @@ def sweep_cmd(
 
     err_console = make_console(stderr=True)
     console = make_console()
-    check_writable(out)
     sweep = load_sweep(sweep_file, max_cases)
-    folder = ResultsFolder(out, sweep, force=force)  # refuses another sweep's; writes nothing
+    # refuses another sweep's folder and an unwritable one; writes nothing
+    folder = ResultsFolder(out, sweep, force=force)
     pending = len(folder.pending())
     kind: ExecutorKind = "dask" if executor is ExecutorChoice.dask else "local"
     if workers is None and address is None:

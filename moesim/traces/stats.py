@@ -15,46 +15,17 @@ not grow with the number of layers.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from moesim.balance import balance_ratio
-from moesim.traces.store import id_dtype, iter_layer_batches, open_trace
-
-T = TypeVar("T")
+from moesim.traces.store import id_dtype, iter_layer_batches, open_trace, prefetch
 
 __all__ = ["layer_pair_counts", "trace_stats"]
-
-
-def _prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Produce ``items`` in a background thread (Parquet decoding releases the GIL), so
-    decoding the next batch overlaps counting the current one."""
-    q: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
-
-    def work() -> None:
-        try:
-            for item in items:
-                q.put(("item", item))
-            q.put(("end", None))
-        except BaseException as exc:  # re-raised in the consumer
-            q.put(("error", exc))
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        kind, payload = q.get()
-        if kind == "end":
-            return
-        if kind == "error":
-            assert isinstance(payload, BaseException)
-            raise payload
-        yield payload  # type: ignore[misc]
 
 
 def _layer_keys(
@@ -146,7 +117,7 @@ def trace_stats(path: str | Path, *, top: int = 10, batch_rows: int = 1 << 17) -
 
     last = -1
     with ThreadPoolExecutor(workers) as pool:  # numpy's array arithmetic releases the GIL
-        for b in _prefetch(iter_layer_batches(info, layers, batch_rows, weights=False)):
+        for b in prefetch(iter_layer_batches(info, layers, batch_rows, weights=False)):
             li, rows = index[b.layer], b.expert_ids.shape[0]
             if li != last:  # a new layer: the buffers swap once the last one's jobs are done
                 collect(0)

@@ -48,11 +48,13 @@ is read.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +63,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moesim.errors import InputError
 from moesim.fileio import OutputFolder
+
+T = TypeVar("T")
 
 __all__ = [
     "MAX_EXPERTS",
@@ -74,6 +78,7 @@ __all__ = [
     "iter_batches",
     "iter_layer_batches",
     "open_trace",
+    "prefetch",
     "read_trace",
     "trace_schema",
     "upgrade_trace",
@@ -696,3 +701,27 @@ def upgrade_trace(path: str | Path) -> bool:
         raise
     out.commit()
     return True
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Produce ``items`` in a background thread (Parquet decoding releases the GIL), so
+    decoding the next batch overlaps counting the current one."""
+    q: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+
+    def work() -> None:
+        try:
+            for item in items:
+                q.put(("item", item))
+            q.put(("end", None))
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(("error", exc))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        kind, payload = q.get()
+        if kind == "end":
+            return
+        if kind == "error":
+            assert isinstance(payload, BaseException)
+            raise payload
+        yield payload  # type: ignore[misc]

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moesim.errors import InputError
-from moesim.traces.stats import _prefetch, layer_pair_counts
-from moesim.traces.store import TraceInfo, id_dtype, iter_layer_batches, open_trace
+from moesim.traces.stats import layer_pair_counts
+from moesim.traces.store import TraceInfo, id_dtype, iter_layer_batches, open_trace, prefetch
 
 __all__ = ["ReplayTrace", "read_replay"]
 
@@ -64,14 +64,15 @@ class ReplayTrace:
 
     def mapped(self, src: list[int]) -> ReplayTrace:
         """The trace as a model's MoE layers see it: MoE layer i replays trace layer index
-        ``src[i]`` (its ids and loads; co-activation only where the mapping is the identity,
-        which is checked by the caller)."""
+        ``src[i]`` (its ids and loads). Co-activation pairs consecutive trace layers, which a
+        mapping breaks, so it is dropped (the affinity planner refuses a mapped trace)."""
         idx = np.asarray(src, dtype=np.int64)
         return replace(
             self,
             expert_ids=self.expert_ids[idx],
             layers=tuple(self.layers[i] for i in src),
             loads=self.loads[idx],
+            coactivation=None,
         )
 
     def layer_ids(self, li: int, positions: np.ndarray) -> np.ndarray:
@@ -127,7 +128,7 @@ def read_replay(
     index = {layer: li for li, layer in enumerate(layers)}
     pair_sum = cross_sum = None
     last = -1
-    for b in _prefetch(iter_layer_batches(info, batch_rows=batch_rows)):
+    for b in prefetch(iter_layer_batches(info, batch_rows=batch_rows)):
         li, rows = index[b.layer], b.expert_ids.shape[0]
         if li != last and pairs:  # a new layer: the finished one's pair counts
             _store_pairs(coact, cross, last, pair_sum, cross_sum)
