@@ -340,6 +340,21 @@ class OutputFolder:
         self.tmp = tmp
         return tmp
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path]:
+        """``with out.writing() as tmp:`` render into ``tmp``; on leaving, the folder is
+        committed, or on any error dropped (an ``OSError`` as a one-line :class:`InputError`)."""
+        tmp = self.begin()
+        try:
+            yield tmp
+        except OSError as exc:
+            self.abort()
+            raise InputError(_why(exc), file=self.dest, field="out") from None
+        except BaseException:
+            self.abort()
+            raise
+        self.commit()
+
     def abort(self) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
@@ -456,18 +471,9 @@ def write_output_folder(
 ) -> dict[str, Path]:
     """Write ``files`` (relative name → content) as the ``kind`` output folder ``dest``:
     whole, or not at all (see :class:`OutputFolder`). Returns name → written path."""
-    out = OutputFolder(dest, kind, force=force)
-    tmp = out.begin()
-    try:
+    with OutputFolder(dest, kind, force=force).writing() as tmp:
         for name, data in files.items():
             path = tmp / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-    except OSError as exc:
-        out.abort()
-        raise InputError(_why(exc), file=Path(dest), field="out") from None
-    except BaseException:
-        out.abort()
-        raise
-    out.commit()
     return {name: Path(dest) / name for name in files}

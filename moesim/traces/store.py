@@ -679,9 +679,7 @@ def upgrade_trace(path: str | Path) -> bool:
     parts = [p for layer in info.layers for p in info.files[layer]]
     if not any("layer" in pq.ParquetFile(p).schema_arrow.names for p in parts):
         return False
-    out = OutputFolder(Path(path), "trace")
-    tmp = out.begin()
-    try:
+    with OutputFolder(Path(path), "trace").writing() as tmp:
         for part in parts:
             pf = pq.ParquetFile(part)
             keep = [n for n in pf.schema_arrow.names if n != "layer"]
@@ -693,13 +691,6 @@ def upgrade_trace(path: str | Path) -> bool:
             with pq.ParquetWriter(dest, schema, compression="zstd") as w:
                 for rb in pf.iter_batches(batch_size=1 << 16, columns=keep):
                     w.write_batch(rb)
-    except OSError as err:
-        out.abort()
-        raise InputError(f"cannot write there ({err.strerror or err})", file=path) from None
-    except BaseException:
-        out.abort()
-        raise
-    out.commit()
     return True
 
 
