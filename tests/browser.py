@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 BINARIES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-WIDTH = 1200
+#: desktop and laptop window widths the reports are checked at (CSS pixels)
+WIDTHS = {"desktop": 1440, "laptop": 1024}
 
 # Injected first in <head>: collects errors, then on load measures every figure and every
 # pair of text labels inside a figure, and writes the findings into the DOM as JSON.
@@ -91,8 +92,9 @@ def _run(binary: str, args: list[str], profile: Path) -> subprocess.CompletedPro
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-def check_page(binary: str, page: Path, work: Path, screenshot: Path) -> dict:
-    """Load ``page`` (with the probe injected) and screenshot the original page."""
+def check_page(binary: str, page: Path, work: Path, screenshot: Path, width: int) -> dict:
+    """Load ``page`` (with the probe injected) in a window ``width`` CSS pixels wide and
+    screenshot the original page."""
     work.mkdir(parents=True, exist_ok=True)
     page = page.resolve()
     probed = work.resolve() / f"probe-{page.parent.name}.html"
@@ -100,7 +102,7 @@ def check_page(binary: str, page: Path, work: Path, screenshot: Path) -> dict:
     probed.write_text(html.replace("<head>", "<head>\n" + PROBE, 1))
     proc = _run(
         binary,
-        [f"--window-size={WIDTH},900", "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+        [f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
         work / "profile-dom",
     )
     m = re.search(r'<pre id="moesim-probe">(.*?)</pre>', proc.stdout, re.S)
@@ -122,7 +124,7 @@ def check_page(binary: str, page: Path, work: Path, screenshot: Path) -> dict:
     height = min(int(found["pageHeight"]) + 40, 16000)
     shot = _run(
         binary,
-        [f"--window-size={WIDTH},{height}", f"--screenshot={screenshot}", page.as_uri()],
+        [f"--window-size={width},{height}", f"--screenshot={screenshot}", page.as_uri()],
         work / "profile-shot",
     )
     found["screenshot_ok"] = screenshot.is_file() and screenshot.stat().st_size > 10_000

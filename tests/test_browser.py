@@ -1,6 +1,7 @@
 """The reports in a real browser (headless Chromium): no console errors, every figure
 visible with a non-zero size, no overlapping text in a figure, no horizontal scrolling;
-screenshots are saved under reports/browser/ for people to look at."""
+screenshots are saved under reports/browser/ for people to look at, at a desktop and a
+laptop width (``tests.browser.WIDTHS``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from moesim.plan.capacity import PlanRequest, plan_capacity
 from moesim.plan.report import write_plan
 from moesim.report.sweep import write_sweep_report
-from tests.browser import WIDTH, check_page, find_chromium
+from tests.browser import WIDTHS, check_page, find_chromium
 from tests.conftest import REPO, run_moesim
 from tests.report_fixtures import write_sweep_fixture
 
@@ -23,16 +24,19 @@ SHOTS = REPO / "reports" / "browser"
 
 
 def _assert_good_page(page: Path, work: Path, name: str, figures: int) -> None:
+    """The page reads well in a desktop and in a laptop window (``WIDTHS``)."""
     assert CHROMIUM is not None
-    found = check_page(CHROMIUM, page, work, SHOTS / f"{name}.png")
-    assert found["errors"] == [] and found["console"] == [], found
-    assert len(found["figures"]) == figures
-    for fig in found["figures"]:
-        assert fig["visible"] and fig["width"] > 200 and fig["height"] > 100, fig
-        assert fig["width"] <= WIDTH, fig
-    assert found["overlaps"] == [], found["overlaps"][:5]
-    assert found["pageWidth"] <= found["viewportWidth"]  # nothing wider than the window
-    assert found["screenshot_ok"], found["screenshot_log"]
+    for label, width in WIDTHS.items():
+        found = check_page(CHROMIUM, page, work / label, SHOTS / f"{name}-{label}.png", width)
+        assert found["errors"] == [] and found["console"] == [], (label, found)
+        assert len(found["figures"]) == figures, label
+        for fig in found["figures"]:
+            assert fig["visible"] and fig["width"] > 200 and fig["height"] > 100, (label, fig)
+            assert fig["width"] <= width, (label, fig)
+        assert found["overlaps"] == [], (label, found["overlaps"][:5])
+        # nothing wider than the window: no horizontal scrolling
+        assert found["pageWidth"] <= found["viewportWidth"], (label, found["pageWidth"])
+        assert found["screenshot_ok"], (label, found["screenshot_log"])
 
 
 def test_simulate_report_in_chromium(tmp_path):
@@ -75,7 +79,7 @@ def test_the_probe_catches_errors_and_overlapping_labels(tmp_path):
         "<svg width='0' height='0'></svg>"
         "<script>console.error('boom'); undefinedFunction();</script></body></html>"
     )
-    found = check_page(CHROMIUM, page, tmp_path, tmp_path / "bad.png")
+    found = check_page(CHROMIUM, page, tmp_path, tmp_path / "bad.png", WIDTHS["laptop"])
     assert any("boom" in e for e in found["errors"])
     assert any("undefinedFunction" in e for e in found["errors"])
     assert len(found["overlaps"]) == 1

@@ -292,7 +292,12 @@ def write_plan(
     (:func:`~moesim.fileio.write_output_folder`)."""
     sections = plan_sections(plans, request)
     title = f"moesim capacity plan: {request.model}"
-    subtitle = assumptions(request)
+    # the assumptions are stated once, under the answer; the subtitle says what was asked
+    subtitle = f"{request.mode} on {', '.join(request.hardware)}: " + (
+        "the smallest cluster that meets the target, per hardware."
+        if request.tokens_per_s
+        else f"{request.nodes} node(s), what fits and how fast."
+    )
     source = "moesim plan-capacity " + " ".join(request.hardware)
     answer = plan_json(plans, request)
     payload = {
