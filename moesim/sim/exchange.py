@@ -59,6 +59,8 @@ class ExchangeTimes:
         new size."""
         if self.port_us is None or self.latency_us is None:
             raise ValueError("flow-tier exchange times do not rescale: time the new traffic")
+        if factor == 1.0 and not reverse:  # the same traffic: the same times
+            return self
         sent, recv = (
             (self.recv_bytes, self.sent_bytes) if reverse else (self.sent_bytes, self.recv_bytes)
         )

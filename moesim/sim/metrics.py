@@ -41,11 +41,11 @@ def metrics_frame(
     cats = ("expert_us", "dispatch_us", "combine_us", "other_us", "allreduce_us")
     for i, op in enumerate(program):
         key = (op.pass_, op.layer)
-        r = rows.setdefault(
-            key,
-            {c: np.zeros(n_dev) for c in (*cats, "wait_us", "bytes_sent", "bytes_recv")}
-            | {"start_us": rec.start_us[i] - rec.wait_us[i], "end_us": rec.end_us[i]},
-        )
+        r = rows.get(key)
+        if r is None:  # the (pass, layer)'s first op
+            r = rows[key] = {
+                c: np.zeros(n_dev) for c in (*cats, "wait_us", "bytes_sent", "bytes_recv")
+            } | {"start_us": rec.start_us[i] - rec.wait_us[i], "end_us": rec.end_us[i]}
         r[f"{op.category}_us"] += rec.duration_us[i]
         r["wait_us"] += rec.wait_us[i]
         r["end_us"] = rec.end_us[i]

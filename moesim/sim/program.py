@@ -120,10 +120,13 @@ def _plus_fixed(t: ExchangeTimes, fixed_us: float) -> ExchangeTimes:
         return t
     active = t.sent_bytes + t.recv_bytes > 0
     assert t.latency_us is not None
-    return replace(
-        t,
-        time_us=np.where(active, t.time_us + fixed_us, 0.0),
-        latency_us=t.latency_us + fixed_us,
+    return ExchangeTimes(
+        np.where(active, t.time_us + fixed_us, 0.0),
+        t.sent_bytes,
+        t.recv_bytes,
+        t.events,
+        t.port_us,
+        t.latency_us + fixed_us,
     )
 
 
@@ -166,8 +169,13 @@ def _moe_ops(
     unpermute = permute.copy()
     bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
     experts = model.grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
-    # bytes of one copy in each of the four all-to-alls, by the dispatcher's dtypes
-    wire = {k: bytes_per_assignment(dm, v) for k, v in dispatcher.pass_dtypes().items()}
+    # bytes of one copy in each all-to-all the pass runs (forward: dispatch and combine;
+    # training: the four), by the dispatcher's dtypes
+    wire = {
+        k: bytes_per_assignment(dm, v)
+        for k, v in dispatcher.pass_dtypes().items()
+        if training or k in ("dispatch", "combine")
+    }
     copies = routed.copies
     # closed form (the analytic tier's times; the flow tier's port-limited figures): the
     # other exchanges are the same traffic rescaled and, for the combine's way, reversed
@@ -175,8 +183,10 @@ def _moe_ops(
     disp = exchange_times(copies, cluster.topology, hw, "analytic", scale=b_disp)
     # the dispatcher's fixed cost per call: launches, and round trips of the longest path
     assert disp.latency_us is not None  # the analytic tier's
-    dom = np.arange(d) // cluster.domain_size
-    across = bool(np.any(copies[dom[:, None] != dom[None, :]]))
+    across = False  # any copy between scale-up domains
+    if d > cluster.domain_size:
+        dom = np.arange(d) // cluster.domain_size
+        across = bool(np.any(copies[dom[:, None] != dom[None, :]]))
     fixed = dispatcher.fixed_us(hw, float(disp.latency_us.max(initial=0.0)), across)
     times = {
         name: _plus_fixed(disp.scaled(wire[name] / b_disp, reverse=name in _COMBINE_WAY), fixed)
