@@ -149,12 +149,12 @@ def busiest_link(m: np.ndarray, topo: Topology) -> tuple[int, float] | None:
         return None
     mm = np.asarray(m, dtype=np.float64).copy()
     np.fill_diagonal(mm, 0.0)
-    src, dst = np.nonzero(mm)
-    if not src.size:
+    if not mm.any():
         return None
-    r = topo.routes(src, dst)
+    # every pair's path, in (src, dst) order: pairs without traffic add zeros
+    r = topo.pair_routes()
     load = np.bincount(
-        r.links, weights=np.repeat(mm[src, dst], np.diff(r.indptr)), minlength=topo.num_links
+        r.links, weights=np.repeat(mm.reshape(-1), np.diff(r.indptr)), minlength=topo.num_links
     )
     i = int(np.argmax(load / topo.capacity_gbps))
     return i, float(load[i])

@@ -6,6 +6,7 @@ device) (:func:`metrics_frame`), one row per MoE layer with balance, straggler a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,7 @@ def layer_frame(
     rec: Records,
     base_us: np.ndarray | None = None,
     stragglers: Stragglers | None = None,
+    columns: Mapping[str, Sequence[Any]] | None = None,
 ) -> pd.DataFrame:
     """Per MoE layer (forward): balance before and after capacity, the straggler on the
     critical path with its cause and penalty, drops, traffic, and what lies behind the
@@ -102,22 +104,32 @@ def layer_frame(
 
     ``wire_bytes``: bytes of one assignment's dispatch plus its combine; ``slots``: (L, D, S)
     experts hosted per device, per MoE layer (the placement); ``program`` / ``rec``: the
-    step's ops and records; ``base_us``: (num_ops, D) op times before injected slowness.
+    step's ops and records; ``base_us``: (num_ops, D) op times before injected slowness;
+    ``columns``: further columns, one value per layer in ``routed``'s order, put last (e.g.
+    :func:`link_columns`).
     """
     st = stragglers or Stragglers()
     out = []
-    fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
+    fwd = np.flatnonzero(
+        (metrics["pass"].to_numpy() == "forward") & (metrics["step"].to_numpy() == step)
+    )
     # rows ordered by (layer, device) once; each layer is a slice of these arrays
-    f_layer, f_dev = fwd["layer"].to_numpy(), fwd["device"].to_numpy()
+    f_layer, f_dev = metrics["layer"].to_numpy()[fwd], metrics["device"].to_numpy()[fwd]
     order = np.lexsort((f_dev, f_layer))
-    f_layer = f_layer[order]
-    phase_us = {c: fwd[c].to_numpy()[order] for c in fwd.columns if c.endswith("_us")}
+    f_layer, fwd = f_layer[order], fwd[order]
+    phase_us: dict[str, np.ndarray] = {}  # a phase's time on those rows, read on first use
     layer_ops: dict[int, list[int]] = {}
     for i, op in enumerate(program):
         if op.pass_ == "forward" and op.layer in routed:
             layer_ops.setdefault(op.layer, []).append(i)
     links = StreamLinks.of(program)
     mean_us = rec.duration_us.mean(axis=1)
+
+    def _phase(phase: str) -> np.ndarray:
+        if phase not in phase_us:
+            phase_us[phase] = metrics[f"{phase}_us"].to_numpy()[fwd]
+        return phase_us[phase]
+
     for li, (layer, lr) in enumerate(routed.items()):
         rows = slice(*np.searchsorted(f_layer, [layer, layer + 1]))
         load = lr.device_load
@@ -149,7 +161,7 @@ def layer_frame(
                 "straggler_device": strag.device,
                 "straggler_cause": strag.cause,
                 "straggler_phase": strag.phase,
-                "straggler_penalty": straggler_penalty(phase_us[f"{strag.phase}_us"][rows]),
+                "straggler_penalty": straggler_penalty(_phase(strag.phase)[rows]),
                 "straggler_op": program[strag.op].name if strag.op >= 0 else "",
                 "straggler_op_phase": program[strag.op].phase if strag.op >= 0 else "",
                 "straggler_op_microbatch": program[strag.op].microbatch if strag.op >= 0 else 0,
@@ -167,6 +179,9 @@ def layer_frame(
             }
             | _attribution(lr, hosted, strag.device, wire_bytes)
         )
+    for name, values in (columns or {}).items():
+        for row, value in zip(out, values, strict=True):
+            row[name] = value
     return pd.DataFrame(out)
 
 
@@ -268,7 +283,13 @@ def summary(
     overlapped = sum(v for k, v in breakdown.items() if k != "wait_us") - busy
     # without overlap the two sums are equal: keep rounding noise (1e-13 µs) out of the figure
     breakdown["overlapped_us"] = overlapped if abs(overlapped) > 1e-6 * max(busy, 1.0) else 0.0
-    lastl = ldf[ldf["step"] == sc.steps - 1].sort_values("layer")
+    # the last step's rows, by layer
+    lastl = np.flatnonzero(ldf["step"].to_numpy() == sc.steps - 1)
+    lastl = lastl[np.argsort(ldf["layer"].to_numpy()[lastl], kind="stable")]
+
+    def last_step(name: str) -> list[Any]:
+        return ldf[name].to_numpy()[lastl].tolist()
+
     assignments = int(ldf["assignments"].sum())
     tokens = prep.cluster.num_devices * sc.tokens_per_device
     return {
@@ -288,21 +309,21 @@ def summary(
         "critical_device": critical,
         "breakdown_us": breakdown,
         "tokens_per_s": _processed_tokens_per_s(tokens, ldf, step_time),
-        "layers": [int(x) for x in lastl["layer"]],
-        "expert_balance": [round(float(x), 6) for x in lastl["expert_balance"]],
-        "routed_balance": [round(float(x), 6) for x in lastl["routed_balance"]],
-        "processed_balance": [round(float(x), 6) for x in lastl["processed_balance"]],
-        "dropless_capacity_factor": [round(float(x), 6) for x in lastl["dropless_capacity_factor"]],
-        "straggler_device": [int(x) for x in lastl["straggler_device"]],
-        "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
-        "straggler_phase": [str(x) for x in lastl["straggler_phase"]],
-        "straggler_penalty": [round(float(x), 6) for x in lastl["straggler_penalty"]],
+        "layers": [int(x) for x in last_step("layer")],
+        "expert_balance": [round(float(x), 6) for x in last_step("expert_balance")],
+        "routed_balance": [round(float(x), 6) for x in last_step("routed_balance")],
+        "processed_balance": [round(float(x), 6) for x in last_step("processed_balance")],
+        "dropless_capacity_factor": [round(float(x), 6) for x in last_step("dropless_capacity_factor")],
+        "straggler_device": [int(x) for x in last_step("straggler_device")],
+        "straggler_cause": [str(x) for x in last_step("straggler_cause")],
+        "straggler_phase": [str(x) for x in last_step("straggler_phase")],
+        "straggler_penalty": [round(float(x), 6) for x in last_step("straggler_penalty")],
         "injected": sc.stragglers.model_dump(mode="json", exclude_defaults=True),
         "drop_rate": float(ldf["dropped"].sum() / assignments) if assignments else 0.0,
         "dropped": int(ldf["dropped"].sum()),
         "rerouted": int(ldf["rerouted"].sum()),
         "assignments": assignments,
-        "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
+        "cross_node_bytes": float(ldf["cross_node_bytes"].iloc[lastl].sum()),
         "events": int(sum(r.events for r in records)),
     } | _memory_summary(prep, mode, float(ldf["dropless_capacity_factor"].max()))
 

@@ -154,13 +154,15 @@ def simulate_mode(
             rec=rec,
             base_us=base_us,
             stragglers=st,
+            columns=link_columns(routed, prep.cluster.topology, disp),
         )
-        layers.append(frame.assign(**link_columns(routed, prep.cluster.topology, disp)))
+        layers.append(frame)
         records.append(rec)
         step_times.append(float(rec.end_us.max()))
-    mdf = pd.concat(metrics, ignore_index=True)
+    # one step's frames are whole already (each has its own 0..n-1 index)
+    mdf = metrics[0] if len(metrics) == 1 else pd.concat(metrics, ignore_index=True)
     mdf.insert(0, "mode", mode)
-    ldf = pd.concat(layers, ignore_index=True)
+    ldf = layers[0] if len(layers) == 1 else pd.concat(layers, ignore_index=True)
     ldf.insert(0, "mode", mode)
     return ModeResult(
         mode=mode,

@@ -152,7 +152,7 @@ class Topology:
         if (src == dst).any():
             raise ValueError("a flow needs distinct endpoints")
         if self.num_devices <= ROUTE_TABLE_MAX_DEVICES:
-            table = self._pair_routes
+            table = self.pair_routes()
             pair = src * self.num_devices + dst
             lengths = table.indptr[pair + 1] - table.indptr[pair]
             indptr = np.zeros(src.size + 1, dtype=np.int64)
@@ -166,10 +166,13 @@ class Topology:
             return self._torus_routes(src, dst)
         return self._tree_routes(src, dst)
 
+    def pair_routes(self) -> Routes:
+        """Paths of every ordered pair of devices, flow ``src * D + dst`` (a device to
+        itself: no links); routed once per topology."""
+        return self._pair_routes
+
     @cached_property
     def _pair_routes(self) -> Routes:
-        """Paths of every ordered pair, flow ``src * D + dst`` (a device to itself: no
-        links), for :meth:`routes`."""
         d = self.num_devices
         src, dst = np.divmod(np.arange(d * d, dtype=np.int64), d)
         off = src != dst
