@@ -34,46 +34,69 @@ def metrics_frame(
     routed: dict[int, LayerRouting],
     step: int,
     devices_per_node: int,
+    mode: str | None = None,
 ) -> pd.DataFrame:
     """One row per (pass, layer, device): time per category, wait, bytes, loads (routed:
-    before capacity; device: processed, after drops)."""
+    before capacity; device: processed, after drops); ``mode``: a first column of it."""
     n_dev = rec.start_us.shape[1]
-    rows: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     cats = ("expert_us", "dispatch_us", "combine_us", "other_us", "allreduce_us")
+    # each op's (pass, layer) row group, in order of first appearance; its first and last op
+    groups: dict[tuple[str, int], int] = {}
+    group = np.empty(len(program), dtype=np.int64)
+    first: list[int] = []
+    last: list[int] = []
+    by_cat: dict[str, list[int]] = {c: [] for c in cats}
+    moved: list[int] = []  # exchanges that move bytes
     for i, op in enumerate(program):
-        key = (op.pass_, op.layer)
-        r = rows.get(key)
-        if r is None:  # the (pass, layer)'s first op
-            r = rows[key] = {
-                c: np.zeros(n_dev) for c in (*cats, "wait_us", "bytes_sent", "bytes_recv")
-            } | {"start_us": rec.start_us[i] - rec.wait_us[i], "end_us": rec.end_us[i]}
-        r[f"{op.category}_us"] += rec.duration_us[i]
-        r["wait_us"] += rec.wait_us[i]
-        r["end_us"] = rec.end_us[i]
+        g = groups.setdefault((op.pass_, op.layer), len(groups))
+        if g == len(first):
+            first.append(i)
+            last.append(i)
+        last[g] = i
+        group[i] = g
+        by_cat[f"{op.category}_us"].append(i)
         if isinstance(op, Exchange) and op.sent_bytes.size:
-            r["bytes_sent"] += op.sent_bytes
-            r["bytes_recv"] += op.recv_bytes
-    parts: dict[str, list[np.ndarray]] = {}
-    dev = np.arange(n_dev)
-    for (pass_, layer), cols in rows.items():
+            moved.append(i)
+    if not groups:
+        return pd.DataFrame({})
+
+    def total(ops: list[int], values: np.ndarray) -> np.ndarray:
+        """(groups, D): the ops' values summed per group, in program order."""
+        out = np.zeros((len(groups), n_dev))
+        np.add.at(out, group[ops], values)
+        return out
+
+    cols = {c: total(ops, rec.duration_us[ops]) for c, ops in by_cat.items()}
+    cols["wait_us"] = total(list(range(len(program))), rec.wait_us)
+    sent = [program[i].sent_bytes for i in moved]  # type: ignore[union-attr]
+    recv = [program[i].recv_bytes for i in moved]  # type: ignore[union-attr]
+    cols["bytes_sent"] = total(moved, np.array(sent).reshape(len(moved), n_dev))
+    cols["bytes_recv"] = total(moved, np.array(recv).reshape(len(moved), n_dev))
+    cols["start_us"] = rec.start_us[first] - rec.wait_us[first]
+    cols["end_us"] = rec.end_us[last]
+    loads: dict[str, list[np.ndarray]] = {"routed_load": [], "device_load": [], "dropped": []}
+    zeros = np.zeros(n_dev, np.int64)
+    for _, layer in groups:
         lr = routed.get(layer)
-        frame = {
-            "step": np.full(n_dev, step),
-            "pass": np.full(n_dev, pass_, dtype=object),
-            "layer": np.full(n_dev, layer),
-            "device": dev,
-            "node": dev // devices_per_node,
-            "routed_load": lr.routed_load
-            if lr is not None and lr.routed_load is not None
-            else np.zeros(n_dev, np.int64),
-            "device_load": lr.device_load if lr is not None else np.zeros(n_dev, np.int64),
-            "dropped": lr.dropped if lr is not None else np.zeros(n_dev, np.int64),
-            **cols,
-        }
-        for name, col in frame.items():
-            parts.setdefault(name, []).append(np.asarray(col))
+        loads["routed_load"].append(
+            lr.routed_load if lr is not None and lr.routed_load is not None else zeros
+        )
+        loads["device_load"].append(lr.device_load if lr is not None else zeros)
+        loads["dropped"].append(lr.dropped if lr is not None else zeros)
+    n = len(groups)
+    dev = np.arange(n_dev)
+    frame = {} if mode is None else {"mode": np.full(n * n_dev, mode, dtype=object)}
+    frame |= {
+        "step": np.full(n * n_dev, step),
+        "pass": np.repeat(np.array([p for p, _ in groups], dtype=object), n_dev),
+        "layer": np.repeat(np.array([la for _, la in groups]), n_dev),
+        "device": np.tile(dev, n),
+        "node": np.tile(dev // devices_per_node, n),
+    }
+    frame |= {name: np.concatenate([np.asarray(x) for x in parts]) for name, parts in loads.items()}
+    frame |= {name: col.reshape(-1) for name, col in cols.items()}
     # one frame from whole columns: far faster than a frame per (pass, layer) and a concat
-    return pd.DataFrame({name: np.concatenate(cols) for name, cols in parts.items()})
+    return pd.DataFrame(frame)
 
 
 def layer_frame(
@@ -90,6 +113,7 @@ def layer_frame(
     base_us: np.ndarray | None = None,
     stragglers: Stragglers | None = None,
     columns: Mapping[str, Sequence[Any]] | None = None,
+    mode: str | None = None,
 ) -> pd.DataFrame:
     """Per MoE layer (forward): balance before and after capacity, the straggler on the
     critical path with its cause and penalty, drops, traffic, and what lies behind the
@@ -106,7 +130,7 @@ def layer_frame(
     experts hosted per device, per MoE layer (the placement); ``program`` / ``rec``: the
     step's ops and records; ``base_us``: (num_ops, D) op times before injected slowness;
     ``columns``: further columns, one value per layer in ``routed``'s order, put last (e.g.
-    :func:`link_columns`).
+    :func:`link_columns`); ``mode``: a first column of it.
     """
     st = stragglers or Stragglers()
     out = []
@@ -151,7 +175,8 @@ def layer_frame(
             mean_us=mean_us,
         )
         out.append(
-            {
+            ({} if mode is None else {"mode": mode})
+            | {
                 "step": step,
                 "layer": layer,
                 "expert_balance": balance_ratio(lr.expert_load),

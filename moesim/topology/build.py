@@ -137,10 +137,14 @@ class Topology:
         return int(self.capacity_gbps.size)
 
     def link_name(self, i: int) -> tuple[Any, Any]:
-        for a, b, idx in self.graph.edges(data="index"):
-            if idx == i:
-                return a, b
-        raise IndexError(i)
+        """The (from, to) graph nodes of link ``i``."""
+        if i not in self._link_ends:
+            raise IndexError(i)
+        return self._link_ends[i]
+
+    @cached_property
+    def _link_ends(self) -> dict[int, tuple[Any, Any]]:
+        return {idx: (a, b) for a, b, idx in self.graph.edges(data="index")}
 
     def routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
         """Paths (as link indices) of flows ``src[f] → dst[f]``; src must differ from dst.
