@@ -154,8 +154,11 @@ def layer_frame(
             phase_us[phase] = metrics[f"{phase}_us"].to_numpy()[fwd]
         return phase_us[phase]
 
+    # each layer's rows: a slice of those arrays
+    at = np.array(list(routed), dtype=np.int64)
+    lo, hi = np.searchsorted(f_layer, at).tolist(), np.searchsorted(f_layer, at + 1).tolist()
     for li, (layer, lr) in enumerate(routed.items()):
-        rows = slice(*np.searchsorted(f_layer, [layer, layer + 1]))
+        rows = slice(lo[li], hi[li])
         load = lr.device_load
         assert lr.expert_load is not None and lr.routed_load is not None
         cross = lr.cross_node_copies
