@@ -341,7 +341,9 @@ def summary(
         "expert_balance": [round(float(x), 6) for x in last_step("expert_balance")],
         "routed_balance": [round(float(x), 6) for x in last_step("routed_balance")],
         "processed_balance": [round(float(x), 6) for x in last_step("processed_balance")],
-        "dropless_capacity_factor": [round(float(x), 6) for x in last_step("dropless_capacity_factor")],
+        "dropless_capacity_factor": [
+            round(float(x), 6) for x in last_step("dropless_capacity_factor")
+        ],
         "straggler_device": [int(x) for x in last_step("straggler_device")],
         "straggler_cause": [str(x) for x in last_step("straggler_cause")],
         "straggler_phase": [str(x) for x in last_step("straggler_phase")],
