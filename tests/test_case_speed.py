@@ -241,3 +241,15 @@ def test_case_metrics_are_what_they_were_and_repeat_in_one_process():
             if name in rows:
                 assert row.row == rows[name]
             rows[name] = row.row
+
+
+def test_parameter_counts_kept_per_shape_and_counted_for_unhashable_ones():
+    """Mixtral-8x7B: 46,702,792,704 weights (its published 46.7 B); the same shape with
+    its MoE layers listed (a list field: not hashable, so counted afresh) has as many."""
+    shape = get_preset("Mixtral-8x7B")
+    assert shape.total_params() == 46_702_792_704
+    assert shape.total_params() == 46_702_792_704  # from the per-process table
+    listed = shape.model_copy(update={"moe_layers": list(range(32))})
+    with pytest.raises(TypeError):
+        hash(listed)
+    assert listed.total_params() == 46_702_792_704
