@@ -253,3 +253,22 @@ def test_parameter_counts_kept_per_shape_and_counted_for_unhashable_ones():
     with pytest.raises(TypeError):
         hash(listed)
     assert listed.total_params() == 46_702_792_704
+
+
+def test_cases_of_one_cluster_share_its_topology():
+    """Two cases on 8 H100s share one topology; 2:1 oversubscribed leaves (its spine
+    uplinks at half the NIC's 42.5 GB/s achievable) or another profile get their own."""
+    from moesim.sim.prepare import prepare
+
+    def topo(**over: object):
+        return prepare(Scenario.model_validate(_case(**over).scenario), REPO).cluster.topology
+
+    base = topo()
+    assert topo(mode="decode", tokens_per_device=64) is base
+    two = {"nodes": 2, "devices_per_node": 8}
+    plain = topo(cluster=two)
+    over = topo(cluster=two, network={"tier": "analytic", "oversubscription": 2.0})
+    assert over is not plain
+    leaf_up = over.tables["leaf_up"]
+    assert float(over.capacity_gbps[leaf_up].max()) == 42.5 / 2
+    assert topo(hardware="H200") is not base
