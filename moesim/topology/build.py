@@ -172,7 +172,8 @@ class Topology:
 
     def pair_routes(self) -> Routes:
         """Paths of every ordered pair of devices, flow ``src * D + dst`` (a device to
-        itself: no links); routed once per topology."""
+        itself: no links); routed once per topology and kept (D² pairs: for clusters up
+        to :data:`ROUTE_TABLE_MAX_DEVICES`)."""
         return self._pair_routes
 
     @cached_property
