@@ -21,5 +21,6 @@ __all__ = ["balance_ratio"]
 
 def balance_ratio(load: np.ndarray) -> float:
     """max / mean of ``load`` (any shape, taken over all entries); 1.0 when it is all zero."""
-    mean = float(np.mean(load)) if np.size(load) else 0.0
-    return float(np.max(load) / mean) if mean > 0 else 1.0
+    load = np.asarray(load)
+    mean = float(load.mean()) if load.size else 0.0
+    return float(load.max() / mean) if mean > 0 else 1.0

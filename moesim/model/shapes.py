@@ -8,7 +8,7 @@ computed from the shape, never typed in.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -220,16 +220,10 @@ class ModelShape(BaseModel):
         return attn + norms + ffn
 
     def _count(self, experts_counted: int) -> int:
-        moe_idx = set(self.moe_layer_indices())
-        total = 0
-        for stack in range(self._stacks):
-            cross = stack == 1  # the decoder of an encoder-decoder model
-            for i in range(self.num_layers):
-                total += self._layer_params(i in moe_idx, experts_counted, cross)
-            total += self._norm_params()  # final norm of the stack
-        embed = self.vocab_size * self.d_model
-        total += embed if self.tie_embeddings else 2 * embed
-        return total
+        try:
+            return _count_params(self, experts_counted)
+        except TypeError:  # a list field (``moe_layers``) makes the shape unhashable
+            return _count_params.__wrapped__(self, experts_counted)
 
     def total_params(self) -> int:
         """All weights, embeddings and output head included."""
@@ -260,6 +254,22 @@ def load_shape(path: Path) -> ModelShape:
 @cache
 def _preset_files() -> dict[str, Path]:
     return {load_shape(p).name.lower(): p for p in sorted(models_dir().glob("*.yaml"))}
+
+
+@lru_cache(maxsize=64)
+def _count_params(shape: ModelShape, experts_counted: int) -> int:
+    """Weights of a (frozen) shape counting ``experts_counted`` routed experts per MoE
+    layer, kept per process: a sweep's cases ask the same shapes."""
+    moe_idx = set(shape.moe_layer_indices())
+    total = 0
+    for stack in range(shape._stacks):
+        cross = stack == 1  # the decoder of an encoder-decoder model
+        for i in range(shape.num_layers):
+            total += shape._layer_params(i in moe_idx, experts_counted, cross)
+        total += shape._norm_params()  # final norm of the stack
+    embed = shape.vocab_size * shape.d_model
+    total += embed if shape.tie_embeddings else 2 * embed
+    return total
 
 
 def get_preset(name: str) -> ModelShape:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -39,24 +40,40 @@ class Placement:
             table: (E, R) int32, hosting devices of each expert padded with -1, ascending.
             count: (E,) int32, number of replicas of each expert.
         """
-        s = self.slots[layer]  # (D, S)
-        dev = np.repeat(np.arange(s.shape[0], dtype=np.int32), s.shape[1])
-        exp = s.reshape(-1)
-        count = np.bincount(exp, minlength=self.num_experts).astype(np.int32)
-        if (count == 0).any():
+        s = np.ascontiguousarray(self.slots[layer], dtype=np.int32)  # (D, S)
+        table, count = _replicas(s.tobytes(), s.shape, self.num_experts)
+        if table is None:
             homeless = int(np.flatnonzero(count == 0)[0])
             raise InputError(
                 f"expert {homeless} of layer {layer} is hosted by no device",
                 field="placement",
                 value=homeless,
             )
-        order = np.lexsort((dev, exp))
-        exp_s, dev_s = exp[order], dev[order]
-        start = np.concatenate(([0], np.cumsum(count)[:-1]))
-        col = np.arange(exp_s.size) - start[exp_s]
-        table = np.full((self.num_experts, int(count.max())), -1, dtype=np.int32)
-        table[exp_s, col] = dev_s
         return table, count
+
+
+@lru_cache(maxsize=128)
+def _replicas(
+    slots_bytes: bytes, shape: tuple[int, int], num_experts: int
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """:meth:`Placement.replicas` of one layer's (D, S) slots (table None when an expert
+    is hosted nowhere), kept per process by content as read-only arrays: the layers of a
+    placement, and a sweep's cases, often share their slots."""
+    s = np.frombuffer(slots_bytes, dtype=np.int32).reshape(shape)
+    dev = np.repeat(np.arange(s.shape[0], dtype=np.int32), s.shape[1])
+    exp = s.reshape(-1)
+    count = np.bincount(exp, minlength=num_experts).astype(np.int32)
+    count.setflags(write=False)
+    if (count == 0).any():
+        return None, count
+    order = np.lexsort((dev, exp))
+    exp_s, dev_s = exp[order], dev[order]
+    start = np.concatenate(([0], np.cumsum(count)[:-1]))
+    col = np.arange(exp_s.size) - start[exp_s]
+    table = np.full((num_experts, int(count.max())), -1, dtype=np.int32)
+    table[exp_s, col] = dev_s
+    table.setflags(write=False)
+    return table, count
 
 
 def sequence_deal(seq: np.ndarray, num_devices: int, per_dev: int, start: np.ndarray) -> np.ndarray:

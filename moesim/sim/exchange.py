@@ -59,6 +59,8 @@ class ExchangeTimes:
         new size."""
         if self.port_us is None or self.latency_us is None:
             raise ValueError("flow-tier exchange times do not rescale: time the new traffic")
+        if factor == 1.0 and not reverse:  # the same traffic: the same times
+            return self
         sent, recv = (
             (self.recv_bytes, self.sent_bytes) if reverse else (self.sent_bytes, self.recv_bytes)
         )
@@ -147,12 +149,12 @@ def busiest_link(m: np.ndarray, topo: Topology) -> tuple[int, float] | None:
         return None
     mm = np.asarray(m, dtype=np.float64).copy()
     np.fill_diagonal(mm, 0.0)
-    src, dst = np.nonzero(mm)
-    if not src.size:
+    if not mm.any():
         return None
-    r = topo.routes(src, dst)
+    # every pair's path, in (src, dst) order: pairs without traffic add zeros
+    r = topo.pair_routes()
     load = np.bincount(
-        r.links, weights=np.repeat(mm[src, dst], np.diff(r.indptr)), minlength=topo.num_links
+        r.links, weights=np.repeat(mm.reshape(-1), np.diff(r.indptr)), minlength=topo.num_links
     )
     i = int(np.argmax(load / topo.capacity_gbps))
     return i, float(load[i])

@@ -6,6 +6,7 @@ device) (:func:`metrics_frame`), one row per MoE layer with balance, straggler a
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,46 +34,69 @@ def metrics_frame(
     routed: dict[int, LayerRouting],
     step: int,
     devices_per_node: int,
+    mode: str | None = None,
 ) -> pd.DataFrame:
     """One row per (pass, layer, device): time per category, wait, bytes, loads (routed:
-    before capacity; device: processed, after drops)."""
+    before capacity; device: processed, after drops); ``mode``: a first column of it."""
     n_dev = rec.start_us.shape[1]
-    rows: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     cats = ("expert_us", "dispatch_us", "combine_us", "other_us", "allreduce_us")
+    # each op's (pass, layer) row group, in order of first appearance; its first and last op
+    groups: dict[tuple[str, int], int] = {}
+    group = np.empty(len(program), dtype=np.int64)
+    first: list[int] = []
+    last: list[int] = []
+    by_cat: dict[str, list[int]] = {c: [] for c in cats}
+    moved: list[int] = []  # exchanges that move bytes
     for i, op in enumerate(program):
-        key = (op.pass_, op.layer)
-        r = rows.setdefault(
-            key,
-            {c: np.zeros(n_dev) for c in (*cats, "wait_us", "bytes_sent", "bytes_recv")}
-            | {"start_us": rec.start_us[i] - rec.wait_us[i], "end_us": rec.end_us[i]},
-        )
-        r[f"{op.category}_us"] += rec.duration_us[i]
-        r["wait_us"] += rec.wait_us[i]
-        r["end_us"] = rec.end_us[i]
+        g = groups.setdefault((op.pass_, op.layer), len(groups))
+        if g == len(first):
+            first.append(i)
+            last.append(i)
+        last[g] = i
+        group[i] = g
+        by_cat[f"{op.category}_us"].append(i)
         if isinstance(op, Exchange) and op.sent_bytes.size:
-            r["bytes_sent"] += op.sent_bytes
-            r["bytes_recv"] += op.recv_bytes
-    parts: dict[str, list[np.ndarray]] = {}
-    dev = np.arange(n_dev)
-    for (pass_, layer), cols in rows.items():
+            moved.append(i)
+    if not groups:
+        return pd.DataFrame({})
+
+    def total(ops: list[int], values: np.ndarray) -> np.ndarray:
+        """(groups, D): the ops' values summed per group, in program order."""
+        out = np.zeros((len(groups), n_dev))
+        np.add.at(out, group[ops], values)
+        return out
+
+    cols = {c: total(ops, rec.duration_us[ops]) for c, ops in by_cat.items()}
+    cols["wait_us"] = total(list(range(len(program))), rec.wait_us)
+    sent = [program[i].sent_bytes for i in moved]  # type: ignore[union-attr]
+    recv = [program[i].recv_bytes for i in moved]  # type: ignore[union-attr]
+    cols["bytes_sent"] = total(moved, np.array(sent).reshape(len(moved), n_dev))
+    cols["bytes_recv"] = total(moved, np.array(recv).reshape(len(moved), n_dev))
+    cols["start_us"] = rec.start_us[first] - rec.wait_us[first]
+    cols["end_us"] = rec.end_us[last]
+    loads: dict[str, list[np.ndarray]] = {"routed_load": [], "device_load": [], "dropped": []}
+    zeros = np.zeros(n_dev, np.int64)
+    for _, layer in groups:
         lr = routed.get(layer)
-        frame = {
-            "step": np.full(n_dev, step),
-            "pass": np.full(n_dev, pass_, dtype=object),
-            "layer": np.full(n_dev, layer),
-            "device": dev,
-            "node": dev // devices_per_node,
-            "routed_load": lr.routed_load
-            if lr is not None and lr.routed_load is not None
-            else np.zeros(n_dev, np.int64),
-            "device_load": lr.device_load if lr is not None else np.zeros(n_dev, np.int64),
-            "dropped": lr.dropped if lr is not None else np.zeros(n_dev, np.int64),
-            **cols,
-        }
-        for name, col in frame.items():
-            parts.setdefault(name, []).append(np.asarray(col))
+        loads["routed_load"].append(
+            lr.routed_load if lr is not None and lr.routed_load is not None else zeros
+        )
+        loads["device_load"].append(lr.device_load if lr is not None else zeros)
+        loads["dropped"].append(lr.dropped if lr is not None else zeros)
+    n = len(groups)
+    dev = np.arange(n_dev)
+    frame = {} if mode is None else {"mode": np.full(n * n_dev, mode, dtype=object)}
+    frame |= {
+        "step": np.full(n * n_dev, step),
+        "pass": np.repeat(np.array([p for p, _ in groups], dtype=object), n_dev),
+        "layer": np.repeat(np.array([la for _, la in groups]), n_dev),
+        "device": np.tile(dev, n),
+        "node": np.tile(dev // devices_per_node, n),
+    }
+    frame |= {name: np.concatenate([np.asarray(x) for x in parts]) for name, parts in loads.items()}
+    frame |= {name: col.reshape(-1) for name, col in cols.items()}
     # one frame from whole columns: far faster than a frame per (pass, layer) and a concat
-    return pd.DataFrame({name: np.concatenate(cols) for name, cols in parts.items()})
+    return pd.DataFrame(frame)
 
 
 def layer_frame(
@@ -88,6 +112,8 @@ def layer_frame(
     rec: Records,
     base_us: np.ndarray | None = None,
     stragglers: Stragglers | None = None,
+    columns: Mapping[str, Sequence[Any]] | None = None,
+    mode: str | None = None,
 ) -> pd.DataFrame:
     """Per MoE layer (forward): balance before and after capacity, the straggler on the
     critical path with its cause and penalty, drops, traffic, and what lies behind the
@@ -102,24 +128,37 @@ def layer_frame(
 
     ``wire_bytes``: bytes of one assignment's dispatch plus its combine; ``slots``: (L, D, S)
     experts hosted per device, per MoE layer (the placement); ``program`` / ``rec``: the
-    step's ops and records; ``base_us``: (num_ops, D) op times before injected slowness.
+    step's ops and records; ``base_us``: (num_ops, D) op times before injected slowness;
+    ``columns``: further columns, one value per layer in ``routed``'s order, put last (e.g.
+    :func:`link_columns`); ``mode``: a first column of it.
     """
     st = stragglers or Stragglers()
     out = []
-    fwd = metrics[(metrics["pass"] == "forward") & (metrics["step"] == step)]
+    fwd = np.flatnonzero(
+        (metrics["pass"].to_numpy() == "forward") & (metrics["step"].to_numpy() == step)
+    )
     # rows ordered by (layer, device) once; each layer is a slice of these arrays
-    f_layer, f_dev = fwd["layer"].to_numpy(), fwd["device"].to_numpy()
+    f_layer, f_dev = metrics["layer"].to_numpy()[fwd], metrics["device"].to_numpy()[fwd]
     order = np.lexsort((f_dev, f_layer))
-    f_layer = f_layer[order]
-    phase_us = {c: fwd[c].to_numpy()[order] for c in fwd.columns if c.endswith("_us")}
+    f_layer, fwd = f_layer[order], fwd[order]
+    phase_us: dict[str, np.ndarray] = {}  # a phase's time on those rows, read on first use
     layer_ops: dict[int, list[int]] = {}
     for i, op in enumerate(program):
         if op.pass_ == "forward" and op.layer in routed:
             layer_ops.setdefault(op.layer, []).append(i)
     links = StreamLinks.of(program)
     mean_us = rec.duration_us.mean(axis=1)
+
+    def _phase(phase: str) -> np.ndarray:
+        if phase not in phase_us:
+            phase_us[phase] = metrics[f"{phase}_us"].to_numpy()[fwd]
+        return phase_us[phase]
+
+    # each layer's rows: a slice of those arrays
+    at = np.array(list(routed), dtype=np.int64)
+    lo, hi = np.searchsorted(f_layer, at).tolist(), np.searchsorted(f_layer, at + 1).tolist()
     for li, (layer, lr) in enumerate(routed.items()):
-        rows = slice(*np.searchsorted(f_layer, [layer, layer + 1]))
+        rows = slice(lo[li], hi[li])
         load = lr.device_load
         assert lr.expert_load is not None and lr.routed_load is not None
         cross = lr.cross_node_copies
@@ -139,7 +178,8 @@ def layer_frame(
             mean_us=mean_us,
         )
         out.append(
-            {
+            ({} if mode is None else {"mode": mode})
+            | {
                 "step": step,
                 "layer": layer,
                 "expert_balance": balance_ratio(lr.expert_load),
@@ -149,7 +189,7 @@ def layer_frame(
                 "straggler_device": strag.device,
                 "straggler_cause": strag.cause,
                 "straggler_phase": strag.phase,
-                "straggler_penalty": straggler_penalty(phase_us[f"{strag.phase}_us"][rows]),
+                "straggler_penalty": straggler_penalty(_phase(strag.phase)[rows]),
                 "straggler_op": program[strag.op].name if strag.op >= 0 else "",
                 "straggler_op_phase": program[strag.op].phase if strag.op >= 0 else "",
                 "straggler_op_microbatch": program[strag.op].microbatch if strag.op >= 0 else 0,
@@ -167,6 +207,9 @@ def layer_frame(
             }
             | _attribution(lr, hosted, strag.device, wire_bytes)
         )
+    for name, values in (columns or {}).items():
+        for row, value in zip(out, values, strict=True):
+            row[name] = value
     return pd.DataFrame(out)
 
 
@@ -268,7 +311,13 @@ def summary(
     overlapped = sum(v for k, v in breakdown.items() if k != "wait_us") - busy
     # without overlap the two sums are equal: keep rounding noise (1e-13 µs) out of the figure
     breakdown["overlapped_us"] = overlapped if abs(overlapped) > 1e-6 * max(busy, 1.0) else 0.0
-    lastl = ldf[ldf["step"] == sc.steps - 1].sort_values("layer")
+    # the last step's rows, by layer
+    lastl = np.flatnonzero(ldf["step"].to_numpy() == sc.steps - 1)
+    lastl = lastl[np.argsort(ldf["layer"].to_numpy()[lastl], kind="stable")]
+
+    def last_step(name: str) -> list[Any]:
+        return ldf[name].to_numpy()[lastl].tolist()
+
     assignments = int(ldf["assignments"].sum())
     tokens = prep.cluster.num_devices * sc.tokens_per_device
     return {
@@ -288,21 +337,23 @@ def summary(
         "critical_device": critical,
         "breakdown_us": breakdown,
         "tokens_per_s": _processed_tokens_per_s(tokens, ldf, step_time),
-        "layers": [int(x) for x in lastl["layer"]],
-        "expert_balance": [round(float(x), 6) for x in lastl["expert_balance"]],
-        "routed_balance": [round(float(x), 6) for x in lastl["routed_balance"]],
-        "processed_balance": [round(float(x), 6) for x in lastl["processed_balance"]],
-        "dropless_capacity_factor": [round(float(x), 6) for x in lastl["dropless_capacity_factor"]],
-        "straggler_device": [int(x) for x in lastl["straggler_device"]],
-        "straggler_cause": [str(x) for x in lastl["straggler_cause"]],
-        "straggler_phase": [str(x) for x in lastl["straggler_phase"]],
-        "straggler_penalty": [round(float(x), 6) for x in lastl["straggler_penalty"]],
+        "layers": [int(x) for x in last_step("layer")],
+        "expert_balance": [round(float(x), 6) for x in last_step("expert_balance")],
+        "routed_balance": [round(float(x), 6) for x in last_step("routed_balance")],
+        "processed_balance": [round(float(x), 6) for x in last_step("processed_balance")],
+        "dropless_capacity_factor": [
+            round(float(x), 6) for x in last_step("dropless_capacity_factor")
+        ],
+        "straggler_device": [int(x) for x in last_step("straggler_device")],
+        "straggler_cause": [str(x) for x in last_step("straggler_cause")],
+        "straggler_phase": [str(x) for x in last_step("straggler_phase")],
+        "straggler_penalty": [round(float(x), 6) for x in last_step("straggler_penalty")],
         "injected": sc.stragglers.model_dump(mode="json", exclude_defaults=True),
         "drop_rate": float(ldf["dropped"].sum() / assignments) if assignments else 0.0,
         "dropped": int(ldf["dropped"].sum()),
         "rerouted": int(ldf["rerouted"].sum()),
         "assignments": assignments,
-        "cross_node_bytes": float(lastl["cross_node_bytes"].sum()),
+        "cross_node_bytes": float(ldf["cross_node_bytes"].iloc[lastl].sum()),
         "events": int(sum(r.events for r in records)),
     } | _memory_summary(prep, mode, float(ldf["dropless_capacity_factor"].max()))
 

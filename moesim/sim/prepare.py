@@ -25,6 +25,7 @@ from moesim.sim.bounds import check_bounds
 from moesim.sim.cluster import ClusterSpec, resolve_granularity
 from moesim.sim.counts import inclusion_probabilities
 from moesim.topology import build_topology
+from moesim.topology.build import Topology
 from moesim.traces.store import RoutingTrace, open_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
 from moesim.traces.window import ReplayTrace, read_replay
@@ -183,12 +184,8 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         )
     net = scenario.network
     try:
-        topology = build_topology(
-            hw,
-            cl.num_devices,
-            cl.devices_per_node,
-            oversubscription=net.oversubscription,
-            nodes_per_leaf=net.nodes_per_leaf,
+        topology = _topology(
+            hw, cl.num_devices, cl.devices_per_node, net.oversubscription, net.nodes_per_leaf
         )
     except InputError as err:
         raise InputError(
@@ -219,6 +216,37 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
     return Prepared(
         scenario, shape, hw, trace, placement, cluster, moe_layers, dispatcher, popularity
     )
+
+
+#: topologies built in this process, by profile object (profiles are read once per
+#: process) and cluster shape, each kept with its profile; a sweep's cases share them
+_TOPOLOGIES: dict[tuple[int, int, int, float, int | None], tuple[HardwareProfile, Topology]] = {}
+_TOPOLOGIES_KEPT = 8
+
+
+def _topology(
+    hw: HardwareProfile,
+    num_devices: int,
+    devices_per_node: int,
+    oversubscription: float,
+    nodes_per_leaf: int | None,
+) -> Topology:
+    """:func:`~moesim.topology.build_topology` of the cluster, built once per process."""
+    key = (id(hw), num_devices, devices_per_node, oversubscription, nodes_per_leaf)
+    kept = _TOPOLOGIES.get(key)
+    if kept is not None and kept[0] is hw:
+        return kept[1]
+    topology = build_topology(
+        hw,
+        num_devices,
+        devices_per_node,
+        oversubscription=oversubscription,
+        nodes_per_leaf=nodes_per_leaf,
+    )
+    if len(_TOPOLOGIES) >= _TOPOLOGIES_KEPT:
+        _TOPOLOGIES.clear()
+    _TOPOLOGIES[key] = (hw, topology)
+    return topology
 
 
 def _trace_error(err: InputError, scenario: Scenario, source: str | Path) -> InputError:

@@ -15,8 +15,8 @@ Prefill and decode run the forward pass only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -120,10 +120,13 @@ def _plus_fixed(t: ExchangeTimes, fixed_us: float) -> ExchangeTimes:
         return t
     active = t.sent_bytes + t.recv_bytes > 0
     assert t.latency_us is not None
-    return replace(
-        t,
-        time_us=np.where(active, t.time_us + fixed_us, 0.0),
-        latency_us=t.latency_us + fixed_us,
+    return ExchangeTimes(
+        np.where(active, t.time_us + fixed_us, 0.0),
+        t.sent_bytes,
+        t.recv_bytes,
+        t.events,
+        t.port_us,
+        t.latency_us + fixed_us,
     )
 
 
@@ -145,6 +148,31 @@ def _full(d: int, value: float) -> np.ndarray:
     return np.full(d, float(value))
 
 
+@dataclass(frozen=True)
+class _MoeLayer:
+    """One MoE layer before its compute times: ``sent_assign`` (D,) assignments leaving
+    each device (what its permute moves), ``expert_tokens`` (D, S) tokens per hosted
+    expert slot, and ``ops(permute_us, experts_us)`` its forward and backward ops."""
+
+    sent_assign: np.ndarray
+    expert_tokens: np.ndarray
+    ops: Callable[[np.ndarray, np.ndarray], tuple[list[Op], list[Op]]]
+
+
+def _compute_times(
+    layers: list[_MoeLayer], shape: ModelShape, hw: HardwareProfile, dtype: str, model: CostModel
+) -> tuple[np.ndarray, np.ndarray]:
+    """(L, D) permute and grouped-expert times of every MoE layer, one call of each."""
+    if not layers:
+        return np.zeros((0, 0)), np.zeros((0, 0))
+    sent = np.stack([x.sent_assign for x in layers])  # (L, D)
+    tokens = np.stack([x.expert_tokens for x in layers])  # (L, D, S)
+    permute = permute_us(sent, shape.d_model, hw, dtype)
+    bench_shape = BenchShape.from_model(shape, local_experts=tokens.shape[2])
+    experts = model.grouped_ffn_us(tokens.reshape(-1, tokens.shape[2]), bench_shape, dtype)
+    return permute, experts.reshape(tokens.shape[:2])
+
+
 def _moe_ops(
     layer: int,
     routed: LayerRouting,
@@ -156,18 +184,20 @@ def _moe_ops(
     dtype: str,
     dispatcher: Dispatcher,
     training: bool,
-    model: CostModel,
-) -> tuple[list[Op], list[Op]]:
-    """Forward and backward ops of one MoE layer."""
+) -> _MoeLayer:
+    """One MoE layer: what its routing decides of its ops (its all-to-alls), and the loads
+    its permute and expert times follow from; its ``ops`` make its forward and
+    backward ops once those times are known."""
     d, dm = cluster.num_devices, shape.d_model
     assert routed.dispatch is not None and routed.copies is not None, "routing was compacted"
     sent_assign = routed.dispatch.sum(axis=1)  # (D,) assignments leaving each token owner
-    permute = permute_us(sent_assign, dm, hw, dtype)
-    unpermute = permute.copy()
-    bench_shape = BenchShape.from_model(shape, local_experts=routed.expert_tokens.shape[1])
-    experts = model.grouped_ffn_us(routed.expert_tokens, bench_shape, dtype)
-    # bytes of one copy in each of the four all-to-alls, by the dispatcher's dtypes
-    wire = {k: bytes_per_assignment(dm, v) for k, v in dispatcher.pass_dtypes().items()}
+    # bytes of one copy in each all-to-all the pass runs (forward: dispatch and combine;
+    # training: the four), by the dispatcher's dtypes
+    wire = {
+        k: bytes_per_assignment(dm, v)
+        for k, v in dispatcher.pass_dtypes().items()
+        if training or k in ("dispatch", "combine")
+    }
     copies = routed.copies
     # closed form (the analytic tier's times; the flow tier's port-limited figures): the
     # other exchanges are the same traffic rescaled and, for the combine's way, reversed
@@ -175,8 +205,10 @@ def _moe_ops(
     disp = exchange_times(copies, cluster.topology, hw, "analytic", scale=b_disp)
     # the dispatcher's fixed cost per call: launches, and round trips of the longest path
     assert disp.latency_us is not None  # the analytic tier's
-    dom = np.arange(d) // cluster.domain_size
-    across = bool(np.any(copies[dom[:, None] != dom[None, :]]))
+    across = False  # any copy between scale-up domains
+    if d > cluster.domain_size:
+        dom = np.arange(d) // cluster.domain_size
+        across = bool(np.any(copies[dom[:, None] != dom[None, :]]))
     fixed = dispatcher.fixed_us(hw, float(disp.latency_us.max(initial=0.0)), across)
     times = {
         name: _plus_fixed(disp.scaled(wire[name] / b_disp, reverse=name in _COMBINE_WAY), fixed)
@@ -218,6 +250,30 @@ def _moe_ops(
         needs_disp = copies > 0
         np.fill_diagonal(needs_disp, True)
     needs_comb = None if needs_disp is None else needs_disp.T
+
+    def ops(permute: np.ndarray, experts: np.ndarray) -> tuple[list[Op], list[Op]]:
+        return _layer_ops(
+            layer, exchange, needs_disp, needs_comb, permute, experts, hw, costs, training
+        )
+
+    return _MoeLayer(sent_assign, routed.expert_tokens, ops)
+
+
+def _layer_ops(
+    layer: int,
+    exchange: Callable[..., Exchange],
+    needs_disp: np.ndarray | None,
+    needs_comb: np.ndarray | None,
+    permute: np.ndarray,
+    experts: np.ndarray,
+    hw: HardwareProfile,
+    costs: LayerCosts,
+    training: bool,
+) -> tuple[list[Op], list[Op]]:
+    """Forward and backward ops of one MoE layer, given its all-to-alls (``exchange``), the
+    senders each device needs, and its (D,) permute and expert times."""
+    d = permute.size
+    unpermute = permute.copy()
     fwd: list[Op] = [
         Compute(
             f"L{layer} attention", "other", _full(d, costs.attention_us), layer, phase="attention"
@@ -329,21 +385,31 @@ def build_program(
     forward: list[Op] = []
     backward: list[list[Op]] = []  # per layer, in backward order
     moe = set(routed_layers)
+    # each MoE layer's routing, in layer order (a streamed routing keeps one layer's
+    # traffic matrices at a time); then every MoE layer's permute and expert times in one
+    # call each: both are per device, element by element, so the same values
+    pending = {
+        layer: _moe_ops(
+            layer,
+            routed_layers[layer],
+            shape,
+            hw,
+            cluster,
+            costs,
+            tokens_per_device,
+            dtype,
+            dispatcher,
+            training,
+        )
+        for layer in range(shape.num_layers)
+        if layer in routed_layers
+    }
+    permute, experts = _compute_times(list(pending.values()), shape, hw, dtype, model)
+    index = {layer: li for li, layer in enumerate(pending)}
     for layer in range(shape.num_layers):
-        if layer in routed_layers:
-            f, bw = _moe_ops(
-                layer,
-                routed_layers[layer],
-                shape,
-                hw,
-                cluster,
-                costs,
-                tokens_per_device,
-                dtype,
-                dispatcher,
-                training,
-                model,
-            )
+        if layer in pending:
+            li = index[layer]
+            f, bw = pending[layer].ops(permute[li], experts[li])
         else:
             t = costs.attention_us + costs.dense_ffn_us
             f = [Compute(f"L{layer} dense", "other", _full(d, t), layer, phase="dense")]

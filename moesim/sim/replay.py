@@ -9,6 +9,7 @@ core (replica choice and per-slot capacity).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def route_layer_at(
     if prep.trace is None:  # count level (``routing.synthetic.level: count``)
         assert prep.popularity is not None
         pi = inclusion_probabilities(prep.popularity(li, step), shape.top_k)
-        rng = np.random.default_rng([prep.popularity.seed, 0xC0417, step, li, microbatch])
+        rng = np.random.default_rng(_seeds(prep.popularity.seed, step, li, microbatch))
         return route_counts(
             draw_counts(pi, mb, d, shape.top_k, rng),
             prep.placement.slots[li],
@@ -80,6 +81,13 @@ def route_layer_at(
         dedup=prep.dispatcher.dedup,
         replica_choice=sc.replica_choice,
     )
+
+
+@lru_cache(maxsize=1024)
+def _seeds(seed: int, step: int, layer: int, microbatch: int) -> np.random.SeedSequence:
+    """The seed of a count-level draw (its hashing done once per process: a sweep's cases
+    draw with the same seeds)."""
+    return np.random.SeedSequence([seed, 0xC0417, step, layer, microbatch])
 
 
 class StreamedRouting(Mapping[int, LayerRouting]):

@@ -138,7 +138,7 @@ def simulate_mode(
             )
         rec = run_program(program, d, prep.cluster.fabric())
         flow_events += rec.rate_updates
-        m = metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node)
+        m = metrics_frame(program, rec, routed, step, prep.cluster.devices_per_node, mode)
         metrics.append(m)
         disp = bytes_per_assignment(shape.d_model, prep.dispatcher.dispatch_dtype)
         wire = disp + bytes_per_assignment(shape.d_model, prep.dispatcher.combine_dtype)
@@ -154,14 +154,15 @@ def simulate_mode(
             rec=rec,
             base_us=base_us,
             stragglers=st,
+            columns=link_columns(routed, prep.cluster.topology, disp),
+            mode=mode,
         )
-        layers.append(frame.assign(**link_columns(routed, prep.cluster.topology, disp)))
+        layers.append(frame)
         records.append(rec)
         step_times.append(float(rec.end_us.max()))
-    mdf = pd.concat(metrics, ignore_index=True)
-    mdf.insert(0, "mode", mode)
-    ldf = pd.concat(layers, ignore_index=True)
-    ldf.insert(0, "mode", mode)
+    # one step's frames are whole already (each has its own 0..n-1 index)
+    mdf = metrics[0] if len(metrics) == 1 else pd.concat(metrics, ignore_index=True)
+    ldf = layers[0] if len(layers) == 1 else pd.concat(layers, ignore_index=True)
     return ModeResult(
         mode=mode,
         metrics=mdf,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import networkx as nx
@@ -37,6 +38,10 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile
 
 __all__ = ["Routes", "Topology", "build_topology", "torus_dims"]
+
+#: up to this many devices a topology routes every (src, dst) pair once, on first use, and
+#: looks paths up from that table (65,280 pairs at 256 devices)
+ROUTE_TABLE_MAX_DEVICES = 256
 
 
 @dataclass(frozen=True)
@@ -132,26 +137,66 @@ class Topology:
         return int(self.capacity_gbps.size)
 
     def link_name(self, i: int) -> tuple[Any, Any]:
-        for a, b, idx in self.graph.edges(data="index"):
-            if idx == i:
-                return a, b
-        raise IndexError(i)
+        """The (from, to) graph nodes of link ``i``."""
+        if i not in self._link_ends:
+            raise IndexError(i)
+        return self._link_ends[i]
+
+    @cached_property
+    def _link_ends(self) -> dict[int, tuple[Any, Any]]:
+        return {idx: (a, b) for a, b, idx in self.graph.edges(data="index")}
 
     def routes(self, src: np.ndarray, dst: np.ndarray) -> Routes:
-        """Paths (as link indices) of flows ``src[f] → dst[f]``; src must differ from dst."""
+        """Paths (as link indices) of flows ``src[f] → dst[f]``; src must differ from dst.
+
+        Up to :data:`ROUTE_TABLE_MAX_DEVICES` devices the paths come from a table of every
+        pair's, routed once per topology by the same rules (so the same paths)."""
         src = np.asarray(src, dtype=np.int64)
         dst = np.asarray(dst, dtype=np.int64)
         if (src == dst).any():
             raise ValueError("a flow needs distinct endpoints")
+        if self.num_devices <= ROUTE_TABLE_MAX_DEVICES:
+            table = self.pair_routes()
+            pair = src * self.num_devices + dst
+            lengths = table.indptr[pair + 1] - table.indptr[pair]
+            indptr = np.zeros(src.size + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            at = np.repeat(table.indptr[pair] - indptr[:-1], lengths)
+            return Routes(indptr=indptr, links=table.links[at + np.arange(indptr[-1])])
+        return self._route(src, dst)
+
+    def _route(self, src: np.ndarray, dst: np.ndarray) -> Routes:
         if self.kind.startswith("torus"):
             return self._torus_routes(src, dst)
         return self._tree_routes(src, dst)
+
+    def pair_routes(self) -> Routes:
+        """Paths of every ordered pair of devices, flow ``src * D + dst`` (a device to
+        itself: no links); routed once per topology and kept (D² pairs: for clusters up
+        to :data:`ROUTE_TABLE_MAX_DEVICES`)."""
+        return self._pair_routes
+
+    @cached_property
+    def _pair_routes(self) -> Routes:
+        d = self.num_devices
+        src, dst = np.divmod(np.arange(d * d, dtype=np.int64), d)
+        off = src != dst
+        r = self._route(src[off], dst[off])
+        lengths = np.zeros(d * d, dtype=np.int64)
+        lengths[off] = np.diff(r.indptr)
+        indptr = np.zeros(d * d + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return Routes(indptr=indptr, links=r.links)
 
     def tier_latency_us(self) -> tuple[float, float] | None:
         """Path latency inside a scale-up domain and between domains, for the switched
         kinds, where it depends on nothing else (every link of a kind has one latency;
         spine hops add none, the profile's scale-out figure being end to end). None for
         tori, whose latency grows with the hop count."""
+        return self._tier_latency
+
+    @cached_property
+    def _tier_latency(self) -> tuple[float, float] | None:
         if self.kind.startswith("torus"):
             return None
         t, lat = self.tables, self.latency_us
