@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,11 +11,12 @@ import typer
 from rich.table import Table
 
 from moesim import __version__
-from moesim.console import make_console, progress_bar, status
+from moesim.console import make_console, print_json, progress_bar, status
 from moesim.errors import InputError
 from moesim.fileio import check_output_folder, check_writable
+from moesim.options import ForceOption
 from moesim.paths import display_path
-from moesim.scenario import FLOW_REL_TOL
+from moesim.scenario import FLOW_REL_TOL, load_scenario_with_hardware
 
 __all__ = ["app", "main"]
 
@@ -45,10 +45,6 @@ app.add_typer(kernels_app, name="kernels")
 console = make_console()
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
 def _run_scenario(
     path: Path,
     out: Path,
@@ -65,7 +61,7 @@ def _run_scenario(
     from moesim.sim.prepare import prepare
     from moesim.sim.simulate import routed_layer_steps, simulate_prepared
 
-    scenario, base = _load_with_hardware(path, hardware)
+    scenario, base = load_scenario_with_hardware(path, hardware)
     source = display_path(path)
     with status("preparing: routing, placement, costs"):
         prep = prepare(scenario, base, source)
@@ -74,7 +70,7 @@ def _run_scenario(
     files = write_outputs(result, out, force=force)
     if as_json:
         runs = [r.summary for r in result.runs]
-        _print_json(runs[0] | {"runs": runs, "outputs": {k: str(v) for k, v in files.items()}})
+        print_json(runs[0] | {"runs": runs, "outputs": {k: str(v) for k, v in files.items()}})
     elif not quiet:
         console.print(console_summary(result), markup=False)
         console.print(
@@ -83,19 +79,6 @@ def _run_scenario(
         )
     if strict:
         _check_fits(result, display_path(path), out)
-
-
-def _load_with_hardware(path: Path, hardware: str | None) -> tuple[Any, Path]:
-    """The scenario at ``path``, its hardware replaced by ``hardware`` (a profile name, or
-    a profile file relative to the working folder) when given."""
-    from moesim.scenario import load_scenario
-
-    scenario, base = load_scenario(path)
-    if hardware is not None:
-        if hardware.endswith((".yaml", ".yml")):
-            hardware = str(Path(hardware).resolve())
-        scenario = scenario.model_copy(update={"hardware": hardware})
-    return scenario, base
 
 
 def _check_fits(result: Any, source: Path, out: Path) -> None:
@@ -112,17 +95,6 @@ def _check_fits(result: Any, source: Path, out: Path) -> None:
                 field="hardware",
                 value=result.scenario.hardware,
             )
-
-
-#: --force of every command that writes an output folder
-ForceOption = Annotated[
-    bool,
-    typer.Option(
-        "--force",
-        help="Write into an existing folder that is not this command's output: only "
-        "moesim's own files there are replaced, every other file is left as it is.",
-    ),
-]
 
 
 def _demo_baseline(scenario: Any) -> Any:
@@ -182,7 +154,7 @@ def demo(
     files = write_outputs(planned, out, force=force, extra=contiguous)
     if as_json:
         runs = [r.summary for r in planned.runs]
-        _print_json(
+        print_json(
             runs[0]
             | {
                 "runs": runs,
@@ -323,7 +295,7 @@ def models(
             }
         )
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     table = Table(
         "model",
@@ -361,7 +333,7 @@ def hardware_list(
 
     profiles = [get_profile(n) for n in list_profiles()]
     if as_json:
-        _print_json([p.model_dump(exclude={"sources"}) for p in profiles])
+        print_json([p.model_dump(exclude={"sources"}) for p in profiles])
         return
     table = Table(
         "name",
@@ -399,7 +371,7 @@ def hardware_show(
     p = get_profile(name)
     data = p.model_dump()
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     table = Table("figure", "value", "source", title=p.name, show_lines=False)
     for path in p.figure_paths():
@@ -520,7 +492,7 @@ def trace_import(
         "top_k": info.top_k,
     }
     if as_json:
-        _print_json(summary)
+        print_json(summary)
     else:
         console.print(
             f"wrote {path}: {len(info.layers)} layers x {info.num_tokens:,} tokens, "
@@ -540,7 +512,7 @@ def trace_stats_cmd(
 
     stats = trace_stats(trace, top=top)
     if as_json:
-        _print_json(stats)
+        print_json(stats)
         return
     console.print(
         f"{stats['trace']}: {stats['tokens']:,} tokens x {len(stats['layers'])} layers, "
@@ -661,7 +633,7 @@ def calibrate(
             raise InputError(
                 "expected layers like 0,1", field="fit-layers", value=fit_layers
             ) from None
-    sc, base = _load_with_hardware(scenario, hardware)
+    sc, base = load_scenario_with_hardware(scenario, hardware)
     prep = prepare_for_calibration(sc, base, display_path(scenario))
     hw = get_profile(sc.hardware)
     with status(f"calibrating {sc.hardware} to {profile.name}"):
@@ -669,7 +641,7 @@ def calibrate(
     data = res.profile.model_dump(exclude_none=True, mode="json")
     atomic_write_text(out, dump_yaml(data))
     if as_json:
-        _print_json(res.to_json() | {"out": str(out)})
+        print_json(res.to_json() | {"out": str(out)})
         return
     console.print(
         f"{res.profile.name}: fitted on layers {res.fit_layers} of {profile.name}, "
@@ -787,7 +759,7 @@ def a2a(
         trace=trace,
     )
     if as_json:
-        _print_json(res)
+        print_json(res)
         return
     limit = f", within {groups[1]} of {groups[0]} groups" if groups else ""
     console.print(

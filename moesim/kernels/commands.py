@@ -6,16 +6,14 @@ Registered in :mod:`moesim.cli`; torch is imported inside the commands only, so 
 
 from __future__ import annotations
 
-import json
-import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from moesim.console import make_console
+from moesim.console import make_console, print_json
 
 __all__ = ["BenchDevice", "import_profile_cmd", "kernels_bench_cmd", "predict_cmd"]
 
@@ -25,10 +23,6 @@ class BenchDevice(str, Enum):
 
     cpu = "cpu"
     cuda = "cuda"
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 def _fmt_us(us: float) -> str:
@@ -92,7 +86,7 @@ def kernels_bench_cmd(
         "files": [str(f) for f in files],
     }
     if as_json:
-        _print_json(summary)
+        print_json(summary)
         return
     console = make_console()
     table = Table(
@@ -147,7 +141,7 @@ def import_profile_cmd(
         data = summary.to_json()
         if written is not None:
             data["out"] = str(written)
-        _print_json(data)
+        print_json(data)
         return
     console = make_console()
     total = float(summary.kernels["dur_us"].sum())
@@ -232,7 +226,7 @@ def predict_cmd(
         mode=mode,
     )
     if as_json:
-        _print_json(res)
+        print_json(res)
         return
     inputs = ", ".join(f"{k} {v}" for k, v in res.items() if k not in ("op", "time_us"))
     make_console().print(f"{op}: {_fmt_us(res['time_us'])} ({inputs})")
