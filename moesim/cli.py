@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -13,6 +13,7 @@ from moesim import __version__
 from moesim.console import make_console, print_json, progress_bar, status
 from moesim.errors import InputError
 from moesim.fileio import check_output_folder, check_writable
+from moesim.model.commands import models_cmd
 from moesim.options import ForceOption
 from moesim.paths import display_path
 from moesim.scenario import load_scenario_with_hardware
@@ -50,63 +51,7 @@ app.command("init")(init_cmd)
 
 
 app.command("simulate")(simulate_cmd)
-
-
-@app.command()
-def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
-) -> None:
-    """List the model presets with total and active parameters computed from their shapes."""
-    from moesim.model.shapes import get_preset, list_presets
-
-    rows: list[dict[str, Any]] = []
-    for name in list_presets():
-        m = get_preset(name)
-        rows.append(
-            {
-                "name": m.name,
-                "total_params": m.total_params(),
-                "active_params": m.active_params(),
-                "layers": m.num_layers,
-                "moe_layers": m.num_moe_layers,
-                "d_model": m.d_model,
-                "num_experts": m.num_experts,
-                "top_k": m.top_k,
-                "shared_experts": m.num_shared_experts,
-                "expert_d_ff": m.expert_d_ff,
-                "attention": m.attention.kind,
-                "vocab_size": m.vocab_size,
-                "source": m.source,
-            }
-        )
-    if as_json:
-        print_json(rows)
-        return
-    table = Table(
-        "model",
-        "total",
-        "active",
-        "layers (MoE)",
-        "d_model",
-        "experts",
-        "top-k",
-        "shared",
-        "expert d_ff",
-        title="model presets",
-    )
-    for r in rows:
-        table.add_row(
-            r["name"],
-            f"{r['total_params'] / 1e9:.1f} B",
-            f"{r['active_params'] / 1e9:.2f} B",
-            f"{r['layers']} ({r['moe_layers']})",
-            str(r["d_model"]),
-            str(r["num_experts"]),
-            str(r["top_k"]),
-            str(r["shared_experts"]),
-            str(r["expert_d_ff"]),
-        )
-    console.print(table)
+app.command("models")(models_cmd)
 
 
 @hardware_app.command("list")
