@@ -7,19 +7,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from moesim import __version__
-from moesim.console import make_console, print_json, progress_bar, status
+from moesim.console import make_console, print_json, status
 from moesim.errors import InputError
-from moesim.fileio import check_output_folder, check_writable
+from moesim.fileio import check_writable
 from moesim.hardware_commands import hardware_list_cmd, hardware_show_cmd
 from moesim.model.commands import models_cmd
-from moesim.options import ForceOption
 from moesim.paths import display_path
 from moesim.scenario import load_scenario_with_hardware
 from moesim.scenario_commands import init_cmd
 from moesim.sim.commands import a2a_cmd, demo_cmd, simulate_cmd
+from moesim.traces.commands import (
+    trace_import_cmd,
+    trace_stats_cmd,
+    trace_synth_cmd,
+    trace_upgrade_cmd,
+)
 
 __all__ = ["app", "main"]
 
@@ -104,168 +108,10 @@ app.command("report")(report_cmd)
 
 
 # ----- traces (moesim.traces) ---------------------------------------------------------------
-
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError("expected comma-separated integers", field=option, value=text) from None
-
-
-@trace_app.command("import")
-def trace_import(
-    src: Annotated[Path, typer.Argument(help="File or folder to import.")],
-    out: Annotated[Path, typer.Option(help="Trace folder to write.")],
-    fmt: Annotated[str, typer.Option("--format", help="flame-jsonl | vllm-npy | counts-json.")],
-    experts: Annotated[
-        int | None, typer.Option(help="Routed experts (vllm-npy; counts-json overrides).")
-    ] = None,
-    top_k: Annotated[int | None, typer.Option(help="Experts per token (counts-json).")] = None,
-    layers: Annotated[
-        str | None, typer.Option(help="Model layer of each array layer, e.g. 3,4,5 (vllm-npy).")
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="Model key in a counts JSON.")] = None,
-    domain: Annotated[str | None, typer.Option(help="Domain key in a counts JSON.")] = None,
-    kind: Annotated[str, typer.Option(help="Count kind in a counts JSON.")] = "expert_counts",
-    seed: Annotated[int, typer.Option(help="Seed for counts-json expansion.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    force: ForceOption = False,
-) -> None:
-    """Import routing from another format into the trace store.
-
-    counts-json expands per-layer expert counts into a trace with exactly those counts
-    (tokens drawn independently per layer, gate weights 1/top_k).
-    """
-    from moesim.traces.importers import import_trace
-    from moesim.traces.store import open_trace
-
-    check_output_folder(out, "trace", force=force)  # before reading the source
-    with status(f"importing {src}"):
-        path = import_trace(
-            fmt,
-            src,
-            out,
-            num_experts=experts,
-            top_k=top_k,
-            layers=_int_list(layers, "layers"),
-            model=model,
-            domain=domain,
-            kind=kind,
-            seed=seed,
-            force=force,
-        )
-    info = open_trace(path)
-    summary = {
-        "trace": str(path),
-        "layers": list(info.layers),
-        "tokens": info.num_tokens,
-        "num_experts": info.num_experts,
-        "top_k": info.top_k,
-    }
-    if as_json:
-        print_json(summary)
-    else:
-        console.print(
-            f"wrote {path}: {len(info.layers)} layers x {info.num_tokens:,} tokens, "
-            f"{info.num_experts} experts, top-{info.top_k}"
-        )
-
-
-@trace_app.command("stats")
-def trace_stats_cmd(
-    trace: Annotated[Path, typer.Argument(help="Trace folder.")],
-    top: Annotated[int, typer.Option(help="How many pairs / affinities to list.")] = 5,
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
-) -> None:
-    """Per layer: expert counts, expert balance (max / mean assignments per expert), entropy,
-    co-activated pairs, cross-layer affinities (one streaming pass)."""
-    from moesim.traces.stats import trace_stats
-
-    stats = trace_stats(trace, top=top)
-    if as_json:
-        print_json(stats)
-        return
-    console.print(
-        f"{stats['trace']}: {stats['tokens']:,} tokens x {len(stats['layers'])} layers, "
-        f"{stats['num_experts']} experts, top-{stats['top_k']}"
-    )
-    table = Table(
-        "layer",
-        "expert balance",
-        "hot expert",
-        "entropy (bits)",
-        "top pair (lift)",
-        "next-layer affinity (P)",
-    )
-    for la in stats["layers"]:
-        pair = la["top_coactivated_pairs"][:1]
-        aff = la.get("top_next_layer_affinities", [])[:1]
-        table.add_row(
-            str(la["layer"]),
-            f"{la['expert_balance']:.3f}",
-            str(la["hot_expert"]),
-            f"{la['entropy_bits']:.2f} / {la['entropy_max_bits']:.2f}",
-            f"{pair[0]['experts']} ({pair[0]['lift']:.1f}x)" if pair else "-",
-            f"{aff[0]['experts']} ({aff[0]['p_given_first']:.2f})" if aff else "-",
-        )
-    console.print(table)
-
-
-@trace_app.command("upgrade")
-def trace_upgrade(
-    trace: Annotated[Path, typer.Argument(help="Trace folder to rewrite in place.")],
-) -> None:
-    """Rewrite a trace written by an older moesim (a `layer` column in every file as well
-    as in the folder names) so pandas, pyarrow datasets, DuckDB and Polars open it as it
-    is. Rows and metadata are kept; the folder is swapped in whole."""
-    from moesim.traces.store import upgrade_trace
-
-    done = upgrade_trace(trace)
-    console.print(f"{'upgraded' if done else 'already current:'} {trace}")
-
-
-@trace_app.command("synth")
-def trace_synth(
-    experts: Annotated[int, typer.Option(help="Routed experts per layer.", min=1)],
-    top_k: Annotated[int, typer.Option(help="Experts per token.", min=1)],
-    layers: Annotated[int, typer.Option(help="MoE layers.", min=1)],
-    tokens: Annotated[int, typer.Option(help="Tokens per layer.", min=1)],
-    out: Annotated[Path, typer.Option(help="Trace folder to write.")],
-    dist: Annotated[
-        str,
-        typer.Option(
-            help="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | burst:s=S,p=P,factor=F"
-        ),
-    ] = "uniform",
-    steps: Annotated[int, typer.Option(help="Steps the tokens are split into.", min=1)] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    force: ForceOption = False,
-) -> None:
-    """Write seeded synthetic routing (uniform, Zipf, Dirichlet, drifting hot spots, bursts)."""
-    from moesim.traces.synthetic import synth_to_store
-
-    check_output_folder(out, "trace", force=force)  # before any work
-    with progress_bar("trace synth", tokens, "tokens") as advance:
-        path = synth_to_store(
-            out,
-            num_experts=experts,
-            top_k=top_k,
-            num_layers=layers,
-            num_tokens=tokens,
-            distribution=dist,
-            steps=steps,
-            seed=seed,
-            force=force,
-            progress=advance,
-        )
-    console.print(
-        f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "
-        f"top-{top_k}, {dist}, seed {seed}"
-    )
-
+trace_app.command("import")(trace_import_cmd)
+trace_app.command("stats")(trace_stats_cmd)
+trace_app.command("upgrade")(trace_upgrade_cmd)
+trace_app.command("synth")(trace_synth_cmd)
 
 # ----- calibration from a profiler trace (moesim.kernels.calibrate) ---------------------------
 
