@@ -98,7 +98,8 @@ app.command("sweep")(sweep_cmd)
 
 # ----- capacity planning and reports (moesim.plan, moesim.report) ---------------------------
 # (commands: plan-capacity, report)
-from moesim.plan.commands import plan_capacity_cmd, report_cmd  # noqa: E402
+from moesim.plan.commands import plan_capacity_cmd  # noqa: E402
+from moesim.report.commands import report_cmd  # noqa: E402
 
 app.command("plan-capacity")(plan_capacity_cmd)
 app.command("report")(report_cmd)
