@@ -1,4 +1,7 @@
-"""The ``moesim`` command line."""
+"""The ``moesim`` command line: builds the typer app and registers each domain's commands
+(they live in the domain's ``commands`` module), then turns bad input into one line on
+stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,20 @@ from moesim import __version__
 from moesim.console import make_console
 from moesim.errors import InputError
 from moesim.hardware_commands import hardware_list_cmd, hardware_show_cmd
-from moesim.kernels.commands import calibrate_cmd
-from moesim.model.commands import models_cmd
+from moesim.kernels.commands import (
+    calibrate_cmd,
+    import_profile_cmd,
+    kernels_bench_cmd,
+    predict_cmd,
+)
+from moesim.model.capture_cmd import capture_cmd
+from moesim.model.commands import models_cmd, train_reference_cmd
+from moesim.placement.commands import place_cmd, replan_cmd
+from moesim.plan.commands import plan_capacity_cmd
+from moesim.report.commands import report_cmd
 from moesim.scenario_commands import init_cmd
 from moesim.sim.commands import a2a_cmd, demo_cmd, simulate_cmd
+from moesim.sweep.commands import sweep_cmd
 from moesim.traces.commands import (
     trace_import_cmd,
     trace_stats_cmd,
@@ -48,73 +61,32 @@ app.add_typer(kernels_app, name="kernels")
 
 console = make_console()
 
+# in the order `moesim --help` lists them
 app.command("demo")(demo_cmd)
 app.command("init")(init_cmd)
-
-
 app.command("simulate")(simulate_cmd)
 app.command("models")(models_cmd)
+app.command("train-reference")(train_reference_cmd)
+app.command("capture")(capture_cmd)
+app.command("place")(place_cmd)
+app.command("replan")(replan_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("plan-capacity")(plan_capacity_cmd)
+app.command("report")(report_cmd)
+app.command("calibrate")(calibrate_cmd)
+app.command("a2a")(a2a_cmd)
+
 hardware_app.command("list")(hardware_list_cmd)
 hardware_app.command("show")(hardware_show_cmd)
 
-
-# ----- reference model and capture (moesim.model) ------------------------------------------
-# (commands: train-reference, capture)
-from moesim.model.commands import train_reference_cmd  # noqa: E402
-
-app.command("train-reference")(train_reference_cmd)
-
-from moesim.model.capture_cmd import capture_cmd  # noqa: E402
-
-app.command("capture")(capture_cmd)
-
-
-# ----- placement (moesim.placement) ---------------------------------------------------------
-# (commands: place)
-from moesim.placement.commands import place_cmd, replan_cmd  # noqa: E402
-
-app.command("place")(place_cmd)
-app.command("replan")(replan_cmd)
-
-
-# ----- kernels (moesim.kernels) -------------------------------------------------------------
-# (commands: kernels bench, kernels import-profile, kernels predict)
-from moesim.kernels.commands import (  # noqa: E402
-    import_profile_cmd,
-    kernels_bench_cmd,
-    predict_cmd,
-)
-
-kernels_app.command("bench")(kernels_bench_cmd)
-kernels_app.command("import-profile")(import_profile_cmd)
-kernels_app.command("predict")(predict_cmd)
-
-
-# ----- sweeps (moesim.sweep) ---------------------------------------------------------------
-# (command: sweep)
-from moesim.sweep.commands import sweep_cmd  # noqa: E402
-
-app.command("sweep")(sweep_cmd)
-
-# ----- capacity planning and reports (moesim.plan, moesim.report) ---------------------------
-# (commands: plan-capacity, report)
-from moesim.plan.commands import plan_capacity_cmd  # noqa: E402
-from moesim.report.commands import report_cmd  # noqa: E402
-
-app.command("plan-capacity")(plan_capacity_cmd)
-app.command("report")(report_cmd)
-
-
-# ----- traces (moesim.traces) ---------------------------------------------------------------
 trace_app.command("import")(trace_import_cmd)
 trace_app.command("stats")(trace_stats_cmd)
 trace_app.command("upgrade")(trace_upgrade_cmd)
 trace_app.command("synth")(trace_synth_cmd)
 
-# ----- calibration from a profiler trace (moesim.kernels.calibrate) ---------------------------
-app.command("calibrate")(calibrate_cmd)
-
-app.command("a2a")(a2a_cmd)
+kernels_app.command("bench")(kernels_bench_cmd)
+kernels_app.command("import-profile")(import_profile_cmd)
+kernels_app.command("predict")(predict_cmd)
 
 
 @app.callback(invoke_without_command=True)
