@@ -164,6 +164,14 @@ def capture_cmd(
         ),
     ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the hf-config model's random weights.")] = 0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the trace (folder, layers, tokens, experts, top-k, model, source, "
+            "capture settings) and the wall time as JSON.",
+        ),
+    ] = False,
     force: Annotated[
         bool,
         typer.Option(
@@ -255,6 +263,13 @@ def capture_cmd(
     capture = capture_reference if kind == "reference" else capture_hf
     with status(f"capturing {name}'s routing"):
         trace = capture(model, batch, out, meta=meta, force=force)
+    if as_json:
+        from moesim.console import print_json
+        from moesim.traces.commands import trace_json
+
+        wall_s = round(time.perf_counter() - t0, 3)
+        print_json(trace_json(out, trace) | {"wall_time_s": wall_s})
+        return
     typer.echo(
         f"captured {trace.num_tokens:,} tokens x {len(trace.layers)} MoE layers "
         f"({trace.num_experts} experts, top-{trace.top_k}) of {name} -> {out} "

@@ -6,7 +6,7 @@ Registered in :mod:`moesim.cli`; the readers and writers are imported when a com
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,9 +16,34 @@ from moesim.errors import InputError
 from moesim.fileio import check_output_folder
 from moesim.options import ForceOption
 
-__all__ = ["trace_import_cmd", "trace_stats_cmd", "trace_synth_cmd", "trace_upgrade_cmd"]
+if TYPE_CHECKING:
+    from moesim.traces.store import RoutingTrace, TraceInfo
+
+__all__ = [
+    "trace_import_cmd",
+    "trace_json",
+    "trace_stats_cmd",
+    "trace_synth_cmd",
+    "trace_upgrade_cmd",
+]
 
 console = make_console()
+
+
+def trace_json(path: Path, trace: TraceInfo | RoutingTrace) -> dict[str, Any]:
+    """What ``trace import``, ``trace synth`` and ``capture`` print with --json: the trace
+    folder, its layers, tokens, experts and top-k, and the model, source and capture
+    settings its metadata records, under the metadata's own names."""
+    return {
+        "trace": str(path),
+        "layers": list(trace.layers),
+        "tokens": trace.num_tokens,
+        "num_experts": trace.num_experts,
+        "top_k": trace.top_k,
+        "model": trace.meta.get("model"),
+        "source": trace.meta.get("source"),
+        "capture": trace.meta.get("capture", {}),
+    }
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:
@@ -72,15 +97,8 @@ def trace_import_cmd(
             force=force,
         )
     info = open_trace(path)
-    summary = {
-        "trace": str(path),
-        "layers": list(info.layers),
-        "tokens": info.num_tokens,
-        "num_experts": info.num_experts,
-        "top_k": info.top_k,
-    }
     if as_json:
-        print_json(summary)
+        print_json(trace_json(path, info))
     else:
         console.print(
             f"wrote {path}: {len(info.layers)} layers x {info.num_tokens:,} tokens, "
@@ -153,9 +171,11 @@ def trace_synth_cmd(
     ] = "uniform",
     steps: Annotated[int, typer.Option(help="Steps the tokens are split into.", min=1)] = 1,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     force: ForceOption = False,
 ) -> None:
     """Write seeded synthetic routing (uniform, Zipf, Dirichlet, drifting hot spots, bursts)."""
+    from moesim.traces.store import open_trace
     from moesim.traces.synthetic import synth_to_store
 
     check_output_folder(out, "trace", force=force)  # before any work
@@ -172,6 +192,9 @@ def trace_synth_cmd(
             force=force,
             progress=advance,
         )
+    if as_json:
+        print_json(trace_json(path, open_trace(path)))
+        return
     console.print(
         f"wrote {path}: {layers} layers x {tokens:,} tokens, {experts} experts, "
         f"top-{top_k}, {dist}, seed {seed}"
