@@ -124,3 +124,43 @@ def test_the_commands_print_what_the_functions_return(tmp_path):
     assert got == want_json
     plan.write(tmp_path / "q.yaml")
     assert (tmp_path / "q.yaml").read_bytes() == out.read_bytes()
+
+
+def test_a_refine_step_replaces_the_plan_and_its_figures():
+    # greedy on loads 4, 2, 1, 1: d0 {e0, e3} = 5, d1 {e1, e2} = 3; a refine step that
+    # returns the contiguous plan, d0 {e0, e1} = 6, d1 {e2, e3} = 2: balance 6 / 4 = 1.5
+    from dataclasses import dataclass
+
+    from moesim.placement.base import Placement, contiguous
+
+    @dataclass
+    class Refined:
+        placement: Placement
+        mode: str = "training"
+        step_time_us_before: float = 10.0
+        step_time_us_after: float = 8.0
+        swaps_kept: int = 1
+
+    seen = []
+
+    def refine(p: Placement) -> Refined:
+        seen.append(p.slots.tolist())
+        return Refined(contiguous(4, 2, 1))
+
+    plan = plan_placement(
+        loads=np.array([[4.0, 2.0, 1.0, 1.0]]),
+        devices_per_node=2,
+        strategy="greedy",
+        refine=refine,
+    )
+    assert seen == [[[[0, 3], [1, 2]]]]  # the greedy plan went in
+    assert plan.placement.slots.tolist() == [[[0, 1], [2, 3]]]
+    assert plan.device_loads.tolist() == [[6.0, 2.0]]
+    m = plan.metrics
+    assert m["planned_balance_max"] == 1.5
+    assert (m["refine_mode"], m["step_time_us_before"], m["step_time_us_after"]) == (
+        "training",
+        10.0,
+        8.0,
+    )
+    assert m["refine_swaps_kept"] == 1

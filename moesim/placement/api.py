@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PlacementPlan",
+    "Refinement",
     "ReplanReplay",
     "load_loads",
     "parse_window",
@@ -147,6 +149,22 @@ def _checked_loads(loads: Any, path: Path | None) -> np.ndarray:
     return arr
 
 
+class Refinement(Protocol):
+    """What a ``refine`` step of :func:`plan_placement` returns (as
+    :func:`moesim.sim.refine.refine_for_scenario` does)."""
+
+    @property
+    def placement(self) -> Placement: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def step_time_us_before(self) -> float: ...
+    @property
+    def step_time_us_after(self) -> float: ...
+    @property
+    def swaps_kept(self) -> int: ...
+
+
 def _read(trace: str | Path | RoutingTrace) -> RoutingTrace:
     """``trace`` itself, or the trace read from that folder."""
     from moesim.traces.store import RoutingTrace, read_trace
@@ -216,9 +234,7 @@ def plan_placement(
     previous: str | Path | None = None,
     max_moved_share: float | None = None,
     forecast: bool = True,
-    refine_scenario: str | Path | None = None,
-    refine_steps: int = 50,
-    seed: int = 0,
+    refine: Callable[[Placement], Refinement] | None = None,
 ) -> PlacementPlan:
     """Plan where each expert (and its replicas) lives, as ``moesim place`` does.
 
@@ -229,8 +245,10 @@ def plan_placement(
     from the load forecast of both windows unless ``forecast`` is False. ``model``
     (a preset) caps the slots per device at what fits ``hardware``'s memory in
     ``precision``. ``previous`` (a placement YAML) with ``max_moved_share`` re-plans moving
-    at most that share of slots; ``refine_scenario`` improves the plan by ``refine_steps``
-    seeded slot swaps on that scenario's simulated step time. Bad input raises
+    at most that share of slots. ``refine`` then improves the plan, e.g. on a scenario's
+    simulated step time: ``functools.partial(moesim.sim.refine.refine_for_scenario,
+    scenario_path=PATH, iterations=50, seed=0)`` (what ``--refine-scenario`` does; the
+    placement library itself never imports the simulator). Bad input raises
     :class:`~moesim.errors.InputError`.
     """
     from moesim.placement.metrics import expert_loads, planned_balance, score_window
@@ -324,10 +342,8 @@ def plan_placement(
         raise InputError("--max-moved-share needs --previous", field="max-moved-share")
     plan_ms = (time.perf_counter() - t0) * 1e3
     refined = None
-    if refine_scenario is not None:
-        from moesim.sim.refine import refine_for_scenario
-
-        refined = refine_for_scenario(p, Path(refine_scenario), iterations=refine_steps, seed=seed)
+    if refine is not None:
+        refined = refine(p)
         p = refined.placement
     bal = planned_balance(p, w)
     metrics: dict[str, Any] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -111,6 +112,7 @@ def place_cmd(
     (printed before and after) and the refined plan is written.
     """
     from moesim.placement.api import plan_placement
+    from moesim.sim.refine import refine_for_scenario
 
     result = plan_placement(
         trace=trace,
@@ -130,9 +132,11 @@ def place_cmd(
         previous=previous,
         max_moved_share=max_moved_share,
         forecast=forecast,
-        refine_scenario=refine_scenario,
-        refine_steps=refine_steps,
-        seed=seed,
+        refine=None
+        if refine_scenario is None
+        else partial(
+            refine_for_scenario, scenario_path=refine_scenario, iterations=refine_steps, seed=seed
+        ),
     )
     result.write(out)
     if as_json:
