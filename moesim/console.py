@@ -7,13 +7,22 @@ width to fit: tables take the width their contents need, so no name or figure is
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 
-__all__ = ["UNBOUNDED_WIDTH", "Advance", "make_console", "progress_bar", "status"]
+__all__ = [
+    "UNBOUNDED_WIDTH",
+    "Advance",
+    "make_console",
+    "print_json",
+    "progress_bar",
+    "status",
+]
 
 #: the width a console writes to a pipe or file with: tables size to their contents
 UNBOUNDED_WIDTH = 10_000
@@ -25,6 +34,11 @@ def make_console(stderr: bool = False) -> Console:
     if not console.is_terminal:
         console.width = UNBOUNDED_WIDTH
     return console
+
+
+def print_json(data: Any) -> None:
+    """A command's ``--json`` answer: ``data`` as indented JSON, the only thing on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 #: the signature of a progress callback: ``advance(n)`` after ``n`` more units are done

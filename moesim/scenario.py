@@ -41,6 +41,7 @@ __all__ = [
     "Stragglers",
     "SyntheticRouting",
     "load_scenario",
+    "load_scenario_with_hardware",
 ]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -297,3 +298,17 @@ def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
 
     path = Path(path)
     return load_yaml_model(path, Scenario), path.resolve().parent
+
+
+def load_scenario_with_hardware(
+    path: str | Path, hardware: str | None = None
+) -> tuple[Scenario, Path]:
+    """The scenario at ``path`` (as :func:`load_scenario`), its hardware replaced by
+    ``hardware`` when given: a profile name, or a profile file relative to the working
+    folder."""
+    scenario, base = load_scenario(path)
+    if hardware is not None:
+        if hardware.endswith((".yaml", ".yml")):
+            hardware = str(Path(hardware).resolve())
+        scenario = scenario.model_copy(update={"hardware": hardware})
+    return scenario, base

@@ -1,4 +1,5 @@
-"""``moesim kernels bench``, ``moesim kernels import-profile`` and ``moesim kernels predict``.
+"""``moesim kernels bench``, ``moesim kernels import-profile``, ``moesim kernels predict``
+and ``moesim calibrate``.
 
 Registered in :mod:`moesim.cli`; torch is imported inside the commands only, so that
 ``moesim --help`` stays fast.
@@ -6,18 +7,28 @@ Registered in :mod:`moesim.cli`; torch is imported inside the commands only, so 
 
 from __future__ import annotations
 
-import json
-import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from moesim.console import make_console
+from moesim.console import make_console, print_json, status
+from moesim.errors import InputError
+from moesim.fileio import check_writable
+from moesim.paths import display_path
+from moesim.scenario import load_scenario_with_hardware
 
-__all__ = ["BenchDevice", "import_profile_cmd", "kernels_bench_cmd", "predict_cmd"]
+__all__ = [
+    "BenchDevice",
+    "calibrate_cmd",
+    "import_profile_cmd",
+    "kernels_bench_cmd",
+    "predict_cmd",
+]
+
+console = make_console()
 
 
 class BenchDevice(str, Enum):
@@ -25,10 +36,6 @@ class BenchDevice(str, Enum):
 
     cpu = "cpu"
     cuda = "cuda"
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 def _fmt_us(us: float) -> str:
@@ -92,7 +99,7 @@ def kernels_bench_cmd(
         "files": [str(f) for f in files],
     }
     if as_json:
-        _print_json(summary)
+        print_json(summary)
         return
     console = make_console()
     table = Table(
@@ -147,7 +154,7 @@ def import_profile_cmd(
         data = summary.to_json()
         if written is not None:
             data["out"] = str(written)
-        _print_json(data)
+        print_json(data)
         return
     console = make_console()
     total = float(summary.kernels["dur_us"].sum())
@@ -232,7 +239,77 @@ def predict_cmd(
         mode=mode,
     )
     if as_json:
-        _print_json(res)
+        print_json(res)
         return
     inputs = ", ".join(f"{k} {v}" for k, v in res.items() if k not in ("op", "time_us"))
     make_console().print(f"{op}: {_fmt_us(res['time_us'])} ({inputs})")
+
+
+def calibrate_cmd(
+    profile: Annotated[Path, typer.Option(help="torch.profiler (Kineto) trace, .json[.gz].")],
+    hardware: Annotated[str, typer.Option(help="The profile to derive from: a name or file.")],
+    scenario: Annotated[Path, typer.Option(help="The scenario whose configuration it ran.")],
+    out: Annotated[Path, typer.Option(help="Where to write the derived profile (.yaml).")],
+    fit_layers: Annotated[
+        str | None,
+        typer.Option(help="Trace layers to fit on, e.g. 0,1 (default: the first half)."),
+    ] = None,
+    rank: Annotated[int, typer.Option(help="The rank the trace was recorded on.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Fit a hardware profile's factors to a profiler trace of the scenario's run.
+
+    Fits GEMM efficiency, the expert backward factor, attention efficiency, the compute
+    slowdown beside communication and the all-to-alls' floor and bandwidth on the trace's
+    fit layers, writes the derived profile (with the trace's sha256 and what changed), and
+    prints each kernel class's error on the other layers before and after. Simulate with
+    it: moesim simulate SCENARIO --hardware OUT.yaml.
+    """
+    from moesim.fileio import atomic_write_text
+    from moesim.hardware import get_profile
+    from moesim.kernels.calibrate import calibrate_profile, prepare_for_calibration
+    from moesim.yamlio import dump_yaml
+
+    if not str(out).endswith((".yaml", ".yml")):
+        raise InputError("the derived profile is a .yaml file", field="out", value=str(out))
+    check_writable(out)
+    layers = None
+    if fit_layers is not None:
+        try:
+            layers = [int(x) for x in fit_layers.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(
+                "expected layers like 0,1", field="fit-layers", value=fit_layers
+            ) from None
+    sc, base = load_scenario_with_hardware(scenario, hardware)
+    prep = prepare_for_calibration(sc, base, display_path(scenario))
+    hw = get_profile(sc.hardware)
+    with status(f"calibrating {sc.hardware} to {profile.name}"):
+        res = calibrate_profile(profile, hw, prep, fit_layers=layers, rank=rank)
+    data = res.profile.model_dump(exclude_none=True, mode="json")
+    atomic_write_text(out, dump_yaml(data))
+    if as_json:
+        print_json(res.to_json() | {"out": str(out)})
+        return
+    console.print(
+        f"{res.profile.name}: fitted on layers {res.fit_layers} of {profile.name}, "
+        f"held out {res.test_layers}"
+    )
+    for key, (old, new) in res.changed.items():
+        console.print(f"  {key}: {old} -> {new}")
+    for note in res.notes:
+        console.print(f"  not fitted: {note}")
+    console.print("error per class on the held-out layers (median |predicted / measured - 1|):")
+    after = {str(r["class"]): r for r in res.after.to_dict("records")}
+    for b in res.before.to_dict("records"):
+        a = after[str(b["class"])]
+        console.print(
+            f"  {b['class']:22s} measured {float(b['measured_us']):9.1f} us  before "
+            f"{float(b['predicted_us']):9.1f} us ({100 * float(b['error']):5.1f}%)  after "
+            f"{float(a['predicted_us']):9.1f} us ({100 * float(a['error']):5.1f}%)"
+        )
+    before, after_err = res.before["error"], res.after["error"]
+    console.print(
+        f"median over classes: {100 * before.median():.1f}% before, "
+        f"{100 * after_err.median():.1f}% after (worst {100 * after_err.max():.1f}%); wrote {out}"
+    )

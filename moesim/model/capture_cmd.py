@@ -32,7 +32,16 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
-__all__ = ["DEFAULT_SEQ_LEN", "STDLIB_CORPUS", "capture_cmd", "stdlib_text", "tiny_hf_model"]
+    from moesim.traces.store import RoutingTrace
+
+__all__ = [
+    "DEFAULT_SEQ_LEN",
+    "STDLIB_CORPUS",
+    "capture_cmd",
+    "capture_source",
+    "stdlib_text",
+    "tiny_hf_model",
+]
 
 STDLIB_CORPUS = ("textwrap", "difflib", "argparse", "json.decoder", "string")
 """Standard-library modules whose source is the default corpus."""
@@ -140,41 +149,29 @@ def _byte_ids(text: str, vocab_size: int) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) % vocab_size
 
 
-def capture_cmd(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="reference:CHECKPOINT.pt | hf-config:FAMILY (tiny random model) | hf:DIR",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[Path, typer.Option(help="Trace folder to write.", show_default=False)],
-    text_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--text-file", help="UTF-8 text to route (default: Python standard-library source)."
-        ),
-    ] = None,
-    tokens: Annotated[int, typer.Option(help="Tokens to route.")] = 2048,
-    seq_len: Annotated[
-        int,
-        typer.Option(
-            "--seq-len",
-            help=f"Tokens per sequence; 0 = min(tokens, {DEFAULT_SEQ_LEN}, the model's limit).",
-        ),
-    ] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of the hf-config model's random weights.")] = 0,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="Write into an existing folder that is not a trace (its files kept)."
-        ),
-    ] = False,
-) -> None:
-    """Capture an MoE model's routing of a text into a trace (one step, every MoE layer)."""
+def capture_source(
+    source: str,
+    out: str | Path,
+    *,
+    text_file: str | Path | None = None,
+    tokens: int = 2048,
+    seq_len: int = 0,
+    seed: int = 0,
+    force: bool = False,
+) -> RoutingTrace:
+    """Route ``tokens`` tokens of a text through the model ``source`` names
+    (``reference:CHECKPOINT.pt``, ``hf-config:FAMILY`` or ``hf:DIR``) and write the routing
+    to the trace folder ``out``, as ``moesim capture`` does; returns the trace.
+
+    The text is ``text_file`` or, by default, the source of a few standard-library modules
+    (:data:`STDLIB_CORPUS`); sequences are ``seq_len`` tokens (0: the least of ``tokens``,
+    :data:`DEFAULT_SEQ_LEN` and the model's limit); ``seed`` seeds an hf-config model's
+    random weights. Bad input raises :class:`~moesim.errors.InputError`.
+    """
     from moesim.fileio import check_output_folder
 
-    t0 = time.perf_counter()
+    out = Path(out)
+    text_file = Path(text_file) if text_file is not None else None
     kind, sep, target = source.partition(":")
     if not sep or not target or kind not in ("reference", "hf-config", "hf"):
         raise InputError(
@@ -254,10 +251,63 @@ def capture_cmd(
         meta["checkpoint"] = checkpoint
     capture = capture_reference if kind == "reference" else capture_hf
     with status(f"capturing {name}'s routing"):
-        trace = capture(model, batch, out, meta=meta, force=force)
+        return capture(model, batch, out, meta=meta, force=force)
+
+
+def capture_cmd(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="reference:CHECKPOINT.pt | hf-config:FAMILY (tiny random model) | hf:DIR",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Trace folder to write.", show_default=False)],
+    text_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--text-file", help="UTF-8 text to route (default: Python standard-library source)."
+        ),
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens to route.")] = 2048,
+    seq_len: Annotated[
+        int,
+        typer.Option(
+            "--seq-len",
+            help=f"Tokens per sequence; 0 = min(tokens, {DEFAULT_SEQ_LEN}, the model's limit).",
+        ),
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the hf-config model's random weights.")] = 0,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the trace (folder, layers, tokens, experts, top-k, model, source, "
+            "capture settings) and the wall time as JSON.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Write into an existing folder that is not a trace (its files kept)."
+        ),
+    ] = False,
+) -> None:
+    """Capture an MoE model's routing of a text into a trace (one step, every MoE layer)."""
+    t0 = time.perf_counter()
+    trace = capture_source(
+        source, out, text_file=text_file, tokens=tokens, seq_len=seq_len, seed=seed, force=force
+    )
+    if as_json:
+        from moesim.console import print_json
+        from moesim.traces.commands import trace_json
+
+        wall_s = round(time.perf_counter() - t0, 3)
+        print_json(trace_json(out, trace) | {"wall_time_s": wall_s})
+        return
     typer.echo(
         f"captured {trace.num_tokens:,} tokens x {len(trace.layers)} MoE layers "
-        f"({trace.num_experts} experts, top-{trace.top_k}) of {name} -> {out} "
+        f"({trace.num_experts} experts, top-{trace.top_k}) of {trace.meta['model']} -> {out} "
         f"in {time.perf_counter() - t0:.1f} s"
     )
 

@@ -1,15 +1,77 @@
-"""CLI commands of the reference model (torch is imported only when a command runs)."""
+"""CLI commands: ``moesim models`` (the model presets) and ``moesim train-reference`` (the
+reference model; torch is imported only when that command runs)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
-__all__ = ["train_reference_cmd"]
+from moesim.console import make_console, print_json
+
+__all__ = ["models_cmd", "train_reference_cmd"]
+
+console = make_console()
+
+
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """List the model presets with total and active parameters computed from their shapes."""
+    from moesim.model.shapes import get_preset, list_presets
+
+    rows: list[dict[str, Any]] = []
+    for name in list_presets():
+        m = get_preset(name)
+        rows.append(
+            {
+                "name": m.name,
+                "total_params": m.total_params(),
+                "active_params": m.active_params(),
+                "layers": m.num_layers,
+                "moe_layers": m.num_moe_layers,
+                "d_model": m.d_model,
+                "num_experts": m.num_experts,
+                "top_k": m.top_k,
+                "shared_experts": m.num_shared_experts,
+                "expert_d_ff": m.expert_d_ff,
+                "attention": m.attention.kind,
+                "vocab_size": m.vocab_size,
+                "source": m.source,
+            }
+        )
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(
+        "model",
+        "total",
+        "active",
+        "layers (MoE)",
+        "d_model",
+        "experts",
+        "top-k",
+        "shared",
+        "expert d_ff",
+        title="model presets",
+    )
+    for r in rows:
+        table.add_row(
+            r["name"],
+            f"{r['total_params'] / 1e9:.1f} B",
+            f"{r['active_params'] / 1e9:.2f} B",
+            f"{r['layers']} ({r['moe_layers']})",
+            str(r["d_model"]),
+            str(r["num_experts"]),
+            str(r["top_k"]),
+            str(r["shared_experts"]),
+            str(r["expert_d_ff"]),
+        )
+    console.print(table)
 
 
 def train_reference_cmd(

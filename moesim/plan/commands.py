@@ -1,4 +1,4 @@
-"""CLI commands: ``moesim plan-capacity`` and ``moesim report``."""
+"""CLI command: ``moesim plan-capacity``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ __all__ = [
     "answer_line",
     "expand_multi_value_options",
     "plan_capacity_cmd",
-    "report_cmd",
 ]
 
 #: options of plan-capacity that take several values after one flag (``--hardware A B``)
@@ -208,40 +207,3 @@ def answer_line(hw: str, a: dict[str, Any]) -> str:
             "per device"
         )
     return line + notes
-
-
-def report_cmd(
-    results_dir: Annotated[
-        Path, typer.Argument(help="A sweep results folder or a simulate output folder.")
-    ],
-    out: Annotated[Path, typer.Option(help="Output folder for report.html and summary.md.")],
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Write into an existing folder that is not a moesim output: only "
-            "report.html and summary.md there are replaced, every other file is left.",
-        ),
-    ] = False,
-) -> None:
-    """Write report.html (self-contained, inline SVG) and summary.md for a sweep results
-    folder (results.parquet) or a simulate output folder (summary.json, metrics.parquet)."""
-    from moesim.fileio import check_output_folder
-    from moesim.report.sweep import write_sweep_report
-    from moesim.report.write import write_run_report
-
-    if not results_dir.is_dir():
-        raise InputError("folder not found", field="RESULTS_DIR", value=str(results_dir))
-    check_output_folder(out, "report", force=force)
-    if (results_dir / "results.parquet").is_file():
-        files = write_sweep_report(results_dir, out, force=force)
-    elif (results_dir / "summary.json").is_file() or (results_dir / "metrics.parquet").is_file():
-        files = write_run_report(results_dir, out, force=force)
-    else:
-        raise InputError(
-            "neither a sweep results folder (results.parquet) nor a simulate output folder "
-            "(summary.json)",
-            field="RESULTS_DIR",
-            value=str(results_dir),
-        )
-    sys.stdout.write(f"wrote {', '.join(str(p) for p in files.values())}\n")
