@@ -168,3 +168,24 @@ def test_slot_shares_nearest_are_the_token_choice_expected():
     assert near[6, [1, 2, 5]].tolist() == [0.0, 0.0, 1.0]
     rr = slot_shares(np.zeros(0), p.slots[0], table, count, 4, "round-robin")
     np.testing.assert_allclose(rr[6, [1, 2, 5]], [1 / 3, 1 / 3, 1 / 3])
+
+
+def test_guided_search_equals_a_binary_search():
+    """The sampler's guide-table search answers exactly as np.searchsorted(side="right"):
+    at and beside every cdf value, over runs of equal values (experts of popularity 0),
+    at 0 and at the top, in large and small batches."""
+    from moesim.traces.synthetic import _searchsorted_right
+
+    rng = np.random.default_rng(0)
+    p = np.exp(-1.2 * np.log(np.arange(1, 257.0)))
+    p[[5, 6, 7, 100]] = 0.0
+    for cdf in (np.cumsum(p / p.sum()), np.cumsum(np.ones(8)), np.array([0.0, 0.0, 1e-300])):
+        top = cdf[-1]
+        exact = np.concatenate([cdf, np.nextafter(cdf, -np.inf), np.nextafter(cdf, np.inf)])
+        for x in (
+            rng.random((4000, 32)) * top,
+            rng.random(7) * top,
+            np.clip(exact, 0.0, top),
+            np.array([0.0, top]),
+        ):
+            assert np.array_equal(_searchsorted_right(cdf, x), np.searchsorted(cdf, x, "right"))

@@ -152,6 +152,31 @@ def _gumbel_topk(
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(picked, order, axis=1)
 
 
+def _searchsorted_right(cdf: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(cdf, x, side="right")`` (the first i with cdf[i] > x) for a
+    non-decreasing ``cdf`` and many ``x`` in [0, cdf[-1]], the same indices at a fraction
+    of a binary search's cost. ``x`` falls in one of up to 2^14 equal buckets of
+    [0, cdf[-1]] (about one per 8 x); a guide table gives the answer at the bucket below's
+    lower edge, a lower bound of x's answer whatever the rounding, and so x's answer
+    wherever x < cdf[that answer]. The rest (x near a cdf value) are searched."""
+    buckets = min(1 << 14, max(x.size // 8, 16))
+    top = float(cdf[-1])
+    if not top > 0:
+        return np.searchsorted(cdf, x, side="right")
+    scale = buckets / top
+    guide = np.searchsorted(cdf, np.arange(-1, buckets) / scale, side="right")
+    guide[0] = 0  # bucket b starts at b / scale > (b - 1) / scale
+    b = (x * scale).astype(np.intp)
+    np.clip(b, 0, buckets, out=b)
+    i = guide[b]
+    above = np.append(cdf, np.inf)  # cdf[i], and beyond the last value any x is below
+    bad = np.flatnonzero(x >= above[i])
+    if bad.size:
+        flat = i.reshape(-1)
+        flat[bad] = np.searchsorted(cdf, x.reshape(-1)[bad], side="right")
+    return i
+
+
 def sample_experts(
     logp: np.ndarray, n: int, k: int, rng: np.random.Generator, draws_per_pick: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -167,23 +192,26 @@ def sample_experts(
     p /= p.sum()
     cdf = np.cumsum(p)
     m = k * draws_per_pick
-    cand = np.minimum(
-        np.searchsorted(cdf, rng.random((n, m)) * cdf[-1], side="right"), p.size - 1
-    )  # (n, m)
+    cand = np.minimum(_searchsorted_right(cdf, rng.random((n, m)) * cdf[-1]), p.size - 1)
     # sort each row by (id, draw): equal ids keep draw order; one packed key, no argsort
-    key = cand * m + np.arange(m)
+    # (the draw in the key's low bits: a power of two at least m, so shifts and masks
+    # unpack it)
+    bits = max(m - 1, 1).bit_length()
+    key = (cand << bits) | np.arange(m)
     key.sort(axis=1)
-    order, sorted_c = key % m, key // m
+    order, sorted_c = key & ((1 << bits) - 1), key >> bits
     repeat = np.zeros((n, m), dtype=bool)
     repeat[:, 1:] = sorted_c[:, 1:] == sorted_c[:, :-1]
     dup = np.empty_like(repeat)
     np.put_along_axis(dup, order, repeat, axis=1)  # True on a draw already seen in its row
-    rank = np.cumsum(~dup, axis=1) - 1
-    take = ~dup & (rank < k)
+    new = ~dup
+    rank = np.cumsum(new, axis=1, dtype=np.int8 if m < 128 else np.int32)
+    rank -= 1  # a new draw's place among its row's distinct experts
+    take = new & (rank < k)
     ids = np.empty((n, k), dtype=np.int64)
-    full = take.sum(axis=1) == k
-    rows, cols = np.nonzero(take & full[:, None])
-    ids[rows, rank[rows, cols]] = cand[rows, cols]
+    full = rank[:, -1] >= k - 1  # at least k distinct
+    # a full row takes k draws, left to right in rank order
+    ids[full] = cand[take & full[:, None]].reshape(-1, k)
     short = np.flatnonzero(~full)
     if short.size:  # keep the distinct picks drawn so far, complete them by Gumbel-top-k
         got = np.full((short.size, k), -1, dtype=np.int64)  # over the experts left: the
@@ -199,9 +227,10 @@ def sample_experts(
     # order each row by popularity, descending, ties in pick order: the packed key
     # (dense rank of the expert's popularity, column), one sort
     _, rank_of = np.unique(-p, return_inverse=True)  # (E,) equal popularities share a rank
-    key = rank_of[ids] * k + np.arange(k)
+    bits = max(k - 1, 1).bit_length()
+    key = (rank_of[ids] << bits) | np.arange(k)
     key.sort(axis=1)
-    ids = np.take_along_axis(ids, key % k, axis=1)
+    ids = np.take_along_axis(ids, key & ((1 << bits) - 1), axis=1)
     w = p[ids]  # (n, k)
     return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
