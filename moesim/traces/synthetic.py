@@ -205,8 +205,8 @@ def sample_experts(
     dup = np.empty_like(repeat)
     np.put_along_axis(dup, order, repeat, axis=1)  # True on a draw already seen in its row
     new = ~dup
-    rank = np.cumsum(new, axis=1, dtype=np.int8 if m < 128 else np.int32)
-    rank -= 1  # a new draw's place among its row's distinct experts
+    # a new draw's place among its row's distinct experts
+    rank: np.ndarray = np.cumsum(new, axis=1, dtype=np.int8 if m < 128 else np.int32) - 1
     take = new & (rank < k)
     ids = np.empty((n, k), dtype=np.int64)
     full = rank[:, -1] >= k - 1  # at least k distinct
