@@ -15,7 +15,8 @@ spec                              popularity of each expert (per layer, per step
 ================================  ===========================================================
 
 Each token draws its top-k *distinct* experts without replacement in proportion to
-popularity (successive sampling, the Plackett-Luce law), a few array operations per chunk;
+popularity (successive sampling, the Plackett-Luce law): a chunk's uniform draws in one
+array, searched and deduplicated in one compiled pass (:mod:`moesim.traces._compiled`);
 gate weights are the picked experts' popularities renormalised over the k, descending.
 
 A group-limited router (DeepSeek-V2/V3: ``groups=(G, M)``, the experts in G equal groups,
