@@ -168,3 +168,48 @@ def test_slot_shares_nearest_are_the_token_choice_expected():
     assert near[6, [1, 2, 5]].tolist() == [0.0, 0.0, 1.0]
     rr = slot_shares(np.zeros(0), p.slots[0], table, count, 4, "round-robin")
     np.testing.assert_allclose(rr[6, [1, 2, 5]], [1 / 3, 1 / 3, 1 / 3])
+
+
+def _first_distinct_reference(u, cdf, k):
+    """The numpy form of the sampler's draws: every draw searched, then each row's first k
+    distinct in draw order (-1 after the last found)."""
+    cand = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), cdf.size - 1)
+    out = np.full((u.shape[0], k), -1, dtype=np.int64)
+    for t, row in enumerate(cand):
+        firsts = row[np.sort(np.unique(row, return_index=True)[1])][:k]
+        out[t, : firsts.size] = firsts
+    return out, (out >= 0).sum(axis=1)
+
+
+def test_successive_draws_equal_a_binary_search_and_first_distinct():
+    """The compiled draws (a guide table, then stepping up) pick exactly the categories
+    np.searchsorted(side="right") picks, and keep each row's first k distinct: at and
+    beside every cdf value, over runs of equal values (experts of popularity 0), at 0 and
+    at the top, and for rows short of k distinct."""
+    from moesim.traces._compiled import successive_draws_kernel
+
+    rng = np.random.default_rng(0)
+    p = np.exp(-1.2 * np.log(np.arange(1, 257.0)))
+    p[[5, 6, 7, 100]] = 0.0
+    for cdf in (np.cumsum(p / p.sum()), np.cumsum(np.ones(8)), np.array([0.0, 0.0, 1e-300])):
+        top = cdf[-1]
+        near = np.concatenate([cdf, np.nextafter(cdf, -np.inf), np.nextafter(cdf, np.inf)])
+        u_near = np.clip(near / top, 0.0, np.nextafter(1.0, 0.0))
+        for u in (rng.random((4000, 32)), u_near.reshape(-1, 1), np.array([[0.0], [1 - 2**-53]])):
+            for k in (1, 3, 8):
+                got = successive_draws_kernel(u, cdf, k)
+                want = _first_distinct_reference(u, cdf, k)
+                assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_successive_draws_hand_checked():
+    """cdf (0.5, 0.5, 0.75, 1): draws 0.1, 0.6, 0.2, 0.9 -> categories 0, 2, 0, 3, so
+    top-3 keeps 0, 2, 3 and top-4 finds only those three."""
+    from moesim.traces._compiled import successive_draws_kernel
+
+    u = np.array([[0.1, 0.6, 0.2, 0.9]])
+    cdf = np.array([0.5, 0.5, 0.75, 1.0])
+    ids, found = successive_draws_kernel(u, cdf, 3)
+    assert ids.tolist() == [[0, 2, 3]] and found.tolist() == [3]
+    ids, found = successive_draws_kernel(u, cdf, 4)
+    assert ids.tolist() == [[0, 2, 3, -1]] and found.tolist() == [3]

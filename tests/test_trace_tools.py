@@ -11,9 +11,10 @@ import pytest
 
 from moesim.errors import InputError
 from moesim.traces.importers import counts_to_assignments, import_trace, load_counts_json
-from moesim.traces.stats import trace_stats
+from moesim.traces.stats import layer_pair_counts, trace_stats
 from moesim.traces.store import (
     TraceWriter,
+    check_layer,
     iter_batches,
     iter_layer_batches,
     open_trace,
@@ -331,6 +332,65 @@ def test_stats_hand_checked(tmp_path):
     assert {tuple(x["experts"]) for x in aff[:2]} == {(0, 1), (1, 1)}
     assert aff[0]["count"] == 2 and aff[0]["p_given_first"] == pytest.approx(0.5)
     assert "top_next_layer_affinities" not in b
+
+
+def _layer_counts_reference(ids, prev, e):
+    """The numpy form of the compiled counts: one np.bincount over integer keys per slot."""
+    k = ids.shape[1]
+    ids = np.sort(ids, axis=1).astype(np.intp)
+    counts = np.bincount(ids.reshape(-1), minlength=e)
+    pairs = np.zeros(e * e, dtype=np.intp)
+    for i in range(k - 1):
+        pairs += np.bincount((ids[:, i : i + 1] * e + ids[:, i + 1 :]).reshape(-1), minlength=e * e)
+    if prev is None:
+        return counts, pairs.reshape(e, e), None
+    cross = np.zeros(e * e, dtype=np.intp)
+    for i in range(k):
+        cross += np.bincount(
+            (prev.astype(np.intp)[:, i : i + 1] * e + ids).reshape(-1), minlength=e * e
+        )
+    return counts, pairs.reshape(e, e), cross.reshape(e, e)
+
+
+def test_layer_pair_counts_hand_checked():
+    """Tokens {2, 0} and {1, 2} of 3 experts, after {0, 1} and {2, 1}: counts 1, 1, 2; pairs
+    (0, 2) and (1, 2) once each (lower id first); cross pairs 0-2, 0-0, 1-2, 1-0 from the
+    first token and 2-1, 2-2, 1-1, 1-2 from the second."""
+    c, p, x = layer_pair_counts(np.array([[2, 0], [1, 2]]), np.array([[0, 1], [2, 1]]), 3)
+    assert c.tolist() == [1, 1, 2]
+    assert p.tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 0]]
+    assert x is not None and x.tolist() == [[1, 0, 1], [1, 1, 2], [0, 1, 1]]
+    assert layer_pair_counts(np.array([[2, 0]]), None, 3)[2] is None
+
+
+@pytest.mark.parametrize(
+    ("e", "k", "dtype", "prev_dtype"),
+    [(256, 8, np.int32, np.uint8), (300, 2, np.int64, np.uint16), (8, 1, np.int32, np.int32)],
+)
+def test_layer_pair_counts_equal_the_numpy_form(e, k, dtype, prev_dtype):
+    rng = np.random.default_rng(e)
+    ids, prev = (np.argsort(rng.random((2, 5000, e)), axis=2)[..., :k]).astype(dtype)
+    prev = prev.astype(prev_dtype)
+    want_all = _layer_counts_reference(ids, prev, e)
+    for got, want in zip(layer_pair_counts(ids, prev, e), want_all, strict=True):
+        assert got.dtype == np.int64 and np.array_equal(got, want)
+    assert np.array_equal(
+        layer_pair_counts(ids, None, e)[1], _layer_counts_reference(ids, None, e)[1]
+    )
+
+
+@pytest.mark.parametrize("k", [2, 5, 12, 13, 20])
+def test_check_layer_names_the_first_row_with_an_expert_twice(k):
+    """Both ways of finding repeats (column pairs up to K = 12, sorted rows beyond) name
+    the first row holding one, wherever in the row the two copies sit."""
+    ids = np.tile(np.arange(k), (6, 1))
+    ids[4, [0, k - 1]] = ids[4, [k - 1, 0]]  # a swap: still no repeat
+    ids[3, k - 1] = ids[3, 0]
+    ids[5, 1] = ids[5, 0]
+    with pytest.raises(InputError, match=r"row 3\)") as err:
+        check_layer(ids, np.empty((0, k)), k, 7, "x.parquet")
+    assert f"value {[int(v) for v in ids[3]]}:" in str(err.value)
+    check_layer(ids[:3], np.empty((0, k)), k, 7, "x.parquet")
 
 
 # ----- CLI ---------------------------------------------------------------------------------

@@ -33,20 +33,12 @@ def _layer_keys(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Counts of one layer's batch: per expert (E,), per expert pair within a token (E*E,),
     and per (previous-layer expert, this-layer expert) pair of the same token (E*E,)."""
-    k = ids.shape[1]
-    ids = np.sort(ids, axis=1).astype(np.intp)  # (n, K), ascending
-    counts = np.bincount(ids.reshape(-1), minlength=e)
-    scaled = ids * e
-    pairs = np.zeros(e * e, dtype=np.intp)
-    for i in range(k - 1):  # pairs (i, j > i): lower id first since rows are sorted
-        pairs += np.bincount((scaled[:, i : i + 1] + ids[:, i + 1 :]).reshape(-1), minlength=e * e)
-    if prev is None:
-        return counts, pairs, None
-    prev_scaled = prev.astype(np.intp) * e
-    cross = np.zeros(e * e, dtype=np.intp)
-    for i in range(k):  # expert in slot i of the previous layer x every expert here
-        cross += np.bincount((prev_scaled[:, i : i + 1] + ids).reshape(-1), minlength=e * e)
-    return counts, pairs, cross
+    from moesim.traces._compiled import layer_counts_kernel
+
+    counts, pairs, cross = layer_counts_kernel(
+        ids, ids if prev is None else prev, prev is not None, e
+    )
+    return counts, pairs, None if prev is None else cross
 
 
 def layer_pair_counts(

@@ -15,7 +15,8 @@ spec                              popularity of each expert (per layer, per step
 ================================  ===========================================================
 
 Each token draws its top-k *distinct* experts without replacement in proportion to
-popularity (successive sampling, the Plackett-Luce law), a few array operations per chunk;
+popularity (successive sampling, the Plackett-Luce law): a chunk's uniform draws in one
+array, searched and deduplicated in one compiled pass (:mod:`moesim.traces._compiled`);
 gate weights are the picked experts' popularities renormalised over the k, descending.
 
 A group-limited router (DeepSeek-V2/V3: ``groups=(G, M)``, the experts in G equal groups,
@@ -152,6 +153,53 @@ def _gumbel_topk(
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(picked, order, axis=1)
 
 
+def _draw_distinct(
+    logp: np.ndarray, n: int, k: int, rng: np.random.Generator, draws_per_pick: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, k) distinct experts drawn without replacement in proportion to exp(logp), in
+    the order drawn (int64), and the popularities p (E,) they were drawn from."""
+    from moesim.traces._compiled import successive_draws_kernel
+
+    p = np.exp(logp - logp.max())
+    p /= p.sum()
+    cdf = np.cumsum(p)
+    # each row's first k distinct of k * draws_per_pick draws from the categorical
+    ids, found = successive_draws_kernel(rng.random((n, k * draws_per_pick)), cdf, k)
+    short = np.flatnonzero(found < k)
+    if short.size:  # keep the distinct picks drawn so far, complete them by Gumbel-top-k
+        got = ids[short]  # over the experts left: the conditional law of the later picks
+        rr, cc = np.nonzero(got >= 0)
+        scores = logp[None, :] + rng.gumbel(size=(short.size, logp.size))
+        scores[rr, got[rr, cc]] = -np.inf
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (ns, k)
+        j = np.arange(k)[None, :]
+        m_found = found[short][:, None]
+        fill = np.take_along_axis(best, np.maximum(j - m_found, 0), axis=1)
+        ids[short] = np.where(j < m_found, got, fill)
+    return ids, p
+
+
+def _by_popularity(
+    ids: np.ndarray, p: np.ndarray, table: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``ids`` (n, k) ordered by popularity, descending, ties in pick order,
+    as int32, and its gate weights (the popularities renormalised over the k, float32).
+    ``p``: (E,) the popularities, or (S, E) with row i's in ``p[table[i]]``."""
+    e = p.shape[-1]
+    k = ids.shape[1]
+    # dense rank of each expert's popularity (equal popularities share a rank)
+    ranks = np.stack([np.unique(-q, return_inverse=True)[1].reshape(-1) for q in p.reshape(-1, e)])
+    at = ids if table is None else ids + (np.asarray(table).reshape(-1, 1) * e)
+    # the packed key (rank, column), one sort; the column in the low bits
+    bits = max(k - 1, 1).bit_length()
+    key = (ranks.reshape(-1)[at] << bits) | np.arange(k)
+    key.sort(axis=1)
+    order = key & ((1 << bits) - 1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    w = p.reshape(-1)[np.take_along_axis(at, order, axis=1)]  # (n, k)
+    return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def sample_experts(
     logp: np.ndarray, n: int, k: int, rng: np.random.Generator, draws_per_pick: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -163,47 +211,8 @@ def sample_experts(
     at ``k * draws_per_pick`` draws per token instead of one per expert. The few tokens
     whose draws hold fewer than k distinct experts fall back to Gumbel-top-k.
     """
-    p = np.exp(logp - logp.max())
-    p /= p.sum()
-    cdf = np.cumsum(p)
-    m = k * draws_per_pick
-    cand = np.minimum(
-        np.searchsorted(cdf, rng.random((n, m)) * cdf[-1], side="right"), p.size - 1
-    )  # (n, m)
-    # sort each row by (id, draw): equal ids keep draw order; one packed key, no argsort
-    key = cand * m + np.arange(m)
-    key.sort(axis=1)
-    order, sorted_c = key % m, key // m
-    repeat = np.zeros((n, m), dtype=bool)
-    repeat[:, 1:] = sorted_c[:, 1:] == sorted_c[:, :-1]
-    dup = np.empty_like(repeat)
-    np.put_along_axis(dup, order, repeat, axis=1)  # True on a draw already seen in its row
-    rank = np.cumsum(~dup, axis=1) - 1
-    take = ~dup & (rank < k)
-    ids = np.empty((n, k), dtype=np.int64)
-    full = take.sum(axis=1) == k
-    rows, cols = np.nonzero(take & full[:, None])
-    ids[rows, rank[rows, cols]] = cand[rows, cols]
-    short = np.flatnonzero(~full)
-    if short.size:  # keep the distinct picks drawn so far, complete them by Gumbel-top-k
-        got = np.full((short.size, k), -1, dtype=np.int64)  # over the experts left: the
-        rr, cc = np.nonzero(take[short])  # conditional law of the later picks
-        got[rr, rank[short][rr, cc]] = cand[short][rr, cc]
-        m = (got >= 0).sum(axis=1)  # (ns,) distinct picks found
-        scores = logp[None, :] + rng.gumbel(size=(short.size, logp.size))
-        scores[rr, cand[short][rr, cc]] = -np.inf
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (ns, k)
-        j = np.arange(k)[None, :]
-        fill = np.take_along_axis(best, np.maximum(j - m[:, None], 0), axis=1)
-        ids[short] = np.where(j < m[:, None], got, fill)
-    # order each row by popularity, descending, ties in pick order: the packed key
-    # (dense rank of the expert's popularity, column), one sort
-    _, rank_of = np.unique(-p, return_inverse=True)  # (E,) equal popularities share a rank
-    key = rank_of[ids] * k + np.arange(k)
-    key.sort(axis=1)
-    ids = np.take_along_axis(ids, key % k, axis=1)
-    w = p[ids]  # (n, k)
-    return ids.astype(np.int32), (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+    ids, p = _draw_distinct(logp, n, k, rng, draws_per_pick)
+    return _by_popularity(ids, p)
 
 
 def sample_experts_grouped(
@@ -214,29 +223,44 @@ def sample_experts_grouped(
 
     Two stages of the Plackett-Luce law: each token draws its M groups without
     replacement in proportion to each group's total popularity, then its k experts
-    without replacement among those groups' experts (:func:`sample_experts` once per set
-    of groups drawn, at most C(G, M) calls).
+    without replacement among those groups' experts (drawn set by set, at most C(G, M)
+    sets, in the sets' lexicographic order; ordered and weighted all at once).
     """
     g, m = groups
     e = logp.size
     per = e // g
     glogp = np.logaddexp.reduce(logp.reshape(g, per), axis=1)  # (G,) group popularity
-    chosen, _ = sample_experts(glogp, n, m, rng)  # (n, M)
+    chosen, _ = _draw_distinct(glogp, n, m, rng, 4)  # (n, M)
     # each token's set of groups as one integer (its sorted groups' digits in base G), so
-    # the distinct sets come from a 1-D unique, in the same (lexicographic) order
-    digits = np.sort(chosen, axis=1).astype(np.int64)
-    codes, which = np.unique(digits @ (g ** np.arange(m - 1, -1, -1)), return_inverse=True)
+    # the distinct sets come from a 1-D unique, in the same (lexicographic) order; the M
+    # columns sorted by odd-even transposition (M rounds of column minima and maxima,
+    # far cheaper than sorting each short row)
+    cols = [chosen[:, i] for i in range(m)]
+    for r in range(m):
+        for i in range(r % 2, m - 1, 2):
+            lo, hi = np.minimum(cols[i], cols[i + 1]), np.maximum(cols[i], cols[i + 1])
+            cols[i], cols[i + 1] = lo, hi
+    code = np.zeros(n, dtype=np.int64)
+    for c in cols:
+        code = code * g + c
+    codes, which = np.unique(code, return_inverse=True)
+    which = which.reshape(-1)
     sets = (codes[:, None] // (g ** np.arange(m - 1, -1, -1))) % g
-    ids = np.empty((n, k), dtype=np.int32)
-    weights = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    p = np.empty((len(sets), e))
     group_of = np.arange(e) // per
+    # each set's tokens, in token order
+    by_set = np.argsort(which, kind="stable")
+    counts = np.bincount(which, minlength=len(sets))
+    ends = np.cumsum(counts)
     for j, groups_set in enumerate(sets):
-        rows = np.flatnonzero(which.reshape(-1) == j)
-        allowed = np.isin(group_of, groups_set)
-        ids[rows], weights[rows] = sample_experts(
-            np.where(allowed, logp, -np.inf), rows.size, k, rng
+        rows = by_set[ends[j] - counts[j] : ends[j]]
+        allowed = np.zeros(g, dtype=bool)
+        allowed[groups_set] = True
+        ids[rows], p[j] = _draw_distinct(
+            np.where(allowed[group_of], logp, -np.inf), rows.size, k, rng, 4
         )
-    return ids, weights
+    return _by_popularity(ids, p, which)
 
 
 def check_groups(groups: tuple[int, int] | None, num_experts: int, top_k: int) -> None:
