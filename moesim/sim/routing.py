@@ -169,18 +169,19 @@ def route_layer(
         fe, fd, rr = apply_slot_capacity(ids, routed_dst.reshape(t, k), table, capacity, overflow)
         exp, dst, rerouted = fe.reshape(-1), fd.reshape(-1), int(rr.sum())
     kept = exp >= 0
+    all_kept = bool(kept.all())
     copies = copies_per_device(table, d)
     routed_slots = slot_loads(routed_dst, routed_exp, slots, copies)
-    expert_tokens = routed_slots if kept.all() else slot_loads(dst[kept], exp[kept], slots, copies)
+    expert_tokens = routed_slots if all_kept else slot_loads(dst[kept], exp[kept], slots, copies)
     mean_slot = t * k / slots.size
-    dispatch = traffic_matrix(src[kept], dst[kept], d)
+    dispatch = traffic_matrix(src, dst, d) if all_kept else traffic_matrix(src[kept], dst[kept], d)
     return LayerRouting(
-        device_load=np.bincount(dst[kept], minlength=d),
+        device_load=np.bincount(dst if all_kept else dst[kept], minlength=d),
         expert_tokens=expert_tokens,
         dispatch=dispatch,
         copies=dispatch
         if dedup == "none"
-        else copy_matrix(tok[kept], src[kept], dst[kept], d, devices_per_node, dedup),
+        else copy_matrix(dst.reshape(t, k), origin, d, devices_per_node, dedup),
         dropped=np.bincount(src[~kept], minlength=d),
         rerouted=rerouted,
         assignments=t * k,
