@@ -158,7 +158,7 @@ def route_layer(
     t, k = ids.shape
     d = slots.shape[0]
     tok = np.repeat(np.arange(t), k)
-    src = origin[tok]
+    src = np.repeat(origin, k)
     routed_exp = ids.reshape(-1)
     routed_dst = choose_replicas(
         routed_exp, src, tok, table, count, devices_per_node, replica_choice, d

@@ -54,25 +54,26 @@ def copy_matrix(
     dest = np.asarray(dest, dtype=np.int32)
     origin = np.asarray(origin, dtype=np.int32)
     k = dest.shape[1]
+    src = np.repeat(origin, k)  # (T*K,) the sender of each assignment, row after row
     if dedup == "none":
         flat = dest.reshape(-1)
-        return _pair_counts(np.repeat(origin, k), flat, flat >= 0, d)
+        return _pair_counts(src, flat, flat >= 0, d)
     s = np.sort(dest, axis=1).reshape(-1)
     new = _row_firsts(s, k)  # the first of each device in its token's row
     new &= s >= 0
     if dedup == "device":
-        return _pair_counts(np.repeat(origin, k), s, new, d)
+        return _pair_counts(src, s, new, d)
     node = s // g  # ascending along a row too; -1 (none) stays below every node
-    same_node = node == np.repeat(origin // g, k)
+    same_node = node == src // g
     relay = node
     relay *= g
-    relay += np.repeat(origin % g, k)  # sender's rail GPU in the destination node
+    relay += src % g  # sender's rail GPU in the destination node
     # from the sender: one copy to each device of its own node that needs the token, and
     # one RDMA copy per other node (the node's first device in the row), to the relay
     direct = _row_firsts(relay, k)
     direct |= same_node
     direct &= new
-    out = _pair_counts(np.repeat(origin, k), np.where(same_node, s, relay), direct, d)
+    out = _pair_counts(src, np.where(same_node, s, relay), direct, d)
     fwd = relay != s  # NVLink forwards inside the destination node
     fwd &= new
     fwd &= ~same_node
@@ -85,8 +86,7 @@ def _pair_counts(
 ) -> np.ndarray:
     """(D, D) int64 count of the (``src``, ``dst``) pairs where ``mask`` holds."""
     n = num_devices * num_devices
-    key = src.astype(np.int64)
-    key *= num_devices
+    key = np.multiply(src, num_devices, dtype=np.int64)
     key += dst
     np.copyto(key, n, where=~mask)  # the spare bin, dropped below
     return np.bincount(key, minlength=n + 1)[:n].reshape(num_devices, num_devices)
