@@ -25,7 +25,8 @@ __all__ = ["copy_matrix", "traffic_matrix"]
 
 def traffic_matrix(src: np.ndarray, dst: np.ndarray, num_devices: int) -> np.ndarray:
     """(D, D) int64 count of items sent from device ``src`` to device ``dst``."""
-    flat = src.astype(np.int64) * num_devices + dst
+    flat = np.multiply(src, num_devices, dtype=np.int64)
+    flat += dst
     return np.bincount(flat, minlength=num_devices * num_devices).reshape(num_devices, num_devices)
 
 
