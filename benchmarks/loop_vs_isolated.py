@@ -50,7 +50,7 @@ BASE = """name: loop-vs-isolated
 hardware: H100-SXM
 cluster: {{nodes: 4, devices_per_node: 8}}
 model: OLMoE-1B-7B
-routing: {{synthetic: {{distribution: "{dist}", seed: 0}}}}
+routing: {{synthetic: {{distribution: "{dist}", seed: 0, level: token}}}}  # as published
 placement: contiguous
 capacity: {{factor: null}}
 network: {{tier: flow, nodes_per_leaf: 1, oversubscription: {over}}}

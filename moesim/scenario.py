@@ -77,10 +77,12 @@ class SyntheticRouting(BaseModel):
         default="uniform", description="uniform | zipf:S | dirichlet:A | drift:s=S,speed=V | ..."
     )
     seed: int | None = Field(default=None, ge=0, description="None: the scenario's seed")
-    level: Literal["token", "count"] = Field(
-        default="token",
+    level: Literal["auto", "token", "count"] = Field(
+        default="auto",
         description="token: draw every token's experts; count: draw each device's per-expert "
-        "counts directly (for large clusters; drop overflow and no de-duplication only)",
+        "counts directly (for large clusters; drop overflow and no de-duplication only); "
+        "auto: count where the scenario needs no token identity (moesim.sim.prepare."
+        "routing_level), else token; the run's summary states which ran and why",
     )
 
     @field_validator("distribution")

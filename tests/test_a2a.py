@@ -17,49 +17,78 @@ from tests.conftest import REPO
 def test_copy_matrix_policies_by_hand():
     # 4 devices, 2 per node. Token 0 on device 0 uses experts on devices 2, 3 (node 1) and
     # 1; token 1 on device 3 uses experts on device 3 (itself) and device 0.
-    token = np.array([0, 0, 0, 1, 1])
-    origin = np.array([0, 0, 0, 3, 3])
-    dest = np.array([2, 3, 1, 3, 0])
-    none = copy_matrix(token, origin, dest, 4, 2, "none")
+    # token 1 routes two assignments: its third slot is -1 (none)
+    origin = np.array([0, 3])
+    dest = np.array([[2, 3, 1], [3, 0, -1]])
+    none = copy_matrix(dest, origin, 4, 2, "none")
     assert none.tolist() == [[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]]
-    node = copy_matrix(token, origin, dest, 4, 2, "node")
+    node = copy_matrix(dest, origin, 4, 2, "node")
     # token 0: direct to device 1; one RDMA copy to device 2 (its rail-0 GPU in node 1),
     # forwarded 2 -> 3. Token 1: stays on 3; RDMA to device 1 (rail 1 of node 0) -> 0.
     assert node.tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 1]]
 
 
 def test_device_dedup_merges_experts_on_one_device():
-    token = np.array([0, 0, 0])
-    origin = np.array([0, 0, 0])
-    dest = np.array([1, 1, 2])  # two experts on device 1
-    assert copy_matrix(token, origin, dest, 4, 4, "none")[0].tolist() == [0, 2, 1, 0]
-    assert copy_matrix(token, origin, dest, 4, 4, "device")[0].tolist() == [0, 1, 1, 0]
+    origin = np.array([0])
+    dest = np.array([[1, 2, 1]])  # two experts on device 1
+    assert copy_matrix(dest, origin, 4, 4, "none")[0].tolist() == [0, 2, 1, 0]
+    assert copy_matrix(dest, origin, 4, 4, "device")[0].tolist() == [0, 1, 1, 0]
 
 
 def test_node_dedup_sends_each_token_once_per_node():
     rng = np.random.default_rng(0)
     t, k, d, g = 500, 8, 32, 8
-    token = np.repeat(np.arange(t), k)
-    origin = token % d
-    dest = np.concatenate([rng.choice(d, size=k, replace=False) for _ in range(t)])
-    m = copy_matrix(token, origin, dest, d, g, "node")
+    origin = np.arange(t) % d
+    dest = np.stack([rng.choice(d, size=k, replace=False) for _ in range(t)])
+    m = copy_matrix(dest, origin, d, g, "node")
     node = np.arange(d) // g
     cross = node[:, None] != node[None, :]
-    expected = sum(
-        len({int(x) // g for x in dest[token == i]} - {int(origin[i * k]) // g}) for i in range(t)
-    )
+    expected = sum(len({int(x) // g for x in dest[i]} - {int(origin[i]) // g}) for i in range(t))
     assert m[cross].sum() == expected
     # every device that needs a token gets exactly one copy (direct, as the relay, or
     # forwarded); a relay that does not need the token adds one copy and forwards
     total = 0
     for i in range(t):
-        src = int(origin[i * k])
-        targets = {int(x) for x in dest[token == i]} - {src}
+        src = int(origin[i])
+        targets = {int(x) for x in dest[i]} - {src}
         total += len(targets)
         for n in {x // g for x in targets} - {src // g}:
             relay = n * g + src % g
             total += relay not in targets
     assert m[~np.eye(d, dtype=bool)].sum() == total
+
+
+def _copies_by_token(dest: np.ndarray, origin: np.ndarray, d: int, g: int, dedup: str):
+    """copy_matrix spelled out token by token with sets (the policies' definitions)."""
+    m = np.zeros((d, d), dtype=np.int64)
+    for row, src in zip(dest.tolist(), origin.tolist(), strict=True):
+        kept = [x for x in row if x >= 0]
+        if dedup == "none":
+            for x in kept:
+                m[src, x] += 1
+            continue
+        for x in set(kept):
+            if dedup == "device" or x // g == src // g:
+                m[src, x] += 1
+        if dedup == "node":
+            for n in {x // g for x in kept} - {src // g}:
+                relay = n * g + src % g
+                m[src, relay] += 1  # one RDMA copy per (token, node)
+                for x in {y for y in kept if y // g == n} - {relay}:
+                    m[relay, x] += 1  # forwarded over NVLink
+    return m
+
+
+@pytest.mark.parametrize("dedup", ["none", "device", "node"])
+def test_copy_matrix_matches_token_by_token(dedup):
+    # rows with drops (-1), several experts on one device, and origins in any order
+    rng = np.random.default_rng(7)
+    t, k, d, g = 300, 6, 12, 4
+    dest = rng.integers(-1, d, size=(t, k))
+    origin = rng.permutation(np.arange(t) % d)
+    m = copy_matrix(dest, origin, d, g, dedup)
+    assert m.dtype == np.int64
+    assert m.tolist() == _copies_by_token(dest, origin, d, g, dedup).tolist()
 
 
 def test_a2a_closed_form_single_node():

@@ -115,6 +115,21 @@ def test_engine_scale_one_exchange_counts_the_flow_tiers_work():
     assert r["step_projection_s"] == pytest.approx(r["exchange_wall_s"] * 116, abs=0.11)
 
 
+def test_trace_step_times_every_stage():
+    """The trace-replay step benchmark, at a size the default suite can afford (one node,
+    64 tokens per device): a trace is written and replayed, and the stages it names add
+    up to less than the wall time (start-up is what is left)."""
+    r = _run_json("trace_step.py", "--nodes", "1", "--tokens-per-device", "64")
+    assert (r["devices"], r["tokens_per_device"]) == (8, 64)
+    assert r["trace_synth_s"] > 0 and r["step_time_us"] > 0 and r["peak_rss_mb"] > 0
+    stages = ["trace_read_s", "prepare_rest_s", "routing_s", "program_s", "engine_s"]
+    assert all(r[k] >= 0 for k in stages) and r["routing_s"] > 0
+    assert r["startup_s"] > 0
+    assert sum(r[k] for k in [*stages, "outputs_s", "startup_s"]) == pytest.approx(
+        r["wall_s"], abs=0.05
+    )
+
+
 def test_best_weighting_recovers_a_linear_forecast_and_fits_per_layer():
     """The bound row's weighting: where the target is exactly a linear combination of the
     two windows (layer 0: the trend ``2 last - previous``; layer 1: the mean of the two plus

@@ -21,35 +21,41 @@ def phases_frame(result: SimResult) -> pd.DataFrame:
     processed) and dropped assignments on that device."""
     frames = []
     for run in result.runs:
+        prog = run.program
+        n = len(prog)
+        # per op, repeated over its devices below (one row per op and device, op-major)
+        passes = np.array([op.pass_ for op in prog], dtype=object)
+        layers = np.array([op.layer for op in prog], dtype=np.int64)
+        microbatches = np.array([op.microbatch for op in prog], dtype=np.int64)
+        streams = np.array([op.stream for op in prog], dtype=object)
+        phases = np.array([op.phase or op.name for op in prog], dtype=object)
+        categories = np.array([op.category for op in prog], dtype=object)
         for step, rec in enumerate(run.records):
             d = rec.start_us.shape[1]
-            op_rows = []
-            for i, op in enumerate(run.program):
-                sent: np.ndarray | float = 0.0
-                recv: np.ndarray | float = 0.0
+            sent, recv = np.zeros((n, d)), np.zeros((n, d))
+            for i, op in enumerate(prog):
                 if isinstance(op, Exchange) and op.sent_bytes.size:
-                    sent, recv = op.sent_bytes, op.recv_bytes
-                op_rows.append(
-                    pd.DataFrame(
-                        {
-                            "mode": run.mode,
-                            "step": step,
-                            "pass": op.pass_,
-                            "layer": op.layer,
-                            "device": np.arange(d),
-                            "microbatch": op.microbatch,
-                            "stream": op.stream,
-                            "phase": op.phase or op.name,
-                            "category": op.category,
-                            "start_us": rec.start_us[i],
-                            "wait_us": rec.wait_us[i],
-                            "duration_us": rec.duration_us[i],
-                            "bytes_sent": sent,
-                            "bytes_recv": recv,
-                        }
-                    )
+                    sent[i], recv[i] = op.sent_bytes, op.recv_bytes
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "mode": run.mode,
+                        "step": step,
+                        "pass": np.repeat(passes, d),
+                        "layer": np.repeat(layers, d),
+                        "device": np.tile(np.arange(d), n),
+                        "microbatch": np.repeat(microbatches, d),
+                        "stream": np.repeat(streams, d),
+                        "phase": np.repeat(phases, d),
+                        "category": np.repeat(categories, d),
+                        "start_us": rec.start_us.reshape(-1),
+                        "wait_us": rec.wait_us.reshape(-1),
+                        "duration_us": rec.duration_us.reshape(-1),
+                        "bytes_sent": sent.reshape(-1),
+                        "bytes_recv": recv.reshape(-1),
+                    }
                 )
-            frames.append(pd.concat(op_rows, ignore_index=True))
+            )
     keys = ["mode", "step", "pass", "layer", "device"]
     loads = metrics_frame(result)[[*keys, "device_load", "dropped"]]
     return pd.concat(frames, ignore_index=True).merge(loads, on=keys, how="left")

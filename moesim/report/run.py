@@ -60,7 +60,7 @@ def run_info(result: SimResult) -> dict[str, Any]:
         f"{result.inputs['trace_layers']} replayed on MoE layers {result.inputs['moe_layers']}"
         f"{mapped})"
         if sc.routing.trace is not None
-        else f"synthetic: {sc.routing.synthetic}"
+        else f"synthetic: {sc.routing.synthetic}; {result.inputs.get('routing_level')}"
     )
     redundant = f" + {sc.redundant_slots} redundant slots" if sc.redundant_slots else ""
     capacity = (

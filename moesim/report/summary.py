@@ -157,6 +157,8 @@ def header_line(result: SimResult) -> str:
         network += f"; trace layers mapped: {sc.routing.layer_map}"
     if "dispatcher" in result.inputs:
         network += f"; {dispatcher_text(result.inputs['dispatcher'], result.inputs['dedup'])}"
+    if result.inputs.get("routing_level"):  # synthetic routing: its level, and why
+        network += f"; {result.inputs['routing_level']}"
     return (
         f"{result.shape.name} on {sc.cluster.nodes} node(s) x {sc.cluster.devices_per_node} "
         f"{result.hw.name} ({sc.cluster.num_devices} devices), {sc.placement} placement"

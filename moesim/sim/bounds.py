@@ -49,9 +49,13 @@ def machine_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def scenario_bytes(sc: Scenario, shape: ModelShape, trace_tokens: int | None) -> dict[str, float]:
+def scenario_bytes(
+    sc: Scenario, shape: ModelShape, trace_tokens: int | None, count_level: bool | None = None
+) -> dict[str, float]:
     """The largest allocations of a run of ``sc`` (see the module docstring), by term;
-    ``trace_tokens``: tokens of the scenario's trace (None: synthetic routing)."""
+    ``trace_tokens``: tokens of the scenario's trace (None: synthetic routing);
+    ``count_level``: whether synthetic routing runs at count level (None: as the scenario
+    writes it, ``auto`` counted as token level, the larger)."""
     d = sc.cluster.num_devices
     layers = len(shape.moe_layer_indices())
     syn = sc.routing.synthetic
@@ -60,7 +64,7 @@ def scenario_bytes(sc: Scenario, shape: ModelShape, trace_tokens: int | None) ->
     if trace_tokens is not None:  # only the replayed tokens' ids are kept
         tokens = min(trace_tokens, replayed)
         per_assignment = np.dtype(id_dtype(shape.num_experts)).itemsize
-    elif syn is not None and syn.level == "token":
+    elif syn is not None and not (syn.level == "count" if count_level is None else count_level):
         tokens = replayed
     else:
         tokens = 0
@@ -73,10 +77,15 @@ def scenario_bytes(sc: Scenario, shape: ModelShape, trace_tokens: int | None) ->
 
 
 def check_bounds(
-    sc: Scenario, shape: ModelShape, source: object, trace_tokens: int | None = None
+    sc: Scenario,
+    shape: ModelShape,
+    source: object,
+    trace_tokens: int | None = None,
+    count_level: bool | None = None,
 ) -> None:
-    """Raise :class:`InputError` naming the field to change when ``sc`` cannot run here."""
-    terms = scenario_bytes(sc, shape, trace_tokens)
+    """Raise :class:`InputError` naming the field to change when ``sc`` cannot run here
+    (``trace_tokens``, ``count_level``: see :func:`scenario_bytes`)."""
+    terms = scenario_bytes(sc, shape, trace_tokens, count_level)
     have = machine_memory_bytes()
     need = sum(terms.values())
     if need > 0.8 * have:

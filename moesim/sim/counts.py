@@ -23,8 +23,10 @@ level, the (D, D) traffic is the proportional split); which of a token's k choic
 which (so a slot over capacity drops the same fraction of every sender's assignments
 rather than GShard's rank-then-token order, and there is no reroute policy); which
 assignments share a token (so no de-duplication of copies); and the correlation of one
-token's choices across layers. The simulator refuses ``capacity.overflow: reroute`` and
-``network.dedup`` other than ``none`` at count level with a one-line error.
+token's choices across layers. The simulator refuses ``capacity.overflow: reroute`` (with
+a capacity factor) and a dispatcher's ``dedup`` other than ``none`` at count level with a
+one-line error; ``level: auto`` runs at count level only where none of this changes the
+answer (:func:`moesim.sim.prepare.routing_level`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from moesim.errors import InputError
 from moesim.hardware import HardwareProfile, get_profile
 from moesim.model.shapes import ModelShape, get_preset
 from moesim.placement.base import Placement, contiguous
+from moesim.placement.planners import STRATEGIES
 from moesim.scenario import Scenario
 from moesim.sim.bounds import check_bounds
 from moesim.sim.cluster import ClusterSpec, resolve_granularity
@@ -30,7 +31,80 @@ from moesim.traces.store import RoutingTrace, open_trace
 from moesim.traces.synthetic import Popularity, parse_distribution, synthesize
 from moesim.traces.window import ReplayTrace, read_replay
 
-__all__ = ["Prepared", "prepare"]
+__all__ = ["Prepared", "RoutingLevel", "prepare", "routing_level"]
+
+
+@dataclass(frozen=True)
+class RoutingLevel:
+    """The level synthetic routing runs at, and why (``routing.synthetic.level``)."""
+
+    level: Literal["token", "count"]
+    reason: str  # "set in the scenario", or "auto: ..." naming what decided it
+
+    def __str__(self) -> str:
+        return f"routing level: {self.level} ({self.reason})"
+
+
+#: the placements planned without the routing's loads; every other planner plans from them
+_LOAD_BLIND_PLACEMENTS = ("contiguous", "round-robin")
+
+
+def routing_level(scenario: Scenario, shape: ModelShape, dispatcher: Dispatcher) -> RoutingLevel:
+    """The level a scenario's synthetic routing runs at.
+
+    ``token`` and ``count`` are taken as written. ``auto`` is ``count`` unless the answer
+    depends on which token made which assignment, or count level would differ from token
+    level in distribution; the first such feature, in this order, keeps it at ``token``:
+
+    * a dispatcher that de-duplicates copies (one per (token, device) or (token, node));
+    * a capacity factor: which assignments overflow follows GShard's rank-then-token
+      order (count level drops the same share of every sender; reroute is token only);
+    * a placement planned from the routing's loads (token level plans from the very
+      tokens it routes, count level from expected loads); ``affinity`` also needs
+      co-activation;
+    * ``least-loaded`` or ``batch-split`` replica choice (at count level the (D, D)
+      traffic is the proportional split of the loads, not the tokens' own);
+    * a group-limited model under non-uniform popularity (count level draws each
+      expert's marginal, which the limit changes);
+    * a ``drift`` or ``burst`` distribution over several steps (count level draws each
+      step from its own popularity, token level every step from step 0's).
+    """
+    syn = scenario.routing.synthetic
+    assert syn is not None, "routing level of synthetic routing only"
+    if syn.level != "auto":
+        return RoutingLevel(syn.level, "set in the scenario")
+    dist = parse_distribution(syn.distribution)
+    cap = scenario.capacity
+    needs = [
+        (
+            dispatcher.dedup != "none",
+            f"dispatcher {dispatcher.name} sends one copy per (token, {dispatcher.dedup})",
+        ),
+        (
+            cap.factor is not None,
+            f"capacity factor {cap.factor} ({cap.overflow}) overflows in token order",
+        ),
+        (
+            scenario.placement in STRATEGIES and scenario.placement not in _LOAD_BLIND_PLACEMENTS,
+            f"placement {scenario.placement} is planned from the drawn tokens",
+        ),
+        (
+            scenario.replica_choice in ("least-loaded", "batch-split"),
+            f"replica_choice {scenario.replica_choice} splits the tokens themselves",
+        ),
+        (
+            shape.groups is not None and dist.kind != "uniform",
+            f"{shape.name}'s group limit under non-uniform popularity",
+        ),
+        (
+            dist.kind in ("drift", "burst") and scenario.steps > 1,
+            f"{dist.kind} popularity changes between steps",
+        ),
+    ]
+    reason = next((why for need, why in needs if need), None)
+    if reason is None:
+        return RoutingLevel("count", "auto: no token identity needed")
+    return RoutingLevel("token", f"auto: {reason}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +122,7 @@ class Prepared:
     moe_layers: list[int]  # model layer index of each trace layer, in order
     dispatcher: Dispatcher
     popularity: Popularity | None = None
+    level: RoutingLevel | None = None  # synthetic routing's level; None for a trace
 
 
 def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>") -> Prepared:
@@ -65,9 +140,10 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             raise
         raise InputError(err.message, file=source, field=err.field, value=err.value) from None
     moe_layers = shape.moe_layer_indices()
-    if scenario.routing.trace is None:  # a trace's size is checked once it is opened
-        check_bounds(scenario, shape, source)
     syn = scenario.routing.synthetic
+    level = None if syn is None else routing_level(scenario, shape, dispatcher)
+    if level is not None:  # a trace's size is checked once it is opened
+        check_bounds(scenario, shape, source, count_level=level.level == "count")
     seed = scenario.seed if syn is None or syn.seed is None else syn.seed
     trace: ReplayTrace | RoutingTrace | None = None
     if scenario.routing.trace is not None:
@@ -125,12 +201,15 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         if src != list(range(len(info.layers))):
             trace = trace.mapped(src)
     popularity = None
-    if syn is not None and syn.level == "count":
+    if level is not None and level.level == "count":
+        assert syn is not None
         for field_name, value, ok in (
             ("capacity.overflow", scenario.capacity.overflow, "drop"),
             ("dispatcher.dedup", dispatcher.dedup, "none"),
         ):
-            if value != ok:
+            # dropless, nothing overflows: the overflow policy is never used
+            moot = field_name == "capacity.overflow" and scenario.capacity.factor is None
+            if value != ok and not moot:
                 hint = (
                     f" (dispatcher {dispatcher.name} de-duplicates: set dispatcher: "
                     f"{{preset: {dispatcher.name}, dedup: none}} to count every copy)"
@@ -214,7 +293,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
         hot_device=net.hot_device,
     )
     return Prepared(
-        scenario, shape, hw, trace, placement, cluster, moe_layers, dispatcher, popularity
+        scenario, shape, hw, trace, placement, cluster, moe_layers, dispatcher, popularity, level
     )
 
 

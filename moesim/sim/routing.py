@@ -126,7 +126,9 @@ def slot_loads(
     expert. ``slots``: (D, S) hosted experts; ``copies``: (D, E) copies of each expert on
     each device (:func:`moesim.placement.choice.copies_per_device`)."""
     d, e = copies.shape
-    per = np.bincount(dst.astype(np.int64) * e + expert, minlength=d * e).reshape(d, e)
+    key = np.multiply(dst, e, dtype=np.int64)
+    key += expert
+    per = np.bincount(key, minlength=d * e).reshape(d, e)
     rows = np.arange(d)[:, None]
     return per[rows, slots] / copies[rows, slots]
 
@@ -158,7 +160,7 @@ def route_layer(
     t, k = ids.shape
     d = slots.shape[0]
     tok = np.repeat(np.arange(t), k)
-    src = origin[tok]
+    src = np.repeat(origin, k)
     routed_exp = ids.reshape(-1)
     routed_dst = choose_replicas(
         routed_exp, src, tok, table, count, devices_per_node, replica_choice, d
@@ -169,23 +171,26 @@ def route_layer(
         fe, fd, rr = apply_slot_capacity(ids, routed_dst.reshape(t, k), table, capacity, overflow)
         exp, dst, rerouted = fe.reshape(-1), fd.reshape(-1), int(rr.sum())
     kept = exp >= 0
+    all_kept = bool(kept.all())
     copies = copies_per_device(table, d)
     routed_slots = slot_loads(routed_dst, routed_exp, slots, copies)
-    expert_tokens = routed_slots if kept.all() else slot_loads(dst[kept], exp[kept], slots, copies)
+    expert_tokens = routed_slots if all_kept else slot_loads(dst[kept], exp[kept], slots, copies)
     mean_slot = t * k / slots.size
-    dispatch = traffic_matrix(src[kept], dst[kept], d)
+    dispatch = traffic_matrix(src, dst, d) if all_kept else traffic_matrix(src[kept], dst[kept], d)
+    device_load = dispatch.sum(axis=0)  # what each device receives is what it processes
     return LayerRouting(
-        device_load=np.bincount(dst[kept], minlength=d),
+        device_load=device_load,
         expert_tokens=expert_tokens,
         dispatch=dispatch,
         copies=dispatch
         if dedup == "none"
-        else copy_matrix(tok[kept], src[kept], dst[kept], d, devices_per_node, dedup),
-        dropped=np.bincount(src[~kept], minlength=d),
+        else copy_matrix(dst.reshape(t, k), origin, d, devices_per_node, dedup),
+        dropped=np.zeros(d, dtype=np.int64) if all_kept else np.bincount(src[~kept], minlength=d),
         rerouted=rerouted,
         assignments=t * k,
         expert_load=np.bincount(routed_exp, minlength=num_experts),
-        routed_load=np.bincount(routed_dst, minlength=d),
+        # dropless, every assignment is processed where it was routed
+        routed_load=device_load if capacity is None else np.bincount(routed_dst, minlength=d),
         dropless_capacity_factor=float(routed_slots.max() / mean_slot) if mean_slot else 1.0,
     )
 

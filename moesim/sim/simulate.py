@@ -172,6 +172,9 @@ def simulate_mode(
             "flow_events": flow_events,
             "granularity": prep.cluster.granularity if prep.cluster.network == "flow" else None,
             "layer_map": prep.scenario.routing.layer_map,
+            # synthetic routing's level (token | count) and why; None for a trace
+            "routing_level": None if prep.level is None else prep.level.level,
+            "routing_level_reason": None if prep.level is None else prep.level.reason,
         },
         program=program,
         records=records,
@@ -211,5 +214,6 @@ def simulate_prepared(
             "source": str(source),
             "dispatcher": prep.dispatcher.name,
             "dedup": prep.dispatcher.dedup,
+            "routing_level": None if prep.level is None else str(prep.level),
         },
     )
