@@ -3,13 +3,14 @@ identity is needed, and every run says which level ran and why."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from moesim.hardware import get_profile
 from moesim.model.shapes import get_preset
 from moesim.report.summary import console_summary
 from moesim.scenario import Scenario, SyntheticRouting
-from moesim.sim.prepare import RoutingLevel, routing_level
+from moesim.sim.prepare import RoutingLevel, prepare, routing_level
 from moesim.sim.simulate import simulate
 
 TINY = {
@@ -96,14 +97,6 @@ def _syn(**kw) -> dict:
             {"model": TINY | {"expert_groups": 4, "groups_per_token": 2}},
             "tiny's group limit under non-uniform popularity",
         ),
-        (
-            {"routing": _syn(distribution="drift:s=1,speed=2"), "steps": 2},
-            "drift popularity changes between steps",
-        ),
-        (
-            {"routing": _syn(distribution="burst"), "steps": 3},
-            "burst popularity changes between steps",
-        ),
     ],
 )
 def test_auto_keeps_token_level_where_it_changes_the_answer(kw, reason):
@@ -111,15 +104,31 @@ def test_auto_keeps_token_level_where_it_changes_the_answer(kw, reason):
 
 
 def test_auto_count_level_needs_what_the_scenario_has():
-    """One step of drift, and a group limit under uniform popularity, draw the same law at
-    either level."""
-    one_step = _scenario(routing=_syn(distribution="drift:s=1,speed=2"))
-    assert _level(one_step).level == "count"
+    """Drift and burst (both levels draw step s from step s's popularity), and a group
+    limit under uniform popularity, draw the same law at either level."""
+    for dist, steps in (("drift:s=1,speed=2", 1), ("drift:s=1,speed=2", 2), ("burst", 3)):
+        sc = _scenario(routing=_syn(distribution=dist), steps=steps)
+        assert _level(sc).level == "count", (dist, steps)
     grouped = _scenario(
         model=TINY | {"expert_groups": 4, "groups_per_token": 2},
         routing=_syn(distribution="uniform"),
     )
     assert _level(grouped).level == "count"
+
+
+def test_token_level_draws_each_step_from_its_own_popularity(tmp_path):
+    """drift:speed=4 rotates the ranking by 4 experts a step, so the hottest expert of
+    step 1's tokens is the one 4 after step 0's (mod 16), in every layer."""
+    sc = _scenario(routing=_syn(distribution="drift:s=3,speed=4", level="token"), steps=2)
+    prep = prepare(sc, tmp_path)
+    n = sc.cluster.num_devices * sc.tokens_per_device  # tokens a step
+    for li in range(len(prep.moe_layers)):
+        ids = prep.trace.layer_ids(li, np.arange(2 * n))
+        hot = [
+            int(np.bincount(ids[s * n : (s + 1) * n].ravel(), minlength=16).argmax())
+            for s in (0, 1)
+        ]
+        assert hot[1] == (hot[0] + 4) % 16, (li, hot)
 
 
 def test_a_written_level_is_taken_as_written():

@@ -65,9 +65,10 @@ def routing_level(scenario: Scenario, shape: ModelShape, dispatcher: Dispatcher)
     * ``least-loaded`` or ``batch-split`` replica choice (at count level the (D, D)
       traffic is the proportional split of the loads, not the tokens' own);
     * a group-limited model under non-uniform popularity (count level draws each
-      expert's marginal, which the limit changes);
-    * a ``drift`` or ``burst`` distribution over several steps (count level draws each
-      step from its own popularity, token level every step from step 0's).
+      expert's marginal, which the limit changes).
+
+    Both levels draw step s from step s's popularity, so ``drift`` and ``burst`` need
+    neither level in particular.
     """
     syn = scenario.routing.synthetic
     assert syn is not None, "routing level of synthetic routing only"
@@ -95,10 +96,6 @@ def routing_level(scenario: Scenario, shape: ModelShape, dispatcher: Dispatcher)
         (
             shape.groups is not None and dist.kind != "uniform",
             f"{shape.name}'s group limit under non-uniform popularity",
-        ),
-        (
-            dist.kind in ("drift", "burst") and scenario.steps > 1,
-            f"{dist.kind} popularity changes between steps",
         ),
     ]
     reason = next((why for need, why in needs if need), None)
@@ -241,6 +238,7 @@ def prepare(scenario: Scenario, base_dir: Path, source: str | Path = "<scenario>
             num_layers=len(moe_layers),
             num_tokens=scenario.cluster.num_devices * scenario.tokens_per_device * scenario.steps,
             distribution=syn.distribution,
+            steps=scenario.steps,  # step s draws its tokens from step s's popularity
             seed=seed,
             groups=shape.groups,
         )
