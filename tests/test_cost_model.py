@@ -703,3 +703,26 @@ def test_router_arithmetic_is_padded_to_the_tile():
         cm = CostModel(factors={("router", "fp32"): f})
         times.append(cm.roofline_us("router", s, np.array([64.0]), "fp32")[0])
     assert times[1] == pytest.approx(4 * times[0], rel=1e-9)
+
+
+def test_table_widths_zero_the_columns_an_op_does_not_use():
+    """FLAME-MoE-290M (d_model 1024, d_ff 704, 64 experts, top-6, 16 heads of 64), 4 local
+    experts: a row records only the widths its op runs at, 0 elsewhere."""
+    s = BenchShape.from_model(get_preset("FLAME-MoE-290M"), local_experts=4)
+    zero = dict.fromkeys(
+        ("d_ff", "num_experts", "top_k", "num_heads", "num_kv_heads", "head_dim", "v_head_dim"), 0
+    )
+    assert table_widths("router", s) == zero | {"d_model": 1024, "num_experts": 64, "top_k": 6}
+    assert table_widths("expert_ffn_grouped", s) == zero | {
+        "d_model": 1024,
+        "d_ff": 704,
+        "num_experts": 4,
+    }
+    assert table_widths("attention", s) == zero | {
+        "d_model": 1024,
+        "num_heads": 16,
+        "num_kv_heads": 16,
+        "head_dim": 64,
+        "v_head_dim": 64,
+    }
+    assert table_widths("memcpy", s) == zero | {"d_model": 1024}

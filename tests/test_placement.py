@@ -544,3 +544,15 @@ def test_planned_contiguous_on_more_devices_than_experts_is_expert_data_parallel
     # as the simulator's contiguous placement
     p = plan(np.ones((1, 4)), "contiguous", nodes=2, devices_per_node=4)
     assert _slots(p) == [[0], [1], [2], [3], [0], [1], [2], [3]]
+
+
+def test_pack_rest_keeps_a_second_replica_off_the_device_that_hosts_it():
+    """Bin 0 (load 1) already holds expert 0, bin 1 (load 5) expert 1: expert 0's next
+    replica goes to bin 1, the least-loaded bin that does not host it yet."""
+    from moesim.placement.planners import _pack_rest
+
+    out = np.array([[[0, -1], [1, -1]]])
+    got = _pack_rest(
+        out, np.array([[1, 1]]), np.array([[1.0, 5.0]]), np.array([[0]]), np.array([[2.0]]), 2
+    )
+    assert got.tolist() == [[[0, -1], [1, 0]]]

@@ -498,8 +498,9 @@ def test_layer_sources_by_hand():
     assert layer_sources([4, 2], (2, 3, 4), 2, "m") == [2, 0]
     assert layer_sources(None, (2, 3, 4), 3, "m") == [0, 1, 2]
     assert layer_sources(None, (2, 3, 4), 5, "m") is None
-    with pytest.raises(InputError, match="lists 2 trace layers; model m has 3"):
+    with pytest.raises(InputError, match="lists 2 trace layers; model m has 3") as err:
         layer_sources([2, 3], (2, 3, 4), 3, "m")
+    assert (err.value.field, err.value.value) == ("routing.layer_map", 2)
     with pytest.raises(InputError, match="lacks") as err:
         layer_sources([2, 9], (2, 3, 4), 2, "m")
     assert err.value.value == 9

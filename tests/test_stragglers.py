@@ -435,3 +435,7 @@ def test_jitter_is_named_as_the_cause(tmp_path):
     assert s["scenario"] == sc.name
     assert "jitter" in s["straggler_cause"]
     assert run.layers["drop_rate"].tolist() == [0.0] * len(s["layers"])
+    # contiguous placement, 32 experts on 16 devices: device i hosts experts 2i and 2i + 1,
+    # so the straggler's most loaded expert is one of its own two
+    hosted = run.layers["straggler_expert"].to_numpy() // 2
+    assert hosted.tolist() == run.layers["straggler_device"].tolist()
