@@ -480,8 +480,9 @@ def test_progress_counts_every_routed_layer_step(tmp_path):
     prep = prepare(scenario, base, "demo")
     assert routed_layer_steps(prep) == 2 * 1 * 1 * 4
     calls: list[int] = []
-    simulate_prepared(prep, "demo", progress=calls.append)
+    res = simulate_prepared(prep, "demo", progress=calls.append)
     assert calls == [1] * 8
+    assert res.inputs["source"] == "demo"
 
     chunks: list[int] = []
     synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=2, num_tokens=1000,
@@ -537,3 +538,13 @@ def test_a_trace_with_fewer_layers_cycles_over_a_deeper_model(tmp_path, write_sc
     # the same trace layer, the same contiguous placement: the same expert balance
     for i in range(8, 27):
         assert layers.loc[moe[i], "expert_balance"] == layers.loc[moe[i % 8], "expert_balance"]
+
+
+def test_steps_stack_into_one_numbered_frame(tmp_path):
+    """Two steps: the per-device metrics of both, numbered 0 .. n-1 in one frame."""
+    t = 32
+    even = np.tile(np.arange(4), t // 4)
+    write_trace(_trace(np.stack([even, even])[:, :, None], 4), tmp_path / "tr")
+    m = simulate(_scenario(tmp_path / "tr", 8, steps=2), tmp_path).runs[0].metrics
+    assert sorted(set(m["step"])) == [0, 1]
+    assert m.index.tolist() == list(range(len(m)))
