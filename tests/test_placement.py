@@ -556,3 +556,22 @@ def test_pack_rest_keeps_a_second_replica_off_the_device_that_hosts_it():
         out, np.array([[1, 1]]), np.array([[1.0, 5.0]]), np.array([[0]]), np.array([[2.0]]), 2
     )
     assert got.tolist() == [[[0, -1], [1, 0]]]
+
+
+def test_sequence_deal_doubles_up_only_when_every_free_device_hosts_the_expert():
+    """Experts 0, 0, 0, 1 on 2 devices of 2 slots, all starting at device 0: the second 0
+    skips device 0 (hosts it) for device 1; the third finds both hosting it and takes
+    the first free one, device 0; 1 gets the last slot, on device 1."""
+    from moesim.placement.base import sequence_deal
+
+    got = sequence_deal(np.array([0, 0, 0, 1]), 2, 2, np.zeros(4, dtype=np.int64))
+    assert got.tolist() == [[0, 0], [0, 1]]
+
+
+def test_contiguous_refusal_names_the_placement_field():
+    from moesim.errors import InputError
+    from moesim.placement.base import contiguous
+
+    with pytest.raises(InputError, match=r"experts \(6\) to be a multiple of devices \(4\)") as e:
+        contiguous(6, 4, 1)
+    assert (e.value.field, e.value.value) == ("placement", "contiguous")

@@ -548,3 +548,50 @@ def test_steps_stack_into_one_numbered_frame(tmp_path):
     m = simulate(_scenario(tmp_path / "tr", 8, steps=2), tmp_path).runs[0].metrics
     assert sorted(set(m["step"])) == [0, 1]
     assert m.index.tolist() == list(range(len(m)))
+    # assignments are whole numbers, on the routed layers and the others (layer -1) alike
+    assert -1 in set(m["layer"])
+    assert m["device_load"].dtype == np.int64 and m["routed_load"].dtype == np.int64
+
+
+def test_prepare_refusals_name_the_field_and_value(tmp_path):
+    """prepare's one-line refusals: count-level routing with rerouting (no dispatcher
+    hint), or under a de-duplicating dispatcher (the hint names it); a straggler outside
+    the cluster (its device named); a layer map of the wrong length (the model named)."""
+    from moesim.errors import InputError
+    from moesim.sim.prepare import prepare
+
+    base = {
+        "name": "r",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 4},
+        "model": TINY_MODEL,
+        "routing": {"synthetic": {"level": "count"}},
+        "mode": "prefill",
+        "tokens_per_device": 8,
+        "dispatcher": "nccl-alltoallv",
+    }
+
+    def refused(**kw):
+        with pytest.raises(InputError) as err:
+            prepare(Scenario.model_validate(base | kw), tmp_path, "s.yaml")
+        return err.value
+
+    err = refused(capacity={"factor": 1.0, "overflow": "reroute"})
+    assert (err.field, err.value) == ("capacity.overflow", "reroute")
+    assert err.message == "count-level routing supports capacity.overflow drop only"
+    err = refused(dispatcher="deepep-normal")
+    assert (err.field, err.value) == ("dispatcher.dedup", "node")
+    assert err.message.endswith(
+        "set dispatcher: {preset: deepep-normal, dedup: none} to count every copy)"
+    )
+    err = refused(stragglers={"slow_devices": {9: 2.0}})
+    assert (err.field, err.value) == ("stragglers", 9)
+    flame = {
+        "model": "DeepSeekMoE-16B",
+        "cluster": {"nodes": 1, "devices_per_node": 8},
+        "routing": {"trace": str(FLAME_TRACE), "layer_map": [2, 3]},
+        "tokens_per_device": 256,
+        "sequence_length": 256,
+    }
+    err = refused(**flame)
+    assert err.message == "lists 2 trace layers; model DeepSeekMoE-16B has 27 MoE layers"
