@@ -59,3 +59,14 @@ def test_incremental_stays_within_budget_with_replicas_on_distinct_nodes():
             nodes = table[ex, : count[ex]] // 4
             assert len(set(nodes.tolist())) == count[ex]
     assert planned_balance(new, w1).mean() < planned_balance(old, w1).mean()
+
+
+def test_new_replica_overwrites_the_replica_whose_loss_costs_least():
+    """Loads 12, 1 | 10, 3 | 10, 3 on 3 devices (experts 2 and 3 on two each): device 0
+    carries 13. One moved slot: a second copy of expert 0 on device 1, over expert 2
+    there, leaves 6 + 1 | 6 + 1.5 | 10 + 1.5 (largest 11.5); over expert 3, it leaves
+    6 + 1 | 5 + 6 | 5 + 3 (largest 11): the light expert's slot is taken. No swap helps
+    (expert 0 alone anywhere is >= 13.5)."""
+    slots = np.array([[0, 1], [2, 3], [2, 3]])
+    out = _improve_layer(slots, np.array([12.0, 1.0, 10.0, 3.0]), 1)
+    assert out.tolist() == [[0, 1], [2, 0], [2, 3]]
