@@ -726,3 +726,23 @@ def test_table_widths_zero_the_columns_an_op_does_not_use():
         "v_head_dim": 64,
     }
     assert table_widths("memcpy", s) == zero | {"d_model": 1024}
+
+
+def test_bench_shape_scores_experts_as_the_model_does():
+    """DeepSeek-V3 (MLA, a routing bias) scores experts with a sigmoid; FLAME-MoE-290M
+    with a softmax."""
+    assert BenchShape.from_model(get_preset("DeepSeek-V3"), 8).router_score == "sigmoid"
+    assert BenchShape.from_model(get_preset("FLAME-MoE-290M"), 4).router_score == "softmax"
+
+
+def test_whole_token_counts_are_not_rounded():
+    """Token counts given as integers are timed as the same counts given as floats: the
+    roofline time of 100 tokens (a fraction of a µs above a whole number) is not cut to
+    an integer."""
+    cm = cost_model_for(get_profile("H100-SXM"))
+    s = BenchShape.from_model(get_preset("FLAME-MoE-290M"), local_experts=4)
+    as_float = cm.time_us("expert_ffn_grouped", s, np.array([100.0, 3.0]), "bf16")
+    assert (as_float % 1 != 0).all()
+    as_int = cm.time_us("expert_ffn_grouped", s, np.array([100, 3]), "bf16")
+    assert as_int.dtype == np.float64
+    assert as_int.tolist() == as_float.tolist()
