@@ -70,3 +70,34 @@ def test_new_replica_overwrites_the_replica_whose_loss_costs_least():
     slots = np.array([[0, 1], [2, 3], [2, 3]])
     out = _improve_layer(slots, np.array([12.0, 1.0, 10.0, 3.0]), 1)
     assert out.tolist() == [[0, 1], [2, 0], [2, 3]]
+
+
+def test_sticky_pack_never_puts_two_replicas_on_one_device():
+    """Loads 6, 7, 1 (expert 1 twice, 3.5 each) on 2 devices of 2 slots, one node,
+    previously 1, 2 | 0, 1, tolerance 0.5: expert 0 (6) stays on device 1; expert 1's
+    first replica stays on device 0 (load 0 vs 6); its second must go to device 1, the
+    one device without it; expert 2 takes the last slot: where everything was."""
+    out = _sticky_pack(
+        np.array([[[1, 2], [0, 1]]]),
+        np.array([[6.0, 7.0, 1.0]]),
+        np.array([[1, 2, 1]]),
+        np.array([0.5]),
+        2,
+    )
+    assert out.tolist() == [[[1, 2], [0, 1]]]
+
+
+def test_sticky_pack_keeps_replicas_out_of_their_first_replicas_component():
+    """Loads 12, 8, 1, 13 (experts 0 and 3 twice) on 3 devices of 2 slots, one node,
+    previously 0, 3 | 0, 3 | 2, 1, tolerance large (stay put): 1 (8) stays on device 2;
+    3's first replica stays on device 0 and its second on device 1, joining devices 0 and
+    1 into one component; 0's first replica stays on device 0, so its second avoids that
+    component and goes to device 2 (not back to device 1); 2 takes device 1's last slot."""
+    out = _sticky_pack(
+        np.array([[[0, 3], [0, 3], [2, 1]]]),
+        np.array([[12.0, 8.0, 1.0, 13.0]]),
+        np.array([[2, 1, 1, 2]]),
+        np.array([1e12]),
+        3,
+    )
+    assert out.tolist() == [[[3, 0], [3, 2], [1, 0]]]
