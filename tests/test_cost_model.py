@@ -25,7 +25,7 @@ from moesim.costs.work import BenchShape, op_work, table_widths
 from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.model.shapes import get_preset
-from tests.conftest import round_h100
+from tests.conftest import REPO, round_h100
 
 TRUE = OpFactors(
     launch_us=20.0,
@@ -746,3 +746,16 @@ def test_whole_token_counts_are_not_rounded():
     as_int = cm.time_us("expert_ffn_grouped", s, np.array([100, 3]), "bf16")
     assert as_int.dtype == np.float64
     assert as_int.tolist() == as_float.tolist()
+
+
+def test_small_batch_term_choice_on_the_measured_amd_router_tables():
+    """A pin of the leave-one-shape-out choice on data where it decides: on the shipped
+    AMD EPYC router rows (with the memory curve), the bf16 router's small-batch term is
+    weight traffic (1) and the fp32 router's a fixed cost (0). Scoring each shape on the
+    rows it was fitted to, or without the token correction, chooses otherwise."""
+    from moesim.kernels.tables import load_table
+
+    folder = REPO / "kernels" / "measured" / "amd-epyc"
+    cm = CostModel.from_table(load_table(folder, ops=["memcpy", "router"]))
+    assert cm.factors[("router", "bf16")].half_cache == 1.0
+    assert cm.factors[("router", "fp32")].half_cache == 0.0
