@@ -101,3 +101,12 @@ def test_sticky_pack_keeps_replicas_out_of_their_first_replicas_component():
         3,
     )
     assert out.tolist() == [[[3, 0], [3, 2], [1, 0]]]
+
+
+def test_a_new_replica_is_kept_when_undoing_it_would_reload_its_device():
+    """Loads 19, 16, 13 on 2 devices, 0, 1 | 2, 1 (expert 1 twice, 8 each): device 0
+    carries 27. Overwriting expert 1's copy on device 1 with a second copy of expert 0
+    leaves 9.5 + 16 | 13 + 9.5 (largest 25.5); a move back (free: it restores device 1's
+    own slot) would make device 0 carry 19 + 8 = 27 again, so none is made."""
+    out = _improve_layer(np.array([[0, 1], [2, 1]]), np.array([19.0, 16.0, 13.0]), 1)
+    assert out.tolist() == [[0, 1], [2, 0]]
