@@ -595,3 +595,26 @@ def test_prepare_refusals_name_the_field_and_value(tmp_path):
     }
     err = refused(**flame)
     assert err.message == "lists 2 trace layers; model DeepSeekMoE-16B has 27 MoE layers"
+
+
+def test_expert_slots_that_fit_follow_the_precision(tmp_path):
+    """Mixtral-8x7B's 8 experts on one H100: in bf16 only 5 expert slots per MoE layer fit
+    (placement refused), in fp8 11 do, so all 8 are placed."""
+    from moesim.errors import InputError
+    from moesim.sim.prepare import prepare
+
+    base = {
+        "name": "m",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 1},
+        "model": "Mixtral-8x7B",
+        "routing": {"synthetic": {"level": "count"}},
+        "mode": "prefill",
+        "tokens_per_device": 64,
+        "placement": "greedy",
+        "dispatcher": "nccl-alltoallv",
+    }
+    prep = prepare(Scenario.model_validate(base | {"precision": "fp8"}), tmp_path, "s.yaml")
+    assert prep.placement.slots.shape == (32, 1, 8)
+    with pytest.raises(InputError, match="8 expert slots per device exceed the 5 that fit"):
+        prepare(Scenario.model_validate(base), tmp_path, "s.yaml")
