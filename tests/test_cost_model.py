@@ -759,3 +759,14 @@ def test_small_batch_term_choice_on_the_measured_amd_router_tables():
     cm = CostModel.from_table(load_table(folder, ops=["memcpy", "router"]))
     assert cm.factors[("router", "bf16")].half_cache == 1.0
     assert cm.factors[("router", "fp32")].half_cache == 0.0
+
+
+def test_op_elements_by_hand():
+    """The router scores T x E pairs, permute sorts T x k ids, other ops have no epilogue:
+    one 0 per row when the rows' widths are given as arrays."""
+    from moesim.costs.model import op_elements
+
+    experts, top_k = np.array([8.0, 64.0]), np.array([2.0, 6.0])
+    assert op_elements("router", np.array([3.0, 5.0]), experts, top_k).tolist() == [24.0, 320.0]
+    assert op_elements("permute", np.array([3.0, 5.0]), experts, top_k).tolist() == [6.0, 30.0]
+    assert op_elements("attention", 3.0, experts, top_k).tolist() == [0.0, 0.0]
