@@ -605,6 +605,8 @@ def test_op_elements_hand_checked():
     np.testing.assert_array_equal(op_elements("router", np.array([1.0, 16.0]), 64, 6), [64, 1024])
     np.testing.assert_array_equal(op_elements("permute", np.array([1.0, 16.0]), 64, 6), [6, 96])
     assert op_elements("expert_ffn_bmm", np.array([4.0]), 4, 0).tolist() == [0.0]
+    # rows whose widths come as arrays: one 0 per row, even for a single token count
+    assert op_elements("attention", 3.0, np.array([8.0, 64.0]), 2.0).tolist() == [0.0, 0.0]
     f = OpFactors(launch_us=1.0, peak_flop_per_us=1.0, bytes_per_us=1e12, element_us=0.5)
     # 1 µs launch + 10 flops at 1 flop/µs (smooth max with ~0 memory time) + 4 x 0.5 µs
     assert predict_us(f, np.array([10.0]), np.array([0.0]), np.array([1.0]), elements=4.0)[
@@ -759,14 +761,3 @@ def test_small_batch_term_choice_on_the_measured_amd_router_tables():
     cm = CostModel.from_table(load_table(folder, ops=["memcpy", "router"]))
     assert cm.factors[("router", "bf16")].half_cache == 1.0
     assert cm.factors[("router", "fp32")].half_cache == 0.0
-
-
-def test_op_elements_by_hand():
-    """The router scores T x E pairs, permute sorts T x k ids, other ops have no epilogue:
-    one 0 per row when the rows' widths are given as arrays."""
-    from moesim.costs.model import op_elements
-
-    experts, top_k = np.array([8.0, 64.0]), np.array([2.0, 6.0])
-    assert op_elements("router", np.array([3.0, 5.0]), experts, top_k).tolist() == [24.0, 320.0]
-    assert op_elements("permute", np.array([3.0, 5.0]), experts, top_k).tolist() == [6.0, 30.0]
-    assert op_elements("attention", 3.0, experts, top_k).tolist() == [0.0, 0.0]
