@@ -24,6 +24,14 @@ survived, no tests (no selected test runs the function), not checked, and
 
 over the mutants checked. ``--sample K`` keeps the mutants whose CRC-32 of the name is
 0 modulo K (the same set on every machine and run).
+
+Last measured 2026-12-08 on an AMD EPYC with 2 cores shared with other jobs: ``--sample
+24`` (523 mutants), then ``--sample 24 --rerun-survivors --recheck`` with the tests added
+since (the survivors checked after the last of them): moesim/sim 95.5 %, moesim/costs
+92.0 %, moesim/placement 94.7 %, all three 94.6 % (28 survived, 0 no tests). Before those
+tests the same sample scored 87.6 % (sim 86.8, costs 85.1, placement 90.1). Most of the
+28 cannot change what the code does (a dtype numpy already gives, ``reshape(-2)`` for
+``reshape(-1)``, a seed stream's constant, an optimiser's starting point).
 """
 
 from __future__ import annotations

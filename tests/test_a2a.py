@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from moesim.errors import InputError
 from moesim.sim.a2a import run_a2a
 from moesim.sim.traffic import copy_matrix
 from tests.conftest import REPO
@@ -163,3 +164,52 @@ def test_a2a_cli_json_and_errors(tmp_path):
     assert bad.returncode == 2 and "dedup" in bad.stderr and len(bad.stderr.splitlines()) == 1
     bad = run(*base[:3], "12", *base[4:])  # EP 12 on 8-GPU nodes
     assert bad.returncode == 2 and "ep" in bad.stderr
+
+
+def test_a2a_echoes_its_inputs_and_an_idle_exchange_is_free():
+    """One rank sends nothing: no call (0 us, no fixed cost) and 0 GB/s on both tiers;
+    the dict names the hardware, the overridden combine dtype and the flow tier's
+    tolerance (None on the analytic tier)."""
+    kw = dict(hardware="H100-SXM", ep=1, tokens_per_rank=4, hidden=256, topk=2, num_experts=4)
+    r = run_a2a(combine_dtype="fp8", network="flow", flow_rel_tol=0.05, **kw)
+    assert (r["hardware"], r["ep"], r["dispatcher"]) == ("H100-SXM", 1, "deepep-normal")
+    assert (r["dispatch_dtype"], r["combine_dtype"], r["flow_rel_tol"]) == ("fp8", "fp8", 0.05)
+    assert r["fixed_us"] == 0.0
+    for phase in ("dispatch", "combine"):
+        assert r[f"{phase}_us"] == 0.0 and r[f"{phase}_bytes"] == 0.0
+        assert r[f"{phase}_scale_up_gbps"] == 0.0 and r[f"{phase}_scale_out_gbps"] == 0.0
+    assert run_a2a(**kw)["flow_rel_tol"] is None
+    with pytest.raises(InputError) as err:
+        run_a2a(**{**kw, "ep": 0})
+    assert err.value.field == "ep"
+
+
+def test_a2a_group_limited_router_keeps_a_token_on_one_rank():
+    """16 experts on 2 ranks (8 each), 2 groups of 8, one group per token, top-8: a token
+    uses all 8 experts of one rank, so under device dedup it sends 1 copy when that rank
+    is not its own, else none (without the group limit almost every token would use both
+    ranks and send exactly 1). Counted from the same seeded draw, by hand."""
+    from moesim.traces.synthetic import synthesize
+
+    tpr, e, k = 64, 16, 8
+    r = run_a2a(
+        hardware="H100-SXM",
+        ep=2,
+        tokens_per_rank=tpr,
+        hidden=128,
+        topk=k,
+        num_experts=e,
+        dedup="device",
+        dispatch_dtype="bf16",
+        groups=(2, 1),
+        seed=3,
+    )
+    ids = synthesize(
+        num_experts=e, top_k=k, num_layers=1, num_tokens=2 * tpr, seed=3, groups=(2, 1)
+    ).expert_ids[0]
+    rank = ids // 8
+    assert (rank == rank[:, :1]).all()
+    expected = int((rank[:, 0] != np.arange(2 * tpr) // tpr).sum())
+    assert 0 < expected < 2 * tpr
+    assert r["dispatch_copies"] == expected and r["groups"] == [2, 1]
+    assert r["dispatch_bytes"] == expected * 128 * 2

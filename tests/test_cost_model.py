@@ -25,7 +25,7 @@ from moesim.costs.work import BenchShape, op_work, table_widths
 from moesim.errors import InputError
 from moesim.hardware import get_profile
 from moesim.model.shapes import get_preset
-from tests.conftest import round_h100
+from tests.conftest import REPO, round_h100
 
 TRUE = OpFactors(
     launch_us=20.0,
@@ -605,6 +605,8 @@ def test_op_elements_hand_checked():
     np.testing.assert_array_equal(op_elements("router", np.array([1.0, 16.0]), 64, 6), [64, 1024])
     np.testing.assert_array_equal(op_elements("permute", np.array([1.0, 16.0]), 64, 6), [6, 96])
     assert op_elements("expert_ffn_bmm", np.array([4.0]), 4, 0).tolist() == [0.0]
+    # rows whose widths come as arrays: one 0 per row, even for a single token count
+    assert op_elements("attention", 3.0, np.array([8.0, 64.0]), 2.0).tolist() == [0.0, 0.0]
     f = OpFactors(launch_us=1.0, peak_flop_per_us=1.0, bytes_per_us=1e12, element_us=0.5)
     # 1 µs launch + 10 flops at 1 flop/µs (smooth max with ~0 memory time) + 4 x 0.5 µs
     assert predict_us(f, np.array([10.0]), np.array([0.0]), np.array([1.0]), elements=4.0)[
@@ -703,3 +705,59 @@ def test_router_arithmetic_is_padded_to_the_tile():
         cm = CostModel(factors={("router", "fp32"): f})
         times.append(cm.roofline_us("router", s, np.array([64.0]), "fp32")[0])
     assert times[1] == pytest.approx(4 * times[0], rel=1e-9)
+
+
+def test_table_widths_zero_the_columns_an_op_does_not_use():
+    """FLAME-MoE-290M (d_model 1024, d_ff 704, 64 experts, top-6, 16 heads of 64), 4 local
+    experts: a row records only the widths its op runs at, 0 elsewhere."""
+    s = BenchShape.from_model(get_preset("FLAME-MoE-290M"), local_experts=4)
+    zero = dict.fromkeys(
+        ("d_ff", "num_experts", "top_k", "num_heads", "num_kv_heads", "head_dim", "v_head_dim"), 0
+    )
+    assert table_widths("router", s) == zero | {"d_model": 1024, "num_experts": 64, "top_k": 6}
+    assert table_widths("expert_ffn_grouped", s) == zero | {
+        "d_model": 1024,
+        "d_ff": 704,
+        "num_experts": 4,
+    }
+    assert table_widths("attention", s) == zero | {
+        "d_model": 1024,
+        "num_heads": 16,
+        "num_kv_heads": 16,
+        "head_dim": 64,
+        "v_head_dim": 64,
+    }
+    assert table_widths("memcpy", s) == zero | {"d_model": 1024}
+
+
+def test_bench_shape_scores_experts_as_the_model_does():
+    """DeepSeek-V3 (MLA, a routing bias) scores experts with a sigmoid; FLAME-MoE-290M
+    with a softmax."""
+    assert BenchShape.from_model(get_preset("DeepSeek-V3"), 8).router_score == "sigmoid"
+    assert BenchShape.from_model(get_preset("FLAME-MoE-290M"), 4).router_score == "softmax"
+
+
+def test_whole_token_counts_are_not_rounded():
+    """Token counts given as integers are timed as the same counts given as floats: the
+    roofline time of 100 tokens (a fraction of a µs above a whole number) is not cut to
+    an integer."""
+    cm = cost_model_for(get_profile("H100-SXM"))
+    s = BenchShape.from_model(get_preset("FLAME-MoE-290M"), local_experts=4)
+    as_float = cm.time_us("expert_ffn_grouped", s, np.array([100.0, 3.0]), "bf16")
+    assert (as_float % 1 != 0).all()
+    as_int = cm.time_us("expert_ffn_grouped", s, np.array([100, 3]), "bf16")
+    assert as_int.dtype == np.float64
+    assert as_int.tolist() == as_float.tolist()
+
+
+def test_small_batch_term_choice_on_the_measured_amd_router_tables():
+    """A pin of the leave-one-shape-out choice on data where it decides: on the shipped
+    AMD EPYC router rows (with the memory curve), the bf16 router's small-batch term is
+    weight traffic (1) and the fp32 router's a fixed cost (0). Scoring each shape on the
+    rows it was fitted to, or without the token correction, chooses otherwise."""
+    from moesim.kernels.tables import load_table
+
+    folder = REPO / "kernels" / "measured" / "amd-epyc"
+    cm = CostModel.from_table(load_table(folder, ops=["memcpy", "router"]))
+    assert cm.factors[("router", "bf16")].half_cache == 1.0
+    assert cm.factors[("router", "fp32")].half_cache == 0.0

@@ -94,3 +94,12 @@ def test_planners_reproduce_deepseek_eplb(case):
     assert np.abs(gpu_loads(p.slots) - gpu_loads(ref_slots)).max() <= 1e-6
     assert (np.sort(p.slots, axis=2) == np.sort(ref_slots, axis=2)).all()
     assert (p.slots.reshape(num_layers, -1) == ref).all()
+
+
+def test_rebalance_weighs_in_float32_as_eplb_does():
+    """EPLB casts the loads to float32 (``weight.float()``), which cannot tell 2^24 from
+    2^24 + 1: the two experts tie and the spare replica goes to the first, expert 0
+    (in float64 it would go to expert 1)."""
+    phy2log, logcnt = rebalance(np.array([[16_777_216, 16_777_217]]), 3, 1, 1, 1)
+    assert logcnt.tolist() == [[2, 1]]
+    assert sorted(phy2log[0].tolist()) == [0, 0, 1]

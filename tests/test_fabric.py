@@ -436,3 +436,18 @@ def test_reversed_flows_swap_ends_and_keep_their_options():
     assert (back.scale, back.barrier, back.extra_latency_us) == (3.0, True, 0.5)
     plain = FlowSet(np.array([0]), np.array([2]), np.array([10.0])).reversed(2.0)
     assert (plain.scale, plain.barrier, plain.extra_latency_us) == (2.0, False, 0.0)
+
+
+def test_a_one_hop_flow_pays_its_links_latency():
+    """On a torus, neighbours 0 and 1 share one direct link: 1,000 B at 1,000 B/us take
+    1 us plus the link's 2 us latency, 3 us in all."""
+    topo = build_topology(get_profile("TPU-v6e"), 16, 8)
+    assert topo.routes(np.array([0]), np.array([1])).hops().tolist() == [1]
+    topo = replace(
+        topo, capacity_gbps=np.ones(topo.num_links), latency_us=np.full(topo.num_links, 2.0)
+    )
+    flows = FlowSet(np.array([0]), np.array([1]), np.array([1000.0]))
+    prog = [Exchange("a2a", "dispatch", np.zeros(16), None, flows=flows)]
+    rec = run_program(prog, 16, Fabric(topo))
+    assert rec.end_us[0, 0] == pytest.approx(3.0, rel=1e-12)
+    assert rec.end_us[0, 1] == pytest.approx(3.0, rel=1e-12)

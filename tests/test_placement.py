@@ -544,3 +544,34 @@ def test_planned_contiguous_on_more_devices_than_experts_is_expert_data_parallel
     # as the simulator's contiguous placement
     p = plan(np.ones((1, 4)), "contiguous", nodes=2, devices_per_node=4)
     assert _slots(p) == [[0], [1], [2], [3], [0], [1], [2], [3]]
+
+
+def test_pack_rest_keeps_a_second_replica_off_the_device_that_hosts_it():
+    """Bin 0 (load 1) already holds expert 0, bin 1 (load 5) expert 1: expert 0's next
+    replica goes to bin 1, the least-loaded bin that does not host it yet."""
+    from moesim.placement.planners import _pack_rest
+
+    out = np.array([[[0, -1], [1, -1]]])
+    got = _pack_rest(
+        out, np.array([[1, 1]]), np.array([[1.0, 5.0]]), np.array([[0]]), np.array([[2.0]]), 2
+    )
+    assert got.tolist() == [[[0, -1], [1, 0]]]
+
+
+def test_sequence_deal_doubles_up_only_when_every_free_device_hosts_the_expert():
+    """Experts 0, 0, 0, 1 on 2 devices of 2 slots, all starting at device 0: the second 0
+    skips device 0 (hosts it) for device 1; the third finds both hosting it and takes
+    the first free one, device 0; 1 gets the last slot, on device 1."""
+    from moesim.placement.base import sequence_deal
+
+    got = sequence_deal(np.array([0, 0, 0, 1]), 2, 2, np.zeros(4, dtype=np.int64))
+    assert got.tolist() == [[0, 0], [0, 1]]
+
+
+def test_contiguous_refusal_names_the_placement_field():
+    from moesim.errors import InputError
+    from moesim.placement.base import contiguous
+
+    with pytest.raises(InputError, match=r"experts \(6\) to be a multiple of devices \(4\)") as e:
+        contiguous(6, 4, 1)
+    assert (e.value.field, e.value.value) == ("placement", "contiguous")

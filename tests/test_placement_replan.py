@@ -59,3 +59,54 @@ def test_incremental_stays_within_budget_with_replicas_on_distinct_nodes():
             nodes = table[ex, : count[ex]] // 4
             assert len(set(nodes.tolist())) == count[ex]
     assert planned_balance(new, w1).mean() < planned_balance(old, w1).mean()
+
+
+def test_new_replica_overwrites_the_replica_whose_loss_costs_least():
+    """Loads 12, 1 | 10, 3 | 10, 3 on 3 devices (experts 2 and 3 on two each): device 0
+    carries 13. One moved slot: a second copy of expert 0 on device 1, over expert 2
+    there, leaves 6 + 1 | 6 + 1.5 | 10 + 1.5 (largest 11.5); over expert 3, it leaves
+    6 + 1 | 5 + 6 | 5 + 3 (largest 11): the light expert's slot is taken. No swap helps
+    (expert 0 alone anywhere is >= 13.5)."""
+    slots = np.array([[0, 1], [2, 3], [2, 3]])
+    out = _improve_layer(slots, np.array([12.0, 1.0, 10.0, 3.0]), 1)
+    assert out.tolist() == [[0, 1], [2, 0], [2, 3]]
+
+
+def test_sticky_pack_never_puts_two_replicas_on_one_device():
+    """Loads 6, 7, 1 (expert 1 twice, 3.5 each) on 2 devices of 2 slots, one node,
+    previously 1, 2 | 0, 1, tolerance 0.5: expert 0 (6) stays on device 1; expert 1's
+    first replica stays on device 0 (load 0 vs 6); its second must go to device 1, the
+    one device without it; expert 2 takes the last slot: where everything was."""
+    out = _sticky_pack(
+        np.array([[[1, 2], [0, 1]]]),
+        np.array([[6.0, 7.0, 1.0]]),
+        np.array([[1, 2, 1]]),
+        np.array([0.5]),
+        2,
+    )
+    assert out.tolist() == [[[1, 2], [0, 1]]]
+
+
+def test_sticky_pack_keeps_replicas_out_of_their_first_replicas_component():
+    """Loads 12, 8, 1, 13 (experts 0 and 3 twice) on 3 devices of 2 slots, one node,
+    previously 0, 3 | 0, 3 | 2, 1, tolerance large (stay put): 1 (8) stays on device 2;
+    3's first replica stays on device 0 and its second on device 1, joining devices 0 and
+    1 into one component; 0's first replica stays on device 0, so its second avoids that
+    component and goes to device 2 (not back to device 1); 2 takes device 1's last slot."""
+    out = _sticky_pack(
+        np.array([[[0, 3], [0, 3], [2, 1]]]),
+        np.array([[12.0, 8.0, 1.0, 13.0]]),
+        np.array([[2, 1, 1, 2]]),
+        np.array([1e12]),
+        3,
+    )
+    assert out.tolist() == [[[3, 0], [3, 2], [1, 0]]]
+
+
+def test_a_new_replica_is_kept_when_undoing_it_would_reload_its_device():
+    """Loads 19, 16, 13 on 2 devices, 0, 1 | 2, 1 (expert 1 twice, 8 each): device 0
+    carries 27. Overwriting expert 1's copy on device 1 with a second copy of expert 0
+    leaves 9.5 + 16 | 13 + 9.5 (largest 25.5); a move back (free: it restores device 1's
+    own slot) would make device 0 carry 19 + 8 = 27 again, so none is made."""
+    out = _improve_layer(np.array([[0, 1], [2, 1]]), np.array([19.0, 16.0, 13.0]), 1)
+    assert out.tolist() == [[0, 1], [2, 0]]

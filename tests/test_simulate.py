@@ -480,8 +480,9 @@ def test_progress_counts_every_routed_layer_step(tmp_path):
     prep = prepare(scenario, base, "demo")
     assert routed_layer_steps(prep) == 2 * 1 * 1 * 4
     calls: list[int] = []
-    simulate_prepared(prep, "demo", progress=calls.append)
+    res = simulate_prepared(prep, "demo", progress=calls.append)
     assert calls == [1] * 8
+    assert res.inputs["source"] == "demo"
 
     chunks: list[int] = []
     synth_to_store(tmp_path / "t", num_experts=8, top_k=2, num_layers=2, num_tokens=1000,
@@ -498,8 +499,9 @@ def test_layer_sources_by_hand():
     assert layer_sources([4, 2], (2, 3, 4), 2, "m") == [2, 0]
     assert layer_sources(None, (2, 3, 4), 3, "m") == [0, 1, 2]
     assert layer_sources(None, (2, 3, 4), 5, "m") is None
-    with pytest.raises(InputError, match="lists 2 trace layers; model m has 3"):
+    with pytest.raises(InputError, match="lists 2 trace layers; model m has 3") as err:
         layer_sources([2, 3], (2, 3, 4), 3, "m")
+    assert (err.value.field, err.value.value) == ("routing.layer_map", 2)
     with pytest.raises(InputError, match="lacks") as err:
         layer_sources([2, 9], (2, 3, 4), 2, "m")
     assert err.value.value == 9
@@ -536,3 +538,83 @@ def test_a_trace_with_fewer_layers_cycles_over_a_deeper_model(tmp_path, write_sc
     # the same trace layer, the same contiguous placement: the same expert balance
     for i in range(8, 27):
         assert layers.loc[moe[i], "expert_balance"] == layers.loc[moe[i % 8], "expert_balance"]
+
+
+def test_steps_stack_into_one_numbered_frame(tmp_path):
+    """Two steps: the per-device metrics of both, numbered 0 .. n-1 in one frame."""
+    t = 32
+    even = np.tile(np.arange(4), t // 4)
+    write_trace(_trace(np.stack([even, even])[:, :, None], 4), tmp_path / "tr")
+    m = simulate(_scenario(tmp_path / "tr", 8, steps=2), tmp_path).runs[0].metrics
+    assert sorted(set(m["step"])) == [0, 1]
+    assert m.index.tolist() == list(range(len(m)))
+    # assignments are whole numbers, on the routed layers and the others (layer -1) alike
+    assert -1 in set(m["layer"])
+    assert m["device_load"].dtype == np.int64 and m["routed_load"].dtype == np.int64
+
+
+def test_prepare_refusals_name_the_field_and_value(tmp_path):
+    """prepare's one-line refusals: count-level routing with rerouting (no dispatcher
+    hint), or under a de-duplicating dispatcher (the hint names it); a straggler outside
+    the cluster (its device named); a layer map of the wrong length (the model named)."""
+    from moesim.errors import InputError
+    from moesim.sim.prepare import prepare
+
+    base = {
+        "name": "r",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 4},
+        "model": TINY_MODEL,
+        "routing": {"synthetic": {"level": "count"}},
+        "mode": "prefill",
+        "tokens_per_device": 8,
+        "dispatcher": "nccl-alltoallv",
+    }
+
+    def refused(**kw):
+        with pytest.raises(InputError) as err:
+            prepare(Scenario.model_validate(base | kw), tmp_path, "s.yaml")
+        return err.value
+
+    err = refused(capacity={"factor": 1.0, "overflow": "reroute"})
+    assert (err.field, err.value) == ("capacity.overflow", "reroute")
+    assert err.message == "count-level routing supports capacity.overflow drop only"
+    err = refused(dispatcher="deepep-normal")
+    assert (err.field, err.value) == ("dispatcher.dedup", "node")
+    assert err.message.endswith(
+        "set dispatcher: {preset: deepep-normal, dedup: none} to count every copy)"
+    )
+    err = refused(stragglers={"slow_devices": {9: 2.0}})
+    assert (err.field, err.value) == ("stragglers", 9)
+    flame = {
+        "model": "DeepSeekMoE-16B",
+        "cluster": {"nodes": 1, "devices_per_node": 8},
+        "routing": {"trace": str(FLAME_TRACE), "layer_map": [2, 3]},
+        "tokens_per_device": 256,
+        "sequence_length": 256,
+    }
+    err = refused(**flame)
+    assert err.message == "lists 2 trace layers; model DeepSeekMoE-16B has 27 MoE layers"
+
+
+def test_expert_slots_that_fit_follow_the_precision(tmp_path):
+    """Mixtral-8x7B's 8 experts on one H100: in bf16 only 5 expert slots per MoE layer fit
+    (placement refused), in fp8 11 do, so all 8 are placed."""
+    from moesim.errors import InputError
+    from moesim.sim.prepare import prepare
+
+    base = {
+        "name": "m",
+        "hardware": "H100-SXM",
+        "cluster": {"nodes": 1, "devices_per_node": 1},
+        "model": "Mixtral-8x7B",
+        "routing": {"synthetic": {"level": "count"}},
+        "mode": "prefill",
+        "tokens_per_device": 64,
+        "placement": "greedy",
+        "dispatcher": "nccl-alltoallv",
+    }
+    prep = prepare(Scenario.model_validate(base | {"precision": "fp8"}), tmp_path, "s.yaml")
+    assert prep.placement.slots.shape == (32, 1, 8)
+    with pytest.raises(InputError, match="8 expert slots per device exceed the 5 that fit"):
+        prepare(Scenario.model_validate(base), tmp_path, "s.yaml")

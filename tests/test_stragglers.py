@@ -379,3 +379,63 @@ def test_flow_timeline_shows_each_side_of_a_transfer(tmp_path):
     assert all(r["ts"] < send[3]["ts"] for r in recv.values())
     assert all("sent_bytes" in e["args"] for e in send.values())
     assert all("recv_bytes" in e["args"] for e in recv.values())
+
+
+def test_attribution_names_the_stragglers_hottest_expert_and_the_busiest_pair():
+    """Device 0 is the straggler: its second slot (expert 3) has 5 tokens, its first 1;
+    the busiest off-diagonal pair is 1 -> 0 with 4 copies, each 10 bytes there and back."""
+    from moesim.sim.metrics import _attribution
+    from moesim.sim.routing import LayerRouting
+
+    lr = LayerRouting(
+        device_load=np.array([6, 2]),
+        expert_tokens=np.array([[1, 5], [2, 0]]),
+        dispatch=None,
+        copies=np.array([[9, 1], [4, 3]]),
+        dropped=np.zeros(2, dtype=np.int64),
+        rerouted=0,
+        assignments=8,
+    )
+    got = _attribution(lr, np.array([[7, 3], [1, 2]]), 0, 10.0)
+    expected = {
+        "straggler_expert": 3,
+        "straggler_expert_tokens": 5.0,
+        "straggler_load": 6,
+        "busiest_pair_src": 1,
+        "busiest_pair_dst": 0,
+        "busiest_pair_bytes": 40.0,
+    }
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_busiest_flow_looks_past_a_float_diagonal():
+    """The largest entry, 9, is on the diagonal: the busiest flow is the next, 1 -> 0 with
+    2.5; the matrix is left as it was."""
+    from moesim.sim.routing import busiest_flow
+
+    m = np.array([[9.0, 1.0], [2.5, 0.5]])
+    assert busiest_flow(m) == (1, 0, 2.5)
+    assert m.tolist() == [[9.0, 1.0], [2.5, 0.5]]
+
+
+def test_union_of_intervals_by_hand():
+    """[0, 2) and [5, 7) u [6, 8) = [5, 8): 2 + 3 = 5 us; an empty [4, 4) adds nothing."""
+    from moesim.sim.metrics import _union_us
+
+    start, end = np.array([6.0, 0.0, 5.0, 4.0]), np.array([8.0, 2.0, 7.0, 4.0])
+    assert _union_us(start, end) == 5.0
+
+
+def test_jitter_is_named_as_the_cause(tmp_path):
+    """Injected jitter (no slow device listed) makes the straggler's compute the cause,
+    named "jitter"; the summary names the scenario, and a dropless run drops nothing."""
+    sc = _demo_like(stragglers={"jitter": 0.5})
+    run = simulate(sc, tmp_path).runs[0]
+    s = run.summary
+    assert s["scenario"] == sc.name
+    assert "jitter" in s["straggler_cause"]
+    assert run.layers["drop_rate"].tolist() == [0.0] * len(s["layers"])
+    # contiguous placement, 32 experts on 16 devices: device i hosts experts 2i and 2i + 1,
+    # so the straggler's most loaded expert is one of its own two
+    hosted = run.layers["straggler_expert"].to_numpy() // 2
+    assert hosted.tolist() == run.layers["straggler_device"].tolist()

@@ -327,3 +327,17 @@ def test_compiled_flow_solver_equals_its_numpy_spec(seed, rel_tol):
     want_done, want_events = _drain_reference(ptr, links, weight, size, cap, rel_tol)
     np.testing.assert_allclose(done, want_done, rtol=1e-12)  # the clock's sums differ in order
     assert events == want_events
+
+
+def test_identical_flows_merge_and_share_their_link_by_hand():
+    """Two flows of 1,000 B on the same one link (1 GB/s = 1,000 B/us, 0.5 us latency)
+    run as one merged flow of 2,000 B at the link's full rate: both drain at 2.0 us and
+    finish at 2.5; a third on its own link drains alone in 1.0 us."""
+    res = simulate_flows(
+        Routes(np.array([0, 1, 2, 3]), np.array([0, 0, 1])),
+        np.full(3, 1000.0),
+        np.array([1.0, 1.0]),
+        np.full(2, 0.5),
+    )
+    assert res.drain_us.tolist() == pytest.approx([2.0, 2.0, 1.0], rel=1e-12)
+    assert res.finish_us.tolist() == pytest.approx([2.5, 2.5, 1.5], rel=1e-12)

@@ -223,7 +223,7 @@ def _attribution(
     that returns the same copies.
     """
     per_slot = lr.expert_tokens[straggler]
-    hot = int(np.argmax(per_slot)) if per_slot.size else 0
+    hot = int(np.argmax(per_slot))  # every device has a slot: D x S >= E >= 1
     flow = lr.busiest_flow
     if flow is None:
         assert lr.copies is not None
@@ -231,7 +231,7 @@ def _attribution(
     src, dst, copies = flow
     return {
         "straggler_expert": int(slots[straggler, hot]) if slots is not None else -1,
-        "straggler_expert_tokens": float(per_slot[hot]) if per_slot.size else 0.0,
+        "straggler_expert_tokens": float(per_slot[hot]),
         "straggler_load": int(lr.device_load[straggler]),
         "busiest_pair_src": int(src),
         "busiest_pair_dst": int(dst),
