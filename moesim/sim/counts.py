@@ -38,7 +38,13 @@ import numpy as np
 from moesim.placement.choice import ReplicaChoice, slot_shares
 from moesim.sim.routing import LayerRouting
 
-__all__ = ["draw_counts", "inclusion_probabilities", "route_counts"]
+__all__ = [
+    "draw_counts",
+    "draw_counts_layers",
+    "inclusion_probabilities",
+    "route_counts",
+    "route_counts_layers",
+]
 
 _GRID = 513  # quadrature points in log-time (odd, for Simpson's rule)
 _EXACT_BELOW = 10.0  # mean count under which draws are binomial, above normal
@@ -139,6 +145,25 @@ def draw_counts(
     return out
 
 
+def draw_counts_layers(
+    pi: np.ndarray, tokens: int, num_devices: int, k: int, rngs: list[np.random.Generator]
+) -> np.ndarray:
+    """(L, D, E) :func:`draw_counts` of ``L`` layers at once, layer ``l`` drawn from
+    ``pi[l]`` with ``rngs[l]``: the same draws (each generator makes the same calls), one
+    vectorised pass when every mean is large enough for normal draws."""
+    pi = np.asarray(pi, dtype=np.float64)
+    mean = tokens * pi  # (L, E)
+    if not (mean >= _EXACT_BELOW).all():  # binomial draws somewhere: layer by layer
+        return np.stack(
+            [draw_counts(p, tokens, num_devices, k, r) for p, r in zip(pi, rngs, strict=True)]
+        )
+    sd = np.sqrt(mean * np.maximum(1 - pi, 0.0))
+    z = np.stack([r.standard_normal((num_devices, pi.shape[1]), dtype=np.float32) for r in rngs])
+    out = np.rint(mean[:, None, :] + sd[:, None, :] * z).astype(np.int64)
+    np.clip(out, 0, tokens, out=out)
+    return out
+
+
 @lru_cache(maxsize=8)
 def _fixed_shares(
     slots_bytes: bytes,
@@ -182,46 +207,83 @@ def route_counts(
         padded with -1; count: (E,) replicas per expert; capacity: assignments per
         physical slot, None for dropless.
     """
-    d = counts.shape[0]
-    slots = np.ascontiguousarray(slots, dtype=np.int32)
-    table = np.ascontiguousarray(table, dtype=np.int32)
-    cols = slots.reshape(-1)  # (C,) expert of each physical slot, C = D * S
+    return route_counts_layers(
+        counts[None],
+        [slots],
+        [table],
+        [count],
+        devices_per_node=devices_per_node,
+        capacity=capacity,
+        replica_choice=replica_choice,
+    )[0]
+
+
+def route_counts_layers(
+    counts: np.ndarray,
+    slots: list[np.ndarray],
+    tables: list[np.ndarray],
+    counts_per_expert: list[np.ndarray],
+    *,
+    devices_per_node: int,
+    capacity: int | None = None,
+    replica_choice: ReplicaChoice = "nearest",
+) -> list[LayerRouting]:
+    """:func:`route_counts` of ``L`` layers at once (one vectorised pass): ``counts``
+    (L, D, E); ``slots``, ``tables``, ``counts_per_expert``: each layer's (D, S) hosted
+    experts, (E, R) replicas and (E,) replicas per expert. Every layer hosts S slots per
+    device."""
+    n_layers, d = counts.shape[:2]
+    slots = [np.ascontiguousarray(x, dtype=np.int32) for x in slots]
+    tables = [np.ascontiguousarray(x, dtype=np.int32) for x in tables]
+    cols = np.stack([x.reshape(-1) for x in slots])  # (L, C) expert of each physical slot
     if replica_choice in ("nearest", "round-robin"):
-        share = _fixed_shares(
-            slots.tobytes(),
-            slots.shape,
-            table.tobytes(),
-            table.shape,
-            devices_per_node,
-            replica_choice,
-        )
+        shares = [
+            _fixed_shares(
+                x.tobytes(), x.shape, t.tobytes(), t.shape, devices_per_node, replica_choice
+            )
+            for x, t in zip(slots, tables, strict=True)
+        ]
     else:
-        share = slot_shares(counts, slots, table, count, devices_per_node, replica_choice)
-    # (D, C) assignments of each sender to each slot; float32 holds counts exactly below
+        shares = [
+            slot_shares(c, x, t, n, devices_per_node, replica_choice)
+            for c, x, t, n in zip(counts, slots, tables, counts_per_expert, strict=True)
+        ]
+    # (L, D, C) assignments of each sender to each slot; float32 holds counts exactly below
     # 2^24, and the (D, D*S) matrices dominate the cost at thousands of devices
-    flow = np.take(counts.astype(np.float32), cols, axis=1)
-    flow *= share
-    routed = flow.sum(axis=0, dtype=np.float64)  # (C,)
-    dropped = np.zeros(d)
+    flow = np.take_along_axis(counts.astype(np.float32), cols[:, None, :], axis=2)
+    flow *= shares[0] if n_layers == 1 else np.stack(shares)
+    routed = flow.sum(axis=1, dtype=np.float64)  # (L, C)
+    dropped = np.zeros((n_layers, d))
     served = routed
     if capacity is not None and (routed > capacity).any():
+        # a layer without a slot over capacity keeps every assignment (keep is 1.0)
         keep = np.minimum(1.0, capacity / np.maximum(routed, 1e-300))
-        sent = flow.sum(axis=1, dtype=np.float64)
-        flow *= keep.astype(np.float32)[None, :]
-        dropped = sent - flow.sum(axis=1, dtype=np.float64)
+        sent = flow.sum(axis=2, dtype=np.float64)
+        flow *= keep.astype(np.float32)[:, None, :]
+        dropped = sent - flow.sum(axis=2, dtype=np.float64)
         served = routed * keep
-    dispatch = flow if slots.shape[1] == 1 else flow.reshape(d, d, -1).sum(axis=2)
-    total = float(counts.sum())
-    mean_slot = total / cols.size
-    return LayerRouting(
-        device_load=served.reshape(d, -1).sum(axis=1),
-        expert_tokens=served.reshape(d, -1),
-        dispatch=dispatch,
-        copies=dispatch,
-        dropped=dropped,
-        rerouted=0,
-        assignments=int(total),
-        expert_load=counts.sum(axis=0),
-        routed_load=routed.reshape(d, -1).sum(axis=1),
-        dropless_capacity_factor=float(routed.max() / mean_slot) if mean_slot else 1.0,
-    )
+    s = cols.shape[1] // d
+    dispatch = flow if s == 1 else flow.reshape(n_layers, d, d, s).sum(axis=3)
+    total = counts.sum(axis=(1, 2))
+    device_load = served.reshape(n_layers, d, s).sum(axis=2)
+    routed_load = routed.reshape(n_layers, d, s).sum(axis=2)
+    expert_load = counts.sum(axis=1)
+    top = routed.max(axis=1)
+    out = []
+    for li in range(n_layers):
+        mean_slot = float(total[li]) / cols.shape[1]
+        out.append(
+            LayerRouting(
+                device_load=device_load[li],
+                expert_tokens=served[li].reshape(d, s),
+                dispatch=dispatch[li],
+                copies=dispatch[li],
+                dropped=dropped[li],
+                rerouted=0,
+                assignments=int(total[li]),
+                expert_load=expert_load[li],
+                routed_load=routed_load[li],
+                dropless_capacity_factor=float(top[li] / mean_slot) if mean_slot else 1.0,
+            )
+        )
+    return out

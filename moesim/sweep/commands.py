@@ -6,9 +6,7 @@ Registered in :mod:`moesim.cli`; the simulator and Dask are imported when the co
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -101,66 +99,54 @@ def sweep_cmd(
     already in OUT (keyed by a hash of the case's full scenario); a failing case is recorded
     with its error and the sweep goes on. Exit status 1 when any case failed.
     """
+    from contextlib import ExitStack
+
     from moesim.console import make_console, progress_bar
     from moesim.paths import display_path
-    from moesim.sweep.results import ResultsFolder
-    from moesim.sweep.run import ExecutorKind, SweepError, SweepRun, open_executor, run_sweep
-    from moesim.sweep.spec import Case, load_sweep
+    from moesim.sweep.api import sweep_file as run_sweep_file
+    from moesim.sweep.run import SweepError
 
     err_console = make_console(stderr=True)
     console = make_console()
-    sweep = load_sweep(sweep_file, max_cases)
-    # refuses another sweep's folder and an unwritable one; writes nothing
-    folder = ResultsFolder(out, sweep, force=force)
-    pending = len(folder.pending())
-    kind: ExecutorKind = "dask" if executor is ExecutorChoice.dask else "local"
-    if workers is None and address is None:
-        workers = max(1, min(os.cpu_count() or 1, pending or 1))
-    if address:
-        where = f"the Dask scheduler at {address}"
-    else:
-        noun = "Dask worker" if kind == "dask" else "process"
-        where = (
-            f"{workers} local {noun}{'' if workers == 1 else 'es' if noun == 'process' else 's'}"
-        )
-    if not pending:  # nothing to run: no pool to start, no scheduler to reach
-        err_console.print(f"sweep {sweep.spec.name!r}: all {len(sweep.cases)} cases already done")
-        run = SweepRun(len(sweep.cases), len(sweep.cases), 0, 0, 0.0)
-    else:
-        try:
-            with open_executor(kind, address=address, workers=workers) as pool:
-                err_console.print(
-                    f"sweep {sweep.spec.name!r}: {len(sweep.cases)} cases, "
-                    f"{len(sweep.cases) - pending} already done, {pending} to run on {where}",
-                    markup=False,
-                )
-                with progress_bar(
-                    "sweep",
-                    len(sweep.cases),
-                    "cases, {task.fields[failed]} failed",
-                    completed=len(sweep.cases) - pending,
-                    failed=_failed(folder.rows.values()),
-                ) as advance:
+    with ExitStack() as bar:
+        advance: list[Any] = []
 
-                    def on_result(case: Case, row: dict[str, Any]) -> None:
-                        advance(1, failed=_failed(folder.rows.values()))
-
-                    run = run_sweep(
-                        sweep,
-                        folder,
-                        pool,
-                        source=str(display_path(sweep_file)),
-                        on_result=on_result,
+        def on_start(message: str, total: int, done: int, failed: int) -> None:
+            err_console.print(message, markup=False)
+            advance.append(
+                bar.enter_context(
+                    progress_bar(
+                        "sweep",
+                        total,
+                        "cases, {task.fields[failed]} failed",
+                        completed=done,
+                        failed=failed,
                     )
+                )
+            )
+
+        try:
+            done = run_sweep_file(
+                sweep_file,
+                out,
+                executor="dask" if executor is ExecutorChoice.dask else "local",
+                address=address,
+                workers=workers,
+                max_cases=max_cases,
+                force=force,
+                source=str(display_path(sweep_file)),
+                on_start=on_start,
+                on_result=lambda failed: advance[0](1, failed=failed),
+            )
         except SweepError as err:
+            bar.close()
             err_console.print(f"moesim: error: {err}", markup=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Abort() from None
-    rows = folder.table().to_pylist()
-    columns = [c for c in sweep.columns if c in folder.schema.names]
-    results = out / "results.parquet"
-    errors = [r for r in rows if r["status"] != "ok"]
+    rows, run, results, errors = done.rows, done.run, done.results, done.errors
+    if not advance:  # nothing ran: every case was done
+        err_console.print(f"sweep {done.name!r}: all {run.total} cases already done")
     if as_json:
         # NaN (a metric a failed case lacks) is not JSON: null
         clean = [{k: None if v != v else v for k, v in r.items()} for r in rows]
@@ -169,7 +155,7 @@ def sweep_cmd(
         if errors:
             raise typer.Exit(1)
         return
-    console.print(_results_table(rows, columns, title=str(results)))
+    console.print(_results_table(rows, done.columns, title=str(results)))
     if len(rows) > _TABLE_ROWS:
         console.print(f"... and {len(rows) - _TABLE_ROWS} more cases in {results}")
     for r in errors[:5]:
@@ -182,10 +168,6 @@ def sweep_cmd(
     _report(out, console, force)
     if errors:
         raise typer.Exit(1)
-
-
-def _failed(rows: Iterable[dict[str, Any]]) -> int:
-    return sum(r["status"] != "ok" for r in rows)
 
 
 def _report(out: Path, console: Any, force: bool = False) -> None:
