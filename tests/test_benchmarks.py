@@ -95,6 +95,19 @@ def test_trace_store_prints_every_stages_peak_rss():
     assert f["simulate_assignments"] == 8 * 14 * 8 * 58
 
 
+def test_trace_stats_benchmark_prints_each_part_against_the_bare_bincount():
+    """2 x 10^5 assignments: 25,000 // (8 x 8) = 3,125 tokens a layer; each part's ratio is
+    its rate over the bare bincount's, and the verdicts follow the two targets."""
+    f = _run_json("trace_stats.py", "--assignments", "2e5", "--repeats", "1")
+    assert f["assignments"] == 3_125 * 8 * 8
+    bare = f["bare_bincount_rate_m_per_s"]
+    for part in ("stats", "decode_only", "counting_only"):
+        over = "stats_over_bare" if part == "stats" else f"{part.split('_')[0]}_over_bare"
+        assert f[over] == pytest.approx(f[f"{part}_rate_m_per_s"] / bare, abs=2e-3)
+    assert f["rate_pass"] == (f["stats_rate_m_per_s"] >= 20.0)
+    assert f["ratio_pass"] == (f["stats_over_bare"] >= 0.3)
+
+
 def test_engine_scale_prints_its_figures():
     """The scale benchmark runs (at sizes the default suite can afford) and prints the
     figures it promises for every size."""
